@@ -1,0 +1,204 @@
+"""``Rifle``: the schedule and the in-place re-init tied to a model and its optimizer.
+
+Drop it into any loop::
+
+    rifle = Rifle(model, optimizer, epochs=40, reinits=3, seed=0)   # or head=model.fc
+    for epoch in range(40):
+        rifle.on_epoch_start(epoch)          # re-initialises when scheduled; returns whether it did
+        ...train one epoch...
+
+or per optimizer step with ``total_steps=`` and ``on_step_start(step)``. ``state_dict()`` /
+``load_state_dict()`` carry which re-inits happened, so a resumed run never repeats or skips one.
+The object knows nothing of trainers; the Lightning / HF / CLI adapters are thin wrappers over it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import HeadSpec, find_head, head_names
+from .reinit import Initializer, clear_optimizer_state, cosine_factor, get_initializer, reinit_
+from .schedule import (DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning, Schedule, check_step_budget,
+                       default_guard, make_schedule)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+class Rifle:
+    """Periodic in-place re-initialisation of a model's classifier head (RIFLE, arXiv 2007.03349).
+
+    Args:
+        model: the model being fine-tuned (DDP / compiled wrappers are looked through).
+        optimizer: its optimizer; the head's per-parameter state is cleared at each re-init unless
+            ``keep_optimizer_state=True`` (the official code's behaviour). May be ``None``.
+        epochs / total_steps: the run's length in epochs (use ``on_epoch_start``) or optimizer steps
+            (use ``on_step_start``); exactly one.
+        reinits: K, the number of re-initialisations (K + 1 equal periods).
+        seed: run seed; re-init ``i`` draws from a generator seeded by ``(seed, i)``.
+        head: module, dotted name or list of them; ``None`` finds the classifier automatically.
+        guard: drop re-inits leaving fewer than this many units after them (default ``ceil(T/8)``).
+        steps_per_epoch: optimizer steps per epoch, when known: enables ``guard_steps`` and the
+            ``min_steps_after`` warning for epoch schedules.
+        guard_steps: a guard given in optimizer steps (combined with ``guard``: the stricter wins).
+        min_steps_after: warn when a period after a re-init has fewer optimizer steps (default 100).
+        init: ``"default"`` (the module's ``reset_parameters``), ``"kaiming_normal"``,
+            ``"xavier_uniform"``, ``"normal"`` or a callable ``f(module)`` using torch's global RNG.
+        head_lr_restart: restart a cosine LR for the head's param group(s) at each period (the
+            official ``fc_lr_util=cyclic``); the head must then be alone in its param group(s).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 epochs: int | None = None, total_steps: int | None = None, reinits: int = 3,
+                 seed: int = 0, head: HeadSpec | None = None, guard: int | None = None,
+                 steps_per_epoch: int | None = None, guard_steps: int | None = None,
+                 min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
+                 init: str | Initializer = "default", keep_optimizer_state: bool = False,
+                 head_lr_restart: bool = False,
+                 on_reinit: Callable[[int, int], None] | None = None) -> None:
+        if (epochs is None) == (total_steps is None):
+            raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
+                             "(use on_step_start)")
+        self.model = model
+        self.optimizer = optimizer
+        self.seed = int(seed)
+        self.init = init
+        get_initializer(init)  # validate early
+        self.keep_optimizer_state = keep_optimizer_state
+        self.head_lr_restart = head_lr_restart
+        self.on_reinit = on_reinit
+        self.unit = "epoch" if epochs is not None else "step"
+        total = epochs if epochs is not None else total_steps
+        self.steps_per_unit = (steps_per_epoch or None) if self.unit == "epoch" else 1
+        if guard_steps is not None:
+            if self.steps_per_unit is None:
+                raise ValueError("guard_steps needs steps_per_epoch (or a step schedule)")
+            g = default_guard(total) if guard is None else guard
+            guard = max(g, math.ceil(guard_steps / self.steps_per_unit))
+        self.schedule: Schedule = make_schedule(total, reinits, guard, unit=self.unit)
+        if self.steps_per_unit and min_steps_after:
+            check_step_budget(self.schedule, self.steps_per_unit, min_steps_after)
+        self.modules: list[nn.Module] = find_head(unwrap_model(model), head)
+        self.module_names = head_names(unwrap_model(model), self.modules)
+        self.done: list[int] = []  # re-init indices (1-based i of the rule) already applied
+        self._base_lrs: list[tuple[dict, float]] = self._head_groups() if head_lr_restart else []
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def reinit_epochs(self) -> list[int]:
+        """0-based epochs at whose start a re-init happens (epoch schedules)."""
+        if self.unit != "epoch":
+            raise AttributeError("this Rifle runs on a step schedule; use reinit_steps")
+        return list(self.schedule.points)
+
+    @property
+    def reinit_steps(self) -> list[int]:
+        if self.unit != "step":
+            raise AttributeError("this Rifle runs on an epoch schedule; use reinit_epochs")
+        return list(self.schedule.points)
+
+    @property
+    def points(self) -> list[int]:
+        return list(self.schedule.points)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()]
+
+    # ------------------------------------------------------------------ hooks
+    def on_epoch_start(self, epoch: int) -> bool:
+        if self.unit != "epoch":
+            raise RuntimeError("this Rifle was built with total_steps=; call on_step_start(step)")
+        return self._tick(epoch)
+
+    def on_step_start(self, step: int) -> bool:
+        if self.unit != "step":
+            raise RuntimeError("this Rifle was built with epochs=; call on_epoch_start(epoch)")
+        return self._tick(step)
+
+    def _tick(self, t: int) -> bool:
+        fired = False
+        for idx, point in enumerate(self.schedule.points, start=1):
+            if point == t and idx not in self.done:
+                self.reinit(idx)
+                fired = True
+            elif point < t and idx not in self.done:
+                warnings.warn(
+                    f"RIFLE: the re-init scheduled at {self.unit} {point} was not applied (now at "
+                    f"{self.unit} {t}): call on_{self.unit}_start for every {self.unit}, and restore "
+                    f"state with load_state_dict() when resuming", RifleScheduleWarning, stacklevel=3)
+                self.done.append(idx)  # warn once
+        if self.head_lr_restart:
+            self._apply_head_lr(t)
+        return fired
+
+    def reinit(self, index: int) -> None:
+        """Apply re-init number ``index`` now (normally called by the schedule)."""
+        reinit_(self.modules, self.seed, index, self.init)
+        if not self.keep_optimizer_state:
+            clear_optimizer_state(self.optimizer, self.parameters)
+        self.done.append(index)
+        if self.on_reinit is not None:
+            self.on_reinit(index, self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1)
+
+    # ------------------------------------------------------------------ head LR restart
+    def _head_groups(self) -> list[tuple[dict, float]]:
+        if self.optimizer is None:
+            raise ValueError("head_lr_restart needs the optimizer")
+        head_ids = {id(p) for p in self.parameters}
+        groups = []
+        for g in self.optimizer.param_groups:
+            ids = {id(p) for p in g["params"]}
+            inter = ids & head_ids
+            if inter and inter != ids:
+                raise ValueError("head_lr_restart needs the head's parameters in their own optimizer "
+                                 "param group(s); this group mixes head and other parameters")
+            if inter:
+                groups.append((g, float(g.get("initial_lr", g["lr"]))))
+        if not groups:
+            raise ValueError("head_lr_restart: the head's parameters are not in the optimizer")
+        return groups
+
+    def _apply_head_lr(self, t: int) -> None:
+        for start, end in self.schedule.periods():
+            if start <= t < end:
+                f = cosine_factor(t - start, end - start)
+                for group, base in self._base_lrs:
+                    group["lr"] = base * f
+                return
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "unit": self.unit, "total": self.schedule.total,
+                "reinits": self.schedule.reinits, "points": list(self.schedule.points),
+                "done": sorted(self.done), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
+            raise ValueError(
+                f"RIFLE state is for a different schedule ({state.get('unit')}s "
+                f"{state.get('points')}) than this run ({self.unit}s {list(self.schedule.points)}); "
+                f"resume with the same epochs/steps, reinits and guard")
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"RIFLE state was saved with seed {state.get('seed')}, this run has "
+                             f"seed {self.seed}")
+        self.done = [int(i) for i in state["done"]]
+
+    def __repr__(self) -> str:
+        return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "
+                f"reinits={self.schedule.reinits}, points={list(self.schedule.points)}, "
+                f"done={sorted(self.done)})")
+
