@@ -1,0 +1,181 @@
+"""The one configuration object of a run: defaults <- preset <- config file <- flags, validated.
+
+No other module re-reads flags or files. ``TrainConfig`` fields are the config-file keys and (with
+``-`` for ``_``) the ``rifle train`` flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the key (flag), the value and, when known, the file."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    data: str = "elpv"                   # builtin name (elpv, digits) or an image-folder path
+    model: str = "efficientnet_lite0"    # builtin, timm name, or torchvision:<name>
+    pretrained: bool = True
+    method: str = "finetune"             # finetune | rifle
+    # RIFLE (REFERENCE.md §3)
+    reinits: int = 3                     # K = number of re-initialisations
+    reinit_granularity: str = "epoch"    # epoch | step
+    guard: int | None = None             # None = max(1, ceil(E/8))
+    guard_steps: int | None = None
+    min_steps_after: int = 100
+    reinit_init: str = "default"         # default (reset_parameters) | kaiming_normal | xavier_uniform | normal
+    keep_optimizer_state: bool = False   # True = official code (momentum kept)
+    head_lr_restart: bool = False        # True = official fc_lr_util=cyclic
+    head: str | None = None              # dotted module name(s) of the head; None = automatic
+    # the recipe (paper defaults: SGD m 0.9, lr 0.01, wd 1e-4, cosine per epoch, batch 32)
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"          # cosine (per epoch) | constant
+    image_size: int = 224
+    # data
+    seed: int = 0
+    val_fraction: float = 0.1
+    train_fraction: float = 1.0
+    skip_bad_images: bool = False
+    # execution
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    channels_last: bool = True           # measured 1.7x faster on the 2-core CPU (docs/performance.md)
+    eval_batch_size: int = 256
+    threads: int | None = None           # torch intra-op threads; None = torch's default
+    out: str = "runs/train"
+    preset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def validate(self) -> TrainConfig:
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"--{key.replace('_', '-')}={getattr(self, key)!r}: {msg}")
+        positive = ("epochs", "batch_size", "image_size", "eval_batch_size")
+        for key in positive:
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "must be a positive integer")
+        if not 0 < self.lr:
+            raise bad("lr", "must be > 0")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1)")
+        if not 0 < self.train_fraction <= 1:
+            raise bad("train_fraction", "must be in (0, 1]")
+        if not 0 <= self.val_fraction < 1:
+            raise bad("val_fraction", "must be in [0, 1)")
+        if self.reinits < 0:
+            raise bad("reinits", "K is the number of re-initialisations and must be >= 0")
+        if self.reinit_granularity not in ("epoch", "step"):
+            raise bad("reinit_granularity", "choose epoch or step")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise bad("lr_schedule", "choose cosine or constant")
+        if self.image_size < 16:
+            raise bad("image_size", "must be >= 16")
+        return self
+
+    def method_options(self) -> dict[str, Any]:
+        """Options handed to the ``rifle`` method plug-in."""
+        if self.method != "rifle":
+            return {}
+        return dict(reinits=self.reinits, granularity=self.reinit_granularity, guard=self.guard,
+                    guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
+                    init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
+                    head_lr_restart=self.head_lr_restart, head=self.head)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # REFERENCE.md §2, the official PyTorch script's recipe (needs the dataset and a GPU).
+    "paper": dict(model="torchvision:resnet50", epochs=40, batch_size=32, lr=0.01, momentum=0.9,
+                  weight_decay=1e-4, lr_schedule="cosine", image_size=224, reinits=3,
+                  keep_optimizer_state=True),
+    # A recipe that finishes on 2 CPU cores: offline EfficientNet-Lite0 at 112 px, 12 epochs.
+    "cpu": dict(model="efficientnet_lite0", epochs=12, batch_size=32, lr=0.01, image_size=112,
+                reinits=1),
+}
+
+# Keys that may change between a run and its --resume (they do not change the numbers).
+RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "extra"}
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    for key in values:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, _FIELDS, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {p}: expected a mapping of keys to values, got {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    _check_keys(values, f"--config {p}")
+    return values
+
+
+def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None = None,
+            preset: str | None = None) -> TrainConfig:
+    """defaults <- preset <- config file <- flags; returns a validated :class:`TrainConfig`."""
+    flags = dict(flags or {})
+    file_values = load_config_file(config_file) if config_file else {}
+    preset = flags.pop("preset", None) or preset or file_values.get("preset")
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset={preset!r}: choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(file_values)
+    _check_keys(flags, "flags")
+    values.update(flags)
+    values["preset"] = preset
+    cfg = TrainConfig(**values)
+    _coerce_types(cfg)
+    return cfg.validate()
+
+
+def _coerce_types(cfg: TrainConfig) -> None:
+    """YAML gives ints for floats (lr: 1) and strings for numbers written as 1e-4; normalise."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        t = str(f.type)
+        try:
+            if t == "float" and isinstance(v, (int, str)) and not isinstance(v, bool):
+                setattr(cfg, f.name, float(v))
+            elif t == "int" and isinstance(v, str):
+                setattr(cfg, f.name, int(v))
+        except ValueError:
+            raise ConfigError(f"{f.name}={v!r}: expected a {t}") from None
+
+
+def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys (other than :data:`RESUMABLE_KEYS`) whose values differ: ``{key: (saved, current)}``."""
+    keys = (set(saved) | set(current)) - RESUMABLE_KEYS
+    return {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    known = {k: v for k, v in values.items() if k in _FIELDS}
+    return dataclasses.replace(TrainConfig(), **known)

@@ -1,0 +1,121 @@
+"""The one protocol every fine-tuning method plugs into, and the registry the trainer builds from.
+
+The trainer calls these hooks at fixed moments and never asks for a method by name:
+
+================================  =====================================================================
+``configure_param_groups(groups)``  before the optimizer exists: adjust weight decay / LR per group
+``setup(model, optimizer, ctx)``    once, after the optimizer exists (and after resume state is loaded)
+``on_epoch_start(epoch)``           before each epoch; returns a dict of events to log (e.g. reinit)
+``on_step_start(step)``             before each optimizer step (global step index)
+``transform_batch(x, y)``           before the forward (training only)
+``loss_terms(logits, features, x, y)``  after the forward: named extra loss terms, summed into the loss
+``lr_lambda(epoch)``                optional per-epoch LR multiplier replacing the default cosine
+``state_dict()`` / ``load_state_dict()``  checkpoint and resume
+``config()``                        hyper-parameters to record in config.yaml / summary.json
+================================  =====================================================================
+
+``features`` is the input of the classifier head (the pooled feature), captured by a hook.
+A new method is one file with a subclass and a ``@register("name")`` line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RunContext:
+    """What a method may know about the run (filled by the trainer)."""
+
+    epochs: int
+    steps_per_epoch: int
+    seed: int
+    num_classes: int
+    head: list[nn.Module]
+    head_names: list[str]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    train_loader: Callable[[], Any] | None = None  # returns an iterator of (x, y) training batches
+    pretrained_state: dict[str, torch.Tensor] | None = None  # the model's weights before training
+    log: Callable[[str], None] = print
+
+
+class Method:
+    """Base class: every hook is a no-op. Subclasses set ``name`` and override what they need."""
+
+    name: str = "method"
+    kind: str = "method"  # "method" (finetune/rifle), "reg" (regulariser) or "trick"
+
+    def configure_param_groups(self, groups: list[dict]) -> list[dict]:
+        return groups
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def on_step_start(self, step: int) -> None:
+        pass
+
+    def transform_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def loss_terms(self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor,
+                   y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    needs_features: bool = False
+
+    def lr_lambda(self) -> Callable[[int], float] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def config(self) -> dict[str, Any]:
+        if dataclasses.is_dataclass(self):
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def registry() -> dict[str, type[Method]]:
+    from . import _load_all  # noqa: F401  (import every method module once)
+    return dict(_REGISTRY)
+
+
+def create(name: str, **options: Any) -> Method:
+    reg = registry()
+    if name not in reg:
+        import difflib
+        close = difflib.get_close_matches(name, reg, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(reg))}")
+    cls = reg[name]
+    if dataclasses.is_dataclass(cls):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"method {name!r} has no option(s) {sorted(unknown)}; its options: "
+                             f"{sorted(known) or 'none'}")
+    return cls(**options)

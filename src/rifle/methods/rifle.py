@@ -1,0 +1,94 @@
+"""RIFLE as a trainer plug-in: a thin adapter over :class:`rifle.core.Rifle`.
+
+Paper: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. Rule and defaults:
+REFERENCE.md §3 (K = number of re-inits, at the start of epoch floor(i*E/(K+1)), guard ceil(E/8),
+in-place re-init with reset_parameters(), head optimizer state cleared, global LR schedule).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import Rifle
+from ..core.schedule import DEFAULT_MIN_STEPS_AFTER
+from .base import Method, RunContext, register
+
+
+@register("finetune")
+@dataclass
+class Finetune(Method):
+    """Standard fine-tuning: a new random head, every layer trained (no extra hooks)."""
+
+    kind = "method"
+
+
+@register("rifle")
+@dataclass
+class RifleMethod(Method):
+    """Re-initialise the classifier head K times during fine-tuning (``--method rifle``)."""
+
+    reinits: int = 3
+    granularity: str = "epoch"          # "epoch" or "step" (same rule over total optimizer steps)
+    guard: int | None = None            # in units of `granularity`; None = max(1, ceil(T/8))
+    guard_steps: int | None = None      # a guard in optimizer steps (stricter one wins)
+    min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER
+    init: str = "default"               # reset_parameters(); or kaiming_normal / xavier_uniform / normal
+    keep_optimizer_state: bool = False  # True = official code (stale momentum kept)
+    head_lr_restart: bool = False       # True = official fc_lr_util=cyclic (head cosine per period)
+    head: str | None = None             # dotted name(s), comma-separated; None = automatic
+
+    kind = "method"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("epoch", "step"):
+            raise ValueError(f"rifle granularity must be 'epoch' or 'step', got {self.granularity!r}")
+        self.core: Rifle | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
+        head = self.head.split(",") if self.head else ctx.head
+        common = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
+                      guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
+                      init=self.init, keep_optimizer_state=self.keep_optimizer_state,
+                      head_lr_restart=self.head_lr_restart)
+        if self.granularity == "epoch":
+            self.core = Rifle(model, optimizer, epochs=ctx.epochs,
+                              steps_per_epoch=ctx.steps_per_epoch, **common)
+        else:
+            self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch, **common)
+        self._spe = max(1, ctx.steps_per_epoch)
+        if self._pending_state is not None:
+            self.core.load_state_dict(self._pending_state)
+            self._pending_state = None
+        unit = self.core.unit
+        ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of {unit}(s) "
+                f"{self.core.points} of {self.core.schedule.total}")
+
+    @property
+    def reinit_epochs(self) -> list[int]:
+        """Epochs at (or, for step granularity, during) which a re-init happens."""
+        assert self.core is not None, "setup() first"
+        return [p // self._spe for p in self.core.points] if self.core.unit == "step" else self.core.points
+
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        assert self.core is not None, "setup() first"
+        if self.core.unit == "epoch":
+            return {"reinit": self.core.on_epoch_start(epoch)}
+        return {"reinit": epoch in self.reinit_epochs}
+
+    def on_step_start(self, step: int) -> None:
+        if self.core is not None and self.core.unit == "step":
+            self.core.on_step_start(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict() if self.core is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.core is None:
+            self._pending_state = state
+        else:
+            self.core.load_state_dict(state)

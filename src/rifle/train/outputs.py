@@ -1,0 +1,120 @@
+"""A run's folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and the checkpoint files.
+
+``metrics.jsonl`` is rewritten atomically after every epoch from the in-memory history, so it never
+holds an epoch twice, also after a resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import STATE, WEIGHTS, atomic_write_text
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+RUN_FILES = (CONFIG, METRICS, SUMMARY, WEIGHTS, STATE)
+
+
+class RunDirError(RuntimeError):
+    """The output folder cannot be used as asked (holds another run, nothing to resume, ...)."""
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in RUN_FILES)
+
+    def prepare(self, config: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+        """Create or check the folder. Returns True when there is a checkpoint to resume from."""
+        from ..config import diff_configs
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path}: exists and is not a folder")
+        if resume and overwrite:
+            raise RunDirError("--resume and --overwrite contradict each other; choose one")
+        if self.holds_run():
+            if overwrite:
+                for f in RUN_FILES:
+                    (self.path / f).unlink(missing_ok=True)
+                shutil.rmtree(self.path / "tb", ignore_errors=True)
+            elif not resume:
+                raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue "
+                                  f"it or --overwrite to replace it")
+            elif (self.path / CONFIG).is_file():
+                saved = yaml.safe_load((self.path / CONFIG).read_text()) or {}
+                diff = diff_configs(saved, config)
+                if diff:
+                    lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
+                                      ((k, *v) for k, v in diff.items()))
+                    raise RunDirError(f"--resume with a changed config in {self.path / CONFIG}: {lines}. "
+                                      f"Resume with the original settings or start a new --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+        return resume and (self.path / STATE).is_file() and (self.path / WEIGHTS).is_file()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows)
+        atomic_write_text(self.path / METRICS, text)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        p = self.path / METRICS
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / SUMMARY, json.dumps({k: _clean(v) for k, v in summary.items()},
+                                                         indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any] | None:
+        p = self.path / SUMMARY
+        return json.loads(p.read_text()) if p.is_file() else None
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "timm", "numpy", "safetensors"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    from .. import __version__
+    out["rifle"] = __version__
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - no git, no repo
+        return None

@@ -1,0 +1,248 @@
+"""The training loop: forward, loss + method terms, step, evaluation, checkpoint - and nothing else.
+
+It knows no method by name: every method is called through the hooks of
+:class:`rifle.methods.base.Method`. Every random stream of an epoch (data order, augmentation,
+dropout) is derived from (seed, epoch), so a run resumed at an epoch boundary reproduces the
+uninterrupted run exactly on CPU (REFERENCE.md §3.12).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.heads import find_head, head_names
+from ..core.seeding import derive_seed
+from ..data import DataBundle, eval_batches, num_batches, train_batches
+from ..methods.base import Method, RunContext
+from .checkpoint import load_checkpoint, save_checkpoint
+from .outputs import RunDir
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool, leave: bool = False):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, data: DataBundle, methods: Sequence[Method], *,
+                 epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
+                 lr_schedule: str, image_size: int, seed: int, preprocessing: dict[str, Any],
+                 run_dir: RunDir, device: torch.device, channels_last: bool = True,
+                 eval_batch_size: int = 256, head: str | None = None,
+                 checkpoint_meta: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = print, progress: bool | None = None) -> None:
+        self.model = model.to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data, self.methods = data, list(methods)
+        self.epochs, self.batch_size, self.image_size, self.seed = epochs, batch_size, image_size, seed
+        self.mean, self.std = preprocessing["mean"], preprocessing["std"]
+        self.run_dir, self.device, self.channels_last = run_dir, device, channels_last
+        self.eval_batch_size = eval_batch_size
+        self.meta = checkpoint_meta or {}
+        self.log = log
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        if len(data.train) == 0:
+            raise ValueError("the training split is empty")
+        self.steps_per_epoch = num_batches(len(data.train), batch_size, drop_last=False)
+
+        self.head = find_head(self.model, head.split(",") if head else None)
+        self.head_names = head_names(self.model, self.head)
+        # the model's weights before any training (L2-SP / DELTA reference, analysis)
+        self.pretrained_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+        head_ids = {id(p) for m in self.head for p in m.parameters()}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"name": "backbone", "params": [p for p in params if id(p) not in head_ids]},
+                  {"name": "head", "params": [p for p in params if id(p) in head_ids]}]
+        for g in groups:
+            g.setdefault("weight_decay", weight_decay)
+        for m in self.methods:
+            groups = m.configure_param_groups(groups)
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+        lambdas = [m.lr_lambda() for m in self.methods if m.lr_lambda() is not None]
+        if len(lambdas) > 1:
+            raise ValueError("more than one method sets the learning-rate schedule: "
+                             + ", ".join(m.name for m in self.methods if m.lr_lambda() is not None))
+        if lambdas:
+            lam = lambdas[0]
+        elif lr_schedule == "cosine":
+            lam = lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))  # noqa: E731
+        else:
+            lam = lambda e: 1.0  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+
+        self._features: torch.Tensor | None = None
+        if any(m.needs_features for m in self.methods):
+            self.head[0].register_forward_pre_hook(self._capture_features)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    def _capture_features(self, module: nn.Module, args: tuple) -> None:
+        self._features = args[0]
+
+    # ------------------------------------------------------------------ batches
+    def _train_iter(self, epoch: int):
+        return train_batches(self.data.train, self.batch_size, self.image_size, self.mean, self.std,
+                             seed=self.seed, epoch=epoch, channels_last=self.channels_last)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            return x, y
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ state
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "methods": {m.name: m.state_dict() for m in self.methods},
+                "history": self.history}
+
+    def restore(self) -> None:
+        state = load_checkpoint(self.run_dir.path, self.model, self.meta, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for m in self.methods:
+            m.load_state_dict(state["methods"].get(m.name, {}))
+        self.history = [h for h in state["history"] if h["epoch"] <= int(state["epoch"])]
+        self.start_epoch = int(state["epoch"]) + 1
+        self.run_dir.write_metrics(self.history)
+        self.log(f"resumed from {self.run_dir.path} after epoch {state['epoch']}")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        if resume:
+            self.restore()
+        ctx = RunContext(epochs=self.epochs, steps_per_epoch=self.steps_per_epoch, seed=self.seed,
+                         num_classes=self.data.num_classes, head=self.head, head_names=self.head_names,
+                         device=self.device, train_loader=lambda: self._train_iter(0),
+                         pretrained_state=self.pretrained_state, log=self.log)
+        for m in self.methods:
+            m.setup(self.model, self.optimizer, ctx)
+        epochs = range(self.start_epoch, self.epochs)
+        for epoch in _progress(epochs, len(epochs), "epochs", self.progress, leave=True):
+            row = self.train_epoch(epoch)
+            self.history.append(row)
+            self.run_dir.write_metrics(self.history)
+            save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
+            self.log(self.format_row(row))
+        return self.history
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        torch.manual_seed(derive_seed(self.seed, "torch", epoch))  # dropout etc.: a pure f(seed, epoch)
+        events: dict[str, Any] = {}
+        for m in self.methods:
+            events.update(m.on_epoch_start(epoch))
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self.model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        terms_sum: dict[str, float] = {}
+        correct = 0
+        seen = 0
+        batches = _progress(self._train_iter(epoch), self.steps_per_epoch, f"epoch {epoch}", self.progress)
+        for step, (x, y) in enumerate(batches):
+            global_step = epoch * self.steps_per_epoch + step
+            for m in self.methods:
+                m.on_step_start(global_step)
+            x, y = self._to_device(x, y)
+            for m in self.methods:
+                x, y = m.transform_batch(x, y)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            total = loss
+            for m in self.methods:
+                for name, term in m.loss_terms(logits, self._features, x, y).items():
+                    total = total + term
+                    terms_sum[name] = terms_sum.get(name, 0.0) + float(term.detach()) * len(y)
+            if not torch.isfinite(total):
+                last = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
+                raise TrainingError(f"non-finite loss ({float(total.detach())}) at epoch {epoch}, step {step}; "
+                                    f"stopping. Last good checkpoint in {self.run_dir.path}: {last}. "
+                                    f"Try a lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach().double() * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            self._features = None
+        seconds = time.perf_counter() - t0
+        self.scheduler.step()
+        row: dict[str, Any] = {"epoch": epoch, "lr": lrs.get("backbone", next(iter(lrs.values())))}
+        if len(set(lrs.values())) > 1:
+            row["lr_groups"] = lrs
+        row.update(train_loss=float(loss_sum) / max(seen, 1), train_acc=correct / max(seen, 1))
+        for name, s in terms_sum.items():
+            row[f"loss_{name}"] = s / max(seen, 1)
+        row["val_acc"] = self.evaluate(self.data.val)["acc"] if len(self.data.val) else None
+        row["test_acc"] = self.evaluate(self.data.test)["acc"]
+        row["reinit"] = bool(events.pop("reinit", False))
+        row.update(events)
+        row["seconds"] = seconds
+        row["images_per_s"] = seen / seconds if seconds > 0 else None
+        return row
+
+    @torch.inference_mode()
+    def evaluate(self, ds) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        correct, n, loss = 0, 0, 0.0
+        for x, y in eval_batches(ds, self.eval_batch_size, self.image_size, self.mean, self.std,
+                                 channels_last=self.channels_last):
+            x, y = self._to_device(x, y)
+            logits = self.model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        self.model.train(was_training)
+        return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+    @staticmethod
+    def format_row(r: dict[str, Any]) -> str:
+        val = "  -  " if r.get("val_acc") is None else f"{r['val_acc']:.4f}"
+        mark = "  <- re-init" if r.get("reinit") else ""
+        return (f"epoch {r['epoch']:3d}  lr {r['lr']:.5f}  loss {r['train_loss']:.4f}  "
+                f"train {r['train_acc']:.4f}  val {val}  test {r['test_acc']:.4f}  "
+                f"{r['images_per_s'] or 0:.0f} img/s{mark}")
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """final_test_acc (last epoch, the paper's protocol) and test_acc_at_best_val (selection on val)."""
+    if not history:
+        return {}
+    final = history[-1]
+    with_val = [h for h in history if h.get("val_acc") is not None]
+    best = max(with_val, key=lambda h: (h["val_acc"], h["epoch"])) if with_val else None
+    return {"final_test_acc": final["test_acc"], "final_val_acc": final.get("val_acc"),
+            "best_val_acc": best["val_acc"] if best else None,
+            "test_acc_at_best_val": best["test_acc"] if best else None,
+            "best_val_epoch": best["epoch"] if best else None,
+            "epochs_run": len(history),
+            "train_seconds": sum(h["seconds"] for h in history),
+            "reinit_epochs_seen": [h["epoch"] for h in history if h.get("reinit")]}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+

@@ -1,0 +1,133 @@
+"""Trainer semantics: resume reproduces the uninterrupted run, failures keep the last checkpoint."""
+import json
+
+import pytest
+import torch
+
+from rifle.config import TrainConfig
+from rifle.methods.base import Method
+from rifle.run import run_train
+from rifle.train import CheckpointError, RunDirError, Trainer, TrainingError
+from rifle.train.checkpoint import WEIGHTS, read_metadata
+
+VOLATILE = {"seconds", "images_per_s"}
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=4, image_size=16,
+                batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def metrics(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / WEIGHTS))
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, monkeypatch):
+    full = run_train(cfg(tmp_path, "full"), log=lambda s: None)
+    assert full["reinit_epochs"] == [2] and full["complete"]
+
+    original = Trainer.train_epoch
+
+    def crash_at_3(self, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg(tmp_path, "split"), log=lambda s: None)
+    assert len(metrics(tmp_path / "split")) == 3  # epochs 0-2 (re-init at 2 happened)
+    assert read_metadata(tmp_path / "split" / WEIGHTS)["epoch"] == "2"
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = run_train(cfg(tmp_path, "split"), resume=True, log=lambda s: None)
+
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "full")  # no epoch twice, same numbers
+    wa, wb = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert resumed["final_test_acc"] == full["final_test_acc"]
+    # resuming a finished run does nothing
+    again = run_train(cfg(tmp_path, "split"), resume=True, log=lambda s: None)
+    assert again["final_test_acc"] == full["final_test_acc"]
+
+
+def test_same_seed_same_numbers_and_rifle_differs_from_finetune(tmp_path):
+    a = run_train(cfg(tmp_path, "a", epochs=3, reinits=1), log=lambda s: None)
+    b = run_train(cfg(tmp_path, "b", epochs=3, reinits=1), log=lambda s: None)
+    c = run_train(cfg(tmp_path, "c", epochs=3, method="finetune"), log=lambda s: None)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    ma, mc = metrics(tmp_path / "a"), metrics(tmp_path / "c")
+    assert ma[0] == {**mc[0], "reinit": False}  # identical until the re-init at epoch 1
+    assert ma[1]["reinit"] and ma[1]["train_loss"] > mc[1]["train_loss"]  # the loss jumps
+    assert a["reinit_epochs"] == [1] and c["reinit_epochs"] == []
+
+
+class NaNAtEpoch1(Method):
+    name = "nan"
+
+    def __init__(self):
+        self.epoch = 0
+
+    def on_epoch_start(self, epoch):
+        self.epoch = epoch
+        return {}
+
+    def loss_terms(self, logits, features, x, y):
+        return {"bad": torch.tensor(float("nan"))} if self.epoch == 1 else {}
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+    import rifle.run as run
+    monkeypatch.setattr(run, "build_methods", lambda c: [NaNAtEpoch1()])
+    with pytest.raises(TrainingError, match=r"epoch 1, step 0.*epoch 0"):
+        run_train(cfg(tmp_path, "nan", method="finetune"), log=lambda s: None)
+    assert read_metadata(tmp_path / "nan" / WEIGHTS)["epoch"] == "0"
+    assert len(metrics(tmp_path / "nan")) == 1
+
+
+def test_output_folder_rules(tmp_path):
+    c = cfg(tmp_path, "o", epochs=2, reinits=1, method="finetune")
+    run_train(c, log=lambda s: None)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run_train(c, log=lambda s: None)
+    changed = cfg(tmp_path, "o", epochs=3, lr=0.1, method="finetune")
+    with pytest.raises(RunDirError, match=r"epochs: 2 -> 3.*lr: 0.05 -> 0.1"):
+        run_train(changed, resume=True, log=lambda s: None)
+    out = run_train(changed, overwrite=True, log=lambda s: None)
+    assert out["epochs_run"] == 3
+
+
+def test_checkpoint_from_other_class_count_is_refused(tmp_path, monkeypatch):
+    from rifle.models import create_model
+    from rifle.train.checkpoint import load_checkpoint
+    c = cfg(tmp_path, "k", epochs=1, method="finetune")
+    run_train(c, log=lambda s: None)
+    with pytest.raises(CheckpointError, match="num_classes"):
+        load_checkpoint(tmp_path / "k", create_model("tiny_cnn", 3), {"num_classes": 3})
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(tmp_path / "k", create_model("tiny_cnn", 3), {})
+
+
+def test_state_file_is_loaded_weights_only(tmp_path):
+    # a state.pt holding an arbitrary Python object must be refused, not unpickled
+    import pickle
+
+    from rifle.train.checkpoint import STATE, load_checkpoint
+    from rifle.models import create_model
+    c = cfg(tmp_path, "w", epochs=1, method="finetune")
+    run_train(c, log=lambda s: None)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    with open(tmp_path / "w" / STATE, "wb") as f:
+        pickle.dump({"epoch": 0, "x": Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(tmp_path / "w", create_model("tiny_cnn", 10), {})
