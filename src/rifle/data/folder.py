@@ -1,0 +1,233 @@
+"""Image-folder datasets: ``ROOT/{train,test[,val]}/<class>/<image>`` decoded once into uint8 tensors.
+
+Layout rules (checked, with errors that name the offending path):
+
+* ``ROOT/train/`` and ``ROOT/test/`` are required, ``ROOT/val/`` is optional (without it a validation split
+  is carved from train by :func:`rifle.data.build_data`);
+* classes are the sorted names of the (non-hidden) sub-folders of ``train/``; every class folder must hold
+  at least one image; a ``test/`` or ``val/`` class must also exist in ``train/`` (a train class missing from
+  ``test/`` is allowed and reported in ``info["missing"]``);
+* images are the non-hidden files directly inside a class folder whose extension is one of
+  :data:`IMAGE_EXTENSIONS` (case-insensitive); other files are ignored and counted; no recursion;
+* an unreadable image (not an image, truncated, corrupt) is an error naming the file, unless
+  ``skip_bad_images`` is set: then it is skipped, listed in ``info["skipped"]`` and a warning gives the count;
+* if any image is colour, every image is stored with 3 channels; all-grayscale data keeps 1 channel.
+
+EXIF orientation is not applied (as torchvision's ``ImageFolder``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cache import ImageTensorSet
+
+__all__ = ["DataError", "IMAGE_EXTENSIONS", "LAYOUT", "decode_image", "decode_many", "load_image_folder"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+SPLITS = ("train", "val", "test")
+LAYOUT = ("expected layout:\n"
+          "  ROOT/train/<class>/<image>   (required)\n"
+          "  ROOT/test/<class>/<image>    (required)\n"
+          "  ROOT/val/<class>/<image>     (optional; otherwise carved from train)\n"
+          f"  images: {' '.join(IMAGE_EXTENSIONS)} (any case), directly inside the class folder")
+PROGRESS_MIN_FILES = 500
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names the path and what to do."""
+
+
+def _num_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """'I;16*' / 'I' (16-bit range, scaled by 1/257) and 'F' (0..1 scaled by 255, else clipped) -> 'L'."""
+    a = np.asarray(img).astype(np.float32)
+    if img.mode == "F":
+        a = a * 255.0 if a.size and float(a.max()) <= 1.0 else a
+    else:
+        a = a / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def decode_image(path: str | os.PathLike, res: int) -> torch.Tensor:
+    """Decode one image to uint8 ``[C, res, res]``.
+
+    '1', 'L', 'LA', 'I;16*', 'I', 'F' become 1-channel grayscale (16-bit scaled to 8-bit, alpha dropped);
+    everything else RGB (alpha dropped, palette expanded). The shorter side is resized to ``res``
+    (bilinear, antialiased; the longer side ``int(res * long / short)`` as torchvision's ``Resize``),
+    then the centre ``res x res`` is cut (offset ``round((size - res) / 2)``). JPEGs are decoded at a
+    reduced DCT scale when they are at least twice ``res`` (``Image.draft``). Raises PIL / OS errors for
+    unreadable files.
+    """
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft(None, (res, res))
+        img.load()
+        mode = img.mode
+        if mode in ("1", "L", "LA", "La"):
+            img = img.convert("L") if mode != "L" else img
+        elif mode.startswith("I") or mode == "F":
+            img = _to_8bit_gray(img)
+        elif mode in ("P", "PA"):
+            img = img.convert("RGBA" if (mode == "PA" or "transparency" in img.info) else "RGB")
+            img = img.convert("RGB") if img.mode != "RGB" else img
+        elif mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise OSError(f"empty image {w}x{h}")
+        if w <= h:
+            nw, nh = res, int(res * h / w)
+        else:
+            nw, nh = int(res * w / h), res
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        top, left = int(round((nh - res) / 2.0)), int(round((nw - res) / 2.0))
+        a = np.asarray(img)[top:top + res, left:left + res]
+    t = torch.from_numpy(np.array(a, copy=True))  # writable, contiguous, detached from PIL
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def decode_many(paths: Sequence[str | os.PathLike], res: int, *, desc: str = "decoding",
+                decoder: Callable[[str | os.PathLike, int], torch.Tensor] = decode_image
+                ) -> list[torch.Tensor | Exception]:
+    """Decode ``paths`` with a small thread pool (PIL releases the GIL); a failure is returned, not raised.
+
+    A tqdm bar is shown for more than 500 files when stderr is a terminal.
+    """
+    def one(p):
+        try:
+            return decoder(p, res)
+        except Exception as e:  # noqa: BLE001 - reported per file by the caller
+            return e
+
+    show = len(paths) > PROGRESS_MIN_FILES and sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr)
+    out: list[torch.Tensor | Exception] = []
+    try:
+        with ThreadPoolExecutor(max_workers=_num_threads()) as pool:
+            for r in pool.map(one, paths, chunksize=16):
+                out.append(r)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _scan_split(split_dir: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """``{class: sorted image paths}`` and the ignored non-image files of one split folder."""
+    classes: dict[str, list[Path]] = {}
+    ignored: list[Path] = []
+    for d in sorted(p for p in split_dir.iterdir() if _visible(p) and p.is_dir()):
+        files = sorted(f for f in d.iterdir() if _visible(f) and f.is_file())
+        imgs = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+        ignored += [f for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
+        if not imgs:
+            raise DataError(f"class folder {d} contains no images (recognised extensions: "
+                            f"{' '.join(IMAGE_EXTENSIONS)}, files directly inside the folder).\n{LAYOUT}")
+        classes[d.name] = imgs
+    return classes, ignored
+
+
+def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: bool = False
+                      ) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
+    """Decode ``ROOT/{train,test[,val]}/<class>/*`` at ``res x res``.
+
+    Returns ``(splits, classes, info)``: ``splits`` maps "train", "test" and (if present) "val" to an
+    :class:`ImageTensorSet`; ``classes`` are the sorted train class folder names (label = position);
+    ``info`` holds ``root``, ``counts`` (split -> class -> images), ``skipped`` (unreadable files skipped),
+    ``ignored_files`` (non-image files seen), ``missing`` (split -> train classes it lacks), ``channels``
+    and ``resolution``.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist.\n{LAYOUT}")
+    if not root.is_dir():
+        raise DataError(f"dataset path {root} is not a folder.\n{LAYOUT}")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"missing {split}/ folder: {root / split} does not exist.\n{LAYOUT}")
+    scanned: dict[str, dict[str, list[Path]]] = {}
+    ignored: list[Path] = []
+    for split in SPLITS:
+        if (root / split).is_dir():
+            scanned[split], ign = _scan_split(root / split)
+            ignored += ign
+    classes = list(scanned["train"])
+    if not classes:
+        raise DataError(f"{root / 'train'} has no class folders.\n{LAYOUT}")
+    for split, by_class in scanned.items():
+        if not by_class:
+            raise DataError(f"{root / split} has no class folders.\n{LAYOUT}")
+        extra = [c for c in by_class if c not in scanned["train"]]
+        if extra:
+            raise DataError(f"class folder {root / split / extra[0]} has no counterpart in {root / 'train'} "
+                            f"(classes only in {split}/: {', '.join(extra)}); every {split} class must also "
+                            f"be a train class.")
+    label_of = {c: i for i, c in enumerate(classes)}
+
+    paths: list[Path] = []
+    owners: list[tuple[str, int]] = []
+    for split, by_class in scanned.items():
+        for c, files in by_class.items():
+            paths += files
+            owners += [(split, label_of[c])] * len(files)
+    decoded = decode_many(paths, res, desc=f"decoding {root.name}")
+    bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, Exception)]
+    if bad and not skip_bad_images:
+        shown = "\n".join(f"  {p}: {type(e).__name__}: {e}" for p, e in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"cannot read {len(bad)} image file(s) (not an image, truncated or corrupt):\n"
+                        f"{shown}{more}\nFix or remove them, or pass --skip-bad-images "
+                        f"(skip_bad_images=True) to skip unreadable images.")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {root} (first: {bad[0][0]})",
+                      stacklevel=2)
+    channels = 3 if any(isinstance(t, torch.Tensor) and t.shape[0] == 3 for t in decoded) else 1
+
+    splits: dict[str, ImageTensorSet] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for split in scanned:
+        sel = [i for i, (s, _) in enumerate(owners) if s == split and isinstance(decoded[i], torch.Tensor)]
+        labels = torch.tensor([owners[i][1] for i in sel], dtype=torch.int64)
+        imgs = torch.empty((len(sel), channels, res, res), dtype=torch.uint8)
+        for j, i in enumerate(sel):
+            imgs[j] = decoded[i]  # broadcasts a 1-channel image to 3 channels when the data is mixed
+            decoded[i] = None  # type: ignore[call-overload]  # free as we go
+        per_class = torch.bincount(labels, minlength=len(classes)).tolist()
+        counts[split] = {c: per_class[label_of[c]] for c in scanned[split]}
+        for c in scanned[split]:
+            if counts[split][c] == 0:
+                raise DataError(f"every image in class folder {root / split / c} is unreadable "
+                                f"({len(scanned[split][c])} skipped); remove the folder or fix its images.")
+        splits[split] = ImageTensorSet(imgs, labels)
+    info = {
+        "root": str(root),
+        "counts": counts,
+        "skipped": [str(p) for p, _ in bad],
+        "ignored_files": [str(p) for p in ignored],
+        "missing": {s: [c for c in classes if c not in scanned[s]] for s in scanned if s != "train"},
+        "channels": channels,
+        "resolution": res,
+    }
+    return splits, classes, info
