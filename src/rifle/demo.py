@@ -15,8 +15,8 @@ from .config import TrainConfig
 from .run import load_data, run_train
 from .train.checkpoint import atomic_write_text
 
-DEMO = dict(data="elpv", model="efficientnet_lite0", image_size=96, epochs=6, batch_size=32,
-            lr=0.01, train_fraction=0.35, reinits=1, eval_batch_size=256)
+DEMO = dict(data="elpv", model="efficientnet_lite0", image_size=96, epochs=8, batch_size=32,
+            lr=0.01, train_fraction=0.5, reinits=1, eval_batch_size=256)
 
 
 def _table(results: dict[str, dict], histories: dict[str, list[dict]]) -> str:
