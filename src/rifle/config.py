@@ -25,6 +25,9 @@ class TrainConfig:
     model: str = "efficientnet_lite0"    # builtin, timm name, or torchvision:<name>
     pretrained: bool = True
     method: str = "finetune"             # finetune | rifle
+    reg: str = "l2"                      # regulariser: l2 (weight decay) | l2sp | delta | bss
+    trick: list[str] = field(default_factory=list)  # dropout, dropconnect, stochastic-depth, ...
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method: {option: value}}
     # RIFLE (REFERENCE.md §3)
     reinits: int = 3                     # K = number of re-initialisations
     reinit_granularity: str = "epoch"    # epoch | step
@@ -82,6 +85,12 @@ class TrainConfig:
             raise bad("lr_schedule", "choose cosine or constant")
         if self.image_size < 16:
             raise bad("image_size", "must be >= 16")
+        if isinstance(self.trick, str):
+            self.trick = [t for t in self.trick.split(",") if t]
+        if len(set(self.trick)) != len(self.trick):
+            raise bad("trick", "lists a trick twice")
+        if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
+            raise ConfigError(f"options={self.options!r}: expected a mapping {{method: {{option: value}}}}")
         return self
 
     def method_options(self) -> dict[str, Any]:
@@ -109,6 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
 RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "extra"}
+# (resolved_methods, written beside the config keys, is compared like any other key)
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 

@@ -5,6 +5,7 @@ same outputs.
 """
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from .config import TrainConfig
 from .core.seeding import derive_seed
 from .data import DataBundle, build_data
-from .methods import create
+from .methods import Method, create, registry
 from .models import create_model, model_preprocessing
 from .train import RunDir, Trainer, summarize
 from .train.outputs import git_revision, versions
@@ -26,10 +27,39 @@ def load_data(cfg: TrainConfig) -> DataBundle:
                       train_fraction=cfg.train_fraction, skip_bad_images=cfg.skip_bad_images)
 
 
-def build_methods(cfg: TrainConfig) -> list:
-    if cfg.method not in ("finetune", "rifle"):
-        raise ValueError(f"--method={cfg.method!r}: choose finetune or rifle")
-    return [create(cfg.method, **cfg.method_options())]
+def build_methods(cfg: TrainConfig) -> list[Method]:
+    """The run's plug-ins: the method (finetune / rifle), the regulariser, then the tricks."""
+    reg = registry()
+    wanted = [(cfg.method, "method", cfg.method_options()), (cfg.reg, "reg", None),
+              *((t, "trick", None) for t in cfg.trick)]
+    names = [n for n, _, _ in wanted]
+    for name in cfg.options:
+        if name not in names:
+            raise ValueError(f"options for {name!r} were given but {name!r} is not selected "
+                             f"(use --reg {name} or --trick {name})")
+    methods = []
+    for name, kind, opts in wanted:
+        flag = {"method": "--method", "reg": "--reg", "trick": "--trick"}[kind]
+        if name not in reg:
+            close = difflib.get_close_matches(name, [n for n, c in reg.items() if c.kind == kind], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            choices = ", ".join(sorted(n for n, c in reg.items() if c.kind == kind))
+            raise ValueError(f"{flag} {name!r}: unknown{hint}; choose from {choices}")
+        if reg[name].kind != kind:
+            raise ValueError(f"{flag} {name!r}: {name} is a {reg[name].kind}, use --{reg[name].kind} {name}")
+        methods.append(create(name, **(opts if opts is not None else cfg.options.get(name, {}))))
+    return methods
+
+
+def model_kwargs(methods: list[Method]) -> dict[str, Any]:
+    """Merge what methods need at model construction (e.g. drop_path_rate); conflicts are errors."""
+    out: dict[str, Any] = {}
+    for m in methods:
+        for k, v in m.model_kwargs().items():
+            if k in out and out[k] != v:
+                raise ValueError(f"{m.name} sets {k}={v!r} but another method set {k}={out[k]!r}")
+            out[k] = v
+    return out
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -38,7 +68,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     """Train one run into ``cfg.out``; returns the summary (also written to ``summary.json``)."""
     t0 = time.perf_counter()
     run_dir = RunDir(cfg.out)
-    config = cfg.to_dict()
+    methods = build_methods(cfg)  # validates the method/reg/trick choices before touching the folder
+    config = {**cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in methods}}
     has_checkpoint = run_dir.prepare(config, resume=resume, overwrite=overwrite)
     if resume and has_checkpoint:
         done = run_dir.read_summary()
@@ -51,21 +82,22 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
     torch.manual_seed(derive_seed(cfg.seed, "model"))
-    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained)
-    methods = build_methods(cfg)
+    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained, **model_kwargs(methods))
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
     trainer = Trainer(model, data, methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       lr_schedule=cfg.lr_schedule, image_size=cfg.image_size, seed=cfg.seed,
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,
                       channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size,
-                      head=cfg.head, checkpoint_meta=meta, log=log, progress=progress)
-    log(f"{cfg.method} | {cfg.model} on {cfg.data}: {len(data.train)} train / {len(data.val)} val / "
+                      head=cfg.head, checkpoint_meta=meta, config=config, log=log,
+                      progress=progress)
+    label = " + ".join([cfg.method] + ([cfg.reg] if cfg.reg != "l2" else []) + cfg.trick)
+    log(f"{label} | {cfg.model} on {cfg.data}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test images, {data.num_classes} classes, {cfg.epochs} epochs x "
         f"{trainer.steps_per_epoch} steps, {cfg.image_size}px, device {device}")
     history = trainer.fit(resume=has_checkpoint)
     summary = {
-        "method": cfg.method, "model": cfg.model, "data": cfg.data, "seed": cfg.seed,
+        "method": cfg.method, "reg": cfg.reg, "trick": cfg.trick, "model": cfg.model, "data": cfg.data, "seed": cfg.seed,
         **summarize(history),
         "reinit_epochs": next((m.reinit_epochs for m in methods if hasattr(m, "reinit_epochs")), []),
         "methods": {m.name: m.config() for m in methods},

@@ -3,13 +3,14 @@
 The trainer calls these hooks at fixed moments and never asks for a method by name:
 
 ================================  =====================================================================
-``configure_param_groups(groups)``  before the optimizer exists: adjust weight decay / LR per group
+``model_kwargs()``                   before the model is built: e.g. ``{"drop_path_rate": 0.1}``
+``configure_param_groups(groups, ctx)``  before the optimizer exists: adjust weight decay / LR per group
 ``setup(model, optimizer, ctx)``    once, after the optimizer exists (and after resume state is loaded)
 ``on_epoch_start(epoch)``           before each epoch; returns a dict of events to log (e.g. reinit)
 ``on_step_start(step)``             before each optimizer step (global step index)
 ``transform_batch(x, y)``           before the forward (training only)
 ``loss_terms(logits, features, x, y)``  after the forward: named extra loss terms, summed into the loss
-``lr_lambda(epoch)``                optional per-epoch LR multiplier replacing the default cosine
+``lr_lambda(ctx)``                  optional per-epoch LR multiplier ``f(epoch)`` replacing the cosine
 ``state_dict()`` / ``load_state_dict()``  checkpoint and resume
 ``config()``                        hyper-parameters to record in config.yaml / summary.json
 ================================  =====================================================================
@@ -41,6 +42,7 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     train_loader: Callable[[], Any] | None = None  # returns an iterator of (x, y) training batches
     pretrained_state: dict[str, torch.Tensor] | None = None  # the model's weights before training
+    config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (read-only)
     log: Callable[[str], None] = print
 
 
@@ -50,7 +52,10 @@ class Method:
     name: str = "method"
     kind: str = "method"  # "method" (finetune/rifle), "reg" (regulariser) or "trick"
 
-    def configure_param_groups(self, groups: list[dict]) -> list[dict]:
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def configure_param_groups(self, groups: list[dict], ctx: RunContext) -> list[dict]:
         return groups
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
@@ -71,7 +76,7 @@ class Method:
 
     needs_features: bool = False
 
-    def lr_lambda(self) -> Callable[[int], float] | None:
+    def lr_lambda(self, ctx: RunContext) -> Callable[[int], float] | None:
         return None
 
     def state_dict(self) -> dict[str, Any]:

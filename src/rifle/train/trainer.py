@@ -42,7 +42,7 @@ class Trainer:
                  lr_schedule: str, image_size: int, seed: int, preprocessing: dict[str, Any],
                  run_dir: RunDir, device: torch.device, channels_last: bool = True,
                  eval_batch_size: int = 256, head: str | None = None,
-                 checkpoint_meta: dict[str, Any] | None = None,
+                 checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
                  log: Callable[[str], None] = print, progress: bool | None = None) -> None:
         self.model = model.to(device)
         if channels_last:
@@ -64,6 +64,12 @@ class Trainer:
         # the model's weights before any training (L2-SP / DELTA reference, analysis)
         self.pretrained_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+        self.ctx = RunContext(epochs=epochs, steps_per_epoch=self.steps_per_epoch, seed=seed,
+                              num_classes=data.num_classes, head=self.head, head_names=self.head_names,
+                              device=device, train_loader=lambda: self._train_iter(0),
+                              pretrained_state=self.pretrained_state, config=dict(config or {}),
+                              log=log)
+
         head_ids = {id(p) for m in self.head for p in m.parameters()}
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"name": "backbone", "params": [p for p in params if id(p) not in head_ids]},
@@ -71,16 +77,17 @@ class Trainer:
         for g in groups:
             g.setdefault("weight_decay", weight_decay)
         for m in self.methods:
-            groups = m.configure_param_groups(groups)
+            groups = m.configure_param_groups(groups, self.ctx)
         groups = [g for g in groups if g["params"]]
         self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-        lambdas = [m.lr_lambda() for m in self.methods if m.lr_lambda() is not None]
-        if len(lambdas) > 1:
+        owners = [(m, m.lr_lambda(self.ctx)) for m in self.methods]
+        owners = [(m, f) for m, f in owners if f is not None]
+        if len(owners) > 1:
             raise ValueError("more than one method sets the learning-rate schedule: "
-                             + ", ".join(m.name for m in self.methods if m.lr_lambda() is not None))
-        if lambdas:
-            lam = lambdas[0]
+                             + ", ".join(m.name for m, _ in owners))
+        if owners:
+            lam = owners[0][1]
         elif lr_schedule == "cosine":
             lam = lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))  # noqa: E731
         else:
@@ -128,12 +135,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         if resume:
             self.restore()
-        ctx = RunContext(epochs=self.epochs, steps_per_epoch=self.steps_per_epoch, seed=self.seed,
-                         num_classes=self.data.num_classes, head=self.head, head_names=self.head_names,
-                         device=self.device, train_loader=lambda: self._train_iter(0),
-                         pretrained_state=self.pretrained_state, log=self.log)
         for m in self.methods:
-            m.setup(self.model, self.optimizer, ctx)
+            m.setup(self.model, self.optimizer, self.ctx)
         epochs = range(self.start_epoch, self.epochs)
         for epoch in _progress(epochs, len(epochs), "epochs", self.progress, leave=True):
             row = self.train_epoch(epoch)

@@ -1,0 +1,136 @@
+"""``rifle train``: fine-tune a backbone on a dataset (one run)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import fields
+from typing import Any
+
+from ..config import PRESETS, TrainConfig
+
+NAME = "train"
+HELP = "fine-tune a backbone on a dataset"
+EXAMPLE = "rifle train --data path/to/folder --method rifle --reinits 3 --preset cpu --out runs/mine"
+
+_HELP = {
+    "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
+    "model": "efficientnet_lite0 (offline builtin), tiny_cnn, any timm name, or torchvision:<name>",
+    "pretrained": "load pretrained weights (default: yes)",
+    "method": "finetune (standard fine-tuning) or rifle",
+    "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
+    "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
+             "disturblabel, cyclic-lr",
+    "reinits": "RIFLE: K, the number of head re-initialisations (K+1 equal periods)",
+    "reinit_granularity": "RIFLE: schedule over epochs or optimizer steps",
+    "guard": "RIFLE: drop re-inits leaving fewer epochs after them (default ceil(E/8))",
+    "guard_steps": "RIFLE: the same guard, in optimizer steps",
+    "min_steps_after": "RIFLE: warn when a period after a re-init has fewer optimizer steps",
+    "reinit_init": "RIFLE: initialiser (default = the module's reset_parameters)",
+    "keep_optimizer_state": "RIFLE: keep the head's momentum at a re-init (official code)",
+    "head_lr_restart": "RIFLE: restart a cosine LR for the head each period (official option)",
+    "head": "dotted name(s) of the classifier head, comma-separated (default: found automatically)",
+    "epochs": "training epochs", "batch_size": "training batch size", "lr": "SGD learning rate",
+    "momentum": "SGD momentum", "weight_decay": "weight decay on all parameters",
+    "lr_schedule": "cosine (per epoch, over the run) or constant",
+    "image_size": "crop size S; images are resized to S*8/7 first (paper: 256 -> 224)",
+    "seed": "run seed: split, data order, augmentation and re-inits derive from it",
+    "val_fraction": "validation fraction carved from train (stratified) when the data has no val/",
+    "train_fraction": "use this stratified fraction of the training split",
+    "skip_bad_images": "skip unreadable images (and report how many) instead of stopping",
+    "device": "auto, cpu, cuda or cuda:N", "channels_last": "channels_last memory format",
+    "eval_batch_size": "evaluation batch size", "threads": "torch CPU threads",
+    "out": "output folder of the run",
+}
+_SKIP = {"extra", "preset", "options", "trick"}
+
+
+def _type_of(annotation: Any) -> type | None:
+    text = str(annotation)
+    for name, t in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text == name or text.startswith(name + " |") or text == f"<class '{name}'>":
+            return t
+    return None
+
+
+def _add_typed(p: argparse._ActionsContainer, flag: str, dest: str, annotation: Any, help: str) -> None:
+    t = _type_of(annotation)
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help, "dest": dest}
+    if t is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif t in (int, float):
+        kw["type"] = t
+    p.add_argument(flag, **kw)
+
+
+def method_option_flags() -> dict[str, tuple[str, str]]:
+    """``{dest: (method, option)}`` for every option of every regulariser and trick."""
+    from ..methods import registry
+    out = {}
+    for name, cls in sorted(registry().items()):
+        if cls.kind == "method" or not dataclasses.is_dataclass(cls):
+            continue
+        for f in fields(cls):
+            out[f"opt::{name}::{f.name}"] = (name, f.name)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        if f.name in _SKIP:
+            continue
+        _add_typed(p, "--" + f.name.replace("_", "-"), f.name, f.type, _HELP.get(f.name, ""))
+    p.add_argument("--trick", dest="trick", action="append", default=argparse.SUPPRESS,
+                   help=_HELP["trick"])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                   help="paper: the official recipe (ResNet-50, 40 epochs, 224 px, kept momentum); "
+                        "cpu: finishes on 2 CPU cores (EfficientNet-Lite0, 12 epochs, 112 px)")
+    p.add_argument("--config", dest="_config", metavar="FILE.yaml", default=None,
+                   help="YAML file of settings (keys as the flags, with _); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    from ..methods import registry
+    reg = registry()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dest, (method, option) in method_option_flags().items():
+        cls = reg[method]
+        if method not in groups:
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            groups[method] = p.add_argument_group(f"{method} options ({cls.kind})", doc)
+        field = next(f for f in fields(cls) if f.name == option)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        _add_typed(groups[method], f"--{method}-{option.replace('_', '-')}", dest, field.type,
+                   f"default {default!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from ..config import resolve
+    skip = ("command", "_config", "resume", "overwrite", "quiet")
+    flags: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {}
+    for k, v in vars(args).items():
+        if k in skip:
+            continue
+        if k.startswith("opt::"):
+            _, method, option = k.split("::")
+            options.setdefault(method, {})[option] = v
+        elif k == "trick":
+            flags["trick"] = [t for item in v for t in item.split(",") if t]
+        else:
+            flags[k] = v
+    if options:
+        flags["options"] = options
+    return resolve(flags, config_file=args._config)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..run import run_train
+    cfg = config_from_args(args)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite, log=log)
+    best = summary.get("test_acc_at_best_val")
+    best_text = "n/a (no validation split)" if best is None else f"{best:.4f} (epoch {summary['best_val_epoch']})"
+    print(f"done: final test acc {summary['final_test_acc']:.4f}, test acc at best val {best_text}; "
+          f"outputs in {cfg.out}")
+    return 0
+
