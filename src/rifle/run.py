@@ -19,6 +19,7 @@ from .methods import Method, create, registry
 from .models import create_model, model_preprocessing
 from .train import RunDir, Trainer, summarize
 from .train.outputs import git_revision, versions
+from .train.distributed import broadcast_flag, init_from_env
 from .train.trainer import resolve_device
 
 
@@ -70,7 +71,18 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     run_dir = RunDir(cfg.out)
     methods = build_methods(cfg)  # validates the method/reg/trick choices before touching the folder
     config = {**cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in methods}}
-    has_checkpoint = run_dir.prepare(config, resume=resume, overwrite=overwrite)
+    device = resolve_device(cfg.device)
+    dist = init_from_env(device)  # torchrun: join the process group (no-op when alone)
+    if dist.enabled:
+        config["world_size"] = dist.world_size
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        if not dist.is_main:
+            log = lambda s: None  # noqa: E731 - rank 0 speaks for the run
+    has_checkpoint = False
+    if dist.is_main:
+        has_checkpoint = run_dir.prepare(config, resume=resume, overwrite=overwrite)
+    has_checkpoint = broadcast_flag(has_checkpoint, dist, device)
     if resume and has_checkpoint:
         done = run_dir.read_summary()
         if done and done.get("complete"):
@@ -78,7 +90,6 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
             return done
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
     torch.manual_seed(derive_seed(cfg.seed, "model"))
@@ -89,12 +100,14 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                       lr_schedule=cfg.lr_schedule, image_size=cfg.image_size, seed=cfg.seed,
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,
                       channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size,
-                      head=cfg.head, checkpoint_meta=meta, config=config, log=log,
+                      head=cfg.head, checkpoint_meta=meta, config=config, amp=cfg.amp,
+                      compile=cfg.compile, grad_accum=cfg.grad_accum, dist=dist, log=log,
                       progress=progress)
     label = " + ".join([cfg.method] + ([cfg.reg] if cfg.reg != "l2" else []) + cfg.trick)
     log(f"{label} | {cfg.model} on {cfg.data}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test images, {data.num_classes} classes, {cfg.epochs} epochs x "
-        f"{trainer.steps_per_epoch} steps, {cfg.image_size}px, device {device}")
+        f"{trainer.steps_per_epoch} steps, {cfg.image_size}px, device {device}"
+        + (f", {dist.world_size} DDP ranks" if dist.enabled else ""))
     history = trainer.fit(resume=has_checkpoint)
     summary = {
         "method": cfg.method, "reg": cfg.reg, "trick": cfg.trick, "model": cfg.model, "data": cfg.data, "seed": cfg.seed,
@@ -107,5 +120,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         "wall_seconds": time.perf_counter() - t0, "versions": versions(), "git": git_revision(),
         "complete": len(history) == cfg.epochs,
     }
-    run_dir.write_summary(summary)
+    if dist.enabled:
+        summary["ddp"] = {"world_size": dist.world_size, "backend": torch.distributed.get_backend(),
+                          "replica_checksums": trainer.replica_checksums}
+    if dist.is_main:
+        run_dir.write_summary(summary)
     return summary

@@ -39,6 +39,8 @@ _HELP = {
     "skip_bad_images": "skip unreadable images (and report how many) instead of stopping",
     "device": "auto, cpu, cuda or cuda:N", "channels_last": "channels_last memory format",
     "eval_batch_size": "evaluation batch size", "threads": "torch CPU threads",
+    "amp": "mixed precision: none, bf16 or fp16", "compile": "torch.compile the model",
+    "grad_accum": "gradient accumulation: micro-batches per optimizer step",
     "out": "output folder of the run",
 }
 _SKIP = {"extra", "preset", "options", "trick"}
@@ -127,7 +129,15 @@ def run(args: argparse.Namespace) -> int:
     from ..run import run_train
     cfg = config_from_args(args)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite, log=log)
+    from ..train.distributed import DistInfo, shutdown
+    try:
+        summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite, log=log)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            shutdown(DistInfo(world_size=dist.get_world_size()))
+    if summary.get("ddp") and int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0
     best = summary.get("test_acc_at_best_val")
     best_text = "n/a (no validation split)" if best is None else f"{best:.4f} (epoch {summary['best_val_epoch']})"
     print(f"done: final test acc {summary['final_test_acc']:.4f}, test acc at best val {best_text}; "

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .heads import HeadSpec, find_head, head_names
+from .replicas import verify_replicas
 from .reinit import Initializer, clear_optimizer_state, cosine_factor, get_initializer, reinit_
 from .schedule import (DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning, Schedule, check_step_budget,
                        default_guard, make_schedule)
@@ -59,6 +60,8 @@ class Rifle:
             ``"xavier_uniform"``, ``"normal"`` or a callable ``f(module)`` using torch's global RNG.
         head_lr_restart: restart a cosine LR for the head's param group(s) at each period (the
             official ``fc_lr_util=cyclic``); the head must then be alone in its param group(s).
+        verify_replicas: under ``torch.distributed`` with several ranks, all-gather a checksum of the
+            new head after each re-init and raise ``ReplicaDivergenceError`` if ranks differ.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -68,7 +71,8 @@ class Rifle:
                  min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False,
-                 on_reinit: Callable[[int, int], None] | None = None) -> None:
+                 on_reinit: Callable[[int, int], None] | None = None,
+                 verify_replicas: bool = True) -> None:
         if (epochs is None) == (total_steps is None):
             raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
                              "(use on_step_start)")
@@ -80,6 +84,7 @@ class Rifle:
         self.keep_optimizer_state = keep_optimizer_state
         self.head_lr_restart = head_lr_restart
         self.on_reinit = on_reinit
+        self.verify_replicas = verify_replicas
         self.unit = "epoch" if epochs is not None else "step"
         total = epochs if epochs is not None else total_steps
         self.steps_per_unit = (steps_per_epoch or None) if self.unit == "epoch" else 1
@@ -148,6 +153,8 @@ class Rifle:
     def reinit(self, index: int) -> None:
         """Apply re-init number ``index`` now (normally called by the schedule)."""
         reinit_(self.modules, self.seed, index, self.init)
+        if self.verify_replicas:
+            verify_replicas(self.parameters, f"RIFLE re-init {index}")
         if not self.keep_optimizer_state:
             clear_optimizer_state(self.optimizer, self.parameters)
         self.done.append(index)

@@ -7,6 +7,7 @@ uninterrupted run exactly on CPU (REFERENCE.md §3.12).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -19,9 +20,11 @@ from torch import nn
 
 from ..core.heads import find_head, head_names
 from ..core.seeding import derive_seed
-from ..data import DataBundle, eval_batches, num_batches, train_batches
+from ..core.replicas import verify_replicas
+from ..data import DataBundle, eval_batches, num_batches, samples_per_rank, train_batches
 from ..methods.base import Method, RunContext
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_sum, barrier
 from .outputs import RunDir
 
 
@@ -43,21 +46,32 @@ class Trainer:
                  run_dir: RunDir, device: torch.device, channels_last: bool = True,
                  eval_batch_size: int = 256, head: str | None = None,
                  checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                 amp: str = "none", compile: bool = False, grad_accum: int = 1,
+                 dist: DistInfo | None = None,
                  log: Callable[[str], None] = print, progress: bool | None = None) -> None:
+        self.dist = dist or DistInfo()
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if batch_size % (self.dist.world_size * grad_accum):
+            raise ValueError(f"--batch-size {batch_size} must be divisible by world size "
+                             f"{self.dist.world_size} x --grad-accum {grad_accum}")
+        self.local_batch = batch_size // self.dist.world_size  # --batch-size is the global batch
+        self.grad_accum = grad_accum
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.data, self.methods = data, list(methods)
         self.epochs, self.batch_size, self.image_size, self.seed = epochs, batch_size, image_size, seed
         self.mean, self.std = preprocessing["mean"], preprocessing["std"]
         self.run_dir, self.device, self.channels_last = run_dir, device, channels_last
         self.eval_batch_size = eval_batch_size
         self.meta = checkpoint_meta or {}
-        self.log = log
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.log = log if self.dist.is_main else (lambda s: None)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         if len(data.train) == 0:
             raise ValueError("the training split is empty")
-        self.steps_per_epoch = num_batches(len(data.train), batch_size, drop_last=False)
+        self.steps_per_epoch = num_batches(samples_per_rank(len(data.train), self.dist.world_size),
+                                           self.local_batch, drop_last=False)
 
         self.head = find_head(self.model, head.split(",") if head else None)
         self.head_names = head_names(self.model, self.head)
@@ -94,6 +108,14 @@ class Trainer:
             lam = lambda e: 1.0  # noqa: E731
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
 
+        # what the forward runs: DDP and torch.compile wrap the model; hooks stay on the inner modules
+        self.forward_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if compile:
+            self.forward_model = torch.compile(self.forward_model)
         self._features: torch.Tensor | None = None
         if any(m.needs_features for m in self.methods):
             self.head[0].register_forward_pre_hook(self._capture_features)
@@ -105,8 +127,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
     def _train_iter(self, epoch: int):
-        return train_batches(self.data.train, self.batch_size, self.image_size, self.mean, self.std,
-                             seed=self.seed, epoch=epoch, channels_last=self.channels_last)
+        return train_batches(self.data.train, self.local_batch, self.image_size, self.mean, self.std,
+                             seed=self.seed, epoch=epoch, channels_last=self.channels_last,
+                             rank=self.dist.rank, world_size=self.dist.world_size)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -128,7 +151,8 @@ class Trainer:
             m.load_state_dict(state["methods"].get(m.name, {}))
         self.history = [h for h in state["history"] if h["epoch"] <= int(state["epoch"])]
         self.start_epoch = int(state["epoch"]) + 1
-        self.run_dir.write_metrics(self.history)
+        if self.dist.is_main:
+            self.run_dir.write_metrics(self.history)
         self.log(f"resumed from {self.run_dir.path} after epoch {state['epoch']}")
 
     # ------------------------------------------------------------------ loop
@@ -141,64 +165,92 @@ class Trainer:
         for epoch in _progress(epochs, len(epochs), "epochs", self.progress, leave=True):
             row = self.train_epoch(epoch)
             self.history.append(row)
-            self.run_dir.write_metrics(self.history)
-            save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
+            if self.dist.is_main:
+                self.run_dir.write_metrics(self.history)
+                save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
             self.log(self.format_row(row))
+        barrier(self.dist)
+        # data-parallel replicas must end with bit-identical parameters; fail loudly otherwise
+        # (buffers such as BN running stats are rank-local; DDP broadcasts rank 0's at each forward)
+        self.replica_checksums = verify_replicas(list(self.model.parameters()), "end of training")
         return self.history
 
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, terms_sum: dict[str, torch.Tensor], epoch: int,
+              step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            logits = self.forward_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            total = loss
+            for m in self.methods:
+                for name, term in m.loss_terms(logits, self._features, x, y).items():
+                    total = total + term
+                    terms_sum[name] = terms_sum.get(name, 0.0) + term.detach().double() * len(y)
+        self._features = None
+        if not torch.isfinite(total.detach()):
+            last = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
+            raise TrainingError(f"non-finite loss ({float(total.detach())}) at epoch {epoch}, step {step}; "
+                                f"stopping. Last good checkpoint in {self.run_dir.path}: {last}. "
+                                f"Try a lower --lr")
+        return logits, loss, total
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        torch.manual_seed(derive_seed(self.seed, "torch", epoch))  # dropout etc.: a pure f(seed, epoch)
+        # dropout etc. draw from the global RNG: make it a pure function of (seed, epoch[, rank])
+        rank_index = (self.dist.rank,) if self.dist.enabled else ()
+        torch.manual_seed(derive_seed(self.seed, "torch", epoch, *rank_index))
         events: dict[str, Any] = {}
         for m in self.methods:
             events.update(m.on_epoch_start(epoch))
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self.model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        terms_sum: dict[str, float] = {}
-        correct = 0
+        # accumulate on the device: no host sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        terms_sum: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         batches = _progress(self._train_iter(epoch), self.steps_per_epoch, f"epoch {epoch}", self.progress)
         for step, (x, y) in enumerate(batches):
-            global_step = epoch * self.steps_per_epoch + step
             for m in self.methods:
-                m.on_step_start(global_step)
+                m.on_step_start(epoch * self.steps_per_epoch + step)
             x, y = self._to_device(x, y)
             for m in self.methods:
                 x, y = m.transform_batch(x, y)
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
-            total = loss
-            for m in self.methods:
-                for name, term in m.loss_terms(logits, self._features, x, y).items():
-                    total = total + term
-                    terms_sum[name] = terms_sum.get(name, 0.0) + float(term.detach()) * len(y)
-            if not torch.isfinite(total):
-                last = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
-                raise TrainingError(f"non-finite loss ({float(total.detach())}) at epoch {epoch}, step {step}; "
-                                    f"stopping. Last good checkpoint in {self.run_dir.path}: {last}. "
-                                    f"Try a lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            loss_sum += loss.detach().double() * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            chunks = list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum)))
+            for i, (xc, yc) in enumerate(chunks):
+                sync = i == len(chunks) - 1 or not self.dist.enabled
+                ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
+                with ctx:
+                    logits, loss, total = self._loss(xc, yc, terms_sum, epoch, step)
+                    self.scaler.scale(total * (len(yc) / len(y))).backward()
+                loss_sum += loss.detach().double() * len(yc)
+                correct += (logits.detach().argmax(1) == yc).sum()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             seen += len(y)
-            self._features = None
         seconds = time.perf_counter() - t0
         self.scheduler.step()
+        names = sorted(terms_sum)
+        totals = all_sum([float(loss_sum), float(correct), float(seen), *(float(terms_sum[n]) for n in names)],
+                         self.dist, self.device)
+        loss_total, correct_total, seen_total = totals[:3]
         row: dict[str, Any] = {"epoch": epoch, "lr": lrs.get("backbone", next(iter(lrs.values())))}
         if len(set(lrs.values())) > 1:
             row["lr_groups"] = lrs
-        row.update(train_loss=float(loss_sum) / max(seen, 1), train_acc=correct / max(seen, 1))
-        for name, s in terms_sum.items():
-            row[f"loss_{name}"] = s / max(seen, 1)
+        row.update(train_loss=loss_total / max(seen_total, 1), train_acc=correct_total / max(seen_total, 1))
+        for name, s in zip(names, totals[3:]):
+            row[f"loss_{name}"] = s / max(seen_total, 1)
         row["val_acc"] = self.evaluate(self.data.val)["acc"] if len(self.data.val) else None
         row["test_acc"] = self.evaluate(self.data.test)["acc"]
         row["reinit"] = bool(events.pop("reinit", False))
         row.update(events)
         row["seconds"] = seconds
-        row["images_per_s"] = seen / seconds if seconds > 0 else None
+        row["images_per_s"] = seen_total / seconds if seconds > 0 else None
         return row
 
     @torch.inference_mode()
@@ -207,14 +259,17 @@ class Trainer:
         self.model.eval()
         correct, n, loss = 0, 0, 0.0
         for x, y in eval_batches(ds, self.eval_batch_size, self.image_size, self.mean, self.std,
-                                 channels_last=self.channels_last):
+                                 channels_last=self.channels_last, rank=self.dist.rank,
+                                 world_size=self.dist.world_size):
             x, y = self._to_device(x, y)
-            logits = self.model(x)
+            with self._autocast():
+                logits = self.model(x).float()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
         self.model.train(was_training)
-        return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+        correct, n, loss = all_sum([correct, n, loss], self.dist, self.device)
+        return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
 
     @staticmethod
     def format_row(r: dict[str, Any]) -> str:

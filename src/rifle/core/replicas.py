@@ -1,0 +1,51 @@
+"""Check that every data-parallel replica holds the same tensors (cheap checksum all-gather).
+
+DDP synchronises weights only when it wraps the model; a re-init drawn differently on one rank makes
+the replicas diverge silently (REFERENCE.md §5). After every re-init, and at the end of a run, each
+rank computes a checksum of the relevant parameters and all ranks compare them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """Data-parallel replicas hold different values where they must be identical."""
+
+
+def distributed_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def checksum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Two float64 numbers per call: the plain sum and a position-weighted sum of all values."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for t in tensors:
+        flat = t.detach().reshape(-1).to("cpu", torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(9973).add_(1)
+        total[0] += flat.sum()
+        total[1] += (flat * weights).sum()
+    return total
+
+
+def verify_replicas(tensors: Iterable[torch.Tensor], what: str) -> list[list[float]]:
+    """All-gather checksums; raise :class:`ReplicaDivergenceError` naming the ranks that differ.
+
+    A no-op (returns ``[]``) outside an initialised process group of more than one rank.
+    """
+    if distributed_world() < 2:
+        return []
+    local = checksum(tensors)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    gathered = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local.to(device))
+    sums = [g.cpu().tolist() for g in gathered]
+    bad = [r for r, s in enumerate(sums) if s != sums[0]]
+    if bad:
+        raise ReplicaDivergenceError(
+            f"{what}: data-parallel replicas differ (ranks {bad} vs rank 0; checksums {sums}). Every "
+            f"rank must draw the same values - use the same seed on every rank")
+    return sums

@@ -1,0 +1,116 @@
+"""DDP on CPU with the gloo backend and 2 processes: identical replicas, divergence detected, resume."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _divergence_worker(rank: int, port: int, seeds: list[int], out: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    from rifle import Rifle
+    from rifle.core.replicas import ReplicaDivergenceError
+    _env(rank, 2, port)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    rifle = Rifle(model, None, epochs=4, reinits=1, seed=seeds[rank])
+    result = "ok"
+    try:
+        rifle.on_epoch_start(2)
+    except ReplicaDivergenceError as e:
+        result = f"diverged: {e}"
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(result)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("seeds,diverged", [([0, 0], False), ([0, 1], True)])
+def test_reinit_divergence_is_detected(tmp_path, seeds, diverged):
+    out = str(tmp_path / "r")
+    mp.spawn(_divergence_worker, args=(free_port(), seeds, out), nprocs=2, join=True)
+    results = [open(f"{out}.{r}").read() for r in range(2)]
+    assert all(r.startswith("diverged") == diverged for r in results), results
+    if diverged:
+        assert "RIFLE re-init 1" in results[0] and "ranks [1]" in results[0]
+
+
+def _train_worker(rank: int, port: int, out: str, crash_at: int, resume: bool) -> None:
+    from rifle.config import TrainConfig
+    from rifle.run import run_train
+    from rifle.train import Trainer
+    _env(rank, 2, port)
+    if crash_at >= 0:
+        original = Trainer.train_epoch
+
+        def crash(self, epoch):
+            if epoch == crash_at:
+                raise KeyboardInterrupt
+            return original(self, epoch)
+        Trainer.train_epoch = crash
+    cfg = TrainConfig(data="digits", model="tiny_cnn", method="rifle", reinits=2, epochs=4,
+                      image_size=16, batch_size=32, lr=0.05, train_fraction=0.3, min_steps_after=0,
+                      out=out).validate()
+    try:
+        run_train(cfg, resume=resume, log=lambda s: None)
+    except KeyboardInterrupt:
+        pass
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _metrics(path):
+    drop = {"seconds", "images_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_training_identical_replicas_and_exact_resume(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    mp.spawn(_train_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["ddp"]["world_size"] == 2
+    sums = summary["ddp"]["replica_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert summary["reinit_epochs"] == [1, 2]
+    # interrupted after epoch 1 (the first re-init happened), then resumed under DDP
+    mp.spawn(_train_worker, args=(free_port(), str(split), 2, False), nprocs=2, join=True)
+    assert len(_metrics(split)) == 2
+    mp.spawn(_train_worker, args=(free_port(), str(split), -1, True), nprocs=2, join=True)
+    assert _metrics(split) == _metrics(full)
+    assert json.loads((split / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+
+
+def test_torchrun_cli(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+         str(free_port()), "-m", "rifle", "train", "--data", "digits", "--model", "tiny_cnn",
+         "--image-size", "16", "--epochs", "2", "--method", "rifle", "--reinits", "1",
+         "--min-steps-after", "0", "--train-fraction", "0.2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch   0") == 1  # rank 0 only logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ddp"]["world_size"] == 2
+    assert summary["ddp"]["replica_checksums"][0] == summary["ddp"]["replica_checksums"][1]
