@@ -186,3 +186,41 @@ def test_works_through_ddp_like_wrappers_and_explicit_heads():
     assert find_head(model, "0") == [model[0]]
     assert find_head(model, model[0]) == [model[0]]
     assert find_head(model, ["0", "2"]) == [model[0], model[2]]
+
+
+def test_reinit_beyond_the_fc_layer():
+    from rifle.models import create_model
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3, 16, 16)
+    model(x).sum().backward()
+    opt.step()
+    before = snapshot(model)
+    r = Rifle(model, opt, epochs=4, reinits=1, modules="last:1", min_steps_after=None)
+    assert r.module_names == ["fc", "blocks.2"]
+    r.on_epoch_start(2)
+    after = snapshot(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "") for k in changed} \
+        == {"fc", "blocks.2"}
+    assert any(k.startswith("blocks.2.") and k.endswith("weight") for k in changed)
+    assert not any(k.startswith(("stem", "blocks.0", "blocks.1")) for k in changed)
+    assert all(p not in opt.state for p in model.blocks[2].parameters())
+    assert all(p in opt.state for p in model.blocks[1].parameters())
+    # a regular expression selects the same block
+    assert Rifle(model, None, epochs=4, reinits=1, modules=r"blocks\.2").module_names == ["fc", "blocks.2"]
+    with pytest.raises(ValueError, match="matches no module"):
+        Rifle(model, None, epochs=4, reinits=1, modules="nothing.*")
+    with pytest.raises(ValueError, match="N must be in 1..3"):
+        Rifle(model, None, epochs=4, reinits=1, modules="last:9")
+
+
+def test_last_blocks_on_real_backbones():
+    import timm
+    from rifle.core.heads import select_modules
+    eff = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
+    assert select_modules(eff, "last:1") == [eff.blocks[-1][-1]]
+    import torchvision
+    res = torchvision.models.resnet18(weights=None)
+    assert select_modules(res, "last:2") == [res.layer4[0], res.layer4[1]]

@@ -38,6 +38,7 @@ class TrainConfig:
     keep_optimizer_state: bool = False   # True = official code (momentum kept)
     head_lr_restart: bool = False        # True = official fc_lr_util=cyclic
     head: str | None = None              # dotted module name(s) of the head; None = automatic
+    reinit_modules: str | None = None    # RIFLE beyond the FC layer: "last:N" blocks or a regex
     # the recipe (paper defaults: SGD m 0.9, lr 0.01, wd 1e-4, cosine per epoch, batch 32)
     epochs: int = 40
     batch_size: int = 32
@@ -109,7 +110,8 @@ class TrainConfig:
         return dict(reinits=self.reinits, granularity=self.reinit_granularity, guard=self.guard,
                     guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                     init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
-                    head_lr_restart=self.head_lr_restart, head=self.head)
+                    head_lr_restart=self.head_lr_restart, head=self.head,
+                    modules=self.reinit_modules)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,6 +29,8 @@ _HELP = {
     "keep_optimizer_state": "RIFLE: keep the head's momentum at a re-init (official code)",
     "head_lr_restart": "RIFLE: restart a cosine LR for the head each period (official option)",
     "head": "dotted name(s) of the classifier head, comma-separated (default: found automatically)",
+    "reinit_modules": "RIFLE beyond the FC layer: also re-init the last N blocks (last:N) or the "
+                      "modules whose dotted name matches a regular expression",
     "epochs": "training epochs", "batch_size": "training batch size", "lr": "SGD learning rate",
     "momentum": "SGD momentum", "weight_decay": "weight decay on all parameters",
     "lr_schedule": "cosine (per epoch, over the run) or constant",

@@ -113,3 +113,64 @@ def find_head(model: nn.Module, head: HeadSpec | None = None) -> list[nn.Module]
 
 def head_names(model: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
     return [_module_name(model, m) for m in modules]
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's blocks in depth order: timm ``blocks`` (stages flattened), ResNet ``layer1..4``."""
+    out: list[tuple[str, nn.Module]] = []
+    if isinstance(getattr(model, "blocks", None), nn.Sequential):
+        for name, stage in model.blocks.named_children():
+            if isinstance(stage, nn.Sequential):
+                out += [(f"blocks.{name}.{n}", b) for n, b in stage.named_children()]
+            else:
+                out.append((f"blocks.{name}", stage))
+        return out
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        seq = getattr(model, layer, None)
+        if isinstance(seq, nn.Sequential):
+            out += [(f"{layer}.{n}", b) for n, b in seq.named_children()]
+    if not out and isinstance(getattr(model, "stages", None), nn.Sequential):  # timm ConvNeXt & co.
+        for name, stage in model.stages.named_children():
+            blocks = getattr(stage, "blocks", None)
+            if isinstance(blocks, nn.Sequential):
+                out += [(f"stages.{name}.blocks.{n}", b) for n, b in blocks.named_children()]
+    return out
+
+
+def select_modules(model: nn.Module, spec: str) -> list[nn.Module]:
+    """Modules to re-initialise besides the head (``--reinit-modules``).
+
+    * ``"last:N"`` - the last N blocks of the backbone (timm ``blocks`` / ``stages``, ResNet
+      ``layer1..layer4``), e.g. ``last:1`` = the block just below the pooling;
+    * anything else is a regular expression matched (``re.fullmatch``) against dotted module names,
+      e.g. ``"layer4\\.2\\..*"`` or ``"blocks\\.6.*"``; nested matches are collapsed to the outermost.
+    """
+    import re
+    spec = spec.strip()
+    if spec.startswith("last:"):
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            raise ValueError(f"--reinit-modules {spec!r}: expected last:N with an integer N") from None
+        blocks = _blocks(model)
+        if not blocks:
+            raise ValueError(f"--reinit-modules {spec!r}: no block structure known for "
+                             f"{type(model).__name__}; give a regular expression over module names")
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"--reinit-modules {spec!r}: N must be in 1..{len(blocks)} (blocks: "
+                             f"{', '.join(name for name, _ in blocks[-4:])} ...)")
+        return [m for _, m in blocks[-n:]]
+    try:
+        pattern = re.compile(spec)
+    except re.error as e:
+        raise ValueError(f"--reinit-modules {spec!r}: not a valid regular expression ({e})") from None
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if name and pattern.fullmatch(name) and _has_params(m):
+            if not any(name.startswith(c + ".") for c, _ in chosen):
+                chosen.append((name, m))
+    if not chosen:
+        names = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+        raise ValueError(f"--reinit-modules {spec!r} matches no module with parameters; module names "
+                         f"look like: {', '.join(names[-6:])}")
+    return [m for _, m in chosen]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import HeadSpec, find_head, head_names
+from .heads import HeadSpec, find_head, head_names, select_modules
 from .replicas import verify_replicas
 from .reinit import Initializer, clear_optimizer_state, cosine_factor, get_initializer, reinit_
 from .schedule import (DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning, Schedule, check_step_budget,
@@ -60,6 +60,8 @@ class Rifle:
             ``"xavier_uniform"``, ``"normal"`` or a callable ``f(module)`` using torch's global RNG.
         head_lr_restart: restart a cosine LR for the head's param group(s) at each period (the
             official ``fc_lr_util=cyclic``); the head must then be alone in its param group(s).
+        modules: also re-initialise these backbone modules: ``"last:N"`` (the last N blocks) or a
+            regular expression over dotted module names (see :func:`rifle.core.heads.select_modules`).
         verify_replicas: under ``torch.distributed`` with several ranks, all-gather a checksum of the
             new head after each re-init and raise ``ReplicaDivergenceError`` if ranks differ.
     """
@@ -72,7 +74,7 @@ class Rifle:
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False,
                  on_reinit: Callable[[int, int], None] | None = None,
-                 verify_replicas: bool = True) -> None:
+                 verify_replicas: bool = True, modules: str | None = None) -> None:
         if (epochs is None) == (total_steps is None):
             raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
                              "(use on_step_start)")
@@ -96,8 +98,12 @@ class Rifle:
         self.schedule: Schedule = make_schedule(total, reinits, guard, unit=self.unit)
         if self.steps_per_unit and min_steps_after:
             check_step_budget(self.schedule, self.steps_per_unit, min_steps_after)
-        self.modules: list[nn.Module] = find_head(unwrap_model(model), head)
-        self.module_names = head_names(unwrap_model(model), self.modules)
+        inner = unwrap_model(model)
+        self.head_modules: list[nn.Module] = find_head(inner, head)
+        extra = select_modules(inner, modules) if modules else []
+        self.modules: list[nn.Module] = self.head_modules + [m for m in extra
+                                                             if all(m is not h for h in self.head_modules)]
+        self.module_names = head_names(inner, self.modules)
         self.done: list[int] = []  # re-init indices (1-based i of the rule) already applied
         self._base_lrs: list[tuple[dict, float]] = self._head_groups() if head_lr_restart else []
 
@@ -165,7 +171,7 @@ class Rifle:
     def _head_groups(self) -> list[tuple[dict, float]]:
         if self.optimizer is None:
             raise ValueError("head_lr_restart needs the optimizer")
-        head_ids = {id(p) for p in self.parameters}
+        head_ids = {id(p) for m in self.head_modules for p in m.parameters()}
         groups = []
         for g in self.optimizer.param_groups:
             ids = {id(p) for p in g["params"]}

@@ -40,6 +40,7 @@ class RifleMethod(Method):
     keep_optimizer_state: bool = False  # True = official code (stale momentum kept)
     head_lr_restart: bool = False       # True = official fc_lr_util=cyclic (head cosine per period)
     head: str | None = None             # dotted name(s), comma-separated; None = automatic
+    modules: str | None = None          # also re-init: "last:N" blocks or a regex over module names
 
     kind = "method"
 
@@ -54,7 +55,7 @@ class RifleMethod(Method):
         common = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
                       guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                       init=self.init, keep_optimizer_state=self.keep_optimizer_state,
-                      head_lr_restart=self.head_lr_restart)
+                      head_lr_restart=self.head_lr_restart, modules=self.modules)
         if self.granularity == "epoch":
             self.core = Rifle(model, optimizer, epochs=ctx.epochs,
                               steps_per_epoch=ctx.steps_per_epoch, **common)
