@@ -131,3 +131,26 @@ def test_state_file_is_loaded_weights_only(tmp_path):
         pickle.dump({"epoch": 0, "x": Evil()}, f)
     with pytest.raises(CheckpointError, match="weights-only"):
         load_checkpoint(tmp_path / "w", create_model("tiny_cnn", 10), {})
+
+
+def test_prefetch_workers_change_nothing_and_accumulation_and_bf16_run(tmp_path):
+    base = run_train(cfg(tmp_path, "w0", epochs=2, reinits=1), log=lambda s: None)
+    run_train(cfg(tmp_path, "w2", epochs=2, reinits=1, workers=2), log=lambda s: None)
+    assert metrics(tmp_path / "w0") == metrics(tmp_path / "w2")
+    # two micro-batches of 32 = one batch of 64 up to float rounding (BN sees half batches)
+    acc = run_train(cfg(tmp_path, "ga", epochs=2, reinits=1, grad_accum=2), log=lambda s: None)
+    assert abs(acc["final_test_acc"] - base["final_test_acc"]) < 0.25
+    bf = run_train(cfg(tmp_path, "bf", epochs=1, method="finetune", amp="bf16"), log=lambda s: None)
+    assert bf["final_test_acc"] > 0.15  # trains (10 classes: chance is 0.1)
+
+
+def test_prefetch_propagates_errors():
+    from rifle.data.prefetch import prefetch
+
+    def broken():
+        yield torch.zeros(1), torch.zeros(1)
+        raise RuntimeError("bad batch")
+    it = prefetch(broken(), workers=1)
+    next(it)
+    with pytest.raises(RuntimeError, match="bad batch"):
+        next(it)

@@ -58,6 +58,7 @@ class TrainConfig:
     amp: str = "none"                    # none | bf16 | fp16 (fp16 uses a GradScaler)
     compile: bool = False                # torch.compile the model
     grad_accum: int = 1                  # split each batch into this many micro-batches
+    workers: int = 0                     # background threads preparing batches (0 = in-process)
     eval_batch_size: int = 256
     threads: int | None = None           # torch intra-op threads; None = torch's default
     out: str = "runs/train"
@@ -128,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
-RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "extra"}
+RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "extra"}
 # (resolved_methods, written beside the config keys, is compared like any other key)
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -101,7 +101,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,
                       channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size,
                       head=cfg.head, checkpoint_meta=meta, config=config, amp=cfg.amp,
-                      compile=cfg.compile, grad_accum=cfg.grad_accum, dist=dist, log=log,
+                      compile=cfg.compile, grad_accum=cfg.grad_accum, workers=cfg.workers,
+                      dist=dist, log=log,
                       progress=progress)
     label = " + ".join([cfg.method] + ([cfg.reg] if cfg.reg != "l2" else []) + cfg.trick)
     log(f"{label} | {cfg.model} on {cfg.data}: {len(data.train)} train / {len(data.val)} val / "

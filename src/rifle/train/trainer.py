@@ -23,6 +23,7 @@ from ..core.seeding import derive_seed
 from ..core.replicas import verify_replicas
 from ..data import DataBundle, eval_batches, num_batches, samples_per_rank, train_batches
 from ..methods.base import Method, RunContext
+from ..data.prefetch import prefetch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_sum, barrier
 from .outputs import RunDir
@@ -46,7 +47,7 @@ class Trainer:
                  run_dir: RunDir, device: torch.device, channels_last: bool = True,
                  eval_batch_size: int = 256, head: str | None = None,
                  checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                 amp: str = "none", compile: bool = False, grad_accum: int = 1,
+                 amp: str = "none", compile: bool = False, grad_accum: int = 1, workers: int = 0,
                  dist: DistInfo | None = None,
                  log: Callable[[str], None] = print, progress: bool | None = None) -> None:
         self.dist = dist or DistInfo()
@@ -58,6 +59,7 @@ class Trainer:
                              f"{self.dist.world_size} x --grad-accum {grad_accum}")
         self.local_batch = batch_size // self.dist.world_size  # --batch-size is the global batch
         self.grad_accum = grad_accum
+        self.workers = workers
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.data, self.methods = data, list(methods)
@@ -127,9 +129,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
     def _train_iter(self, epoch: int):
-        return train_batches(self.data.train, self.local_batch, self.image_size, self.mean, self.std,
-                             seed=self.seed, epoch=epoch, channels_last=self.channels_last,
-                             rank=self.dist.rank, world_size=self.dist.world_size)
+        return prefetch(train_batches(self.data.train, self.local_batch, self.image_size, self.mean,
+                                      self.std, seed=self.seed, epoch=epoch,
+                                      channels_last=self.channels_last, rank=self.dist.rank,
+                                      world_size=self.dist.world_size),
+                        self.workers, pin_memory=self.device.type == "cuda")
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
