@@ -21,5 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/speed.py --out docs/performance.md
+
 clean:
 	rm -rf runs .pytest_cache
