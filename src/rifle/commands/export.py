@@ -1,0 +1,35 @@
+"""``rifle export``: a run's model as ONNX or TorchScript, with its preprocessing as JSON beside it."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "export"
+HELP = "export a fine-tuned run to ONNX or TorchScript (+ preprocessing JSON)"
+EXAMPLE = "rifle export runs/mine --format onnx --out model.onnx   # writes model.onnx + model.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `rifle train --out`")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
+    p.add_argument("--out", default=None,
+                   help="model file (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt); "
+                        "the preprocessing JSON is written beside it as <name>.json")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="auto: torch.export-based (dynamo), falling back to the legacy exporter")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip re-running the exported model and comparing its logits with PyTorch's")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import ExportError, export
+
+    try:
+        res = export(args.run_dir, args.format, args.out, check=args.check, exporter=args.onnx_exporter)
+    except ExportError as e:
+        print(f"rifle export: error: {e}", file=sys.stderr)
+        return 1
+    check = (f"; checked with {res.checked_with}: max |logit diff| {res.max_abs_diff:.2e}"
+             if res.checked_with else ("; not checked (install onnxruntime to check)" if args.check else ""))
+    print(f"wrote {res.path} ({args.format}, {res.exporter}) and {res.sidecar}{check}")
+    return 0

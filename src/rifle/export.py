@@ -1,0 +1,209 @@
+"""Export a fine-tuned run for other runtimes: ONNX or TorchScript, plus a preprocessing JSON beside it.
+
+The exported graph maps normalised float32 input ``[N, 3, S, S]`` (NCHW, RGB, any batch size) to logits
+``[N, C]``; the JSON (``<file stem>.json``) says how to get that input from an image (the run's
+evaluation transform, see :mod:`rifle.inference`) and names the classes. After writing, the file is
+loaded back and run on a random batch of 3 (a batch size other than the one traced, so the dynamic
+batch axis is exercised) and its logits are compared with PyTorch's: ``max |diff| <= atol * max(1,
+max |logit|)``, ``atol = 1e-4`` (ONNX through onnxruntime when it is installed; TorchScript always).
+
+ONNX: ``torch.onnx.export(dynamo=True)`` (torch.export based, the default of current torch; works
+offline) with a dynamic batch dimension; if that exporter fails for a model, the legacy TorchScript-based
+exporter (``dynamo=False``, opset 17, ``dynamic_axes``) is used with a warning. TorchScript:
+``torch.jit.trace`` (deprecated upstream but still the portable C++/mobile format; ONNX is preferred).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .inference import FineTunedModel, load
+from .train.checkpoint import atomic_write_text
+
+__all__ = ["export", "ExportResult", "ExportError", "FORMATS", "preprocessing_spec"]
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+ATOL = 1e-4
+LEGACY_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported model disagrees with PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    exporter: str
+    max_abs_diff: float | None  # None: not checked (e.g. onnxruntime not installed)
+    checked_with: str | None
+
+
+def _sidecar(path: Path) -> Path:
+    name = path.name
+    for suffix in FORMATS.values():
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_name(path.stem + ".json")
+
+
+def preprocessing_spec(fm: FineTunedModel) -> dict[str, Any]:
+    """How to turn an image into the exported model's input (the run's evaluation transform)."""
+    p, s, r = fm.preprocessing, fm.image_size, fm.resolution
+    off = round((r - s) / 2)
+    return {
+        "input_size": s,
+        "resize": r,
+        "interpolation": p.get("interpolation", "bilinear"),
+        "mean": list(p["mean"]),
+        "std": list(p["std"]),
+        "scale": 1 / 255,
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "grayscale": "replicate the single channel to 3 channels",
+        "steps": [
+            "decode; grayscale stays 1 channel, everything else RGB (alpha dropped); EXIF orientation not applied",
+            f"resize the shorter side to {r} ({p.get('interpolation', 'bilinear')}, antialiased as PIL; longer "
+            f"side int({r} * long / short))",
+            f"centre crop {r}x{r} (offset round((size - {r}) / 2))",
+            f"centre crop {s}x{s} (offset {off})",
+            "x = pixel / 255; x = (x - mean) / std per channel; grayscale replicated to 3 channels",
+            "float32, NCHW; the model outputs logits: softmax over axis 1 gives class probabilities",
+        ],
+    }
+
+
+def _example(n: int, s: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> str:
+    names = {"input_names": ["input"], "output_names": ["logits"]}
+    if exporter in ("auto", "dynamo"):
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+                              external_data=False, verbose=False, **names)
+            return "dynamo"
+        except Exception as e:  # noqa: BLE001 - any torch.export / onnxscript failure
+            if exporter == "dynamo":
+                raise ExportError(f"ONNX export (dynamo) failed: {type(e).__name__}: {e}") from e
+            warnings.warn(f"the dynamo ONNX exporter failed ({type(e).__name__}: {str(e)[:200]}); "
+                          f"using the legacy exporter", stacklevel=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=LEGACY_OPSET,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"ONNX export (legacy) failed: {type(e).__name__}: {e}") from e
+    return "legacy"
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return torch.from_numpy(out), f"onnxruntime {ort.__version__}"
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(model, x, check_trace=False)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.jit.save(traced, str(tmp))
+        os.replace(tmp, path)
+
+
+def _run_torchscript(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():
+            return loaded(x), f"torch.jit.load (torch {torch.__version__})"
+
+
+def export(model: FineTunedModel | str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None,
+           *, check: bool = True, exporter: str = "auto") -> ExportResult:
+    """Export a run (folder or loaded :class:`FineTunedModel`) to ``out`` (default
+    ``RUN_DIR/model.onnx`` or ``RUN_DIR/model.torchscript.pt``) and write the preprocessing JSON beside it.
+
+    ``exporter`` (ONNX only): ``auto`` (dynamo, legacy if it fails), ``dynamo`` or ``legacy``.
+    Raises :class:`ExportError` when the exported model's logits differ from PyTorch's by more than the
+    tolerance (``check=True``).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
+    fm = model if isinstance(model, FineTunedModel) else load(model)
+    if out is None:
+        if fm.run_dir is None:
+            raise ValueError("out is required for a model that was not loaded from a run folder")
+        out = fm.run_dir / ("model" + FORMATS[format])
+    path = Path(out).expanduser()
+    if path.suffix.lower() == ".json":
+        raise ValueError(f"--out {path}: the model file cannot be a .json (the preprocessing JSON goes beside it)")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name such as {path / ('model' + FORMATS[format])}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = copy.deepcopy(fm.model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    s = fm.image_size
+    x = _example(2, s, 0)
+    if format == "onnx":
+        used = _export_onnx(net, x, path, exporter)
+    else:
+        _torchscript(net, x, path)
+        used = "torch.jit.trace"
+    diff, runtime = None, None
+    if check:
+        x3 = _example(3, s, 1)
+        with torch.no_grad():
+            ref = net(x3)
+        got = _run_onnx(path, x3) if format == "onnx" else _run_torchscript(path, x3)
+        if got is not None:
+            y, runtime = got
+            if tuple(y.shape) != tuple(ref.shape):
+                raise ExportError(f"{path}: output shape {tuple(y.shape)} for a batch of 3, expected "
+                                  f"{tuple(ref.shape)}")
+            diff = float((y.float() - ref).abs().max())
+            bound = ATOL * max(1.0, float(ref.abs().max()))
+            if not diff <= bound:
+                raise ExportError(f"{path}: {runtime} logits differ from PyTorch's by {diff:.3g} "
+                                  f"(tolerance {bound:.3g})")
+    meta = {
+        "format": format,
+        "file": path.name,
+        "exporter": used,
+        "model": fm.config.get("model"),
+        "run": str(fm.run_dir.resolve()) if fm.run_dir else None,
+        "epoch": fm.epoch,
+        "classes": list(fm.classes),
+        "input": {"name": "input", "shape": ["batch", 3, s, s], "dtype": "float32"},
+        "output": {"name": "logits", "shape": ["batch", fm.num_classes],
+                   "note": "logits; softmax over axis 1 gives probabilities in the order of classes"},
+        "preprocessing": preprocessing_spec(fm),
+        "check": {"runtime": runtime, "max_abs_diff": diff, "atol": ATOL} if runtime else None,
+    }
+    sidecar = _sidecar(path)
+    atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+    return ExportResult(path, sidecar, used, diff, runtime)
