@@ -57,9 +57,12 @@ def _type_of(annotation: Any) -> type | None:
     return None
 
 
-def _add_typed(p: argparse._ActionsContainer, flag: str, dest: str, annotation: Any, help: str) -> None:
+def _add_typed(p: argparse._ActionsContainer, flag: str, dest: str, annotation: Any, help: str,
+               metavar: str | None = None) -> None:
     t = _type_of(annotation)
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help, "dest": dest}
+    if metavar and t is not bool:
+        kw["metavar"] = metavar
     if t is bool:
         kw["action"] = argparse.BooleanOptionalAction
     elif t in (int, float):
@@ -104,8 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             groups[method] = p.add_argument_group(f"{method} options ({cls.kind})", doc)
         field = next(f for f in fields(cls) if f.name == option)
         default = field.default if field.default is not dataclasses.MISSING else None
+        text = getattr(cls, "option_help", {}).get(option, "")
         _add_typed(groups[method], f"--{method}-{option.replace('_', '-')}", dest, field.type,
-                   f"default {default!r}")
+                   f"{text} (default {default!r})".strip(), metavar=option.upper())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
