@@ -224,3 +224,22 @@ def test_last_blocks_on_real_backbones():
     import torchvision
     res = torchvision.models.resnet18(weights=None)
     assert select_modules(res, "last:2") == [res.layer4[0], res.layer4[1]]
+
+
+def test_head_lr_restart_survives_optimizer_state_restore():
+    import math
+    model = net()
+    head = list(model[2].parameters())
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    opt = torch.optim.SGD([{"params": rest}, {"params": head}], lr=0.1)
+    r = Rifle(model, opt, epochs=8, reinits=1, head_lr_restart=True, min_steps_after=None)
+    for e in range(2):
+        r.on_epoch_start(e)
+    saved_opt, saved_r = copy.deepcopy(opt.state_dict()), r.state_dict()
+    # a resumed process: fresh optimizer (same base LR), state restored after Rifle is built
+    opt2 = torch.optim.SGD([{"params": rest}, {"params": head}], lr=0.1)
+    r2 = Rifle(model, opt2, epochs=8, reinits=1, head_lr_restart=True, min_steps_after=None)
+    opt2.load_state_dict(saved_opt)
+    r2.load_state_dict(saved_r)
+    r2.on_epoch_start(2)
+    assert opt2.param_groups[1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))

@@ -180,7 +180,8 @@ class Rifle:
                 raise ValueError("head_lr_restart needs the head's parameters in their own optimizer "
                                  "param group(s); this group mixes head and other parameters")
             if inter:
-                groups.append((g, float(g.get("initial_lr", g["lr"]))))
+                # the base LR travels with optimizer.state_dict(), as LR schedulers store it
+                groups.append((g, float(g.setdefault("initial_lr", g["lr"]))))
         if not groups:
             raise ValueError("head_lr_restart: the head's parameters are not in the optimizer")
         return groups
@@ -189,7 +190,8 @@ class Rifle:
         for start, end in self.schedule.periods():
             if start <= t < end:
                 f = cosine_factor(t - start, end - start)
-                for group, base in self._base_lrs:
+                # looked up again: optimizer.load_state_dict() replaces the param-group dicts
+                for group, base in self._head_groups():
                     group["lr"] = base * f
                 return
 

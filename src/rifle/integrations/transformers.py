@@ -1,0 +1,171 @@
+"""RIFLE as a Hugging Face ``TrainerCallback``: a thin adapter over :class:`rifle.core.Rifle`.
+
+Paper: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. The rule (K re-inits at
+``floor(i*T/(K+1))`` of T units, guard, in-place seeded re-init, head optimizer state cleared, resume
+state) is the core's; see docs/rifle.md and docs/integrations/transformers.md.
+
+Mapping onto the HF Trainer:
+
+- ``granularity="step"`` (default; the Trainer is step-based): T = ``state.max_steps`` optimizer
+  steps, re-init in ``on_step_begin`` when ``state.global_step`` reaches a point (once per optimizer
+  step, also under gradient accumulation). ``granularity="epoch"``: T = ``state.num_train_epochs``,
+  re-init in ``on_epoch_begin`` at epoch ``floor(state.epoch)``;
+- the core is built in ``on_train_begin`` from ``kwargs["model"]`` and ``kwargs["optimizer"]`` (the
+  latter usually Accelerate's ``AcceleratedOptimizer``: the torch optimizer inside is used);
+- the head: the final ``Linear`` of the model's ``classifier`` (a Linear, or a module such as
+  RobertaClassificationHead whose ``out_proj`` is the final projection), ``score``,
+  ``classification_head`` or ``logits_proj``; else :func:`rifle.core.find_head`. ``head=`` takes
+  dotted names relative to the model (``"classifier.dense"``), modules or a list;
+- resume: :class:`ExportableState` — the Trainer writes :meth:`state` into every checkpoint's
+  ``trainer_state.json`` (``stateful_callbacks``). ``on_train_begin`` of a resumed run
+  (``state.global_step > 0``) reads it back from there itself, so it works whether or not
+  ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` is set (with it, the Trainer
+  replaces this callback by a new instance built from ``state()["args"]``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..core import Rifle, find_head, unwrap_model
+from ..core.heads import HeadSpec, head_names
+from ..core.reinit import Initializer, _weights_then_zero_bias
+from ..core.schedule import DEFAULT_MIN_STEPS_AFTER
+from . import unwrap_optimizer
+
+log = logging.getLogger(__name__)
+
+HF_HEAD_NAMES = ("classifier", "score", "classification_head", "logits_proj")
+
+
+def find_hf_head(model: nn.Module, head: HeadSpec | None = None) -> list[nn.Module]:
+    """The module(s) to re-initialise in a HF ``*For{Sequence,Image}Classification`` model."""
+    model = unwrap_model(model)
+    if head is not None:
+        return find_head(model, head)
+    for name in HF_HEAD_NAMES:
+        sub = getattr(model, name, None)
+        if isinstance(sub, nn.Module):
+            linears = [m for m in sub.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return [linears[-1]]
+    return find_head(model)
+
+
+def hf_init(std: float) -> Initializer:
+    """HF's own first init of a classifier: weight ~ N(0, std) (``config.initializer_range``), bias 0."""
+    return _weights_then_zero_bias(lambda w: nn.init.normal_(w, mean=0.0, std=std))
+
+
+class RifleTrainerCallback(TrainerCallback, ExportableState):
+    """Re-initialise the classifier head K times during ``Trainer.train()`` (RIFLE).
+
+    Args: as :class:`rifle.core.Rifle` (``reinits``, ``head``, ``seed``, ``guard``, ``guard_steps``,
+    ``min_steps_after``, ``init``, ``keep_optimizer_state``, ``head_lr_restart``, ``modules``,
+    ``verify_replicas``) plus
+    ``granularity`` (``"step"`` or ``"epoch"``). ``init="hf"`` re-draws the head as HF models first
+    draw it (normal with ``config.initializer_range``, zero bias); the default is the core's
+    ``reset_parameters()``. ``fired`` lists the ``(index, step_or_epoch)`` re-inits this process
+    applied.
+    """
+
+    def __init__(self, reinits: int = 3, head: HeadSpec | None = None, seed: int = 0,
+                 granularity: str = "step", guard: int | None = None,
+                 guard_steps: int | None = None,
+                 min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
+                 init: str | Initializer = "default", keep_optimizer_state: bool = False,
+                 head_lr_restart: bool = False, modules: str | None = None,
+                 verify_replicas: bool = True) -> None:
+        if granularity not in ("epoch", "step"):
+            raise ValueError(f"granularity must be 'step' or 'epoch', got {granularity!r}")
+        if isinstance(init, str) and init.startswith("callable:"):
+            raise ValueError(
+                f"RIFLE: this checkpoint's callback used a callable init ({init[9:]}), which cannot be "
+                f"rebuilt from trainer_state.json; leave restore_callback_states_from_checkpoint=False "
+                f"(RifleTrainerCallback restores its own progress) and pass the callable again")
+        self.reinits, self.head, self.seed, self.granularity = reinits, head, seed, granularity
+        self.guard, self.guard_steps, self.min_steps_after = guard, guard_steps, min_steps_after
+        self.init, self.keep_optimizer_state = init, keep_optimizer_state
+        self.head_lr_restart, self.modules, self.verify_replicas = head_lr_restart, modules, verify_replicas
+        self.rifle: Rifle | None = None
+        self.fired: list[tuple[int, int]] = []
+        self.progress: dict[str, Any] | None = None  # set by the Trainer's own callback restore
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("RifleTrainerCallback needs the Trainer's model (kwargs['model'])")
+        self.fired = []
+        init = self.init
+        if init == "hf":
+            init = hf_init(float(getattr(getattr(unwrap_model(model), "config", None),
+                                         "initializer_range", 0.02)))
+        if self.granularity == "step":
+            length: dict[str, Any] = dict(total_steps=int(state.max_steps))
+        else:
+            epochs = int(state.num_train_epochs)
+            length = dict(epochs=epochs, steps_per_epoch=max(1, int(state.max_steps) // max(1, epochs)))
+        self.rifle = Rifle(model, unwrap_optimizer(optimizer), **length, reinits=self.reinits,
+                           seed=self.seed, head=find_hf_head(model, self.head), guard=self.guard,
+                           guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
+                           init=init, keep_optimizer_state=self.keep_optimizer_state,
+                           head_lr_restart=self.head_lr_restart, modules=self.modules,
+                           verify_replicas=self.verify_replicas, on_reinit=self._on_reinit)
+        if state.global_step > 0:  # resumed: restore which re-inits happened
+            saved = self.progress or self._saved_progress(state)
+            if saved:
+                self.rifle.load_state_dict(saved)
+        self.progress = None
+        log.info("RIFLE: re-init %s at the start of %s(s) %s of %d", self.rifle.module_names,
+                 self.rifle.unit, self.rifle.points, self.rifle.schedule.total)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rifle is not None and self.rifle.unit == "step":
+            self.rifle.on_step_start(int(state.global_step))
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rifle is not None and self.rifle.unit == "epoch":
+            # state.epoch is e + (steps done in epoch e) / steps_per_epoch: exact at epoch starts
+            self.rifle.on_epoch_start(int(float(state.epoch or 0.0) + 1e-6))
+
+    def _on_reinit(self, index: int, point: int) -> None:
+        self.fired.append((index, point))
+        log.info("RIFLE: re-initialised %s (re-init %d, %s %d)", self.rifle.module_names if self.rifle
+                 else "head", index, self.granularity, point)
+
+    # ------------------------------------------------------------------ state
+    def _saved_progress(self, state: Any) -> dict[str, Any] | None:
+        entry = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        entries = entry if isinstance(entry, list) else [entry] if entry else []
+        saved = [e.get("attributes", {}).get("progress") for e in entries if isinstance(e, dict)]
+        saved = [s for s in saved if s]
+        for s in saved:  # several RIFLE callbacks: the one with this schedule
+            if self.rifle is not None and list(s.get("points", [])) == self.rifle.points:
+                return s
+        return saved[0] if saved else None
+
+    def state(self) -> dict[str, Any]:
+        head = self.head
+        if self.rifle is not None:
+            head = head_names(unwrap_model(self.rifle.model), self.rifle.head_modules)
+        elif not (head is None or isinstance(head, str)
+                  or (isinstance(head, (list, tuple)) and all(isinstance(h, str) for h in head))):
+            head = None  # a module: named once the core is built
+        init = self.init if isinstance(self.init, str) else \
+            f"callable:{getattr(self.init, '__qualname__', type(self.init).__name__)}"
+        return {
+            "args": {"reinits": self.reinits, "head": head, "seed": self.seed,
+                     "granularity": self.granularity, "guard": self.guard,
+                     "guard_steps": self.guard_steps, "min_steps_after": self.min_steps_after,
+                     "init": init, "keep_optimizer_state": self.keep_optimizer_state,
+                     "head_lr_restart": self.head_lr_restart, "modules": self.modules,
+                     "verify_replicas": self.verify_replicas},
+            "attributes": {"progress": self.rifle.state_dict() if self.rifle is not None
+                           else self.progress},
+        }

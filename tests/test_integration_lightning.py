@@ -1,0 +1,336 @@
+"""RifleCallback in a real lightning.Trainer on scikit-learn's digits (CPU, a tiny MLP)."""
+import csv
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from rifle.core.reinit import draw_values  # noqa: E402
+from rifle.core.schedule import RifleScheduleWarning  # noqa: E402
+from rifle.core.seeding import generator  # noqa: E402
+from rifle.integrations.lightning import RifleCallback, find_lightning_head  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:The dirpath has changed"),
+              pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint"),
+              pytest.mark.filterwarnings("ignore:.*dataloader is not resumable"),
+              pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")]
+DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "lightning.md"
+N, BATCH = 256, 64  # 4 optimizer steps per epoch
+
+
+def digits():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.data[:N], dtype=torch.float32) / 16.0
+    return x, torch.tensor(d.target[:N], dtype=torch.long)
+
+
+X, Y = digits()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a stream derived from (seed, epoch); Lightning calls set_epoch each epoch."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=generator(self.seed, "order", self.epoch)).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+class Digits(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=BATCH,
+                                           sampler=EpochSampler(N))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def trainer(tmp_path, callbacks, epochs=6, logger=False, **kw):
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, deterministic=True, callbacks=callbacks, **kw)
+
+
+def model(seed=0):
+    pl.seed_everything(seed, verbose=False)
+    return Digits()
+
+
+class Probe(pl.Callback):
+    """Weights and optimizer-state keys at each epoch end and at each batch start / end."""
+
+    def __init__(self):
+        self.epoch_end, self.epoch_first_batch, self.step_start, self.step_end = {}, {}, {}, {}
+
+    @staticmethod
+    def _record(trainer, pl_module):
+        opt = trainer.optimizers[0]
+        held = {n for n, p in pl_module.named_parameters() if opt.state.get(p)}
+        return snapshot(pl_module), held
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epoch_end[trainer.current_epoch] = self._record(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rec = self._record(trainer, pl_module)
+        self.step_start[trainer.global_step] = rec
+        if batch_idx == 0:
+            self.epoch_first_batch[trainer.current_epoch] = rec
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.step_end[trainer.global_step] = self._record(trainer, pl_module)
+
+
+HEAD = ("net.fc.weight", "net.fc.bias")
+ALL = {"net.body.0.weight", "net.body.0.bias", *HEAD}
+
+
+def changed(a, b):
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_epoch_reinit_changes_only_the_head_at_the_scheduled_epochs(tmp_path):
+    m = model()
+    rifle_cb, probe = RifleCallback(reinits=2, seed=3, min_steps_after=None), Probe()
+    trainer(tmp_path, [rifle_cb, probe], logger=CSVLogger(tmp_path, name="csv")).fit(m)
+    assert rifle_cb.rifle.reinit_epochs == [2, 4]  # floor(i*6/3)
+    assert rifle_cb.rifle.module_names == ["net.fc"]  # found inside the LightningModule's `net`
+    assert rifle_cb.fired == [(1, 2), (2, 4)]
+    for e in range(1, 6):
+        (before, held_before), (after, held_after) = probe.epoch_end[e - 1], probe.epoch_first_batch[e]
+        assert held_before == ALL  # momentum buffers exist for every parameter
+        if e in (2, 4):
+            assert changed(before, after) == set(HEAD)  # the head moved, nothing else did
+            assert held_after == ALL - set(HEAD)  # the head's momentum is cleared, the body's kept
+            w, b = draw_values([m.net.fc], seed=3, index=(1 if e == 2 else 2))[0]
+            assert torch.equal(after["net.fc.weight"], w) and torch.equal(after["net.fc.bias"], b)
+        else:
+            assert changed(before, after) == set() and held_after == ALL
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    logged = {int(r["epoch"]): float(r["rifle/reinit"]) for r in rows if r.get("rifle/reinit")}
+    assert logged == {2: 1.0, 4: 2.0}
+
+
+def test_step_granularity_uses_global_step_and_warns_about_short_periods(tmp_path):
+    m = model()
+    rifle_cb, probe = RifleCallback(reinits=2, granularity="step", seed=1), Probe()
+    with pytest.warns(RifleScheduleWarning, match="min_steps_after"):
+        trainer(tmp_path, [rifle_cb, probe]).fit(m)
+    assert rifle_cb.rifle.reinit_steps == [8, 16]  # 24 optimizer steps
+    assert rifle_cb.fired == [(1, 8), (2, 16)]
+    for g in range(1, 24):
+        (before, _), (after, held) = probe.step_end[g], probe.step_start[g]
+        assert changed(before, after) == (set(HEAD) if g in (8, 16) else set())
+        assert held == (ALL - set(HEAD) if g in (8, 16) else ALL)
+
+
+def full_run_with_checkpoints(tmp_path, **cb):
+    m = model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1,
+                           every_n_epochs=1)
+    rifle_cb = RifleCallback(reinits=2, seed=5, min_steps_after=None, **cb)
+    trainer(tmp_path, [rifle_cb, ckpt]).fit(m)
+    return m, rifle_cb
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    m, rifle_cb = full_run_with_checkpoints(tmp)
+    return tmp, snapshot(m), rifle_cb
+
+
+@pytest.mark.parametrize("after_epoch, expected", [
+    (1, [(1, 2), (2, 4)]),  # resumes at epoch 2, a re-init epoch: it must not be skipped
+    (2, [(2, 4)]),          # right after the re-init epoch 2: re-init 1 must not repeat
+    (3, [(2, 4)]),          # between re-inits
+    (4, []),                # after the last re-init
+])
+def test_resume_never_repeats_or_skips_and_matches_uninterrupted_run(full_run, tmp_path, after_epoch,
+                                                                      expected):
+    tmp, final, full_cb = full_run
+    assert full_cb.fired == [(1, 2), (2, 4)]
+    state = torch.load(tmp / "ckpt" / f"epoch={after_epoch}.ckpt", weights_only=True)
+    assert state["callbacks"]["RifleCallback"]["done"] == [i for i, p in [(1, 2), (2, 4)]
+                                                          if p <= after_epoch]
+    m = model(seed=99)  # different initial weights: everything must come from the checkpoint
+    rifle_cb = RifleCallback(reinits=2, seed=5, min_steps_after=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RifleScheduleWarning)  # no "re-init was not applied"
+        trainer(tmp_path, [rifle_cb]).fit(m, ckpt_path=tmp / "ckpt" / f"epoch={after_epoch}.ckpt")
+    assert rifle_cb.fired == expected
+    assert rifle_cb.rifle.state_dict()["done"] == [1, 2]
+    resumed = snapshot(m)
+    assert all(torch.equal(resumed[k], final[k]) for k in final), changed(resumed, final)
+
+
+def test_resume_with_another_schedule_is_refused(full_run, tmp_path):
+    tmp, _, _ = full_run
+    with pytest.raises(ValueError, match="different schedule"):
+        trainer(tmp_path, [RifleCallback(reinits=3, seed=5, min_steps_after=None)]).fit(
+            model(), ckpt_path=tmp / "ckpt" / "epoch=1.ckpt")
+
+
+def test_step_resume_from_mid_epoch_checkpoint(tmp_path):
+    def run(ckpt_path=None, callbacks=()):
+        cb = RifleCallback(reinits=2, granularity="step", seed=2, min_steps_after=None)
+        m = model()
+        trainer(tmp_path, [cb, *callbacks]).fit(m, ckpt_path=ckpt_path)
+        return cb, snapshot(m)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "s", filename="{step}", save_top_k=-1,
+                           every_n_train_steps=5)
+    full_cb, final = run(callbacks=[ckpt])
+    assert full_cb.fired == [(1, 8), (2, 16)]
+    cb, resumed = run(tmp_path / "s" / "step=10.ckpt")  # mid-epoch 2, between the re-inits
+    assert cb.fired == [(2, 16)] and cb.rifle.state_dict()["done"] == [1, 2]
+    cb, resumed = run(tmp_path / "s" / "step=5.ckpt")   # before the first
+    assert cb.fired == [(1, 8), (2, 16)]
+
+
+def test_epoch_resume_inside_a_reinit_epoch(tmp_path):
+    # A checkpoint in the middle of epoch 2 (after re-init 1 at its start). Lightning 2.x continues
+    # that epoch without calling on_train_epoch_start(2) again; the restored state says re-init 1 is
+    # done, so nothing is repeated or reported missing. Without the state (a checkpoint made without
+    # the callback) the core notices the passed point and warns instead of silently guessing.
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "s", filename="{step}", save_top_k=-1,
+                           every_n_train_steps=10)  # step 10 = batch 2 of epoch 2
+    full_cb = RifleCallback(reinits=2, seed=5, min_steps_after=None)
+    trainer(tmp_path, [full_cb, ckpt]).fit(model())
+    path = tmp_path / "s" / "step=10.ckpt"
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 2 and state["callbacks"]["RifleCallback"]["done"] == [1]
+    cb = RifleCallback(reinits=2, seed=5, min_steps_after=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RifleScheduleWarning)
+        trainer(tmp_path, [cb]).fit(model(), ckpt_path=path)
+    assert cb.fired == [(2, 4)] and cb.rifle.state_dict()["done"] == [1, 2]
+    del state["callbacks"]["RifleCallback"]
+    torch.save(state, tmp_path / "stateless.ckpt")
+    cb = RifleCallback(reinits=2, seed=5, min_steps_after=None)
+    with pytest.warns(RifleScheduleWarning, match="epoch 2 was not applied"):
+        trainer(tmp_path, [cb]).fit(model(), ckpt_path=tmp_path / "stateless.ckpt")
+    assert cb.fired == [(2, 4)]
+
+
+class TwoGroups(Digits):
+    def configure_optimizers(self):  # the head alone in its param group (head_lr_restart needs it)
+        return torch.optim.SGD([{"params": self.net.body.parameters()},
+                                {"params": self.net.fc.parameters()}], lr=0.1, momentum=0.9)
+
+
+class HeadLR(pl.Callback):
+    def __init__(self):
+        self.lrs = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[1]["lr"]
+
+
+def test_head_lr_restart_survives_resume(tmp_path):
+    # K=1 over 6 epochs: periods [0,3) and [3,6); head LR = 0.1 * cosine restarted each period,
+    # also after Trainer.fit(ckpt_path=...) restored the optimizer (which replaces its param groups)
+    import math
+    expect = {e: 0.1 * 0.5 * (1 + math.cos(math.pi * (e % 3) / 3)) for e in range(6)}
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    full, resumed = HeadLR(), HeadLR()
+    pl.seed_everything(0)
+    trainer(tmp_path, [RifleCallback(reinits=1, head_lr_restart=True, min_steps_after=None), full,
+                       ckpt]).fit(TwoGroups())
+    assert full.lrs == pytest.approx(expect)
+    pl.seed_everything(0)
+    trainer(tmp_path, [RifleCallback(reinits=1, head_lr_restart=True, min_steps_after=None),
+                       resumed]).fit(TwoGroups(), ckpt_path=tmp_path / "c" / "epoch=1.ckpt")
+    assert resumed.lrs == pytest.approx({e: expect[e] for e in range(2, 6)})
+
+
+def test_head_discovery_inside_a_lightning_module():
+    m = Digits()
+    assert find_lightning_head(m) == [m.net.fc]  # via the child `net`
+    assert find_lightning_head(m, "net.body.0") == [m.net.body[0]]
+
+    class TopLevel(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
+    t = TopLevel()
+    assert find_lightning_head(t) == [t.classifier[1]]
+
+    class Two(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = MLP(), MLP()
+    with pytest.raises(ValueError, match=r"student\.fc.*head='student\.fc'"):
+        find_lightning_head(Two())
+
+    class NoHead(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Conv1d(1, 1, 1)
+    with pytest.raises(ValueError, match="direct child"):
+        find_lightning_head(NoHead())
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="granularity"):
+        RifleCallback(granularity="batch")
+    with pytest.warns(RifleScheduleWarning, match="max_steps=10 ends training earlier"):
+        trainer(tmp_path, [RifleCallback(reinits=1, min_steps_after=None)], max_steps=10).fit(model())
+
+
+def test_import_rifle_does_not_import_the_frameworks():
+    code = ("import sys, rifle, rifle.integrations; "
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_doc_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
+    assert ns["rifle_cb"].fired == [(1, 2), (2, 4)]

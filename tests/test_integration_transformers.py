@@ -1,0 +1,238 @@
+"""RifleTrainerCallback in a real transformers.Trainer: tiny random BERT / ViT, synthetic data, CPU."""
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import (BertConfig, BertForSequenceClassification, Trainer,  # noqa: E402
+                          TrainerCallback, TrainingArguments)
+
+from rifle.core.reinit import draw_values  # noqa: E402
+from rifle.core.schedule import RifleScheduleWarning  # noqa: E402
+from rifle.integrations.transformers import RifleTrainerCallback, find_hf_head, hf_init  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "transformers.md"
+N, BATCH, STEPS = 64, 8, 12  # 8 optimizer steps per epoch, 12 steps = 1.5 epochs
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Label = whether token 7 occurs (learnable)."""
+
+    def __init__(self, n=N, length=8):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(5, 50, (n, length), generator=g)
+        self.labels = (self.ids == 7).any(1).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
+                "labels": self.labels[i]}
+
+
+def targs(out, **kw):
+    base = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                learning_rate=5e-3, save_strategy="steps", save_steps=2, report_to=[],
+                use_cpu=True, logging_steps=100, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(a, b):
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def held(model, optimizer):
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    return {n for n, p in model.named_parameters() if opt.state.get(p)}
+
+
+class Probe(TrainerCallback):
+    """Weights and optimizer-state keys after each step and at the next step's begin."""
+
+    def __init__(self):
+        self.step_end, self.step_begin = {}, {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        self.step_end[state.global_step] = (snapshot(model), held(model, optimizer))
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.step_begin[state.global_step] = (snapshot(model), held(model, optimizer))
+
+
+HEAD = {"classifier.weight", "classifier.bias"}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted run: 12 steps, re-inits at steps 4 and 8, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("hf_full")
+    model = tiny_bert()
+    cb, probe = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None), Probe()
+    trainer = Trainer(model=model, args=targs(out), train_dataset=Tokens(), callbacks=[cb, probe])
+    trainer.train()
+    return out, snapshot(model), model, trainer, cb, probe
+
+
+def test_step_reinit_at_the_right_steps_changes_only_the_head_and_clears_adam_state(full_run):
+    _, _, model, trainer, cb, probe = full_run
+    assert cb.rifle.reinit_steps == [4, 8] and cb.rifle.module_names == ["classifier"]
+    # the Trainer's optimizer is Accelerate's wrapper; RIFLE works on the torch optimizer inside
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    assert type(cb.rifle.optimizer) is torch.optim.AdamW
+    assert cb.fired == [(1, 4), (2, 8)]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for g in range(1, STEPS):
+        (before, held_before), (after, held_after) = probe.step_end[g], probe.step_begin[g]
+        assert held_before == trainable  # AdamW moments exist for every parameter
+        if g in (4, 8):
+            assert changed(before, after) == HEAD
+            assert held_after == trainable - HEAD
+            w, b = draw_values([model.classifier], seed=4, index=1 if g == 4 else 2)[0]
+            assert torch.equal(after["classifier.weight"], w) and torch.equal(after["classifier.bias"], b)
+        else:
+            assert changed(before, after) == set() and held_after == trainable
+
+
+@pytest.mark.parametrize("ckpt, expected, restore_flag", [
+    (4, [(1, 4), (2, 8)], False),  # saved after step 4; re-init 1 comes at step 4's begin: not skipped
+    (6, [(2, 8)], False),          # between: re-init 1 must not repeat
+    (6, [(2, 8)], True),           # the same with the Trainer's own callback restore
+    (10, [], False),               # after the last re-init (and in the second epoch)
+])
+def test_resume_never_repeats_or_skips_and_matches_uninterrupted_run(full_run, tmp_path, ckpt,
+                                                                      expected, restore_flag):
+    out, final = full_run[:2]
+    path = out / f"checkpoint-{ckpt}"
+    saved = json.loads((path / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["RifleTrainerCallback"]["attributes"]["progress"]["done"] == \
+        [i for i, p in [(1, 4), (2, 8)] if p < ckpt]
+    model = tiny_bert(seed=99)  # different initial weights: all must come from the checkpoint
+    cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None)
+    trainer = Trainer(model=model, args=targs(tmp_path, restore_callback_states_from_checkpoint=restore_flag),
+                      train_dataset=Tokens(), callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RifleScheduleWarning)  # no "re-init was not applied"
+        trainer.train(resume_from_checkpoint=str(path))
+    live = [c for c in trainer.callback_handler.callbacks if isinstance(c, RifleTrainerCallback)]
+    assert len(live) == 1 and (live[0] is not cb) == restore_flag  # the flag swaps the instance
+    assert live[0].fired == expected and live[0].rifle.state_dict()["done"] == [1, 2]
+    resumed = snapshot(model)
+    assert all(torch.equal(resumed[k], final[k]) for k in final), changed(resumed, final)
+
+
+def test_resume_without_saved_state_warns(full_run, tmp_path):
+    out = full_run[0]
+    src = out / "checkpoint-6"
+    dst = tmp_path / "checkpoint-6"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    state = json.loads((dst / "trainer_state.json").read_text())
+    del state["stateful_callbacks"]["RifleTrainerCallback"]
+    (dst / "trainer_state.json").write_text(json.dumps(state))
+    cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None)
+    trainer = Trainer(model=tiny_bert(), args=targs(tmp_path / "o", save_strategy="no"),
+                      train_dataset=Tokens(), callbacks=[cb])
+    with pytest.warns(RifleScheduleWarning, match="step 4 was not applied"):
+        trainer.train(resume_from_checkpoint=str(dst))
+    assert cb.fired == [(2, 8)]
+
+
+class Pixels(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.rand(n, 1, 8, 8, generator=g)
+        self.y = (self.x.mean((1, 2, 3)) > 0.5).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=2))
+
+
+def test_epoch_granularity_on_a_vit_image_classifier(tmp_path):
+    model = tiny_vit()
+    cb, probe = RifleTrainerCallback(reinits=2, granularity="epoch", seed=1, init="hf"), Probe()
+    args = targs(tmp_path, max_steps=-1, num_train_epochs=3, save_strategy="no")
+    with pytest.warns(RifleScheduleWarning, match="min_steps_after"):  # 4 steps per period
+        Trainer(model=model, args=args, train_dataset=Pixels(), callbacks=[cb, probe]).train()
+    assert cb.rifle.reinit_epochs == [1, 2] and cb.fired == [(1, 1), (2, 2)]
+    for g in range(1, 12):  # 4 steps per epoch: epochs 1 and 2 begin at global steps 4 and 8
+        before, after = probe.step_end[g][0], probe.step_begin[g][0]
+        assert changed(before, after) == (HEAD if g in (4, 8) else set())
+    w, b = draw_values([model.classifier], seed=1, index=2, init=hf_init(0.02))[0]
+    after = probe.step_begin[8][0]
+    assert torch.equal(after["classifier.weight"], w) and torch.equal(after["classifier.bias"], b)
+    assert b.abs().max() == 0 and 0.01 < w.std() < 0.03  # HF's first init: N(0, 0.02), zero bias
+
+
+def test_head_discovery_for_hf_classifiers():
+    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig, \
+        RobertaForSequenceClassification
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                 vocab_size=50, max_position_embeddings=20, num_labels=3)
+    bert = tiny_bert()
+    assert find_hf_head(bert) == [bert.classifier]
+    roberta = RobertaForSequenceClassification(RobertaConfig(**small))
+    assert find_hf_head(roberta) == [roberta.classifier.out_proj]  # the final projection
+    assert find_hf_head(roberta, "classifier.dense") == [roberta.classifier.dense]
+    assert find_hf_head(roberta, ["classifier.dense", "classifier.out_proj"]) == \
+        [roberta.classifier.dense, roberta.classifier.out_proj]
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                                    n_positions=20, num_labels=3))
+    assert find_hf_head(gpt2) == [gpt2.score]
+    vit = tiny_vit()
+    assert find_hf_head(vit) == [vit.classifier]
+    with pytest.raises(ValueError, match="no such submodule"):
+        find_hf_head(bert, "classifer")
+
+
+def test_state_is_json_and_rebuilds_the_callback():
+    cb = RifleTrainerCallback(reinits=2, head=["classifier"], seed=3, init="hf")
+    state = json.loads(json.dumps(cb.state()))
+    again = RifleTrainerCallback.from_state(state)
+    assert again.state() == cb.state()
+    odd = RifleTrainerCallback(init=lambda m: None).state()
+    with pytest.raises(ValueError, match="callable init"):
+        RifleTrainerCallback(**odd["args"])
+    with pytest.raises(ValueError, match="granularity"):
+        RifleTrainerCallback(granularity="batch")
+
+
+def test_doc_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
+    assert ns["rifle_cb"].fired == [(1, 4), (2, 8)]
