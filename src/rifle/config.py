@@ -59,6 +59,7 @@ class TrainConfig:
     compile: bool = False                # torch.compile the model
     grad_accum: int = 1                  # split each batch into this many micro-batches
     workers: int = 0                     # background threads preparing batches (0 = in-process)
+    record_depth: bool = False           # record per-layer weight change / gradient norms (depth.jsonl)
     eval_batch_size: int = 256
     threads: int | None = None           # torch intra-op threads; None = torch's default
     out: str = "runs/train"
@@ -129,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
-RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "extra"}
+RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra"}
 # (resolved_methods, written beside the config keys, is compared like any other key)
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -95,7 +95,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained, **model_kwargs(methods))
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
-    trainer = Trainer(model, data, methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    trainer_methods = list(methods)  # `methods` alone is what the config and summary record
+    if cfg.record_depth and dist.is_main:
+        from .analysis.depth import DepthMonitor
+        trainer_methods.append(DepthMonitor(cfg.out, window=5))
+    trainer = Trainer(model, data, trainer_methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       lr_schedule=cfg.lr_schedule, image_size=cfg.image_size, seed=cfg.seed,
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,

@@ -43,6 +43,7 @@ _HELP = {
     "eval_batch_size": "evaluation batch size", "threads": "torch CPU threads",
     "amp": "mixed precision: none, bf16 or fp16", "compile": "torch.compile the model",
     "grad_accum": "gradient accumulation: micro-batches per optimizer step",
+    "record_depth": "record per-layer weight change and gradient norms around re-inits (depth.jsonl)",
     "workers": "background threads preparing batches (0 = in-process; helps on GPUs)",
     "out": "output folder of the run",
 }

@@ -1,0 +1,63 @@
+"""``rifle analyze``: per-layer weight change (backprop in depth) and Grad-CAM for finished runs."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "analyze"
+HELP = "per-layer weight change from the pretrained weights, by depth; Grad-CAM; compare runs"
+EXAMPLE = ("rifle analyze runs/g/elpv/efficientnet_lite0/frac0.3/finetune/seed0 "
+           "runs/g/elpv/efficientnet_lite0/frac0.3/rifle-K2/seed0 --cam 8 --out runs/g/analysis")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) (rifle train --out / a grid run)")
+    p.add_argument("--out", default=None,
+                   help="folder for the comparison of several runs (default: ./analysis); a single run's "
+                        "outputs go into its own folder")
+    p.add_argument("--cam", type=int, default=0, metavar="N", help="Grad-CAM on N test images (0: none)")
+    p.add_argument("--cam-layer", default=None,
+                   help="module whose output Grad-CAM uses (default: the forward_features output)")
+    p.add_argument("--no-depth", action="store_true", help="skip the weight-change profile")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.cam import cam_for_runs
+    from ..analysis.depth import plot_monitor, plot_profiles, read_monitor, run_depth
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not (r / "config.yaml").is_file():
+            raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
+    out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else Path("analysis"))
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    if not args.no_depth:
+        for r in runs:
+            res = run_depth(r)
+            results.append(res)
+            plot_profiles([res], r / "depth.png", f"{res['label']}: relative weight change by depth")
+            body = [x["rel_change"] for x in res["layers"] if not x["head"]]
+            third = max(1, len(body) // 3)
+            print(f"{r}: {len(res['layers'])} layers; mean relative change first/middle/last third of the "
+                  f"backbone {_mean(body[:third]):.4f} / {_mean(body[third:-third]):.4f} / "
+                  f"{_mean(body[-third:]):.4f}; wrote depth.json, depth.png")
+            mon = read_monitor(r)
+            if mon and mon["weights"]:
+                plot_monitor(mon, r / "depth_monitor.png", res["label"])
+                print(f"{r}: depth.jsonl ({len(mon['weights'])} epochs, {len(mon['grad'])} gradient records) "
+                      f"-> depth_monitor.png")
+        if len(runs) > 1:
+            plot_profiles(results, out / "depth_compare.png", "relative weight change by depth")
+            (out / "depth_compare.json").write_text(json.dumps(results, indent=1) + "\n")
+            print(f"wrote {out / 'depth_compare.png'} and depth_compare.json")
+    if args.cam:
+        res = cam_for_runs(runs, out / "cam.png", n_images=args.cam, layer=args.cam_layer)
+        acc = ", ".join(f"{k}: {v:.2f}" for k, v in res["accuracy"].items())
+        print(f"wrote {res['png']} (test images {res['indices']}; accuracy on them {acc})")
+    return 0
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -1,0 +1,81 @@
+"""``rifle bench``: run a grid of paired runs (resumable, shareable by several workers)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "bench"
+HELP = "run a grid of runs (datasets x models x fractions x methods x seeds); resumable"
+EXAMPLE = "rifle bench benchmarks/elpv_grid.yaml --out runs/elpv_grid    # re-run the same command to resume"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", metavar="GRID.yaml", help="grid file (see docs/experiments.md)")
+    p.add_argument("--out", required=True, help="grid folder; runs go to OUT/<data>/<model>/frac<f>/<label>/seed<s>")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the grid (torch threads = cores // workers each)")
+    p.add_argument("--stale-after", type=float, default=600.0,
+                   help="seconds without a heartbeat after which another worker may take a run over "
+                        "(default 600; a lock whose pid is dead on this host is stale at once)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in this process")
+    p.add_argument("--list", action="store_true", help="list the runs and their status, run nothing")
+    # internal: set by --workers N for its subprocesses
+    p.add_argument("--since", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-name", default="", help=argparse.SUPPRESS)
+    p.add_argument("--no-grid-copy", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.grid import (expand, launch_workers, load_grid, run_grid, run_status,
+                                    seconds_text, write_grid_copy)
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be >= 1")
+    grid = load_grid(args.grid)
+    runs = expand(grid, args.out)  # validates every run before anything starts
+    if args.list:
+        for spec in runs:
+            print(f"{run_status(spec.path):8s} {spec.rel}")
+        from collections import Counter
+        per = Counter(f"frac{s.fraction:g}" for s in runs)
+        print(f"{len(runs)} runs ({', '.join(f'{k}: {v}' for k, v in per.items())}) = {len(grid.seeds)} "
+              f"seeds x {len(grid.datasets)} datasets x {len(grid.models)} models x methods per fraction; "
+              f"baseline: {grid.baseline}")
+        return 0
+    if not args.no_grid_copy:
+        write_grid_copy(grid, args.out)
+    if args.workers > 1:
+        print(f"{len(runs)} runs, {args.workers} workers", flush=True)
+        code = launch_workers(args.grid, args.out, args.workers, stale_after=args.stale_after)
+        _final(runs, args.out)
+        return code
+    import time
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        res = run_grid(runs, stale_after=args.stale_after, since=args.since, worker=args.worker_name,
+                       log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept, the interrupted run resumes from its last epoch; "
+              "re-run the same command to continue", file=sys.stderr)
+        return 130
+    c = res.counts
+    tag = f"[{args.worker_name}] " if args.worker_name else ""
+    print(f"{tag}grid pass finished in {seconds_text(time.perf_counter() - t0)}: {c['done']} done, "
+          f"{c['skipped']} skipped, {c['busy']} busy (other workers), {c['failed']} failed; "
+          f"data loaded {res.data_loads}x", flush=True)
+    if not args.worker_name:
+        _final(runs, args.out)
+    return 1 if res.failed else 0
+
+
+def _final(runs, out) -> None:
+    from ..experiments.grid import run_status
+    from collections import Counter
+    states = Counter(run_status(s.path) for s in runs)
+    print(f"grid {out}: {states['done']}/{len(runs)} runs complete"
+          + (f", {states['failed']} failed (see error.txt)" if states["failed"] else "")
+          + (f", {states['partial'] + states['todo']} unfinished" if states["partial"] + states["todo"] else "")
+          + f"; next: rifle report {out}", flush=True)

@@ -1,0 +1,30 @@
+"""``rifle report``: aggregate a grid folder into results.md, results.csv and plots."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "report"
+HELP = "summarise a grid folder: results.md, results.csv, plots (selection on validation only)"
+EXAMPLE = "rifle report runs/elpv_grid"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="grid folder written by rifle bench (or any folder of runs)")
+    p.add_argument("--baseline", default=None,
+                   help="method label to compare against (default: the grid's baseline, i.e. plain finetune)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--depth", action="store_true",
+                   help="compute the per-layer weight-change profile (rifle analyze) for runs lacking one")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.report import write_report
+    res = write_report(args.dir, baseline=args.baseline, confidence=args.confidence,
+                       plots=not args.no_plots, depth=args.depth)
+    n = sum(1 for r in res["rows"] if r["kind"] == "run")
+    print(f"{n} method rows (baseline {res['baseline']}); wrote {res['markdown']}, {res['csv']}"
+          + (f" and {len(res['plots'])} plots" if res["plots"] else "")
+          + (f"; {len(res['unfinished'])} unfinished and {len(res['failed'])} failed runs not counted"
+             if res["unfinished"] or res["failed"] else ""))
+    return 0

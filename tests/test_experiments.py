@@ -1,0 +1,345 @@
+"""Grid runner (expansion, labels, locks, resume, workers), statistics and report against hand values."""
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rifle.experiments import grid as G
+from rifle.experiments.report import collect, write_report
+from rifle.experiments.stats import mean_std, paired_difference, t_interval
+
+VOLATILE = {"seconds", "images_per_s"}
+TINY = {
+    "datasets": ["digits"], "models": ["tiny_cnn"],
+    "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1}],
+    "seeds": [0, 1], "train_fractions": [0.3],
+    "train": {"epochs": 2, "image_size": 16, "batch_size": 32, "lr": 0.05, "min_steps_after": 0},
+}
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_mean_std_and_t_interval_by_hand():
+    m, sd, n = mean_std([0.80, 0.82, 0.85])
+    assert (n, m) == (3, pytest.approx(0.823333333, abs=1e-9))
+    assert sd == pytest.approx(math.sqrt(((0.8 - m) ** 2 + (0.82 - m) ** 2 + (0.85 - m) ** 2) / 2))
+    assert math.isnan(mean_std([0.5])[1]) and mean_std([])[2] == 0
+    # df = 1: t_{0.975} = tan(0.475 pi) = 12.7062 (Cauchy quantile)
+    lo, hi = t_interval([1.0, 3.0])
+    assert (lo, hi) == (pytest.approx(2 - 12.706205 * math.sqrt(2) / math.sqrt(2), abs=1e-5),
+                        pytest.approx(2 + 12.706205, abs=1e-5))
+
+
+def test_paired_difference_by_hand():
+    a, b = [0.80, 0.82, 0.85], [0.78, 0.81, 0.80]
+    d = paired_difference(a, b)
+    diffs = [0.02, 0.01, 0.05]
+    mean, sd = sum(diffs) / 3, statistics.stdev(diffs)
+    t = mean / (sd / math.sqrt(3))
+    # df = 2 closed forms: two-sided p = 1 - |t| / sqrt(2 + t^2); t_{0.975, 2} = sqrt(2 * .95^2 / (1 - .95^2))
+    t_crit = math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2))
+    assert t_crit == pytest.approx(4.302653, abs=1e-6)
+    assert d.n == 3 and d.mean == pytest.approx(mean) and d.std == pytest.approx(sd)
+    assert d.ci_low == pytest.approx(mean - t_crit * sd / math.sqrt(3))
+    assert d.ci_high == pytest.approx(mean + t_crit * sd / math.sqrt(3))
+    assert d.p_t == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))
+    assert d.p_t == pytest.approx(0.15673, abs=1e-4)
+    assert math.isnan(d.p_wilcoxon)  # n < 6
+    # Wilcoxon with 6 pairs all in favour: exact two-sided p = 2 / 2^6
+    w = paired_difference([1, 2, 3, 4, 5, 6.5], [0, 0, 0, 0, 0, 0])
+    assert w.p_wilcoxon == pytest.approx(2 / 64)
+    # degenerate: identical differences
+    same = paired_difference([0.5, 0.6], [0.4, 0.5])
+    assert (same.ci_low, same.ci_high, same.p_t) == (pytest.approx(0.1), pytest.approx(0.1), 0.0)
+    zero = paired_difference([0.5, 0.6], [0.5, 0.6])
+    assert zero.p_t == 1.0 and zero.mean == 0
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([1, 2], [1])
+
+
+# ------------------------------------------------------------------------------------------ grid spec
+def test_grid_expansion_order_labels_and_paths(tmp_path):
+    spec = {**TINY, "seeds": [0, 1], "train_fractions": [0.3, 1.0], "train": {**TINY["train"], "epochs": 4},
+            "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 2},
+                        {"name": "finetune", "reg": "l2", "weight_decay": 0.0},
+                        {"name": "rifle", "reinits": 1, "keep_optimizer_state": True},
+                        {"name": "rifle", "reinits": 1, "head_lr_restart": False, "label": "rifle-K1-plain"}]}
+    grid = G.parse_grid(spec)
+    assert [e.label for e in grid.methods] == ["finetune", "rifle-K2", "finetune+weight-decay=0",
+                                               "rifle-K1+keep-optimizer-state", "rifle-K1-plain"]
+    assert grid.baseline == "finetune"
+    runs = G.expand(grid, tmp_path)
+    assert len(runs) == 2 * 2 * 5
+    assert [r.seed for r in runs] == [0] * 10 + [1] * 10  # seed-major: a partial grid is paired
+    r = runs[1]
+    assert r.path == tmp_path / "digits" / "tiny_cnn" / "frac0.3" / "rifle-K2" / "seed0"
+    assert (r.cfg.method, r.cfg.reinits, r.cfg.epochs, r.cfg.train_fraction, r.cfg.out) == (
+        "rifle", 2, 4, 0.3, str(r.path))
+    assert r.cfg.extra["grid"]["label"] == "rifle-K2"
+    assert runs[3].cfg.keep_optimizer_state is True and runs[2].cfg.weight_decay == 0.0
+    assert runs[5].path.parts[-3] == "frac1"
+    # an entry restricted to some of the grid's fractions
+    only = G.parse_grid({**spec, "methods": [{"name": "finetune"},
+                                             {"name": "rifle", "reinits": 1, "train_fractions": [1.0]}]})
+    assert [(r.label, r.fraction) for r in G.expand(only, tmp_path) if r.seed == 0] == [
+        ("finetune", 0.3), ("finetune", 1.0), ("rifle-K1", 1.0)]
+    with pytest.raises(G.GridError, match=r"methods\[1\] \(rifle\): train_fractions \[0.5\] must be"):
+        G.parse_grid({**spec, "methods": [{"name": "finetune"}, {"name": "rifle", "train_fractions": [0.5]}]})
+    assert G.default_label({"method": "finetune", "reg": "l2sp", "trick": ["dropout"]},
+                           G.resolve({"method": "finetune", "reg": "l2sp", "trick": ["dropout"]})) \
+        == "finetune+l2sp+dropout"
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"methods": [{"name": "rifle", "reinit": 2}]}, r"methods\[0\] \(rifle\): unknown key 'reinit'.*reinits"),
+    ({"methods": [{"name": "finetune"}, {"name": "finetune"}]}, "both have the label 'finetune'"),
+    ({"methods": [{"name": "finetune", "seed": 3}]}, "set by the grid"),
+    ({"train": {"epoch": 3}}, "train: unknown key 'epoch'"),
+    ({"seeds": [0, 0]}, "lists a value twice"),
+    ({"datasets": []}, "'datasets' is empty"),
+    ({"trains": {}}, "unknown key 'trains'.*train"),
+    ({"methods": [{"name": "finetun"}]}, r"methods\[0\] \(finetun\).*unknown.*finetune"),
+    ({"methods": [{"name": "finetune", "reg": "nope"}]}, r"methods\[0\] \(finetune\+nope\).*--reg 'nope'"),
+    ({"methods": [{"name": "rifle", "reinits": 5}]}, r"rifle-K5.*reinits=5 needs 6"),
+    ({"baseline": "nothing"}, "baseline 'nothing' is not a method label"),
+    ({"methods": [{"name": "finetune", "label": "a/b"}]}, "label 'a/b' must use only"),
+])
+def test_grid_errors_name_the_entry(tmp_path, change, needle):
+    with pytest.raises(G.GridError, match=needle):
+        G.expand(G.parse_grid({**TINY, **change}), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ locks
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_claim_and_stale_rules(tmp_path):
+    run = tmp_path / "run"
+    claim = G.try_claim(run)
+    assert claim is not None and G.read_lock(run / G.LOCK)["pid"] == os.getpid()
+    assert G.try_claim(run) is None  # held by a live process (this one)
+    claim.release()
+    assert not (run / G.LOCK).exists()
+    # a lock whose pid is dead on this host is stale at once
+    import socket
+    (run / G.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "x"}))
+    again = G.try_claim(run)
+    assert again is not None and G.read_lock(run / G.LOCK)["token"] == again.token
+    again.release()
+    # another host: only the heartbeat (mtime) decides
+    (run / G.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y"}))
+    assert G.try_claim(run, stale_after=600) is None
+    old = time.time() - 700
+    os.utime(run / G.LOCK, (old, old))
+    assert G.lock_is_stale(G.read_lock(run / G.LOCK), old, 600)
+    third = G.try_claim(run, stale_after=600)
+    assert third is not None
+    # the heartbeat keeps a long run's lock fresh
+    os.utime(run / G.LOCK, (old, old))
+    third.start_heartbeat(0.05)
+    time.sleep(0.3)
+    assert time.time() - (run / G.LOCK).stat().st_mtime < 5
+    third.release()
+    assert not (run / G.LOCK).exists()
+
+
+def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkeypatch):
+    import rifle.run as run_mod
+    loads, calls = [], []
+
+    def fake_load(cfg):
+        loads.append((cfg.seed, cfg.train_fraction))
+        return object()
+
+    def fake_run(cfg, *, resume, data, log, progress):
+        calls.append(Path(cfg.out).parts[-2:])
+        assert resume is True and data is not None
+        if cfg.method == "rifle" and cfg.seed == 1:
+            raise RuntimeError("boom")
+        s = {"complete": True, "final_test_acc": 0.5}
+        Path(cfg.out, "summary.json").write_text(json.dumps(s))
+        return s
+
+    monkeypatch.setattr(run_mod, "load_data", fake_load)
+    monkeypatch.setattr(run_mod, "run_train", fake_run)
+    runs = G.expand(G.parse_grid(TINY), tmp_path)
+    lines = []
+    res = G.run_grid(runs, log=lines.append)
+    assert loads == [(0, 0.3), (1, 0.3)]  # once per (dataset, seed, fraction)
+    assert res.counts == {"done": 3, "failed": 1} and res.failed == ["digits/tiny_cnn/frac0.3/rifle-K1/seed1"]
+    assert "RuntimeError: boom" in (runs[3].path / G.ERROR).read_text()
+    assert any("failed" in x and "boom" in x for x in lines)
+    assert not list(tmp_path.rglob(G.LOCK))
+    # the same invocation (since = its start) does not retry; a new one does, and skips the done runs
+    calls.clear()
+    res = G.run_grid(runs, since=time.time() - 3600, log=lines.append)
+    assert calls == [] and res.counts == {"skipped": 4}
+    res = G.run_grid(runs, since=time.time() + 1, log=lines.append)
+    assert calls == [("rifle-K1", "seed1")] and res.counts == {"skipped": 3, "failed": 1}
+
+
+# ------------------------------------------------------------------------------------------ real runs
+def _metrics(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """The tiny grid, interrupted (Ctrl-C) in the middle of its 3rd run, then re-run."""
+    from rifle.train.trainer import Trainer
+    out = tmp_path_factory.mktemp("grid")
+    grid = G.parse_grid(TINY)
+    runs = G.expand(grid, out)
+    original = Trainer.train_epoch
+    epoch1 = {"n": 0}
+
+    def interrupt_third_run(self, epoch):
+        if epoch == 1:
+            epoch1["n"] += 1
+            if epoch1["n"] == 3:
+                raise KeyboardInterrupt
+        return original(self, epoch)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "train_epoch", interrupt_third_run)
+    first: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        G.run_grid(runs, log=first.append)
+    mp.undo()
+    stamps = {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs[:2]}
+    import rifle.run as run_mod
+    calls = []
+    real = run_mod.run_train
+    mp.setattr(run_mod, "run_train", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
+    second: list[str] = []
+    res = G.run_grid(runs, log=second.append)
+    mp.undo()
+    G.write_grid_copy(grid, out)
+    return dict(out=out, runs=runs, first=first, second=second, stamps=stamps, calls=calls, res=res)
+
+
+def test_interrupted_grid_resumes_without_recomputing(tiny_grid):
+    runs, first, second = tiny_grid["runs"], tiny_grid["first"], tiny_grid["second"]
+    assert [x.split()[1] for x in first[:2]] == ["done", "done"] and len(first) == 3
+    assert first[2].startswith("interrupted during digits/tiny_cnn/frac0.3/finetune/seed1")
+    assert not list(tiny_grid["out"].rglob(G.LOCK))  # Ctrl-C released the lock
+    # finished runs untouched, run_train not even called for them
+    assert {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs[:2]} == tiny_grid["stamps"]
+    assert tiny_grid["calls"] == [str(runs[2].path), str(runs[3].path)]
+    assert [x.split()[1] for x in second] == ["skipped", "skipped", "done", "done"] and "(resumed)" in second[2]
+    assert "resumed from" in (runs[2].path / "train.log").read_text()
+    for r in runs:
+        assert [m["epoch"] for m in _metrics(r.path)] == [0, 1]  # no epoch twice
+        assert json.loads((r.path / "summary.json").read_text())["complete"]
+    assert tiny_grid["res"].data_loads == 1  # seed 1 only (seed 0's runs were skipped)
+
+
+def test_paired_design_same_split_head_and_order(tiny_grid):
+    for seed in (0, 1):
+        ft, rf = (tiny_grid["out"] / "digits/tiny_cnn/frac0.3" / lab / f"seed{seed}" for lab in ("finetune", "rifle-K1"))
+        a, b = _metrics(ft), _metrics(rf)
+        assert a[0] == b[0]  # identical before the first re-init (epoch 1)
+        assert b[1]["reinit"] and not a[1]["reinit"] and a[1] != b[1]
+        sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ft, rf))
+        assert sa["data_info"]["sizes"] == sb["data_info"]["sizes"]
+
+
+def test_report_numbers_match_hand_aggregation(tiny_grid):
+    out = tiny_grid["out"]
+    res = write_report(out)
+    assert res["baseline"] == "finetune"
+    summ = {(lab, s): json.loads((out / "digits/tiny_cnn/frac0.3" / lab / f"seed{s}" / "summary.json").read_text())
+            for lab in ("finetune", "rifle-K1") for s in (0, 1)}
+    rows = {r["method"]: r for r in res["rows"]}
+    for lab in ("finetune", "rifle-K1"):
+        final = [summ[lab, s]["final_test_acc"] for s in (0, 1)]
+        best = [summ[lab, s]["test_acc_at_best_val"] for s in (0, 1)]
+        assert rows[lab]["n"] == 2
+        assert rows[lab]["final_test_mean"] == pytest.approx(statistics.mean(final))
+        assert rows[lab]["final_test_std"] == pytest.approx(statistics.stdev(final))
+        assert rows[lab]["bestval_test_mean"] == pytest.approx(statistics.mean(best))
+    d = [summ["rifle-K1", s]["final_test_acc"] - summ["finetune", s]["final_test_acc"] for s in (0, 1)]
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    r = rows["rifle-K1"]
+    assert r["diff_final_mean"] == pytest.approx(m)
+    assert r["diff_final_ci_high"] - m == pytest.approx(12.706205 * sd / math.sqrt(2), rel=1e-5)
+    if sd > 0:  # df = 1: p = 1 - 2/pi * atan(|t|)
+        assert r["diff_final_p"] == pytest.approx(1 - 2 / math.pi * math.atan(abs(m / (sd / math.sqrt(2)))))
+    md = (out / "results.md").read_text()
+    assert f"{100 * statistics.mean([summ['finetune', s]['final_test_acc'] for s in (0, 1)]):.2f} ±" in md
+    assert "selected on VALIDATION" in md and "rifle report" in md and '"epochs": 2' in md
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("dataset,model,train_fraction,method") and len(csv_rows) == 3
+    for p in res["plots"]:
+        assert p.is_file() and p.stat().st_size < 300_000
+
+
+def _fake_run(root, label, seed, final, at_best, best_val, reinits=None):
+    p = root / "d" / "m" / "frac0.5" / label / f"seed{seed}"
+    p.mkdir(parents=True)
+    method = "rifle" if reinits is not None else "finetune"
+    (p / "config.yaml").write_text(yaml.safe_dump({"method": method, "reinits": reinits or 3, "seed": seed,
+                                                   "epochs": 4, "lr": 0.01}))
+    (p / "summary.json").write_text(json.dumps({"complete": True, "final_test_acc": final,
+                                                "test_acc_at_best_val": at_best, "best_val_acc": best_val}))
+    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_acc": best_val, "test_acc": final} for e in range(4)]
+    (p / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_k_selection_compares_ks_on_their_common_seeds(tmp_path):
+    for s in range(3):
+        _fake_run(tmp_path, "finetune", s, 0.70, 0.70, 0.60)
+        _fake_run(tmp_path, "rifle-K1", s, 0.90, 0.90, 0.61, reinits=1)
+    _fake_run(tmp_path, "rifle-K3", 0, 0.80, 0.80, 0.99, reinits=3)  # one seed so far
+    (tmp_path / "d/m/frac0.5/rifle-K3/seed1").mkdir()
+    (tmp_path / "d/m/frac0.5/rifle-K3/seed1/error.txt").write_text("RuntimeError: boom\n")
+    res = write_report(tmp_path, plots=False)
+    (sel,) = [r for r in res["rows"] if r["kind"] == "selected-on-val"]
+    assert res["sweeps"][0]["seeds"] == [0]  # paired: K values are compared on the same seeds
+    assert (sel["selected_k"], sel["n"], sel["final_test_mean"]) == (3, 1, pytest.approx(0.80))
+    assert res["failed"] == {"d/m/frac0.5/rifle-K3/seed1": "RuntimeError: boom"}
+    assert "## Failed runs" in (tmp_path / "results.md").read_text()
+
+
+def test_report_k_selection_uses_validation(tmp_path):
+    for s in range(3):
+        _fake_run(tmp_path, "finetune", s, 0.70 + 0.01 * s, 0.70, 0.60)
+        _fake_run(tmp_path, "rifle-K1", s, 0.90, 0.90, 0.61, reinits=1)
+        _fake_run(tmp_path, "rifle-K2", s, 0.72 + 0.02 * s, 0.71, 0.65 + 0.01 * s, reinits=2)
+    res = write_report(tmp_path, plots=False)
+    (sel,) = [r for r in res["rows"] if r["kind"] == "selected-on-val"]
+    assert (sel["selected_k"], sel["selected_label"], sel["n"]) == (2, "rifle-K2", 3)
+    assert sel["final_test_mean"] == pytest.approx(0.74)  # K=2's test accuracy, not K=1's 0.90
+    assert sel["diff_final_mean"] == pytest.approx(0.74 - 0.71)
+    assert res["sweeps"][0]["mean_best_val"] == {1: pytest.approx(0.61), 2: pytest.approx(0.66)}
+    md = (tmp_path / "results.md").read_text()
+    assert "**K=2**" in md and "K=1: 61.00, K=2: 66.00" in md
+
+
+def test_two_workers_share_a_grid_and_run_each_run_once(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out),
+                           "--workers", "2"], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done = [line.split()[3] for line in proc.stdout.splitlines() if " done " in line]
+    runs = G.expand(G.parse_grid(TINY), out)
+    assert sorted(done) == sorted(r.rel for r in runs)  # every run, exactly once
+    assert "4/4 runs complete" in proc.stdout
+    for r in runs:
+        assert G.is_complete(r.path)
+        assert (r.path / "train.log").read_text().count("epochs x") == 1  # trained by one worker only
+    assert not list(out.rglob(G.LOCK)) and (out / "grid.yaml").is_file()
+    assert collect(out).runs and len(collect(out).runs) == 4
