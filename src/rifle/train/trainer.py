@@ -84,7 +84,7 @@ class Trainer:
                               num_classes=data.num_classes, head=self.head, head_names=self.head_names,
                               device=device, train_loader=lambda: self._train_iter(0),
                               pretrained_state=self.pretrained_state, config=dict(config or {}),
-                              log=log)
+                              log=self.log)
 
         head_ids = {id(p) for m in self.head for p in m.parameters()}
         params = [p for p in self.model.parameters() if p.requires_grad]
