@@ -123,7 +123,9 @@ def test_existing_run_folder_and_resume_with_changed_config(tmp_path, capsys):
 
 
 def test_help_shows_examples():
-    for argv in (["--help"], ["train", "--help"], ["demo", "--help"]):
+    from rifle.commands import COMMANDS
+    assert {"train", "demo", "bench", "report", "analyze", "predict", "evaluate", "export"} <= set(COMMANDS)
+    for argv in (["--help"], *([name, "--help"] for name in COMMANDS)):
         proc = subprocess.run([sys.executable, "-m", "rifle", *argv], capture_output=True, text=True)
         assert proc.returncode == 0
         assert "example" in proc.stdout and "rifle " in proc.stdout
