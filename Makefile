@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --out docs/performance.md
+	$(BIN)/python benchmarks/cpu_options.py --out docs/performance-options.md
 
 clean:
 	rm -rf runs .pytest_cache
