@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
              "| measure | ratio | target | absolute |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines += ["", f"Peak RSS of this benchmark process: {rss:.0f} MiB (before loading data: "
-              f"{rss0 / 1024:.0f} MiB); in-memory uint8 image cache: {cache_mb:.1f} MiB.", ""]
+              f"{rss0 / 1024:.0f} MiB); in-memory uint8 image cache: {cache_mb:.1f} MiB.", "",
+              "When `--channels-last` and `--amp` help on this CPU: [performance-options.md]"
+              "(performance-options.md).", ""]
     text = "\n".join(lines)
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
