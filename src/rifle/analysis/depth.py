@@ -190,6 +190,19 @@ def load_profile(run_dir: str | Path) -> list[float] | None:
 
 
 # ------------------------------------------------------------------------------------------ plots
+def finish_depth_axes(fig: Any, ax: Any, path: str | Path, title: str, xlabel: str) -> None:
+    """The common look of every depth-profile plot (log y, labels, legend), then save."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("‖W(T) − W(0)‖ / ‖W(0)‖", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def plot_profiles(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Overlay :func:`run_depth` results (one line per run); the head's layers are marked with x."""
     import matplotlib
@@ -201,15 +214,8 @@ def plot_profiles(results: Sequence[dict[str, Any]], path: str | Path, title: st
         line, = ax.plot(range(len(ys)), ys, lw=1.2, label=res["label"])
         heads = [layer["index"] for layer in res["layers"] if layer["head"]]
         ax.plot(heads, [ys[i] for i in heads], "x", color=line.get_color())
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (conv / linear weights, input side -> head; x = head)", fontsize=8)
-    ax.set_ylabel("‖W(T) − W(0)‖ / ‖W(0)‖", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "relative weight change by depth", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    finish_depth_axes(fig, ax, path, title or "relative weight change by depth",
+                      "layer (conv / linear weights, input side -> head; x = head)")
     plt.close(fig)
 
 

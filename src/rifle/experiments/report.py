@@ -441,15 +441,9 @@ def plot_depth(profiles: dict[str, list[list[float]]], path: Path, title: str) -
         n = min(len(s) for s in seeds)
         mean = [sum(s[i] for s in seeds) / len(seeds) for i in range(n)]
         ax.plot(range(n), mean, color=color, lw=1.2, label=f"{label} (n={len(seeds)})")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (conv / linear weights in forward order; the head is last)", fontsize=8)
-    ax.set_ylabel("‖W(T) − W(0)‖ / ‖W(0)‖", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    from ..analysis.depth import finish_depth_axes
+    finish_depth_axes(fig, ax, path, title,
+                      "layer (conv / linear weights in forward order; the head is last)")
     plt.close(fig)
 
 
