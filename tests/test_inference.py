@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -264,3 +265,20 @@ def test_evaluate_heldout_flat_folder_and_mismatched_classes(folder_run, tmp_pat
     assert code == 0, err
     e2 = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert e2["n"] == 9 and e2["accuracy"] == json.loads((run / "summary.json").read_text())["final_test_acc"]
+
+
+def test_predict_table_labels_every_top_k_column():
+    from rifle.commands.predict import _write
+    rows = [("a.png", [("cat", 0.75), ("dog", 0.25)]), ("long/b.png", [("dog", 0.6), ("cat", 0.4)])]
+    buf = io.StringIO()
+    _write(rows, "table", buf)
+    head, first, second = buf.getvalue().splitlines()
+    assert head.split() == ["image", "prediction", "1", "probability", "prediction", "2", "probability"]
+    assert first.split() == ["a.png", "cat", "0.7500", "dog", "0.2500"]
+    # the columns line up: every probability ends where its header does
+    for line in (first, second):
+        assert [m.end() for m in re.finditer(r"\d\.\d{4}", line)] == \
+            [m.end() for m in re.finditer("probability", head)]
+    buf = io.StringIO()
+    _write([("a.png", [("cat", 0.75)])], "table", buf)
+    assert buf.getvalue().splitlines()[0].split() == ["image", "prediction", "probability"]

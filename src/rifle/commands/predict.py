@@ -37,9 +37,12 @@ def _write(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str, out) -> No
             for rank, (c, v) in enumerate(preds, 1):
                 w.writerow([p, rank, c, f"{v:.6f}"])
     else:
+        k = max(len(preds) for _, preds in rows)
+        names = ["prediction"] if k == 1 else [f"prediction {r}" for r in range(1, k + 1)]
         width = max([len("image")] + [len(p) for p, _ in rows])
-        cw = max([len("prediction")] + [len(c) for _, preds in rows for c, _ in preds])
-        out.write(f"{'image':<{width}}  {'prediction':<{cw}}  probability\n")
+        cw = max([len(names[-1])] + [len(c) for _, preds in rows for c, _ in preds])
+        head = "   ".join(f"{n:<{cw}}  probability" for n in names)
+        out.write(f"{'image':<{width}}  {head}\n")
         for p, preds in rows:
             cells = "   ".join(f"{c:<{cw}}  {v:11.4f}" for c, v in preds)
             out.write(f"{p:<{width}}  {cells}\n")
