@@ -343,3 +343,50 @@ def test_two_workers_share_a_grid_and_run_each_run_once(tmp_path):
         assert (r.path / "train.log").read_text().count("epochs x") == 1  # trained by one worker only
     assert not list(out.rglob(G.LOCK)) and (out / "grid.yaml").is_file()
     assert collect(out).runs and len(collect(out).runs) == 4
+
+
+def _fake_depth(run_dir, rel, before, after, epochs=(2,)):
+    """A hand-made ``depth.jsonl``: 6 backbone layers + 1 head layer; ``before``/``after`` gradient norms."""
+    head = [False] * 6 + [True]
+    recs = [{"type": "layers", "names": [f"l{i}" for i in range(7)], "kinds": ["Conv2d"] * 6 + ["Linear"],
+             "numel": [1] * 7, "head": head, "watch_epochs": list(epochs), "window": 2, "steps_per_epoch": 3},
+            {"type": "weights", "epoch": 0, "rel_change": [9.0] * 7},  # not the last epoch: ignored
+            {"type": "weights", "epoch": 3, "rel_change": rel}]
+    for e in epochs:
+        for off, norms in ((-2, before), (-1, before), (0, after), (1, after)):
+            recs.append({"type": "grad", "epoch": e + (off >= 0) - 1, "step": 3 * e + off, "reinit_epoch": e,
+                         "offset": off, "norms": norms})
+    (run_dir / "depth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_report_depth_table_by_hand(tmp_path):
+    from rifle.analysis.depth import backbone_thirds, read_monitor, summarize_monitor
+    # thirds: 49 backbone layers -> 16 / 17 / 16, head left out
+    vals = list(range(49)) + [1000.0]
+    assert backbone_thirds(vals, [False] * 49 + [True]) == [7.5, 24.0, 40.5]
+    ones, halves = [1.0] * 7, [0.5] * 6 + [2.0]
+    for s in range(3):
+        _fake_run(tmp_path, "finetune", s, 0.70, 0.70, 0.60)
+        _fake_run(tmp_path, "rifle-K1", s, 0.70, 0.70, 0.60, reinits=1)
+        base = tmp_path / f"d/m/frac0.5/finetune/seed{s}"
+        rifle = tmp_path / f"d/m/frac0.5/rifle-K1/seed{s}"
+        _fake_depth(base, [0.04, 0.06, 0.03, 0.03, 0.02, 0.02, 1.0], ones, ones)
+        # first third 0.05 + 0.01 * s; gradient halves in the backbone and doubles in the head
+        _fake_depth(rifle, [0.04 + 0.01 * s, 0.06 + 0.01 * s, 0.03, 0.03, 0.02, 0.02, 1.5], ones, halves)
+    summ = summarize_monitor(read_monitor(tmp_path / "d/m/frac0.5/rifle-K1/seed1"))
+    assert summ["rel_change"] == pytest.approx([0.06, 0.03, 0.02]) and summ["head_rel_change"] == 1.5
+    assert summ["grad_ratio"] == pytest.approx([0.5, 0.5, 0.5]) and summ["head_grad_ratio"] == 2.0
+    res = write_report(tmp_path, plots=False)
+    base_row, rifle_row = res["depth_rows"]
+    assert (base_row["method"], base_row["n"], base_row["rel_first_mean"]) == ("finetune", 3, pytest.approx(0.05))
+    assert base_row["grad_first_mean"] == pytest.approx(1.0)
+    assert rifle_row["rel_first_mean"] == pytest.approx(0.06)
+    assert rifle_row["rel_first_std"] == pytest.approx(0.01)            # 0.05, 0.06, 0.07
+    assert rifle_row["diff_rel_first_mean"] == pytest.approx(0.01)      # paired: 0.00, +0.01, +0.02
+    assert rifle_row["diff_rel_first_ci_low"] == pytest.approx(0.01 - 4.302653 * 0.01 / 3 ** 0.5, abs=1e-6)
+    assert rifle_row["grad_first_mean"] == pytest.approx(0.5) and rifle_row["grad_head_mean"] == 2.0
+    md = (tmp_path / "results.md").read_text()
+    assert "### Backpropagation in depth" in md
+    assert "| rifle-K1 | 3 | 6.00 ± 1.00 | 3.00 ± 0.00 | 2.00 ± 0.00 | 150.00 | +1.000 [" in md
+    assert "0.50 / 0.50 / 0.50 | 2.00 |" in md
+    assert (tmp_path / "depth.csv").read_text().splitlines()[0].startswith("dataset,model,train_fraction,method,n")

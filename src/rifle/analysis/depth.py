@@ -189,6 +189,77 @@ def load_profile(run_dir: str | Path) -> list[float] | None:
     return None
 
 
+def backbone_thirds(values: Sequence[float], head: Sequence[bool]) -> list[float]:
+    """Mean of ``values`` over the first / middle / last third of the backbone (head layers left out).
+
+    The thirds are contiguous in forward order; the middle one takes the remainder
+    (49 layers: 16 / 17 / 16).
+    """
+    body = [float(v) for v, h in zip(values, head) if not h]
+    if not body:
+        raise ValueError("no backbone layers (every tracked layer is in the head)")
+    third = max(1, len(body) // 3)
+    parts = [body[:third], body[third:len(body) - third] or body[third - 1:third], body[len(body) - third:]]
+    return [sum(x) / len(x) for x in parts]
+
+
+def gradient_ratios(mon: dict[str, Any]) -> list[float | None] | None:
+    """Per layer: mean gradient norm in the recorded steps after / before the watched epoch boundaries.
+
+    For each watched (re-init) epoch, ``mean(after) / mean(before)`` per layer over the recorded steps
+    (``offset >= 0`` vs ``< 0``), then averaged over the watched epochs. None without gradient records;
+    a layer whose ``before`` mean is 0 or missing gets None.
+    """
+    grads = [g for g in mon.get("grad", []) if all(v is not None for v in g["norms"])]
+    if not grads:
+        return None
+    n = len(grads[0]["norms"])
+    per_epoch = []
+    for e in sorted({g["reinit_epoch"] for g in grads}):
+        before = [g["norms"] for g in grads if g["reinit_epoch"] == e and g["offset"] < 0]
+        after = [g["norms"] for g in grads if g["reinit_epoch"] == e and g["offset"] >= 0]
+        if not before or not after:
+            continue
+        mb = [sum(r[i] for r in before) / len(before) for i in range(n)]
+        ma = [sum(r[i] for r in after) / len(after) for i in range(n)]
+        per_epoch.append([a / b if b > 0 else None for a, b in zip(ma, mb)])
+    if not per_epoch:
+        return None
+    out: list[float | None] = []
+    for i in range(n):
+        vals = [r[i] for r in per_epoch if r[i] is not None]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def summarize_monitor(mon: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The numbers behind "does it move the lower layers more?" for one run's ``depth.jsonl``.
+
+    ``rel_change``: mean relative weight change (last recorded epoch) of the first / middle / last
+    backbone third; ``head_rel_change``; ``grad_ratio``: :func:`gradient_ratios` per third and
+    ``head_grad_ratio`` (None when no gradients were recorded); ``watch_epochs``.
+    """
+    if not mon or not mon.get("header") or not mon.get("weights"):
+        return None
+    head = mon["header"]["head"]
+    rel = mon["weights"][-1]["rel_change"]
+    out: dict[str, Any] = {"rel_change": backbone_thirds(rel, head), "epoch": mon["weights"][-1]["epoch"],
+                           "head_rel_change": _mean_of([v for v, h in zip(rel, head) if h]),
+                           "grad_ratio": None, "head_grad_ratio": None,
+                           "watch_epochs": mon["header"].get("watch_epochs")}
+    ratios = gradient_ratios(mon)
+    if ratios is not None:
+        pairs = [(r, h) for r, h in zip(ratios, head) if r is not None]
+        if any(not h for _, h in pairs):
+            out["grad_ratio"] = backbone_thirds([r for r, _ in pairs], [h for _, h in pairs])
+        out["head_grad_ratio"] = _mean_of([r for r, h in pairs if h])
+    return out
+
+
+def _mean_of(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 # ------------------------------------------------------------------------------------------ plots
 def finish_depth_axes(fig: Any, ax: Any, path: str | Path, title: str, xlabel: str) -> None:
     """The common look of every depth-profile plot (log y, labels, legend), then save."""

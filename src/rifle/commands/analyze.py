@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.cam import cam_for_runs
-    from ..analysis.depth import plot_monitor, plot_profiles, read_monitor, run_depth
+    from ..analysis.depth import backbone_thirds, plot_monitor, plot_profiles, read_monitor, run_depth
     runs = [Path(r) for r in args.runs]
     for r in runs:
         if not (r / "config.yaml").is_file():
@@ -37,11 +37,9 @@ def run(args: argparse.Namespace) -> int:
             res = run_depth(r)
             results.append(res)
             plot_profiles([res], r / "depth.png", f"{res['label']}: relative weight change by depth")
-            body = [x["rel_change"] for x in res["layers"] if not x["head"]]
-            third = max(1, len(body) // 3)
+            thirds = backbone_thirds([x["rel_change"] for x in res["layers"]], [x["head"] for x in res["layers"]])
             print(f"{r}: {len(res['layers'])} layers; mean relative change first/middle/last third of the "
-                  f"backbone {_mean(body[:third]):.4f} / {_mean(body[third:-third]):.4f} / "
-                  f"{_mean(body[-third:]):.4f}; wrote depth.json, depth.png")
+                  f"backbone {' / '.join(f'{v:.4f}' for v in thirds)}; wrote depth.json, depth.png")
             mon = read_monitor(r)
             if mon and mon["weights"]:
                 plot_monitor(mon, r / "depth_monitor.png", res["label"])
@@ -56,8 +54,3 @@ def run(args: argparse.Namespace) -> int:
         acc = ", ".join(f"{k}: {v:.2f}" for k, v in res["accuracy"].items())
         print(f"wrote {res['png']} (test images {res['indices']}; accuracy on them {acc})")
     return 0
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")

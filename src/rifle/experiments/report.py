@@ -228,15 +228,112 @@ CSV_COLUMNS = ["dataset", "model", "train_fraction", "method", "kind", "selected
                "diff_bestval_ci_high", "diff_bestval_p", "diff_bestval_p_wilcoxon"]
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: list[dict[str, Any]], columns: list[str] = CSV_COLUMNS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if isinstance(r.get(k), float) and not math.isfinite(r[k]) else
                         "" if r.get(k) is None else
-                        f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)) for k in CSV_COLUMNS})
+                        f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)) for k in columns})
     return buf.getvalue()
+
+
+DEPTH_COLUMNS = ["dataset", "model", "train_fraction", "method", "n", "seeds", "epoch",
+                 "rel_first_mean", "rel_first_std", "rel_middle_mean", "rel_middle_std",
+                 "rel_last_mean", "rel_last_std", "head_rel_mean",
+                 "diff_rel_first_n", "diff_rel_first_mean", "diff_rel_first_ci_low", "diff_rel_first_ci_high",
+                 "diff_rel_first_p", "watch_epochs", "grad_n", "grad_first_mean", "grad_middle_mean",
+                 "grad_last_mean", "grad_head_mean"]
+
+
+def depth_rows(col: Collected, baseline: str | None, order: list[str] | None = None,
+               confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per cell x method, from the runs' ``depth.jsonl`` (``--record-depth``): mean +- std over seeds of
+    the relative weight change of the first / middle / last backbone third after the last epoch, the
+    paired difference of the first third against the baseline, and the mean over seeds of the gradient
+    ratio after / before the (re-init) epoch boundaries (see :func:`rifle.analysis.depth.summarize_monitor`).
+    """
+    from ..analysis.depth import read_monitor, summarize_monitor
+    cells: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in col.runs:
+        summ = summarize_monitor(read_monitor(r.path))
+        if summ is not None:
+            cells[r.cell][r.label][r.seed] = summ
+    rank = {label: i for i, label in enumerate(order or [])}
+    rows = []
+    for cell in sorted(cells):
+        by_label = cells[cell]
+        base = by_label.get(baseline) if baseline else None
+        for label in sorted(by_label, key=lambda lab: (lab != baseline, rank.get(lab, len(rank)), lab)):
+            seeds = by_label[label]
+            row: dict[str, Any] = {"dataset": cell[0], "model": cell[1], "train_fraction": cell[2],
+                                   "method": label, "n": len(seeds), "seeds": " ".join(map(str, sorted(seeds))),
+                                   "epoch": max(v["epoch"] for v in seeds.values())}
+            for i, part in enumerate(("first", "middle", "last")):
+                m, sd, _ = mean_std([v["rel_change"][i] for v in seeds.values()])
+                row.update({f"rel_{part}_mean": m, f"rel_{part}_std": sd})
+            heads = [v["head_rel_change"] for v in seeds.values() if v["head_rel_change"] is not None]
+            row["head_rel_mean"] = mean_std(heads)[0]
+            if base is not None and label != baseline:
+                keys, a, b = pair_by_key({k: v["rel_change"][0] for k, v in seeds.items()},
+                                         {k: v["rel_change"][0] for k, v in base.items()})
+                d = paired_difference(a, b, confidence) if keys else None
+                row.update({"diff_rel_first_n": len(keys), "diff_rel_first_mean": d.mean if d else math.nan,
+                            "diff_rel_first_ci_low": d.ci_low if d else math.nan,
+                            "diff_rel_first_ci_high": d.ci_high if d else math.nan,
+                            "diff_rel_first_p": d.p_t if d else math.nan})
+            grads = [v for v in seeds.values() if v["grad_ratio"] is not None]
+            watch = sorted({tuple(v["watch_epochs"] or ()) for v in grads})
+            row.update({"grad_n": len(grads), "watch_epochs": " ".join(map(str, watch[0])) if len(watch) == 1 else
+                        "; ".join(" ".join(map(str, w)) for w in watch)})
+            for i, part in enumerate(("first", "middle", "last")):
+                row[f"grad_{part}_mean"] = mean_std([v["grad_ratio"][i] for v in grads])[0]
+            row["grad_head_mean"] = mean_std([v["head_grad_ratio"] for v in grads
+                                              if v["head_grad_ratio"] is not None])[0]
+            rows.append(row)
+    return rows
+
+
+def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None, confidence: float) -> list[str]:
+    """The "backpropagation in depth" table of one cell (empty when no run recorded depth)."""
+    rows = [r for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell]
+    if not rows:
+        return []
+    c = int(round(confidence * 100))
+
+    def num(v: float, sd: float | None = None, scale: float = 100.0, fmt: str = ".2f") -> str:
+        if v is None or not math.isfinite(v):
+            return "-"
+        return f"{scale * v:{fmt}}" + (f" ± {scale * sd:{fmt}}" if sd is not None and math.isfinite(sd) else "")
+
+    out = ["### Backpropagation in depth", "",
+           "Relative weight change ‖W(T) − W(0)‖ / ‖W(0)‖ from the pretrained weights after the last epoch, "
+           "mean over the conv/linear weights of the first / middle / last third of the backbone, in % "
+           "(mean ± std over seeds); Δ first third: paired over seeds vs "
+           f"{baseline} [{c}% CI], p. Gradient ratio: per layer, mean gradient norm in the recorded steps "
+           "just after / just before each re-init epoch boundary (for runs without re-init: the same "
+           "epoch boundary, the control), averaged over the layers of each third and over seeds; > 1 "
+           "means a larger error signal reaches those layers after the re-init.", "",
+           "| method | n | first third | middle third | last third | head | Δ first third [CI], p | "
+           "epochs watched | grad ratio first / middle / last third | head grad ratio |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r.get("diff_rel_first_mean")
+        if d is not None and math.isfinite(d):
+            ci = (f" [{100 * r['diff_rel_first_ci_low']:+.3f}, {100 * r['diff_rel_first_ci_high']:+.3f}]"
+                  if math.isfinite(r["diff_rel_first_ci_low"]) else "")
+            p = f", p={r['diff_rel_first_p']:.3g}" if math.isfinite(r["diff_rel_first_p"]) else ""
+            diff = f"{100 * d:+.3f}{ci}{p}"
+        else:
+            diff = "-"
+        grad = " / ".join(num(r[f"grad_{k}_mean"], scale=1.0) for k in ("first", "middle", "last")) \
+            if r["grad_n"] else "-"
+        out.append(f"| {r['method']} | {r['n']} | {num(r['rel_first_mean'], r['rel_first_std'])} | "
+                   f"{num(r['rel_middle_mean'], r['rel_middle_std'])} | {num(r['rel_last_mean'], r['rel_last_std'])} | "
+                   f"{num(r['head_rel_mean'])} | {diff} | {r['watch_epochs'] or '-'} | {grad} | "
+                   f"{num(r['grad_head_mean'], scale=1.0) if r['grad_n'] else '-'} |")
+    return out + [""]
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -303,7 +400,7 @@ def _split_lines(col: Collected) -> list[str]:
 
 def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
                     baseline: str | None, info: dict[str, Any], plots: dict[tuple, list[str]],
-                    confidence: float) -> str:
+                    confidence: float, depth: list[dict[str, Any]] | None = None) -> str:
     c = int(round(confidence * 100))
     out = [f"# Results: `{root}`", "",
            f"Regenerate: `rifle report {root}`"
@@ -344,6 +441,7 @@ def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], swee
                 out += ["", f"K selection for `{s['name']}` (mean best val acc over seeds {s['seeds']}): "
                         f"{vals} -> **K={s['selected_k']}**."]
         out.append("")
+        out += depth_markdown(depth or [], cell, baseline, confidence)
         for png in plots.get(cell, []):
             out += [f"![{png}]({png})", ""]
     if col.failed:
@@ -497,9 +595,12 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
                 name = f"depth_{cell_slug(cell)}.png"
                 plot_depth(profiles, root / name, title + ": relative weight change by depth")
                 pngs[cell].append(name)
-    md = render_markdown(root, col, rows, sweeps, baseline, info, pngs, confidence)
+    drows = depth_rows(col, baseline, info.get("labels"), confidence)
+    md = render_markdown(root, col, rows, sweeps, baseline, info, pngs, confidence, drows)
     atomic_write_text(root / "results.md", md + "\n")
     atomic_write_text(root / "results.csv", to_csv(rows))
+    if drows:
+        atomic_write_text(root / "depth.csv", to_csv(drows, DEPTH_COLUMNS))
     return {"rows": rows, "sweeps": sweeps, "baseline": baseline, "markdown": root / "results.md",
-            "csv": root / "results.csv", "plots": [root / p for ps in pngs.values() for p in ps],
+            "csv": root / "results.csv", "depth_rows": drows, "plots": [root / p for ps in pngs.values() for p in ps],
             "unfinished": col.unfinished, "failed": col.failed}
