@@ -390,3 +390,30 @@ def test_report_depth_table_by_hand(tmp_path):
     assert "| rifle-K1 | 3 | 6.00 ± 1.00 | 3.00 ± 0.00 | 2.00 ± 0.00 | 150.00 | +1.000 [" in md
     assert "0.50 / 0.50 / 0.50 | 2.00 |" in md
     assert (tmp_path / "depth.csv").read_text().splitlines()[0].startswith("dataset,model,train_fraction,method,n")
+
+
+def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path):
+    from rifle.experiments.report import PAGE_BEGIN, PAGE_END
+    root = tmp_path / "results" / "grid"
+    for s in range(2):
+        _fake_run(root, "finetune", s, 0.70 + 0.01 * s, 0.70, 0.60)
+        _fake_run(root, "rifle-K1", s, 0.73, 0.71, 0.61, reinits=1)
+    page = tmp_path / "results" / "grid.md"
+    page.write_text(f"# My page\n\nprose before\n\n{PAGE_BEGIN}\nstale table\n{PAGE_END}\n\nprose after\n")
+    write_report(root, page=page)
+    text = page.read_text()
+    assert text.startswith("# My page\n\nprose before\n\n" + PAGE_BEGIN) and text.endswith(PAGE_END + "\n\nprose after\n")
+    assert "stale table" not in text and "4 complete runs (seeds [0, 1])" in text
+    assert "| rifle-K1 | 2 | 73.00 ± 0.00 | +2.50 [" in text          # paired diffs +3, +2 points
+    assert "](grid/accuracy_d_m_frac0.5.png)" in text and "[grid/results.md](grid/results.md)" in text
+    assert (root / "accuracy_d_m_frac0.5.png").is_file()
+    write_report(root, page=page, plots=False)                         # idempotent around the markers
+    assert page.read_text().count(PAGE_BEGIN) == 1 and page.read_text().endswith("prose after\n")
+    bad = tmp_path / "bad.md"
+    bad.write_text("# no markers\n")
+    with pytest.raises(ValueError, match=r"bad\.md: --page needs exactly one pair of markers"):
+        write_report(root, page=bad, plots=False)
+    assert bad.read_text() == "# no markers\n"
+    new = tmp_path / "new" / "page.md"
+    write_report(root, page=new, plots=False)
+    assert PAGE_BEGIN in new.read_text() and "](../results/grid/results.md)" in new.read_text()

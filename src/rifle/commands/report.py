@@ -5,7 +5,7 @@ import argparse
 
 NAME = "report"
 HELP = "summarise a grid folder: results.md, results.csv, plots (selection on validation only)"
-EXAMPLE = "rifle report runs/elpv_grid"
+EXAMPLE = "rifle report docs/results/elpv --page docs/results/elpv.md"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,15 +16,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--depth", action="store_true",
                    help="compute the per-layer weight-change profile (rifle analyze) for runs lacking one")
+    p.add_argument("--page", default=None, metavar="PAGE.md",
+                   help="also write the tables and plots into this Markdown page, between its markers "
+                        "'<!-- BEGIN rifle report ... -->' and '<!-- END rifle report -->' (the text around "
+                        "them is kept; a missing page is created)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..experiments.report import write_report
     res = write_report(args.dir, baseline=args.baseline, confidence=args.confidence,
-                       plots=not args.no_plots, depth=args.depth)
+                       plots=not args.no_plots, depth=args.depth, page=args.page)
     n = sum(1 for r in res["rows"] if r["kind"] == "run")
     print(f"{n} method rows (baseline {res['baseline']}); wrote {res['markdown']}, {res['csv']}"
           + (f" and {len(res['plots'])} plots" if res["plots"] else "")
           + (f"; {len(res['unfinished'])} unfinished and {len(res['failed'])} failed runs not counted"
-             if res["unfinished"] or res["failed"] else ""))
+             if res["unfinished"] or res["failed"] else "")
+          + (f"; updated {args.page}" if args.page else ""))
     return 0

@@ -295,7 +295,8 @@ def depth_rows(col: Collected, baseline: str | None, order: list[str] | None = N
     return rows
 
 
-def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None, confidence: float) -> list[str]:
+def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None, confidence: float,
+                   level: int = 3) -> list[str]:
     """The "backpropagation in depth" table of one cell (empty when no run recorded depth)."""
     rows = [r for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell]
     if not rows:
@@ -307,7 +308,7 @@ def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None
             return "-"
         return f"{scale * v:{fmt}}" + (f" ± {scale * sd:{fmt}}" if sd is not None and math.isfinite(sd) else "")
 
-    out = ["### Backpropagation in depth", "",
+    out = [f"{'#' * level} Backpropagation in depth", "",
            "Relative weight change ‖W(T) − W(0)‖ / ‖W(0)‖ from the pretrained weights after the last epoch, "
            "mean over the conv/linear weights of the first / middle / last third of the backbone, in % "
            "(mean ± std over seeds); Δ first third: paired over seeds vs "
@@ -398,6 +399,38 @@ def _split_lines(col: Collected) -> list[str]:
     return lines
 
 
+def cell_sections(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], baseline: str | None,
+                  plots: dict[tuple, list[str]], confidence: float, depth: list[dict[str, Any]] | None = None,
+                  level: int = 2, link_prefix: str = "") -> list[str]:
+    """One section per cell: the accuracy table, the K selection, the depth table and the plots
+    (linked as ``link_prefix + name``; ``level``: the heading level of the cell title)."""
+    c = int(round(confidence * 100))
+    out: list[str] = []
+    cells = sorted({(r["dataset"], r["model"], r["train_fraction"]) for r in rows})
+    for cell in cells:
+        out += [f"{'#' * level} {cell[0]} / {cell[1]} / train fraction {cell[2]:g}", "",
+                f"| method | n | final test | Δ final vs {baseline} [{c}% CI], p | test @ best val | "
+                f"Δ @ best val [{c}% CI], p | best val |",
+                "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if (r["dataset"], r["model"], r["train_fraction"]) != cell:
+                continue
+            name = f"**{r['method']}** (K={r['selected_k']} on val)" if r["kind"] == "selected-on-val" else r["method"]
+            out.append(f"| {name} | {r['n']} | {_pct(r['final_test_mean'], r['final_test_std'])} | "
+                       f"{_diff(r, 'final')} | {_pct(r['bestval_test_mean'], r['bestval_test_std'])} | "
+                       f"{_diff(r, 'bestval')} | {_pct(r['best_val_mean'], r['best_val_std'])} |")
+        for s in sweeps:
+            if (s["dataset"], s["model"], s["train_fraction"]) == cell:
+                vals = ", ".join(f"K={k}: {100 * v:.2f}" for k, v in s["mean_best_val"].items())
+                out += ["", f"K selection for `{s['name']}` (mean best val acc over seeds {s['seeds']}): "
+                        f"{vals} -> **K={s['selected_k']}**."]
+        out.append("")
+        out += depth_markdown(depth or [], cell, baseline, confidence, level + 1)
+        for png in plots.get(cell, []):
+            out += [f"![{png}]({link_prefix}{png})", ""]
+    return out
+
+
 def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
                     baseline: str | None, info: dict[str, Any], plots: dict[tuple, list[str]],
                     confidence: float, depth: list[dict[str, Any]] | None = None) -> str:
@@ -422,33 +455,56 @@ def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], swee
             "the highest mean best-validation accuracy over the seeds every K completed (ties: the "
             "smaller K); the row `…K*…` reports that K's test accuracy. Nothing is selected on test.",
             ""]
-    cells = sorted({(r["dataset"], r["model"], r["train_fraction"]) for r in rows})
-    for cell in cells:
-        out += [f"## {cell[0]} / {cell[1]} / train fraction {cell[2]:g}", "",
-                f"| method | n | final test | Δ final vs {baseline} [{c}% CI], p | test @ best val | "
-                f"Δ @ best val [{c}% CI], p | best val |",
-                "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if (r["dataset"], r["model"], r["train_fraction"]) != cell:
-                continue
-            name = f"**{r['method']}** (K={r['selected_k']} on val)" if r["kind"] == "selected-on-val" else r["method"]
-            out.append(f"| {name} | {r['n']} | {_pct(r['final_test_mean'], r['final_test_std'])} | "
-                       f"{_diff(r, 'final')} | {_pct(r['bestval_test_mean'], r['bestval_test_std'])} | "
-                       f"{_diff(r, 'bestval')} | {_pct(r['best_val_mean'], r['best_val_std'])} |")
-        for s in sweeps:
-            if (s["dataset"], s["model"], s["train_fraction"]) == cell:
-                vals = ", ".join(f"K={k}: {100 * v:.2f}" for k, v in s["mean_best_val"].items())
-                out += ["", f"K selection for `{s['name']}` (mean best val acc over seeds {s['seeds']}): "
-                        f"{vals} -> **K={s['selected_k']}**."]
-        out.append("")
-        out += depth_markdown(depth or [], cell, baseline, confidence)
-        for png in plots.get(cell, []):
-            out += [f"![{png}]({png})", ""]
+    out += cell_sections(rows, sweeps, baseline, plots, confidence, depth)
     if col.failed:
         out += ["## Failed runs", ""] + [f"- `{k}`: {v}" for k, v in sorted(col.failed.items())] + [""]
     if col.unfinished:
         out += ["## Unfinished runs (not counted)", ""] + [f"- `{k}`" for k in sorted(col.unfinished)] + [""]
     return "\n".join(out)
+
+
+PAGE_BEGIN = "<!-- BEGIN rifle report: generated, do not edit by hand -->"
+PAGE_END = "<!-- END rifle report -->"
+
+
+def page_block(root: Path, page: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
+               baseline: str | None, plots: dict[tuple, list[str]], confidence: float,
+               depth: list[dict[str, Any]] | None) -> str:
+    """The generated part of a hand-written page: counts, then :func:`cell_sections` (links relative to it)."""
+    import os
+    rel = Path(os.path.relpath(root.resolve(), page.resolve().parent)).as_posix()
+    seeds = sorted({r.seed for r in col.runs})
+    lines = [PAGE_BEGIN, "",
+             f"{len(col.runs)} complete runs (seeds {seeds})"
+             + (f", {len(col.unfinished)} unfinished" if col.unfinished else "")
+             + (f", {len(col.failed)} failed" if col.failed else "")
+             + f". Written by `rifle report {root} --page {page}`; the protocol, the recipe, the split and "
+             f"every run are in [{rel}/results.md]({rel}/results.md), the numbers in "
+             f"[{rel}/results.csv]({rel}/results.csv). Accuracies in %, mean ± std over seeds; Δ = paired "
+             f"difference in points vs {baseline} with its {int(round(confidence * 100))}% t interval and "
+             "p; K of RIFLE selected on validation, never on test.", ""]
+    lines += cell_sections(rows, sweeps, baseline, plots, confidence, depth, level=3, link_prefix=f"{rel}/")
+    return "\n".join(lines + [PAGE_END])
+
+
+def update_page(page: str | Path, block: str) -> None:
+    """Replace the text between :data:`PAGE_BEGIN` and :data:`PAGE_END` in ``page`` (created if absent).
+
+    The hand-written text around the markers is kept; a page without the markers is an error (nothing
+    is overwritten).
+    """
+    from ..train.checkpoint import atomic_write_text
+    page = Path(page)
+    if not page.exists():
+        page.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(page, f"# Results\n\n{block}\n")
+        return
+    text = page.read_text()
+    i, j = text.find(PAGE_BEGIN), text.find(PAGE_END)
+    if i < 0 or j < 0 or j < i or text.count(PAGE_BEGIN) != 1 or text.count(PAGE_END) != 1:
+        raise ValueError(f"{page}: --page needs exactly one pair of markers to write between, in this order:\n"
+                         f"  {PAGE_BEGIN}\n  {PAGE_END}\n(the page is left unchanged)")
+    atomic_write_text(page, text[:i] + block + text[j + len(PAGE_END):])
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -555,8 +611,12 @@ def _depth_profile(run: RunRecord, compute: bool) -> list[float] | None:
 
 # ------------------------------------------------------------------------------------------ entry point
 def write_report(root: str | Path, *, baseline: str | None = None, confidence: float = 0.95,
-                 plots: bool = True, depth: bool = False) -> dict[str, Any]:
-    """Write ``results.md``, ``results.csv`` and the PNGs into ``root``; returns rows and paths."""
+                 plots: bool = True, depth: bool = False, page: str | Path | None = None) -> dict[str, Any]:
+    """Write ``results.md``, ``results.csv`` and the PNGs into ``root``; returns rows and paths.
+
+    ``page``: also write the tables and plots between the markers of this hand-written Markdown page
+    (:func:`update_page`).
+    """
     from ..train.checkpoint import atomic_write_text
     root = Path(root)
     if not root.is_dir():
@@ -601,6 +661,8 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
     atomic_write_text(root / "results.csv", to_csv(rows))
     if drows:
         atomic_write_text(root / "depth.csv", to_csv(drows, DEPTH_COLUMNS))
+    if page is not None:
+        update_page(page, page_block(root, Path(page), col, rows, sweeps, baseline, pngs, confidence, drows))
     return {"rows": rows, "sweeps": sweeps, "baseline": baseline, "markdown": root / "results.md",
             "csv": root / "results.csv", "depth_rows": drows, "plots": [root / p for ps in pngs.values() for p in ps],
             "unfinished": col.unfinished, "failed": col.failed}
