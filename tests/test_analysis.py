@@ -161,4 +161,12 @@ def test_cli_analyze_writes_depth_files(runs, tmp_path, capsys):
     assert code == 0, out
     assert (tmp_path / "cmp" / "depth_compare.png").is_file() and (tmp / "plain" / "depth.png").is_file()
     assert (tmp / "monitored" / "depth_monitor.png").is_file() and "depth_monitor.png" in out
+    assert (tmp_path / "cmp" / "gradients_compare.png").is_file()
+    (tmp / "monitored" / "depth_monitor.png").unlink()
+    # --no-depth: no checkpoint needed; the depth.jsonl plots are still drawn
+    assert main(["analyze", str(tmp / "plain"), str(tmp / "monitored"), "--no-depth",
+                 "--out", str(tmp_path / "cmp2")]) == 0
+    assert (tmp / "monitored" / "depth_monitor.png").is_file()
+    assert (tmp_path / "cmp2" / "gradients_compare.png").is_file()
+    assert not (tmp_path / "cmp2" / "depth_compare.png").exists()
     assert main(["analyze", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback

@@ -326,6 +326,31 @@ def plot_monitor(mon: dict[str, Any], path: str | Path, title: str = "") -> None
     plt.close(fig)
 
 
+def plot_gradient_ratios(ratios: dict[str, list[float | None]], head: Sequence[bool], path: str | Path,
+                         title: str = "") -> None:
+    """One line per run: :func:`gradient_ratios` by layer (after / before the re-init; 1 = unchanged)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
+    for label, ys in ratios.items():
+        xs = [i for i, v in enumerate(ys) if v is not None]
+        line, = ax.plot(xs, [ys[i] for i in xs], lw=1.2, label=label)
+        heads = [i for i in xs if i < len(head) and head[i]]
+        ax.plot(heads, [ys[i] for i in heads], "x", color=line.get_color())
+    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (conv / linear weights, input side -> head; x = head)", fontsize=8)
+    ax.set_ylabel("grad norm after / before", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "gradient norm just after / just before the re-init epoch boundary", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------ monitor
 class DepthMonitor(Method):
     """Record per-layer weight change every epoch and gradient norms around re-inits (``depth.jsonl``).

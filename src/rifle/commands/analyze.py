@@ -19,38 +19,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam", type=int, default=0, metavar="N", help="Grad-CAM on N test images (0: none)")
     p.add_argument("--cam-layer", default=None,
                    help="module whose output Grad-CAM uses (default: the forward_features output)")
-    p.add_argument("--no-depth", action="store_true", help="skip the weight-change profile")
+    p.add_argument("--no-depth", action="store_true",
+                   help="skip the weight-change profile from the checkpoint (the --record-depth plots, "
+                        "which need only depth.jsonl, are still drawn)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.cam import cam_for_runs
-    from ..analysis.depth import backbone_thirds, plot_monitor, plot_profiles, read_monitor, run_depth
+    from ..analysis.depth import (backbone_thirds, gradient_ratios, plot_gradient_ratios, plot_monitor,
+                                  plot_profiles, read_monitor, run_depth, run_label)
     runs = [Path(r) for r in args.runs]
     for r in runs:
         if not (r / "config.yaml").is_file():
             raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
     out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else Path("analysis"))
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    if not args.no_depth:
-        for r in runs:
+    results, ratios, head = [], {}, None
+    for r in runs:
+        mon = read_monitor(r)
+        if mon and mon["weights"]:
+            label = run_label(r)
+            plot_monitor(mon, r / "depth_monitor.png", label)
+            print(f"{r}: depth.jsonl ({len(mon['weights'])} epochs, {len(mon['grad'])} gradient records) "
+                  f"-> depth_monitor.png")
+            ratio = gradient_ratios(mon)
+            if ratio is not None:
+                ratios[label], head = ratio, mon["header"]["head"]
+        if not args.no_depth:
             res = run_depth(r)
             results.append(res)
             plot_profiles([res], r / "depth.png", f"{res['label']}: relative weight change by depth")
             thirds = backbone_thirds([x["rel_change"] for x in res["layers"]], [x["head"] for x in res["layers"]])
             print(f"{r}: {len(res['layers'])} layers; mean relative change first/middle/last third of the "
                   f"backbone {' / '.join(f'{v:.4f}' for v in thirds)}; wrote depth.json, depth.png")
-            mon = read_monitor(r)
-            if mon and mon["weights"]:
-                plot_monitor(mon, r / "depth_monitor.png", res["label"])
-                print(f"{r}: depth.jsonl ({len(mon['weights'])} epochs, {len(mon['grad'])} gradient records) "
-                      f"-> depth_monitor.png")
-        if len(runs) > 1:
-            plot_profiles(results, out / "depth_compare.png", "relative weight change by depth")
-            (out / "depth_compare.json").write_text(json.dumps(results, indent=1) + "\n")
-            print(f"wrote {out / 'depth_compare.png'} and depth_compare.json")
+    if len(runs) > 1 and results:
+        plot_profiles(results, out / "depth_compare.png", "relative weight change by depth")
+        (out / "depth_compare.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {out / 'depth_compare.png'} and depth_compare.json")
+    if len(runs) > 1 and ratios:
+        plot_gradient_ratios(ratios, head, out / "gradients_compare.png")
+        print(f"wrote {out / 'gradients_compare.png'} (gradient norm after / before the re-init, by layer)")
     if args.cam:
         res = cam_for_runs(runs, out / "cam.png", n_images=args.cam, layer=args.cam_layer)
         acc = ", ".join(f"{k}: {v:.2f}" for k, v in res["accuracy"].items())
         print(f"wrote {res['png']} (test images {res['indices']}; accuracy on them {acc})")
     return 0
+
