@@ -389,3 +389,28 @@ def test_delta_resume_restores_the_attention_and_reproduces_the_run(tmp_path, mo
     assert resumed["final_test_acc"] == full["final_test_acc"]
     wa, wb = load_file(str(tmp_path / "full" / WEIGHTS)), load_file(str(tmp_path / "split" / WEIGHTS))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_delta_warns_when_the_backbone_drifts_far_after_the_first_epoch():
+    import warnings
+    from rifle.methods.delta import backbone_drift
+    a, a0 = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    b, b0 = torch.zeros(2, 2), torch.zeros(2, 2)
+    assert backbone_drift([(a, a0), (b, b0)]) == pytest.approx(5.0 / 4.0)  # ||(3,-4)|| / ||(0,4)||
+    model, reg, ctx, _, _, _ = _tiny_setup(attention="uniform")
+    reg.setup(model, None, ctx)
+    assert reg._drift_pairs and not any(p is model.fc.weight for p, _ in reg._drift_pairs)  # backbone only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.on_epoch_start(0)   # nothing to check before the first epoch
+        reg.on_epoch_start(1)   # unchanged weights: drift 0, no warning
+    assert reg._drift_checked
+    reg._drift_checked = False
+    with torch.no_grad():
+        for p, _ in reg._drift_pairs:
+            p.mul_(-1.0)        # ||-W0 - W0|| / ||W0|| = 2
+    with pytest.warns(UserWarning, match=r"after epoch 2 the backbone weights are 2\.00 .*--delta-alpha"):
+        reg.on_epoch_start(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.on_epoch_start(4)   # once per process

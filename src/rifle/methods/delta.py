@@ -80,6 +80,7 @@ REDUCTIONS = ("sum", "mean")
 FROZEN_BN = ("eval", "batch")
 PROBE_L2 = 1e-3
 PROBE_ITERS = 50
+DRIFT_WARN = 0.5  # relative distance of the backbone from the pretrained weights after the first epoch
 
 
 # -------------------------------------------------------------------------------------------------
@@ -114,6 +115,17 @@ def feature_map_distance(features: dict[str, torch.Tensor], reference: dict[str,
     if total is None:
         raise ValueError("no DELTA layers")
     return total
+
+
+def backbone_drift(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``sqrt(sum ||W - W0||^2) / sqrt(sum ||W0||^2)`` over ``(current, pretrained)`` weight pairs."""
+    num = den = 0.0
+    with torch.no_grad():
+        for w, w0 in pairs:
+            w0 = w0.to(device=w.device, dtype=torch.float64)
+            num += float((w.detach().double() - w0).square().sum())
+            den += float(w0.square().sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 class _StopForward(Exception):
@@ -453,6 +465,8 @@ class DELTA(Method):
         self._head_modules: list[nn.Module] = []
         self._batch: int | None = None
         self._device = torch.device("cpu")
+        self._drift_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._drift_checked = False
 
     # ------------------------------------------------------------------ hooks
     def configure_param_groups(self, groups: list[dict], ctx: RunContext) -> list[dict]:
@@ -479,6 +493,30 @@ class DELTA(Method):
             self.channel_attention = self._compute_attention(ctx)
         self._tap = FeatureTap(inner, self.layer_names, grad_only=True)
         self._ref_tap = FeatureTap(self.frozen, self.layer_names, stop=True)
+        pre = ctx.pretrained_state or {}
+        heads = tuple(ctx.head_names)
+        self._drift_pairs = [(p, pre[n]) for n, p in inner.named_parameters()
+                             if n in pre and p.dim() > 1 and not any(n == h or n.startswith(h + ".") for h in heads)]
+        self._drift_checked = False
+
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        """After the first epoch of this process: warn when the backbone already drifted far from the
+        pretrained weights - DELTA is dominating training instead of anchoring it (alpha too large for
+        this model, resolution or data)."""
+        if epoch < 1 or self._drift_checked or not self._drift_pairs:
+            return {}
+        self._drift_checked = True
+        drift = backbone_drift(self._drift_pairs)
+        if drift > DRIFT_WARN:
+            import warnings
+            warnings.warn(
+                f"DELTA: after epoch {epoch - 1} the backbone weights are {drift:.2f} (relative, "
+                f"||W - W0|| / ||W0||) away from the pretrained ones - plain fine-tuning moves them a few "
+                f"percent; DELTA is meant to keep them close. Its term dominates training at alpha="
+                f"{self.alpha:g} here (its default was set for ResNets at 224 px). Use a smaller --delta-alpha "
+                f"(on EfficientNet-Lite0 / ELPV at 112 px: 0.01 -> ~2, 0.001 -> 0.2, 0.0001 -> 0.06 after "
+                f"10 epochs; docs/results/elpv.md).", stacklevel=2)
+        return {}
 
     def _batches(self, ctx: RunContext, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if ctx.train_loader is None:
