@@ -168,5 +168,13 @@ def test_cli_analyze_writes_depth_files(runs, tmp_path, capsys):
                  "--out", str(tmp_path / "cmp2")]) == 0
     assert (tmp / "monitored" / "depth_monitor.png").is_file()
     assert (tmp_path / "cmp2" / "gradients_compare.png").is_file()
-    assert not (tmp_path / "cmp2" / "depth_compare.png").exists()
+    # ... and the weight-change profile comes from depth.jsonl: the same numbers as from the checkpoint
+    from_ckpt = json.loads((tmp_path / "cmp" / "depth_compare.json").read_text())
+    from_monitor = json.loads((tmp_path / "cmp2" / "depth_compare.json").read_text())
+    (ckpt,) = [r for r in from_ckpt if r["run"].endswith("monitored")]
+    (mon,) = from_monitor
+    assert [x["name"] for x in mon["layers"]] == [x["name"] for x in ckpt["layers"]]
+    assert [x["head"] for x in mon["layers"]] == [x["head"] for x in ckpt["layers"]]
+    assert [x["rel_change"] for x in mon["layers"]] == pytest.approx([x["rel_change"] for x in ckpt["layers"]],
+                                                                     rel=1e-5, abs=1e-9)
     assert main(["analyze", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback

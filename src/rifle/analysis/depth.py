@@ -178,6 +178,19 @@ def read_monitor(run_dir: str | Path) -> dict[str, Any] | None:
     return out
 
 
+def monitor_depth(run_dir: str | Path, mon: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """:func:`run_depth`'s result from the run's ``depth.jsonl`` (its last recorded epoch), no checkpoint needed."""
+    mon = mon if mon is not None else read_monitor(run_dir)
+    if not mon or not mon.get("header") or not mon.get("weights"):
+        return None
+    h, last = mon["header"], mon["weights"][-1]
+    return {"run": str(run_dir), "label": run_label(run_dir), "method": h.get("method"), "epoch": last["epoch"],
+            "reference": "pretrained backbone + the run's first head init (depth.jsonl)",
+            "layers": [{"index": i, "name": n, "kind": k, "numel": int(c), "rel_change": v, "head": hd}
+                       for i, (n, k, c, v, hd) in enumerate(zip(h["names"], h["kinds"], h["numel"],
+                                                                last["rel_change"], h["head"]))]}
+
+
 def load_profile(run_dir: str | Path) -> list[float] | None:
     """The final per-layer relative change: ``depth.json`` if written, else the monitor's last epoch."""
     p = Path(run_dir) / DEPTH_JSON

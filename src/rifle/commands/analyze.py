@@ -20,14 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam-layer", default=None,
                    help="module whose output Grad-CAM uses (default: the forward_features output)")
     p.add_argument("--no-depth", action="store_true",
-                   help="skip the weight-change profile from the checkpoint (the --record-depth plots, "
-                        "which need only depth.jsonl, are still drawn)")
+                   help="no checkpoint needed: take the weight-change profile from depth.jsonl (runs "
+                        "trained with --record-depth) instead of the final checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.cam import cam_for_runs
-    from ..analysis.depth import (backbone_thirds, gradient_ratios, plot_gradient_ratios, plot_monitor,
-                                  plot_profiles, read_monitor, run_depth, run_label)
+    from ..analysis.depth import (backbone_thirds, gradient_ratios, monitor_depth, plot_gradient_ratios,
+                                  plot_monitor, plot_profiles, read_monitor, run_depth, run_label)
     runs = [Path(r) for r in args.runs]
     for r in runs:
         if not (r / "config.yaml").is_file():
@@ -45,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
             ratio = gradient_ratios(mon)
             if ratio is not None:
                 ratios[label], head = ratio, mon["header"]["head"]
-        if not args.no_depth:
+        if args.no_depth:
+            res = monitor_depth(r, mon)
+            if res is not None:
+                results.append(res)
+        else:
             res = run_depth(r)
             results.append(res)
             plot_profiles([res], r / "depth.png", f"{res['label']}: relative weight change by depth")
