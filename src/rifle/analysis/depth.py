@@ -281,10 +281,13 @@ def finish_depth_axes(fig: Any, ax: Any, path: str | Path, title: str, xlabel: s
     ax.set_ylabel("‖W(T) − W(0)‖ / ‖W(0)‖", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if len(ax.get_lines()) > 8:  # many runs: the legend beside the axes, not over the curves
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
 
 
 def plot_profiles(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:

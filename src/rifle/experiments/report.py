@@ -550,7 +550,7 @@ def plot_curves(cell_runs: dict[str, list[RunRecord]], labels: list[str], path: 
     handles, names = axes[0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0, 0.82, 0.95))
     fig.legend(handles, names, loc="center left", bbox_to_anchor=(0.83, 0.5), fontsize=7, frameon=False)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # long labels: grow the canvas rather than cut them
     plt.close(fig)
 
 
@@ -590,7 +590,7 @@ def plot_depth(profiles: dict[str, list[list[float]]], path: Path, title: str) -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=PLOT_DPI)
+    fig, ax = plt.subplots(figsize=(8, 3.4 if len(profiles) <= 8 else 4.6), dpi=PLOT_DPI)
     for (label, seeds), color in zip(profiles.items(), _colors(len(profiles))):
         n = min(len(s) for s in seeds)
         mean = [sum(s[i] for s in seeds) / len(seeds) for i in range(n)]
