@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench-speed
+.PHONY: demo test venv clean bench-speed results-elpv
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --out docs/performance.md
 	$(BIN)/python benchmarks/cpu_options.py --out docs/performance-options.md
+
+# docs/results/elpv.md: the ELPV grid (resumable: finished runs are skipped; ~2.5 h from scratch on 2 cores)
+# and the report written into the page's generated section.
+results-elpv: $(STAMP)
+	$(BIN)/rifle bench benchmarks/elpv_grid.yaml --out docs/results/elpv
+	$(BIN)/rifle report docs/results/elpv --page docs/results/elpv.md
 
 clean:
 	rm -rf runs .pytest_cache
