@@ -400,6 +400,7 @@ def test_delta_warns_when_the_backbone_drifts_far_after_the_first_epoch():
     model, reg, ctx, _, _, _ = _tiny_setup(attention="uniform")
     reg.setup(model, None, ctx)
     assert reg._drift_pairs and not any(p is model.fc.weight for p, _ in reg._drift_pairs)  # backbone only
+    assert all(p.dim() > 1 for p, _ in reg._drift_pairs)  # conv / linear weights, not BatchNorm's affine
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reg.on_epoch_start(0)   # nothing to check before the first epoch

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.heads import in_head
 from ..methods.base import Method, RunContext
 
 DEPTH_JSON = "depth.json"
@@ -153,7 +154,7 @@ def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
            "reference": "pretrained backbone + the run's first head init",
            "layers": [{"index": i, "name": name, "kind": kind,
                        "numel": int(ref_state[name].numel()), "rel_change": v,
-                       "head": any(name == h or name.startswith(h + ".") for h in heads)}
+                       "head": in_head(name, heads)}
                       for i, ((name, kind), v) in enumerate(zip(layers, r))]}
     if write:
         from ..train.checkpoint import atomic_write_text
@@ -191,12 +192,13 @@ def monitor_depth(run_dir: str | Path, mon: dict[str, Any] | None = None) -> dic
                                                                 last["rel_change"], h["head"]))]}
 
 
-def load_profile(run_dir: str | Path) -> list[float] | None:
-    """The final per-layer relative change: ``depth.json`` if written, else the monitor's last epoch."""
+def load_profile(run_dir: str | Path, mon: dict[str, Any] | None = None) -> list[float] | None:
+    """The final per-layer relative change: ``depth.json`` if written, else the monitor's last epoch
+    (``mon``: the run's :func:`read_monitor` result when already read)."""
     p = Path(run_dir) / DEPTH_JSON
     if p.is_file():
         return [layer["rel_change"] for layer in json.loads(p.read_text())["layers"]]
-    mon = read_monitor(run_dir)
+    mon = mon if mon is not None else read_monitor(run_dir)
     if mon and mon["weights"]:
         return list(mon["weights"][-1]["rel_change"])
     return None
@@ -216,31 +218,36 @@ def backbone_thirds(values: Sequence[float], head: Sequence[bool]) -> list[float
     return [sum(x) / len(x) for x in parts]
 
 
+def grad_window_means(mon: dict[str, Any]) -> dict[int, dict[str, tuple[list[float], int]]]:
+    """Per watched (re-init) epoch: ``{"before": (mean norm per layer, steps), "after": (...)}``.
+
+    ``before`` = the recorded steps with ``offset < 0``, ``after`` = ``offset >= 0``; records with a
+    missing norm are left out, and a side without records is absent.
+    """
+    grads = [g for g in mon.get("grad", []) if all(v is not None for v in g["norms"])]
+    out: dict[int, dict[str, tuple[list[float], int]]] = {}
+    for e in sorted({g["reinit_epoch"] for g in grads}):
+        for side in ("before", "after"):
+            recs = [g["norms"] for g in grads if g["reinit_epoch"] == e and (g["offset"] < 0) == (side == "before")]
+            if recs:
+                out.setdefault(e, {})[side] = ([sum(col) / len(recs) for col in zip(*recs)], len(recs))
+    return out
+
+
 def gradient_ratios(mon: dict[str, Any]) -> list[float | None] | None:
     """Per layer: mean gradient norm in the recorded steps after / before the watched epoch boundaries.
 
-    For each watched (re-init) epoch, ``mean(after) / mean(before)`` per layer over the recorded steps
-    (``offset >= 0`` vs ``< 0``), then averaged over the watched epochs. None without gradient records;
-    a layer whose ``before`` mean is 0 or missing gets None.
+    For each watched (re-init) epoch, ``mean(after) / mean(before)`` per layer (:func:`grad_window_means`),
+    then averaged over the watched epochs. None without an epoch recorded on both sides; a layer whose
+    ``before`` mean is 0 gets None.
     """
-    grads = [g for g in mon.get("grad", []) if all(v is not None for v in g["norms"])]
-    if not grads:
-        return None
-    n = len(grads[0]["norms"])
-    per_epoch = []
-    for e in sorted({g["reinit_epoch"] for g in grads}):
-        before = [g["norms"] for g in grads if g["reinit_epoch"] == e and g["offset"] < 0]
-        after = [g["norms"] for g in grads if g["reinit_epoch"] == e and g["offset"] >= 0]
-        if not before or not after:
-            continue
-        mb = [sum(r[i] for r in before) / len(before) for i in range(n)]
-        ma = [sum(r[i] for r in after) / len(after) for i in range(n)]
-        per_epoch.append([a / b if b > 0 else None for a, b in zip(ma, mb)])
+    per_epoch = [[a / b if b > 0 else None for a, b in zip(w["after"][0], w["before"][0])]
+                 for w in grad_window_means(mon).values() if "before" in w and "after" in w]
     if not per_epoch:
         return None
     out: list[float | None] = []
-    for i in range(n):
-        vals = [r[i] for r in per_epoch if r[i] is not None]
+    for col in zip(*per_epoch):
+        vals = [v for v in col if v is not None]
         out.append(sum(vals) / len(vals) if vals else None)
     return out
 
@@ -274,11 +281,15 @@ def _mean_of(xs: Sequence[float]) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ plots
-def finish_depth_axes(fig: Any, ax: Any, path: str | Path, title: str, xlabel: str) -> None:
-    """The common look of every depth-profile plot (log y, labels, legend), then save."""
+LAYER_AXIS = "layer (conv / linear weights, input side -> head; x = head)"
+
+
+def finish_depth_axes(fig: Any, ax: Any, path: str | Path, title: str, xlabel: str,
+                      ylabel: str = "‖W(T) − W(0)‖ / ‖W(0)‖") -> None:
+    """The common look of every by-layer plot (log y, labels, legend), then save."""
     ax.set_yscale("log")
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel("‖W(T) − W(0)‖ / ‖W(0)‖", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     if len(ax.get_lines()) > 8:  # many runs: the legend beside the axes, not over the curves
@@ -297,12 +308,9 @@ def plot_profiles(results: Sequence[dict[str, Any]], path: str | Path, title: st
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
     for res in results:
-        ys = [max(layer["rel_change"], 1e-12) for layer in res["layers"]]
-        line, = ax.plot(range(len(ys)), ys, lw=1.2, label=res["label"])
-        heads = [layer["index"] for layer in res["layers"] if layer["head"]]
-        ax.plot(heads, [ys[i] for i in heads], "x", color=line.get_color())
-    finish_depth_axes(fig, ax, path, title or "relative weight change by depth",
-                      "layer (conv / linear weights, input side -> head; x = head)")
+        _plot_by_layer(ax, [max(layer["rel_change"], 1e-12) for layer in res["layers"]],
+                       [layer["head"] for layer in res["layers"]], res["label"])
+    finish_depth_axes(fig, ax, path, title or "relative weight change by depth", LAYER_AXIS)
     plt.close(fig)
 
 
@@ -320,13 +328,11 @@ def plot_monitor(mon: dict[str, Any], path: str | Path, title: str = "") -> None
     a.set_yscale("log")
     a.set_title("relative weight change after each epoch", fontsize=9)
     a.set_xlabel("layer (input side -> head)", fontsize=8)
-    for r in sorted({g["reinit_epoch"] for g in mon["grad"]}):
+    for r, sides in grad_window_means(mon).items():
         for side, ls in (("before", "--"), ("after", "-")):
-            recs = [g for g in mon["grad"] if g["reinit_epoch"] == r and (g["offset"] < 0) == (side == "before")]
-            recs = [g for g in recs if all(v is not None for v in g["norms"])]
-            if recs:
-                mean = [sum(g["norms"][i] for g in recs) / len(recs) for i in range(len(recs[0]["norms"]))]
-                b.plot([max(v, 1e-12) for v in mean], ls=ls, lw=1.1, label=f"epoch {r}: {len(recs)} steps {side}")
+            if side in sides:
+                mean, steps = sides[side]
+                b.plot([max(v, 1e-12) for v in mean], ls=ls, lw=1.1, label=f"epoch {r}: {steps} steps {side}")
     b.set_yscale("log")
     b.set_title("gradient norm per layer around each re-init epoch", fontsize=9)
     b.set_xlabel("layer (input side -> head)", fontsize=8)
@@ -350,21 +356,19 @@ def plot_gradient_ratios(ratios: dict[str, list[float | None]], head: Sequence[b
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
     for label, ys in ratios.items():
-        xs = [i for i, v in enumerate(ys) if v is not None]
-        line, = ax.plot(xs, [ys[i] for i in xs], lw=1.2, label=label)
-        heads = [i for i in xs if i < len(head) and head[i]]
-        ax.plot(heads, [ys[i] for i in heads], "x", color=line.get_color())
+        _plot_by_layer(ax, ys, head, label)
     ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (conv / linear weights, input side -> head; x = head)", fontsize=8)
-    ax.set_ylabel("grad norm after / before", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "gradient norm just after / just before the re-init epoch boundary", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    finish_depth_axes(fig, ax, path, title or "gradient norm just after / just before the re-init epoch boundary",
+                      LAYER_AXIS, ylabel="grad norm after / before")
     plt.close(fig)
+
+
+def _plot_by_layer(ax: Any, ys: Sequence[float | None], head: Sequence[bool], label: str) -> None:
+    """One line by layer index (None values skipped), the head's layers marked with x."""
+    xs = [i for i, v in enumerate(ys) if v is not None]
+    line, = ax.plot(xs, [ys[i] for i in xs], lw=1.2, label=label)
+    heads = [i for i in xs if i < len(head) and head[i]]
+    ax.plot(heads, [ys[i] for i in heads], "x", color=line.get_color())
 
 
 # ------------------------------------------------------------------------------------------ monitor
@@ -429,7 +433,7 @@ class DepthMonitor(Method):
                     self.windows.setdefault(s, e)
         self.header = {"type": "layers", "names": self.names, "kinds": [k for _, k in layers],
                        "numel": [int(p.numel()) for p in self.params],
-                       "head": [any(n == h or n.startswith(h + ".") for h in ctx.head_names) for n in self.names],
+                       "head": [in_head(n, ctx.head_names) for n in self.names],
                        "watch_epochs": self.watch_epochs, "window": self.window, "steps_per_epoch": self.spe,
                        "method": ctx.config.get("method"), "reinits": ctx.config.get("reinits")}
         for h in self._handles:

@@ -115,6 +115,11 @@ def head_names(model: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
     return [_module_name(model, m) for m in modules]
 
 
+def in_head(name: str, heads: Sequence[str]) -> bool:
+    """Whether the dotted module/parameter ``name`` is one of the head modules ``heads`` or inside one."""
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's blocks in depth order: timm ``blocks`` (stages flattened), ResNet ``layer1..4``."""
     out: list[tuple[str, nn.Module]] = []

@@ -150,17 +150,34 @@ def _by_seed(runs: list[RunRecord], key: str) -> dict[int, float]:
     return {r.seed: float(r.summary[key]) for r in runs if _num(r.summary.get(key)) is not None}
 
 
+def _ordered(labels: Any, baseline: str | None, order: list[str] | None) -> list[str]:
+    """The baseline first, then the grid's order, then the rest alphabetically."""
+    rank = {label: i for i, label in enumerate(order or [])}
+    return sorted(labels, key=lambda lab: (lab != baseline, rank.get(lab, len(rank)), lab))
+
+
+def _paired_fields(name: str, a: dict[int, float], b: dict[int, float], confidence: float) -> dict[str, Any]:
+    """``diff_<name>_{n,mean,ci_low,ci_high,p,p_wilcoxon}`` of ``a - b`` paired on their common seeds."""
+    seeds, x, y = pair_by_key(a, b)
+    d = paired_difference(x, y, confidence) if seeds else None
+    return {f"diff_{name}_n": len(seeds),
+            f"diff_{name}_mean": d.mean if d else math.nan,
+            f"diff_{name}_ci_low": d.ci_low if d else math.nan,
+            f"diff_{name}_ci_high": d.ci_high if d else math.nan,
+            f"diff_{name}_p": d.p_t if d else math.nan,
+            f"diff_{name}_p_wilcoxon": d.p_wilcoxon if d else math.nan}
+
+
 def aggregate(col: Collected, baseline: str | None = None, order: list[str] | None = None,
               confidence: float = 0.95) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows, sweeps)``: one row per cell x method (plus one per K sweep: the K selected on val)."""
     cells: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in col.runs:
         cells[r.cell][r.label].append(r)
-    rank = {label: i for i, label in enumerate(order or [])}
     rows, sweeps = [], []
     for cell in sorted(cells):
         by_label = cells[cell]
-        labels = sorted(by_label, key=lambda lab: (lab != baseline, rank.get(lab, len(rank)), lab))
+        labels = _ordered(by_label, baseline, order)
         base = by_label.get(baseline) if baseline else None
         for label in labels:
             rows.append(_row(cell, label, by_label[label], base, baseline, confidence))
@@ -206,14 +223,7 @@ def _row(cell: tuple, label: str, runs: list[RunRecord], base: list[RunRecord] |
         row.update({f"{name}_mean": m, f"{name}_std": sd, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
     if base is not None and label != baseline:
         for name, key in (("final", "final_test_acc"), ("bestval", "test_acc_at_best_val")):
-            seeds, a, b = pair_by_key(_by_seed(runs, key), _by_seed(base, key))
-            d = paired_difference(a, b, confidence) if seeds else None
-            row.update({f"diff_{name}_n": len(seeds),
-                        f"diff_{name}_mean": d.mean if d else math.nan,
-                        f"diff_{name}_ci_low": d.ci_low if d else math.nan,
-                        f"diff_{name}_ci_high": d.ci_high if d else math.nan,
-                        f"diff_{name}_p": d.p_t if d else math.nan,
-                        f"diff_{name}_p_wilcoxon": d.p_wilcoxon if d else math.nan})
+            row.update(_paired_fields(name, _by_seed(runs, key), _by_seed(base, key), confidence))
     row["selected_k"] = None
     row["selected_label"] = None
     return row
@@ -248,24 +258,24 @@ DEPTH_COLUMNS = ["dataset", "model", "train_fraction", "method", "n", "seeds", "
 
 
 def depth_rows(col: Collected, baseline: str | None, order: list[str] | None = None,
-               confidence: float = 0.95) -> list[dict[str, Any]]:
+               confidence: float = 0.95, monitors: dict[Path, Any] | None = None) -> list[dict[str, Any]]:
     """Per cell x method, from the runs' ``depth.jsonl`` (``--record-depth``): mean +- std over seeds of
     the relative weight change of the first / middle / last backbone third after the last epoch, the
     paired difference of the first third against the baseline, and the mean over seeds of the gradient
     ratio after / before the (re-init) epoch boundaries (see :func:`rifle.analysis.depth.summarize_monitor`).
+    ``monitors``: ``{run path: read_monitor(run path)}`` when already read.
     """
     from ..analysis.depth import read_monitor, summarize_monitor
     cells: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for r in col.runs:
-        summ = summarize_monitor(read_monitor(r.path))
+        summ = summarize_monitor(monitors[r.path] if monitors is not None else read_monitor(r.path))
         if summ is not None:
             cells[r.cell][r.label][r.seed] = summ
-    rank = {label: i for i, label in enumerate(order or [])}
     rows = []
     for cell in sorted(cells):
         by_label = cells[cell]
         base = by_label.get(baseline) if baseline else None
-        for label in sorted(by_label, key=lambda lab: (lab != baseline, rank.get(lab, len(rank)), lab)):
+        for label in _ordered(by_label, baseline, order):
             seeds = by_label[label]
             row: dict[str, Any] = {"dataset": cell[0], "model": cell[1], "train_fraction": cell[2],
                                    "method": label, "n": len(seeds), "seeds": " ".join(map(str, sorted(seeds))),
@@ -273,20 +283,14 @@ def depth_rows(col: Collected, baseline: str | None, order: list[str] | None = N
             for i, part in enumerate(("first", "middle", "last")):
                 m, sd, _ = mean_std([v["rel_change"][i] for v in seeds.values()])
                 row.update({f"rel_{part}_mean": m, f"rel_{part}_std": sd})
-            heads = [v["head_rel_change"] for v in seeds.values() if v["head_rel_change"] is not None]
-            row["head_rel_mean"] = mean_std(heads)[0]
+            row["head_rel_mean"] = mean_std([v["head_rel_change"] for v in seeds.values()
+                                             if v["head_rel_change"] is not None])[0]
             if base is not None and label != baseline:
-                keys, a, b = pair_by_key({k: v["rel_change"][0] for k, v in seeds.items()},
-                                         {k: v["rel_change"][0] for k, v in base.items()})
-                d = paired_difference(a, b, confidence) if keys else None
-                row.update({"diff_rel_first_n": len(keys), "diff_rel_first_mean": d.mean if d else math.nan,
-                            "diff_rel_first_ci_low": d.ci_low if d else math.nan,
-                            "diff_rel_first_ci_high": d.ci_high if d else math.nan,
-                            "diff_rel_first_p": d.p_t if d else math.nan})
+                row.update(_paired_fields("rel_first", {k: v["rel_change"][0] for k, v in seeds.items()},
+                                          {k: v["rel_change"][0] for k, v in base.items()}, confidence))
             grads = [v for v in seeds.values() if v["grad_ratio"] is not None]
             watch = sorted({tuple(v["watch_epochs"] or ()) for v in grads})
-            row.update({"grad_n": len(grads), "watch_epochs": " ".join(map(str, watch[0])) if len(watch) == 1 else
-                        "; ".join(" ".join(map(str, w)) for w in watch)})
+            row.update({"grad_n": len(grads), "watch_epochs": "; ".join(" ".join(map(str, w)) for w in watch)})
             for i, part in enumerate(("first", "middle", "last")):
                 row[f"grad_{part}_mean"] = mean_std([v["grad_ratio"][i] for v in grads])[0]
             row["grad_head_mean"] = mean_std([v["head_grad_ratio"] for v in grads
@@ -302,12 +306,6 @@ def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None
     if not rows:
         return []
     c = int(round(confidence * 100))
-
-    def num(v: float, sd: float | None = None, scale: float = 100.0, fmt: str = ".2f") -> str:
-        if v is None or not math.isfinite(v):
-            return "-"
-        return f"{scale * v:{fmt}}" + (f" ± {scale * sd:{fmt}}" if sd is not None and math.isfinite(sd) else "")
-
     out = [f"{'#' * level} Backpropagation in depth", "",
            "Relative weight change ‖W(T) − W(0)‖ / ‖W(0)‖ from the pretrained weights after the last epoch, "
            "mean over the conv/linear weights of the first / middle / last third of the backbone, in % "
@@ -320,20 +318,11 @@ def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None
            "epochs watched | grad ratio first / middle / last third | head grad ratio |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        d = r.get("diff_rel_first_mean")
-        if d is not None and math.isfinite(d):
-            ci = (f" [{100 * r['diff_rel_first_ci_low']:+.3f}, {100 * r['diff_rel_first_ci_high']:+.3f}]"
-                  if math.isfinite(r["diff_rel_first_ci_low"]) else "")
-            p = f", p={r['diff_rel_first_p']:.3g}" if math.isfinite(r["diff_rel_first_p"]) else ""
-            diff = f"{100 * d:+.3f}{ci}{p}"
-        else:
-            diff = "-"
-        grad = " / ".join(num(r[f"grad_{k}_mean"], scale=1.0) for k in ("first", "middle", "last")) \
-            if r["grad_n"] else "-"
-        out.append(f"| {r['method']} | {r['n']} | {num(r['rel_first_mean'], r['rel_first_std'])} | "
-                   f"{num(r['rel_middle_mean'], r['rel_middle_std'])} | {num(r['rel_last_mean'], r['rel_last_std'])} | "
-                   f"{num(r['head_rel_mean'])} | {diff} | {r['watch_epochs'] or '-'} | {grad} | "
-                   f"{num(r['grad_head_mean'], scale=1.0) if r['grad_n'] else '-'} |")
+        grad = " / ".join(_ratio(r[f"grad_{k}_mean"]) for k in ("first", "middle", "last")) if r["grad_n"] else "-"
+        out.append(f"| {r['method']} | {r['n']} | {_pct(r['rel_first_mean'], r['rel_first_std'])} | "
+                   f"{_pct(r['rel_middle_mean'], r['rel_middle_std'])} | {_pct(r['rel_last_mean'], r['rel_last_std'])} | "
+                   f"{_pct(r['head_rel_mean'])} | {_diff(r, 'rel_first', digits=3)} | {r['watch_epochs'] or '-'} | "
+                   f"{grad} | {_ratio(r['grad_head_mean']) if r['grad_n'] else '-'} |")
     return out + [""]
 
 
@@ -344,16 +333,20 @@ def _pct(m: float, sd: float | None = None) -> str:
     return f"{100 * m:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None and math.isfinite(sd) else "")
 
 
-def _diff(row: dict[str, Any], name: str) -> str:
+def _diff(row: dict[str, Any], name: str, digits: int = 2) -> str:
     m = row.get(f"diff_{name}_mean")
     if m is None or not math.isfinite(m):
         return "-"
     lo, hi, p = row[f"diff_{name}_ci_low"], row[f"diff_{name}_ci_high"], row[f"diff_{name}_p"]
-    ci = f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if math.isfinite(lo) else ""
+    ci = f" [{100 * lo:+.{digits}f}, {100 * hi:+.{digits}f}]" if math.isfinite(lo) else ""
     pt = f", p={p:.3g}" if math.isfinite(p) else ""
     pw = row.get(f"diff_{name}_p_wilcoxon")
     pw = f", pW={pw:.3g}" if pw is not None and math.isfinite(pw) else ""
-    return f"{100 * m:+.2f}{ci}{pt}{pw}"
+    return f"{100 * m:+.{digits}f}{ci}{pt}{pw}"
+
+
+def _ratio(v: float) -> str:
+    return f"{v:.2f}" if math.isfinite(v) else "-"
 
 
 def cell_slug(cell: tuple) -> str:
@@ -500,11 +493,10 @@ def update_page(page: str | Path, block: str) -> None:
         atomic_write_text(page, f"# Results\n\n{block}\n")
         return
     text = page.read_text()
-    i, j = text.find(PAGE_BEGIN), text.find(PAGE_END)
-    if i < 0 or j < 0 or j < i or text.count(PAGE_BEGIN) != 1 or text.count(PAGE_END) != 1:
+    if text.count(PAGE_BEGIN) != 1 or text.count(PAGE_END) != 1 or text.index(PAGE_END) < text.index(PAGE_BEGIN):
         raise ValueError(f"{page}: --page needs exactly one pair of markers to write between, in this order:\n"
                          f"  {PAGE_BEGIN}\n  {PAGE_END}\n(the page is left unchanged)")
-    atomic_write_text(page, text[:i] + block + text[j + len(PAGE_END):])
+    atomic_write_text(page, text[:text.index(PAGE_BEGIN)] + block + text[text.index(PAGE_END) + len(PAGE_END):])
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -601,9 +593,9 @@ def plot_depth(profiles: dict[str, list[list[float]]], path: Path, title: str) -
     plt.close(fig)
 
 
-def _depth_profile(run: RunRecord, compute: bool) -> list[float] | None:
+def _depth_profile(run: RunRecord, compute: bool, mon: dict[str, Any] | None) -> list[float] | None:
     from ..analysis.depth import load_profile, run_depth
-    prof = load_profile(run.path)
+    prof = load_profile(run.path, mon)
     if prof is None and compute:
         prof = [layer["rel_change"] for layer in run_depth(run.path)["layers"]]
     return prof
@@ -630,6 +622,8 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
         if baseline is None and any(r.label == "finetune" for r in col.runs):
             baseline = "finetune"
     rows, sweeps = aggregate(col, baseline, info.get("labels"), confidence)
+    from ..analysis.depth import read_monitor
+    monitors = {r.path: read_monitor(r.path) for r in col.runs}  # each depth.jsonl parsed once
     pngs: dict[tuple, list[str]] = defaultdict(list)
     if plots and col.runs:
         cells: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
@@ -648,14 +642,14 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
             pngs[cell].append(name)
             profiles = {}
             for label in labels:
-                seeds = [p for p in (_depth_profile(r, depth) for r in by_label[label]) if p]
+                seeds = [p for p in (_depth_profile(r, depth, monitors[r.path]) for r in by_label[label]) if p]
                 if seeds:
                     profiles[label] = seeds
             if profiles:
                 name = f"depth_{cell_slug(cell)}.png"
                 plot_depth(profiles, root / name, title + ": relative weight change by depth")
                 pngs[cell].append(name)
-    drows = depth_rows(col, baseline, info.get("labels"), confidence)
+    drows = depth_rows(col, baseline, info.get("labels"), confidence, monitors)
     md = render_markdown(root, col, rows, sweeps, baseline, info, pngs, confidence, drows)
     atomic_write_text(root / "results.md", md + "\n")
     atomic_write_text(root / "results.csv", to_csv(rows))

@@ -62,6 +62,7 @@ import difflib
 import itertools
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,9 +71,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.heads import in_head
 from ..core.rifle import unwrap_model
 from .base import Method, RunContext, register
-from .l2sp import disable_weight_decay, head_params, squared_norm
+from .l2sp import backbone_and_refs, disable_weight_decay, head_params, squared_distance, squared_norm
 
 ATTENTION_MODES = ("first_order", "exact", "uniform")
 HEAD_MODES = ("probe", "pretrained")
@@ -118,14 +120,12 @@ def feature_map_distance(features: dict[str, torch.Tensor], reference: dict[str,
 
 
 def backbone_drift(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """``sqrt(sum ||W - W0||^2) / sqrt(sum ||W0||^2)`` over ``(current, pretrained)`` weight pairs."""
-    num = den = 0.0
+    """``sqrt(sum ||W - W0||^2 / sum ||W0||^2)`` over ``(current, pretrained)`` pairs (L2-SP's distance)."""
+    pairs = list(pairs)
+    params, refs = [w for w, _ in pairs], [w0 for _, w0 in pairs]
     with torch.no_grad():
-        for w, w0 in pairs:
-            w0 = w0.to(device=w.device, dtype=torch.float64)
-            num += float((w.detach().double() - w0).square().sum())
-            den += float(w0.square().sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
+        den = float(squared_norm(refs))
+        return (float(squared_distance(params, refs)) / den) ** 0.5 if den > 0 else 0.0
 
 
 class _StopForward(Exception):
@@ -260,7 +260,7 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str] | None,
             raise ValueError(f"DELTA layer {n!r}: no such module in {type(m).__name__}.{hint} "
                              f"Available layers: {', '.join(candidate_layers(m, head_names))} "
                              f"(any name from model.named_modules() works)")
-        if any(n == h or n.startswith(h + ".") for h in head_names):
+        if in_head(n, head_names):
             raise ValueError(f"DELTA layer {n!r} is (part of) the classifier head {list(head_names)}: "
                              f"choose backbone layers")
     if len(set(names)) != len(names):
@@ -493,10 +493,11 @@ class DELTA(Method):
             self.channel_attention = self._compute_attention(ctx)
         self._tap = FeatureTap(inner, self.layer_names, grad_only=True)
         self._ref_tap = FeatureTap(self.frozen, self.layer_names, stop=True)
-        pre = ctx.pretrained_state or {}
-        heads = tuple(ctx.head_names)
-        self._drift_pairs = [(p, pre[n]) for n, p in inner.named_parameters()
-                             if n in pre and p.dim() > 1 and not any(n == h or n.startswith(h + ".") for h in heads)]
+        # conv / linear weights only (as in the depth analysis): BatchNorm's affine parameters would
+        # dominate the norm and hide the drift
+        self._drift_pairs = ([(p, r) for p, r in zip(*backbone_and_refs(inner, self._head_modules,
+                                                                         ctx.pretrained_state)) if p.dim() > 1]
+                             if ctx.pretrained_state is not None else [])
         self._drift_checked = False
 
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
@@ -508,7 +509,6 @@ class DELTA(Method):
         self._drift_checked = True
         drift = backbone_drift(self._drift_pairs)
         if drift > DRIFT_WARN:
-            import warnings
             warnings.warn(
                 f"DELTA: after epoch {epoch - 1} the backbone weights are {drift:.2f} (relative, "
                 f"||W - W0|| / ||W0||) away from the pretrained ones - plain fine-tuning moves them a few "
