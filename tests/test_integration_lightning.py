@@ -253,6 +253,45 @@ def test_epoch_resume_inside_a_reinit_epoch(tmp_path):
     assert cb.fired == [(2, 4)]
 
 
+@pytest.fixture(scope="module")
+def step_checkpoints(tmp_path_factory):
+    """The uninterrupted epoch-schedule run (re-inits at epochs 2, 4 = steps 8, 16), saved every 2 steps."""
+    tmp = tmp_path_factory.mktemp("steps")
+    m = model()
+    ckpt = ModelCheckpoint(dirpath=tmp / "s", filename="{step}", save_top_k=-1, every_n_train_steps=2)
+    full_cb = RifleCallback(reinits=2, seed=5, min_steps_after=None)
+    trainer(tmp, [full_cb, ckpt]).fit(m)
+    assert full_cb.fired == [(1, 2), (2, 4)]
+    return tmp, snapshot(m)
+
+
+@pytest.mark.parametrize("step, expected, same_weights", [
+    # a step checkpoint on the LAST batch of the epoch before a re-init epoch: Lightning resumes into
+    # the next epoch without calling on_train_epoch_start for it; the re-init must still fire there
+    (8, [(1, 2), (2, 4)], True),   # last batch of epoch 1, re-init 1 at epoch 2
+    (16, [(2, 4)], True),          # last batch of epoch 3, re-init 2 at epoch 4
+    (12, [(2, 4)], True),          # last batch of epoch 2 (after re-init 1): nothing repeated
+    (6, [(1, 2), (2, 4)], False),  # mid-epoch 1 (the epoch restarts its data: weights differ)
+    (10, [(2, 4)], False),         # mid-epoch 2, inside the re-init epoch
+])
+def test_resume_from_a_step_checkpoint_fires_each_reinit_once(step_checkpoints, tmp_path, step,
+                                                              expected, same_weights):
+    tmp, final = step_checkpoints
+    path = tmp / "s" / f"step={step}.ckpt"
+    m, cb, probe = model(seed=99), RifleCallback(reinits=2, seed=5, min_steps_after=None), Probe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RifleScheduleWarning)  # no "re-init ... was not applied"
+        trainer(tmp_path, [cb, probe]).fit(m, ckpt_path=path)
+    assert cb.fired == expected and cb.rifle.state_dict()["done"] == [1, 2]
+    for index, epoch in expected:  # re-drawn at the first batch of its epoch, with its seeded values
+        w, b = draw_values([m.net.fc], seed=5, index=index)[0]
+        after = probe.epoch_first_batch[epoch][0]
+        assert torch.equal(after["net.fc.weight"], w) and torch.equal(after["net.fc.bias"], b)
+    if same_weights:  # resumed at an epoch boundary: exactly the uninterrupted run's weights
+        resumed = snapshot(m)
+        assert all(torch.equal(resumed[k], final[k]) for k in final), changed(resumed, final)
+
+
 class TwoGroups(Digits):
     def configure_optimizers(self):  # the head alone in its param group (head_lr_restart needs it)
         return torch.optim.SGD([{"params": self.net.body.parameters()},

@@ -11,8 +11,9 @@ Mapping onto Lightning:
   ``trainer.estimated_stepping_batches`` (``granularity="step"``, optimizer steps);
 - the core is built in ``on_train_start``: the optimizers, the train dataloader and (on resume) the
   restored optimizer state all exist by then;
-- re-init in ``on_train_epoch_start`` (epoch ``trainer.current_epoch``) or ``on_train_batch_start``
-  (step ``trainer.global_step``; with gradient accumulation it fires on the first micro-batch);
+- re-init in ``on_train_epoch_start`` (epoch ``trainer.current_epoch``; also at the first batch of an
+  epoch whose ``on_train_epoch_start`` Lightning skipped on resume) or ``on_train_batch_start`` (step
+  ``trainer.global_step``; with gradient accumulation it fires on the first micro-batch);
 - the head is looked up on the LightningModule (``find_head``); when none of the known names is an
   attribute of the LightningModule itself, each direct child (``self.net``, ``self.model``...) is
   searched, and exactly one must have a head. ``head="net.fc"`` names it explicitly;
@@ -93,6 +94,7 @@ class RifleCallback(pl.Callback):
         self.rifle: Rifle | None = None
         self.fired: list[tuple[int, int]] = []
         self._pending: dict[str, Any] | None = None
+        self._epoch_started: int | None = None  # the epoch on_train_epoch_start last ran for
         self._log: Callable[[int], None] = lambda index: None
 
     # ------------------------------------------------------------------ build
@@ -132,6 +134,7 @@ class RifleCallback(pl.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fired = []
+        self._epoch_started = None
         self.rifle = self._build(trainer, pl_module)
         if self._pending is not None:
             self.rifle.load_state_dict(self._pending)
@@ -144,12 +147,20 @@ class RifleCallback(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rifle is not None and self.rifle.unit == "epoch":
+            self._epoch_started = trainer.current_epoch
             self.rifle.on_epoch_start(trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.rifle is not None and self.rifle.unit == "step":
+        if self.rifle is None:
+            return
+        if self.rifle.unit == "step":
             self.rifle.on_step_start(trainer.global_step)
+        elif batch_idx == 0 and self._epoch_started != trainer.current_epoch:
+            # resumed from a step checkpoint on an epoch's last batch: Lightning goes on with the next
+            # epoch without calling on_train_epoch_start for it, so its re-init is applied here
+            self._epoch_started = trainer.current_epoch
+            self.rifle.on_epoch_start(trainer.current_epoch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log = lambda index: None
