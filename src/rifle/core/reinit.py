@@ -1,92 +1,215 @@
 """How RIFLE re-initialises: in place, seeded, and with the optimizer's stale state cleared.
 
-Parameters are overwritten with ``copy_`` under ``no_grad`` - the module object and its
-``nn.Parameter`` objects stay the same, so the optimizer and DDP keep valid references
-(REFERENCE.md §3.4, §5). New values are drawn on the CPU from a generator seeded by
-(run seed, re-init index), then copied to the parameters' device: every DDP rank and a resumed run
-draw the identical head (§3.8).
+Parameters (and buffers, e.g. BatchNorm running statistics) are overwritten with ``copy_`` under
+``no_grad``: the module and its ``nn.Parameter`` objects stay the same, so the optimizer and DDP keep
+valid references (REFERENCE.md §3.4). New values are drawn on the CPU, on a structural copy of the
+module (never a ``deepcopy``: hooks are not copied), from a private generator seeded by
+(run seed, re-init index): every DDP rank and a resumed run draw the identical head, and no global
+RNG is touched (§3.8). How each initialiser draws, and the fallback for unknown modules:
+docs/rifle.md "Initialisers".
 """
 from __future__ import annotations
 
-import copy
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
 
-from .seeding import derive_seed
+from .seeding import generator
 
-Initializer = Callable[[nn.Module], None]
+Initializer = Callable[[nn.Module], None]  # a user's f(module), drawing from torch's global CPU RNG
 
 
-def _reset_default(module: nn.Module) -> None:
-    """The module's own ``reset_parameters()`` - PyTorch's default init, as the first init was."""
+def _on_global_rng(g: torch.Generator | None, fn: Callable[[], object]) -> None:
+    """Run ``fn`` (which draws from torch's global CPU RNG) on ``g``'s stream, continuing it.
+
+    Only the CPU default generator is borrowed - its state is saved and restored around ``fn`` by
+    ``fork_rng(devices=[])`` - and no seeding function (``torch.manual_seed``, which also seeds every
+    CUDA device) is called.
+    """
+    if g is None:
+        fn()
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.set_state(g.get_state())
+        fn()
+        g.set_state(torch.random.default_generator.get_state())
+
+
+def _has_direct_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False))
+
+
+def _plain(m: nn.Module, base: object) -> bool:
+    """``m``'s ``reset_parameters`` is ``base``'s, and its own parameters are ``weight``/``bias``."""
+    return (getattr(type(m), "reset_parameters", None) is base
+            and isinstance(m._parameters.get("weight"), torch.Tensor)
+            and set(m._parameters) <= {"weight", "bias"})
+
+
+_FAN_IN_UNIFORM = (nn.Linear.reset_parameters, _ConvNd.reset_parameters)
+_NO_RANDOMNESS = tuple(f for f in (_NormBase.reset_parameters, nn.LayerNorm.reset_parameters,
+                                   nn.GroupNorm.reset_parameters,
+                                   getattr(getattr(nn, "RMSNorm", None), "reset_parameters", None))
+                       if f is not None)
+
+
+@torch.no_grad()
+def _fan_in_uniform(m: nn.Module, g: torch.Generator | None) -> None:
+    """``nn.Linear`` / ``_ConvNd.reset_parameters`` on ``g``: the same calls in the same order."""
+    w = m.weight
+    target = w if w.is_contiguous() else torch.empty_like(w, memory_format=torch.contiguous_format)
+    nn.init.kaiming_uniform_(target, a=math.sqrt(5), generator=g)
+    if target is not w:
+        w.copy_(target)
+    if m.bias is not None:
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(w)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(m.bias, -bound, bound, generator=g)
+
+
+def reset_module(m: nn.Module, g: torch.Generator | None = None) -> None:
+    """``m.reset_parameters()`` drawing from ``g``: exactly the values it draws after
+    ``torch.manual_seed(s)`` when ``g`` was seeded with ``s``.
+
+    Linear, Conv*, Embedding and the norms are re-implemented on ``g``; any other module's own
+    ``reset_parameters()`` runs on ``g``'s stream through :func:`_on_global_rng`.
+    """
+    kind = getattr(type(m), "reset_parameters", None)
+    if kind in _FAN_IN_UNIFORM and _plain(m, kind):
+        _fan_in_uniform(m, g)
+    elif kind in _NO_RANDOMNESS:
+        m.reset_parameters()  # ones / zeros and running statistics: draws nothing
+    elif kind is nn.Embedding.reset_parameters and _plain(m, kind):
+        nn.init.normal_(m.weight, generator=g)
+        m._fill_padding_idx_with_zero()
+    else:
+        _on_global_rng(g, m.reset_parameters)
+
+
+def _reset_default(module: nn.Module, g: torch.Generator | None = None) -> None:
+    """Every submodule's own ``reset_parameters()`` - PyTorch's default init, as the first init was."""
     found = False
     for sub in module.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset) and any(True for _ in sub.parameters(recurse=False)):
-            reset()
+        if callable(getattr(sub, "reset_parameters", None)) and _has_direct_params(sub):
+            reset_module(sub, g)
             found = True
     if not found:
         raise ValueError(f"{type(module).__name__} has no reset_parameters(); choose another init")
 
 
-def _weights_then_zero_bias(fn: Callable[[torch.Tensor], object]) -> Initializer:
-    def init(module: nn.Module) -> None:
+def _weights_then_zero_bias_g(fn: Callable[[torch.Tensor, torch.Generator | None], object]):
+    def init(module: nn.Module, g: torch.Generator | None = None) -> None:
         for sub in module.modules():
             w = getattr(sub, "weight", None)
             b = getattr(sub, "bias", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2:
-                fn(w)
+                fn(w, g)
                 if isinstance(b, torch.Tensor):
                     nn.init.zeros_(b)
-            elif callable(getattr(sub, "reset_parameters", None)) and any(
-                    True for _ in sub.parameters(recurse=False)):
-                sub.reset_parameters()  # norms etc.
+            elif callable(getattr(sub, "reset_parameters", None)) and _has_direct_params(sub):
+                reset_module(sub, g)  # norms etc.
+    init.draws_from_generator = True  # type: ignore[attr-defined]
     return init
 
 
-INITIALIZERS: dict[str, Initializer] = {
+def _weights_then_zero_bias(fn: Callable[[torch.Tensor], object]) -> Initializer:
+    """An :data:`Initializer` ``f(module)``: ``fn(weight)`` (global RNG) for weights, zero biases."""
+    return _weights_then_zero_bias_g(lambda w, g: _on_global_rng(g, lambda: fn(w)))
+
+
+_reset_default.draws_from_generator = True  # type: ignore[attr-defined]
+
+# Named initialisers: f(module, generator=None). Std of each on a Linear: docs/rifle.md.
+INITIALIZERS: dict[str, Callable[..., None]] = {
     "default": _reset_default,
-    "kaiming_normal": _weights_then_zero_bias(lambda w: nn.init.kaiming_normal_(w, nonlinearity="linear")),
-    "xavier_uniform": _weights_then_zero_bias(nn.init.xavier_uniform_),
-    "normal": _weights_then_zero_bias(lambda w: nn.init.normal_(w, std=0.01)),
+    "lecun_normal": _weights_then_zero_bias_g(
+        lambda w, g: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="linear", generator=g)),
+    "kaiming_normal": _weights_then_zero_bias_g(
+        lambda w, g: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu", generator=g)),
+    "xavier_uniform": _weights_then_zero_bias_g(lambda w, g: nn.init.xavier_uniform_(w, generator=g)),
+    "normal": _weights_then_zero_bias_g(lambda w, g: nn.init.normal_(w, std=0.01, generator=g)),
 }
 
 
-def get_initializer(init: str | Initializer) -> Initializer:
+def get_initializer(init: str | Initializer) -> Callable[[nn.Module, torch.Generator | None], None]:
+    """``f(module, generator)`` for a name of :data:`INITIALIZERS` or a user's ``f(module)``."""
     if callable(init):
-        return init
+        if getattr(init, "draws_from_generator", False):
+            return init  # type: ignore[return-value]
+        return lambda module, g: _on_global_rng(g, lambda: init(module))
     try:
         return INITIALIZERS[init]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITIALIZERS)} or pass a "
                          f"callable(module)") from None
+
+
+def _cpu_copy(module: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
+    """A structural copy of ``module`` on the CPU: new module objects, fresh CPU copies of parameters
+    (float32), buffers and plain tensor attributes, no hooks. Other attributes are shared, never
+    deep-copied (a hook bound to a trainer must not copy the trainer)."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]  # type: ignore[return-value]
+
+    def tensor(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in memo:  # tied tensors stay tied
+            v = t.detach().to("cpu")
+            if param and v.is_floating_point():
+                v = v.to(torch.float32)
+            v = v.clone()
+            memo[id(t)] = nn.Parameter(v, requires_grad=t.requires_grad) if param else v
+        return memo[id(t)]  # type: ignore[return-value]
+
+    c = type(module).__new__(type(module))
+    memo[id(module)] = c
+    state = dict(vars(module))
+    for key, value in state.items():
+        if "hooks" in key and isinstance(value, dict):
+            state[key] = OrderedDict()
+        elif isinstance(value, torch.Tensor):
+            state[key] = tensor(value, isinstance(value, nn.Parameter))
+    state["_parameters"] = {k: None if p is None else tensor(p, True) for k, p in module._parameters.items()}
+    state["_buffers"] = {k: None if b is None else tensor(b, False) for k, b in module._buffers.items()}
+    state["_modules"] = {k: None if m is None else _cpu_copy(m, memo) for k, m in module._modules.items()}
+    object.__setattr__(c, "__dict__", state)
+    return c
+
+
+def draw_state(modules: Sequence[nn.Module], seed: int, index: int, init: str | Initializer = "default"
+               ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """New ``(parameters, buffers)`` of each module (CPU tensors, in ``parameters()`` / ``buffers()``
+    order), a pure function of ``(seed, index, init)`` and the modules' structure."""
+    fn = get_initializer(init)
+    g = generator(seed, "reinit", index)
+    out = []
+    for module in modules:
+        cpu = _cpu_copy(module)
+        fn(cpu, g)
+        out.append(([p.detach().clone() for p in cpu.parameters()], [b.clone() for b in cpu.buffers()]))
+    return out
 
 
 def draw_values(modules: Sequence[nn.Module], seed: int, index: int,
                 init: str | Initializer = "default") -> list[list[torch.Tensor]]:
     """New parameter values for ``modules`` (CPU tensors), a pure function of ``(seed, index, init)``."""
-    fn = get_initializer(init)
-    out: list[list[torch.Tensor]] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "reinit", index))
-        for k, module in enumerate(modules):
-            cpu = copy.deepcopy(module).to("cpu", dtype=torch.float32)
-            fn(cpu)
-            out.append([p.detach().clone() for p in cpu.parameters()])
-    return out
+    return [params for params, _ in draw_state(modules, seed, index, init)]
 
 
 @torch.no_grad()
 def reinit_(modules: Sequence[nn.Module], seed: int, index: int,
             init: str | Initializer = "default") -> None:
-    """Re-initialise ``modules`` in place with the values of :func:`draw_values`."""
-    for module, values in zip(modules, draw_values(modules, seed, index, init)):
-        params = list(module.parameters())
-        for p, v in zip(params, values):
+    """Re-initialise ``modules`` in place (parameters and buffers) with :func:`draw_state`'s values."""
+    for module, (params, buffers) in zip(modules, draw_state(modules, seed, index, init)):
+        for p, v in zip(module.parameters(), params):
             p.copy_(v.to(device=p.device, dtype=p.dtype))
+        for b, v in zip(module.buffers(), buffers):
+            b.copy_(v.to(device=b.device, dtype=b.dtype))
 
 
 def clear_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Iterable[nn.Parameter]) -> int:

@@ -7,14 +7,15 @@ Drop it into any loop::
         rifle.on_epoch_start(epoch)          # re-initialises when scheduled; returns whether it did
         ...train one epoch...
 
-or per optimizer step with ``total_steps=`` and ``on_step_start(step)``. ``state_dict()`` /
-``load_state_dict()`` carry which re-inits happened, so a resumed run never repeats or skips one.
+or per optimizer step with ``total_steps=`` and ``on_step_start(step)`` (0-based, in ``[0, T)``).
+``state_dict()`` / ``load_state_dict()`` carry which re-inits were applied (``applied``) or passed
+without being applied (``skipped``), so a resumed run never repeats or skips one.
 The object knows nothing of trainers; the Lightning / HF / CLI adapters are thin wrappers over it.
 """
 from __future__ import annotations
 
 import math
-import warnings
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +25,11 @@ from torch import nn
 from .heads import HeadSpec, find_head, head_names, select_modules
 from .replicas import verify_replicas
 from .reinit import Initializer, clear_optimizer_state, cosine_factor, get_initializer, reinit_
-from .schedule import (DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning, Schedule, check_step_budget,
-                       default_guard, make_schedule)
+from .schedule import (DEFAULT_MIN_STEPS_AFTER, Schedule, check_step_budget, default_guard,
+                       make_schedule, warn_at_caller)
+
+STATE_VERSION = 2  # 2: "applied" / "skipped" / "init"; version 1 had only "done"
+_RENAMED_INITS = {"kaiming_normal": "lecun_normal"}  # name -> what it drew in version-1 states
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -56,8 +60,10 @@ class Rifle:
             ``min_steps_after`` warning for epoch schedules.
         guard_steps: a guard given in optimizer steps (combined with ``guard``: the stricter wins).
         min_steps_after: warn when a period after a re-init has fewer optimizer steps (default 100).
-        init: ``"default"`` (the module's ``reset_parameters``), ``"kaiming_normal"``,
-            ``"xavier_uniform"``, ``"normal"`` or a callable ``f(module)`` using torch's global RNG.
+        init: ``"default"`` (the module's ``reset_parameters``), ``"lecun_normal"`` (std
+            ``1/sqrt(fan_in)``), ``"kaiming_normal"`` (He: std ``sqrt(2/fan_in)``),
+            ``"xavier_uniform"``, ``"normal"`` (std 0.01) or a callable ``f(module)`` that draws from
+            torch's global CPU RNG (it is run on the re-init's private stream; docs/rifle.md).
         head_lr_restart: restart a cosine LR for the head's param group(s) at each period (the
             official ``fc_lr_util=cyclic``); the head must then be alone in its param group(s).
         modules: also re-initialise these backbone modules: ``"last:N"`` (the last N blocks) or a
@@ -104,8 +110,10 @@ class Rifle:
         self.modules: list[nn.Module] = self.head_modules + [m for m in extra
                                                              if all(m is not h for h in self.head_modules)]
         self.module_names = head_names(inner, self.modules)
-        self.done: list[int] = []  # re-init indices (1-based i of the rule) already applied
-        self._base_lrs: list[tuple[dict, float]] = self._head_groups() if head_lr_restart else []
+        self.applied: list[int] = []  # re-init indices (1-based i of the rule) applied
+        self.skipped: list[int] = []  # ... passed without being applied (warned once)
+        if head_lr_restart:
+            self._head_groups()  # validate the param groups now; records each group's initial_lr
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -126,8 +134,14 @@ class Rifle:
         return list(self.schedule.points)
 
     @property
-    def parameters(self) -> list[nn.Parameter]:
+    def reinit_parameters(self) -> list[nn.Parameter]:
+        """The parameters a re-init overwrites (head and ``modules=``), in module order."""
         return [p for m in self.modules for p in m.parameters()]
+
+    @property
+    def done(self) -> list[int]:
+        """Re-init indices no longer pending: ``applied`` and ``skipped`` together, sorted."""
+        return sorted({*self.applied, *self.skipped})
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> bool:
@@ -141,17 +155,29 @@ class Rifle:
         return self._tick(step)
 
     def _tick(self, t: int) -> bool:
+        total = self.schedule.total
+        try:
+            t = operator.index(t)  # ints, numpy / torch integer scalars
+        except TypeError:
+            raise TypeError(f"on_{self.unit}_start({t!r}): expected an integer {self.unit} index") from None
+        if not 0 <= t < total:
+            raise ValueError(
+                f"on_{self.unit}_start({t!r}): {self.unit}s are 0-based, in [0, {total}) for this "
+                f"{total}-{self.unit} run (a loop over range(1, E+1) would shift every re-init by one); "
+                f"pass the 0-based {self.unit} index")
         fired = False
         for idx, point in enumerate(self.schedule.points, start=1):
-            if point == t and idx not in self.done:
+            if idx in self.applied or idx in self.skipped:
+                continue
+            if point == t:
                 self.reinit(idx)
                 fired = True
-            elif point < t and idx not in self.done:
-                warnings.warn(
+            elif point < t:
+                warn_at_caller(
                     f"RIFLE: the re-init scheduled at {self.unit} {point} was not applied (now at "
                     f"{self.unit} {t}): call on_{self.unit}_start for every {self.unit}, and restore "
-                    f"state with load_state_dict() when resuming", RifleScheduleWarning, stacklevel=3)
-                self.done.append(idx)  # warn once
+                    f"state with load_state_dict() when resuming")
+                self.skipped.append(idx)  # warn once
         if self.head_lr_restart:
             self._apply_head_lr(t)
         return fired
@@ -160,10 +186,13 @@ class Rifle:
         """Apply re-init number ``index`` now (normally called by the schedule)."""
         reinit_(self.modules, self.seed, index, self.init)
         if self.verify_replicas:
-            verify_replicas(self.parameters, f"RIFLE re-init {index}")
+            verify_replicas(self.reinit_parameters, f"RIFLE re-init {index}")
         if not self.keep_optimizer_state:
-            clear_optimizer_state(self.optimizer, self.parameters)
-        self.done.append(index)
+            clear_optimizer_state(self.optimizer, self.reinit_parameters)
+        if index in self.skipped:
+            self.skipped.remove(index)
+        if index not in self.applied:
+            self.applied.append(index)
         if self.on_reinit is not None:
             self.on_reinit(index, self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1)
 
@@ -197,9 +226,11 @@ class Rifle:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "unit": self.unit, "total": self.schedule.total,
+        return {"version": STATE_VERSION, "unit": self.unit, "total": self.schedule.total,
                 "reinits": self.schedule.reinits, "points": list(self.schedule.points),
-                "done": sorted(self.done), "seed": self.seed}
+                "applied": sorted(self.applied), "skipped": sorted(self.skipped),
+                "done": self.done,  # read by version-1 code
+                "init": self.init if isinstance(self.init, str) else None, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
@@ -210,10 +241,27 @@ class Rifle:
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"RIFLE state was saved with seed {state.get('seed')}, this run has "
                              f"seed {self.seed}")
-        self.done = [int(i) for i in state["done"]]
+        if "applied" in state:
+            applied = [int(i) for i in state["applied"]]
+            skipped = [int(i) for i in state.get("skipped", [])]
+        else:  # version 1: "done" did not tell applied from skipped
+            applied, skipped = [int(i) for i in state["done"]], []
+        pending = [i for i in range(1, len(self.schedule.points) + 1) if i not in applied + skipped]
+        saved_init = state.get("init", None)
+        if isinstance(self.init, str) and pending:
+            if "init" not in state and self.init in _RENAMED_INITS:
+                raise ValueError(
+                    f"RIFLE state version {state.get('version')} was saved when init={self.init!r} "
+                    f"drew what is now init={_RENAMED_INITS[self.init]!r} (docs/rifle.md, "
+                    f"Initialisers): resume with init={_RENAMED_INITS[self.init]!r} (CLI: reinit_init "
+                    f"in the run's config.yaml) to draw the heads the run would have drawn")
+            if isinstance(saved_init, str) and saved_init != self.init:
+                raise ValueError(f"RIFLE state was saved with init={saved_init!r}, this run has "
+                                 f"init={self.init!r}: the remaining re-inits would draw other heads")
+        self.applied, self.skipped = applied, skipped
 
     def __repr__(self) -> str:
         return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "
                 f"reinits={self.schedule.reinits}, points={list(self.schedule.points)}, "
-                f"done={sorted(self.done)})")
+                f"applied={sorted(self.applied)}, skipped={sorted(self.skipped)})")
 

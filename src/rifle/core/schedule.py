@@ -11,12 +11,25 @@ at included) is dropped with a warning; the default is ``max(1, ceil(T / 8))`` (
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
 
 class RifleScheduleWarning(UserWarning):
     """A scheduled re-init was dropped, or a period is too short to re-converge."""
+
+
+_CORE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = RifleScheduleWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside ``rifle/core`` (the user's line)."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_CORE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def default_guard(total: int) -> int:
@@ -83,11 +96,9 @@ def make_schedule(total: int, reinits: int, guard: int | None = None, unit: str 
             f"use fewer re-inits or train longer"
         )
     if dropped and warn:
-        warnings.warn(
+        warn_at_caller(
             f"RIFLE: re-init(s) at {unit}(s) {dropped} dropped: fewer than guard={guard} {unit}s of "
-            f"training would follow them (run of {total} {unit}s)",
-            RifleScheduleWarning, stacklevel=2,
-        )
+            f"training would follow them (run of {total} {unit}s)")
     return Schedule(total=total, reinits=reinits, guard=guard, points=tuple(kept),
                     dropped=tuple(dropped), unit=unit)
 
@@ -114,11 +125,9 @@ def check_step_budget(schedule: Schedule, steps_per_unit: int,
              if s < min_steps_after]
     if short:
         budget = steps_after(schedule, steps_per_unit)
-        warnings.warn(
+        warn_at_caller(
             f"RIFLE: the period(s) after re-init(s) at {schedule.unit}(s) {short} have "
             f"{min(budget)} optimizer step(s), fewer than min_steps_after={min_steps_after}: the new "
             f"head may not re-converge (a probe lost ~3 points with 40-step periods). Train longer, "
-            f"use fewer re-inits, or set min_steps_after to silence this.",
-            RifleScheduleWarning, stacklevel=2,
-        )
+            f"use fewer re-inits, or set min_steps_after to silence this.")
     return short
