@@ -114,6 +114,18 @@ def test_step_reinit_at_the_right_steps_changes_only_the_head_and_clears_adam_st
             assert changed(before, after) == set() and held_after == trainable
 
 
+def reinit_logs(log_history):
+    return [e for e in log_history if "rifle/reinit" in e]
+
+
+def test_reinits_are_in_the_trainers_log_history(full_run):
+    trainer = full_run[3]  # 8 steps per epoch: re-inits before optimizer steps 5 and 9
+    assert reinit_logs(trainer.state.log_history) == [{"rifle/reinit": 1, "epoch": 0.5, "step": 4},
+                                          {"rifle/reinit": 2, "epoch": 1.0, "step": 8}]
+    saved = json.loads((full_run[0] / "checkpoint-6" / "trainer_state.json").read_text())
+    assert reinit_logs(saved["log_history"]) == [{"rifle/reinit": 1, "epoch": 0.5, "step": 4}]
+
+
 @pytest.mark.parametrize("ckpt, expected, restore_flag", [
     (4, [(1, 4), (2, 8)], False),  # saved after step 4; re-init 1 comes at step 4's begin: not skipped
     (6, [(2, 8)], False),          # between: re-init 1 must not repeat
@@ -137,6 +149,9 @@ def test_resume_never_repeats_or_skips_and_matches_uninterrupted_run(full_run, t
     live = [c for c in trainer.callback_handler.callbacks if isinstance(c, RifleTrainerCallback)]
     assert len(live) == 1 and (live[0] is not cb) == restore_flag  # the flag swaps the instance
     assert live[0].fired == expected and live[0].rifle.state_dict()["done"] == [1, 2]
+    # the checkpoint's log_history holds the re-inits before it, the resumed run adds the others
+    logged = reinit_logs(trainer.state.log_history)
+    assert [(e["rifle/reinit"], e["step"]) for e in logged] == [(1, 4), (2, 8)]
     resumed = snapshot(model)
     assert all(torch.equal(resumed[k], final[k]) for k in final), changed(resumed, final)
 
@@ -185,8 +200,11 @@ def test_epoch_granularity_on_a_vit_image_classifier(tmp_path):
     cb, probe = RifleTrainerCallback(reinits=2, granularity="epoch", seed=1, init="hf"), Probe()
     args = targs(tmp_path, max_steps=-1, num_train_epochs=3, save_strategy="no")
     with pytest.warns(RifleScheduleWarning, match="min_steps_after"):  # 4 steps per period
-        Trainer(model=model, args=args, train_dataset=Pixels(), callbacks=[cb, probe]).train()
+        trainer = Trainer(model=model, args=args, train_dataset=Pixels(), callbacks=[cb, probe])
+        trainer.train()
     assert cb.rifle.reinit_epochs == [1, 2] and cb.fired == [(1, 1), (2, 2)]
+    assert reinit_logs(trainer.state.log_history) == [{"rifle/reinit": 1, "epoch": 1.0, "step": 4},
+                                          {"rifle/reinit": 2, "epoch": 2.0, "step": 8}]
     for g in range(1, 12):  # 4 steps per epoch: epochs 1 and 2 begin at global steps 4 and 8
         before, after = probe.step_end[g][0], probe.step_begin[g][0]
         assert changed(before, after) == (HEAD if g in (4, 8) else set())
@@ -194,6 +212,36 @@ def test_epoch_granularity_on_a_vit_image_classifier(tmp_path):
     after = probe.step_begin[8][0]
     assert torch.equal(after["classifier.weight"], w) and torch.equal(after["classifier.bias"], b)
     assert b.abs().max() == 0 and 0.01 < w.std() < 0.03  # HF's first init: N(0, 0.02), zero bias
+
+
+def test_epoch_granularity_refuses_a_fractional_number_of_epochs(tmp_path):
+    # 2.5 epochs of 4 steps = 10 steps: HF runs 10 steps but reports num_train_epochs=3; an epoch
+    # schedule over 3 (or 2) epochs would put the re-inits at the wrong places
+    cb = RifleTrainerCallback(reinits=1, granularity="epoch", min_steps_after=None)
+    args = targs(tmp_path, max_steps=-1, num_train_epochs=2.5, save_strategy="no")
+    trainer = Trainer(model=tiny_vit(), args=args, train_dataset=Pixels(), callbacks=[cb])
+    with pytest.raises(ValueError, match=r"num_train_epochs=2\.5.*granularity='step'"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # refused before any step
+    cb = RifleTrainerCallback(reinits=1, granularity="step", min_steps_after=None)  # the way out
+    trainer = Trainer(model=tiny_vit(), args=args, train_dataset=Pixels(), callbacks=[cb])
+    trainer.train()
+    assert trainer.state.max_steps == 10 and cb.fired == [(1, 5)]
+
+
+def test_epoch_granularity_warns_when_max_steps_ends_inside_an_epoch(tmp_path):
+    cb = RifleTrainerCallback(reinits=1, granularity="epoch", min_steps_after=None)
+    args = targs(tmp_path, max_steps=6, save_strategy="no")  # 4 steps per epoch: 1.5 epochs
+    trainer = Trainer(model=tiny_vit(), args=args, train_dataset=Pixels(), callbacks=[cb])
+    with pytest.warns(RifleScheduleWarning, match=r"max_steps=6 ends training inside epoch 1"):
+        trainer.train()
+    assert cb.rifle.reinit_epochs == [1] and cb.fired == [(1, 1)]
+    cb = RifleTrainerCallback(reinits=1, granularity="epoch", min_steps_after=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RifleScheduleWarning)  # 8 steps = exactly 2 epochs: silent
+        Trainer(model=tiny_vit(), args=targs(tmp_path, max_steps=8, save_strategy="no"),
+                train_dataset=Pixels(), callbacks=[cb]).train()
+    assert cb.fired == [(1, 1)]
 
 
 def test_head_discovery_for_hf_classifiers():

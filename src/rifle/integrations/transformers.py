@@ -10,7 +10,11 @@ Mapping onto the HF Trainer:
 - ``granularity="step"`` (default; the Trainer is step-based): T = ``state.max_steps`` optimizer
   steps, re-init in ``on_step_begin`` when ``state.global_step`` reaches a point (once per optimizer
   step, also under gradient accumulation). ``granularity="epoch"``: T = ``state.num_train_epochs``,
-  re-init in ``on_epoch_begin`` at epoch ``floor(state.epoch)``;
+  re-init in ``on_epoch_begin`` at epoch ``floor(state.epoch)``; a fractional
+  ``num_train_epochs`` is refused (epochs are never rounded), a ``max_steps`` that ends inside an
+  epoch warns;
+- each re-init is appended to ``state.log_history`` as ``{"rifle/reinit": i, "epoch", "step"}``
+  (saved with every checkpoint's ``trainer_state.json``) and logged with ``logging`` at INFO;
 - the core is built in ``on_train_begin`` from ``kwargs["model"]`` and ``kwargs["optimizer"]`` (the
   latter usually Accelerate's ``AcceleratedOptimizer``: the torch optimizer inside is used);
 - the head: the final ``Linear`` of the model's ``classifier`` (a Linear, or a module such as
@@ -26,6 +30,9 @@ Mapping onto the HF Trainer:
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import warnings
 from typing import Any
 
 from torch import nn
@@ -35,7 +42,7 @@ from transformers.trainer_callback import ExportableState
 from ..core import Rifle, find_head, unwrap_model
 from ..core.heads import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
-from ..core.schedule import DEFAULT_MIN_STEPS_AFTER
+from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
 from . import unwrap_optimizer
 
 log = logging.getLogger(__name__)
@@ -109,8 +116,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if self.granularity == "step":
             length: dict[str, Any] = dict(total_steps=int(state.max_steps))
         else:
-            epochs = int(state.num_train_epochs)
-            length = dict(epochs=epochs, steps_per_epoch=max(1, int(state.max_steps) // max(1, epochs)))
+            length = self._epoch_length(args, state, kwargs.get("train_dataloader"))
         self.rifle = Rifle(model, unwrap_optimizer(optimizer), **length, reinits=self.reinits,
                            seed=self.seed, head=find_hf_head(model, self.head), guard=self.guard,
                            guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
@@ -125,14 +131,55 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         log.info("RIFLE: re-init %s at the start of %s(s) %s of %d", self.rifle.module_names,
                  self.rifle.unit, self.rifle.points, self.rifle.schedule.total)
 
+    @staticmethod
+    def _epoch_length(args: Any, state: Any, dataloader: Any) -> dict[str, Any]:
+        """``epochs`` and ``steps_per_epoch`` for an epoch schedule; refuses a fractional run."""
+        requested = float(args.num_train_epochs)
+        if args.max_steps <= 0 and requested != math.floor(requested):
+            raise ValueError(
+                f"RifleTrainerCallback(granularity='epoch') needs a whole number of epochs, but "
+                f"TrainingArguments(num_train_epochs={args.num_train_epochs}) trains "
+                f"{state.max_steps} optimizer steps: RIFLE never rounds the run length (the re-inits "
+                f"would land at the wrong epochs). Use a whole num_train_epochs, or "
+                f"granularity='step' to schedule over the {state.max_steps} steps")
+        epochs = int(state.num_train_epochs)
+        try:
+            batches = len(dataloader)
+        except TypeError:
+            batches = None
+        if epochs >= sys.maxsize or (dataloader is not None and batches is None):
+            raise ValueError("RifleTrainerCallback(granularity='epoch') needs a train dataset with a "
+                             "length (the Trainer cannot count epochs of an IterableDataset); use "
+                             "granularity='step' with max_steps")
+        if batches is None:  # no dataloader given: the Trainer's own estimate
+            return dict(epochs=epochs, steps_per_epoch=max(1, int(state.max_steps) // max(1, epochs)))
+        per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
+        if state.max_steps < epochs * per_epoch:
+            warnings.warn(
+                f"RIFLE: the epoch schedule spans {epochs} epochs of {per_epoch} optimizer steps, but "
+                f"max_steps={args.max_steps} ends training inside epoch {state.max_steps // per_epoch} "
+                f"(0-based); use granularity='step' to schedule over the steps that run",
+                RifleScheduleWarning, stacklevel=3)
+        return dict(epochs=epochs, steps_per_epoch=per_epoch)
+
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.rifle is not None and self.rifle.unit == "step":
+            before = len(self.fired)
             self.rifle.on_step_start(int(state.global_step))
+            self._log_history(state, before)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.rifle is not None and self.rifle.unit == "epoch":
+            before = len(self.fired)
             # state.epoch is e + (steps done in epoch e) / steps_per_epoch: exact at epoch starts
             self.rifle.on_epoch_start(int(float(state.epoch or 0.0) + 1e-6))
+            self._log_history(state, before)
+
+    def _log_history(self, state: Any, before: int) -> None:
+        """The re-inits fired since ``before`` into ``state.log_history``, as the Trainer logs."""
+        for index, _ in self.fired[before:]:
+            state.log_history.append({"rifle/reinit": index, "epoch": float(state.epoch or 0.0),
+                                      "step": int(state.global_step)})
 
     def _on_reinit(self, index: int, point: int) -> None:
         self.fired.append((index, point))
