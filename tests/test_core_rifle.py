@@ -486,3 +486,13 @@ def test_warnings_point_at_the_callers_line():
     assert caught(lambda: r.on_epoch_start(11)) == [__file__]
     assert caught(lambda: Rifle(net(), None, epochs=12, reinits=2, steps_per_epoch=10)) == [__file__]
     assert caught(lambda: Rifle(net(), None, epochs=40, reinits=3, guard=11)) == [__file__]
+
+
+def test_docs_api_example_runs(capsys):
+    import re
+    from pathlib import Path
+    doc = Path(__file__).resolve().parents[1] / "docs" / "rifle.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    exec(compile("\n".join(blocks), str(doc), "exec"), {})
+    assert capsys.readouterr().out.split("\n")[:3] == ["[10, 20, 30]", "[1, 2, 3] []", "2"]

@@ -253,8 +253,10 @@ class Rifle:
                 raise ValueError(
                     f"RIFLE state version {state.get('version')} was saved when init={self.init!r} "
                     f"drew what is now init={_RENAMED_INITS[self.init]!r} (docs/rifle.md, "
-                    f"Initialisers): resume with init={_RENAMED_INITS[self.init]!r} (CLI: reinit_init "
-                    f"in the run's config.yaml) to draw the heads the run would have drawn")
+                    f"Initialisers): resume with init={_RENAMED_INITS[self.init]!r} to draw the heads "
+                    f"the run would have drawn (CLI: write {_RENAMED_INITS[self.init]} for "
+                    f"{self.init} in the run's config.yaml, then --resume with --reinit-init "
+                    f"{_RENAMED_INITS[self.init]})")
             if isinstance(saved_init, str) and saved_init != self.init:
                 raise ValueError(f"RIFLE state was saved with init={saved_init!r}, this run has "
                                  f"init={self.init!r}: the remaining re-inits would draw other heads")

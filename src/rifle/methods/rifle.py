@@ -36,7 +36,7 @@ class RifleMethod(Method):
     guard: int | None = None            # in units of `granularity`; None = max(1, ceil(T/8))
     guard_steps: int | None = None      # a guard in optimizer steps (stricter one wins)
     min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER
-    init: str = "default"               # reset_parameters(); or kaiming_normal / xavier_uniform / normal
+    init: str = "default"               # reset_parameters(); lecun_normal, kaiming_normal (He), ...
     keep_optimizer_state: bool = False  # True = official code (stale momentum kept)
     head_lr_restart: bool = False       # True = official fc_lr_util=cyclic (head cosine per period)
     head: str | None = None             # dotted name(s), comma-separated; None = automatic
