@@ -244,6 +244,18 @@ def test_epoch_granularity_warns_when_max_steps_ends_inside_an_epoch(tmp_path):
     assert cb.fired == [(1, 1)]
 
 
+def test_epoch_granularity_refuses_a_dataset_without_length(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(Pixels()[i] for i in range(32))
+
+    cb = RifleTrainerCallback(reinits=1, granularity="epoch", min_steps_after=None)
+    trainer = Trainer(model=tiny_vit(), args=targs(tmp_path, max_steps=8, save_strategy="no"),
+                      train_dataset=Stream(), callbacks=[cb])
+    with pytest.raises(ValueError, match="IterableDataset.*granularity='step'"):
+        trainer.train()
+
+
 def test_head_discovery_for_hf_classifiers():
     from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig, \
         RobertaForSequenceClassification
