@@ -202,6 +202,9 @@ class Trainer:
                                 f"Try a lower --lr")
         return logits, loss, total
 
+    def _group_lrs(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         # dropout etc. draw from the global RNG: make it a pure function of (seed, epoch[, rank])
         rank_index = (self.dist.rank,) if self.dist.enabled else ()
@@ -209,7 +212,7 @@ class Trainer:
         events: dict[str, Any] = {}
         for m in self.methods:
             events.update(m.on_epoch_start(epoch))
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        lrs = self._group_lrs()
         self.model.train()
         t0 = time.perf_counter()
         # accumulate on the device: no host sync per step
@@ -221,6 +224,8 @@ class Trainer:
         for step, (x, y) in enumerate(batches):
             for m in self.methods:
                 m.on_step_start(epoch * self.steps_per_epoch + step)
+            if step == 0:  # the LRs the epoch's first step uses (a method may set them per step)
+                lrs = self._group_lrs()
             x, y = self._to_device(x, y)
             for m in self.methods:
                 x, y = m.transform_batch(x, y)
