@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from rifle.config import TrainConfig
 from rifle.methods.base import Method
@@ -133,15 +134,75 @@ def test_state_file_is_loaded_weights_only(tmp_path):
         load_checkpoint(tmp_path / "w", create_model("tiny_cnn", 10), {})
 
 
-def test_prefetch_workers_change_nothing_and_accumulation_and_bf16_run(tmp_path):
-    base = run_train(cfg(tmp_path, "w0", epochs=2, reinits=1), log=lambda s: None)
+def test_prefetch_workers_change_nothing(tmp_path):
+    run_train(cfg(tmp_path, "w0", epochs=2, reinits=1), log=lambda s: None)
     run_train(cfg(tmp_path, "w2", epochs=2, reinits=1, workers=2), log=lambda s: None)
     assert metrics(tmp_path / "w0") == metrics(tmp_path / "w2")
-    # two micro-batches of 32 = one batch of 64 up to float rounding (BN sees half batches)
-    acc = run_train(cfg(tmp_path, "ga", epochs=2, reinits=1, grad_accum=2), log=lambda s: None)
-    assert abs(acc["final_test_acc"] - base["final_test_acc"]) < 0.25
-    bf = run_train(cfg(tmp_path, "bf", epochs=1, method="finetune", amp="bf16"), log=lambda s: None)
-    assert bf["final_test_acc"] > 0.15  # trains (10 classes: chance is 0.1)
+
+
+class NoBatchNorm(nn.Module):
+    """conv-relu-conv-relu-pool-fc: every sample's gradient is independent of the rest of the batch."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+        self.rifle_preprocessing = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}
+        self.rifle_pretrained_source = None
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_grad_accumulation_equals_the_full_batch_without_batchnorm(tmp_path, monkeypatch):
+    import rifle.run as run
+    monkeypatch.setattr(run, "create_model", lambda name, n, **kw: NoBatchNorm(n))
+    # 243 training images = 3 batches of 64 + one of 51 (micro-batches of 26 + 25: unequal weights)
+    runs = {ga: run_train(cfg(tmp_path, f"ga{ga}", method="finetune", epochs=2, train_fraction=0.2, lr=0.1,
+                              grad_accum=ga), log=lambda s: None) for ga in (1, 2, 4)}
+    from rifle.core.seeding import derive_seed
+    torch.manual_seed(derive_seed(0, "model"))  # as run_train: the weights before training
+    start = NoBatchNorm(10).state_dict()
+    w = {ga: weights(tmp_path / f"ga{ga}") for ga in runs}
+    for k in start:
+        moved = float((w[1][k] - start[k]).abs().max())
+        assert moved > 1e-3, k  # 8 SGD steps moved every tensor far more than the tolerance below
+        for ga in (2, 4):  # the gradient of the mean over 64 = weighted sum over micro-batches
+            assert torch.allclose(w[ga][k], w[1][k], rtol=0, atol=1e-6), (k, ga)
+    m1 = metrics(tmp_path / "ga1")
+    for ga in (2, 4):
+        for a, b in zip(m1, metrics(tmp_path / f"ga{ga}")):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+            assert b["test_acc"] == a["test_acc"]
+
+
+def test_grad_accumulation_with_batchnorm_normalises_each_micro_batch(tmp_path):
+    # BatchNorm in training mode normalises with the micro-batch's statistics and updates its running
+    # statistics once per micro-batch: accumulation is NOT the full batch here (docs/guide.md §3);
+    # the counters show it, and the weights differ beyond rounding
+    kw = dict(method="finetune", epochs=1, train_fraction=0.2)
+    run_train(cfg(tmp_path, "bn1", **kw), log=lambda s: None)
+    run_train(cfg(tmp_path, "bn2", grad_accum=2, **kw), log=lambda s: None)
+    w1, w2 = weights(tmp_path / "bn1"), weights(tmp_path / "bn2")
+    counters = [k for k in w1 if k.endswith("num_batches_tracked")]
+    assert len(counters) == 9
+    for k in counters:  # 4 steps = 4 forwards, or 8 micro-batch forwards
+        assert (int(w1[k]), int(w2[k])) == (4, 8), k
+    assert float((w1["stem.0.weight"] - w2["stem.0.weight"]).abs().max()) > 1e-4
+
+
+def test_bf16_autocast_trains_like_float32(tmp_path):
+    kw = dict(method="finetune", epochs=3)
+    run_train(cfg(tmp_path, "fp32", **kw), log=lambda s: None)
+    bf = run_train(cfg(tmp_path, "bf16", amp="bf16", **kw), log=lambda s: None)
+    fp, half = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
+    assert [r["train_loss"] for r in half] != [r["train_loss"] for r in fp]  # bf16 really ran
+    for a, b in zip(fp, half):  # measured: |diff| <= 0.016 per epoch (loss 2.27 -> 1.59)
+        assert abs(b["train_loss"] - a["train_loss"]) < 0.05, (a["train_loss"], b["train_loss"])
+    assert half[-1]["train_loss"] < 0.8 * half[0]["train_loss"]  # it learns (measured ratio 0.70)
+    assert bf["final_test_acc"] > 0.4  # 10 classes: chance is 0.1 (measured 0.56, fp32 0.68)
 
 
 def test_prefetch_propagates_errors():
