@@ -29,7 +29,7 @@ import torch
 from ..core.seeding import generator
 
 __all__ = ["ImageTensorSet", "cache_resolution", "train_batches", "eval_batches", "num_batches",
-           "samples_per_rank", "stratified_split"]
+           "samples_per_rank", "last_batch_dropped", "stratified_split"]
 
 
 @dataclass
@@ -99,6 +99,21 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def last_batch_dropped(n: int, batch_size: int, chunks: int = 1) -> bool:
+    """Whether training drops the last, incomplete batch of ``n`` samples: only when it would give a
+    micro-batch of a single sample (BatchNorm cannot train on one value per channel).
+
+    ``chunks`` is the number of micro-batches a batch is cut into with ``torch.chunk`` (``--grad-accum``):
+    a remainder ``r`` gives chunks of ``ceil(r / chunks)`` and a last chunk of ``r mod`` that. Every other
+    incomplete batch is trained on, so only training sets of such sizes differ from earlier versions.
+    """
+    r = n % batch_size
+    if r == 0:
+        return False
+    size = -(-r // chunks)
+    return size == 1 or r % size == 1
 
 
 def samples_per_rank(n: int, world_size: int) -> int:

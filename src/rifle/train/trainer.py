@@ -23,8 +23,9 @@ from ..core.seeding import derive_seed
 from ..core.replicas import verify_replicas
 from ..data import DataBundle, eval_batches, num_batches, samples_per_rank, train_batches
 from ..methods.base import Method, RunContext
+from ..data.cache import last_batch_dropped
 from ..data.prefetch import prefetch
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import defer_signals, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_sum, barrier
 from .outputs import RunDir
 
@@ -72,8 +73,23 @@ class Trainer:
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         if len(data.train) == 0:
             raise ValueError("the training split is empty")
-        self.steps_per_epoch = num_batches(samples_per_rank(len(data.train), self.dist.world_size),
-                                           self.local_batch, drop_last=False)
+        n_rank = samples_per_rank(len(data.train), self.dist.world_size)
+        # a last micro-batch of one image crashes BatchNorm: drop that batch (and only that one)
+        self.drop_last = last_batch_dropped(n_rank, self.local_batch, grad_accum)
+        self.steps_per_epoch = num_batches(n_rank, self.local_batch, drop_last=self.drop_last)
+        per_rank = f", {n_rank} per rank" if self.dist.enabled else ""
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training split is too small: {len(data.train)} training image"
+                             f"{'s' if len(data.train) != 1 else ''}{per_rank} make only micro-batches of "
+                             f"one image (--batch-size {batch_size}, --grad-accum {grad_accum}), which "
+                             f"BatchNorm cannot train on; use more training images")
+        if self.drop_last:
+            left = n_rank % self.local_batch
+            self.log(f"note: {len(data.train)} training images{per_rank} in batches of {self.local_batch}"
+                     + (f" (--grad-accum {grad_accum})" if grad_accum > 1 else "")
+                     + f" leave a last batch that would train on a single image, which BatchNorm cannot; "
+                     f"it is dropped every epoch ({left} image{'s' if left != 1 else ''}"
+                     f"{' per rank' if self.dist.enabled else ''}, a different one each epoch)")
 
         self.head = find_head(self.model, head.split(",") if head else None)
         self.head_names = head_names(self.model, self.head)
@@ -130,7 +146,7 @@ class Trainer:
     # ------------------------------------------------------------------ batches
     def _train_iter(self, epoch: int):
         return prefetch(train_batches(self.data.train, self.local_batch, self.image_size, self.mean,
-                                      self.std, seed=self.seed, epoch=epoch,
+                                      self.std, seed=self.seed, epoch=epoch, drop_last=self.drop_last,
                                       channels_last=self.channels_last, rank=self.dist.rank,
                                       world_size=self.dist.world_size),
                         self.workers, pin_memory=self.device.type == "cuda")
@@ -166,13 +182,18 @@ class Trainer:
         for m in self.methods:
             m.setup(self.model, self.optimizer, self.ctx)
         epochs = range(self.start_epoch, self.epochs)
-        for epoch in _progress(epochs, len(epochs), "epochs", self.progress, leave=True):
-            row = self.train_epoch(epoch)
-            self.history.append(row)
-            if self.dist.is_main:
-                self.run_dir.write_metrics(self.history)
-                save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
-            self.log(self.format_row(row))
+        try:
+            for epoch in _progress(epochs, len(epochs), "epochs", self.progress, leave=True):
+                row = self.train_epoch(epoch)
+                with defer_signals():  # history, checkpoint and metrics end at the same epoch
+                    self.history.append(row)
+                    if self.dist.is_main:
+                        save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
+                        self.run_dir.write_metrics(self.history)
+                self.log(self.format_row(row))
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the CLI names the run folder to resume
+            e.rifle_run_dir = self.run_dir.path
+            raise
         barrier(self.dist)
         # data-parallel replicas must end with bit-identical parameters; fail loudly otherwise
         # (buffers such as BN running stats are rank-local; DDP broadcasts rank 0's at each forward)
