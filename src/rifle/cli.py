@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
+import signal
 import sys
+import threading
 import warnings
+from pathlib import Path
 
 from .commands import COMMANDS
 
@@ -37,19 +41,59 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .errors import USER_ERRORS
+    from .train.checkpoint import Terminated
     warnings.simplefilter("default", UserWarning)
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     handler = args._run
     del args._run
+    previous = _on_sigterm_raise()
     try:
         return handler(args)
     except USER_ERRORS as e:
         print(f"rifle {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last completed epoch's checkpoint is kept (use --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(_interrupted(e, args), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    from .train.checkpoint import Terminated
+    raise Terminated
+
+
+def _on_sigterm_raise():
+    """SIGTERM (Slurm, Kubernetes) raises ``Terminated``, handled like Ctrl-C; returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:  # e.g. nohup-like launchers that ignore it on purpose
+        return None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return previous
+
+
+def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace) -> str:
+    """What an interrupted command tells the user: the signal, what is kept and how to continue."""
+    from .train.checkpoint import WEIGHTS, Terminated, read_metadata
+    what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+    run_dir = getattr(e, "rifle_run_dir", None) or (getattr(args, "out", None)
+                                                    if args.command == "train" else None)
+    if run_dir is None:
+        return f"\nrifle {args.command}: {what}"
+    try:
+        epoch = read_metadata(Path(run_dir) / WEIGHTS).get("epoch")
+    except Exception:  # noqa: BLE001 - no checkpoint (yet) or unreadable: say so below
+        epoch = None
+    kept = (f"the checkpoint of epoch {epoch} in {run_dir} is kept" if epoch is not None
+            else f"no epoch had finished, so {run_dir} holds no checkpoint yet")
+    if args.command != "train":
+        return f"\nrifle {args.command}: {what}; {kept}"
+    return (f"\nrifle {args.command}: {what}; {kept}. Continue with:\n"
+            f"  rifle train --out {shlex.quote(str(run_dir))} --resume")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch import nn
 
 from .data import BUILTIN, ImageTensorSet, build_data, cache_resolution, decode_image, eval_batches
 from .data.folder import IMAGE_EXTENSIONS, DataError, decode_many
-from .train.checkpoint import WEIGHTS, CheckpointError, load_weights, read_metadata
+from .train.checkpoint import WEIGHTS, CheckpointError, load_weights, read_weights
 from .train.outputs import CONFIG, SUMMARY
 
 __all__ = ["FineTunedModel", "load", "NotARunError", "RunError", "ImageInput", "find_images",
@@ -88,11 +88,9 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "Fin
     summary = _read_json(path / SUMMARY) or {}
     wpath = path / WEIGHTS
     try:
-        from safetensors.torch import load_file
-        meta = read_metadata(wpath)
-        tensors = load_file(str(wpath))
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, header errors
-        raise RunError(f"cannot read {wpath}: {type(e).__name__}: {e}") from None
+        meta, tensors = read_weights(wpath)  # checksum verified
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
     try:
         meta_j = {k: json.loads(v) for k, v in meta.items()}
     except ValueError as e:
