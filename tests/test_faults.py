@@ -103,6 +103,7 @@ def uses_of_the_weights(run, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM
+@pytest.mark.slow
 def test_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
     flags = ["--data", "digits", "--model", "tiny_cnn", "--method", "finetune", "--epochs", "10",
