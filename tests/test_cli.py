@@ -141,4 +141,11 @@ def test_elpv_efficientnet_lite0_smoke(tmp_path, capsys):
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["classes"] == ["functional", "possibly_defective", "likely_defective", "defective"]
     assert summary["head"] == ["classifier"] and summary["reinit_epochs"] == [1]
-    assert 0.0 <= summary["final_test_acc"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reinit"] for r in rows] == [False, True]
+    # the saved model, evaluated again on the test split, gives exactly the accuracy the run reports
+    code, _, err = run(["evaluate", str(tmp_path / "e"), "--split", "test", "--out", str(tmp_path / "ev")],
+                       capsys)
+    assert code == 0, err
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["accuracy"] == summary["final_test_acc"] == rows[-1]["test_acc"]
