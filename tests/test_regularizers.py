@@ -5,6 +5,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rifle.cli import main
@@ -143,6 +144,36 @@ def test_bss_matches_numpy_svd():
         create("bss").loss_terms(None, None, None, None)
 
 
+def test_bss_in_the_trainer_penalises_the_head_input_known_answer(tmp_path):
+    # the trainer's captured features are the pooled input of the head: the term it adds equals
+    # eta * (sum of the k smallest squared singular values) of those features computed independently
+    import copy
+
+    from rifle.config import TrainConfig
+    from rifle.models import create_model, model_preprocessing
+    from rifle.run import load_data
+    from rifle.train import RunDir, Trainer
+
+    data = load_data(TrainConfig(data="digits", model="tiny_cnn", image_size=16, train_fraction=0.1).validate())
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", data.num_classes)
+    bss = create("bss", k=3, eta=0.25)
+    trainer = Trainer(model, data, [bss], epochs=1, batch_size=16, lr=0.1, momentum=0.9, weight_decay=0.0,
+                      lr_schedule="constant", image_size=16, seed=0, preprocessing=model_preprocessing(model),
+                      run_dir=RunDir(tmp_path / "r"), device=torch.device("cpu"), channels_last=False)
+    x, y = next(iter(trainer._train_iter(0)))
+    body = copy.deepcopy(model).train()
+    body.fc = nn.Identity()  # the same network without its head: the pooled feature
+    with torch.no_grad():
+        feats = body(x).double().numpy()
+    assert feats.shape == (16, model.fc.in_features)
+    s = np.linalg.svd(feats, compute_uv=False)
+    terms = {}
+    model.train()
+    trainer._loss(x, y, terms, 0, 0)
+    assert float(terms["bss"]) / len(y) == pytest.approx(0.25 * float(np.sum(s[-3:] ** 2)), rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- DELTA
 def test_attention_is_the_softmax_of_z_scores():
     scores = torch.tensor([1.0, 2.0, 3.0, 5.0, -1.0])
@@ -212,6 +243,61 @@ def test_exact_and_first_order_channel_scores_by_hand():
     # averaged over batches
     two = first_order_scores(model, ["feat"], [(x, y), (x, y)])["feat"].numpy()
     assert np.allclose(two, expected, atol=1e-6)
+
+
+class TwoConv(nn.Module):
+    """c1: conv 2->3 (3x3) -> relu -> c2: conv 3->2 (3x3, stride 2) -> relu -> mean pool -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])
+def test_delta_terms_known_answer_on_a_two_conv_model(batch_size):
+    # Omega = alpha * sum_l C_l/(H_l W_l) * sum_c a_lc * 1/2 sum_b ||F_lbc - F0_lbc||^2 * (B_run / B)
+    #       + beta/2 (||W_head||^2 + ||b_head||^2), with given attention a (no attention batches drawn)
+    torch.manual_seed(0)
+    model = TwoConv()
+    w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    att = {"c1": torch.tensor([0.2, 0.3, 0.5]), "c2": torch.tensor([0.9, 0.1])}
+    ctx, _ = _ctx(model, batch_size=batch_size)
+    reg = create("delta", alpha=0.7, beta=0.3, layers="c1,c2")
+    reg.load_state_dict({"layers": ["c1", "c2"], "attention": att})
+    reg.setup(model, None, ctx)
+    with torch.no_grad():  # move away from the pretrained point
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(4, 2, 6, 6)  # a micro-batch of 4 of a --batch-size batch_size batch
+    y = torch.tensor([0, 1, 2, 0])
+    model.train()
+    logits = model(x)
+    terms = reg.loss_terms(logits, None, x, y)
+
+    def maps(state):  # the two layers' outputs, computed with plain convolutions
+        f1 = F.conv2d(x, state["c1.weight"], state["c1.bias"], padding=1)
+        f2 = F.conv2d(torch.relu(f1), state["c2.weight"], state["c2.bias"], stride=2, padding=1)
+        return {"c1": f1.double().numpy(), "c2": f2.double().numpy()}
+    now = {k: v.detach() for k, v in model.state_dict().items()}
+    f, f0 = maps(now), maps(w0)
+    expected = 0.0
+    for name, a in att.items():
+        _, c, h, w = f[name].shape
+        sq = ((f[name] - f0[name]) ** 2).sum(axis=(2, 3))  # (B, C)
+        expected += c / (h * w) * sum(a[ch].item() * 0.5 * sq[:, ch].sum() for ch in range(c))
+    expected *= 0.7 * batch_size / 4
+    assert float(terms["delta"].detach()) == pytest.approx(expected, rel=1e-5)
+    head = float((now["fc.weight"].double() ** 2).sum() + (now["fc.bias"].double() ** 2).sum())
+    assert float(terms["delta_head"].detach()) == pytest.approx(0.5 * 0.3 * head, rel=1e-6)
+    # the gradient of the head term is beta * w_head; the feature term reaches the convolutions
+    sum(terms.values()).backward()
+    assert model.c1.weight.grad is not None and model.c1.weight.grad.abs().sum() > 0
+    assert torch.allclose(model.fc.weight.grad, 0.3 * model.fc.weight.detach(), atol=1e-7)
 
 
 def _tiny_setup(**options):
