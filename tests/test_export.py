@@ -58,7 +58,7 @@ def test_export_cli_onnx_and_torchscript_match_pytorch(tiny_run, tmp_path, capsy
         ref = fm.logits(x)
     assert main(["export", str(run)]) == 0
     out, _ = capsys.readouterr()
-    onnx_path, meta_path = run / "model.onnx", run / "model.json"
+    onnx_path, meta_path = run / "model.onnx", run / "model.onnx.json"
     assert "onnxruntime" in out and onnx_path.is_file() and meta_path.is_file()
     meta = json.loads(meta_path.read_text())
     assert meta["classes"] == ["cat", "dog", "fox"] and meta["format"] == "onnx"
@@ -76,7 +76,7 @@ def test_export_cli_onnx_and_torchscript_match_pytorch(tiny_run, tmp_path, capsy
     ts = tmp_path / "sub" / "m.torchscript.pt"
     assert main(["export", str(run), "--format", "torchscript", "--out", str(ts)]) == 0
     capsys.readouterr()
-    assert json.loads((tmp_path / "sub" / "m.json").read_text())["format"] == "torchscript"
+    assert json.loads((tmp_path / "sub" / "m.torchscript.pt.json").read_text())["format"] == "torchscript"
     loaded = torch.jit.load(str(ts))
     with torch.no_grad():
         assert (loaded(x) - ref).abs().max() <= 1e-5
@@ -102,7 +102,7 @@ def test_export_efficientnet_lite0_pretrained(tmp_path):
     res = export(fm, "torchscript", tmp_path / "lite0.torchscript.pt")
     with torch.no_grad():
         assert (torch.jit.load(str(res.path))(x) - ref).abs().max() <= 1e-5
-    assert json.loads((tmp_path / "lite0.json").read_text())["preprocessing"]["mean"] == pytest.approx(
+    assert json.loads((tmp_path / "lite0.torchscript.pt.json").read_text())["preprocessing"]["mean"] == pytest.approx(
         list(prep["mean"]))
 
 
@@ -162,4 +162,16 @@ def test_check_is_immune_to_pytorch_reduced_precision_modes(tiny_run, tmp_path):
     p = subprocess.run([sys.executable, "-m", "rifle", "export", str(run), "--out", str(tmp_path / "m.onnx")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads((tmp_path / "m.json").read_text())["check"]["max_abs_diff"] < 1e-5
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["check"]["max_abs_diff"] < 1e-5
+
+
+def test_two_formats_in_one_folder_keep_their_own_sidecars(tiny_run, tmp_path, capsys):
+    """ONNX and TorchScript exported into one folder: each file has its own JSON, naming that file."""
+    run, _ = tiny_run
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.torchscript.pt"), ("torchscript", "model.pt")):
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+        assert f"{tmp_path / name}.json" in capsys.readouterr().out
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.torchscript.pt"), ("torchscript", "model.pt")):
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        assert (meta["format"], meta["file"]) == (fmt, name) and meta["check"]["ok"]
+    assert not (tmp_path / "model.json").exists()

@@ -46,7 +46,8 @@ def test_every_guide_command_runs(tmp_path, monkeypatch, capsys):
             out, err = capsys.readouterr()
             assert code == 0, f"`{line}` exited {code}: {err[-2000:]}"
             ran += 1
-    assert (tmp_path / "runs/guide/model.onnx").is_file() and (tmp_path / "runs/guide/model.json").is_file()
+    assert (tmp_path / "runs/guide/model.onnx").is_file() and (tmp_path / "runs/guide/model.onnx.json").is_file()
+    assert (tmp_path / "runs/guide/model.pt.json").is_file()
     assert (tmp_path / "runs/guide/model.pt").is_file()
     for code in blocks("python"):
         exec(compile(code, str(GUIDE), "exec"), {"__name__": "guide"})

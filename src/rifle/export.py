@@ -1,8 +1,9 @@
 """Export a fine-tuned run for other runtimes: ONNX or TorchScript, plus a preprocessing JSON beside it.
 
 The exported graph maps normalised float32 input ``[N, 3, S, S]`` (NCHW, RGB, any batch size) to logits
-``[N, C]``; the JSON (``<file stem>.json``) says how to get that input from an image (the run's evaluation
-transform, see :mod:`rifle.inference`) and names the classes. After writing, the file is loaded back, run
+``[N, C]``; the JSON beside it (the file's name plus ``.json``: ``model.onnx.json``,
+``model.torchscript.pt.json``) says how to get that input from an image (the run's evaluation transform,
+see :mod:`rifle.inference`) and names the classes. After writing, the file is loaded back, run
 on a random batch of 3 (not the traced batch size, so the dynamic batch axis is exercised) and compared
 with the PyTorch model evaluated in float64: ``max |diff| <= RTOL * max(1, max |logit|)`` (see
 :func:`compare_logits`; the tolerance is measured in docs/inference.md, ``benchmarks/export_tolerance.py``).
@@ -51,12 +52,10 @@ class ExportResult:
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
-    """The preprocessing JSON of a model file."""
+    """The preprocessing JSON of a model file: its name plus ``.json`` (``model.onnx.json``), so files of
+    two formats in one folder never share (and overwrite) one JSON."""
     path = Path(path)
-    for suffix in FORMATS.values():
-        if path.name.endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)] + ".json")
-    return path.with_name(path.stem + ".json")
+    return path.with_name(path.name + ".json")
 
 
 def compare_logits(got: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import sys
 
 NAME = "export"
 HELP = "export a fine-tuned run to ONNX or TorchScript (+ preprocessing JSON)"
-EXAMPLE = "rifle export runs/mine --format onnx --out model.onnx   # writes model.onnx + model.json"
+EXAMPLE = "rifle export runs/mine --format onnx --out model.onnx   # writes model.onnx + model.onnx.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
     p.add_argument("--out", default=None,
                    help="model file (default RUN_DIR/model.onnx or RUN_DIR/model.torchscript.pt); "
-                        "the preprocessing JSON is written beside it as <name>.json")
+                        "the preprocessing JSON is written beside it as <file name>.json (model.onnx.json)")
     p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="auto: torch.export-based (dynamo), falling back to the legacy exporter")
     p.add_argument("--no-check", dest="check", action="store_false",
