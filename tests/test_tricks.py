@@ -294,7 +294,7 @@ def test_sgdr_trace_restarts_on_rifle_periods():
 
 def test_cyclic_lr_cycles_default_to_rifle_periods_and_errors():
     model = tiny()
-    ctx = ctx_for(model, epochs=12, config={"reinits": 2})
+    ctx = ctx_for(model, epochs=12, config={"method": "rifle", "reinits": 2})
     lam = create("cyclic-lr").lr_lambda(ctx)
     assert [lam(e) for e in (0, 4, 8)] == [1.0, 1.0, 1.0] and lam(2) == pytest.approx(0.5)
     lam4 = create("cyclic-lr", cycles=4).lr_lambda(ctx)
@@ -302,7 +302,13 @@ def test_cyclic_lr_cycles_default_to_rifle_periods_and_errors():
     with pytest.raises(ValueError, match="do not fit"):
         create("cyclic-lr", cycles=13).lr_lambda(ctx)
     with pytest.raises(ValueError, match="reinits"):
-        create("cyclic-lr").lr_lambda(ctx_for(model, epochs=12, config={}))
+        create("cyclic-lr").lr_lambda(ctx_for(model, epochs=12, config={"method": "rifle"}))
+    # without RIFLE, reinits is ignored: 2 cycles (one restart at E/2), at most E
+    fine = create("cyclic-lr").lr_lambda(ctx_for(model, epochs=12,
+                                                 config={"method": "finetune", "reinits": 2}))
+    assert [e for e in range(1, 12) if fine(e) > fine(e - 1)] == [6]
+    one = create("cyclic-lr").lr_lambda(ctx_for(model, epochs=1, config={"method": "finetune"}))
+    assert one(0) == 1.0
     with pytest.raises(ValueError):
         create("cyclic-lr", min_factor=1.0)
 
@@ -385,5 +391,6 @@ def test_cli_rifle_with_three_tricks_restarts_lr_on_reinit_epochs(tmp_path, caps
 
 
 def test_cli_cyclic_lr_too_many_cycles_is_a_clear_error(tmp_path, capsys):
-    code, err = cli([*FAST, "--epochs", "2", "--trick", "cyclic-lr", "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "cycles do not fit" in err and "Traceback" not in err  # default reinits 3 -> 4
+    code, err = cli([*FAST, "--epochs", "2", "--trick", "cyclic-lr", "--cyclic-lr-cycles", "3",
+                     "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "cycles do not fit" in err and "--cyclic-lr-cycles" in err and "Traceback" not in err

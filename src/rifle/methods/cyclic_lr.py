@@ -5,12 +5,16 @@ Paper: Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restart
 ``f(e) = m + (1 - m) * (1 + cos(pi * (e - s) / (t - s))) / 2`` with ``m = eta_min / eta_max``
 (``min_factor``); at every cycle start it restarts at 1.
 
-Defaults and project decisions ("under the same settings" as RIFLE, REFERENCE.md §4):
+Defaults and project decisions ("under the same settings" as RIFLE, REFERENCE.md §4, docs/methods.md):
+the same recipe (epochs, LR, batch, schedule granularity) as the RIFLE run it is compared with, and
+restarts on that run's re-init epochs.
 
-* ``cycles = None`` means ``K + 1`` equal cycles, K = the run's ``reinits`` (default 3), with the
+* ``cycles = None``: with ``--method rifle``, ``K + 1`` equal cycles, K = the run's ``reinits``, with the
   boundaries of RIFLE's periods, ``floor(i * E / (K + 1))`` (:func:`rifle.core.schedule.raw_points`),
   so the restarts fall on RIFLE's re-init epochs (before RIFLE's guard, which may drop late re-inits;
-  SGDR has no guard). SGDR's ``T_mult`` growth of cycle lengths is not used (``T_mult = 1``).
+  SGDR has no guard). With any other method ``reinits`` means nothing and is ignored: the default is
+  :data:`DEFAULT_CYCLES` (2, one restart at ``floor(E/2)``; 1 cycle when E = 1). To compare fine-tuning
+  + SGDR with RIFLE-K, set ``cycles = K + 1``. ``T_mult = 1`` (SGDR's growth of cycle lengths unused).
 * ``min_factor = 0`` (the paper's ``eta_min = 0``). The LR changes per epoch, like the trainer's
   default cosine (the paper updates it per batch).
 * it owns the whole schedule (all parameter groups) through ``lr_lambda``; a second method setting
@@ -26,13 +30,17 @@ from ..core.schedule import raw_points
 from .base import Method, RunContext, register
 
 
+DEFAULT_CYCLES = 2  # without RIFLE: one warm restart, at the middle of the run
+
+
 def cycle_starts(epochs: int, cycles: int) -> list[int]:
     """Start epochs of ``cycles`` equal cycles: ``[0, floor(i * E / cycles) for i = 1..cycles-1]``."""
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
         raise ValueError(f"cyclic-lr cycles must be an int >= 1, got {cycles!r}")
     if cycles > epochs:
         raise ValueError(f"cyclic-lr: {cycles} cycles do not fit in {epochs} epoch(s); "
-                         f"use cycles <= {epochs} (or fewer --reinits) or train longer")
+                         f"use --cyclic-lr-cycles <= {epochs} (with --method rifle: or fewer --reinits) "
+                         f"or train longer")
     return [0, *raw_points(epochs, cycles - 1)]
 
 
@@ -48,13 +56,14 @@ def sgdr_factor(epoch: int, epochs: int, cycles: int, min_factor: float = 0.0) -
 @register("cyclic-lr")
 @dataclass
 class CyclicLR(Method):
-    """SGDR cosine with warm restarts for all layers; K+1 cycles on RIFLE's period boundaries."""
+    """SGDR cosine with warm restarts for all layers (with RIFLE: K+1 cycles on its period boundaries)."""
 
-    cycles: int | None = None   # None: K + 1, K = the run's reinits
+    cycles: int | None = None   # None: K + 1 with --method rifle, else DEFAULT_CYCLES (at most E)
     min_factor: float = 0.0     # eta_min / eta_max
 
     kind = "trick"
-    option_help = {"cycles": "number of cosine cycles (default: reinits + 1, RIFLE's periods)",
+    option_help = {"cycles": "number of cosine cycles (default: with --method rifle, reinits + 1 on RIFLE's "
+                             f"periods; otherwise {DEFAULT_CYCLES}, one restart at the middle)",
                    "min_factor": "lowest LR as a fraction of the base LR (eta_min / eta_max)"}
 
     def __post_init__(self) -> None:
@@ -67,6 +76,8 @@ class CyclicLR(Method):
     def resolve_cycles(self, ctx: RunContext) -> int:
         if self.cycles is not None:
             return self.cycles
+        if ctx.config.get("method") != "rifle":  # fine-tuning has no K: reinits is RIFLE's option
+            return min(DEFAULT_CYCLES, ctx.epochs)
         k = ctx.config.get("reinits")
         if k is None:
             raise ValueError("cyclic-lr: set cycles, or run with a config that has reinits (K + 1 cycles)")
