@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,11 @@ class TrainConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # REFERENCE.md §2, the official PyTorch script's recipe (needs the dataset and a GPU).
+    # It trains on the whole train split (val_fraction 0: no validation carved out, as the script);
+    # how it still differs from the script: README.md "The CLI" and docs/guide.md.
     "paper": dict(model="torchvision:resnet50", epochs=40, batch_size=32, lr=0.01, momentum=0.9,
                   weight_decay=1e-4, lr_schedule="cosine", image_size=224, reinits=3,
-                  keep_optimizer_state=True),
+                  keep_optimizer_state=True, val_fraction=0.0),
     # A recipe that finishes on 2 CPU cores: offline EfficientNet-Lite0 at 112 px, 12 epochs.
     "cpu": dict(model="efficientnet_lite0", epochs=12, batch_size=32, lr=0.01, image_size=112,
                 reinits=1),
@@ -131,7 +134,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
 RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra"}
-# (resolved_methods, written beside the config keys, is compared like any other key)
+# Keys a run's config.yaml records beside the settings; `--config RUN/config.yaml` ignores them
+# (resolved_methods is recomputed from method/reg/trick/options, world_size from torchrun).
+# RunDir still compares them on --resume.
+RECORDED_KEYS = {"resolved_methods", "world_size"}
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -155,28 +161,72 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"--config {p}: expected a mapping of keys to values, got {type(values).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = {k: v for k, v in values.items() if k not in RECORDED_KEYS}  # a run's own config.yaml
     _check_keys(values, f"--config {p}")
     return values
 
 
+def _merge(values: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``values`` updated by ``more``; ``options`` are merged per method and option, not replaced."""
+    out = {**values, **more}
+    if isinstance(values.get("options"), dict) and isinstance(more.get("options"), dict):
+        options = {m: dict(o) for m, o in values["options"].items() if isinstance(o, dict)}
+        for m, o in more["options"].items():
+            options[m] = {**options.get(m, {}), **(o if isinstance(o, dict) else {})}
+        out["options"] = options
+    return out
+
+
 def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None = None,
-            preset: str | None = None) -> TrainConfig:
-    """defaults <- preset <- config file <- flags; returns a validated :class:`TrainConfig`."""
+            preset: str | None = None, *, base: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults <- preset <- config file <- flags; returns a validated :class:`TrainConfig`.
+
+    ``base`` (settings of a run, e.g. its ``config.yaml``) replaces the defaults.
+    """
     flags = dict(flags or {})
     file_values = load_config_file(config_file) if config_file else {}
+    values: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in _FIELDS}
     preset = flags.pop("preset", None) or preset or file_values.get("preset")
-    values: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"--preset={preset!r}: choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-    values.update(file_values)
+    values = _merge(values, file_values)
     _check_keys(flags, "flags")
-    values.update(flags)
-    values["preset"] = preset
+    values = _merge(values, flags)
+    values["preset"] = preset or values.get("preset")
+    return _build(values)
+
+
+def _build(values: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig(**values)
     _coerce_types(cfg)
     return cfg.validate()
+
+
+def resolve_resume(saved: dict[str, Any], flags: dict[str, Any] | None = None,
+                   config_file: str | Path | None = None, *, source: str = "config.yaml",
+                   strict: bool = True) -> TrainConfig:
+    """The config of ``--resume``: the run's saved config, with the settings given now.
+
+    ``saved`` (the run's ``config.yaml``) replaces defaults and preset (a preset's values are not applied
+    again). With ``strict`` (the run has trained epochs), a given setting (config file or flag; paths
+    compared after normalisation) that differs from the saved one is an error listing only the
+    differing keys; settings in :data:`RESUMABLE_KEYS` (``out``, ``device``, ...) are taken from what
+    was given. Without ``strict`` (nothing was trained yet) the given settings win.
+    """
+    base = {k: v for k, v in saved.items() if k in _FIELDS}
+    if not strict:
+        return resolve(flags, config_file, base=base)
+    given = load_config_file(config_file) if config_file else {}
+    _check_keys(flags or {}, "flags")
+    merged = _build(_merge(_merge(base, given), dict(flags or {})))
+    diff = diff_configs({k: v for k, v in saved.items() if k != "world_size"}, merged.to_dict())
+    if diff:
+        raise ConfigError(f"--resume: the settings given differ from the run's {source}: "
+                          f"{format_diff(diff)}. Resume without them (--resume alone continues the run "
+                          f"with its own settings), or start a new run in another --out")
+    return _build({**base, **{k: getattr(merged, k) for k in RESUMABLE_KEYS}})
 
 
 def _coerce_types(cfg: TrainConfig) -> None:
@@ -193,10 +243,52 @@ def _coerce_types(cfg: TrainConfig) -> None:
             raise ConfigError(f"{f.name}={v!r}: expected a {t}") from None
 
 
+def normalize_path(value: Any) -> Any:
+    """A data / out value for comparison: a built-in dataset name as is, a path made absolute."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    from .data.builtin import BUILTIN  # lazy: config stays a leaf for everything else
+    if value.strip().lower() in BUILTIN and "/" not in value and os.sep not in value:
+        return value.strip().lower()
+    return os.path.normpath(os.path.abspath(os.path.expanduser(value)))
+
+
+def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"<method>.<option>": value}``: what each plug-in resolved, overridden by explicit options."""
+    out = {}
+    for source in ("resolved_methods", "options"):
+        for m, opts in (cfg.get(source) or {}).items():
+            for k, v in (opts or {}).items():
+                out[f"{m}.{k}"] = v
+    return out
+
+
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Keys (other than :data:`RESUMABLE_KEYS`) whose values differ: ``{key: (saved, current)}``."""
-    keys = (set(saved) | set(current)) - RESUMABLE_KEYS
-    return {k: (saved.get(k), current.get(k)) for k in sorted(keys) if saved.get(k) != current.get(k)}
+    """Settings (other than :data:`RESUMABLE_KEYS`) whose values differ: ``{key: (saved, current)}``.
+
+    ``data`` paths are compared after :func:`normalize_path`. Plug-in options are compared one by one
+    (``options.l2sp.alpha``), never as whole dictionaries: an explicit option against the saved one or,
+    when it was not given, against what the plug-in resolved (``resolved_methods``); the main method's
+    own options are the top-level keys (``reinits``, ...) and are compared there.
+    """
+    keys = (set(saved) | set(current)) - RESUMABLE_KEYS - {"options", "resolved_methods"}
+    a = {k: normalize_path(v) if k == "data" else v for k, v in saved.items()}
+    b = {k: normalize_path(v) if k == "data" else v for k, v in current.items()}
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
+    oa, ob = _method_options(saved), _method_options(current)
+    both_resolved = "resolved_methods" in saved and "resolved_methods" in current
+    main = {saved.get("method"), current.get("method")}
+    for k in sorted(set(oa) | set(ob)):
+        if k.split(".", 1)[0] in main or not (both_resolved or (k in oa and k in ob)):
+            continue
+        if oa.get(k) != ob.get(k):
+            diff["options." + k] = (oa.get(k), ob.get(k))
+    return diff
+
+
+def format_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    """``key: saved -> given, ...``."""
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:

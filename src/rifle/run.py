@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .core.seeding import derive_seed
-from .data import DataBundle, build_data
+from .data import DataBundle, build_data, data_fingerprint
 from .methods import Method, create, registry
 from .models import create_model, model_preprocessing
 from .train import RunDir, Trainer, summarize
@@ -81,7 +81,9 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
             log = lambda s: None  # noqa: E731 - rank 0 speaks for the run
     has_checkpoint = False
     if dist.is_main:
-        has_checkpoint = run_dir.prepare(config, resume=resume, overwrite=overwrite)
+        # stat-only record of the data; a resume after the data changed is refused
+        has_checkpoint = run_dir.prepare(config, resume=resume, overwrite=overwrite,
+                                         fingerprint=data_fingerprint(cfg.data))
     has_checkpoint = broadcast_flag(has_checkpoint, dist, device)
     if resume and has_checkpoint:
         done = run_dir.read_summary()

@@ -15,21 +15,21 @@ EXAMPLE = "rifle train --data path/to/folder --method rifle --reinits 3 --preset
 _HELP = {
     "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
     "model": "efficientnet_lite0 (offline builtin), tiny_cnn, any timm name, or torchvision:<name>",
-    "pretrained": "load pretrained weights (default: yes)",
+    "pretrained": "load pretrained weights",
     "method": "finetune (standard fine-tuning) or rifle",
     "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
     "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
              "disturblabel, cyclic-lr",
     "reinits": "RIFLE: K, the number of head re-initialisations (K+1 equal periods)",
     "reinit_granularity": "RIFLE: schedule over epochs or optimizer steps",
-    "guard": "RIFLE: drop re-inits leaving fewer epochs after them (default ceil(E/8))",
+    "guard": "RIFLE: drop re-inits leaving fewer epochs after them",
     "guard_steps": "RIFLE: the same guard, in optimizer steps",
     "min_steps_after": "RIFLE: warn when a period after a re-init has fewer optimizer steps",
     "reinit_init": "RIFLE: initialiser: default (the module's reset_parameters), lecun_normal, "
                    "kaiming_normal (He), xavier_uniform, normal",
     "keep_optimizer_state": "RIFLE: keep the head's momentum at a re-init (official code)",
     "head_lr_restart": "RIFLE: restart a cosine LR for the head each period (official option)",
-    "head": "dotted name(s) of the classifier head, comma-separated (default: found automatically)",
+    "head": "dotted name(s) of the classifier head, comma-separated",
     "reinit_modules": "RIFLE beyond the FC layer: also re-init the last N blocks (last:N) or the "
                       "modules whose dotted name matches a regular expression",
     "epochs": "training epochs", "batch_size": "training batch size", "lr": "SGD learning rate",
@@ -49,6 +49,26 @@ _HELP = {
     "out": "output folder of the run",
 }
 _SKIP = {"extra", "preset", "options", "trick"}
+# how some defaults read in --help (None and other placeholders)
+_SHOWN = {"guard": "max(1, ceil(E/8))", "head": "found automatically",
+          "reinit_modules": "none: the head only", "threads": "torch's default",
+          "reinit_init": "default: reset_parameters"}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def default_text(name: str) -> str:
+    """``(default X; preset P: Y)`` for a TrainConfig field (presets listed where they differ)."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    text = _SHOWN.get(name) or ("none" if default is None else _fmt(default))
+    by_preset = [f"{p}: {_fmt(v[name])}" for p, v in sorted(PRESETS.items())
+                 if name in v and v[name] != default]
+    return f"(default {text}" + (f"; preset {', '.join(by_preset)}" if by_preset else "") + ")"
 
 
 def _type_of(annotation: Any) -> type | None:
@@ -62,7 +82,9 @@ def _type_of(annotation: Any) -> type | None:
 def _add_typed(p: argparse._ActionsContainer, flag: str, dest: str, annotation: Any, help: str,
                metavar: str | None = None) -> None:
     t = _type_of(annotation)
-    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help, "dest": dest}
+    # SUPPRESS: only flags given explicitly reach the config (defaults <- preset <- file <- flags);
+    # the default is shown in the help text instead
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help.replace("%", "%%"), "dest": dest}
     if metavar and t is not bool:
         kw["metavar"] = metavar
     if t is bool:
@@ -88,17 +110,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name in _SKIP:
             continue
-        _add_typed(p, "--" + f.name.replace("_", "-"), f.name, f.type, _HELP.get(f.name, ""))
+        _add_typed(p, "--" + f.name.replace("_", "-"), f.name, f.type,
+                   f"{_HELP.get(f.name, '')} {default_text(f.name)}".strip())
     p.add_argument("--trick", dest="trick", action="append", default=argparse.SUPPRESS,
-                   help=_HELP["trick"])
+                   help=_HELP["trick"] + " (default none)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
-                   help="paper: the official recipe (ResNet-50, 40 epochs, 224 px, kept momentum); "
-                        "cpu: finishes on 2 CPU cores (EfficientNet-Lite0, 12 epochs, 112 px)")
+                   help="paper: the official script's recipe (ResNet-50, 40 epochs, 224 px, kept momentum, "
+                        "no validation split; differences: README); cpu: finishes on 2 CPU cores "
+                        "(EfficientNet-Lite0, 12 epochs, 112 px) (default none)")
     p.add_argument("--config", dest="_config", metavar="FILE.yaml", default=None,
-                   help="YAML file of settings (keys as the flags, with _); flags override it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+                   help="YAML file of settings (keys as the flags, with _; a run's own config.yaml works); "
+                        "flags override it (default none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with the settings in its "
+                        "config.yaml (given settings must match) (default off)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default off)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines (default off)")
     from ..methods import registry
     reg = registry()
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -110,12 +137,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         field = next(f for f in fields(cls) if f.name == option)
         default = field.default if field.default is not dataclasses.MISSING else None
         text = getattr(cls, "option_help", {}).get(option, "")
-        _add_typed(groups[method], f"--{method}-{option.replace('_', '-')}", dest, field.type,
-                   f"{text} (default {default!r})".strip(), metavar=option.upper())
+        if "(default" not in text:
+            text = f"{text} (default {'none' if default is None else _fmt(default)})".strip()
+        _add_typed(groups[method], f"--{method}-{option.replace('_', '-')}", dest, field.type, text,
+                   metavar=option.upper())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from ..config import resolve
+    """The run's config: defaults <- preset <- config file <- flags; with ``--resume``, the run's own
+    ``config.yaml`` instead of defaults and preset, and given settings that differ are refused."""
+    from ..config import ConfigError, load_config_file, resolve, resolve_resume
+    from ..train.outputs import CONFIG, RunDir
     skip = ("command", "_config", "resume", "overwrite", "quiet")
     flags: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {}
@@ -131,7 +163,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             flags[k] = v
     if options:
         flags["options"] = options
-    return resolve(flags, config_file=args._config)
+    if not args.resume:
+        return resolve(flags, config_file=args._config)
+    out = flags.get("out") or (load_config_file(args._config).get("out") if args._config else None) \
+        or TrainConfig.out
+    run_dir = RunDir(out)
+    saved = run_dir.read_config()
+    if saved is None:
+        from ..config import RESUMABLE_KEYS
+        if args._config or set(flags) - RESUMABLE_KEYS:  # a job script's first submission: start it
+            return resolve(flags, config_file=args._config)
+        raise ConfigError(f"--resume: nothing to resume in {out} (no {CONFIG}); give the run's settings "
+                          f"(flags or --config) to start it")
+    return resolve_resume({**saved, "out": out}, flags, args._config, source=str(run_dir / CONFIG),
+                          strict=run_dir.holds_run())
 
 
 def run(args: argparse.Namespace) -> int:

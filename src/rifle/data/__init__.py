@@ -15,11 +15,12 @@ from ..core.seeding import generator
 from .builtin import BUILTIN, load_digits_dataset, load_elpv
 from .cache import (ImageTensorSet, cache_resolution, eval_batches, num_batches, samples_per_rank,
                     stratified_split, train_batches)
-from .folder import LAYOUT, DataError, decode_image, load_image_folder
+from .folder import LAYOUT, DataError, decode_image, folder_fingerprint, load_image_folder
 
 __all__ = ["DataBundle", "build_data", "DataError", "ImageTensorSet", "train_batches", "eval_batches",
            "cache_resolution", "num_batches", "samples_per_rank", "stratified_split", "BUILTIN",
-           "load_elpv", "load_digits_dataset", "load_image_folder", "decode_image"]
+           "load_elpv", "load_digits_dataset", "load_image_folder", "decode_image", "data_fingerprint",
+           "compare_fingerprints"]
 
 
 @dataclass
@@ -50,6 +51,65 @@ def _unknown(data: str) -> DataError:
                      f"{LAYOUT}")
 
 
+def _builtin_name(data: str | os.PathLike) -> str | None:
+    """The built-in dataset ``data`` names (see :func:`build_data`), or None for a path."""
+    text = os.fspath(data)
+    name = text.strip().lower()
+    return name if name in BUILTIN and "/" not in text and os.sep not in text else None
+
+
+def data_fingerprint(data: str | os.PathLike) -> dict:
+    """What a run records of its data so that ``--resume`` can tell whether it changed (cheap).
+
+    An image folder: every image file's size and modification time, by ``split/class/name``
+    (``os.stat`` only, no image is read). A built-in dataset: its name, the version of the package
+    holding it and its number of images.
+    """
+    name = _builtin_name(data)
+    if name == "elpv":
+        from .builtin import _elpv_source
+        data_dir, version = _elpv_source()
+        with open(data_dir / "labels.csv", encoding="utf-8") as f:
+            images = sum(1 for line in f if line.strip())
+        return {"kind": "builtin", "name": name, "version": version, "images": images}
+    if name == "digits":
+        from importlib.metadata import version
+
+        from sklearn.datasets import load_digits
+        return {"kind": "builtin", "name": name, "version": f"scikit-learn {version('scikit-learn')}",
+                "images": len(load_digits().target)}
+    if name is not None:  # a built-in added later without a fingerprint of its own
+        from .. import __version__
+        return {"kind": "builtin", "name": name, "version": f"rifle {__version__}", "images": None}
+    text = os.fspath(data)
+    if not text or not Path(text).expanduser().exists():
+        raise _unknown(text)
+    return {"kind": "folder", **folder_fingerprint(text)}
+
+
+def compare_fingerprints(saved: dict, current: dict) -> str | None:
+    """None when the data is the one recorded, else what changed, in words."""
+    if saved.get("kind") != current.get("kind") or saved.get("name") != current.get("name"):
+        def what(fp: dict) -> str:
+            return fp.get("name") if fp.get("kind") == "builtin" else f"the folder {fp.get('root')}"
+        return f"the run used {what(saved)}, --data now names {what(current)}"
+    if current.get("kind") == "builtin":
+        changed = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in ("version", "images")
+                   if saved.get(k) != current.get(k)]
+        return f"the built-in dataset {current['name']} changed ({', '.join(changed)})" if changed else None
+    a, b = saved.get("files", {}), current.get("files", {})
+    added = sorted(set(b) - set(a))
+    removed = sorted(set(a) - set(b))
+    changed = sorted(k for k in set(a) & set(b) if list(a[k]) != list(b[k]))
+    if not (added or removed or changed):
+        return None
+    parts = [f"{len(added)} added", f"{len(removed)} removed", f"{len(changed)} changed (size or time)"]
+    examples = [f"{k} ({how})" for how, ks in (("added", added), ("removed", removed), ("changed", changed))
+                for k in ks[:3]]
+    return (f"the data in {current.get('root')} changed since the run started: {', '.join(parts)} image "
+            f"file(s), e.g. {', '.join(examples)}")
+
+
 def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_fraction: float = 0.1,
                train_fraction: float = 1.0, skip_bad_images: bool = False) -> DataBundle:
     """Load ``data`` (a built-in name or an image-folder path) at ``cache_resolution(image_size)``.
@@ -75,7 +135,7 @@ def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_f
     res = cache_resolution(image_size)
     text = os.fspath(data)
     name = text.strip().lower()
-    if name in BUILTIN and "/" not in text and os.sep not in text:
+    if _builtin_name(data):
         splits, classes, src_info = BUILTIN[name](res)
         source = "builtin"
     elif text and Path(text).expanduser().exists():

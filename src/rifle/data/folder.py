@@ -30,7 +30,8 @@ from PIL import Image
 
 from .cache import ImageTensorSet
 
-__all__ = ["DataError", "IMAGE_EXTENSIONS", "LAYOUT", "decode_image", "decode_many", "load_image_folder"]
+__all__ = ["DataError", "IMAGE_EXTENSIONS", "LAYOUT", "decode_image", "decode_many", "folder_fingerprint",
+           "load_image_folder"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val", "test")
@@ -147,6 +148,29 @@ def _scan_split(split_dir: Path) -> tuple[dict[str, list[Path]], list[Path]]:
                             f"{' '.join(IMAGE_EXTENSIONS)}, files directly inside the folder).\n{LAYOUT}")
         classes[d.name] = imgs
     return classes, ignored
+
+
+def folder_fingerprint(root: str | os.PathLike) -> dict:
+    """``{"root", "files": {"split/class/name": [size, mtime_ns]}}`` of the images a run would load.
+
+    The same files as :func:`load_image_folder` (visible files with an image extension directly in a
+    visible class folder of train/, val/, test/), found with ``os.scandir`` and ``stat`` only.
+    """
+    root = Path(root).expanduser().resolve()
+    files: dict[str, list[int]] = {}
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        with os.scandir(root / split) as classes:
+            for c in sorted((e for e in classes if not e.name.startswith(".") and e.is_dir()),
+                            key=lambda e: e.name):
+                with os.scandir(c.path) as entries:
+                    for e in entries:
+                        if (not e.name.startswith(".") and e.is_file()
+                                and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS):
+                            st = e.stat()
+                            files[f"{split}/{c.name}/{e.name}"] = [st.st_size, st.st_mtime_ns]
+    return {"root": str(root), "files": dict(sorted(files.items()))}
 
 
 def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: bool = False

@@ -19,7 +19,9 @@ from .checkpoint import STATE, WEIGHTS, atomic_write_text
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, WEIGHTS, STATE)
+FINGERPRINT = "data_fingerprint.json"
+PROGRESS_FILES = (METRICS, SUMMARY, WEIGHTS, STATE)  # written once an epoch has been trained
+RUN_FILES = (CONFIG, FINGERPRINT, *PROGRESS_FILES)
 
 
 class RunDirError(RuntimeError):
@@ -40,33 +42,57 @@ class RunDir:
         return self.path / name
 
     def holds_run(self) -> bool:
-        return any((self.path / f).exists() for f in RUN_FILES)
+        """True once the run has trained an epoch (a folder with only ``config.yaml`` holds none)."""
+        return any((self.path / f).exists() for f in PROGRESS_FILES)
 
-    def prepare(self, config: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
-        """Create or check the folder. Returns True when there is a checkpoint to resume from."""
-        from ..config import diff_configs
+    def read_config(self) -> dict[str, Any] | None:
+        p = self.path / CONFIG
+        if not p.is_file():
+            return None
+        values = yaml.safe_load(p.read_text())
+        if not isinstance(values, dict):
+            raise RunDirError(f"{p}: not a run's config (expected a mapping of settings)")
+        return values
+
+    def prepare(self, config: dict[str, Any], *, resume: bool, overwrite: bool,
+                fingerprint: dict[str, Any] | None = None) -> bool:
+        """Create or check the folder. Returns True when there is a checkpoint to resume from.
+
+        A folder whose run never finished an epoch (it failed while loading data or building the model)
+        is reused without ``--overwrite``. On ``--resume`` the config and the data ``fingerprint`` must
+        match the ones recorded.
+        """
+        from ..config import diff_configs, format_diff
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path}: exists and is not a folder")
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite contradict each other; choose one")
-        if self.holds_run():
-            if overwrite:
-                for f in RUN_FILES:
-                    (self.path / f).unlink(missing_ok=True)
-                shutil.rmtree(self.path / "tb", ignore_errors=True)
-            elif not resume:
-                raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue "
-                                  f"it or --overwrite to replace it")
-            elif (self.path / CONFIG).is_file():
-                saved = yaml.safe_load((self.path / CONFIG).read_text()) or {}
+        if overwrite or not self.holds_run():
+            for f in RUN_FILES:
+                (self.path / f).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "tb", ignore_errors=True)
+        elif not resume:
+            raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue "
+                              f"it or --overwrite to replace it")
+        else:
+            saved = self.read_config()
+            if saved is not None:
                 diff = diff_configs(saved, config)
                 if diff:
-                    lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
-                                      ((k, *v) for k, v in diff.items()))
-                    raise RunDirError(f"--resume with a changed config in {self.path / CONFIG}: {lines}. "
-                                      f"Resume with the original settings or start a new --out")
+                    raise RunDirError(f"--resume with a changed config in {self.path / CONFIG}: "
+                                      f"{format_diff(diff)}. Resume with the original settings or start "
+                                      f"a new --out")
+            if fingerprint is not None and (self.path / FINGERPRINT).is_file():
+                from ..data import compare_fingerprints
+                change = compare_fingerprints(json.loads((self.path / FINGERPRINT).read_text()), fingerprint)
+                if change:
+                    raise RunDirError(f"--resume refused: {change}. Resuming would re-carve the validation "
+                                      f"split, which could then hold images the run trained on. Restore "
+                                      f"the data, or start a new run (another --out, or --overwrite)")
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
+        if fingerprint is not None and not (self.path / FINGERPRINT).is_file():
+            atomic_write_text(self.path / FINGERPRINT, json.dumps(fingerprint) + "\n")
         return resume and (self.path / STATE).is_file() and (self.path / WEIGHTS).is_file()
 
     def write_config(self, config: dict[str, Any]) -> None:
