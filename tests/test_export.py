@@ -175,3 +175,52 @@ def test_two_formats_in_one_folder_keep_their_own_sidecars(tiny_run, tmp_path, c
         meta = json.loads((tmp_path / f"{name}.json").read_text())
         assert (meta["format"], meta["file"]) == (fmt, name) and meta["check"]["ok"]
     assert not (tmp_path / "model.json").exists()
+
+
+def _awkward_images(d):
+    """A 16-bit grayscale PNG, a CMYK JPEG, a 1600x1200 RGB JPEG, an RGBA PNG and a palette PNG with
+    transparency."""
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65535, size=(30, 40)).astype(np.uint16)
+    a16[:, :20] = np.linspace(0, 65535, 20).astype(np.uint16)[None]
+    Image.fromarray(a16).save(d / "gray16.png")
+    assert Image.open(d / "gray16.png").mode == "I;16"
+    cmyk = rng.integers(0, 255, size=(36, 44, 4), dtype=np.uint8)
+    cmyk[..., 1] //= 4
+    Image.fromarray(cmyk, mode="CMYK").save(d / "cmyk.jpg", quality=95)
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    big = np.stack([xx * 255 // 1600, yy * 255 // 1200, (xx + yy) % 256], -1)
+    big = np.clip(big + rng.integers(-40, 40, size=big.shape), 0, 255).astype(np.uint8)
+    big[..., 0] = np.maximum(big[..., 0], 150)
+    Image.fromarray(big).save(d / "large.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 255, size=(25, 30, 4), dtype=np.uint8)).save(d / "rgba.png")
+    pal = Image.fromarray(rng.integers(0, 255, size=(30, 25, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE)
+    pal.save(d / "palette.png", transparency=3)
+    return ["gray16.png", "cmyk.jpg", "large.jpg", "rgba.png", "palette.png"]
+
+
+def test_docs_onnx_example_matches_rifle_predict(tiny_run, tmp_path, capsys):
+    """docs/inference.md's onnxruntime + PIL + numpy example (executed as written, paths substituted) gives
+    `rifle predict`'s probabilities on images whose decoding is easy to get wrong."""
+    import re
+    from pathlib import Path
+    run, _ = tiny_run
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def load_input" in b)
+    res = export(run, "onnx", tmp_path / "model.onnx")
+    names = _awkward_images(tmp_path)
+    assert main(["predict", str(run), *[str(tmp_path / n) for n in names], "--format", "json",
+                 "--top-k", "3"]) == 0
+    predicted = {Path(r["path"]).name: {p["class"]: p["probability"] for p in r["predictions"]}
+                 for r in json.loads(capsys.readouterr().out)}
+    meta = json.loads(res.sidecar.read_text())
+    classes, steps = meta["classes"], meta["preprocessing"]["steps"]
+    assert "img.draft(None, (18, 18))" in steps[0] and "round(v / 257)" in steps[1] and "CMYK" in steps[1]
+    for name in names:
+        code = (block.replace("/tmp/run/model.onnx.json", str(res.sidecar))
+                .replace("/tmp/run/model.onnx", str(res.path)).replace("photo.png", str(tmp_path / name)))
+        ns = {"__name__": "doc_example"}
+        exec(compile(code, "docs/inference.md", "exec"), ns)
+        capsys.readouterr()
+        got = dict(zip(classes, ns["probs"][0].tolist()))
+        assert max(abs(got[c] - predicted[name][c]) for c in classes) <= 1e-4, (name, got, predicted[name])

@@ -88,7 +88,11 @@ def preprocessing_spec(fm: FineTunedModel) -> dict[str, Any]:
         "layout": "NCHW",
         "grayscale": "replicate the single channel to 3 channels",
         "steps": [
-            "decode; grayscale stays 1 channel, everything else RGB (alpha dropped); EXIF orientation not applied",
+            f"open with PIL; a JPEG is first downscaled in the DCT domain: img.draft(None, ({r}, {r})) (by 1/2, "
+            f"1/4 or 1/8 while both sides stay >= {r})",
+            "modes 1, L, LA -> L (8-bit grayscale, 1 channel); I;16*, I -> round(v / 257), F -> round(v * 255 "
+            "if max <= 1 else v), clipped to 0..255 as L; every other mode (CMYK, YCbCr, RGBA, P, ...) -> PIL "
+            "convert('RGB') (alpha dropped, palette expanded); EXIF orientation not applied",
             f"resize the shorter side to {r} ({p.get('interpolation', 'bilinear')}, antialiased as PIL; longer "
             f"side int({r} * long / short))",
             f"centre crop {r}x{r} (offset round((size - {r}) / 2))",
