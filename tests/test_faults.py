@@ -94,12 +94,13 @@ def png(tmp_path):
 
 
 def uses_of_the_weights(run, tmp_path, capsys):
-    """(name, exit code, stderr) of predict, evaluate and export on ``run``."""
+    """(name, exit code, stderr) of predict, evaluate, export and analyze on ``run``."""
     img = png(tmp_path)
     return [("predict", *cli(["predict", run, img, "--device", "cpu"], capsys)[::2]),
             ("evaluate", *cli(["evaluate", run, "--device", "cpu", "--out", tmp_path / "ev"], capsys)[::2]),
             ("export", *cli(["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"],
-                            capsys)[::2])]
+                            capsys)[::2]),
+            ("analyze", *cli(["analyze", run, "--out", tmp_path / "an"], capsys)[::2])]
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM

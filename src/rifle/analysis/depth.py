@@ -108,15 +108,14 @@ def build_reference(config: dict[str, Any], num_classes: int) -> nn.Module:
 
 def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn.Module, dict[str, Any], dict]:
     """``(model with the final checkpoint's weights, config, checkpoint metadata)``."""
-    from safetensors.torch import load_file
-
-    from ..train.checkpoint import WEIGHTS, load_weights, read_metadata
+    from ..train.checkpoint import WEIGHTS, load_weights, read_weights
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
     wpath = run_dir / WEIGHTS
     if not wpath.is_file():
         raise FileNotFoundError(f"{run_dir}: no {WEIGHTS} (the run has not finished an epoch)")
-    meta = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in read_metadata(wpath).items()}
+    raw_meta, tensors = read_weights(wpath)  # checksum verified
+    meta = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in raw_meta.items()}
     n = int(meta.get("num_classes") or len(meta.get("classes") or []))
     if pretrained:
         model = build_reference(config, n)
@@ -126,29 +125,28 @@ def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn
         from ..run import build_methods, model_kwargs
         cfg = from_dict(config)
         model = create_model(cfg.model, n, pretrained=False, **model_kwargs(build_methods(cfg)))
-    load_weights(model, load_file(str(wpath)), str(wpath))
+    load_weights(model, tensors, str(wpath))
     return model, config, meta
 
 
 def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """Per-layer relative weight change of a run's final checkpoint; writes ``depth.json``."""
-    from safetensors.torch import load_file
-
     from ..core.heads import find_head, head_names
-    from ..train.checkpoint import WEIGHTS, read_metadata
+    from ..train.checkpoint import WEIGHTS, check_finite, read_weights
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
     wpath = run_dir / WEIGHTS
     if not wpath.is_file():
         raise FileNotFoundError(f"{run_dir}: no {WEIGHTS} (the run has not finished an epoch)")
-    meta = read_metadata(wpath)
+    meta, tensors = read_weights(wpath)  # checksum verified
     n = int(json.loads(meta["num_classes"])) if "num_classes" in meta else len(json.loads(meta["classes"]))
     reference = build_reference(config, n)
     heads = head_names(reference, find_head(reference, config["head"].split(",") if config.get("head") else None))
     layers = tracked_layers(reference)
     names = [n for n, _ in layers]
     ref_state = reference.state_dict()
-    r = layer_profile(load_file(str(wpath)), ref_state, names)
+    check_finite(tensors, str(wpath), order=ref_state)
+    r = layer_profile(tensors, ref_state, names)
     out = {"run": str(run_dir), "label": run_label(run_dir, config), "model": config.get("model"),
            "method": config.get("method"), "epoch": int(meta.get("epoch", -1)),
            "reference": "pretrained backbone + the run's first head init",

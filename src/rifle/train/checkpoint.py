@@ -20,7 +20,7 @@ import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -236,9 +236,15 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
             parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         raise CheckpointError(f"{source} does not fit this model (another model or class count?): "
                               + "; ".join(parts))
-    bad = first_non_finite({k: tensors[k] for k in own})
+    check_finite(tensors, source, order=own)
+    model.load_state_dict(tensors)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, order: Iterable[str] | None = None) -> None:
+    """Raise ``CheckpointError`` naming ``source`` and the first tensor (in ``order``) holding NaN or inf."""
+    keys = [k for k in order if k in tensors] if order is not None else list(tensors)
+    bad = first_non_finite({k: tensors[k] for k in keys})
     if bad is not None:
         raise CheckpointError(f"{source} holds non-finite weights (NaN or inf), first in tensor {bad!r}: the "
                               f"run diverged before this checkpoint was saved, so it cannot predict anything. "
                               f"Train it again (e.g. with a lower --lr)")
-    model.load_state_dict(tensors)
