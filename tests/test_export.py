@@ -224,3 +224,25 @@ def test_docs_onnx_example_matches_rifle_predict(tiny_run, tmp_path, capsys):
         capsys.readouterr()
         got = dict(zip(classes, ns["probs"][0].tolist()))
         assert max(abs(got[c] - predicted[name][c]) for c in classes) <= 1e-4, (name, got, predicted[name])
+
+
+class _Float32Only(torch.nn.Module):
+    """A head that hard-codes a float32 tensor, so the model cannot run in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) @ torch.eye(4, 2, dtype=torch.float32)
+
+
+def test_check_falls_back_to_float32_for_a_model_that_cannot_run_in_float64(tmp_path):
+    torch.manual_seed(0)
+    model = _Float32Only()
+    with pytest.raises(RuntimeError):
+        model.double()(torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    fm = FineTunedModel(model.float(), ["a", "b"], {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
+                                                    "resize": 9}, channels_last=False)
+    res = export(fm, "onnx", tmp_path / "m.onnx")
+    assert res.check["reference"] == "PyTorch, float32" and res.check["ok"] and res.max_abs_diff < 1e-5
