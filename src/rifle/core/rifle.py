@@ -10,6 +10,9 @@ Drop it into any loop::
 or per optimizer step with ``total_steps=`` and ``on_step_start(step)`` (0-based, in ``[0, T)``).
 ``state_dict()`` / ``load_state_dict()`` carry which re-inits were applied (``applied``) or passed
 without being applied (``skipped``), so a resumed run never repeats or skips one.
+A diagnosis is on by default (``diagnose=True``): feed ``rifle.observe(loss=..., correct=...,
+count=...)`` per batch; gradients are read by an optimizer step pre-hook; ``rifle.verdicts()`` gives
+one line per re-init (docs/rifle.md#when).
 The object knows nothing of trainers; the Lightning / HF / CLI adapters are thin wrappers over it.
 """
 from __future__ import annotations
@@ -22,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .diagnosis import Diagnosis, backbone_weights
 from .heads import HeadSpec, find_head, head_names, select_modules
 from .replicas import verify_replicas
-from .reinit import Initializer, clear_optimizer_state, cosine_factor, get_initializer, reinit_
+from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
+                     reinit_)
 from .schedule import (DEFAULT_MIN_STEPS_AFTER, Schedule, check_step_budget, default_guard,
                        make_schedule, warn_at_caller)
 
@@ -62,7 +67,9 @@ class Rifle:
         min_steps_after: warn when a period after a re-init has fewer optimizer steps (default 100).
         init: ``"default"`` (the module's ``reset_parameters``), ``"lecun_normal"`` (std
             ``1/sqrt(fan_in)``), ``"kaiming_normal"`` (He: std ``sqrt(2/fan_in)``),
-            ``"xavier_uniform"``, ``"normal"`` (std 0.01) or a callable ``f(module)`` that draws from
+            ``"xavier_uniform"``, ``"normal"`` (std 0.01), ``"norm_matched"`` (the default draw at
+            the old head's row norms), ``"shrink_perturb[:LAMBDA,SIGMA]"`` (``LAMBDA * old + SIGMA *``
+            the default draw; 0.4, 0.1), ``-`` or ``_``, or a callable ``f(module)`` that draws from
             torch's global CPU RNG (it is run on the re-init's private stream; docs/rifle.md).
         head_lr_restart: restart a cosine LR for the head's param group(s) at each period (the
             official ``fc_lr_util=cyclic``); the head must then be alone in its param group(s).
@@ -70,6 +77,12 @@ class Rifle:
             regular expression over dotted module names (see :func:`rifle.core.heads.select_modules`).
         verify_replicas: under ``torch.distributed`` with several ranks, all-gather a checksum of the
             new head after each re-init and raise ``ReplicaDivergenceError`` if ranks differ.
+        diagnose: measure each re-init (:mod:`rifle.core.diagnosis`): train loss / accuracy before it
+            (from :meth:`observe`), head norm before / after, backbone gradient ratio after / before
+            over ``diagnosis_window`` optimizer steps on each side, by backbone third. Gradients are
+            read by an optimizer step pre-hook; without an optimizer call :meth:`record_gradients`
+            once per step, after ``backward()``. Loss window: the epoch before the re-init (epoch
+            schedules) or the last ``steps_per_epoch`` (default 100) steps (step schedules).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -80,15 +93,16 @@ class Rifle:
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False,
                  on_reinit: Callable[[int, int], None] | None = None,
-                 verify_replicas: bool = True, modules: str | None = None) -> None:
+                 verify_replicas: bool = True, modules: str | None = None,
+                 diagnose: bool = True, diagnosis_window: int = 5) -> None:
         if (epochs is None) == (total_steps is None):
             raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
                              "(use on_step_start)")
         self.model = model
         self.optimizer = optimizer
         self.seed = int(seed)
-        self.init = init
-        get_initializer(init)  # validate early
+        self.init = canonical_init(init)  # validates; one spelling in the state (resume check)
+        get_initializer(self.init)
         self.keep_optimizer_state = keep_optimizer_state
         self.head_lr_restart = head_lr_restart
         self.on_reinit = on_reinit
@@ -114,6 +128,16 @@ class Rifle:
         self.skipped: list[int] = []  # ... passed without being applied (warned once)
         if head_lr_restart:
             self._head_groups()  # validate the param groups now; records each group's initial_lr
+        self._diag: Diagnosis | None = None
+        self._diag_hook = None
+        if diagnose:
+            loss_window = None if self.unit == "epoch" else int(steps_per_epoch or 100)
+            self._diag = Diagnosis(backbone_weights(inner, exclude=self.head_modules),
+                                   window=diagnosis_window, loss_window=loss_window)
+            if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
+                self._diag_hook = optimizer.register_step_pre_hook(
+                    lambda opt, args, kwargs: self.record_gradients())
+            self._spe_known = steps_per_epoch if self.unit == "epoch" else None
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -147,12 +171,54 @@ class Rifle:
     def on_epoch_start(self, epoch: int) -> bool:
         if self.unit != "epoch":
             raise RuntimeError("this Rifle was built with total_steps=; call on_step_start(step)")
-        return self._tick(epoch)
+        fired = self._tick(epoch)
+        if self._diag is not None:
+            self._diag.new_period()  # the loss window is the epoch
+            if self._pending_point(epoch + 1):
+                # only the last `window` steps of this epoch matter: skip the others when S is known
+                skip = 0 if self._diag.recording else max(0, (self._spe_known or 0) - self._diag.window)
+                self._diag.arm(skip)
+        return fired
 
     def on_step_start(self, step: int) -> bool:
         if self.unit != "step":
             raise RuntimeError("this Rifle was built with epochs=; call on_epoch_start(epoch)")
-        return self._tick(step)
+        fired = self._tick(step)
+        if self._diag is not None:
+            self._diag.set_step(step)
+            w = self._diag.window
+            if any(self._pending_point(p) for p in range(step + 1, step + w + 1)):
+                self._diag.arm()
+        return fired
+
+    def _pending_point(self, t: int) -> bool:
+        return any(p == t and i not in self.applied and i not in self.skipped
+                   for i, p in enumerate(self.schedule.points, start=1))
+
+    # ------------------------------------------------------------------ diagnosis
+    def observe(self, loss: float | torch.Tensor, correct: float | torch.Tensor | None = None,
+                count: int = 1) -> None:
+        """Feed one training batch: its mean ``loss``, number of ``correct`` predictions, size."""
+        if self._diag is not None:
+            self._diag.observe(loss, correct, count)
+
+    def record_gradients(self) -> None:
+        """Read the backbone gradients of this optimizer step (automatic when an optimizer is given)."""
+        if self._diag is not None and self._diag.recording:
+            self._diag.record_step()
+
+    def close_diagnosis(self) -> None:
+        """Finish an open re-init measurement with the steps recorded so far (end of training)."""
+        if self._diag is not None:
+            self._diag.close()
+
+    @property
+    def diagnosis(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per measured re-init (``verdict`` is its printed line)."""
+        return [dict(e) for e in self._diag.entries] if self._diag is not None else []
+
+    def verdicts(self) -> list[str]:
+        return [e["verdict"] for e in self.diagnosis]
 
     def _tick(self, t: int) -> bool:
         total = self.schedule.total
@@ -184,7 +250,12 @@ class Rifle:
 
     def reinit(self, index: int) -> None:
         """Apply re-init number ``index`` now (normally called by the schedule)."""
+        if self._diag is not None:
+            at = self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1
+            self._diag.begin(index, self.unit, at, self.head_modules)
         reinit_(self.modules, self.seed, index, self.init)
+        if self._diag is not None:
+            self._diag.end(self.head_modules)
         if self.verify_replicas:
             verify_replicas(self.reinit_parameters, f"RIFLE re-init {index}")
         if not self.keep_optimizer_state:
@@ -230,7 +301,8 @@ class Rifle:
                 "reinits": self.schedule.reinits, "points": list(self.schedule.points),
                 "applied": sorted(self.applied), "skipped": sorted(self.skipped),
                 "done": self.done,  # read by version-1 code
-                "init": self.init if isinstance(self.init, str) else None, "seed": self.seed}
+                "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
+                "diagnosis": self.diagnosis}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
@@ -261,6 +333,8 @@ class Rifle:
                 raise ValueError(f"RIFLE state was saved with init={saved_init!r}, this run has "
                                  f"init={self.init!r}: the remaining re-inits would draw other heads")
         self.applied, self.skipped = applied, skipped
+        if self._diag is not None and "diagnosis" in state:
+            self._diag.load_state_dict(state["diagnosis"])
 
     def __repr__(self) -> str:
         return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "

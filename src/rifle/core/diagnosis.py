@@ -1,0 +1,252 @@
+"""Did a re-init deliver "backprop in depth"? A cheap, always-on measurement around each re-init.
+
+For each re-init: training loss / accuracy over the period before it (fed by the caller with
+:meth:`Diagnosis.observe`), the head's weight norm just before / after, and the backbone gradient-norm
+ratio after / before by backbone third, with the definitions of :mod:`rifle.analysis.depth`
+(``--record-depth``): per conv / linear weight, mean gradient norm over the ``window`` optimizer steps
+after the re-init / the ``window`` steps before it; the per-layer ratios averaged over the first /
+middle / last third of the backbone in module order (head left out). Knows nothing of trainers.
+Thresholds and their evidence: docs/rifle.md#when.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # as rifle.analysis.depth.tracked_layers
+
+# docs/rifle.md#when: the cut-offs and why (REFERENCE §7 measurements)
+CONVERGED_LOSS = 0.2     # memorising runs had 0.06-0.17 before the re-init, the others 0.37-0.67
+CONVERGED_ACC = 0.95     # ... 0.98-0.99 vs 0.74-0.88
+DELIVERED_RATIO = 1.0    # fine-tuning's own after/before at the same boundary: 0.61-0.88
+WEAKENED_RATIO = 0.6     # below every fine-tuning control measured
+DOC = "docs/rifle.md#when"
+
+
+def backbone_weights(model: nn.Module, exclude: Sequence[nn.Module] = ()) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, weight)]`` of the conv / linear layers in module order, leaving out ``exclude``'s."""
+    skip = {id(p) for m in exclude for p in m.parameters()}
+    out = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, LAYER_TYPES) and isinstance(w, torch.Tensor) and id(w) not in skip \
+                and w.requires_grad:
+            out.append((f"{name}.weight" if name else "weight", w))
+    return out
+
+
+def thirds(values: Sequence[float]) -> list[float]:
+    """Mean over the first / middle / last third (contiguous; the middle takes the remainder),
+    exactly as :func:`rifle.analysis.depth.backbone_thirds`."""
+    body = [float(v) for v in values]
+    if not body:
+        raise ValueError("no backbone layers")
+    third = max(1, len(body) // 3)
+    parts = [body[:third], body[third:len(body) - third] or body[third - 1:third], body[len(body) - third:]]
+    return [sum(x) / len(x) for x in parts]
+
+
+def weight_norm(modules: Sequence[nn.Module]) -> float:
+    """``sqrt(sum ||W||^2)`` over the modules' ``weight`` tensors (one Linear: ``||W||_F``)."""
+    total = 0.0
+    for m in modules:
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            total += float(torch.linalg.vector_norm(w.detach(), dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+def _reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum over data-parallel ranks (no-op alone); every rank calls it at the same re-init."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+class Diagnosis:
+    """Accumulate the numbers of one run's re-inits; see the module docstring.
+
+    The owner calls: :meth:`observe` for each (micro-)batch; :meth:`new_period` where the loss window
+    restarts (each epoch for epoch schedules); :meth:`arm` so that the next ``window`` recorded steps
+    before a re-init are kept (a ring buffer: arming early costs only norms); :meth:`record_step` once
+    per optimizer step with the final gradients (before ``optimizer.step()``); :meth:`begin` /
+    :meth:`end` around the re-init itself. ``entries`` is the list of JSON-ready results.
+    """
+
+    def __init__(self, backbone: Sequence[tuple[str, torch.Tensor]], window: int = 5,
+                 loss_window: int | None = None) -> None:
+        if window < 1:
+            raise ValueError(f"diagnosis window must be >= 1 step, got {window}")
+        self.names = [n for n, _ in backbone]
+        self.params = [p for _, p in backbone]
+        self.window = int(window)
+        self.loss_window = loss_window  # None: everything since new_period(); else the last N steps
+        self.entries: list[dict[str, Any]] = []
+        self._before: deque = deque(maxlen=self.window)
+        self._skip = 0
+        self._armed = False
+        self._after: list[torch.Tensor] | None = None
+        self._open: dict[str, Any] | None = None
+        self._obs: deque = deque(maxlen=loss_window)
+        self._step_key: Any = None
+        self.new_period()
+
+    # ------------------------------------------------------------------ loss / accuracy
+    def new_period(self) -> None:
+        if self.loss_window is None:
+            self._obs.clear()
+
+    def set_step(self, key: Any) -> None:
+        """Group the following observations under optimizer step ``key`` (for ``loss_window``)."""
+        self._step_key = key
+
+    def observe(self, loss: float | torch.Tensor, correct: float | torch.Tensor | None = None,
+                count: int = 1) -> None:
+        """One batch: its mean ``loss``, number of ``correct`` predictions (optional) and size."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().double()  # stays on the device: no host sync per step
+        c = correct.detach() if isinstance(correct, torch.Tensor) else correct
+        item = [loss * count, c, int(count)]
+        if self._obs and (self.loss_window is None or self._obs[-1][3] == self._step_key):
+            last = self._obs[-1]
+            last[0] = last[0] + item[0]
+            last[1] = None if last[1] is None or c is None else last[1] + c
+            last[2] += item[2]
+        else:
+            self._obs.append([*item, self._step_key])
+
+    def _loss_acc(self) -> tuple[float | None, float | None]:
+        sums = [0.0, 0.0, 0.0]
+        has_acc = bool(self._obs) and all(o[1] is not None for o in self._obs)
+        for ls, c, n, _ in self._obs:
+            sums[0] += float(ls)
+            sums[1] += float(c) if has_acc else 0.0
+            sums[2] += n
+        flag = 1.0 if has_acc else 0.0
+        loss_sum, correct, n, flag = _reduce([sums[0], sums[1], sums[2], flag], self._device())
+        if n <= 0:
+            return None, None
+        return loss_sum / n, (correct / n if flag > 0 and has_acc else None)
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    # ------------------------------------------------------------------ gradients
+    def arm(self, skip: int = 0) -> None:
+        """Keep the norms of the recorded steps from now on (after ``skip`` steps) in the ring buffer."""
+        if not self._armed:
+            self._before.clear()
+        self._armed, self._skip = True, int(skip)
+
+    @property
+    def recording(self) -> bool:
+        return self._armed or self._after is not None
+
+    def record_step(self) -> None:
+        """Call with the step's final gradients (e.g. from an optimizer step pre-hook)."""
+        if self._after is not None:
+            self._after.append(self._norms())
+            if len(self._after) >= self.window:
+                self._finish()
+        elif self._armed:
+            if self._skip > 0:
+                self._skip -= 1
+            else:
+                self._before.append(self._norms())
+
+    def _norms(self) -> torch.Tensor:
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=self._device())
+        return torch.stack([torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+                            if p.grad is not None else nan for p in self.params])
+
+    # ------------------------------------------------------------------ around a re-init
+    def begin(self, index: int, unit: str, at: int, head: Sequence[nn.Module]) -> None:
+        """Just before re-init ``index`` (at ``unit`` ``at``): freeze the 'before' side."""
+        if self._open is not None:
+            self._finish()
+        loss, acc = self._loss_acc()
+        self._open = {"index": int(index), "unit": unit, "at": int(at), "train_loss_before": loss,
+                      "train_acc_before": acc, "head_norm_before": weight_norm(head)}
+        self._before_norms = list(self._before)
+        self._armed, self._before = False, deque(maxlen=self.window)
+
+    def end(self, head: Sequence[nn.Module]) -> None:
+        """Just after the re-init: the new head's norm; start the 'after' window."""
+        assert self._open is not None, "begin() first"
+        self._open["head_norm_after"] = weight_norm(head)
+        self._after = []
+
+    def close(self) -> None:
+        """Finish an open entry with the steps recorded so far (end of training, or of an epoch)."""
+        if self._open is not None and self._after is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        e, before, after = self._open, self._before_norms, self._after or []
+        self._open, self._after, self._before_norms = None, None, []
+        e["steps_before"], e["steps_after"] = len(before), len(after)
+        e["grad_ratio_layers"] = None
+        e["grad_ratio_thirds"] = e["grad_ratio"] = None
+        if before and after and self.params:
+            mb = torch.stack(before).mean(0).tolist()
+            ma = torch.stack(after).mean(0).tolist()
+            per = [a / b if b > 0 and math.isfinite(a) and math.isfinite(b) else None for a, b in zip(ma, mb)]
+            e["grad_ratio_layers"] = per
+            vals = [v for v in per if v is not None]
+            if vals:
+                e["grad_ratio_thirds"] = thirds(vals)
+                e["grad_ratio"] = sum(e["grad_ratio_thirds"]) / 3
+        e["verdict"] = verdict(e)
+        self.entries.append(e)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [dict(e) for e in self.entries]
+
+    def load_state_dict(self, entries: Sequence[dict[str, Any]]) -> None:
+        self.entries = [dict(e) for e in entries]
+
+
+def converged(entry: dict[str, Any]) -> bool | None:
+    loss, acc = entry.get("train_loss_before"), entry.get("train_acc_before")
+    if loss is None and acc is None:
+        return None
+    return (loss is not None and loss <= CONVERGED_LOSS) or (acc is not None and acc >= CONVERGED_ACC)
+
+
+def verdict(entry: dict[str, Any]) -> str:
+    """The one line a user reads, e.g. ``re-init 1 (epoch 15): head had converged (...) ...``."""
+    conv = converged(entry)
+    loss, acc = entry.get("train_loss_before"), entry.get("train_acc_before")
+    stats = ", ".join(s for s in (f"train loss {loss:.2f}" if loss is not None else "",
+                                  f"acc {acc:.2f}" if acc is not None else "") if s)
+    head = ("head convergence not measured (no training loss observed before it)" if conv is None else
+            f"head had {'' if conv else 'not '}converged ({stats})")
+    r = entry.get("grad_ratio")
+    if r is None:
+        grad = ("backbone gradient not measured (no optimizer steps recorded on both sides of the "
+                "re-init)")
+        tail = ""
+    else:
+        grad = f"backbone gradient x{r:.2f} after/before"
+        if r >= DELIVERED_RATIO:
+            tail = " — backprop in depth delivered"
+        elif r < WEAKENED_RATIO:
+            tail = " — this re-init weakened the error signal"
+        else:
+            tail = (f" — within fine-tuning's own decay at a boundary ({WEAKENED_RATIO}-{DELIVERED_RATIO}): "
+                    f"no deeper backprop than without the re-init")
+    if conv is False:
+        tail += f"; RIFLE is unlikely to help here ({DOC})"
+    elif conv and r is not None and r < DELIVERED_RATIO:
+        tail += f"; the head had converged yet the error signal did not grow ({DOC})"
+    return f"re-init {entry['index']} ({entry['unit']} {entry['at']}): {head}; {grad}{tail}"
