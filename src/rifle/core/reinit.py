@@ -136,17 +136,105 @@ INITIALIZERS: dict[str, Callable[..., None]] = {
 }
 
 
+# --------------------------------------------------------------- variants beyond the paper
+# Both start from the `default` draw (same generator, same values) and use the module's values
+# before the re-init, which the structural CPU copy still holds. Formulas: docs/rifle.md.
+SHRINK_PERTURB_DEFAULTS = (0.4, 0.1)  # (shrink lambda, perturb sigma): Ash & Adams' code defaults
+
+
+def _old_then_fresh(module: nn.Module, g: torch.Generator | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(old value, parameter)`` for each parameter the `default` init redraws (those of submodules
+    with a ``reset_parameters()``; others keep their values, as with `default`); on return each of
+    them holds the `default` draw."""
+    seen: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_parameters", None)) and _has_direct_params(sub):
+            for p in sub.parameters(recurse=False):
+                seen.setdefault(id(p), p)
+    old = [(p.detach().clone(), p) for p in seen.values()]
+    _reset_default(module, g)
+    return old
+
+
+@torch.no_grad()
+def _norm_matched(module: nn.Module, g: torch.Generator | None = None) -> None:
+    """The `default` draw, rescaled to the old norms: row by row (dim 0) for tensors of >= 2 dims,
+    as a whole for vectors and scalars; an old norm of 0 gives 0. Buffers keep the fresh values."""
+    for old, p in _old_then_fresh(module, g):
+        new = p.detach().to(torch.float64)
+        rows = 1 if new.dim() <= 1 else new.shape[0]
+        fresh = new.reshape(rows, -1)
+        target = old.to(torch.float64).reshape(rows, -1).norm(dim=1, keepdim=True)
+        have = fresh.norm(dim=1, keepdim=True)
+        scale = torch.where(have > 0, target / torch.where(have > 0, have, 1.0), 0.0)
+        p.copy_((fresh * scale).reshape(p.shape))
+
+
+def _shrink_perturb_fn(shrink: float, perturb: float) -> Callable[[nn.Module, torch.Generator | None], None]:
+    @torch.no_grad()
+    def init(module: nn.Module, g: torch.Generator | None = None) -> None:
+        """``shrink * old + perturb * (default draw)`` for every parameter; buffers are fresh."""
+        for old, p in _old_then_fresh(module, g):
+            value = p.detach() * perturb
+            if shrink != 0:  # skipped at 0: 0 * old would turn a non-finite old value into NaN
+                value = value + shrink * old
+            p.copy_(value)
+    init.draws_from_generator = True  # type: ignore[attr-defined]
+    return init
+
+
+_norm_matched.draws_from_generator = True  # type: ignore[attr-defined]
+INITIALIZERS["norm_matched"] = _norm_matched
+INITIALIZERS["shrink_perturb"] = _shrink_perturb_fn(*SHRINK_PERTURB_DEFAULTS)
+
+
+def _parse_shrink_perturb(init: str, args: str) -> tuple[float, float]:
+    usage = (f"init {init!r}: expected shrink_perturb:LAMBDA,SIGMA with 0 <= LAMBDA <= 1 and SIGMA >= 0, "
+             f"not both 0 (e.g. shrink_perturb:0.4,0.1; plain shrink_perturb means "
+             f"{SHRINK_PERTURB_DEFAULTS[0]},{SHRINK_PERTURB_DEFAULTS[1]})")
+    parts = args.split(",")
+    if len(parts) != 2:
+        raise ValueError(usage)
+    try:
+        shrink, perturb = (float(x) for x in parts)
+    except ValueError:
+        raise ValueError(usage) from None
+    if not (math.isfinite(shrink) and math.isfinite(perturb) and 0 <= shrink <= 1 and perturb >= 0
+            and (shrink, perturb) != (0, 0)):
+        raise ValueError(usage)
+    return shrink, perturb
+
+
+def canonical_init(init: str | Initializer) -> str | Initializer:
+    """One spelling per initialiser: ``-`` -> ``_`` in the name; ``shrink_perturb`` with its
+    parameters written out (``"shrink-perturb"`` -> ``"shrink_perturb:0.4,0.1"``). Raises
+    ``ValueError`` for an unknown name or bad parameters; a callable is returned unchanged."""
+    if callable(init):
+        return init
+    if not isinstance(init, str):
+        raise ValueError(f"init={init!r}: expected a name ({', '.join(INITIALIZERS)}) or a callable(module)")
+    name, sep, args = init.strip().partition(":")
+    name = name.strip().replace("-", "_")
+    if name == "shrink_perturb":
+        shrink, perturb = _parse_shrink_perturb(init, args) if sep else SHRINK_PERTURB_DEFAULTS
+        return f"shrink_perturb:{shrink!r},{perturb!r}"
+    if sep or name not in INITIALIZERS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITIALIZERS)} "
+                         f"(shrink_perturb:LAMBDA,SIGMA sets its parameters) or pass a callable(module)")
+    return name
+
+
 def get_initializer(init: str | Initializer) -> Callable[[nn.Module, torch.Generator | None], None]:
-    """``f(module, generator)`` for a name of :data:`INITIALIZERS` or a user's ``f(module)``."""
+    """``f(module, generator)`` for a name of :data:`INITIALIZERS` (``-`` or ``_``;
+    ``shrink_perturb:LAMBDA,SIGMA``) or a user's ``f(module)``."""
     if callable(init):
         if getattr(init, "draws_from_generator", False):
             return init  # type: ignore[return-value]
         return lambda module, g: _on_global_rng(g, lambda: init(module))
-    try:
-        return INITIALIZERS[init]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITIALIZERS)} or pass a "
-                         f"callable(module)") from None
+    name = canonical_init(init)
+    if isinstance(name, str) and name.startswith("shrink_perturb:"):
+        return _shrink_perturb_fn(*(float(x) for x in name.partition(":")[2].split(",")))
+    return INITIALIZERS[name]  # type: ignore[index]
 
 
 def _cpu_copy(module: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
