@@ -35,7 +35,7 @@ class TrainConfig:
     guard: int | None = None             # None = max(1, ceil(E/8))
     guard_steps: int | None = None
     min_steps_after: int = 100
-    reinit_init: str = "default"         # default | lecun_normal | kaiming_normal | xavier_uniform | normal
+    reinit_init: str = "default"         # default, norm_matched, shrink_perturb[:L,S], ...: docs/rifle.md
     keep_optimizer_state: bool = False   # True = official code (momentum kept)
     head_lr_restart: bool = False        # True = official fc_lr_util=cyclic
     head: str | None = None              # dotted module name(s) of the head; None = automatic

@@ -26,7 +26,8 @@ _HELP = {
     "guard_steps": "RIFLE: the same guard, in optimizer steps",
     "min_steps_after": "RIFLE: warn when a period after a re-init has fewer optimizer steps",
     "reinit_init": "RIFLE: initialiser: default (the module's reset_parameters), lecun_normal, "
-                   "kaiming_normal (He), xavier_uniform, normal",
+                   "kaiming_normal (He), xavier_uniform, normal, norm-matched (default draw at the old "
+                   "row norms), shrink-perturb[:LAMBDA,SIGMA] (LAMBDA*old + SIGMA*default draw; 0.4,0.1)",
     "keep_optimizer_state": "RIFLE: keep the head's momentum at a re-init (official code)",
     "head_lr_restart": "RIFLE: restart a cosine LR for the head each period (official option)",
     "head": "dotted name(s) of the classifier head, comma-separated",
