@@ -219,3 +219,16 @@ def test_cli_shrink_perturb_head_is_the_formula(tmp_path, capsys, monkeypatch):
     assert torch.equal(w1, 0.2 * fw + 0.5 * w0)
     assert torch.equal(b1, 0.2 * fb + 0.5 * b0)
     assert not torch.equal(w1, w0)
+
+
+def test_docs_variants_example_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+    doc = Path(__file__).resolve().parents[1] / "docs" / "rifle.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    exec(compile("\n".join(blocks), str(doc), "exec"), {})
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[3:6] == ["True", "True", "shrink_perturb:0.4,0.1"]
+    text = doc.read_text()
+    for cmd in ("--reinit-init norm-matched", "--reinit-init shrink-perturb:0.4,0.1"):
+        assert cmd in text
