@@ -8,6 +8,8 @@ The trainer calls these hooks at fixed moments and never asks for a method by na
 ``setup(model, optimizer, ctx)``    once, after the optimizer exists (and after resume state is loaded)
 ``on_epoch_start(epoch)``           before each epoch; returns a dict of events to log (e.g. reinit)
 ``on_step_start(step)``             before each optimizer step (global step index)
+``on_batch_end(loss, correct, n)``  after each (micro-)batch's backward: mean loss, number correct (tensors)
+``on_epoch_end(epoch)``             after the epoch's evaluation; returns fields for its metrics row
 ``transform_batch(x, y)``           before the forward (training only)
 ``loss_terms(logits, features, x, y)``  after the forward: named extra loss terms, summed into the loss
 ``lr_lambda(ctx)``                  optional per-epoch LR multiplier ``f(epoch)`` replacing the cosine
@@ -66,6 +68,12 @@ class Method:
 
     def on_step_start(self, step: int) -> None:
         pass
+
+    def on_batch_end(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        return {}
 
     def transform_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y

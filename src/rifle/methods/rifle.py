@@ -59,12 +59,15 @@ class RifleMethod(Method):
         if self.granularity == "epoch":
             self.core = Rifle(model, optimizer, epochs=ctx.epochs,
                               steps_per_epoch=ctx.steps_per_epoch, **common)
-        else:
-            self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch, **common)
+        else:  # steps_per_epoch: the diagnosis's loss window (the last epoch's worth of steps)
+            self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch,
+                              steps_per_epoch=ctx.steps_per_epoch, **common)
         self._spe = max(1, ctx.steps_per_epoch)
+        self._epochs, self._log = ctx.epochs, ctx.log
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
             self._pending_state = None
+        self._reported = len(self.core.diagnosis)  # restored from the checkpoint: already reported
         unit = self.core.unit
         ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of {unit}(s) "
                 f"{self.core.points} of {self.core.schedule.total}")
@@ -84,6 +87,29 @@ class RifleMethod(Method):
     def on_step_start(self, step: int) -> None:
         if self.core is not None and self.core.unit == "step":
             self.core.on_step_start(step)
+
+    def on_batch_end(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        if self.core is not None:
+            self.core.observe(loss, correct, count)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        """Print the verdict of each re-init measured by now; its numbers go into the epoch's row."""
+        if self.core is None:
+            return {}
+        if epoch == self._epochs - 1:
+            self.core.close_diagnosis()
+        new = self.core.diagnosis[self._reported:]
+        self._reported += len(new)
+        for d in new:
+            self._log(d["verdict"])
+        if not new:
+            return {}
+        return {"rifle_diagnosis": new[0] if len(new) == 1 else new}
+
+    @property
+    def diagnosis(self) -> list[dict[str, Any]]:
+        """Every measured re-init of the run (``summary.json``'s ``rifle_diagnosis``)."""
+        return self.core.diagnosis if self.core is not None else []
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict() if self.core is not None else {}

@@ -259,7 +259,10 @@ class Trainer:
                     logits, loss, total = self._loss(xc, yc, terms_sum, epoch, step)
                     self.scaler.scale(total * (len(yc) / len(y))).backward()
                 loss_sum += loss.detach().double() * len(yc)
-                correct += (logits.detach().argmax(1) == yc).sum()
+                hits = (logits.detach().argmax(1) == yc).sum()
+                correct += hits
+                for m in self.methods:
+                    m.on_batch_end(loss.detach(), hits, len(yc))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             seen += len(y)
@@ -279,6 +282,8 @@ class Trainer:
         row["test_acc"] = self.evaluate(self.data.test)["acc"]
         row["reinit"] = bool(events.pop("reinit", False))
         row.update(events)
+        for m in self.methods:
+            row.update(m.on_epoch_end(epoch))
         row["seconds"] = seconds
         row["images_per_s"] = seen_total / seconds if seconds > 0 else None
         return row

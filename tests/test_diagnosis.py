@@ -1,0 +1,201 @@
+"""The per-re-init diagnosis (core/diagnosis.py, Rifle(diagnose=True), CLI wiring) against hand-computed values."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rifle.analysis.depth import backbone_thirds, tracked_layers
+from rifle.core import Rifle
+from rifle.core.diagnosis import backbone_weights, thirds, verdict
+from rifle.config import TrainConfig
+from rifle.run import run_train
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5),
+                         nn.ReLU(), nn.Linear(5, 3))
+
+
+def batches(n_steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n_steps)]
+
+
+def norm64(t):
+    return float(torch.linalg.vector_norm(t.detach().double()))
+
+
+@pytest.mark.parametrize("unit,spe_known", [("epoch", True), ("epoch", False), ("step", True)])
+def test_ratios_loss_and_head_norm_match_a_manual_loop(unit, spe_known):
+    E, S, W = 4, 7, 3
+    model = tiny()
+    head = model[6]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if unit == "epoch":
+        rifle = Rifle(model, opt, epochs=E, reinits=1, head=head, diagnosis_window=W, min_steps_after=0,
+                      steps_per_epoch=S if spe_known else None)
+        point = 2 * S  # re-init at the start of epoch 2
+    else:
+        rifle = Rifle(model, opt, total_steps=E * S, reinits=1, head=head, diagnosis_window=W,
+                      steps_per_epoch=S, min_steps_after=0)
+        point = rifle.points[0]
+    assert point == 14
+    data = batches(E * S)
+    backbone = [model[0].weight, model[2].weight, model[4].weight]
+    norms, losses, correct = {}, {}, {}
+    head_before = head_after = None
+    for g in range(E * S):
+        if unit == "epoch" and g % S == 0:
+            if g == point:
+                head_before = torch.linalg.norm(head.weight).item()
+            rifle.on_epoch_start(g // S)
+        elif unit == "step":
+            if g == point:
+                head_before = torch.linalg.norm(head.weight).item()
+            rifle.on_step_start(g)
+        if g == point:
+            head_after = torch.linalg.norm(head.weight).item()
+        x, y = data[g]
+        opt.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        norms[g] = [norm64(p.grad) for p in backbone]
+        losses[g] = float(loss.detach())
+        correct[g] = int((logits.argmax(1) == y).sum())
+        rifle.observe(loss, (logits.argmax(1) == y).sum(), len(y))
+        opt.step()
+
+    [d] = rifle.diagnosis
+    before = range(point - W, point)
+    after = range(point, point + W)
+    mean_b = [sum(norms[s][i] for s in before) / W for i in range(3)]
+    mean_a = [sum(norms[s][i] for s in after) / W for i in range(3)]
+    ratios = [a / b for a, b in zip(mean_a, mean_b)]  # 3 backbone layers: one per third
+    assert d["steps_before"] == W and d["steps_after"] == W
+    assert d["grad_ratio_thirds"] == pytest.approx(ratios, rel=1e-12)
+    assert d["grad_ratio"] == pytest.approx(sum(ratios) / 3, rel=1e-12)
+    loss_steps = range(point - S, point)  # the epoch before (epoch) / the last steps_per_epoch steps (step)
+    assert d["train_loss_before"] == pytest.approx(sum(losses[s] for s in loss_steps) / S, rel=1e-9)
+    assert d["train_acc_before"] == pytest.approx(sum(correct[s] for s in loss_steps) / (8 * S), rel=1e-12)
+    assert d["head_norm_before"] == pytest.approx(head_before, rel=1e-6)
+    assert d["head_norm_after"] == pytest.approx(head_after, rel=1e-6)
+    assert d["head_norm_after"] != pytest.approx(d["head_norm_before"])
+    assert (d["index"], d["unit"], d["at"]) == (1, unit, point // S if unit == "epoch" else point)
+    assert rifle.verdicts() == [d["verdict"]]
+    assert d["verdict"].startswith(f"re-init 1 ({unit} {d['at']}): head had ")
+    json.dumps(rifle.diagnosis)  # JSON-ready
+
+
+def test_thirds_and_layers_are_the_depth_analysis_definitions():
+    for n in range(1, 20):
+        vals = [float(i * i + 1) for i in range(n)]
+        assert thirds(vals) == backbone_thirds(vals, [False] * n)
+    model = tiny()
+    names = [n for n, _ in backbone_weights(model, exclude=[model[6]])]
+    assert names == [n for n, _ in tracked_layers(model)][:-1]
+
+
+def test_diagnose_false_measures_nothing_and_no_hook():
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rifle = Rifle(model, opt, epochs=4, reinits=1, head=model[6], diagnose=False)
+    assert not opt._optimizer_step_pre_hooks
+    rifle.on_epoch_start(0)
+    rifle.observe(1.0, 1, 2)
+    rifle.on_epoch_start(1)
+    rifle.on_epoch_start(2)
+    assert rifle.diagnosis == [] and "diagnosis" in rifle.state_dict()
+
+
+def test_state_keeps_diagnosis():
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    a = Rifle(model, opt, epochs=4, reinits=1, head=model[6])
+    a.on_epoch_start(0)
+    a.observe(0.5, 3, 4)
+    a.on_epoch_start(1)
+    a.on_epoch_start(2)
+    a.close_diagnosis()
+    assert len(a.diagnosis) == 1 and a.diagnosis[0]["train_loss_before"] is None  # epoch 1 observed nothing
+    b = Rifle(tiny(), None, epochs=4, reinits=1, head=None)
+    b.load_state_dict(a.state_dict())
+    assert b.diagnosis == a.diagnosis
+
+
+def entry(loss, acc, ratio):
+    return {"index": 1, "unit": "epoch", "at": 15, "train_loss_before": loss, "train_acc_before": acc,
+            "grad_ratio": ratio}
+
+
+def test_verdict_thresholds():
+    assert verdict(entry(0.09, 0.99, 1.30)) == ("re-init 1 (epoch 15): head had converged (train loss 0.09, "
+                                               "acc 0.99); backbone gradient x1.30 after/before — backprop "
+                                               "in depth delivered")
+    assert verdict(entry(0.67, 0.74, 0.46)) == (
+        "re-init 1 (epoch 15): head had not converged (train loss 0.67, acc 0.74); backbone gradient x0.46 "
+        "after/before — this re-init weakened the error signal; RIFLE is unlikely to help here "
+        "(docs/rifle.md#when)")
+    assert "head had converged" in verdict(entry(0.3, 0.96, 1.0))  # accuracy alone suffices
+    assert "head had converged" in verdict(entry(0.2, 0.5, 1.0))   # loss alone suffices
+    assert "head had not converged" in verdict(entry(0.21, 0.949, 1.0))
+    mid = verdict(entry(0.1, 0.99, 0.8))
+    assert "within fine-tuning's own decay" in mid and "did not grow" in mid
+    assert "not measured" in verdict(entry(0.1, 0.99, None))
+    assert "convergence not measured" in verdict(entry(None, None, 1.2))
+
+
+# ----------------------------------------------------------------------------- CLI
+def cfg(tmp_path, name="run", **kw):
+    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=4, image_size=16,
+                batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def test_cli_run_writes_diagnosis_and_prints_the_verdict(tmp_path):
+    lines = []
+    summary = run_train(cfg(tmp_path), log=lines.append)
+    [d] = summary["rifle_diagnosis"]
+    assert d["index"] == 1 and d["unit"] == "epoch" and d["at"] == 2
+    assert d["steps_before"] == 5 and d["steps_after"] == 5
+    assert len(d["grad_ratio_thirds"]) == 3 and all(r > 0 for r in d["grad_ratio_thirds"])
+    assert on_disk(tmp_path / "run")["rifle_diagnosis"] == summary["rifle_diagnosis"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # train loss / acc before = the metrics row of epoch 1 (the trainer's own reduced numbers)
+    assert d["train_loss_before"] == pytest.approx(rows[1]["train_loss"], rel=1e-9)
+    assert d["train_acc_before"] == pytest.approx(rows[1]["train_acc"], rel=1e-12)
+    assert rows[2]["rifle_diagnosis"] == d and all("rifle_diagnosis" not in r for r in rows[:2] + rows[3:])
+    assert d["verdict"] in lines and d["verdict"].startswith("re-init 1 (epoch 2): head had")
+
+
+def on_disk(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_finetune_has_no_diagnosis(tmp_path):
+    summary = run_train(cfg(tmp_path, "ft", method="finetune"), log=lambda s: None)
+    assert "rifle_diagnosis" not in summary and "rifle_diagnosis" not in on_disk(tmp_path / "ft")
+
+
+def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch):
+    from rifle.train import Trainer
+    full = run_train(cfg(tmp_path, "full"), log=lambda s: None)
+    original = Trainer.train_epoch
+
+    def crash_at_3(self, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg(tmp_path, "split"), log=lambda s: None)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = run_train(cfg(tmp_path, "split"), resume=True, log=lambda s: None)
+    assert resumed["rifle_diagnosis"] == full["rifle_diagnosis"] and len(full["rifle_diagnosis"]) == 1
+    assert all(math.isfinite(r) for r in resumed["rifle_diagnosis"][0]["grad_ratio_thirds"])
