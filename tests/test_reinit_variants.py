@@ -232,3 +232,99 @@ def test_docs_variants_example_prints_what_it_says(capsys):
     text = doc.read_text()
     for cmd in ("--reinit-init norm-matched", "--reinit-init shrink-perturb:0.4,0.1"):
         assert cmd in text
+
+
+# ------------------------------------------------------- the Lightning and HF callbacks pass init through
+@pytest.fixture
+def reinit_spy(monkeypatch):
+    """The real ``Rifle.reinit``, recording (index, old head, new head, the `default` draw, init)."""
+    seen = []
+    original = Rifle.reinit
+
+    def spy(self, index):
+        before = [p.detach().clone() for p in self.modules[0].parameters()]
+        fresh = draw_state(self.modules, self.seed, index, "default")[0][0]
+        original(self, index)
+        seen.append((index, before, [p.detach().clone() for p in self.modules[0].parameters()], fresh,
+                     self.init))
+
+    monkeypatch.setattr(Rifle, "reinit", spy)
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_callback_passes_norm_matched_through(tmp_path, reinit_spy):
+    pl = pytest.importorskip("lightning.pytorch")
+    from sklearn.datasets import load_digits
+
+    from rifle.integrations.lightning import RifleCallback
+    d = load_digits()
+    x, y = torch.tensor(d.data[:128], dtype=torch.float32) / 16, torch.tensor(d.target[:128])
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = nn.Sequential(nn.Linear(64, 32), nn.ReLU()), nn.Linear(32, 10)
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self.fc(self.body(batch[0])), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+               callbacks=[RifleCallback(reinits=1, init="norm-matched", min_steps_after=None)]).fit(Net())
+    [(index, (w0, _), (w1, _), (fw, _), init)] = reinit_spy
+    assert (index, init) == (1, "norm_matched")
+    assert torch.allclose(row_norms(w1), row_norms(w0), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(cosines(w1, fw), torch.ones(10, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_hf_callback_passes_shrink_perturb_through(tmp_path, reinit_spy):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from rifle.integrations.transformers import RifleTrainerCallback
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg)
+    ids = torch.randint(5, 50, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": (i == 7).any().long()}
+            for i in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+                                          learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
+                                          disable_tqdm=True, seed=0)
+    cb = RifleTrainerCallback(reinits=1, init="shrink-perturb:0.5,0.2", min_steps_after=None)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    [(index, (w0, b0), (w1, b1), (fw, fb), init)] = reinit_spy
+    assert (index, init) == (1, "shrink_perturb:0.5,0.2")
+    assert torch.equal(w1, 0.2 * fw + 0.5 * w0) and torch.equal(b1, 0.2 * fb + 0.5 * b0)
+
+
+def test_cli_resume_draws_the_norm_matched_head_of_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from rifle.train import Trainer
+    from rifle.train.checkpoint import WEIGHTS
+    args = [*FAST, "--reinit-init", "norm-matched"]  # re-init 1 at the start of epoch 1
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    original = Trainer.train_epoch
+
+    def crash_at_1(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_at_1)
+    assert main([*args, "--out", str(tmp_path / "split")]) == 130
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert main([*args, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    capsys.readouterr()
+    full, split = load_file(str(tmp_path / "full" / WEIGHTS)), load_file(str(tmp_path / "split" / WEIGHTS))
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
