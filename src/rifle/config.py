@@ -15,6 +15,11 @@ from typing import Any
 import yaml
 
 
+# --method plug-ins whose options are TrainConfig's top-level keys; every other plug-in takes its options
+# from `options:` and flags --<name>-<option>
+TOP_LEVEL_OPTIONS = ("rifle",)
+
+
 class ConfigError(ValueError):
     """A bad setting: the message names the key (flag), the value and, when known, the file."""
 
@@ -25,7 +30,7 @@ class TrainConfig:
     data: str = "elpv"                   # builtin name (elpv, digits) or an image-folder path
     model: str = "efficientnet_lite0"    # builtin, timm name, or torchvision:<name>
     pretrained: bool = True
-    method: str = "finetune"             # finetune | rifle
+    method: str = "finetune"             # finetune | rifle | lp-ft
     reg: str = "l2"                      # regulariser: l2 (weight decay) | l2sp | delta | bss
     trick: list[str] = field(default_factory=list)  # dropout, dropconnect, stochastic-depth, ...
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method: {option: value}}
@@ -107,9 +112,10 @@ class TrainConfig:
         return self
 
     def method_options(self) -> dict[str, Any]:
-        """Options handed to the ``rifle`` method plug-in."""
-        if self.method != "rifle":
-            return {}
+        """Options handed to the ``--method`` plug-in: RIFLE's are top-level keys (``reinits``, ...), any
+        other method's come from ``options: {<method>: {...}}`` (flags ``--<method>-<option>``)."""
+        if self.method not in TOP_LEVEL_OPTIONS:
+            return dict(self.options.get(self.method, {}))
         return dict(reinits=self.reinits, granularity=self.reinit_granularity, guard=self.guard,
                     guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                     init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
@@ -269,7 +275,7 @@ def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     ``data`` paths are compared after :func:`normalize_path`. Plug-in options are compared one by one
     (``options.l2sp.alpha``), never as whole dictionaries: an explicit option against the saved one or,
     when it was not given, against what the plug-in resolved (``resolved_methods``); the main method's
-    own options are the top-level keys (``reinits``, ...) and are compared there.
+    own options, for RIFLE, are the top-level keys (``reinits``, ...) and are compared there.
     """
     keys = (set(saved) | set(current)) - RESUMABLE_KEYS - {"options", "resolved_methods"}
     a = {k: normalize_path(v) if k == "data" else v for k, v in saved.items()}
@@ -277,7 +283,7 @@ def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     diff = {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
     oa, ob = _method_options(saved), _method_options(current)
     both_resolved = "resolved_methods" in saved and "resolved_methods" in current
-    main = {saved.get("method"), current.get("method")}
+    main = {saved.get("method"), current.get("method")} & set(TOP_LEVEL_OPTIONS)
     for k in sorted(set(oa) | set(ob)):
         if k.split(".", 1)[0] in main or not (both_resolved or (k in oa and k in ob)):
             continue

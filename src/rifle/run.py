@@ -29,7 +29,7 @@ def load_data(cfg: TrainConfig) -> DataBundle:
 
 
 def build_methods(cfg: TrainConfig) -> list[Method]:
-    """The run's plug-ins: the method (finetune / rifle), the regulariser, then the tricks."""
+    """The run's plug-ins: the method (finetune / rifle / lp-ft), the regulariser, then the tricks."""
     reg = registry()
     wanted = [(cfg.method, "method", cfg.method_options()), (cfg.reg, "reg", None),
               *((t, "trick", None) for t in cfg.trick)]
@@ -37,7 +37,7 @@ def build_methods(cfg: TrainConfig) -> list[Method]:
     for name in cfg.options:
         if name not in names:
             raise ValueError(f"options for {name!r} were given but {name!r} is not selected "
-                             f"(use --reg {name} or --trick {name})")
+                             f"(use --method {name}, --reg {name} or --trick {name})")
     methods = []
     for name, kind, opts in wanted:
         flag = {"method": "--method", "reg": "--reg", "trick": "--trick"}[kind]

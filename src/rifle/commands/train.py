@@ -16,7 +16,7 @@ _HELP = {
     "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
     "model": "efficientnet_lite0 (offline builtin), tiny_cnn, any timm name, or torchvision:<name>",
     "pretrained": "load pretrained weights",
-    "method": "finetune (standard fine-tuning) or rifle",
+    "method": "finetune (standard fine-tuning), rifle, or lp-ft (linear probe, then fine-tuning)",
     "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
     "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
              "disturblabel, cyclic-lr",
@@ -96,11 +96,12 @@ def _add_typed(p: argparse._ActionsContainer, flag: str, dest: str, annotation: 
 
 
 def method_option_flags() -> dict[str, tuple[str, str]]:
-    """``{dest: (method, option)}`` for every option of every regulariser and trick."""
+    """``{dest: (method, option)}`` for every option of every plug-in (RIFLE's are top-level flags)."""
+    from ..config import TOP_LEVEL_OPTIONS
     from ..methods import registry
     out = {}
     for name, cls in sorted(registry().items()):
-        if cls.kind == "method" or not dataclasses.is_dataclass(cls):
+        if name in TOP_LEVEL_OPTIONS or not dataclasses.is_dataclass(cls):
             continue
         for f in fields(cls):
             out[f"opt::{name}::{f.name}"] = (name, f.name)
