@@ -1,4 +1,5 @@
 """The per-re-init diagnosis (core/diagnosis.py, Rifle(diagnose=True), CLI wiring) against hand-computed values."""
+import csv
 import json
 import math
 
@@ -199,3 +200,62 @@ def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch):
     resumed = run_train(cfg(tmp_path, "split"), resume=True, log=lambda s: None)
     assert resumed["rifle_diagnosis"] == full["rifle_diagnosis"] and len(full["rifle_diagnosis"]) == 1
     assert all(math.isfinite(r) for r in resumed["rifle_diagnosis"][0]["grad_ratio_thirds"])
+
+
+def test_docs_when_section_example_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rifle.md").read_text()
+    section = doc[doc.index('<a id="when"></a>'):]
+    assert "## When does RIFLE help?" in section
+    [block] = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile("import torch\nfrom torch import nn\nfrom rifle import Rifle\n" + block, "rifle.md", "exec"), {})
+    assert capsys.readouterr().out.split("\n")[:2] == ["re-init 1 (epoch 10): head had converged", "True"]
+    for t in ("0.2", "0.95", "1.0", "0.6"):  # the thresholds of core/diagnosis.py are the documented ones
+        assert f"**{t}**" in section or f"**≥ {t}**" in section or f"**< {t}**" in section
+
+
+# ----------------------------------------------------------------------------- Lightning
+def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, capsys):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+    from sklearn.datasets import load_digits
+    from rifle.integrations.lightning import RifleCallback
+
+    d = load_digits()
+    x, y = torch.tensor(d.data[:384], dtype=torch.float32) / 16.0, torch.tensor(d.target[:384])
+    losses = {}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                                      nn.Linear(32, 32), nn.ReLU())
+            self.fc = nn.Linear(32, 10)
+
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self.fc(self.body(batch[0])), batch[1])
+            losses.setdefault(self.current_epoch, []).append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+    pl.seed_everything(0, verbose=False)
+    cb = RifleCallback(reinits=1, seed=0, min_steps_after=None)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
+                         logger=CSVLogger(tmp_path, name="csv"))
+    trainer.fit(Module())
+    [e] = cb.diagnosis
+    assert (e["index"], e["at"], e["steps_before"], e["steps_after"]) == (1, 2, 5, 5)
+    assert e["train_loss_before"] == pytest.approx(sum(losses[1]) / len(losses[1]), rel=1e-6)  # epoch 1
+    assert e["train_acc_before"] is None and e["grad_ratio"] > 0
+    assert e["verdict"] in capsys.readouterr().out.splitlines()
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    logged = [r for r in rows if r.get("rifle/grad_ratio")]
+    assert len(logged) == 1 and float(logged[0]["rifle/grad_ratio"]) == pytest.approx(e["grad_ratio"])
+    assert float(logged[0]["rifle/head_norm_after"]) == pytest.approx(e["head_norm_after"])

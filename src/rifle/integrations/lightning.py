@@ -20,7 +20,11 @@ Mapping onto Lightning:
 - the optimizer is the one of ``trainer.optimizers`` that holds the head's parameters;
 - ``state_dict()`` / ``load_state_dict()`` hold the core's progress, so ``Trainer.fit(ckpt_path=...)``
   never repeats or skips a re-init (Lightning restores callback state before ``on_train_start``);
-- when a re-init fires, ``rifle/reinit`` (the re-init's index, 1..K) is logged for that epoch.
+- when a re-init fires, ``rifle/reinit`` (the re-init's index, 1..K) is logged for that epoch;
+- the diagnosis (docs/rifle.md#when) is fed the loss ``training_step`` returns (no accuracy: none is
+  known to the callback); at the end of the epoch in which a re-init's measurement completes, its
+  verdict is printed (rank 0) and ``rifle/grad_ratio``, ``rifle/train_loss_before``,
+  ``rifle/head_norm_before`` / ``after`` are logged. ``diagnosis`` holds every entry.
 """
 from __future__ import annotations
 
@@ -96,6 +100,7 @@ class RifleCallback(pl.Callback):
         self._pending: dict[str, Any] | None = None
         self._epoch_started: int | None = None  # the epoch on_train_epoch_start last ran for
         self._log: Callable[[int], None] = lambda index: None
+        self._reported = 0
 
     # ------------------------------------------------------------------ build
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Rifle:
@@ -139,6 +144,7 @@ class RifleCallback(pl.Callback):
         if self._pending is not None:
             self.rifle.load_state_dict(self._pending)
             self._pending = None
+        self._reported = len(self.rifle.diagnosis)  # restored ones were reported before
 
         def log(index: int) -> None:
             pl_module.log("rifle/reinit", float(index), on_step=False, on_epoch=True,
@@ -162,8 +168,39 @@ class RifleCallback(pl.Callback):
             self._epoch_started = trainer.current_epoch
             self.rifle.on_epoch_start(trainer.current_epoch)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.rifle is not None and loss is not None:
+            self.rifle.observe(loss, None, 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for d in self._new_diagnoses(trainer):
+            for key in ("grad_ratio", "train_loss_before", "head_norm_before", "head_norm_after"):
+                if d.get(key) is not None:
+                    pl_module.log(f"rifle/{key}", float(d[key]), on_step=False, on_epoch=True,
+                                  reduce_fx="max", batch_size=1)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log = lambda index: None
+        if self.rifle is not None:
+            self.rifle.close_diagnosis()
+            self._new_diagnoses(trainer)
+
+    def _new_diagnoses(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
+        if self.rifle is None:
+            return []
+        new = self.rifle.diagnosis[self._reported:]
+        self._reported += len(new)
+        if trainer.is_global_zero:
+            for d in new:
+                print(d["verdict"])
+        return new
+
+    @property
+    def diagnosis(self) -> list[dict[str, Any]]:
+        """One dict per measured re-init (docs/rifle.md#when); restored with the checkpoint."""
+        return self.rifle.diagnosis if self.rifle is not None else []
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
