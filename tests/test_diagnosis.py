@@ -259,3 +259,36 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
     logged = [r for r in rows if r.get("rifle/grad_ratio")]
     assert len(logged) == 1 and float(logged[0]["rifle/grad_ratio"]) == pytest.approx(e["grad_ratio"])
     assert float(logged[0]["rifle/head_norm_after"]) == pytest.approx(e["head_norm_after"])
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from rifle.integrations.transformers import RifleTrainerCallback
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (64, 8), generator=g)
+    labels = (ids == 7).any(1).long()
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
+            for i in range(64)]
+    cb = RifleTrainerCallback(reinits=1, seed=0, min_steps_after=None)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8,
+                             learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
+                             logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    [e] = cb.diagnosis
+    assert (e["index"], e["unit"], e["at"], e["steps_before"], e["steps_after"]) == (1, "step", 12, 5, 5)
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    # the 8 steps (one epoch's worth) before the re-init at step 12: global steps 5..12 after increment
+    assert e["train_loss_before"] == pytest.approx(sum(logged[s] for s in range(5, 13)) / 8, rel=1e-9)
+    [h] = [h for h in trainer.state.log_history if "rifle/diagnosis_of" in h]
+    assert h["rifle/grad_ratio"] == e["grad_ratio"] > 0 and h["rifle/verdict"] == e["verdict"]
+    assert h["step"] == 17  # the after window (steps 12..16) completed
+    assert e["verdict"] in capsys.readouterr().out.splitlines()

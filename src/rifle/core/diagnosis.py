@@ -90,13 +90,14 @@ class Diagnosis:
         self.params = [p for _, p in backbone]
         self.window = int(window)
         self.loss_window = loss_window  # None: everything since new_period(); else the last N steps
+        # (by step index: observations keyed by set_step(); a feed every k steps keeps its meaning)
         self.entries: list[dict[str, Any]] = []
         self._before: deque = deque(maxlen=self.window)
         self._skip = 0
         self._armed = False
         self._after: list[torch.Tensor] | None = None
         self._open: dict[str, Any] | None = None
-        self._obs: deque = deque(maxlen=loss_window)
+        self._obs: deque = deque()
         self._step_key: Any = None
         self.new_period()
 
@@ -123,6 +124,9 @@ class Diagnosis:
             last[2] += item[2]
         else:
             self._obs.append([*item, self._step_key])
+        if self.loss_window is not None and isinstance(self._step_key, int):
+            while self._obs[0][3] is not None and self._obs[0][3] <= self._step_key - self.loss_window:
+                self._obs.popleft()
 
     def _loss_acc(self) -> tuple[float | None, float | None]:
         sums = [0.0, 0.0, 0.0]

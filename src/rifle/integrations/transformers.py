@@ -25,7 +25,13 @@ Mapping onto the HF Trainer:
   ``trainer_state.json`` (``stateful_callbacks``). ``on_train_begin`` of a resumed run
   (``state.global_step > 0``) reads it back from there itself, so it works whether or not
   ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` is set (with it, the Trainer
-  replaces this callback by a new instance built from ``state()["args"]``).
+  replaces this callback by a new instance built from ``state()["args"]``);
+- the diagnosis (docs/rifle.md#when) is fed the Trainer's logged training ``loss`` (``on_log``: the
+  mean over the steps since the previous log, weighted by their number; so ``logging_steps`` should
+  be at most an epoch's steps, else the loss before a re-init reads "not measured"). When a re-init's
+  measurement completes, its verdict is printed (main process) and ``{"rifle/grad_ratio",
+  "rifle/train_loss_before", "rifle/head_norm_before", "rifle/head_norm_after", "rifle/verdict",
+  "rifle/diagnosis_of": i, "epoch", "step"}`` is appended to ``state.log_history``.
 """
 from __future__ import annotations
 
@@ -102,6 +108,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         self.rifle: Rifle | None = None
         self.fired: list[tuple[int, int]] = []
         self.progress: dict[str, Any] | None = None  # set by the Trainer's own callback restore
+        self._reported, self._last_log_step = 0, 0
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -113,8 +120,10 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if init == "hf":
             init = hf_init(float(getattr(getattr(unwrap_model(model), "config", None),
                                          "initializer_range", 0.02)))
-        if self.granularity == "step":
-            length: dict[str, Any] = dict(total_steps=int(state.max_steps))
+        if self.granularity == "step":  # steps_per_epoch: the diagnosis's loss window
+            epochs = max(1, math.ceil(float(state.num_train_epochs or 1)))
+            length: dict[str, Any] = dict(total_steps=int(state.max_steps),
+                                          steps_per_epoch=max(1, int(state.max_steps) // epochs))
         else:
             length = self._epoch_length(args, state, kwargs.get("train_dataloader"))
         self.rifle = Rifle(model, unwrap_optimizer(optimizer), **length, reinits=self.reinits,
@@ -128,6 +137,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             if saved:
                 self.rifle.load_state_dict(saved)
         self.progress = None
+        self._reported, self._last_log_step = len(self.rifle.diagnosis), int(state.global_step)
         log.info("RIFLE: re-init %s at the start of %s(s) %s of %d", self.rifle.module_names,
                  self.rifle.unit, self.rifle.points, self.rifle.schedule.total)
 
@@ -174,6 +184,41 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             # state.epoch is e + (steps done in epoch e) / steps_per_epoch: exact at epoch starts
             self.rifle.on_epoch_start(int(float(state.epoch or 0.0) + 1e-6))
             self._log_history(state, before)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.rifle is None or not logs or "loss" not in logs:
+            return
+        steps = int(state.global_step) - self._last_log_step
+        self._last_log_step = int(state.global_step)
+        if steps > 0 and math.isfinite(float(logs["loss"])):
+            self.rifle.observe(float(logs["loss"]), None, steps)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._report_diagnoses(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rifle is not None:
+            self.rifle.close_diagnosis()
+            self._report_diagnoses(state)
+
+    def _report_diagnoses(self, state: Any) -> None:
+        if self.rifle is None or len(self.rifle.diagnosis) == self._reported:
+            return
+        for d in self.rifle.diagnosis[self._reported:]:
+            state.log_history.append({"rifle/diagnosis_of": d["index"], "rifle/grad_ratio": d["grad_ratio"],
+                                      "rifle/train_loss_before": d["train_loss_before"],
+                                      "rifle/head_norm_before": d["head_norm_before"],
+                                      "rifle/head_norm_after": d["head_norm_after"],
+                                      "rifle/verdict": d["verdict"], "epoch": float(state.epoch or 0.0),
+                                      "step": int(state.global_step)})
+            if state.is_world_process_zero:
+                print(d["verdict"])
+        self._reported = len(self.rifle.diagnosis)
+
+    @property
+    def diagnosis(self) -> list[dict[str, Any]]:
+        """One dict per measured re-init (docs/rifle.md#when); restored on resume."""
+        return self.rifle.diagnosis if self.rifle is not None else []
 
     def _log_history(self, state: Any, before: int) -> None:
         """The re-inits fired since ``before`` into ``state.log_history``, as the Trainer logs."""
