@@ -1,0 +1,115 @@
+"""Overhead of RIFLE's always-on diagnosis (core/diagnosis.py): training time with / without it.
+
+One process, the two sides alternated, median of ``--repeats``; each side is a full ``rifle train``
+run (``run_train``) of RIFLE whose re-init falls inside the run, so both gradient windows and the loss
+feed are paid. First, the time spent inside the diagnosis's own calls (each entry point timed) as a
+share of the epoch: a direct measure, unaffected by run-to-run noise. Then, per epoch: the training-loop time (the epochs' ``seconds``), the wall time of
+the whole ``Trainer.train_epoch`` calls (re-init, loop, evaluation) and their process CPU time (one
+thread: less sensitive than wall time to other processes on a shared machine).
+
+Usage: ``python benchmarks/diagnosis_overhead.py [--repeats 3] [--models tiny_cnn,efficientnet_lite0]``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import rifle.methods.rifle as rifle_method
+from rifle.config import TrainConfig
+from rifle.core import Rifle
+from rifle.core.diagnosis import Diagnosis
+from rifle.run import run_train
+from rifle.train import Trainer
+
+SETTINGS = {
+    "tiny_cnn": dict(image_size=32, train_fraction=0.5, batch_size=32),
+    "efficientnet_lite0": dict(image_size=64, train_fraction=0.2, batch_size=32),
+}
+
+
+TIMED = [(Rifle, "observe"), (Rifle, "record_gradients"), (Rifle, "close_diagnosis"), (Diagnosis, "begin"),
+         (Diagnosis, "end"), (Diagnosis, "new_period"), (Diagnosis, "arm"), (Diagnosis, "set_step")]
+
+
+def direct_cost(run):
+    """Run ``run()`` with the diagnosis's entry points timed; returns (result, seconds inside them)."""
+    spent = [0.0]
+    originals = [(cls, name, getattr(cls, name)) for cls, name in TIMED]
+
+    def wrap(f):
+        def g(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return g
+
+    for cls, name, f in originals:
+        setattr(cls, name, wrap(f))
+    try:
+        return run(), spent[0]
+    finally:
+        for cls, name, f in originals:
+            setattr(cls, name, f)
+
+
+def one_run(model: str, diagnose: bool, out: Path, epochs: int) -> tuple[float, float, float]:
+    rifle_method.Rifle = lambda *a, **k: Rifle(*a, diagnose=diagnose, **k)  # noqa: E731
+    epoch_times: list[float] = []
+    cpu_times: list[float] = []
+    original = Trainer.train_epoch
+
+    def timed(self, epoch):
+        t0, c0 = time.perf_counter(), time.process_time()
+        row = original(self, epoch)
+        epoch_times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        return row
+
+    Trainer.train_epoch = timed
+    try:
+        cfg = TrainConfig(data="digits", model=model, method="rifle", reinits=1, epochs=epochs, lr=0.02,
+                          min_steps_after=0, threads=1, out=str(out), **SETTINGS[model]).validate()
+        summary = run_train(cfg, log=lambda s: None, progress=False)
+    finally:
+        Trainer.train_epoch = original
+        rifle_method.Rifle = Rifle
+    assert bool(summary["rifle_diagnosis"]) == diagnose
+    return summary["train_seconds"] / epochs, sum(epoch_times) / epochs, sum(cpu_times) / epochs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--models", default="tiny_cnn,efficientnet_lite0")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            run_one = lambda d, i: one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs)  # noqa: E731
+            run_one(True, -1)  # warm-up: data cache, first-call costs
+            (_, per_epoch, _), inside = direct_cost(lambda: run_one(True, -2))
+            print(f"{model:20s} time inside the diagnosis's calls: {inside / args.epochs * 1000:.2f} ms per "
+                  f"epoch = {100 * inside / args.epochs / per_epoch:.3f} % of the epoch ({per_epoch:.3f} s)")
+            res = {True: [], False: []}
+            for i in range(args.repeats):
+                for d in ((False, True) if i % 2 == 0 else (True, False)):
+                    res[d].append(run_one(d, i))
+            for k, what in ((0, "training loop, wall"), (1, "whole epoch (re-init, loop, eval), wall"),
+                            (2, "whole epoch, CPU time of the process")):
+                on = statistics.median(r[k] for r in res[True])
+                off = statistics.median(r[k] for r in res[False])
+                print(f"{model:20s} {what:40s} per epoch: without {off:.3f} s, with {on:.3f} s, "
+                      f"overhead {100 * (on / off - 1):+.2f} %  (medians of {args.repeats}; runs "
+                      f"{[round(r[k], 3) for r in res[False]]} / {[round(r[k], 3) for r in res[True]]})")
+
+
+if __name__ == "__main__":
+    main()
