@@ -205,3 +205,26 @@ def test_resume_across_the_probe_boundary_is_exact(tmp_path, capsys):
     code, _, err = run(["train", "--out", str(tmp_path / "split3"), "--resume", "--lp-ft-probe-epochs", "1"],
                        capsys)
     assert code == 2 and "options.lp-ft.probe_epochs: 2 -> 1" in err, err
+
+
+def test_ddp_two_ranks_freeze_by_lr_zero(tmp_path):
+    """Under DDP the head input is not detached (DDP expects every gradient): LR 0 alone freezes."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
+         "-m", "rifle", "train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16",
+         "--epochs", "3", "--method", "lp-ft", "--lp-ft-probe-epochs", "2", "--reg", "l2sp",
+         "--min-steps-after", "0", "--train-fraction", "0.2", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["lp_ft_phase"] for r in rows] == ["probe", "probe", "finetune"]
+    assert rows[0]["loss_l2sp"] == 0.0 and rows[1]["loss_l2sp"] == 0.0 and rows[2]["loss_l2sp"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ddp"]["replica_checksums"][0] == summary["ddp"]["replica_checksums"][1]
