@@ -183,23 +183,33 @@ def test_finetune_has_no_diagnosis(tmp_path):
     assert "rifle_diagnosis" not in summary and "rifle_diagnosis" not in on_disk(tmp_path / "ft")
 
 
-def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash_at,granularity", [(3, "epoch"), (2, "epoch"), (2, "step")])
+def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch, crash_at, granularity):
+    """Crash at 3: the re-init at 2 was measured before. Crash at 2: the checkpoint lies exactly between
+    the 'before' window and the re-init; the resumed run must measure what the uninterrupted run did."""
     from rifle.train import Trainer
-    full = run_train(cfg(tmp_path, "full"), log=lambda s: None)
+    kw = dict(reinit_granularity=granularity, epochs=4) if granularity == "step" else {}
+    full = run_train(cfg(tmp_path, "full", **kw), log=lambda s: None)
     original = Trainer.train_epoch
 
-    def crash_at_3(self, epoch):
-        if epoch == 3:
+    def crash(self, epoch):
+        if epoch == crash_at:
             raise KeyboardInterrupt
         return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_3)
+    monkeypatch.setattr(Trainer, "train_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_train(cfg(tmp_path, "split"), log=lambda s: None)
+        run_train(cfg(tmp_path, "split", **kw), log=lambda s: None)
     monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed = run_train(cfg(tmp_path, "split"), resume=True, log=lambda s: None)
-    assert resumed["rifle_diagnosis"] == full["rifle_diagnosis"] and len(full["rifle_diagnosis"]) == 1
-    assert all(math.isfinite(r) for r in resumed["rifle_diagnosis"][0]["grad_ratio_thirds"])
+    lines = []
+    resumed = run_train(cfg(tmp_path, "split", **kw), resume=True, log=lines.append)
+    [d] = full["rifle_diagnosis"]
+    assert resumed["rifle_diagnosis"] == [d] and d["steps_before"] == 5 and d["train_loss_before"] > 0
+    assert all(math.isfinite(r) for r in d["grad_ratio_thirds"])
+    rows = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}  # noqa: E731
+                        for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert rows("split") == rows("full")
+    assert (d["verdict"] in lines) == (crash_at == 2)  # printed once, by the process that measured it
 
 
 def test_docs_when_section_example_prints_what_it_says(capsys):
@@ -292,3 +302,19 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
     assert h["rifle/grad_ratio"] == e["grad_ratio"] > 0 and h["rifle/verdict"] == e["verdict"]
     assert h["step"] == 17  # the after window (steps 12..16) completed
     assert e["verdict"] in capsys.readouterr().out.splitlines()
+
+
+def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
+    """2 gloo ranks: the loss / accuracy before each re-init are the run's (both ranks' batches), as in
+    metrics.jsonl; the exact resume at a re-init boundary under DDP is tests/test_ddp.py's."""
+    import torch.multiprocessing as mp
+    from test_ddp import _train_worker, free_port
+    run = tmp_path / "ddp"
+    mp.spawn(_train_worker, args=(free_port(), str(run), -1, False), nprocs=2, join=True)
+    summary = on_disk(run)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [d["at"] for d in summary["rifle_diagnosis"]] == summary["reinit_epochs"] == [1, 2]
+    for d in summary["rifle_diagnosis"]:
+        assert d["train_loss_before"] == pytest.approx(rows[d["at"] - 1]["train_loss"], rel=1e-9)
+        assert d["train_acc_before"] == pytest.approx(rows[d["at"] - 1]["train_acc"], rel=1e-12)
+        assert d["steps_before"] == d["steps_after"] == 5

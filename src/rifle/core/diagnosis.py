@@ -98,6 +98,8 @@ class Diagnosis:
         self._after: list[torch.Tensor] | None = None
         self._open: dict[str, Any] | None = None
         self._obs: deque = deque()
+        self._settled = False  # the window already holds sums over ranks (settle())
+        self._before_norms: list[torch.Tensor] = []
         self._step_key: Any = None
         self.new_period()
 
@@ -105,6 +107,7 @@ class Diagnosis:
     def new_period(self) -> None:
         if self.loss_window is None:
             self._obs.clear()
+            self._settled = False
 
     def set_step(self, key: Any) -> None:
         """Group the following observations under optimizer step ``key`` (for ``loss_window``)."""
@@ -128,18 +131,35 @@ class Diagnosis:
             while self._obs[0][3] is not None and self._obs[0][3] <= self._step_key - self.loss_window:
                 self._obs.popleft()
 
-    def _loss_acc(self) -> tuple[float | None, float | None]:
+    def _totals(self) -> tuple[float, float, float, bool]:
+        """(loss sum, correct, count, accuracy known) of the window, summed over ranks."""
         sums = [0.0, 0.0, 0.0]
         has_acc = bool(self._obs) and all(o[1] is not None for o in self._obs)
         for ls, c, n, _ in self._obs:
             sums[0] += float(ls)
             sums[1] += float(c) if has_acc else 0.0
             sums[2] += n
-        flag = 1.0 if has_acc else 0.0
-        loss_sum, correct, n, flag = _reduce([sums[0], sums[1], sums[2], flag], self._device())
+        if not self._settled:
+            sums = _reduce(sums, self._device())
+        return sums[0], sums[1], sums[2], has_acc
+
+    def settle(self) -> None:
+        """Sum the loss window over ranks now (every rank calls it at the same moment), so that a
+        checkpoint written by one rank holds the run's numbers: call it just before a checkpoint that
+        precedes a re-init (the trainer does, at the end of the epoch before one)."""
+        key = self._obs[-1][3] if self._obs else self._step_key
+        loss_sum, correct, n, has_acc = self._totals()
+        self._obs.clear()
+        if n > 0:
+            self._obs.append([loss_sum, correct if has_acc else None, n, key])
+        self._settled = True
+
+    def _loss_acc(self) -> tuple[float | None, float | None]:
+        loss_sum, correct, n, has_acc = self._totals()
+        self._settled = False
         if n <= 0:
             return None, None
-        return loss_sum / n, (correct / n if flag > 0 and has_acc else None)
+        return loss_sum / n, (correct / n if has_acc else None)
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
@@ -218,6 +238,31 @@ class Diagnosis:
 
     def load_state_dict(self, entries: Sequence[dict[str, Any]]) -> None:
         self.entries = [dict(e) for e in entries]
+
+    def pending_state(self) -> dict[str, Any]:
+        """What is being measured now (windows, loss sums), so that a run resumed from a checkpoint
+        written between two steps measures what the uninterrupted run measured. Plain floats."""
+        def rows(ts):
+            return [t.tolist() for t in ts]
+        return {"armed": self._armed, "skip": self._skip, "before": rows(self._before),
+                "settled": self._settled,
+                "obs": [[float(ls), None if c is None else float(c), int(n), key] for ls, c, n, key in self._obs],
+                "open": dict(self._open) if self._open is not None else None,
+                "before_norms": rows(self._before_norms),
+                "after": rows(self._after) if self._after is not None else None}
+
+    def load_pending_state(self, state: dict[str, Any]) -> None:
+        dev = self._device()
+
+        def tensors(rows):
+            return [torch.tensor(r, dtype=torch.float64, device=dev) for r in rows]
+        self._armed, self._skip = bool(state["armed"]), int(state["skip"])
+        self._before = deque(tensors(state["before"]), maxlen=self.window)
+        self._settled = bool(state["settled"])
+        self._obs = deque([list(o) for o in state["obs"]])
+        self._open = dict(state["open"]) if state["open"] is not None else None
+        self._before_norms = tensors(state["before_norms"])
+        self._after = tensors(state["after"]) if state["after"] is not None else None
 
 
 def converged(entry: dict[str, Any]) -> bool | None:

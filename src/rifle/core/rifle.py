@@ -207,6 +207,12 @@ class Rifle:
         if self._diag is not None and self._diag.recording:
             self._diag.record_step()
 
+    def settle_diagnosis(self) -> None:
+        """Sum the loss window over data-parallel ranks now (all ranks call it together): before a
+        checkpoint written by one rank just ahead of a re-init, so a resume there is exact."""
+        if self._diag is not None:
+            self._diag.settle()
+
     def close_diagnosis(self) -> None:
         """Finish an open re-init measurement with the steps recorded so far (end of training)."""
         if self._diag is not None:
@@ -302,7 +308,8 @@ class Rifle:
                 "applied": sorted(self.applied), "skipped": sorted(self.skipped),
                 "done": self.done,  # read by version-1 code
                 "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
-                "diagnosis": self.diagnosis}
+                "diagnosis": self.diagnosis,
+                "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
@@ -335,6 +342,8 @@ class Rifle:
         self.applied, self.skipped = applied, skipped
         if self._diag is not None and "diagnosis" in state:
             self._diag.load_state_dict(state["diagnosis"])
+            if state.get("diagnosis_pending"):
+                self._diag.load_pending_state(state["diagnosis_pending"])
 
     def __repr__(self) -> str:
         return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "

@@ -98,6 +98,9 @@ class RifleMethod(Method):
             return {}
         if epoch == self._epochs - 1:
             self.core.close_diagnosis()
+        next_start = epoch + 1 if self.core.unit == "epoch" else (epoch + 1) * self._spe
+        if self.core._pending_point(next_start):  # the checkpoint after this epoch precedes a re-init
+            self.core.settle_diagnosis()
         new = self.core.diagnosis[self._reported:]
         self._reported += len(new)
         for d in new:
