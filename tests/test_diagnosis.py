@@ -159,8 +159,9 @@ def cfg(tmp_path, name="run", **kw):
 
 
 def test_cli_run_writes_diagnosis_and_prints_the_verdict(tmp_path):
+    from rifle.analysis.depth import read_monitor, summarize_monitor
     lines = []
-    summary = run_train(cfg(tmp_path), log=lines.append)
+    summary = run_train(cfg(tmp_path, record_depth=True), log=lines.append)
     [d] = summary["rifle_diagnosis"]
     assert d["index"] == 1 and d["unit"] == "epoch" and d["at"] == 2
     assert d["steps_before"] == 5 and d["steps_after"] == 5
@@ -172,6 +173,10 @@ def test_cli_run_writes_diagnosis_and_prints_the_verdict(tmp_path):
     assert d["train_acc_before"] == pytest.approx(rows[1]["train_acc"], rel=1e-12)
     assert rows[2]["rifle_diagnosis"] == d and all("rifle_diagnosis" not in r for r in rows[:2] + rows[3:])
     assert d["verdict"] in lines and d["verdict"].startswith("re-init 1 (epoch 2): head had")
+    # the same numbers as --record-depth's analysis (DepthMonitor: per-layer hooks, its own windows)
+    depth = summarize_monitor(read_monitor(tmp_path / "run"))
+    assert depth["watch_epochs"] == [2]
+    assert d["grad_ratio_thirds"] == pytest.approx(depth["grad_ratio"], rel=1e-9)
 
 
 def on_disk(run):
