@@ -231,7 +231,8 @@ def test_docs_when_section_example_prints_what_it_says(capsys):
 
 
 # ----------------------------------------------------------------------------- Lightning
-def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, capsys):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, capsys, accumulate):
     pl = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import CSVLogger
     from sklearn.datasets import load_digits
@@ -263,7 +264,7 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
     cb = RifleCallback(reinits=1, seed=0, min_steps_after=None)
     trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
-                         logger=CSVLogger(tmp_path, name="csv"))
+                         logger=CSVLogger(tmp_path, name="csv"), accumulate_grad_batches=accumulate)
     trainer.fit(Module())
     [e] = cb.diagnosis
     assert (e["index"], e["at"], e["steps_before"], e["steps_after"]) == (1, 2, 5, 5)

@@ -172,6 +172,8 @@ class RifleCallback(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if self.rifle is not None and loss is not None:
+            if pl_module.automatic_optimization:  # Lightning divided it by accumulate_grad_batches
+                loss = loss * trainer.accumulate_grad_batches
             self.rifle.observe(loss, None, 1)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
