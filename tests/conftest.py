@@ -1,7 +1,12 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # Keep the suite deterministic and friendly to a 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -27,3 +32,23 @@ def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=(8, 3), siz
                 arr[..., c % 3] += 150
                 Image.fromarray(arr).save(d / f"{i}.png")
     return root
+
+
+def killed_at_epoch(argv, epoch, cwd):
+    """Run ``rifle <argv>`` in a child process that SIGKILLs itself when ``epoch`` starts (no clean-up)."""
+    code = ("import os, signal, sys\n"
+            "import torch\n"
+            f"torch.set_num_threads({torch.get_num_threads()})  # as this process: the same sums\n"
+            "from rifle.train.trainer import Trainer\n"
+            "original = Trainer.train_epoch\n"
+            "def train_epoch(self, epoch):\n"
+            f"    if epoch == {epoch}:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return original(self, epoch)\n"
+            "Trainer.train_epoch = train_epoch\n"
+            "from rifle.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+    assert proc.returncode == -9, proc.stderr  # really killed, no clean-up ran

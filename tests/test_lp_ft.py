@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import killed_at_epoch
 from rifle.cli import main
 from rifle.methods.lp_ft import LPFT, default_probe_epochs, phase_factor
 
@@ -163,26 +164,6 @@ def test_grid_entry_runs_through_bench_and_report(tmp_path, capsys):
     assert "lp-ft" in md and "finetune" in md
 
 
-def _killed_at_epoch(argv, epoch, cwd):
-    """``rifle <argv>`` in a child process that SIGKILLs itself when ``epoch`` starts."""
-    code = ("import os, signal, sys\n"
-            "import torch\n"
-            f"torch.set_num_threads({torch.get_num_threads()})\n"
-            "from rifle.train.trainer import Trainer\n"
-            "original = Trainer.train_epoch\n"
-            "def train_epoch(self, epoch):\n"
-            f"    if epoch == {epoch}:\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return original(self, epoch)\n"
-            "Trainer.train_epoch = train_epoch\n"
-            "from rifle.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
-    assert proc.returncode == -9, proc.stderr  # really killed, no clean-up ran
-
-
 def test_resume_across_the_probe_boundary_is_exact(tmp_path, capsys):
     settings = ["--method", "lp-ft", "--lp-ft-probe-epochs", "2", "--epochs", "4", "--weight-decay", "0.01",
                 "--seed", "2", *FAST]
@@ -194,7 +175,7 @@ def test_resume_across_the_probe_boundary_is_exact(tmp_path, capsys):
     # fine-tuning epoch (the optimizer state then holds the fine-tuning momentum)
     for kill in (1, 2, 3):
         split = tmp_path / f"split{kill}"
-        _killed_at_epoch(["train", "--out", str(split), *settings], kill, tmp_path)
+        killed_at_epoch(["train", "--out", str(split), *settings], kill, tmp_path)
         assert len(metrics(split)) == kill
         code, _, err = run(["train", "--out", str(split), "--resume"], capsys)
         assert code == 0, err

@@ -1,22 +1,17 @@
 """`rifle train`: --resume alone, the data fingerprint, failed first attempts, cyclic-lr cycles for
 fine-tuning, the paper preset without validation, and defaults shown in --help (issue 11)."""
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_image_folder
+from conftest import killed_at_epoch, make_image_folder
 from rifle.cli import main
 
 FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--min-steps-after", "0",
         "--quiet"]
 VOLATILE = {"seconds", "images_per_s"}
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def run(argv, capsys):
@@ -28,27 +23,6 @@ def run(argv, capsys):
 def metrics(path):
     return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
             for line in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-def killed_at_epoch(argv, epoch, tmp_path):
-    """Run ``rifle <argv>`` in a child process that SIGKILLs itself when ``epoch`` starts."""
-    import torch
-    code = ("import os, signal, sys\n"
-            "import torch\n"
-            f"torch.set_num_threads({torch.get_num_threads()})  # as this process: the same sums\n"
-            "from rifle.train.trainer import Trainer\n"
-            "original = Trainer.train_epoch\n"
-            "def train_epoch(self, epoch):\n"
-            f"    if epoch == {epoch}:\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return original(self, epoch)\n"
-            "Trainer.train_epoch = train_epoch\n"
-            "from rifle.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == -9, proc.stderr  # really killed, no clean-up ran
 
 
 # ------------------------------------------------------------------------------ 1. --resume alone
