@@ -324,3 +324,17 @@ def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
         assert d["train_loss_before"] == pytest.approx(rows[d["at"] - 1]["train_loss"], rel=1e-9)
         assert d["train_acc_before"] == pytest.approx(rows[d["at"] - 1]["train_acc"], rel=1e-12)
         assert d["steps_before"] == d["steps_after"] == 5
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_rifle_train_command_prints_the_verdict(tmp_path, capsys, quiet):
+    from rifle.cli import main
+    argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
+            "--epochs", "4", "--train-fraction", "0.4", "--min-steps-after", "0", "--lr", "0.05"]
+    assert main([*argv, "--method", "rifle", "--reinits", "1", "--out", str(tmp_path / "r"),
+                 *(["--quiet"] if quiet else [])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    [d] = on_disk(tmp_path / "r")["rifle_diagnosis"]
+    assert out.count(d["verdict"]) == 1 and d["verdict"].startswith("re-init 1 (epoch 2): head had")
+    assert main([*argv, "--method", "finetune", "--out", str(tmp_path / "f"), "--quiet"]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("re-init")]

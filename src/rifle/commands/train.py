@@ -127,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its checkpoint, with the settings in its "
                         "config.yaml (given settings must match) (default off)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default off)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines (default off)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines; RIFLE's verdict lines are still printed (default off)")
     from ..methods import registry
     reg = registry()
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -194,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
             shutdown(DistInfo(world_size=dist.get_world_size()))
     if summary.get("ddp") and int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
+    if args.quiet:  # the per-re-init verdicts are not per-epoch lines: still shown (docs/rifle.md#when)
+        for d in summary.get("rifle_diagnosis") or []:
+            print(d["verdict"])
     best = summary.get("test_acc_at_best_val")
     best_text = "n/a (no validation split)" if best is None else f"{best:.4f} (epoch {summary['best_val_epoch']})"
     print(f"done: final test acc {summary['final_test_acc']:.4f}, test acc at best val {best_text}; "
