@@ -181,8 +181,9 @@ FAST = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16"
         "--method", "rifle", "--reinits", "1"]
 
 
-def run_and_capture(tmp_path, capsys, monkeypatch, init):
-    """Run ``rifle train`` with a spy around the real ``Rifle.reinit``: the head before and after."""
+@pytest.fixture
+def reinit_spy(monkeypatch):
+    """The real ``Rifle.reinit``, recording (index, old head, new head, the `default` draw, init)."""
     seen = []
     original = Rifle.reinit
 
@@ -190,19 +191,25 @@ def run_and_capture(tmp_path, capsys, monkeypatch, init):
         before = [p.detach().clone() for p in self.modules[0].parameters()]
         fresh = draw_state(self.modules, self.seed, index, "default")[0][0]
         original(self, index)
-        seen.append((index, before, [p.detach().clone() for p in self.modules[0].parameters()], fresh))
+        seen.append((index, before, [p.detach().clone() for p in self.modules[0].parameters()], fresh,
+                     self.init))
 
     monkeypatch.setattr(Rifle, "reinit", spy)
+    return seen
+
+
+def run_and_capture(tmp_path, capsys, seen, init):
+    """Run ``rifle train`` under :func:`reinit_spy` (``seen``): the head before and after, the default draw."""
     out = tmp_path / "run"
     code = main([*FAST, "--reinit-init", init, "--out", str(out)])
     _, err = capsys.readouterr()
     assert code == 0, err
     assert [i for i, *_ in seen] == [1]
-    return out, seen[0][1:]
+    return out, seen[0][1:4]
 
 
-def test_cli_norm_matched_head_keeps_the_trained_row_norms(tmp_path, capsys, monkeypatch):
-    out, (before, after, fresh) = run_and_capture(tmp_path, capsys, monkeypatch, "norm-matched")
+def test_cli_norm_matched_head_keeps_the_trained_row_norms(tmp_path, capsys, reinit_spy):
+    out, (before, after, fresh) = run_and_capture(tmp_path, capsys, reinit_spy, "norm-matched")
     (w0, b0), (w1, b1), (fw, fb) = before, after, fresh
     assert torch.allclose(row_norms(w1), row_norms(w0), rtol=1e-6, atol=1e-6)
     assert torch.allclose(cosines(w1, fw), torch.ones(w1.shape[0], dtype=torch.float64), atol=1e-6)
@@ -213,8 +220,8 @@ def test_cli_norm_matched_head_keeps_the_trained_row_norms(tmp_path, capsys, mon
     assert json.loads((out / "summary.json").read_text())
 
 
-def test_cli_shrink_perturb_head_is_the_formula(tmp_path, capsys, monkeypatch):
-    out, (before, after, fresh) = run_and_capture(tmp_path, capsys, monkeypatch, "shrink-perturb:0.5,0.2")
+def test_cli_shrink_perturb_head_is_the_formula(tmp_path, capsys, reinit_spy):
+    out, (before, after, fresh) = run_and_capture(tmp_path, capsys, reinit_spy, "shrink-perturb:0.5,0.2")
     (w0, b0), (w1, b1), (fw, fb) = before, after, fresh
     assert torch.equal(w1, 0.2 * fw + 0.5 * w0)
     assert torch.equal(b1, 0.2 * fb + 0.5 * b0)
@@ -235,23 +242,6 @@ def test_docs_variants_example_prints_what_it_says(capsys):
 
 
 # ------------------------------------------------------- the Lightning and HF callbacks pass init through
-@pytest.fixture
-def reinit_spy(monkeypatch):
-    """The real ``Rifle.reinit``, recording (index, old head, new head, the `default` draw, init)."""
-    seen = []
-    original = Rifle.reinit
-
-    def spy(self, index):
-        before = [p.detach().clone() for p in self.modules[0].parameters()]
-        fresh = draw_state(self.modules, self.seed, index, "default")[0][0]
-        original(self, index)
-        seen.append((index, before, [p.detach().clone() for p in self.modules[0].parameters()], fresh,
-                     self.init))
-
-    monkeypatch.setattr(Rifle, "reinit", spy)
-    return seen
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_lightning_callback_passes_norm_matched_through(tmp_path, reinit_spy):
     pl = pytest.importorskip("lightning.pytorch")
