@@ -61,6 +61,18 @@ def weight_norm(modules: Sequence[nn.Module]) -> float:
     return math.sqrt(total)
 
 
+def _floats(values: Sequence[Any]) -> list[float | None]:
+    """Python floats of numbers / 0-d tensors with one host transfer (not one per tensor)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [None if v is None else float(v) for v in values]
+    dev = tensors[0].device
+    stacked = torch.stack([v.to(dev, torch.float64) if isinstance(v, torch.Tensor)
+                           else torch.tensor(float("nan") if v is None else float(v), dtype=torch.float64, device=dev)
+                           for v in values]).tolist()
+    return [None if v is None else x for v, x in zip(values, stacked)]
+
+
 def _reduce(values: list[float], device: torch.device) -> list[float]:
     """Sum over data-parallel ranks (no-op alone); every rank calls it at the same re-init."""
     import torch.distributed as dist
@@ -133,12 +145,10 @@ class Diagnosis:
 
     def _totals(self) -> tuple[float, float, float, bool]:
         """(loss sum, correct, count, accuracy known) of the window, summed over ranks."""
-        sums = [0.0, 0.0, 0.0]
         has_acc = bool(self._obs) and all(o[1] is not None for o in self._obs)
-        for ls, c, n, _ in self._obs:
-            sums[0] += float(ls)
-            sums[1] += float(c) if has_acc else 0.0
-            sums[2] += n
+        losses = _floats([o[0] for o in self._obs])
+        hits = _floats([o[1] for o in self._obs]) if has_acc else [0.0] * len(self._obs)
+        sums = [sum(losses), sum(hits), float(sum(o[2] for o in self._obs))]
         if not self._settled:
             sums = _reduce(sums, self._device())
         return sums[0], sums[1], sums[2], has_acc
@@ -246,7 +256,8 @@ class Diagnosis:
             return [t.tolist() for t in ts]
         return {"armed": self._armed, "skip": self._skip, "before": rows(self._before),
                 "settled": self._settled,
-                "obs": [[float(ls), None if c is None else float(c), int(n), key] for ls, c, n, key in self._obs],
+                "obs": [[ls, c, int(o[2]), o[3]] for o, ls, c in zip(self._obs, _floats([o[0] for o in self._obs]),
+                                                                      _floats([o[1] for o in self._obs]))],
                 "open": dict(self._open) if self._open is not None else None,
                 "before_norms": rows(self._before_norms),
                 "after": rows(self._after) if self._after is not None else None}
