@@ -33,7 +33,8 @@ SETTINGS = {
 
 
 TIMED = [(Rifle, "observe"), (Rifle, "record_gradients"), (Rifle, "close_diagnosis"), (Diagnosis, "begin"),
-         (Diagnosis, "end"), (Diagnosis, "new_period"), (Diagnosis, "arm"), (Diagnosis, "set_step")]
+         (Diagnosis, "end"), (Diagnosis, "new_period"), (Diagnosis, "arm"), (Diagnosis, "set_step"),
+         (Diagnosis, "settle"), (Diagnosis, "pending_state"), (Diagnosis, "state_dict")]
 
 
 def direct_cost(run):
@@ -98,6 +99,8 @@ def main() -> None:
             (_, per_epoch, _), inside = direct_cost(lambda: run_one(True, -2))
             print(f"{model:20s} time inside the diagnosis's calls: {inside / args.epochs * 1000:.2f} ms per "
                   f"epoch = {100 * inside / args.epochs / per_epoch:.3f} % of the epoch ({per_epoch:.3f} s)")
+            if args.repeats < 1:  # --repeats 0: the direct measurement only
+                continue
             res = {True: [], False: []}
             for i in range(args.repeats):
                 for d in ((False, True) if i % 2 == 0 else (True, False)):
