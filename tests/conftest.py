@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+VOLATILE = {"seconds", "images_per_s"}  # metrics.jsonl fields that vary from run to run (timings)
 
 # Keep the suite deterministic and friendly to a 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -52,3 +54,17 @@ def killed_at_epoch(argv, epoch, cwd):
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
     assert proc.returncode == -9, proc.stderr  # really killed, no clean-up ran
+
+
+def metrics(path):
+    """A run's metrics.jsonl rows without the timing fields (equal for identical runs)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(argv, capsys):
+    """``(exit code, stdout, stderr)`` of ``rifle <argv>`` run in this process."""
+    from rifle.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

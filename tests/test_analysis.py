@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import metrics
 from rifle.analysis.cam import cam_for_runs, grad_cam, grad_cam_maps, pick_images
 from rifle.analysis.depth import (DepthMonitor, layer_profile, load_profile, monitor_epochs, read_monitor,
                                   relative_change, run_depth, tracked_layers)
@@ -14,19 +15,12 @@ from rifle.config import TrainConfig
 from rifle.methods.base import RunContext
 from rifle.models import create_model
 
-VOLATILE = {"seconds", "images_per_s"}
-
 
 def cfg(tmp_path, name, **kw):
     base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=3, image_size=16,
                 batch_size=32, lr=0.05, min_steps_after=0, train_fraction=0.3, out=str(tmp_path / name))
     base.update(kw)
     return TrainConfig(**base).validate()
-
-
-def metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_relative_change_and_layers_by_hand():

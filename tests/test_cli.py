@@ -6,17 +6,10 @@ import sys
 import pytest
 import yaml
 
-from conftest import make_image_folder
-from rifle.cli import main
+from conftest import make_image_folder, run_cli as run
 
 FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--epochs", "2",
         "--min-steps-after", "0", "--quiet"]
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_train_on_unseen_image_folder_end_to_end(tmp_path, capsys):

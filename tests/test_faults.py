@@ -13,13 +13,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from rifle.cli import main
+from conftest import metrics, run_cli as cli
 from rifle.config import TrainConfig
 from rifle.run import load_data, run_train
 from rifle.train import CheckpointError
 from rifle.train.checkpoint import STATE, WEIGHTS, load_checkpoint, read_metadata, save_checkpoint
 
-VOLATILE = {"seconds", "images_per_s"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -28,17 +27,6 @@ def cfg(out, **kw):
                 lr=0.05, train_fraction=0.2, threads=1, out=str(out))
     base.update(kw)
     return TrainConfig(**base).validate()
-
-
-def metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-def cli(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

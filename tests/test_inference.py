@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
-from rifle.cli import main
+from conftest import make_image_folder, run_cli as cli
 from rifle.inference import (FineTunedModel, NotARunError, RunError, classification_metrics, evaluate,
                              find_images, load)
 
@@ -39,12 +38,6 @@ def folder_run(tmp_path_factory):
     out = base / "run"
     _train(data, out)
     return out, data
-
-
-def cli(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ------------------------------------------------------------------------------------------ load

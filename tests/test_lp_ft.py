@@ -10,25 +10,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import killed_at_epoch
-from rifle.cli import main
+from conftest import killed_at_epoch, metrics, run_cli as run
 from rifle.methods.lp_ft import LPFT, default_probe_epochs, phase_factor
 
 FAST = ["--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16",
         "--train-fraction", "0.2", "--lr", "0.05", "--min-steps-after", "0", "--quiet"]
-VOLATILE = {"seconds", "images_per_s"}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_probe_length_and_schedule_by_hand():

@@ -6,23 +6,11 @@ import re
 import pytest
 import yaml
 
-from conftest import killed_at_epoch, make_image_folder
+from conftest import killed_at_epoch, make_image_folder, metrics, run_cli as run
 from rifle.cli import main
 
 FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--min-steps-after", "0",
         "--quiet"]
-VOLATILE = {"seconds", "images_per_s"}
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------ 1. --resume alone

@@ -1,17 +1,15 @@
 """Trainer semantics: resume reproduces the uninterrupted run, failures keep the last checkpoint."""
-import json
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import metrics
 from rifle.config import TrainConfig
 from rifle.methods.base import Method
 from rifle.run import run_train
 from rifle.train import CheckpointError, RunDirError, Trainer, TrainingError
 from rifle.train.checkpoint import WEIGHTS, read_metadata
-
-VOLATILE = {"seconds", "images_per_s"}
 
 
 def cfg(tmp_path, name="run", **kw):
@@ -19,11 +17,6 @@ def cfg(tmp_path, name="run", **kw):
                 batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
     base.update(kw)
     return TrainConfig(**base).validate()
-
-
-def metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(path):
