@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -68,3 +69,21 @@ def run_cli(argv, capsys):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@contextlib.contextmanager
+def interrupted_at_epoch(epoch):
+    """Inside the block, ``Trainer.train_epoch`` raises ``KeyboardInterrupt`` (as Ctrl-C does) when ``epoch`` starts."""
+    from rifle.train import Trainer
+    original = Trainer.train_epoch
+
+    def train_epoch(self, e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return original(self, e)
+
+    Trainer.train_epoch = train_epoch
+    try:
+        yield
+    finally:
+        Trainer.train_epoch = original

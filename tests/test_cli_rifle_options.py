@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from conftest import interrupted_at_epoch
 from rifle.cli import main
 from rifle.core.reinit import cosine_factor, draw_state
 from rifle.core.rifle import Rifle
@@ -176,23 +177,14 @@ def test_reinit_modules_last_block_is_redrawn_with_fresh_batchnorm_statistics(tm
 
 # -------------------------------------------------------------------------------- L2-SP and resume
 def test_l2sp_reference_after_resume_is_the_pretrained_model(tmp_path, capsys, monkeypatch):
-    from rifle.train import Trainer
     args = ["--epochs", "2", "--method", "finetune", "--reg", "l2sp", "--l2sp-alpha", "1.0"]
     full = tmp_path / "full"
     train(capsys, *args, "--out", str(full))
 
-    original = Trainer.train_epoch
-
-    def crash_at_1(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
     split = tmp_path / "split"
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_1)
-    assert train(capsys, *args, "--out", str(split)) == 130
+    with interrupted_at_epoch(1):
+        assert train(capsys, *args, "--out", str(split)) == 130
     assert len(rows(split)) == 1
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     assert train(capsys, *args, "--out", str(split), "--resume") == 0
     # the term at epoch 1 measures the distance to the pretrained weights, not to the epoch-0 weights
     # it resumed from: every number, and every weight, as in the uninterrupted run

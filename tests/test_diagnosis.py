@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import interrupted_at_epoch
 from rifle.analysis.depth import backbone_thirds, tracked_layers
 from rifle.core import Rifle
 from rifle.core.diagnosis import backbone_weights, thirds, verdict
@@ -197,20 +198,10 @@ def test_finetune_has_no_diagnosis(tmp_path):
 def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch, crash_at, granularity):
     """Crash at 3: the re-init at 2 was measured before. Crash at 2: the checkpoint lies exactly between
     the 'before' window and the re-init; the resumed run must measure what the uninterrupted run did."""
-    from rifle.train import Trainer
     kw = dict(reinit_granularity=granularity, epochs=4) if granularity == "step" else {}
     full = run_train(cfg(tmp_path, "full", **kw), log=lambda s: None)
-    original = Trainer.train_epoch
-
-    def crash(self, epoch):
-        if epoch == crash_at:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(crash_at), pytest.raises(KeyboardInterrupt):
         run_train(cfg(tmp_path, "split", **kw), log=lambda s: None)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     lines = []
     resumed = run_train(cfg(tmp_path, "split", **kw), resume=True, log=lines.append)
     [d] = full["rifle_diagnosis"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import interrupted_at_epoch
 from rifle.cli import main
 from rifle.methods import create, registry
 from rifle.methods.base import RunContext
@@ -448,7 +449,6 @@ def test_cli_rifle_with_delta_and_dropout(tmp_path, capsys):
 def test_delta_resume_restores_the_attention_and_reproduces_the_run(tmp_path, monkeypatch):
     from rifle.config import TrainConfig
     from rifle.run import run_train
-    from rifle.train import Trainer
     from rifle.train.checkpoint import WEIGHTS
     from safetensors.torch import load_file
 
@@ -458,17 +458,8 @@ def test_delta_resume_restores_the_attention_and_reproduces_the_run(tmp_path, mo
                            out=str(tmp_path / name)).validate()
 
     full = run_train(cfg("full"), log=lambda s: None)
-    original = Trainer.train_epoch
-
-    def crash_at_1(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_1)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(1), pytest.raises(KeyboardInterrupt):
         run_train(cfg("split"), log=lambda s: None)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     logs = []
     resumed = run_train(cfg("split"), resume=True, log=logs.append)
     assert any("attention restored from the checkpoint" in line for line in logs)

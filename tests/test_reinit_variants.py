@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import interrupted_at_epoch
 from rifle import Rifle
 from rifle.cli import main
 from rifle.core.reinit import canonical_init, draw_state, draw_values
@@ -300,20 +301,11 @@ def test_hf_callback_passes_shrink_perturb_through(tmp_path, reinit_spy):
 def test_cli_resume_draws_the_norm_matched_head_of_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
-    from rifle.train import Trainer
     from rifle.train.checkpoint import WEIGHTS
     args = [*FAST, "--reinit-init", "norm-matched"]  # re-init 1 at the start of epoch 1
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
-    original = Trainer.train_epoch
-
-    def crash_at_1(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_1)
-    assert main([*args, "--out", str(tmp_path / "split")]) == 130
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    with interrupted_at_epoch(1):
+        assert main([*args, "--out", str(tmp_path / "split")]) == 130
     assert main([*args, "--out", str(tmp_path / "split"), "--resume"]) == 0
     capsys.readouterr()
     full, split = load_file(str(tmp_path / "full" / WEIGHTS)), load_file(str(tmp_path / "split" / WEIGHTS))

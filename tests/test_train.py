@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import metrics
+from conftest import interrupted_at_epoch, metrics
 from rifle.config import TrainConfig
 from rifle.methods.base import Method
 from rifle.run import run_train
-from rifle.train import CheckpointError, RunDirError, Trainer, TrainingError
+from rifle.train import CheckpointError, RunDirError, TrainingError
 from rifle.train.checkpoint import WEIGHTS, read_metadata
 
 
@@ -28,19 +28,10 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, monkeypatch):
     full = run_train(cfg(tmp_path, "full"), log=lambda s: None)
     assert full["reinit_epochs"] == [2] and full["complete"]
 
-    original = Trainer.train_epoch
-
-    def crash_at_3(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(3), pytest.raises(KeyboardInterrupt):
         run_train(cfg(tmp_path, "split"), log=lambda s: None)
     assert len(metrics(tmp_path / "split")) == 3  # epochs 0-2 (re-init at 2 happened)
     assert read_metadata(tmp_path / "split" / WEIGHTS)["epoch"] == "2"
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     resumed = run_train(cfg(tmp_path, "split"), resume=True, log=lambda s: None)
 
     assert metrics(tmp_path / "split") == metrics(tmp_path / "full")  # no epoch twice, same numbers
