@@ -45,6 +45,8 @@ class TrainConfig:
     head_lr_restart: bool = False        # True = official fc_lr_util=cyclic
     head: str | None = None              # dotted module name(s) of the head; None = automatic
     reinit_modules: str | None = None    # RIFLE beyond the FC layer: "last:N" blocks or a regex
+    reinit_trigger: str = "schedule"     # schedule (paper) | converged: docs/rifle.md#trigger
+    reinit_converged_acc: float | None = None  # the converged trigger's threshold; None = 0.97
     # the recipe (paper defaults: SGD m 0.9, lr 0.01, wd 1e-4, cosine per epoch, batch 32)
     epochs: int = 40
     batch_size: int = 32
@@ -93,6 +95,15 @@ class TrainConfig:
             raise bad("reinits", "K is the number of re-initialisations and must be >= 0")
         if self.reinit_granularity not in ("epoch", "step"):
             raise bad("reinit_granularity", "choose epoch or step")
+        if self.reinit_trigger not in ("schedule", "converged"):
+            raise bad("reinit_trigger", "choose schedule (the paper's fixed points) or converged")
+        if self.reinit_converged_acc is not None:
+            if self.reinit_trigger != "converged":
+                raise bad("reinit_converged_acc", "applies only with --reinit-trigger converged")
+            if not 0 < self.reinit_converged_acc <= 1:
+                raise bad("reinit_converged_acc", "a training accuracy in (0, 1]")
+        if self.reinit_trigger == "converged" and self.method == "rifle" and self.reinit_granularity != "epoch":
+            raise bad("reinit_trigger", "converged decides once per epoch: use --reinit-granularity epoch")
         if self.amp not in ("none", "bf16", "fp16"):
             raise bad("amp", "choose none, bf16 or fp16")
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
@@ -120,7 +131,9 @@ class TrainConfig:
                     guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                     init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
                     head_lr_restart=self.head_lr_restart, head=self.head,
-                    modules=self.reinit_modules)
+                    modules=self.reinit_modules,
+                    **({"trigger": self.reinit_trigger, "converged_acc": self.reinit_converged_acc}
+                       if self.reinit_trigger != "schedule" else {}))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,6 +282,10 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# keys added after runs were recorded: their value in an older config.yaml
+ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None}
+
+
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Settings (other than :data:`RESUMABLE_KEYS`) whose values differ: ``{key: (saved, current)}``.
 
@@ -277,6 +294,7 @@ def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     when it was not given, against what the plug-in resolved (``resolved_methods``); the main method's
     own options, for RIFLE, are the top-level keys (``reinits``, ...) and are compared there.
     """
+    saved = {**ADDED_KEYS, **saved}  # a config.yaml written before a key existed had its default
     keys = (set(saved) | set(current)) - RESUMABLE_KEYS - {"options", "resolved_methods"}
     a = {k: normalize_path(v) if k == "data" else v for k, v in saved.items()}
     b = {k: normalize_path(v) if k == "data" else v for k, v in current.items()}

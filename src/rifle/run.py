@@ -122,6 +122,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         "reinit_epochs": next((m.reinit_epochs for m in methods if hasattr(m, "reinit_epochs")), []),
         "methods": {m.name: m.config() for m in methods},
         **{"rifle_diagnosis": m.diagnosis for m in methods if hasattr(m, "diagnosis")},
+        **{"rifle_trigger": m.trigger_report for m in methods if getattr(m, "trigger_report", None)},
         "classes": data.classes, "data_info": data.info, "head": trainer.head_names,
         "preprocessing": {**model_preprocessing(model), "image_size": cfg.image_size,
                           "resize": round(cfg.image_size * 8 / 7)},

@@ -33,6 +33,9 @@ _HELP = {
     "head": "dotted name(s) of the classifier head, comma-separated",
     "reinit_modules": "RIFLE beyond the FC layer: also re-init the last N blocks (last:N) or the "
                       "modules whose dotted name matches a regular expression",
+    "reinit_trigger": "RIFLE: schedule (the paper's fixed points) or converged (re-init once an "
+                      "epoch's train accuracy reaches --reinit-converged-acc; docs/rifle.md#trigger)",
+    "reinit_converged_acc": "RIFLE: the converged trigger's train-accuracy threshold",
     "epochs": "training epochs", "batch_size": "training batch size", "lr": "SGD learning rate",
     "momentum": "SGD momentum", "weight_decay": "weight decay on all parameters",
     "lr_schedule": "cosine (per epoch, over the run) or constant",
@@ -53,7 +56,8 @@ _SKIP = {"extra", "preset", "options", "trick"}
 # how some defaults read in --help (None and other placeholders)
 _SHOWN = {"guard": "max(1, ceil(E/8))", "head": "found automatically",
           "reinit_modules": "none: the head only", "threads": "torch's default",
-          "reinit_init": "default: reset_parameters"}
+          "reinit_init": "default: reset_parameters",
+          "reinit_converged_acc": "0.97"}
 
 
 def _fmt(v: Any) -> str:

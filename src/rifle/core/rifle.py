@@ -10,6 +10,8 @@ Drop it into any loop::
 or per optimizer step with ``total_steps=`` and ``on_step_start(step)`` (0-based, in ``[0, T)``).
 ``state_dict()`` / ``load_state_dict()`` carry which re-inits were applied (``applied``) or passed
 without being applied (``skipped``), so a resumed run never repeats or skips one.
+``trigger="converged"`` replaces the schedule: re-init at the start of an epoch once the previous
+epoch's training accuracy (fed by ``observe``) reaches ``converged_acc`` (docs/rifle.md#trigger).
 A diagnosis is on by default (``diagnose=True``): feed ``rifle.observe(loss=..., correct=...,
 count=...)`` per batch; gradients are read by an optimizer step pre-hook; ``rifle.verdicts()`` gives
 one line per re-init (docs/rifle.md#when).
@@ -17,6 +19,7 @@ The object knows nothing of trainers; the Lightning / HF / CLI adapters are thin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diagnosis import Diagnosis, backbone_weights
+from .diagnosis import CONVERGED_ACC, Diagnosis, _reduce, backbone_weights
 from .heads import HeadSpec, find_head, head_names, select_modules
 from .replicas import verify_replicas
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
@@ -83,6 +86,12 @@ class Rifle:
             read by an optimizer step pre-hook; without an optimizer call :meth:`record_gradients`
             once per step, after ``backward()``. Loss window: the epoch before the re-init (epoch
             schedules) or the last ``steps_per_epoch`` (default 100) steps (step schedules).
+        trigger: ``"schedule"`` (the paper's fixed points) or ``"converged"`` (epoch runs only): at the
+            start of epoch ``e >= 1``, re-initialise when the training accuracy over epoch ``e - 1``
+            (from :meth:`observe`, summed over data-parallel ranks) is ``>= converged_acc``; at most
+            ``reinits`` times, never inside the guard, and the next one only after a full epoch after
+            the re-init epoch reaches the threshold again. See :attr:`trigger_report`.
+        converged_acc: the trigger's threshold (default 0.97, the diagnosis' "converged" accuracy).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -94,10 +103,30 @@ class Rifle:
                  head_lr_restart: bool = False,
                  on_reinit: Callable[[int, int], None] | None = None,
                  verify_replicas: bool = True, modules: str | None = None,
-                 diagnose: bool = True, diagnosis_window: int = 5) -> None:
+                 diagnose: bool = True, diagnosis_window: int = 5,
+                 trigger: str = "schedule", converged_acc: float | None = None) -> None:
         if (epochs is None) == (total_steps is None):
             raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
                              "(use on_step_start)")
+        if trigger not in ("schedule", "converged"):
+            raise ValueError(f"trigger={trigger!r}: choose 'schedule' (the paper's fixed re-init points) "
+                             f"or 'converged' (re-init once the head has converged; docs/rifle.md#trigger)")
+        if trigger == "schedule" and converged_acc is not None:
+            raise ValueError(f"converged_acc={converged_acc!r} applies only with trigger='converged'")
+        if trigger == "converged":
+            if epochs is None:
+                raise ValueError("trigger='converged' decides from each epoch's training accuracy and "
+                                 "needs an epoch schedule (epochs=, on_epoch_start); step granularity "
+                                 "is not supported with it")
+            if head_lr_restart:
+                raise ValueError("head_lr_restart needs the re-init points in advance; it cannot be "
+                                 "combined with trigger='converged'")
+            acc = CONVERGED_ACC if converged_acc is None else converged_acc
+            if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 < acc <= 1:
+                raise ValueError(f"converged_acc={converged_acc!r}: a training accuracy in (0, 1]")
+            converged_acc = float(acc)
+        self.trigger = trigger
+        self.converged_acc = converged_acc
         self.model = model
         self.optimizer = optimizer
         self.seed = int(seed)
@@ -115,9 +144,16 @@ class Rifle:
                 raise ValueError("guard_steps needs steps_per_epoch (or a step schedule)")
             g = default_guard(total) if guard is None else guard
             guard = max(g, math.ceil(guard_steps / self.steps_per_unit))
-        self.schedule: Schedule = make_schedule(total, reinits, guard, unit=self.unit)
-        if self.steps_per_unit and min_steps_after:
+        if trigger == "converged":
+            self.schedule: Schedule = _trigger_schedule(total, reinits, guard)
+        else:
+            self.schedule = make_schedule(total, reinits, guard, unit=self.unit)
+        if self.steps_per_unit and min_steps_after and trigger == "schedule":
             check_step_budget(self.schedule, self.steps_per_unit, min_steps_after)
+        self.fired: list[int] = []  # trigger="converged": epochs it re-initialised at (= points)
+        self._t_history: list[list] = []  # [[epoch, reduced train accuracy or None], ...]
+        self._t_epoch: int | None = None  # the epoch whose observations are accumulating
+        self._t_reset()
         inner = unwrap_model(model)
         self.head_modules: list[nn.Module] = find_head(inner, head)
         extra = select_modules(inner, modules) if modules else []
@@ -171,6 +207,8 @@ class Rifle:
     def on_epoch_start(self, epoch: int) -> bool:
         if self.unit != "epoch":
             raise RuntimeError("this Rifle was built with total_steps=; call on_step_start(step)")
+        if self.trigger == "converged":
+            self._trigger_decide(self._check_t(epoch))
         fired = self._tick(epoch)
         if self._diag is not None:
             self._diag.new_period()  # the loss window is the epoch
@@ -192,6 +230,8 @@ class Rifle:
         return fired
 
     def _pending_point(self, t: int) -> bool:
+        if self.trigger == "converged":  # a re-init at t is possible (decided at t from epoch t-1)
+            return self._may_fire(t)
         return any(p == t and i not in self.applied and i not in self.skipped
                    for i, p in enumerate(self.schedule.points, start=1))
 
@@ -201,6 +241,81 @@ class Rifle:
         """Feed one training batch: its mean ``loss``, number of ``correct`` predictions, size."""
         if self._diag is not None:
             self._diag.observe(loss, correct, count)
+        if self.trigger == "converged":
+            if correct is None:
+                self._t_has = False
+            else:
+                self._t_correct = self._t_correct + (correct.detach() if isinstance(correct, torch.Tensor)
+                                                     else float(correct))
+            self._t_count += int(count)
+
+    # ------------------------------------------------------------------ converged-head trigger
+    def _t_reset(self) -> None:
+        self._t_correct: Any = 0.0  # stays a device tensor when fed tensors: no host sync per step
+        self._t_count, self._t_has = 0, True
+
+    def _may_fire(self, t: int) -> bool:
+        s = self.schedule
+        return (len(self.fired) < s.reinits and 1 <= t < s.total and s.total - t >= s.guard
+                and (not self.fired or t - 1 > self.fired[-1]))
+
+    def settle_trigger(self) -> None:
+        """Close the accuracy of the epoch being observed, summed over data-parallel ranks (all ranks
+        call it together; the trainer does at each epoch end, before the checkpoint)."""
+        if self.trigger != "converged" or self._t_epoch is None:
+            return
+        if self._t_history and self._t_history[-1][0] == self._t_epoch:
+            return  # already settled
+        vals = _reduce([float(self._t_correct), float(self._t_count), 0.0 if self._t_has else 1.0],
+                       torch.device("cpu"))
+        acc = vals[0] / vals[1] if vals[1] > 0 and vals[2] == 0 else None
+        self._t_history.append([self._t_epoch, acc])
+        self._t_reset()
+
+    def _trigger_decide(self, epoch: int) -> None:
+        if epoch >= 1 and self._t_epoch == epoch - 1:
+            self.settle_trigger()
+        last = self._t_history[-1] if self._t_history else None
+        acc = last[1] if last is not None and last[0] == epoch - 1 else None
+        if self._t_epoch != epoch:
+            self._t_epoch = epoch
+            self._t_reset()
+        if acc is not None and acc >= self.converged_acc and self._may_fire(epoch):
+            self.fired.append(epoch)
+            self.schedule = dataclasses.replace(self.schedule, points=tuple(self.fired))
+
+    @property
+    def trigger_report(self) -> dict[str, Any] | None:
+        """``trigger="converged"``: ``{"trigger", "converged_acc", "fired", "train_acc", "reason"}``;
+        ``reason`` says why fewer than ``reinits`` re-inits fired (None when all did). The last
+        epoch's accuracy counts once :meth:`settle_trigger` has been called after it."""
+        if self.trigger != "converged":
+            return None
+        thr, s = self.converged_acc, self.schedule
+        accs = [(e, a) for e, a in self._t_history if a is not None]
+        last_start = s.total - s.guard
+        reason = None
+        if len(self.fired) < s.reinits:
+            after = self.fired[-1] if self.fired else -1
+            cand = [(e, a) for e, a in accs if e > after]
+            reached = [e for e, a in cand if a >= thr]
+            if not accs:
+                reason = ("no training accuracy was observed (feed observe(loss, correct=..., count=...) "
+                          "every batch)")
+            elif reached:
+                reason = (f"train accuracy reached {thr:g} at epoch {reached[0]}"
+                          + (f" (after the re-init at epoch {after})" if self.fired else "")
+                          + f"; a re-init after it would leave fewer than guard={s.guard} epochs "
+                          f"(the last allowed start is epoch {last_start})")
+            else:
+                best = max(cand or accs, key=lambda x: (x[1], -x[0]))
+                reason = (f"train accuracy never reached {thr:g}"
+                          + (f" again after the re-init at epoch {after}" if self.fired else "")
+                          + (f" (best {best[1]:.2f} at epoch {best[0]})" if cand else ""))
+            if self.fired:
+                reason = f"{len(self.fired)} of {s.reinits} re-init(s): {reason}"
+        return {"trigger": "converged", "converged_acc": thr, "fired": list(self.fired),
+                "train_acc": [[e, a] for e, a in self._t_history], "reason": reason}
 
     def record_gradients(self) -> None:
         """Read the backbone gradients of this optimizer step (automatic when an optimizer is given)."""
@@ -226,7 +341,7 @@ class Rifle:
     def verdicts(self) -> list[str]:
         return [e["verdict"] for e in self.diagnosis]
 
-    def _tick(self, t: int) -> bool:
+    def _check_t(self, t: int) -> int:
         total = self.schedule.total
         try:
             t = operator.index(t)  # ints, numpy / torch integer scalars
@@ -237,6 +352,10 @@ class Rifle:
                 f"on_{self.unit}_start({t!r}): {self.unit}s are 0-based, in [0, {total}) for this "
                 f"{total}-{self.unit} run (a loop over range(1, E+1) would shift every re-init by one); "
                 f"pass the 0-based {self.unit} index")
+        return t
+
+    def _tick(self, t: int) -> bool:
+        t = self._check_t(t)
         fired = False
         for idx, point in enumerate(self.schedule.points, start=1):
             if idx in self.applied or idx in self.skipped:
@@ -309,10 +428,40 @@ class Rifle:
                 "done": self.done,  # read by version-1 code
                 "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
                 "diagnosis": self.diagnosis,
-                "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None}
+                "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None,
+                **self._trigger_state()}
+
+    def _trigger_state(self) -> dict[str, Any]:
+        if self.trigger != "converged":
+            return {}  # schedule runs: the state of before the trigger existed
+        return {"trigger": "converged", "converged_acc": self.converged_acc, "guard": self.schedule.guard,
+                "fired": list(self.fired), "trigger_history": [list(h) for h in self._t_history],
+                "trigger_window": {"epoch": self._t_epoch, "correct": float(self._t_correct),
+                                   "count": self._t_count, "has": self._t_has}}
+
+    def _load_trigger_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("trigger", "schedule")
+        if saved != self.trigger:
+            raise ValueError(f"RIFLE state was saved with trigger={saved!r}, this run has "
+                             f"trigger={self.trigger!r}; resume with the same trigger")
+        s = self.schedule
+        mine = (self.unit, s.total, s.reinits, s.guard, self.converged_acc)
+        theirs = (state.get("unit"), state.get("total"), state.get("reinits"), state.get("guard"),
+                  state.get("converged_acc"))
+        if mine != theirs:
+            raise ValueError(f"RIFLE trigger state is for (unit, length, reinits, guard, converged_acc) = "
+                             f"{theirs}, this run has {mine}; resume with the same settings")
+        self.fired = [int(e) for e in state["fired"]]
+        self.schedule = dataclasses.replace(s, points=tuple(self.fired))
+        self._t_history = [[int(e), a] for e, a in state["trigger_history"]]
+        w = state["trigger_window"]
+        self._t_epoch = w["epoch"]
+        self._t_correct, self._t_count, self._t_has = float(w["correct"]), int(w["count"]), bool(w["has"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
+        if self.trigger == "converged" or state.get("trigger", "schedule") != "schedule":
+            self._load_trigger_state(state)
+        elif list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
             raise ValueError(
                 f"RIFLE state is for a different schedule ({state.get('unit')}s "
                 f"{state.get('points')}) than this run ({self.unit}s {list(self.schedule.points)}); "
@@ -346,7 +495,27 @@ class Rifle:
                 self._diag.load_pending_state(state["diagnosis_pending"])
 
     def __repr__(self) -> str:
+        if self.trigger == "converged":
+            return (f"Rifle(head={self.module_names}, epochs={self.schedule.total}, trigger='converged', "
+                    f"converged_acc={self.converged_acc}, reinits={self.schedule.reinits}, "
+                    f"guard={self.schedule.guard}, fired={self.fired})")
         return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "
                 f"reinits={self.schedule.reinits}, points={list(self.schedule.points)}, "
                 f"applied={sorted(self.applied)}, skipped={sorted(self.skipped)})")
 
+
+
+def _trigger_schedule(total: int, reinits: int, guard: int | None) -> Schedule:
+    """The trigger's bounds (no fixed points): K, the length and the guard, validated as a schedule's."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"the run length must be an int >= 1, got {total!r}")
+    if isinstance(reinits, bool) or not isinstance(reinits, int) or reinits < 0:
+        raise ValueError(f"reinits (K, the number of re-initialisations) must be an int >= 0, got {reinits!r}")
+    guard = default_guard(total) if guard is None else guard
+    if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+        raise ValueError(f"guard must be an int >= 0, got {guard!r}")
+    if reinits and total - max(guard, 1) < 1:
+        raise ValueError(f"trigger='converged': the guard ({guard} epochs of training after a re-init) "
+                         f"leaves no epoch >= 1 to re-initialise at in a {total}-epoch run; lower the "
+                         f"guard or train longer")
+    return Schedule(total=total, reinits=reinits, guard=guard, points=(), dropped=(), unit="epoch")

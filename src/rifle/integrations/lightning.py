@@ -70,12 +70,24 @@ def find_lightning_head(pl_module: nn.Module, head: HeadSpec | None = None) -> l
     raise ValueError(f"{top_error} (also searched each direct child of the LightningModule)")
 
 
+def _check_trigger(trigger: str) -> None:
+    if trigger == "converged":
+        raise ValueError("trigger='converged' is not supported by the callbacks: they do not see the "
+                         "model's predictions, so the training accuracy it decides from is unknown. Use "
+                         "rifle.Rifle(..., trigger='converged') in your own loop and feed observe(loss, "
+                         "correct=..., count=...), or the rifle train CLI (docs/rifle.md#trigger)")
+    if trigger != "schedule":
+        raise ValueError(f"trigger={trigger!r}: the callbacks support only 'schedule'")
+
+
 class RifleCallback(pl.Callback):
     """Re-initialise the classifier head K times during ``Trainer.fit`` (RIFLE).
 
     Args: as :class:`rifle.core.Rifle` (``reinits``, ``head``, ``seed``, ``guard``, ``guard_steps``,
     ``min_steps_after``, ``init``, ``keep_optimizer_state``, ``head_lr_restart``, ``modules``,
     ``verify_replicas``) plus
+    ``trigger``: only ``"schedule"``; ``"converged"`` raises (the callback sees no predictions, so no
+    training accuracy: docs/rifle.md#trigger).
     ``granularity``: ``"epoch"`` (schedule over ``trainer.max_epochs``) or ``"step"`` (over
     ``trainer.estimated_stepping_batches``). One RifleCallback per Trainer (its checkpoint key is the
     class name). ``fired`` lists the ``(index, epoch_or_step)`` re-inits applied by this process.
@@ -87,9 +99,10 @@ class RifleCallback(pl.Callback):
                  min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False, modules: str | None = None,
-                 verify_replicas: bool = True) -> None:
+                 verify_replicas: bool = True, trigger: str = "schedule") -> None:
         if granularity not in ("epoch", "step"):
             raise ValueError(f"granularity must be 'epoch' or 'step', got {granularity!r}")
+        _check_trigger(trigger)
         self.reinits, self.head, self.seed, self.granularity = reinits, head, seed, granularity
         self.options: dict[str, Any] = dict(
             guard=guard, guard_steps=guard_steps, min_steps_after=min_steps_after, init=init,

@@ -75,12 +75,24 @@ def hf_init(std: float) -> Initializer:
     return _weights_then_zero_bias(lambda w: nn.init.normal_(w, mean=0.0, std=std))
 
 
+def _check_trigger(trigger: str) -> None:
+    if trigger == "converged":
+        raise ValueError("trigger='converged' is not supported by the callbacks: they do not see the "
+                         "model's predictions, so the training accuracy it decides from is unknown. Use "
+                         "rifle.Rifle(..., trigger='converged') in your own loop and feed observe(loss, "
+                         "correct=..., count=...), or the rifle train CLI (docs/rifle.md#trigger)")
+    if trigger != "schedule":
+        raise ValueError(f"trigger={trigger!r}: the callbacks support only 'schedule'")
+
+
 class RifleTrainerCallback(TrainerCallback, ExportableState):
     """Re-initialise the classifier head K times during ``Trainer.train()`` (RIFLE).
 
     Args: as :class:`rifle.core.Rifle` (``reinits``, ``head``, ``seed``, ``guard``, ``guard_steps``,
     ``min_steps_after``, ``init``, ``keep_optimizer_state``, ``head_lr_restart``, ``modules``,
     ``verify_replicas``) plus
+    ``trigger``: only ``"schedule"``; ``"converged"`` raises (the callback sees no predictions, so no
+    training accuracy: docs/rifle.md#trigger).
     ``granularity`` (``"step"`` or ``"epoch"``). ``init="hf"`` re-draws the head as HF models first
     draw it (normal with ``config.initializer_range``, zero bias); the default is the core's
     ``reset_parameters()``. ``fired`` lists the ``(index, step_or_epoch)`` re-inits this process
@@ -93,9 +105,10 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                  min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False, modules: str | None = None,
-                 verify_replicas: bool = True) -> None:
+                 verify_replicas: bool = True, trigger: str = "schedule") -> None:
         if granularity not in ("epoch", "step"):
             raise ValueError(f"granularity must be 'step' or 'epoch', got {granularity!r}")
+        _check_trigger(trigger)
         if isinstance(init, str) and init.startswith("callable:"):
             raise ValueError(
                 f"RIFLE: this checkpoint's callback used a callable init ({init[9:]}), which cannot be "

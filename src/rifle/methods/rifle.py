@@ -41,12 +41,17 @@ class RifleMethod(Method):
     head_lr_restart: bool = False       # True = official fc_lr_util=cyclic (head cosine per period)
     head: str | None = None             # dotted name(s), comma-separated; None = automatic
     modules: str | None = None          # also re-init: "last:N" blocks or a regex over module names
+    trigger: str = "schedule"           # "schedule" (paper) or "converged" (docs/rifle.md#trigger)
+    converged_acc: float | None = None  # the trigger's train-accuracy threshold; None = 0.97
 
     kind = "method"
 
     def __post_init__(self) -> None:
         if self.granularity not in ("epoch", "step"):
             raise ValueError(f"rifle granularity must be 'epoch' or 'step', got {self.granularity!r}")
+        if self.trigger == "converged" and self.granularity == "step":
+            raise ValueError("--reinit-trigger converged decides once per epoch from the epoch's training "
+                             "accuracy: use --reinit-granularity epoch (step granularity is not supported)")
         self.core: Rifle | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -56,6 +61,8 @@ class RifleMethod(Method):
                       guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                       init=self.init, keep_optimizer_state=self.keep_optimizer_state,
                       head_lr_restart=self.head_lr_restart, modules=self.modules)
+        if self.trigger != "schedule":
+            common.update(trigger=self.trigger, converged_acc=self.converged_acc)
         if self.granularity == "epoch":
             self.core = Rifle(model, optimizer, epochs=ctx.epochs,
                               steps_per_epoch=ctx.steps_per_epoch, **common)
@@ -69,8 +76,14 @@ class RifleMethod(Method):
             self._pending_state = None
         self._reported = len(self.core.diagnosis)  # restored from the checkpoint: already reported
         unit = self.core.unit
-        ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of {unit}(s) "
-                f"{self.core.points} of {self.core.schedule.total}")
+        if self.core.trigger == "converged":
+            s = self.core.schedule
+            ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of an epoch once the previous "
+                    f"epoch's train accuracy reaches {self.core.converged_acc:g} (at most {s.reinits}, "
+                    f"at epochs 1..{s.total - s.guard}; fired so far: {self.core.fired})")
+        else:
+            ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of {unit}(s) "
+                    f"{self.core.points} of {self.core.schedule.total}")
 
     @property
     def reinit_epochs(self) -> list[int]:
@@ -98,6 +111,12 @@ class RifleMethod(Method):
             return {}
         if epoch == self._epochs - 1:
             self.core.close_diagnosis()
+        if self.core.trigger == "converged":
+            self.core.settle_trigger()  # every rank, before the checkpoint: the reduced accuracy
+            report = self.core.trigger_report
+            if epoch == self._epochs - 1 and report["reason"]:
+                self._log(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
+                          f"{report['reason']} (docs/rifle.md#trigger)")
         next_start = epoch + 1 if self.core.unit == "epoch" else (epoch + 1) * self._spe
         if self.core._pending_point(next_start):  # the checkpoint after this epoch precedes a re-init
             self.core.settle_diagnosis()
@@ -113,6 +132,11 @@ class RifleMethod(Method):
     def diagnosis(self) -> list[dict[str, Any]]:
         """Every measured re-init of the run (``summary.json``'s ``rifle_diagnosis``)."""
         return self.core.diagnosis if self.core is not None else []
+
+    @property
+    def trigger_report(self) -> dict[str, Any] | None:
+        """``trigger="converged"``: the re-inits it fired and why not more (``summary.json``)."""
+        return self.core.trigger_report if self.core is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict() if self.core is not None else {}

@@ -1,0 +1,271 @@
+"""trigger="converged": re-init once the previous epoch's train accuracy reaches a threshold
+(docs/rifle.md#trigger): hand-fed accuracies, exact resume, 2 gloo ranks, the CLI end to end."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import killed_at_epoch, metrics, run_cli
+from rifle import Rifle
+from rifle.config import ConfigError, TrainConfig
+from rifle.core.reinit import reinit_
+
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
+def feed(rifle, accs, start=0, n=100):
+    """One observe per epoch (two batches, to exercise the sum): ``acc * n`` correct of ``n``.
+    Returns the epochs at which on_epoch_start re-initialised."""
+    fired = []
+    for e, a in enumerate(accs, start=start):
+        if rifle.on_epoch_start(e):
+            fired.append(e)
+        hits = round(a * n)
+        rifle.observe(torch.tensor(0.5), correct=torch.tensor(hits // 2), count=n // 2)
+        rifle.observe(0.5, correct=hits - hits // 2, count=n - n // 2)
+    rifle.settle_trigger()
+    return fired
+
+
+def test_no_reinit_before_the_threshold_then_at_the_first_epoch_after_one_reaching_it():
+    model = tiny()
+    rifle = Rifle(model, None, epochs=20, reinits=1, trigger="converged", seed=3)
+    head = model[2]
+    accs = [0.5, 0.8, 0.96, 0.97, 0.99] + [0.99] * 15
+    for e, a in enumerate(accs):
+        before = head.weight.detach().clone()
+        fired = rifle.on_epoch_start(e)
+        changed = not torch.equal(before, head.weight)
+        assert fired == changed == (e == 4), e  # epoch 3 reached 0.97 (>=): re-init at the start of 4
+        if e == 4:  # the same draw as the schedule's re-init 1 with this seed
+            expect = copy.deepcopy(head)
+            reinit_([expect], 3, 1, "default")
+            assert torch.equal(head.weight, expect.weight) and torch.equal(head.bias, expect.bias)
+        rifle.observe(0.3, correct=a * 100, count=100)
+    assert rifle.fired == rifle.points == rifle.reinit_epochs == [4] and rifle.applied == [1]
+    rifle.settle_trigger()
+    rep = rifle.trigger_report
+    assert rep["fired"] == [4] and rep["reason"] is None and rep["converged_acc"] == 0.97
+    assert [a for _, a in rep["train_acc"]] == pytest.approx(accs)
+    rifle.close_diagnosis()  # the entry stays open without optimizer steps after the re-init
+    assert rifle.diagnosis[0]["at"] == 4 and rifle.diagnosis[0]["train_acc_before"] == pytest.approx(0.97)
+
+
+def test_not_again_until_the_new_head_reconverged_and_at_most_k():
+    rifle = Rifle(tiny(), None, epochs=40, reinits=3, trigger="converged")
+    # 0: converged -> re-init at 1; 1 is the re-init epoch (does not count, even at 0.99);
+    # 2: 0.5 -> nothing at 3; 3: converged again -> re-init at 4; 5 -> re-init at 6; K = 3 reached
+    accs = [0.98, 0.99, 0.5, 0.98, 0.98, 0.98] + [0.99] * 34
+    assert feed(rifle, accs) == [1, 4, 6] == rifle.fired
+    assert rifle.trigger_report["reason"] is None
+    # the re-init epoch alone never qualifies: converged at 0, 1, 2, ... fires every other epoch
+    rifle = Rifle(tiny(), None, epochs=40, reinits=5, trigger="converged")
+    assert feed(rifle, [0.99] * 40) == [1, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize("guard,first_converged,expected", [
+    (None, 8, []),     # E=10: default guard ceil(10/8)=2, last start 8; converged at 8 -> 9: too late
+    (None, 7, [8]),    # ... converged at 7 -> start 8 leaves 2 epochs: allowed
+    (4, 6, []),        # guard 4: last start 6; converged at 6 -> 7 leaves 3 < 4
+    (4, 5, [6]),
+])
+def test_never_inside_the_guard(guard, first_converged, expected):
+    rifle = Rifle(tiny(), None, epochs=10, reinits=2, guard=guard, trigger="converged")
+    accs = [0.5] * first_converged + [0.99] * (10 - first_converged)
+    assert feed(rifle, accs) == expected
+    reason = rifle.trigger_report["reason"]
+    g = 2 if guard is None else guard
+    if not expected:
+        assert reason == (f"train accuracy reached 0.97 at epoch {first_converged}; a re-init after it "
+                          f"would leave fewer than guard={g} epochs (the last allowed start is epoch {10 - g})")
+    else:  # K=2, one fired: the second could not (the new head's epochs are too late)
+        assert reason.startswith("1 of 2 re-init(s): train accuracy reached 0.97 at epoch")
+
+
+def test_never_converged_means_no_reinit_and_says_why():
+    model = tiny()
+    w = model[2].weight.detach().clone()
+    rifle = Rifle(model, None, epochs=10, reinits=3, trigger="converged")
+    accs = [0.1, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.83, 0.83, 0.82]
+    assert feed(rifle, accs) == [] and torch.equal(model[2].weight, w)
+    assert rifle.trigger_report["fired"] == [] and rifle.applied == []
+    assert rifle.trigger_report["reason"] == "train accuracy never reached 0.97 (best 0.83 at epoch 7)"
+    # no accuracy fed (loss only): no re-init, and the reason says so
+    rifle = Rifle(tiny(), None, epochs=10, reinits=1, trigger="converged")
+    for e in range(10):
+        assert not rifle.on_epoch_start(e)
+        rifle.observe(0.01)
+    rifle.settle_trigger()
+    assert rifle.trigger_report["reason"].startswith("no training accuracy was observed")
+
+
+def test_threshold_and_bad_settings():
+    rifle = Rifle(tiny(), None, epochs=10, reinits=1, trigger="converged", converged_acc=0.5)
+    assert feed(rifle, [0.49, 0.5] + [0.1] * 8) == [2]
+    with pytest.raises(ValueError, match="step granularity is not supported"):
+        Rifle(tiny(), None, total_steps=100, reinits=1, trigger="converged")
+    with pytest.raises(ValueError, match="head_lr_restart"):
+        Rifle(tiny(), torch.optim.SGD(tiny().parameters(), lr=0.1), epochs=10, trigger="converged",
+              head_lr_restart=True)
+    with pytest.raises(ValueError, match="only with trigger='converged'"):
+        Rifle(tiny(), None, epochs=10, converged_acc=0.9)
+    with pytest.raises(ValueError, match=r"converged_acc=1.5: a training accuracy in \(0, 1\]"):
+        Rifle(tiny(), None, epochs=10, trigger="converged", converged_acc=1.5)
+    with pytest.raises(ValueError, match="trigger='sometimes'"):
+        Rifle(tiny(), None, epochs=10, trigger="sometimes")
+    with pytest.raises(ConfigError, match="--reinit-converged-acc=0.9: applies only with --reinit-trigger"):
+        TrainConfig(method="rifle", reinit_converged_acc=0.9).validate()
+    with pytest.raises(ConfigError, match="--reinit-trigger='converged': converged decides once per epoch"):
+        TrainConfig(method="rifle", reinit_trigger="converged", reinit_granularity="step").validate()
+    with pytest.raises(ConfigError, match="--reinit-trigger='often'"):
+        TrainConfig(method="rifle", reinit_trigger="often").validate()
+
+
+def test_schedule_default_is_unchanged():
+    rifle = Rifle(tiny(), None, epochs=40, reinits=3)
+    assert rifle.trigger == "schedule" and rifle.trigger_report is None and rifle.points == [10, 20, 30]
+    assert not {"trigger", "fired", "trigger_history", "trigger_window"} & set(rifle.state_dict())
+    conv = Rifle(tiny(), None, epochs=40, reinits=3, trigger="converged")
+    with pytest.raises(ValueError, match="saved with trigger='schedule', this run has trigger='converged'"):
+        conv.load_state_dict(rifle.state_dict())
+    with pytest.raises(ValueError, match="saved with trigger='converged', this run has trigger='schedule'"):
+        rifle.load_state_dict(conv.state_dict())
+    other = Rifle(tiny(), None, epochs=40, reinits=3, trigger="converged", converged_acc=0.9)
+    with pytest.raises(ValueError, match="converged_acc"):
+        other.load_state_dict(conv.state_dict())
+
+
+@pytest.mark.parametrize("settled", [True, False])
+@pytest.mark.parametrize("stop", [1, 3, 4, 5, 6])
+def test_state_dict_resumes_exactly(stop, settled):
+    """Stop after epoch ``stop - 1`` (the checkpoint), rebuild from the state, continue: the same
+    re-inits, heads and report as the uninterrupted run (also with the window not yet settled)."""
+    accs = [0.9, 0.98, 0.99, 0.98, 0.4, 0.98, 0.99, 0.99] + [0.5] * 12
+    full_model = tiny()
+    full = Rifle(full_model, None, epochs=20, reinits=3, trigger="converged", seed=1)
+    assert feed(full, accs) == [2, 4, 6]
+
+    model = tiny()
+    first = Rifle(model, None, epochs=20, reinits=3, trigger="converged", seed=1)
+    for e in range(stop):
+        first.on_epoch_start(e)
+        first.observe(0.5, correct=round(accs[e] * 100), count=100)
+    if settled:
+        first.settle_trigger()
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it (plain values)
+    weights = copy.deepcopy(model.state_dict())
+
+    model2 = tiny()
+    model2.load_state_dict(weights)
+    second = Rifle(model2, None, epochs=20, reinits=3, trigger="converged", seed=1)
+    second.load_state_dict(state)
+    feed(second, accs[stop:], start=stop)
+    assert second.fired == full.fired and second.applied == full.applied
+    assert second.trigger_report == full.trigger_report
+    for a, b in zip(model2.parameters(), full_model.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, port, out):
+    import torch.distributed as dist
+    from test_ddp import _env
+    _env(rank, 2, port)
+    dist.init_process_group("gloo")
+    model = tiny()
+    rifle = Rifle(model, None, epochs=10, reinits=2, trigger="converged", converged_acc=0.9)
+    # per rank and epoch: correct of 100. Epoch 0: rank 0 alone is above 0.9, the sum (0.85) is not;
+    # epoch 1: rank 1 alone is below, the sum (0.91) is above -> re-init at 2 on both ranks;
+    # epoch 3: rank 0 below (0.5), rank 1 at 1.0 -> 0.75: nothing at 4; epoch 4: 0.9 -> re-init at 5
+    local = {0: [100, 100, 0, 50, 90, 0, 0, 0, 0, 0], 1: [70, 82, 0, 100, 90, 0, 0, 0, 0, 0]}[rank]
+    fired = []
+    for e in range(10):
+        if rifle.on_epoch_start(e):
+            fired.append(e)
+        rifle.observe(torch.tensor(0.3), correct=torch.tensor(local[e]), count=100)
+        rifle.settle_trigger()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"fired": fired, "report": rifle.trigger_report,
+                   "head": model[2].weight.tolist()}, f)
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_decide_identically_from_the_summed_accuracy(tmp_path):
+    from test_ddp import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["fired"] == [2, 5]
+    assert [a for _, a in r0["report"]["train_acc"]][:5] == pytest.approx([0.85, 0.91, 0.0, 0.75, 0.9])
+
+
+# ---------------------------------------------------------------------------- CLI
+ARGV = ["train", "--data", "digits", "--model", "tiny_cnn", "--method", "rifle", "--reinit-trigger",
+        "converged", "--reinit-converged-acc", "0.5", "--reinits", "2", "--epochs", "8",
+        "--image-size", "16", "--batch-size", "64", "--lr", "0.05", "--train-fraction", "0.4",
+        "--min-steps-after", "0", "--device", "cpu"]
+
+
+def expected_fires(rows, thr, k, epochs):
+    guard = max(1, -(-epochs // 8))
+    fired = []
+    for e in range(1, epochs - guard + 1):
+        if len(fired) < k and rows[e - 1]["train_acc"] >= thr and (not fired or e - 1 > fired[-1]):
+            fired.append(e)
+    return fired
+
+
+def test_cli_fires_when_the_train_accuracy_reached_the_threshold(tmp_path, capsys):
+    code, out, _ = run_cli([*ARGV, "--out", tmp_path / "run"], capsys)
+    assert code == 0
+    rows = metrics(tmp_path / "run")
+    expect = expected_fires(rows, 0.5, 2, 8)
+    assert len(expect) == 2, [r["train_acc"] for r in rows]  # the recipe converges twice: a real test
+    assert [r["epoch"] for r in rows if r["reinit"]] == expect
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rifle_trigger"]["fired"] == expect and summary["reinit_epochs"] == expect
+    assert summary["rifle_trigger"]["reason"] is None
+    assert [a for _, a in summary["rifle_trigger"]["train_acc"]] == [r["train_acc"] for r in rows]
+    assert [d["at"] for d in summary["rifle_diagnosis"]] == expect
+    assert "once the previous epoch's train accuracy reaches 0.5" in out
+
+    # never converged: threshold 1.0 on this recipe -> no re-init, a line and the reason in summary.json
+    argv = [a if a != "0.5" else "1.0" for a in ARGV]
+    code, out, _ = run_cli([*argv, "--epochs", "3", "--out", tmp_path / "never"], capsys)
+    best = max(metrics(tmp_path / "never"), key=lambda r: r["train_acc"])
+    summary = json.loads((tmp_path / "never" / "summary.json").read_text())
+    reason = f"train accuracy never reached 1 (best {best['train_acc']:.2f} at epoch {best['epoch']})"
+    assert summary["rifle_trigger"]["fired"] == [] and summary["rifle_trigger"]["reason"] == reason
+    assert summary["reinit_epochs"] == [] and summary["rifle_diagnosis"] == []
+    assert f"RIFLE trigger: no re-init: {reason}" in out
+
+
+def test_cli_killed_and_resumed_gives_the_same_run(tmp_path, capsys):
+    code, _, _ = run_cli([*ARGV, "--out", tmp_path / "full"], capsys)
+    full = metrics(tmp_path / "full")
+    fires = [r["epoch"] for r in full if r["reinit"]]
+    assert len(fires) == 2
+    # killed just before the second re-init: the checkpoint holds the trigger's decision input
+    killed_at_epoch([*ARGV, "--out", str(tmp_path / "split")], fires[1], cwd=tmp_path)
+    assert len(metrics(tmp_path / "split")) == fires[1]
+    code, _, _ = run_cli([*ARGV, "--out", tmp_path / "split", "--resume"], capsys)
+    assert code == 0 and metrics(tmp_path / "split") == full
+    a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("full", "split"))
+    assert a["rifle_trigger"] == b["rifle_trigger"] and a["rifle_diagnosis"] == b["rifle_diagnosis"]
+
+
+def test_callbacks_refuse_the_converged_trigger():
+    pytest.importorskip("lightning")
+    from rifle.integrations.lightning import RifleCallback
+    with pytest.raises(ValueError, match="do not see the model's predictions"):
+        RifleCallback(trigger="converged")
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from rifle.integrations.transformers import RifleTrainerCallback
+    with pytest.raises(ValueError, match="do not see the model's predictions"):
+        RifleTrainerCallback(trigger="converged")
