@@ -269,3 +269,13 @@ def test_callbacks_refuse_the_converged_trigger():
     from rifle.integrations.transformers import RifleTrainerCallback
     with pytest.raises(ValueError, match="do not see the model's predictions"):
         RifleTrainerCallback(trigger="converged")
+
+
+def test_a_run_recorded_before_the_trigger_existed_still_resumes():
+    """config.yaml of older runs lacks reinit_trigger / reinit_converged_acc: they meant the default."""
+    from rifle.config import diff_configs
+    saved = TrainConfig(method="rifle").validate().to_dict()
+    del saved["reinit_trigger"], saved["reinit_converged_acc"]
+    assert diff_configs(saved, TrainConfig(method="rifle").validate().to_dict()) == {}
+    now = TrainConfig(method="rifle", reinit_trigger="converged").validate().to_dict()
+    assert diff_configs(saved, now) == {"reinit_trigger": ("schedule", "converged")}
