@@ -279,3 +279,15 @@ def test_a_run_recorded_before_the_trigger_existed_still_resumes():
     assert diff_configs(saved, TrainConfig(method="rifle").validate().to_dict()) == {}
     now = TrainConfig(method="rifle", reinit_trigger="converged").validate().to_dict()
     assert diff_configs(saved, now) == {"reinit_trigger": ("schedule", "converged")}
+
+
+def test_docs_trigger_example_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rifle.md").read_text()
+    section = doc[doc.index('<a id="trigger"></a>'):doc.index('<a id="when"></a>')]
+    [block] = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile("import torch\nfrom torch import nn\nfrom rifle import Rifle\n" + block, "rifle.md", "exec"), {})
+    assert capsys.readouterr().out.split("\n")[:2] == [
+        "[3, 6]", "train accuracy never reached 0.97 (best 0.89 at epoch 9)"]
+    assert "**Default 0.97**" in section and "--reinit-trigger converged" in section
