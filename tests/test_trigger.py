@@ -291,3 +291,63 @@ def test_docs_trigger_example_prints_what_it_says(capsys):
     assert capsys.readouterr().out.split("\n")[:2] == [
         "[3, 6]", "train accuracy never reached 0.97 (best 0.89 at epoch 9)"]
     assert "**Default 0.97**" in section and "--reinit-trigger converged" in section
+
+
+def _ddp_train_worker(rank, port, out, crash_at, resume):
+    from rifle.config import TrainConfig
+    from rifle.methods.rifle import RifleMethod
+    from rifle.run import run_train
+    from rifle.train import Trainer
+    from test_ddp import _env
+    _env(rank, 2, port)
+    local, fired = {}, {}
+    original_end, original_epoch = RifleMethod.on_batch_end, Trainer.train_epoch
+
+    def on_batch_end(self, loss, correct, count):  # this rank's own accuracy per epoch
+        e = self.core._t_epoch
+        c, n = local.get(e, (0, 0))
+        local[e] = (c + int(correct), n + count)
+        return original_end(self, loss, correct, count)
+
+    def train_epoch(self, epoch):
+        if epoch == crash_at:
+            raise KeyboardInterrupt
+        row = original_epoch(self, epoch)
+        fired[epoch] = list(self.methods[0].core.fired)
+        return row
+    RifleMethod.on_batch_end, Trainer.train_epoch = on_batch_end, train_epoch
+    cfg = TrainConfig(data="digits", model="tiny_cnn", method="rifle", reinits=2, epochs=8, image_size=16,
+                      batch_size=64, lr=0.05, train_fraction=0.4, min_steps_after=0, out=out,
+                      reinit_trigger="converged", reinit_converged_acc=0.5).validate()
+    try:
+        run_train(cfg, resume=resume, log=lambda s: None)
+    except KeyboardInterrupt:
+        pass
+    with open(f"{out}/rank{rank}-{crash_at}-{int(resume)}.json", "w") as f:
+        json.dump({"local": {e: c / n for e, (c, n) in local.items()}, "fired": fired}, f)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_ddp_training_run_decides_from_the_reduced_accuracy_and_resumes(tmp_path):
+    """2 gloo ranks through the trainer: the ranks' own accuracies differ, both fire where the run's
+    (reduced) train_acc says, and an interruption just before the second re-init resumes exactly."""
+    from test_ddp import free_port
+    full, split = tmp_path / "full", tmp_path / "split"
+    mp.spawn(_ddp_train_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
+    rows = metrics(full)
+    expect = expected_fires(rows, 0.5, 2, 8)
+    assert len(expect) == 2 and [r["epoch"] for r in rows if r["reinit"]] == expect
+    r0, r1 = (json.loads((full / f"rank{r}--1-0.json").read_text()) for r in (0, 1))
+    assert r0["fired"] == r1["fired"] and r0["fired"]["7"] == expect
+    assert r0["local"] != r1["local"]  # the ranks saw different accuracies; the decision is the sum's
+    for e, row in enumerate(rows):
+        assert (r0["local"][str(e)] + r1["local"][str(e)]) / 2 == pytest.approx(row["train_acc"])
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["rifle_trigger"]["fired"] == expect
+    mp.spawn(_ddp_train_worker, args=(free_port(), str(split), expect[1], False), nprocs=2, join=True)
+    assert len(metrics(split)) == expect[1]
+    mp.spawn(_ddp_train_worker, args=(free_port(), str(split), -1, True), nprocs=2, join=True)
+    assert metrics(split) == rows
+    assert json.loads((split / "summary.json").read_text())["rifle_trigger"] == summary["rifle_trigger"]
