@@ -351,3 +351,53 @@ def test_ddp_training_run_decides_from_the_reduced_accuracy_and_resumes(tmp_path
     mp.spawn(_ddp_train_worker, args=(free_port(), str(split), -1, True), nprocs=2, join=True)
     assert metrics(split) == rows
     assert json.loads((split / "summary.json").read_text())["rifle_trigger"] == summary["rifle_trigger"]
+
+
+def _train(trigger_kw, accs, epochs=10, spe=20):
+    """A real loop (SGD steps) with hand-fed accuracies; returns the Rifle and the number of
+    per-step gradient-norm reads of its diagnosis."""
+    from rifle.core import diagnosis
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rifle = Rifle(model, opt, epochs=epochs, reinits=1, seed=0, steps_per_epoch=spe, min_steps_after=None,
+                  **trigger_kw)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(spe * 4, 4, generator=g), torch.randint(0, 3, (spe * 4,), generator=g)
+    reads = 0
+    original = diagnosis.Diagnosis._norms
+
+    def counting(self):
+        nonlocal reads
+        reads += 1
+        return original(self)
+    diagnosis.Diagnosis._norms = counting
+    try:
+        for e in range(epochs):
+            rifle.on_epoch_start(e)
+            for i in range(spe):
+                loss = nn.functional.cross_entropy(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
+                opt.zero_grad()
+                loss.backward()
+                rifle.observe(loss, correct=round(accs[e] * 4) if i < spe // 2 else 0, count=4)
+                opt.step()
+            rifle.observe(0.0, correct=round(accs[e] * 4 * spe) - round(accs[e] * 4) * (spe // 2), count=0)
+    finally:
+        diagnosis.Diagnosis._norms = original
+    rifle.close_diagnosis()
+    return rifle, reads
+
+
+def test_the_reinit_and_its_diagnosis_are_the_schedules_and_cost_only_the_last_steps():
+    accs = [0.5, 0.6, 0.7, 0.8, 0.98] + [0.99] * 5
+    sched, sched_reads = _train({}, accs)                                   # K=1, E=10: epoch 5
+    trig, trig_reads = _train({"trigger": "converged"}, accs)               # 0.98 at 4 -> epoch 5
+    assert sched.points == trig.fired == [5]
+    assert trig.diagnosis == sched.diagnosis  # same draw, same windows, same numbers
+    assert trig.diagnosis[0]["steps_before"] == 5 and trig.diagnosis[0]["steps_after"] == 5
+    for a, b in zip(sched.model.parameters(), trig.model.parameters()):
+        assert torch.equal(a, b)
+    assert sched_reads == 10
+    # epochs 0..4 could each precede a re-init: 5 norm reads at the end of each, 5 after the re-init
+    assert trig_reads == 5 * 5 + 5
+    never, never_reads = _train({"trigger": "converged"}, [0.5] * 10)
+    assert never.fired == [] and never_reads == 5 * 8  # E=10, guard 2: epochs 1..8 were possible

@@ -181,6 +181,11 @@ class Diagnosis:
             self._before.clear()
         self._armed, self._skip = True, int(skip)
 
+    def disarm(self) -> None:
+        """Stop keeping 'before' norms (no re-init follows after all); an open 'after' window stays."""
+        self._armed, self._skip = False, 0
+        self._before.clear()
+
     @property
     def recording(self) -> bool:
         return self._armed or self._after is not None

@@ -214,8 +214,12 @@ class Rifle:
             self._diag.new_period()  # the loss window is the epoch
             if self._pending_point(epoch + 1):
                 # only the last `window` steps of this epoch matter: skip the others when S is known
-                skip = 0 if self._diag.recording else max(0, (self._spe_known or 0) - self._diag.window)
+                recording = (self._diag._after is not None if self.trigger == "converged"  # re-armed
+                             else self._diag.recording)  # each possible epoch: still its last steps only
+                skip = 0 if recording else max(0, (self._spe_known or 0) - self._diag.window)
                 self._diag.arm(skip)
+            elif self.trigger == "converged":
+                self._diag.disarm()  # no re-init possible at the next epoch: read no more norms
         return fired
 
     def on_step_start(self, step: int) -> bool:
