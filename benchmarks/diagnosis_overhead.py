@@ -7,7 +7,9 @@ share of the epoch: a direct measure, unaffected by run-to-run noise. Then, per 
 the whole ``Trainer.train_epoch`` calls (re-init, loop, evaluation) and their process CPU time (one
 thread: less sensitive than wall time to other processes on a shared machine).
 
-Usage: ``python benchmarks/diagnosis_overhead.py [--repeats 3] [--models tiny_cnn,efficientnet_lite0]``.
+Usage: ``python benchmarks/diagnosis_overhead.py [--repeats 3] [--models tiny_cnn,efficientnet_lite0]
+[--trigger]``. ``--trigger``: RIFLE with ``--reinit-trigger converged --reinit-converged-acc 1.0``, the
+worst case (no re-init ever fires, so the gradient window is armed in every epoch that may precede one).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ SETTINGS = {
 
 TIMED = [(Rifle, "observe"), (Rifle, "record_gradients"), (Rifle, "close_diagnosis"), (Diagnosis, "begin"),
          (Diagnosis, "end"), (Diagnosis, "new_period"), (Diagnosis, "arm"), (Diagnosis, "set_step"),
-         (Diagnosis, "settle"), (Diagnosis, "pending_state"), (Diagnosis, "state_dict")]
+         (Diagnosis, "settle"), (Diagnosis, "pending_state"), (Diagnosis, "state_dict"),
+         (Rifle, "settle_trigger"), (Diagnosis, "disarm")]
 
 
 def direct_cost(run):
@@ -60,7 +63,8 @@ def direct_cost(run):
             setattr(cls, name, f)
 
 
-def one_run(model: str, diagnose: bool, out: Path, epochs: int) -> tuple[float, float, float]:
+def one_run(model: str, diagnose: bool, out: Path, epochs: int,
+            trigger: bool = False) -> tuple[float, float, float]:
     rifle_method.Rifle = lambda *a, **k: Rifle(*a, diagnose=diagnose, **k)  # noqa: E731
     epoch_times: list[float] = []
     cpu_times: list[float] = []
@@ -76,12 +80,14 @@ def one_run(model: str, diagnose: bool, out: Path, epochs: int) -> tuple[float, 
     Trainer.train_epoch = timed
     try:
         cfg = TrainConfig(data="digits", model=model, method="rifle", reinits=1, epochs=epochs, lr=0.02,
-                          min_steps_after=0, threads=1, out=str(out), **SETTINGS[model]).validate()
+                          min_steps_after=0, threads=1, out=str(out), **SETTINGS[model],
+                          **(dict(reinit_trigger="converged", reinit_converged_acc=1.0) if trigger else {})
+                          ).validate()
         summary = run_train(cfg, log=lambda s: None, progress=False)
     finally:
         Trainer.train_epoch = original
         rifle_method.Rifle = Rifle
-    assert bool(summary["rifle_diagnosis"]) == diagnose
+    assert bool(summary["rifle_diagnosis"]) == (diagnose and not trigger)
     return summary["train_seconds"] / epochs, sum(epoch_times) / epochs, sum(cpu_times) / epochs
 
 
@@ -90,11 +96,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--models", default="tiny_cnn,efficientnet_lite0")
+    ap.add_argument("--trigger", action="store_true", help="the converged trigger, never firing")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            run_one = lambda d, i: one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs)  # noqa: E731
+            run_one = lambda d, i: one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs,  # noqa: E731
+                                            args.trigger)
             run_one(True, -1)  # warm-up: data cache, first-call costs
             (_, per_epoch, _), inside = direct_cost(lambda: run_one(True, -2))
             print(f"{model:20s} time inside the diagnosis's calls: {inside / args.epochs * 1000:.2f} ms per "
