@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer"]
+__all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -40,6 +40,17 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"RIFLE: cannot find a torch optimizer inside {type(optimizer).__name__}")
     return optimizer
+
+
+def check_trigger(trigger: str) -> None:
+    """The callbacks re-initialise on RIFLE's schedule only; ``"converged"`` needs an accuracy they do not see."""
+    if trigger == "converged":
+        raise ValueError("trigger='converged' is not supported by the callbacks: they do not see the "
+                         "model's predictions, so the training accuracy it decides from is unknown. Use "
+                         "rifle.Rifle(..., trigger='converged') in your own loop and feed observe(loss, "
+                         "correct=..., count=...), or the rifle train CLI (docs/rifle.md#trigger)")
+    if trigger != "schedule":
+        raise ValueError(f"trigger={trigger!r}: the callbacks support only 'schedule'")
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing this package must not import the frameworks

@@ -40,7 +40,7 @@ from ..core import Rifle, find_head
 from ..core.heads import HeadSpec
 from ..core.reinit import Initializer
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import unwrap_optimizer
+from . import check_trigger, unwrap_optimizer
 
 
 def find_lightning_head(pl_module: nn.Module, head: HeadSpec | None = None) -> list[nn.Module]:
@@ -70,16 +70,6 @@ def find_lightning_head(pl_module: nn.Module, head: HeadSpec | None = None) -> l
     raise ValueError(f"{top_error} (also searched each direct child of the LightningModule)")
 
 
-def _check_trigger(trigger: str) -> None:
-    if trigger == "converged":
-        raise ValueError("trigger='converged' is not supported by the callbacks: they do not see the "
-                         "model's predictions, so the training accuracy it decides from is unknown. Use "
-                         "rifle.Rifle(..., trigger='converged') in your own loop and feed observe(loss, "
-                         "correct=..., count=...), or the rifle train CLI (docs/rifle.md#trigger)")
-    if trigger != "schedule":
-        raise ValueError(f"trigger={trigger!r}: the callbacks support only 'schedule'")
-
-
 class RifleCallback(pl.Callback):
     """Re-initialise the classifier head K times during ``Trainer.fit`` (RIFLE).
 
@@ -102,7 +92,7 @@ class RifleCallback(pl.Callback):
                  verify_replicas: bool = True, trigger: str = "schedule") -> None:
         if granularity not in ("epoch", "step"):
             raise ValueError(f"granularity must be 'epoch' or 'step', got {granularity!r}")
-        _check_trigger(trigger)
+        check_trigger(trigger)
         self.reinits, self.head, self.seed, self.granularity = reinits, head, seed, granularity
         self.options: dict[str, Any] = dict(
             guard=guard, guard_steps=guard_steps, min_steps_after=min_steps_after, init=init,

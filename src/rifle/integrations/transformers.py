@@ -49,7 +49,7 @@ from ..core import Rifle, find_head, unwrap_model
 from ..core.heads import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import unwrap_optimizer
+from . import check_trigger, unwrap_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,6 @@ def hf_init(std: float) -> Initializer:
     return _weights_then_zero_bias(lambda w: nn.init.normal_(w, mean=0.0, std=std))
 
 
-def _check_trigger(trigger: str) -> None:
-    if trigger == "converged":
-        raise ValueError("trigger='converged' is not supported by the callbacks: they do not see the "
-                         "model's predictions, so the training accuracy it decides from is unknown. Use "
-                         "rifle.Rifle(..., trigger='converged') in your own loop and feed observe(loss, "
-                         "correct=..., count=...), or the rifle train CLI (docs/rifle.md#trigger)")
-    if trigger != "schedule":
-        raise ValueError(f"trigger={trigger!r}: the callbacks support only 'schedule'")
-
-
 class RifleTrainerCallback(TrainerCallback, ExportableState):
     """Re-initialise the classifier head K times during ``Trainer.train()`` (RIFLE).
 
@@ -108,7 +98,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                  verify_replicas: bool = True, trigger: str = "schedule") -> None:
         if granularity not in ("epoch", "step"):
             raise ValueError(f"granularity must be 'step' or 'epoch', got {granularity!r}")
-        _check_trigger(trigger)
+        check_trigger(trigger)
         if isinstance(init, str) and init.startswith("callable:"):
             raise ValueError(
                 f"RIFLE: this checkpoint's callback used a callable init ({init[9:]}), which cannot be "
