@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -334,7 +335,7 @@ def test_two_workers_share_a_grid_and_run_each_run_once(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out),
                            "--workers", "2"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    done = [line.split()[3] for line in proc.stdout.splitlines() if " done " in line]
+    done = re.findall(r"\] done +(\S+)", proc.stdout)  # "[w] [i/n] done RUN ..." of either worker
     runs = G.expand(G.parse_grid(TINY), out)
     assert sorted(done) == sorted(r.rel for r in runs)  # every run, exactly once
     assert "4/4 runs complete" in proc.stdout

@@ -25,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grid-copy", action="store_true", help=argparse.SUPPRESS)
 
 
+def _say_line(text: str) -> None:
+    """One write per line: workers sharing a terminal or pipe never merge two lines into one."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
 def run(args: argparse.Namespace) -> int:
     from ..experiments.grid import (expand, launch_workers, load_grid, run_grid, run_status,
                                     seconds_text, write_grid_copy)
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         res = run_grid(runs, stale_after=args.stale_after, since=args.since, worker=args.worker_name,
-                       log=lambda s: print(s, flush=True))
+                       log=_say_line)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are kept, the interrupted run resumes from its last epoch; "
               "re-run the same command to continue", file=sys.stderr)
