@@ -101,3 +101,12 @@ def interrupted_at_epoch(epoch):
         yield
     finally:
         Trainer.train_epoch = original
+
+
+def rifle_cfg(tmp_path, name="run", **kw):
+    """A small validated RIFLE run config (digits, tiny_cnn, K=1, 4 epochs) in ``tmp_path / name``."""
+    from rifle.config import TrainConfig
+    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=4, image_size=16,
+                batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
+    base.update(kw)
+    return TrainConfig(**base).validate()

@@ -56,21 +56,14 @@ def test_reinit_divergence_is_detected(tmp_path, seeds, diverged):
 def _train_worker(rank: int, port: int, out: str, crash_at: int, resume: bool) -> None:
     from rifle.config import TrainConfig
     from rifle.run import run_train
-    from rifle.train import Trainer
+    from conftest import interrupted_at_epoch
     _env(rank, 2, port)
-    if crash_at >= 0:
-        original = Trainer.train_epoch
-
-        def crash(self, epoch):
-            if epoch == crash_at:
-                raise KeyboardInterrupt
-            return original(self, epoch)
-        Trainer.train_epoch = crash
     cfg = TrainConfig(data="digits", model="tiny_cnn", method="rifle", reinits=2, epochs=4,
                       image_size=16, batch_size=32, lr=0.05, train_fraction=0.3, min_steps_after=0,
                       out=out).validate()
     try:
-        run_train(cfg, resume=resume, log=lambda s: None)
+        with interrupted_at_epoch(crash_at):  # crash_at -1: never
+            run_train(cfg, resume=resume, log=lambda s: None)
     except KeyboardInterrupt:
         pass
     import torch.distributed as dist

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import interrupted_at_epoch
+from conftest import interrupted_at_epoch, rifle_cfg as cfg
 from rifle.analysis.depth import backbone_thirds, tracked_layers
 from rifle.core import Rifle
 from rifle.core.diagnosis import backbone_weights, thirds, verdict
-from rifle.config import TrainConfig
 from rifle.run import run_train
 
 
@@ -157,11 +156,6 @@ def test_verdict_thresholds():
 
 
 # ----------------------------------------------------------------------------- CLI
-def cfg(tmp_path, name="run", **kw):
-    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=4, image_size=16,
-                batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
-    base.update(kw)
-    return TrainConfig(**base).validate()
 
 
 def test_cli_run_writes_diagnosis_and_prints_the_verdict(tmp_path):

@@ -4,19 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import interrupted_at_epoch, metrics
-from rifle.config import TrainConfig
+from conftest import interrupted_at_epoch, metrics, rifle_cfg as cfg
 from rifle.methods.base import Method
 from rifle.run import run_train
 from rifle.train import CheckpointError, RunDirError, TrainingError
 from rifle.train.checkpoint import WEIGHTS, read_metadata
-
-
-def cfg(tmp_path, name="run", **kw):
-    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=4, image_size=16,
-                batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
-    base.update(kw)
-    return TrainConfig(**base).validate()
 
 
 def weights(path):
