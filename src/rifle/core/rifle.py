@@ -212,7 +212,7 @@ class Rifle:
         fired = self._tick(epoch)
         if self._diag is not None:
             self._diag.new_period()  # the loss window is the epoch
-            if self._pending_point(epoch + 1):
+            if self.reinit_may_start_at(epoch + 1):
                 # only the last `window` steps of this epoch matter: skip the others when S is known
                 recording = (self._diag._after is not None if self.trigger == "converged"  # re-armed
                              else self._diag.recording)  # each possible epoch: still its last steps only
@@ -229,11 +229,13 @@ class Rifle:
         if self._diag is not None:
             self._diag.set_step(step)
             w = self._diag.window
-            if any(self._pending_point(p) for p in range(step + 1, step + w + 1)):
+            if any(self.reinit_may_start_at(p) for p in range(step + 1, step + w + 1)):
                 self._diag.arm()
         return fired
 
-    def _pending_point(self, t: int) -> bool:
+    def reinit_may_start_at(self, t: int) -> bool:
+        """Whether a re-init may happen at the start of epoch/step ``t`` (scheduled and not yet done, or
+        possible for the converged trigger)."""
         if self.trigger == "converged":  # a re-init at t is possible (decided at t from epoch t-1)
             return self._may_fire(t)
         return any(p == t and i not in self.applied and i not in self.skipped

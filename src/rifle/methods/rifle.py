@@ -118,7 +118,7 @@ class RifleMethod(Method):
                 self._log(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
                           f"{report['reason']} (docs/rifle.md#trigger)")
         next_start = epoch + 1 if self.core.unit == "epoch" else (epoch + 1) * self._spe
-        if self.core._pending_point(next_start):  # the checkpoint after this epoch precedes a re-init
+        if self.core.reinit_may_start_at(next_start):  # the checkpoint after this epoch precedes a re-init
             self.core.settle_diagnosis()
         new = self.core.diagnosis[self._reported:]
         self._reported += len(new)
