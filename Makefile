@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every distribution pinned (==) for these machines (x86-64, Python 3.11); regenerate with `make lock`.
 LOCK := requirements-lock.txt
 
-.PHONY: demo test venv lock clean bench-speed results-elpv
+.PHONY: demo test venv lock clean bench-speed results-elpv results-regime
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench-speed: $(STAMP)
 results-elpv: $(STAMP)
 	$(BIN)/rifle bench benchmarks/elpv_grid.yaml --out docs/results/elpv
 	$(BIN)/rifle report docs/results/elpv --page docs/results/elpv.md
+
+REGIME_CELLS := digits64 digits32 elpv64
+# the regime study (benchmarks/regime/plan.md): 90 runs, ~1 h on 2 cores; resumable
+results-regime: $(STAMP)
+	for c in $(REGIME_CELLS); do $(BIN)/rifle bench benchmarks/regime/$$c.yaml --out docs/results/regime/$$c --workers 2 || exit 1; done
+	$(BIN)/python benchmarks/regime_report.py docs/results/regime --page docs/results/regime.md
 
 clean:
 	rm -rf runs .pytest_cache
