@@ -47,6 +47,8 @@ class TrainConfig:
     reinit_modules: str | None = None    # RIFLE beyond the FC layer: "last:N" blocks or a regex
     reinit_trigger: str = "schedule"     # schedule (paper) | converged: docs/rifle.md#trigger
     reinit_converged_acc: float | None = None  # the converged trigger's threshold; None = 0.97
+    diagnose: bool = True                # RIFLE: measure each re-init and print a verdict (docs/rifle.md#when)
+    diagnosis_window: int = 5            # RIFLE: optimizer steps measured on each side of a re-init
     # the recipe (paper defaults: SGD m 0.9, lr 0.01, wd 1e-4, cosine per epoch, batch 32)
     epochs: int = 40
     batch_size: int = 32
@@ -102,6 +104,9 @@ class TrainConfig:
                 raise bad("reinit_converged_acc", "applies only with --reinit-trigger converged")
             if not 0 < self.reinit_converged_acc <= 1:
                 raise bad("reinit_converged_acc", "a training accuracy in (0, 1]")
+        if not isinstance(self.diagnosis_window, int) or isinstance(self.diagnosis_window, bool) \
+                or self.diagnosis_window < 1:
+            raise bad("diagnosis_window", "a positive number of optimizer steps")
         if self.reinit_trigger == "converged" and self.method == "rifle" and self.reinit_granularity != "epoch":
             raise bad("reinit_trigger", "converged decides once per epoch: use --reinit-granularity epoch")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -131,7 +136,8 @@ class TrainConfig:
                     guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                     init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
                     head_lr_restart=self.head_lr_restart, head=self.head,
-                    modules=self.reinit_modules,
+                    modules=self.reinit_modules, diagnose=self.diagnose,
+                    diagnosis_window=self.diagnosis_window,
                     **({"trigger": self.reinit_trigger, "converged_acc": self.reinit_converged_acc}
                        if self.reinit_trigger != "schedule" else {}))
 
@@ -283,7 +289,8 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # keys added after runs were recorded: their value in an older config.yaml
-ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None}
+ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None, "diagnose": True,
+              "diagnosis_window": 5}
 
 
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

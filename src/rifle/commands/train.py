@@ -36,6 +36,9 @@ _HELP = {
     "reinit_trigger": "RIFLE: schedule (the paper's fixed points) or converged (re-init once an "
                       "epoch's train accuracy reaches --reinit-converged-acc; docs/rifle.md#trigger)",
     "reinit_converged_acc": "RIFLE: the converged trigger's train-accuracy threshold",
+    "diagnose": "RIFLE: measure each re-init (train loss before, head norms, backbone gradient "
+                "ratio) and print a verdict (docs/rifle.md#when)",
+    "diagnosis_window": "RIFLE: optimizer steps measured on each side of a re-init by the diagnosis",
     "epochs": "training epochs", "batch_size": "training batch size", "lr": "SGD learning rate",
     "momentum": "SGD momentum", "weight_decay": "weight decay on all parameters",
     "lr_schedule": "cosine (per epoch, over the run) or constant",

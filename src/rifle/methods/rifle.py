@@ -43,6 +43,8 @@ class RifleMethod(Method):
     modules: str | None = None          # also re-init: "last:N" blocks or a regex over module names
     trigger: str = "schedule"           # "schedule" (paper) or "converged" (docs/rifle.md#trigger)
     converged_acc: float | None = None  # the trigger's train-accuracy threshold; None = 0.97
+    diagnose: bool = True               # measure each re-init (rifle.core.diagnosis) and print a verdict
+    diagnosis_window: int = 5           # optimizer steps measured on each side of a re-init
 
     kind = "method"
 
@@ -60,7 +62,8 @@ class RifleMethod(Method):
         common = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
                       guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                       init=self.init, keep_optimizer_state=self.keep_optimizer_state,
-                      head_lr_restart=self.head_lr_restart, modules=self.modules)
+                      head_lr_restart=self.head_lr_restart, modules=self.modules,
+                      diagnose=self.diagnose, diagnosis_window=self.diagnosis_window)
         if self.trigger != "schedule":
             common.update(trigger=self.trigger, converged_acc=self.converged_acc)
         if self.granularity == "epoch":
