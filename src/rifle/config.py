@@ -56,6 +56,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"          # cosine (per epoch) | constant
+    opt: str = "sgd"                     # sgd (the paper's: torch SGD, classical momentum) | any timm.optim name
+    opt_eps: float | None = None         # the optimizer's epsilon; None = its default
+    opt_betas: list[float] | None = None  # Adam-type (beta1, beta2); None = the optimizer's default
+    layer_decay: float | None = None     # layer-wise LR decay (timm group_matcher layers); None = off
     image_size: int = 224
     # data
     seed: int = 0
@@ -70,6 +74,9 @@ class TrainConfig:
     grad_accum: int = 1                  # split each batch into this many micro-batches
     workers: int = 0                     # background threads preparing batches (0 = in-process)
     record_depth: bool = False           # record per-layer weight change / gradient norms (depth.jsonl)
+    log: str = "auto"                    # metric writers beside metrics.jsonl: csv, tensorboard (auto: both
+                                         # when tensorboard is installed) or jsonl alone
+    log_interval: int = 50               # stderr not a terminal: a progress line every N steps (0 = off)
     eval_batch_size: int = 256
     threads: int | None = None           # torch intra-op threads; None = torch's default
     out: str = "runs/train"
@@ -115,8 +122,17 @@ class TrainConfig:
             raise bad("grad_accum", "must be a positive integer")
         if self.batch_size % self.grad_accum:
             raise bad("grad_accum", f"must divide --batch-size {self.batch_size}")
+        if not isinstance(self.log_interval, int) or isinstance(self.log_interval, bool) \
+                or self.log_interval < 0:
+            raise bad("log_interval", "a number of optimizer steps >= 0 (0 = no step lines)")
+        from .train.loggers import parse_kinds  # lazy, stdlib-only: config stays a leaf
+        try:
+            parse_kinds(self.log)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.lr_schedule not in ("cosine", "constant"):
             raise bad("lr_schedule", "choose cosine or constant")
+        self._validate_optimizer(bad)
         if self.image_size < 16:
             raise bad("image_size", "must be >= 16")
         if isinstance(self.trick, str):
@@ -126,6 +142,38 @@ class TrainConfig:
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
             raise ConfigError(f"options={self.options!r}: expected a mapping {{method: {{option: value}}}}")
         return self
+
+    def _validate_optimizer(self, bad) -> None:
+        """--opt, --opt-eps, --opt-betas, --layer-decay (normalised in place)."""
+        if not isinstance(self.opt, str) or not self.opt.strip():
+            raise bad("opt", "name an optimizer: sgd (default) or one of timm.optim.list_optimizers()")
+        self.opt = self.opt.strip().lower()
+        for key in ("opt_eps", "layer_decay"):
+            v = getattr(self, key)
+            if v is not None:
+                try:
+                    setattr(self, key, float(v))  # YAML reads 1e-8 as a string
+                except (TypeError, ValueError):
+                    raise bad(key, "expected a number") from None
+        if self.opt_eps is not None and not self.opt_eps > 0:
+            raise bad("opt_eps", "must be > 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise bad("layer_decay", "a factor in (0, 1]: layer i of L trains at layer_decay**(L-1-i) x the LR")
+        if self.opt_betas is not None:
+            b = self.opt_betas
+            if isinstance(b, str):
+                b = b.replace(",", " ").split()
+            try:
+                b = [float(v) for v in b]
+            except (TypeError, ValueError):
+                raise bad("opt_betas", "expected two numbers, e.g. 0.9 0.999") from None
+            if len(b) != 2 or not all(0 <= v < 1 for v in b):
+                raise bad("opt_betas", "expected two numbers in [0, 1), e.g. 0.9 0.999")
+            self.opt_betas = b
+        from .train.optim import check_optimizer  # lazy: config stays a leaf for everything else
+        problem = check_optimizer(self.opt, self.opt_eps, tuple(self.opt_betas) if self.opt_betas else None)
+        if problem:
+            raise bad("opt", problem)
 
     def method_options(self) -> dict[str, Any]:
         """Options handed to the ``--method`` plug-in: RIFLE's are top-level keys (``reinits``, ...), any
@@ -158,7 +206,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
-RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra"}
+RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra",
+                  "log", "log_interval"}
 # Keys a run's config.yaml records beside the settings; `--config RUN/config.yaml` ignores them
 # (resolved_methods is recomputed from method/reg/trick/options, world_size from torchrun).
 # RunDir still compares them on --resume.
@@ -290,7 +339,8 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # keys added after runs were recorded: their value in an older config.yaml
 ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None, "diagnose": True,
-              "diagnosis_window": 5}
+              "opt": "sgd", "opt_eps": None, "opt_betas": None, "layer_decay": None,
+              "diagnosis_window": 5, "log": "auto", "log_interval": 50}
 
 
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -68,7 +68,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
               progress: bool | None = None) -> dict[str, Any]:
     """Train one run into ``cfg.out``; returns the summary (also written to ``summary.json``)."""
     t0 = time.perf_counter()
-    run_dir = RunDir(cfg.out)
+    run_dir = RunDir(cfg.out, log=cfg.log)  # metrics.jsonl, and metrics.csv / tb/ as --log chooses
     methods = build_methods(cfg)  # validates the method/reg/trick choices before touching the folder
     config = {**cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in methods}}
     device = resolve_device(cfg.device)
@@ -104,6 +104,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     trainer = Trainer(model, data, trainer_methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       lr_schedule=cfg.lr_schedule, image_size=cfg.image_size, seed=cfg.seed,
+                      opt=cfg.opt, opt_eps=cfg.opt_eps, opt_betas=cfg.opt_betas, layer_decay=cfg.layer_decay,
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,
                       channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size,
                       head=cfg.head, checkpoint_meta=meta, config=config, amp=cfg.amp,
@@ -115,7 +116,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         f"{len(data.test)} test images, {data.num_classes} classes, {cfg.epochs} epochs x "
         f"{trainer.steps_per_epoch} steps, {cfg.image_size}px, device {device}"
         + (f", {dist.world_size} DDP ranks" if dist.enabled else ""))
-    history = trainer.fit(resume=has_checkpoint)
+    try:
+        history = trainer.fit(resume=has_checkpoint)
+    except BaseException:
+        run_dir.close()  # flush TensorBoard's events of the epochs trained
+        raise
     summary = {
         "method": cfg.method, "reg": cfg.reg, "trick": cfg.trick, "model": cfg.model, "data": cfg.data, "seed": cfg.seed,
         **summarize(history),
@@ -134,4 +139,5 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                           "replica_checksums": trainer.replica_checksums}
     if dist.is_main:
         run_dir.write_summary(summary)
+    run_dir.close()
     return summary

@@ -27,6 +27,7 @@ from ..data.cache import last_batch_dropped
 from ..data.prefetch import prefetch
 from .checkpoint import defer_signals, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_sum, barrier
+from .optim import build_optimizer, split_by_layer
 from .outputs import RunDir
 
 
@@ -45,6 +46,8 @@ class Trainer:
     def __init__(self, model: nn.Module, data: DataBundle, methods: Sequence[Method], *,
                  epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
                  lr_schedule: str, image_size: int, seed: int, preprocessing: dict[str, Any],
+                 opt: str = "sgd", opt_eps: float | None = None,
+                 opt_betas: Sequence[float] | None = None, layer_decay: float | None = None,
                  run_dir: RunDir, device: torch.device, channels_last: bool = True,
                  eval_batch_size: int = 256, head: str | None = None,
                  checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
@@ -111,7 +114,11 @@ class Trainer:
         for m in self.methods:
             groups = m.configure_param_groups(groups, self.ctx)
         groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if layer_decay is not None:  # per-layer LR scales, before the scheduler records initial_lr
+            groups = split_by_layer(groups, self.model, layer_decay, lr, log=self.log)
+        # sgd (default): torch.optim.SGD, the paper's; any other name: timm's (train/optim.py)
+        self.optimizer = build_optimizer(groups, opt=opt, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                         eps=opt_eps, betas=tuple(opt_betas) if opt_betas else None)
 
         owners = [(m, m.lr_lambda(self.ctx)) for m in self.methods]
         owners = [(m, f) for m, f in owners if f is not None]
@@ -226,6 +233,13 @@ class Trainer:
     def _group_lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
+    def _row_lr(self, lrs: dict[str, float]) -> float:
+        """The backbone's LR in ``lrs`` without --layer-decay's per-layer scale (the schedule's LR)."""
+        for i, g in enumerate(self.optimizer.param_groups):
+            if g.get("group", g.get("name")) == "backbone":
+                return lrs[g.get("name", str(i))] / g.get("layer_lr_scale", 1.0)
+        return next(iter(lrs.values()))
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         # dropout etc. draw from the global RNG: make it a pure function of (seed, epoch[, rank])
         rank_index = (self.dist.rank,) if self.dist.enabled else ()
@@ -272,14 +286,17 @@ class Trainer:
         totals = all_sum([float(loss_sum), float(correct), float(seen), *(float(terms_sum[n]) for n in names)],
                          self.dist, self.device)
         loss_total, correct_total, seen_total = totals[:3]
-        row: dict[str, Any] = {"epoch": epoch, "lr": lrs.get("backbone", next(iter(lrs.values())))}
+        row: dict[str, Any] = {"epoch": epoch, "lr": self._row_lr(lrs)}
         if len(set(lrs.values())) > 1:
             row["lr_groups"] = lrs
         row.update(train_loss=loss_total / max(seen_total, 1), train_acc=correct_total / max(seen_total, 1))
         for name, s in zip(names, totals[3:]):
             row[f"loss_{name}"] = s / max(seen_total, 1)
-        row["val_acc"] = self.evaluate(self.data.val)["acc"] if len(self.data.val) else None
-        row["test_acc"] = self.evaluate(self.data.test)["acc"]
+        val = self.evaluate(self.data.val) if len(self.data.val) else None
+        row["val_acc"] = val["acc"] if val else None
+        test = self.evaluate(self.data.test)
+        row["test_acc"] = test["acc"]
+        row["val_loss"], row["test_loss"] = (val["loss"] if val else None), test["loss"]
         row["reinit"] = bool(events.pop("reinit", False))
         row.update(events)
         for m in self.methods:
