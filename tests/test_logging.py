@@ -129,3 +129,68 @@ def test_help_shows_log_flags(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--log LOG" in text and "(default auto: csv,tensorboard when installed)" in text
     assert "--log-interval LOG_INTERVAL" in text and "(default 50)" in text
+
+
+LINE = re.compile(r"^epoch (\d+) of (\d+)  step (\d+)/(\d+)  loss (\d+\.\d{4})  lr (\S+)  (\d+\.\d) img/s  "
+                  r"ETA (\d+:\d\d:\d\d) epoch, (\d+:\d\d:\d\d) training$")
+
+
+def test_step_lines_when_stderr_is_a_pipe(tmp_path):
+    # a real child process whose stderr is a pipe, as in a batch job: no bars, a line every 2 steps
+    run = tmp_path / "r"
+    argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--epochs", "2", "--image-size", "16",
+            "--batch-size", "32", "--train-fraction", "0.4", "--log-interval", "2", "--log", "jsonl",
+            "--out", str(run)]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "rifle", *argv], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "it/s" not in proc.stderr  # no tqdm bar
+    steps = int(re.search(r"2 epochs x (\d+) steps", proc.stdout).group(1))
+    lines = [LINE.match(x) for x in proc.stderr.splitlines() if x.startswith("epoch ")]
+    assert lines and all(lines), proc.stderr
+    rows = jsonl(run)
+    got = [(int(m[1]), int(m[3])) for m in lines]
+    # every 2nd step of each epoch; none at the last step (the epoch's own line follows)
+    assert got == [(e, s) for e in (0, 1) for s in range(2, steps, 2)]
+    for m in lines:
+        epoch = int(m[1])
+        assert int(m[2]) == 2 and int(m[4]) == steps
+        assert float(m[6]) == pytest.approx(rows[epoch]["lr"], rel=1e-4)
+        assert 0 < float(m[5]) < 5 and float(m[7]) > 0
+    # the running mean at the last line is close to the epoch's mean training loss
+    last0 = [m for m in lines if m[1] == "0"][-1]
+    assert float(last0[5]) == pytest.approx(rows[0]["train_loss"], abs=0.1)
+
+
+def test_log_interval_zero_prints_no_step_lines(tmp_path, capsys):
+    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "0", "--log", "jsonl",
+                            "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert not [x for x in err.splitlines() if LINE.match(x)]
+    code, out, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "3", "--log", "jsonl",
+                              "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    steps = int(re.search(r"1 epochs x (\d+) steps", out).group(1))
+    assert steps > 3
+    assert [int(LINE.match(x)[3]) for x in err.splitlines() if LINE.match(x)] == list(range(3, steps, 3))
+
+
+def test_step_lines_every_30_seconds_and_eta(monkeypatch):
+    from rifle.train import loggers
+    clock = iter([0.0, 10.0, 29.0, 40.0, 50.0])
+    monkeypatch.setattr(loggers.time, "perf_counter", lambda: next(clock))
+    out = []
+    s = loggers.StepLines(interval=0, epochs=3, steps_per_epoch=100, write=out.append, world_size=2)
+    s.start(1)  # t=0
+    s.step(0, 32, torch_tensor(32 * 2.0), 0.01)   # t=10: nothing (interval 0, < 30 s)
+    s.step(1, 64, torch_tensor(64 * 1.5), 0.01)   # t=29: nothing
+    s.step(2, 96, torch_tensor(96 * 1.25), 0.01)  # t=40: a line (>= 30 s since the start)
+    s.step(3, 128, torch_tensor(128.0), 0.01)     # t=50: nothing (10 s since the last line)
+    # t=40 after 3 steps: 13.33 s/step; epoch: 97 steps left = 1293 s; training: + 100 steps of epoch 2
+    assert out == ["epoch 1 of 3  step 3/100  loss 1.2500  lr 0.01  4.8 img/s  ETA 0:21:33 epoch, 0:43:47 training"]
+
+
+def torch_tensor(x):
+    import torch
+    return torch.tensor(x, dtype=torch.float64)

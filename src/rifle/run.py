@@ -110,7 +110,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                       head=cfg.head, checkpoint_meta=meta, config=config, amp=cfg.amp,
                       compile=cfg.compile, grad_accum=cfg.grad_accum, workers=cfg.workers,
                       dist=dist, log=log,
-                      progress=progress)
+                      progress=progress, log_interval=cfg.log_interval)
     label = " + ".join([cfg.method] + ([cfg.reg] if cfg.reg != "l2" else []) + cfg.trick)
     log(f"{label} | {cfg.model} on {cfg.data}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test images, {data.num_classes} classes, {cfg.epochs} epochs x "

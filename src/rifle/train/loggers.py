@@ -208,17 +208,19 @@ class StepLines:
     training loss so far, img/s and the ETA of the epoch and of the training (evaluation excluded)."""
 
     def __init__(self, interval: int, epochs: int, steps_per_epoch: int,
-                 write: Callable[[str], None], seconds: float = LOG_SECONDS) -> None:
+                 write: Callable[[str], None], seconds: float = LOG_SECONDS, world_size: int = 1) -> None:
         self.interval, self.epochs, self.total = interval, epochs, steps_per_epoch
-        self.write, self.seconds = write, seconds
+        self.write, self.seconds, self.world_size = write, seconds, world_size
 
-    def start(self, epoch: int) -> None:
+    def start(self, epoch: int, steps_per_epoch: int | None = None) -> None:
         self.epoch = epoch
+        self.total = steps_per_epoch or self.total
         self.t0 = self.last = time.perf_counter()
 
     def step(self, step: int, images: int, loss_sum: Any, lr: float) -> None:
-        """After optimizer step ``step`` (0-based) of the epoch; ``images`` seen so far in the epoch,
-        ``loss_sum`` their summed loss (a tensor: read only when a line is printed)."""
+        """After optimizer step ``step`` (0-based) of the epoch; ``images`` seen so far in the epoch by
+        this rank, ``loss_sum`` their summed loss (a tensor: read, a device sync, only when a line is
+        printed). img/s counts every DDP rank (this rank's rate x world size)."""
         done = step + 1
         now = time.perf_counter()
         if done >= self.total or not ((self.interval and done % self.interval == 0)
@@ -231,5 +233,5 @@ class StepLines:
         eta_run = eta_epoch + per_step * self.total * (self.epochs - 1 - self.epoch)
         loss = float(loss_sum) / max(images, 1)
         self.write(f"epoch {self.epoch} of {self.epochs}  step {done}/{self.total}  loss {loss:.4f}  "
-                   f"lr {lr:.5g}  {images / elapsed if elapsed > 0 else 0:.1f} img/s  "
+                   f"lr {lr:.5g}  {images * self.world_size / elapsed if elapsed > 0 else 0:.1f} img/s  "
                    f"ETA {_clock(eta_epoch)} epoch, {_clock(eta_run)} training")

@@ -28,6 +28,7 @@ from ..data.prefetch import prefetch
 from .checkpoint import defer_signals, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_sum, barrier
 from .optim import build_optimizer, split_by_layer
+from .loggers import StepLines
 from .outputs import RunDir
 
 
@@ -53,7 +54,8 @@ class Trainer:
                  checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
                  amp: str = "none", compile: bool = False, grad_accum: int = 1, workers: int = 0,
                  dist: DistInfo | None = None,
-                 log: Callable[[str], None] = print, progress: bool | None = None) -> None:
+                 log: Callable[[str], None] = print, progress: bool | None = None,
+                 log_interval: int = 50) -> None:
         self.dist = dist or DistInfo()
         self.model = model.to(device)
         if channels_last:
@@ -74,6 +76,10 @@ class Trainer:
         self.meta = checkpoint_meta or {}
         self.log = log if self.dist.is_main else (lambda s: None)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
+        # no bars because stderr is no terminal (batch jobs): step lines instead (timm's --log-interval)
+        self.step_lines = StepLines(log_interval, epochs, 0, lambda s: print(s, file=sys.stderr, flush=True),
+                                    world_size=self.dist.world_size) \
+            if progress is None and not self.progress and self.dist.is_main and log_interval else None
         if len(data.train) == 0:
             raise ValueError("the training split is empty")
         n_rank = samples_per_rank(len(data.train), self.dist.world_size)
@@ -256,6 +262,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         batches = _progress(self._train_iter(epoch), self.steps_per_epoch, f"epoch {epoch}", self.progress)
+        if self.step_lines:
+            self.step_lines.start(epoch, self.steps_per_epoch)
         for step, (x, y) in enumerate(batches):
             for m in self.methods:
                 m.on_step_start(epoch * self.steps_per_epoch + step)
@@ -280,6 +288,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             seen += len(y)
+            if self.step_lines:
+                self.step_lines.step(step, seen, loss_sum, lrs.get("backbone", next(iter(lrs.values()))))
         seconds = time.perf_counter() - t0
         self.scheduler.step()
         names = sorted(terms_sum)
