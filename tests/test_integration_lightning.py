@@ -373,3 +373,114 @@ def test_doc_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
     assert ns["rifle_cb"].fired == [(1, 2), (2, 4)]
+    report = ns["trigger_cb"].trigger_report  # the converged-trigger example: what its comments say
+    assert [round(a, 2) for _, a in report["train_acc"]] == [0.07, 0.29, 0.57, 0.66, 0.8, 0.12, 0.57, 0.87]
+    assert report["train_acc"][4][1] >= 0.8 > report["train_acc"][3][1] and ns["trigger_cb"].fired == [(1, 5)]
+
+
+# ---------------------------------------------------------------------------- trigger="converged"
+class WithAccuracy(Digits):
+    """training_step returns the accuracy contract; records each epoch's correct / count itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        correct = (logits.argmax(1) == y).sum()
+        c, n = self.seen.get(self.current_epoch, (0, 0))
+        self.seen[self.current_epoch] = [c + int(correct), n + len(y)]
+        return {"loss": F.cross_entropy(logits, y), "correct": correct, "count": len(y)}
+
+
+def acc_model(seed=0):
+    pl.seed_everything(seed, verbose=False)
+    return WithAccuracy()
+
+
+def first_fire(accs, threshold):
+    return next(e + 1 for e, a in enumerate(accs) if a >= threshold)
+
+
+def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_reached_it(tmp_path, capsys):
+    m, probe = acc_model(), Probe()
+    cb = RifleCallback(reinits=2, seed=3, min_steps_after=None, trigger="converged", converged_acc=0.8)
+    trainer(tmp_path, [cb, probe], epochs=8, logger=CSVLogger(tmp_path, name="csv")).fit(m)
+    accs = [m.seen[e][0] / m.seen[e][1] for e in range(8)]  # counted by the module itself
+    report = cb.trigger_report
+    assert report["train_acc"] == [[e, a] for e, a in enumerate(accs)]
+    fire = first_fire(accs, 0.8)
+    assert 2 <= fire <= 6, accs  # the recipe converges mid-run: a real test
+    assert cb.fired[0] == (1, fire) and [e for _, e in cb.fired] == report["fired"]
+    for e in range(1, 8):  # the head moved between epochs exactly at the fired epochs
+        before, after = probe.epoch_end[e - 1][0], probe.epoch_first_batch[e][0]
+        assert changed(before, after) == (set(HEAD) if e in report["fired"] else set()), e
+    w, b = draw_values([m.net.fc], seed=3, index=1)[0]  # re-init 1's seeded draw, as the schedule's
+    after = probe.epoch_first_batch[fire][0]
+    assert torch.equal(after["net.fc.weight"], w) and torch.equal(after["net.fc.bias"], b)
+    [d, *_] = cb.diagnosis  # the re-init's diagnosis carries the accuracy the trigger decided from
+    assert d["at"] == fire and d["train_acc_before"] == pytest.approx(accs[fire - 1])
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    assert {int(r["epoch"]) for r in rows if r.get("rifle/reinit")} == set(report["fired"])
+
+
+def test_converged_trigger_that_never_converges_does_not_fire_and_says_why(tmp_path, capsys):
+    m, probe = acc_model(), Probe()
+    cb = RifleCallback(reinits=1, min_steps_after=None, trigger="converged", converged_acc=1.0)
+    trainer(tmp_path, [cb, probe], epochs=4).fit(m)
+    accs = [m.seen[e][0] / m.seen[e][1] for e in range(4)]
+    assert cb.fired == [] and cb.rifle.applied == [] and cb.diagnosis == []
+    for e in range(1, 4):
+        assert changed(probe.epoch_end[e - 1][0], probe.epoch_first_batch[e][0]) == set()
+    best = max(range(4), key=lambda e: (accs[e], -e))
+    reason = f"train accuracy never reached 1 (best {accs[best]:.2f} at epoch {best})"
+    assert cb.trigger_report["fired"] == [] and cb.trigger_report["reason"] == reason
+    assert f"RIFLE trigger: no re-init: {reason} (docs/rifle.md#trigger)" in capsys.readouterr().out
+
+
+def test_converged_trigger_needs_the_accuracy_from_training_step(tmp_path):
+    cb = RifleCallback(reinits=1, min_steps_after=None, trigger="converged")
+    t = trainer(tmp_path, [cb], epochs=4)
+    with pytest.raises(ValueError, match=r"training_step returns, which was a dict with keys \['loss'\]: "
+                                         r"return \{'loss': loss, 'correct': .*'count': len\(y\)\}"):
+        t.fit(model())  # Digits.training_step returns the loss alone
+    assert t.global_step == 1  # refused at the end of the first batch
+    with pytest.raises(ValueError, match="trigger='converged' decides once per epoch.*granularity='epoch'"):
+        RifleCallback(trigger="converged", granularity="step")
+    with pytest.raises(ValueError, match="trigger='often'"):
+        RifleCallback(trigger="often")
+    with pytest.raises(ValueError, match="converged_acc=0.9 applies only with trigger='converged'"):
+        trainer(tmp_path, [RifleCallback(converged_acc=0.9)]).fit(model())
+
+
+@pytest.fixture(scope="module")
+def converged_run(tmp_path_factory):
+    """Uninterrupted trigger run (8 epochs of 4 steps), checkpoints at every epoch end and every 2 steps."""
+    tmp = tmp_path_factory.mktemp("converged")
+    m = acc_model()
+    cbs = [ModelCheckpoint(dirpath=tmp / "e", filename="{epoch}", save_top_k=-1, every_n_epochs=1),
+           ModelCheckpoint(dirpath=tmp / "s", filename="{step}", save_top_k=-1, every_n_train_steps=2)]
+    cb = RifleCallback(reinits=2, seed=5, min_steps_after=None, trigger="converged", converged_acc=0.8)
+    trainer(tmp, [cb, *cbs], epochs=8).fit(m)
+    return tmp, snapshot(m), cb
+
+
+def test_converged_trigger_resumes_with_the_same_decisions(converged_run, tmp_path):
+    tmp, final, full = converged_run
+    fire = full.fired[0][1]
+    assert len(full.fired) >= 1 and fire >= 2
+    # epoch ends before / right before / after the first re-init, and a step checkpoint on the last
+    # batch of the epoch that reached the threshold (its accuracy not yet summed: the open window)
+    for path in [tmp / "e" / f"epoch={fire - 2}.ckpt", tmp / "e" / f"epoch={fire - 1}.ckpt",
+                 tmp / "e" / f"epoch={fire}.ckpt", tmp / "s" / f"step={4 * fire}.ckpt"]:
+        m, cb = acc_model(seed=99), RifleCallback(reinits=2, seed=5, min_steps_after=None,
+                                                  trigger="converged", converged_acc=0.8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RifleScheduleWarning)
+            trainer(tmp_path, [cb], epochs=8).fit(m, ckpt_path=path)
+        assert cb.trigger_report == full.trigger_report, path
+        assert cb.rifle.applied == full.rifle.applied and cb.diagnosis == full.diagnosis, path
+        resumed = snapshot(m)
+        assert all(torch.equal(resumed[k], final[k]) for k in final), (path, changed(resumed, final))

@@ -296,3 +296,131 @@ def test_doc_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
     assert ns["rifle_cb"].fired == [(1, 4), (2, 8)]
+    report = ns["trigger_cb"].trigger_report  # the converged-trigger example: what its comments say
+    assert [round(a, 2) for _, a in report["train_acc"]] == [0.91, 0.66, 0.92, 0.53, 0.91, 0.92]
+    assert ns["trigger_cb"].fired == [(1, 1), (2, 3)]
+
+
+# ---------------------------------------------------------------------------- trigger="converged"
+class Counting:
+    """The test's own count of each epoch's training accuracy: a forward hook like the callback's."""
+
+    def __init__(self, model, steps_per_epoch):
+        self.seen, self.calls, self.spe = {}, 0, steps_per_epoch
+        model.register_forward_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs, output):
+        if module.training:
+            epoch = self.calls // self.spe  # micro-batches per epoch
+            self.calls += 1
+            c, n = self.seen.get(epoch, (0, 0))
+            self.seen[epoch] = (c + int((output.logits.argmax(-1) == kwargs["labels"]).sum()),
+                                n + len(kwargs["labels"]))
+
+    def accs(self):
+        return [self.seen[e][0] / self.seen[e][1] for e in sorted(self.seen)]
+
+
+def converged_args(out, **kw):
+    return targs(out, **{"max_steps": -1, "num_train_epochs": 6, "save_strategy": "no", **kw})
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_reached_it(tmp_path, accumulate):
+    model, probe = tiny_bert(), Probe()
+    count = Counting(model, N // BATCH)
+    cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
+    assert cb.granularity == "epoch"  # the converged trigger decides per epoch
+    trainer = Trainer(model=model, args=converged_args(tmp_path, gradient_accumulation_steps=accumulate),
+                      train_dataset=Tokens(), callbacks=[cb, probe])
+    trainer.train()
+    accs = count.accs()  # 8 micro-batches of 8 per epoch, 8 / accumulate optimizer steps
+    assert len(accs) == 6 and [a for _, a in cb.trigger_report["train_acc"]] == accs
+    fire = next(e + 1 for e, a in enumerate(accs) if a >= 0.9)
+    assert cb.fired[0] == (1, fire) and [e for _, e in cb.fired] == cb.trigger_report["fired"]
+    spe = 8 // accumulate
+    for g in range(1, 6 * spe):  # the head moved exactly at the fired epochs' first steps
+        assert changed(probe.step_end[g][0], probe.step_begin[g][0]) == \
+            (HEAD if g in [e * spe for e in cb.trigger_report["fired"]] else set()), g
+    w, b = draw_values([model.classifier], seed=4, index=1)[0]
+    after = probe.step_begin[fire * spe][0]
+    assert torch.equal(after["classifier.weight"], w) and torch.equal(after["classifier.bias"], b)
+    assert cb.diagnosis[0]["train_acc_before"] == pytest.approx(accs[fire - 1])
+    assert reinit_logs(trainer.state.log_history)[0]["rifle/reinit"] == 1
+
+
+def test_converged_trigger_that_never_converges_does_not_fire_and_says_why(tmp_path, capsys):
+    model = tiny_bert()
+    count = Counting(model, N // BATCH)
+    cb = RifleTrainerCallback(reinits=1, min_steps_after=None, trigger="converged", converged_acc=1.0)
+    w = model.classifier.weight.detach().clone()
+    Trainer(model=model, args=converged_args(tmp_path, num_train_epochs=3, learning_rate=0.0),
+            train_dataset=Tokens(), callbacks=[cb]).train()
+    accs = count.accs()
+    best = max(range(3), key=lambda e: (accs[e], -e))
+    reason = f"train accuracy never reached 1 (best {accs[best]:.2f} at epoch {best})"
+    assert cb.fired == [] and cb.diagnosis == [] and torch.equal(model.classifier.weight, w)
+    assert cb.trigger_report["reason"] == reason
+    assert f"RIFLE trigger: no re-init: {reason} (docs/rifle.md#trigger)" in capsys.readouterr().out
+
+
+def test_converged_trigger_needs_labels_and_logits(tmp_path):
+    cb = RifleTrainerCallback(reinits=1, min_steps_after=None, trigger="converged")
+    args = converged_args(tmp_path, label_smoothing_factor=0.1)  # the Trainer pops the labels
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[cb])
+    with pytest.raises(ValueError, match=r"must be called with labels=.*label_smoothing_factor > 0.*"
+                                         r"got labels=absent"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="trigger='converged' decides once per epoch.*granularity='epoch'"):
+        RifleTrainerCallback(trigger="converged", granularity="step")
+    with pytest.raises(ValueError, match="trigger='often'"):
+        RifleTrainerCallback(trigger="often")
+
+
+class SaveAt(TrainerCallback):
+    """Checkpoint after these optimizer steps only (before the RIFLE callback in the list: it sees the
+    Trainer's decision to save in on_step_end)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
+@pytest.fixture(scope="module")
+def converged_full(tmp_path_factory):
+    """5 epochs of 8 steps; the head converges at epoch 1 (re-init at 2) and 3 (re-init at 4)."""
+    out = tmp_path_factory.mktemp("hf_converged")
+    model = tiny_bert()
+    cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
+    Trainer(model=model, args=converged_args(out, num_train_epochs=5), train_dataset=Tokens(),
+            callbacks=[SaveAt([12, 16, 20]), cb]).train()
+    return out, snapshot(model), cb
+
+
+@pytest.mark.parametrize("restore_flag, steps", [(False, (12, 16, 20)),
+                                                 pytest.param(True, (16,), marks=pytest.mark.slow)])
+def test_converged_trigger_resumes_with_the_same_decisions(converged_full, tmp_path, restore_flag, steps):
+    out, final, full = converged_full
+    assert full.fired == [(1, 2), (2, 4)]
+    # mid-epoch 1 (the open window of the epoch that reached the threshold), its last step (window
+    # still open: settled at on_epoch_end), mid-epoch 2 right after the re-init
+    for step in steps:
+        model = tiny_bert(seed=99)
+        cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged",
+                                  converged_acc=0.9)
+        trainer = Trainer(model=model, args=converged_args(
+            tmp_path, num_train_epochs=5, restore_callback_states_from_checkpoint=restore_flag),
+            train_dataset=Tokens(), callbacks=[cb])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RifleScheduleWarning)
+            trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{step}"))
+        [live] = [c for c in trainer.callback_handler.callbacks if isinstance(c, RifleTrainerCallback)]
+        assert (live is not cb) == restore_flag and live.trigger == "converged"
+        assert live.trigger_report == full.trigger_report, step
+        assert live.rifle.applied == [1, 2] and live.diagnosis == full.diagnosis, step
+        resumed = snapshot(model)
+        assert all(torch.equal(resumed[k], final[k]) for k in final), (step, changed(resumed, final))

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger"]
+__all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger",
+           "reduce_trigger_window", "localize_trigger_window"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -42,15 +43,51 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
-def check_trigger(trigger: str) -> None:
-    """The callbacks re-initialise on RIFLE's schedule only; ``"converged"`` needs an accuracy they do not see."""
-    if trigger == "converged":
-        raise ValueError("trigger='converged' is not supported by the callbacks: they do not see the "
-                         "model's predictions, so the training accuracy it decides from is unknown. Use "
-                         "rifle.Rifle(..., trigger='converged') in your own loop and feed observe(loss, "
-                         "correct=..., count=...), or the rifle train CLI (docs/rifle.md#trigger)")
-    if trigger != "schedule":
-        raise ValueError(f"trigger={trigger!r}: the callbacks support only 'schedule'")
+def check_trigger(trigger: str, granularity: str | None, default: str) -> str:
+    """Validate ``trigger`` and return the granularity: ``None`` means ``default``, or ``"epoch"`` for
+    ``trigger="converged"`` (it decides once per epoch from the epoch's training accuracy)."""
+    if trigger not in ("schedule", "converged"):
+        raise ValueError(f"trigger={trigger!r}: choose 'schedule' (the paper's fixed re-init points) or "
+                         f"'converged' (re-init once the head has converged; docs/rifle.md#trigger)")
+    if granularity is None:
+        granularity = "epoch" if trigger == "converged" else default
+    if granularity not in ("epoch", "step"):
+        raise ValueError(f"granularity must be 'epoch' or 'step', got {granularity!r}")
+    if trigger == "converged" and granularity == "step":
+        raise ValueError("trigger='converged' decides once per epoch from the epoch's training accuracy: "
+                         "use granularity='epoch' (step granularity is not supported with it)")
+    return granularity
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def reduce_trigger_window(state: dict[str, Any]) -> dict[str, Any]:
+    """The core's state with the open epoch's trigger sums (correct, count) summed over data-parallel
+    ranks, for a checkpoint written inside an epoch (collective: every rank calls it there). No-op for a
+    single process or a schedule run."""
+    window = state.get("trigger_window")
+    if not window or _rank_world()[1] == 1:
+        return state
+    from ..core.diagnosis import _reduce
+    correct, count, missing = _reduce([float(window["correct"]), float(window["count"]),
+                                       0.0 if window["has"] else 1.0], torch.device("cpu"))
+    return {**state, "trigger_window": {**window, "correct": correct, "count": int(round(count)),
+                                        "has": missing == 0}}
+
+
+def localize_trigger_window(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's trigger sums for this rank: under DDP the saved sums (of all ranks, see
+    :func:`reduce_trigger_window`) stay on rank 0 and the other ranks start the epoch's rest from zero,
+    so the core's sum over ranks at the epoch's end counts them once."""
+    window = state.get("trigger_window")
+    if not window or _rank_world()[0] == 0:
+        return state
+    return {**state, "trigger_window": {**window, "correct": 0.0, "count": 0}}
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing this package must not import the frameworks
