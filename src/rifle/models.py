@@ -132,6 +132,11 @@ class TinyCNN(nn.Module):
                 nn.init.uniform_(m.weight, -bound, bound, generator=generator)
                 nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (used by --layer-decay): the stem, then one group per block; the head,
+        matched by neither, comes last."""
+        return {"stem": r"^stem", "blocks": r"^blocks\.(\d+)"}
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
