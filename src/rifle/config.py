@@ -30,6 +30,7 @@ class TrainConfig:
     data: str = "elpv"                   # builtin name (elpv, digits) or an image-folder path
     model: str = "efficientnet_lite0"    # builtin, timm name, or torchvision:<name>
     pretrained: bool = True
+    pretrained_file: str | None = None   # backbone weights from this safetensors / torch file (no hub)
     method: str = "finetune"             # finetune | rifle | lp-ft
     reg: str = "l2"                      # regulariser: l2 (weight decay) | l2sp | delta | bss
     trick: list[str] = field(default_factory=list)  # dropout, dropconnect, stochastic-depth, ...
@@ -133,6 +134,11 @@ class TrainConfig:
         if self.lr_schedule not in ("cosine", "constant"):
             raise bad("lr_schedule", "choose cosine or constant")
         self._validate_optimizer(bad)
+        if self.pretrained_file is not None:
+            if not isinstance(self.pretrained_file, str) or not self.pretrained_file.strip():
+                raise bad("pretrained_file", "a path to a safetensors or torch state-dict file")
+            if not self.pretrained:
+                raise bad("pretrained_file", "contradicts --no-pretrained (pretrained: false): drop one")
         if self.image_size < 16:
             raise bad("image_size", "must be >= 16")
         if isinstance(self.trick, str):
@@ -339,7 +345,7 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # keys added after runs were recorded: their value in an older config.yaml
 ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None, "diagnose": True,
-              "opt": "sgd", "opt_eps": None, "opt_betas": None, "layer_decay": None,
+              "opt": "sgd", "opt_eps": None, "opt_betas": None, "layer_decay": None, "pretrained_file": None,
               "diagnosis_window": 5, "log": "auto", "log_interval": 50}
 
 
@@ -353,8 +359,9 @@ def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     """
     saved = {**ADDED_KEYS, **saved}  # a config.yaml written before a key existed had its default
     keys = (set(saved) | set(current)) - RESUMABLE_KEYS - {"options", "resolved_methods"}
-    a = {k: normalize_path(v) if k == "data" else v for k, v in saved.items()}
-    b = {k: normalize_path(v) if k == "data" else v for k, v in current.items()}
+    paths = ("data", "pretrained_file")
+    a = {k: normalize_path(v) if k in paths else v for k, v in saved.items()}
+    b = {k: normalize_path(v) if k in paths else v for k, v in current.items()}
     diff = {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
     oa, ob = _method_options(saved), _method_options(current)
     both_resolved = "resolved_methods" in saved and "resolved_methods" in current

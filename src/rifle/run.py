@@ -95,7 +95,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
     torch.manual_seed(derive_seed(cfg.seed, "model"))
-    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained, **model_kwargs(methods))
+    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained,
+                         pretrained_file=cfg.pretrained_file, log=log, **model_kwargs(methods))
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
     trainer_methods = list(methods)  # `methods` alone is what the config and summary record
     if cfg.record_depth and dist.is_main:
@@ -129,6 +130,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         **{"rifle_diagnosis": m.diagnosis for m in methods if hasattr(m, "diagnosis")},
         **{"rifle_trigger": m.trigger_report for m in methods if getattr(m, "trigger_report", None)},
         "classes": data.classes, "data_info": data.info, "head": trainer.head_names,
+        "pretrained_source": model.rifle_pretrained_source,
         "preprocessing": {**model_preprocessing(model), "image_size": cfg.image_size,
                           "resize": round(cfg.image_size * 8 / 7)},
         "wall_seconds": time.perf_counter() - t0, "versions": versions(), "git": git_revision(),

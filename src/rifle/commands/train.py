@@ -16,6 +16,10 @@ _HELP = {
     "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
     "model": "efficientnet_lite0 (offline builtin), tiny_cnn, any timm name, or torchvision:<name>",
     "pretrained": "load pretrained weights",
+    "pretrained_file": "load the backbone's pretrained weights from this file instead of the hub (no "
+                       "network needed): a safetensors file or a torch state dict (read with "
+                       "weights_only=True) of the --model architecture; its classifier is not loaded "
+                       "(docs/models.md#pretrained-weights-from-a-file)",
     "method": "finetune (standard fine-tuning), rifle, or lp-ft (linear probe, then fine-tuning)",
     "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
     "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
@@ -75,6 +79,7 @@ _SHOWN = {"guard": "max(1, ceil(E/8))", "head": "found automatically",
           "reinit_modules": "none: the head only", "threads": "torch's default",
           "reinit_init": "default: reset_parameters",
           "reinit_converged_acc": "0.97", "opt_eps": "the optimizer's", "layer_decay": "none: off",
+          "pretrained_file": "none: timm's / torchvision's hub weights",
           "log": "auto: csv,tensorboard when installed"}
 
 
