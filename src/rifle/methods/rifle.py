@@ -73,6 +73,7 @@ class RifleMethod(Method):
             self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch,
                               steps_per_epoch=ctx.steps_per_epoch, **common)
         self._spe = max(1, ctx.steps_per_epoch)
+        self._fp16 = ctx.config.get("amp") == "fp16"
         self._epochs, self._log = ctx.epochs, ctx.log
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
@@ -104,9 +105,16 @@ class RifleMethod(Method):
         if self.core is not None and self.core.unit == "step":
             self.core.on_step_start(step)
 
+    def transform_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._batch = len(y)  # the step's batch: each micro-batch's loss is weighted by its share of it
+        return x, y
+
     def on_batch_end(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
         if self.core is not None:
             self.core.observe(loss, correct, count)
+            # the head signal's gradient scale (rifle.core.diagnosis): the trainer backpropagates
+            # loss * count / batch; fp16's GradScaler multiplies by a scale this plug-in cannot see
+            self.core.head_grad_scale = None if self._fp16 else count / max(1, getattr(self, "_batch", count))
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         """Print the verdict of each re-init measured by now; its numbers go into the epoch's row."""
