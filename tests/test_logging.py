@@ -1,4 +1,4 @@
-"""--log: metrics.csv and TensorBoard events (read back with tensorboard's own EventAccumulator) equal
+"""--log-to: metrics.csv and TensorBoard events (read back with tensorboard's own EventAccumulator) equal
 metrics.jsonl; --log-interval: step lines when stderr is not a terminal."""
 import csv
 import json
@@ -86,7 +86,7 @@ def check_csv_equals_jsonl(run):
 
 def test_train_writes_csv_and_tensorboard_equal_to_jsonl(tmp_path, capsys):
     run = tmp_path / "r"
-    code, out, err = run_cli([*TRAIN, "--out", run, "--log", "csv,tensorboard"], capsys)
+    code, out, err = run_cli([*TRAIN, "--out", run, "--log-to", "csv,tensorboard"], capsys)
     assert code == 0, err
     rows = check_events_equal_jsonl(run)
     assert "val_loss" in rows[0] and "test_loss" in rows[0]
@@ -101,7 +101,7 @@ def test_train_writes_csv_and_tensorboard_equal_to_jsonl(tmp_path, capsys):
 def test_default_log_writes_both_and_resume_shows_each_epoch_once(tmp_path):
     # interrupted after 2 epochs (events of epochs 0-1 on disk), resumed: TensorBoard sees 0..3 once each
     cfg = rifle_cfg(tmp_path, diagnosis_window=2)
-    assert cfg.log == "auto"
+    assert cfg.log_to == "auto"
     with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         run_train(cfg, log=lambda s: None)
     run = tmp_path / "run"
@@ -114,20 +114,35 @@ def test_default_log_writes_both_and_resume_shows_each_epoch_once(tmp_path):
 
 def test_log_jsonl_only_and_bad_log_value(tmp_path, capsys):
     run = tmp_path / "r"
-    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--out", run, "--log", "jsonl"], capsys)
+    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--out", run, "--log-to", "jsonl"], capsys)
     assert code == 0, err
     assert (run / "metrics.jsonl").is_file() and not (run / "metrics.csv").exists() and not (run / "tb").exists()
-    code, _, err = run_cli([*TRAIN, "--out", tmp_path / "b", "--log", "csv,wandb"], capsys)
-    assert code == 2 and "--log csv,wandb" in err and "'wandb'" in err and "Traceback" not in err
+    code, _, err = run_cli([*TRAIN, "--out", tmp_path / "b", "--log-to", "csv,wandb"], capsys)
+    assert code == 2 and "--log-to csv,wandb" in err and "'wandb'" in err and "Traceback" not in err
     code, _, err = run_cli([*TRAIN, "--out", tmp_path / "b", "--log-interval", "-3"], capsys)
     assert code == 2 and "--log-interval" in err
+
+
+def test_no_train_flag_is_taken_by_torchrun():
+    # `torchrun ... -m rifle train FLAGS`: torchrun's argparse reads every --option, also the script's, and
+    # takes an abbreviation of its own (--log for --log-dir: an "ambiguous option" error). Hence --log-to.
+    import argparse
+
+    from rifle.commands import train
+    from torch.distributed.run import get_args_parser
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    ours = [o for a in p._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert "--log-to" in ours and "--log-interval" in ours
+    assert not {o: t for o in ours for t in theirs if t.startswith(o)}
 
 
 def test_help_shows_log_flags(capsys):
     with pytest.raises(SystemExit):
         run_cli(["train", "--help"], capsys)
     text = " ".join(capsys.readouterr().out.split())
-    assert "--log LOG" in text and "(default auto: csv,tensorboard when installed)" in text
+    assert "--log-to LOG_TO" in text and "(default auto: csv,tensorboard when installed)" in text
     assert "--log-interval LOG_INTERVAL" in text and "(default 50)" in text
 
 
@@ -139,7 +154,7 @@ def test_step_lines_when_stderr_is_a_pipe(tmp_path):
     # a real child process whose stderr is a pipe, as in a batch job: no bars, a line every 2 steps
     run = tmp_path / "r"
     argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--epochs", "2", "--image-size", "16",
-            "--batch-size", "32", "--train-fraction", "0.4", "--log-interval", "2", "--log", "jsonl",
+            "--batch-size", "32", "--train-fraction", "0.4", "--log-interval", "2", "--log-to", "jsonl",
             "--out", str(run)]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "rifle", *argv], capture_output=True, text=True, env=env,
@@ -164,11 +179,11 @@ def test_step_lines_when_stderr_is_a_pipe(tmp_path):
 
 
 def test_log_interval_zero_prints_no_step_lines(tmp_path, capsys):
-    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "0", "--log", "jsonl",
+    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "0", "--log-to", "jsonl",
                             "--out", tmp_path / "r"], capsys)
     assert code == 0, err
     assert not [x for x in err.splitlines() if LINE.match(x)]
-    code, out, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "3", "--log", "jsonl",
+    code, out, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "3", "--log-to", "jsonl",
                               "--out", tmp_path / "s"], capsys)
     assert code == 0, err
     steps = int(re.search(r"1 epochs x (\d+) steps", out).group(1))

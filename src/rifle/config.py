@@ -75,8 +75,9 @@ class TrainConfig:
     grad_accum: int = 1                  # split each batch into this many micro-batches
     workers: int = 0                     # background threads preparing batches (0 = in-process)
     record_depth: bool = False           # record per-layer weight change / gradient norms (depth.jsonl)
-    log: str = "auto"                    # metric writers beside metrics.jsonl: csv, tensorboard (auto: both
-                                         # when tensorboard is installed) or jsonl alone
+    log_to: str = "auto"                 # metric writers beside metrics.jsonl: csv, tensorboard (auto: both
+                                         # when tensorboard is installed) or jsonl alone. Not "log": torchrun
+                                         # would take --log as an ambiguous abbreviation of its --log-dir
     log_interval: int = 50               # stderr not a terminal: a progress line every N steps (0 = off)
     eval_batch_size: int = 256
     threads: int | None = None           # torch intra-op threads; None = torch's default
@@ -128,7 +129,7 @@ class TrainConfig:
             raise bad("log_interval", "a number of optimizer steps >= 0 (0 = no step lines)")
         from .train.loggers import parse_kinds  # lazy, stdlib-only: config stays a leaf
         try:
-            parse_kinds(self.log)
+            parse_kinds(self.log_to)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.lr_schedule not in ("cosine", "constant"):
@@ -213,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
 RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra",
-                  "log", "log_interval"}
+                  "log_to", "log_interval"}
 # Keys a run's config.yaml records beside the settings; `--config RUN/config.yaml` ignores them
 # (resolved_methods is recomputed from method/reg/trick/options, world_size from torchrun).
 # RunDir still compares them on --resume.
@@ -346,7 +347,7 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
 # keys added after runs were recorded: their value in an older config.yaml
 ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None, "diagnose": True,
               "opt": "sgd", "opt_eps": None, "opt_betas": None, "layer_decay": None, "pretrained_file": None,
-              "diagnosis_window": 5, "log": "auto", "log_interval": 50}
+              "diagnosis_window": 5, "log_to": "auto", "log_interval": 50}
 
 
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

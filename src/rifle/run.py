@@ -68,7 +68,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
               progress: bool | None = None) -> dict[str, Any]:
     """Train one run into ``cfg.out``; returns the summary (also written to ``summary.json``)."""
     t0 = time.perf_counter()
-    run_dir = RunDir(cfg.out, log=cfg.log)  # metrics.jsonl, and metrics.csv / tb/ as --log chooses
+    run_dir = RunDir(cfg.out, log=cfg.log_to)  # metrics.jsonl, and metrics.csv / tb/ as --log-to chooses
     methods = build_methods(cfg)  # validates the method/reg/trick choices before touching the folder
     config = {**cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in methods}}
     device = resolve_device(cfg.device)

@@ -65,7 +65,7 @@ _HELP = {
     "grad_accum": "gradient accumulation: micro-batches per optimizer step",
     "record_depth": "record per-layer weight change and gradient norms around re-inits (depth.jsonl)",
     "workers": "background threads preparing batches (0 = in-process; helps on GPUs)",
-    "log": "metric files beside metrics.jsonl (always written), comma-separated: csv (metrics.csv), "
+    "log_to": "metric files beside metrics.jsonl (always written), comma-separated: csv (metrics.csv), "
            "tensorboard (events in OUT/tb: tensorboard --logdir OUT); auto = csv, and tensorboard when "
            "installed; jsonl = no other file",
     "log_interval": "when stderr is not a terminal (batch jobs, logs piped to a file): print a progress "
@@ -80,7 +80,7 @@ _SHOWN = {"guard": "max(1, ceil(E/8))", "head": "found automatically",
           "reinit_init": "default: reset_parameters",
           "reinit_converged_acc": "0.97", "opt_eps": "the optimizer's", "layer_decay": "none: off",
           "pretrained_file": "none: timm's / torchvision's hub weights",
-          "log": "auto: csv,tensorboard when installed"}
+          "log_to": "auto: csv,tensorboard when installed"}
 
 
 def _fmt(v: Any) -> str:

@@ -425,7 +425,7 @@ def cell_sections(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], base
 
 
 def has_events(root: Path) -> bool:
-    """True when a run below ``root`` wrote TensorBoard events (``rifle train --log tensorboard``)."""
+    """True when a run below ``root`` wrote TensorBoard events (``rifle train --log-to tensorboard``)."""
     return any(p.is_dir() for p in Path(root).rglob("tb"))
 
 

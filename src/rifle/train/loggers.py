@@ -1,7 +1,7 @@
 """Metric writers beside ``metrics.jsonl``: a flat ``metrics.csv`` and TensorBoard event files (``tb/``),
 and the step lines printed when stderr is not a terminal.
 
-``--log`` chooses the writers (``jsonl`` is always written). TensorBoard events are written with
+``--log-to`` chooses the writers (``jsonl`` is always written). TensorBoard events are written with
 ``torch.utils.tensorboard.SummaryWriter`` when the ``tensorboard`` package is importable; the first
 write of a process replays the whole history with ``purge_step=0``, so after a resume TensorBoard (and
 ``EventAccumulator``) shows each epoch once, exactly as ``metrics.jsonl`` holds it. The step lines
@@ -32,7 +32,7 @@ def tensorboard_available() -> bool:
 
 def parse_kinds(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     """``"csv,tensorboard"`` -> the writers to use (``jsonl`` always included). ``auto``: csv, and
-    tensorboard when installed. Raises ``ValueError`` naming ``--log`` for an unknown writer, or for
+    tensorboard when installed. Raises ``ValueError`` naming ``--log-to`` for an unknown writer, or for
     ``tensorboard`` when the package is not installed."""
     items = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else (spec or [AUTO]))]
     items = [s for s in items if s] or [AUTO]
@@ -44,11 +44,11 @@ def parse_kinds(spec: str | Iterable[str] | None) -> tuple[str, ...]:
                 out.add("tensorboard")
         elif s in KINDS:
             if s == "tensorboard" and not tensorboard_available():
-                raise ValueError(f"--log {spec}: tensorboard is not installed (pip install tensorboard, "
-                                 f"or the report extra); choose --log csv or jsonl")
+                raise ValueError(f"--log-to {spec}: tensorboard is not installed (pip install tensorboard, "
+                                 f"or the report extra); choose --log-to csv or jsonl")
             out.add(s)
         else:
-            raise ValueError(f"--log {spec}: unknown writer {s!r}; choose from {', '.join(KINDS)} or "
+            raise ValueError(f"--log-to {spec}: unknown writer {s!r}; choose from {', '.join(KINDS)} or "
                              f"{AUTO} (comma-separated)")
     return tuple(k for k in KINDS if k in out)
 

@@ -1,5 +1,5 @@
 """A run's folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, the checkpoint files and, as
-``--log`` chooses, ``metrics.csv`` and TensorBoard events in ``tb/`` (:mod:`rifle.train.loggers`).
+``--log-to`` chooses, ``metrics.csv`` and TensorBoard events in ``tb/`` (:mod:`rifle.train.loggers`).
 
 ``metrics.jsonl`` (and ``metrics.csv``) are rewritten atomically after every epoch from the in-memory
 history, so they never hold an epoch twice, also after a resume.
@@ -38,7 +38,7 @@ def _clean(value: Any) -> Any:
 
 class RunDir:
     def __init__(self, path: str | Path, log: str | tuple[str, ...] | None = ("jsonl",)) -> None:
-        """``log``: the writers of :meth:`write_metrics` / :meth:`write_summary` (``--log``: ``jsonl``
+        """``log``: the writers of :meth:`write_metrics` / :meth:`write_summary` (``--log-to``: ``jsonl``
         always; ``csv``, ``tensorboard``; ``auto`` or None = csv, and tensorboard when installed)."""
         self.path = Path(path)
         self.log = parse_kinds(log)
@@ -109,7 +109,7 @@ class RunDir:
         atomic_write_text(self.path / METRICS, text)
         if "csv" in self.log:
             atomic_write_text(self.path / CSV, csv_text(rows))
-        else:  # a metrics.csv left by an earlier --log would disagree with metrics.jsonl
+        else:  # a metrics.csv left by an earlier --log-to would disagree with metrics.jsonl
             (self.path / CSV).unlink(missing_ok=True)
         if self._tb is not None:
             self._tb.write_rows(rows)
