@@ -484,3 +484,101 @@ def test_converged_trigger_resumes_with_the_same_decisions(converged_run, tmp_pa
         assert cb.rifle.applied == full.rifle.applied and cb.diagnosis == full.diagnosis, path
         resumed = snapshot(m)
         assert all(torch.equal(resumed[k], final[k]) for k in final), (path, changed(resumed, final))
+
+
+# ---------------------------------------------------------------------------- logging (issue 14)
+class GradNorms(pl.Callback):
+    """The backbone weight's gradient norm at each optimizer step (after backward, before the update)."""
+
+    def __init__(self):
+        self.norms = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms[trainer.global_step] = float(pl_module.net.body[0].weight.grad.norm(dtype=torch.float64))
+
+
+def csv_rows(path):
+    return list(csv.DictReader(open(next(path.rglob("metrics.csv")))))
+
+
+def test_diagnosis_and_reinits_reach_the_trainers_logger(tmp_path):
+    m, grads = acc_model(), GradNorms()
+    cb = RifleCallback(reinits=1, seed=0, min_steps_after=None)  # 4 epochs of 4 steps: re-init at epoch 2
+    trainer(tmp_path, [cb, grads], epochs=4, logger=CSVLogger(tmp_path, name="csv")).fit(m)
+    [d] = cb.diagnosis
+    # by hand: the 5 optimizer steps after the re-init (global steps 8..12) over those before it that
+    # were recorded (armed at the start of epoch 1: 4..7); one backbone layer (net.body.0), so each
+    # third is that layer's ratio
+    assert (d["steps_before"], d["steps_after"]) == (4, 5)
+    ratio = (sum(grads.norms[s] for s in range(8, 13)) / 5) / (sum(grads.norms[s] for s in range(4, 8)) / 4)
+    assert d["grad_ratio"] == pytest.approx(ratio, rel=1e-9) and d["grad_ratio_thirds"] == pytest.approx([ratio] * 3)
+    assert d["train_acc_before"] == pytest.approx(m.seen[1][0] / m.seen[1][1])  # training_step's counts
+    rows = csv_rows(tmp_path / "csv")
+    [reinit] = [r for r in rows if r.get("rifle/reinit")]
+    assert int(reinit["epoch"]) == 2 and float(reinit["rifle/reinit"]) == 1.0
+    [row] = [r for r in rows if r.get("rifle/grad_ratio")]  # the epoch whose end completed the window
+    assert int(row["epoch"]) == 3
+    expect = {"rifle/diagnosis_of": 1, "rifle/grad_ratio": ratio, "rifle/grad_ratio_first": ratio,
+              "rifle/grad_ratio_middle": ratio, "rifle/grad_ratio_last": ratio,
+              "rifle/train_loss_before": d["train_loss_before"], "rifle/train_acc_before": d["train_acc_before"],
+              "rifle/head_norm_before": d["head_norm_before"], "rifle/head_norm_after": d["head_norm_after"]}
+    assert {k: float(row[k]) for k in expect} == pytest.approx(expect, rel=1e-6)
+
+
+def test_a_diagnosis_closed_at_the_end_of_training_reaches_the_logger(tmp_path):
+    # 2 epochs of 4 steps, re-init at epoch 1: the 'after' window (5 steps) is cut short by the end
+    cb = RifleCallback(reinits=1, seed=0, min_steps_after=None, guard=1)
+    trainer(tmp_path, [cb], epochs=2, logger=CSVLogger(tmp_path, name="csv")).fit(model())
+    [d] = cb.diagnosis
+    assert d["steps_after"] == 4 and d["grad_ratio"] > 0
+    [row] = [r for r in csv_rows(tmp_path / "csv") if r.get("rifle/grad_ratio")]
+    assert float(row["rifle/grad_ratio"]) == pytest.approx(d["grad_ratio"], rel=1e-6)
+    assert int(row["step"]) == 8 and float(row["rifle/diagnosis_of"]) == 1.0
+
+
+# ---------------------------------------------------------------------------- DDP (2 gloo ranks)
+def _ddp_worker(rank, port, tmp, resume):
+    import json
+    from test_ddp import _env
+    _env(rank, 2, port)
+    m = acc_model()
+    cb = RifleCallback(reinits=1, seed=5, min_steps_after=None, trigger="converged", converged_acc=0.5)
+    saves = [] if resume else [ModelCheckpoint(dirpath=f"{tmp}/s", filename="{step}", save_top_k=-1,
+                                               every_n_train_steps=3)]
+    t = pl.Trainer(max_epochs=8, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                   callbacks=[cb, *saves])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(m, ckpt_path=resume)
+    with open(f"{tmp}/{'resumed' if resume else 'full'}{rank}.json", "w") as f:
+        json.dump({"seen": m.seen, "report": cb.trigger_report, "fired": cb.fired,
+                   "head": m.net.fc.weight.tolist()}, f)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_decide_from_the_summed_accuracy_and_a_mid_epoch_checkpoint_counts_once(tmp_path):
+    """2 gloo ranks, each its half of every epoch: both fire where the accuracy summed over ranks
+    first reaches the threshold; a checkpoint after the first batch of an epoch holds both ranks'
+    sums, and the resumed run counts them once (rank 0) plus what each rank sees after it."""
+    import json
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), None), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"full{r}.json").read_text()) for r in (0, 1))
+    assert r0["report"] == r1["report"] and r0["fired"] == r1["fired"] and r0["head"] == r1["head"]
+    assert r0["seen"] != r1["seen"]  # the ranks saw different batches and accuracies
+    summed = [(r0["seen"][str(e)][0] + r1["seen"][str(e)][0]) / (r0["seen"][str(e)][1] + r1["seen"][str(e)][1])
+              for e in range(8)]
+    assert [a for _, a in r0["report"]["train_acc"]] == pytest.approx(summed)
+    fire = next(e + 1 for e, a in enumerate(summed) if a >= 0.5)
+    assert r0["fired"] == [[1, fire]], summed
+    # 2 optimizer steps per epoch (128 examples per rank): step 3 = after the first batch of epoch 1
+    path = tmp_path / "s" / "step=3.ckpt"
+    window = torch.load(path, weights_only=True)["callbacks"]["RifleCallback"]["trigger_window"]
+    assert window["epoch"] == 1 and window["count"] == 2 * 64  # both ranks' first batch of epoch 1
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), str(path)), nprocs=2, join=True)
+    s0, s1 = (json.loads((tmp_path / f"resumed{r}.json").read_text()) for r in (0, 1))
+    assert s0["report"] == s1["report"] and s0["head"] == s1["head"]
+    rest = [s0["seen"]["1"][k] + s1["seen"]["1"][k] for k in (0, 1)]  # what the ranks saw after it
+    assert s0["report"]["train_acc"][1][1] == pytest.approx((window["correct"] + rest[0]) / (window["count"] + rest[1]))

@@ -424,3 +424,46 @@ def test_converged_trigger_resumes_with_the_same_decisions(converged_full, tmp_p
         assert live.rifle.applied == [1, 2] and live.diagnosis == full.diagnosis, step
         resumed = snapshot(model)
         assert all(torch.equal(resumed[k], final[k]) for k in final), (step, changed(resumed, final))
+
+
+# ---------------------------------------------------------------------------- logging (issue 14)
+class Received(TrainerCallback):
+    """What a report_to integration receives: every on_log call's logs (listed before RIFLE's, as
+    the Trainer puts the integrations before user callbacks)."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+def test_reinits_and_diagnosis_reach_the_report_to_integrations(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    received = Received()
+    cb = RifleTrainerCallback(reinits=1, seed=4, min_steps_after=None)  # 12 steps: re-init at step 6
+    args = targs(tmp_path, save_strategy="no", report_to=["tensorboard"],  # writes under output_dir/runs
+                 logging_steps=2)  # the loss the diagnosis is fed
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[received, cb])
+    trainer.train()
+    [d] = cb.diagnosis
+    assert (d["at"], d["steps_after"]) == (6, 5)
+    # the Trainer's log_history: as before, plus the new numbers
+    assert reinit_logs(trainer.state.log_history) == [{"rifle/reinit": 1, "epoch": 0.75, "step": 6}]
+    [h] = [h for h in trainer.state.log_history if "rifle/diagnosis_of" in h]
+    assert h["step"] == 11 and h["rifle/verdict"] == d["verdict"] and h["rifle/grad_ratio"] == d["grad_ratio"]
+    assert [h[f"rifle/grad_ratio_{t}"] for t in ("first", "middle", "last")] == d["grad_ratio_thirds"]
+    # every callback's on_log got them (numbers only), so do TensorBoard, W&B, ...
+    got = {step: logs for step, logs in received.logs if any(k.startswith("rifle/") for k in logs)}
+    assert got[6] == {"rifle/reinit": 1, "epoch": 0.75}
+    assert got[11]["rifle/grad_ratio"] == d["grad_ratio"] and "rifle/verdict" not in got[11]
+    assert all(isinstance(v, (int, float)) for v in got[11].values())
+    # ... and what the real TensorBoard callback wrote
+    [events] = list((tmp_path / "runs").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert scalars["train/rifle/reinit"] == [(6, 1.0)]
+    for key in ("grad_ratio", "train_loss_before", "head_norm_before", "head_norm_after", "grad_ratio_last"):
+        [(step, value)] = scalars[f"train/rifle/{key}"]
+        assert step == 11 and value == pytest.approx(h[f"rifle/{key}"], rel=1e-6), key

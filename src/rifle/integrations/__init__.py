@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 __all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger",
-           "reduce_trigger_window", "localize_trigger_window"]
+           "reduce_trigger_window", "localize_trigger_window", "diagnosis_metrics"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -88,6 +88,20 @@ def localize_trigger_window(state: dict[str, Any]) -> dict[str, Any]:
     if not window or _rank_world()[0] == 0:
         return state
     return {**state, "trigger_window": {**window, "correct": 0.0, "count": 0}}
+
+
+def diagnosis_metrics(entry: dict[str, Any]) -> dict[str, float | int]:
+    """The numbers of one diagnosis entry (:attr:`rifle.core.Rifle.diagnosis`) as ``rifle/...``
+    metrics for a trainer's loggers: ``rifle/diagnosis_of`` (the re-init's index), ``rifle/grad_ratio``
+    and its ``_first`` / ``_middle`` / ``_last`` backbone thirds, ``rifle/train_loss_before``,
+    ``rifle/train_acc_before``, ``rifle/head_norm_before`` / ``_after``; unmeasured ones left out."""
+    out: dict[str, float | int] = {"rifle/diagnosis_of": int(entry["index"])}
+    for key in ("grad_ratio", "train_loss_before", "train_acc_before", "head_norm_before", "head_norm_after"):
+        if entry.get(key) is not None:
+            out[f"rifle/{key}"] = float(entry[key])
+    for name, value in zip(("first", "middle", "last"), entry.get("grad_ratio_thirds") or ()):
+        out[f"rifle/grad_ratio_{name}"] = float(value)
+    return out
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing this package must not import the frameworks

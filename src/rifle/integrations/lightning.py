@@ -52,7 +52,8 @@ from ..core import Rifle, find_head
 from ..core.heads import HeadSpec
 from ..core.reinit import Initializer
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import check_trigger, localize_trigger_window, reduce_trigger_window, unwrap_optimizer
+from . import (check_trigger, diagnosis_metrics, localize_trigger_window, reduce_trigger_window,
+               unwrap_optimizer)
 
 ACC_CONTRACT = ("return {'loss': loss, 'correct': (logits.argmax(-1) == y).sum(), 'count': len(y)} from "
                 "training_step (correct: the number of correct predictions in the batch, count: the "
@@ -84,17 +85,6 @@ def find_lightning_head(pl_module: nn.Module, head: HeadSpec | None = None) -> l
                          f"head ({', '.join(names)}); name the one to re-initialise, e.g. "
                          f"RifleCallback(head={names[0]!r})")
     raise ValueError(f"{top_error} (also searched each direct child of the LightningModule)")
-
-
-def diagnosis_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """The numbers of one diagnosis entry as ``rifle/...`` metrics (unmeasured ones left out)."""
-    out = {"rifle/diagnosis_of": float(entry["index"])}
-    for key in ("grad_ratio", "train_loss_before", "train_acc_before", "head_norm_before", "head_norm_after"):
-        if entry.get(key) is not None:
-            out[f"rifle/{key}"] = float(entry[key])
-    for name, value in zip(("first", "middle", "last"), entry.get("grad_ratio_thirds") or ()):
-        out[f"rifle/grad_ratio_{name}"] = float(value)
-    return out
 
 
 class RifleCallback(pl.Callback):
@@ -246,7 +236,8 @@ class RifleCallback(pl.Callback):
                 self.rifle.settle_diagnosis()
         for d in self._new_diagnoses(trainer):
             for key, value in diagnosis_metrics(d).items():
-                pl_module.log(key, value, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
+                pl_module.log(key, float(value), on_step=False, on_epoch=True, reduce_fx="max",
+                              batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log = lambda index: None

@@ -13,8 +13,12 @@ Mapping onto the HF Trainer:
   re-init in ``on_epoch_begin`` at epoch ``floor(state.epoch)``; a fractional
   ``num_train_epochs`` is refused (epochs are never rounded), a ``max_steps`` that ends inside an
   epoch warns;
-- each re-init is appended to ``state.log_history`` as ``{"rifle/reinit": i, "epoch", "step"}``
-  (saved with every checkpoint's ``trainer_state.json``) and logged with ``logging`` at INFO;
+- each re-init is logged with ``Trainer.log({"rifle/reinit": i})``: the Trainer appends
+  ``{"rifle/reinit": i, "epoch", "step"}`` to ``state.log_history`` (saved with every checkpoint's
+  ``trainer_state.json``) and hands it to every ``report_to`` integration (TensorBoard, W&B, ...);
+  also logged with ``logging`` at INFO. The Trainer is the caller of ``on_train_begin`` (a callback is
+  given no reference to it); if it cannot be found the entries go to ``log_history`` alone, with a
+  warning;
 - the core is built in ``on_train_begin`` from ``kwargs["model"]`` and ``kwargs["optimizer"]`` (the
   latter usually Accelerate's ``AcceleratedOptimizer``: the torch optimizer inside is used);
 - the head: the final ``Linear`` of the model's ``classifier`` (a Linear, or a module such as
@@ -29,9 +33,11 @@ Mapping onto the HF Trainer:
 - the diagnosis (docs/rifle.md#when) is fed the Trainer's logged training ``loss`` (``on_log``: the
   mean over the steps since the previous log, weighted by their number; so ``logging_steps`` should
   be at most an epoch's steps, else the loss before a re-init reads "not measured"). When a re-init's
-  measurement completes, its verdict is printed (main process) and ``{"rifle/grad_ratio",
-  "rifle/train_loss_before", "rifle/head_norm_before", "rifle/head_norm_after", "rifle/verdict",
-  "rifle/diagnosis_of": i, "epoch", "step"}`` is appended to ``state.log_history``;
+  measurement completes, its verdict is printed (main process) and its numbers
+  (:func:`rifle.integrations.diagnosis_metrics`: ``rifle/diagnosis_of``, ``rifle/grad_ratio`` and its
+  thirds, ``rifle/train_loss_before``, ``rifle/train_acc_before``, ``rifle/head_norm_before`` /
+  ``after``) go through ``Trainer.log``; the ``log_history`` entry also holds ``rifle/verdict`` and
+  the unmeasured ones as None;
 - ``trigger="converged"`` (docs/rifle.md#trigger; epoch granularity): the callback sees no outputs,
   so a forward hook on the model (``register_forward_hook(..., with_kwargs=True)``, training mode
   only) reads the ``labels`` keyword the Trainer passes and the output's ``logits`` (a single-label
@@ -60,7 +66,8 @@ from ..core import Rifle, find_head, unwrap_model
 from ..core.heads import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import check_trigger, localize_trigger_window, reduce_trigger_window, unwrap_optimizer
+from . import (check_trigger, diagnosis_metrics, localize_trigger_window, reduce_trigger_window,
+               unwrap_optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         self.trigger, self.converged_acc = trigger, converged_acc
         self.rifle: Rifle | None = None
         self._hook: Any = None
+        self._trainer: Any = None  # the Trainer running this callback (found in on_train_begin)
         self._step_sums: list[Any] | None = None  # [loss sum, correct, count] of this optimizer step
         self._saved_window: dict[str, Any] | None = None  # the open epoch's sums over ranks (checkpoint)
         self.fired: list[tuple[int, int]] = []
@@ -133,6 +141,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("RifleTrainerCallback needs the Trainer's model (kwargs['model'])")
         self.fired = []
+        self._trainer = self._find_trainer()
         init = self.init
         if init == "hf":
             init = hf_init(float(getattr(getattr(unwrap_model(model), "config", None),
@@ -290,6 +299,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             if report is not None and report["reason"] and state.is_world_process_zero:
                 print(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
                       f"{report['reason']} (docs/rifle.md#trigger)")
+        self._trainer = None
 
     @property
     def trigger_report(self) -> dict[str, Any] | None:
@@ -301,15 +311,47 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if self.rifle is None or len(self.rifle.diagnosis) == self._reported:
             return
         for d in self.rifle.diagnosis[self._reported:]:
-            state.log_history.append({"rifle/diagnosis_of": d["index"], "rifle/grad_ratio": d["grad_ratio"],
-                                      "rifle/train_loss_before": d["train_loss_before"],
-                                      "rifle/head_norm_before": d["head_norm_before"],
-                                      "rifle/head_norm_after": d["head_norm_after"],
-                                      "rifle/verdict": d["verdict"], "epoch": float(state.epoch or 0.0),
-                                      "step": int(state.global_step)})
+            # unmeasured numbers (None) and the verdict line go to log_history only: loggers take numbers
+            self._emit(state, diagnosis_metrics(d), {
+                **{f"rifle/{k}": d[k] for k in ("grad_ratio", "train_loss_before", "head_norm_before",
+                                                "head_norm_after") if d.get(k) is None},
+                "rifle/verdict": d["verdict"]})
             if state.is_world_process_zero:
                 print(d["verdict"])
         self._reported = len(self.rifle.diagnosis)
+
+    def _find_trainer(self) -> Any:
+        """The ``transformers.Trainer`` whose ``callback_handler`` is calling this callback: the caller
+        frame's ``self`` (callbacks are called synchronously from the Trainer's own methods). A
+        callback is given no reference to its Trainer, and only ``Trainer.log`` reaches the
+        ``report_to`` integrations (TensorBoard, W&B, ...), which run before user callbacks."""
+        frame = sys._getframe(1)
+        try:
+            while frame is not None:
+                obj = frame.f_locals.get("self")
+                handler = getattr(obj, "callback_handler", None)
+                if handler is not None and callable(getattr(obj, "log", None)) \
+                        and any(c is self for c in getattr(handler, "callbacks", ())):
+                    return obj
+                frame = frame.f_back
+        finally:
+            del frame
+        warnings.warn("RifleTrainerCallback: the Trainer calling this callback was not found; RIFLE's "
+                      "entries go to state.log_history only, not to the report_to integrations",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+    def _emit(self, state: Any, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """``metrics`` through ``Trainer.log`` (``state.log_history`` plus every ``report_to``
+        integration's ``on_log``), with ``extra`` added to the ``log_history`` entry only."""
+        if self._trainer is not None:
+            self._trainer.log(dict(metrics))
+            entry = state.log_history[-1]
+            entry.setdefault("epoch", float(state.epoch or 0.0))
+        else:
+            entry = {**metrics, "epoch": float(state.epoch or 0.0), "step": int(state.global_step)}
+            state.log_history.append(entry)
+        entry.update(extra or {})
 
     @property
     def diagnosis(self) -> list[dict[str, Any]]:
@@ -319,8 +361,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
     def _log_history(self, state: Any, before: int) -> None:
         """The re-inits fired since ``before`` into ``state.log_history``, as the Trainer logs."""
         for index, _ in self.fired[before:]:
-            state.log_history.append({"rifle/reinit": index, "epoch": float(state.epoch or 0.0),
-                                      "step": int(state.global_step)})
+            self._emit(state, {"rifle/reinit": index})
 
     def _on_reinit(self, index: int, point: int) -> None:
         self.fired.append((index, point))
