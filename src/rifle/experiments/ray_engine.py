@@ -158,7 +158,11 @@ def connect(address: str | None):
     else a new one-machine cluster; ``auto`` = an existing cluster; ``HOST:PORT`` = that cluster."""
     ray = require_ray()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        except ConnectionError as e:
+            raise EngineError(f"--address {address}: no Ray cluster to join ({e}); start one with "
+                              f"`ray start --head`, or leave --address out to start a local one") from None
     return ray
 
 
