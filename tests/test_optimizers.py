@@ -58,7 +58,9 @@ def test_default_is_the_papers_torch_sgd_with_the_same_groups(tmp_path):
 
 
 # ------------------------------------------------------------------------------ every timm optimizer
-CPU_ONLY = [n for n in optimizer_names() if not n.startswith(("bnb", "fused"))]  # those need CUDA
+# bnb* / fused* need CUDA; kron* builds its preconditioner with torch.compile (tens of seconds): slow
+CPU_ONLY = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("kron") else n
+            for n in optimizer_names() if not n.startswith(("bnb", "fused"))]
 
 
 @pytest.mark.parametrize("name", CPU_ONLY)
