@@ -333,6 +333,7 @@ def _head_signal_ddp_worker(rank, port, out, settle):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes each (~1 min on a loaded 2-core machine)
 @pytest.mark.parametrize("settle", [True, False])
 def test_head_signal_is_summed_over_ddp_ranks(tmp_path, settle):
     import torch.multiprocessing as mp

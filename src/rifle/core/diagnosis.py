@@ -227,7 +227,8 @@ class Diagnosis:
 
     def _head_end(self) -> dict[str, Any]:
         """After the reset: the fields ``head_signal_ratio / _old / _new / _reason``."""
-        hs, self._hs = self._hs or {"why": self._head_why, "rows": None}, None
+        hs, self._hs = self._hs or {"why": self._head_why, "old": 0.0, "n": 0.0, "rows": [None],
+                                    "gathered": False}, None
         out: dict[str, Any] = {"head_signal_ratio": None, "head_signal_old": None, "head_signal_new": None,
                                "head_signal_reason": hs["why"]}
         if self._linear is None:
