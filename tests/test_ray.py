@@ -1,7 +1,8 @@
 """``rifle bench --engine ray`` on a real local Ray cluster (2 CPUs, started once for this module).
 
-Seen here (2 busy cores): cluster start ~10-15 s; test_ray_engine_matches_local_engine ~25 s,
-test_killed_worker_is_retried_and_resumes ~45 s, test_real_failure_is_recorded_once ~15 s.
+Seen here (2 cores shared with one benchmark): cluster start ~10 s, test_ray_engine_matches_local_engine
+~23 s, test_killed_worker_is_retried_and_resumes ~31 s, test_real_failure_is_recorded_once ~9 s (~75 s for
+the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s.
 """
 import json
 import os
@@ -63,12 +64,14 @@ def cluster(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RIFLE_CACHE_DIR")}
     os.environ["PYTHONPATH"] = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")
     os.environ["RIFLE_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "rifle-cache")
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                  logging_level="WARNING")  # the raylet and its workers inherit this environment
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init sets sys.exit on SIGTERM: not for later tests
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -130,7 +133,7 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
     victim = runs[0].path
     proc = _bench(cluster, grid_file, out)
     try:
-        deadline, pid = time.time() + 180, None
+        deadline, pid = time.time() + 300, None
         while time.time() < deadline and proc.poll() is None:  # an epoch checkpointed, the run going on
             info = G.read_lock(victim / G.LOCK)
             if info and str(info.get("owner", "")).startswith("ray:") and (victim / "metrics.jsonl").is_file() \
@@ -141,7 +144,7 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
         assert pid is not None and pid != proc.pid, "the run never reached its first checkpoint"
         assert not G.is_complete(victim)
         os.kill(pid, signal.SIGKILL)  # the Ray worker process running the task, no clean-up
-        stdout, _ = proc.communicate(timeout=240)
+        stdout, _ = proc.communicate(timeout=480)
     finally:
         if proc.poll() is None:
             proc.kill()

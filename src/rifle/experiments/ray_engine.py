@@ -156,13 +156,20 @@ class Progress:
 def connect(address: str | None):
     """``ray.init``: ``None`` = RAY_ADDRESS, else a cluster started with ``ray start`` on this machine,
     else a new one-machine cluster; ``auto`` = an existing cluster; ``HOST:PORT`` = that cluster."""
+    import signal
+    import threading
     ray = require_ray()
     if not ray.is_initialized():
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         except ConnectionError as e:
             raise EngineError(f"--address {address}: no Ray cluster to join ({e}); start one with "
                               f"`ray start --head`, or leave --address out to start a local one") from None
+        finally:
+            if sigterm is not None:  # ray.init installs sys.exit on SIGTERM; rifle's handler (like Ctrl-C:
+                signal.signal(signal.SIGTERM, sigterm)  # cancel the tasks, keep checkpoints) stays
     return ray
 
 
