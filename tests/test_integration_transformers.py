@@ -467,3 +467,47 @@ def test_reinits_and_diagnosis_reach_the_report_to_integrations(tmp_path):
     for key in ("grad_ratio", "train_loss_before", "head_norm_before", "head_norm_after", "grad_ratio_last"):
         [(step, value)] = scalars[f"train/rifle/{key}"]
         assert step == 11 and value == pytest.approx(h[f"rifle/{key}"], rel=1e-6), key
+
+
+# ---------------------------------------------------------------------------- DDP (2 gloo ranks)
+def _ddp_worker(rank, port, tmp, resume):
+    import json
+    from test_ddp import _env
+    _env(rank, 2, port)
+    model = tiny_bert()
+    count = Counting(model, 4)  # per rank and epoch: 32 examples, 4 steps of 8
+    cb = RifleTrainerCallback(reinits=1, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
+    trainer = Trainer(model=model, args=converged_args(tmp, num_train_epochs=4), train_dataset=Tokens(),
+                      callbacks=[cb] if resume else [SaveAt([6]), cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    assert torch.distributed.get_world_size() == 2
+    with open(f"{tmp}/{'resumed' if resume else 'full'}{rank}.json", "w") as f:
+        json.dump({"seen": count.seen, "report": cb.trigger_report, "diagnosis": cb.diagnosis,
+                   "head": model.classifier.weight.tolist()}, f)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_decide_from_the_summed_accuracy_and_resume_mid_epoch_exactly(tmp_path):
+    """2 gloo ranks under the HF Trainer: both fire where the accuracy summed over ranks first reaches
+    the threshold; a checkpoint in the middle of an epoch holds both ranks' sums, and the resumed run
+    (the Trainer skips the batches seen) ends with the uninterrupted run's decisions and head."""
+    import json
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), None), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"full{r}.json").read_text()) for r in (0, 1))
+    assert r0["report"] == r1["report"] and r0["head"] == r1["head"] and r0["seen"] != r1["seen"]
+    summed = [(r0["seen"][str(e)][0] + r1["seen"][str(e)][0]) / 64 for e in range(4)]
+    assert [a for _, a in r0["report"]["train_acc"]] == summed
+    fire = next(e + 1 for e, a in enumerate(summed) if a >= 0.9)
+    assert r0["report"]["fired"] == [fire], summed
+    # step 6 = 2 of epoch 1's 4 steps: 2 steps x 8 examples x 2 ranks in the saved window
+    saved = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    window = saved["stateful_callbacks"]["RifleTrainerCallback"]["attributes"]["progress"]["trigger_window"]
+    assert window["epoch"] == 1 and window["count"] == 32
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), str(tmp_path / "checkpoint-6")), nprocs=2, join=True)
+    s0, s1 = (json.loads((tmp_path / f"resumed{r}.json").read_text()) for r in (0, 1))
+    assert s0["report"] == s1["report"] == r0["report"] and s0["head"] == r0["head"]
+    assert s0["diagnosis"] == r0["diagnosis"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 __all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger",
-           "reduce_trigger_window", "localize_trigger_window", "diagnosis_metrics"]
+           "reduce_open_sums", "localize_open_sums", "diagnosis_metrics"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -66,28 +66,50 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def reduce_trigger_window(state: dict[str, Any]) -> dict[str, Any]:
-    """The core's state with the open epoch's trigger sums (correct, count) summed over data-parallel
-    ranks, for a checkpoint written inside an epoch (collective: every rank calls it there). No-op for a
-    single process or a schedule run."""
-    window = state.get("trigger_window")
-    if not window or _rank_world()[1] == 1:
+def reduce_open_sums(state: dict[str, Any]) -> dict[str, Any]:
+    """The core's state with the sums still open inside an epoch summed over data-parallel ranks, for a
+    checkpoint written there (collective: every rank calls it at that checkpoint): the trigger's
+    (correct, count) of the epoch so far and the diagnosis' unsettled loss window. No-op alone."""
+    if _rank_world()[1] == 1:
         return state
     from ..core.diagnosis import _reduce
-    correct, count, missing = _reduce([float(window["correct"]), float(window["count"]),
-                                       0.0 if window["has"] else 1.0], torch.device("cpu"))
-    return {**state, "trigger_window": {**window, "correct": correct, "count": int(round(count)),
-                                        "has": missing == 0}}
-
-
-def localize_trigger_window(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's trigger sums for this rank: under DDP the saved sums (of all ranks, see
-    :func:`reduce_trigger_window`) stay on rank 0 and the other ranks start the epoch's rest from zero,
-    so the core's sum over ranks at the epoch's end counts them once."""
     window = state.get("trigger_window")
-    if not window or _rank_world()[0] == 0:
+    pending = state.get("diagnosis_pending")
+    rows = pending["obs"] if pending and not pending.get("settled") else []
+    values = [float(window["correct"]), float(window["count"]), 0.0 if window["has"] else 1.0] if window else []
+    for loss_sum, correct, n, _ in rows:
+        values += [float(loss_sum), float(correct or 0.0), float(n)]
+    if not values:
         return state
-    return {**state, "trigger_window": {**window, "correct": 0.0, "count": 0}}
+    total = _reduce(values, torch.device("cpu"))
+    state = dict(state)
+    if window:
+        correct, count, missing = total[:3]
+        state["trigger_window"] = {**window, "correct": correct, "count": int(round(count)),
+                                   "has": missing == 0}
+        total = total[3:]
+    if rows:
+        state["diagnosis_pending"] = {**pending, "obs": [
+            [total[3 * i], None if row[1] is None else total[3 * i + 1], int(round(total[3 * i + 2])), row[3]]
+            for i, row in enumerate(rows)]}
+    return state
+
+
+def localize_open_sums(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's open sums for this rank: under DDP the saved sums (of all ranks, see
+    :func:`reduce_open_sums`) stay on rank 0 and the other ranks go on from zero, so the core's
+    sum over ranks (at the epoch's end, or at the re-init) counts them once."""
+    if _rank_world()[0] == 0:
+        return state
+    state = dict(state)
+    window = state.get("trigger_window")
+    if window:
+        state["trigger_window"] = {**window, "correct": 0.0, "count": 0}
+    pending = state.get("diagnosis_pending")
+    if pending and not pending.get("settled") and pending.get("obs"):
+        state["diagnosis_pending"] = {**pending, "obs": [[0.0, None if c is None else 0.0, 0, key]
+                                                         for _, c, _, key in pending["obs"]]}
+    return state
 
 
 def diagnosis_metrics(entry: dict[str, Any]) -> dict[str, float | int]:

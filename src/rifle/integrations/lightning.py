@@ -34,8 +34,9 @@ Mapping onto Lightning:
 - ``trigger="converged"`` (docs/rifle.md#trigger): ``training_step`` must return that dict (checked at
   the first batch); at each epoch end the epoch's accuracy is summed over DDP ranks
   (``Rifle.settle_trigger``) before any checkpoint, and ``on_train_epoch_start`` decides. A checkpoint
-  inside an epoch saves the open epoch's sums of all ranks (``state_dict`` is collective under DDP, as
-  Lightning calls it on every rank); on resume rank 0 keeps them. ``trigger_report`` says what fired
+  inside an epoch saves the open epoch's sums (trigger accuracy, diagnosis loss window) of all ranks
+  (``state_dict`` is collective under DDP, as Lightning calls it on every rank); on resume rank 0
+  keeps them. ``trigger_report`` says what fired
   and why not more; at the end of training a short reason is printed (rank 0) when fewer than K fired.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ from ..core import Rifle, find_head
 from ..core.heads import HeadSpec
 from ..core.reinit import Initializer
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import (check_trigger, diagnosis_metrics, localize_trigger_window, reduce_trigger_window,
+from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
                unwrap_optimizer)
 
 ACC_CONTRACT = ("return {'loss': loss, 'correct': (logits.argmax(-1) == y).sum(), 'count': len(y)} from "
@@ -170,7 +171,7 @@ class RifleCallback(pl.Callback):
         self._epoch_started = None
         self.rifle = self._build(trainer, pl_module)
         if self._pending is not None:
-            self.rifle.load_state_dict(localize_trigger_window(self._pending))
+            self.rifle.load_state_dict(localize_open_sums(self._pending))
             self._pending = None
         self._reported = len(self.rifle.diagnosis)  # restored ones were reported before
 
@@ -277,7 +278,7 @@ class RifleCallback(pl.Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         if self.rifle is not None:  # Lightning dumps the checkpoint on every rank: collective under DDP
-            return reduce_trigger_window(self.rifle.state_dict())
+            return reduce_open_sums(self.rifle.state_dict())
         return dict(self._pending) if self._pending is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

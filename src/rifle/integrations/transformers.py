@@ -46,8 +46,8 @@ Mapping onto the HF Trainer:
   ``on_step_end`` (then the diagnosis' loss is that cross-entropy, not the logged loss). At each
   ``on_epoch_end`` (every rank, before the epoch's checkpoint) the epoch's accuracy is summed over DDP
   ranks (``Rifle.settle_trigger``); ``on_epoch_begin`` decides. A checkpoint inside an epoch saves
-  the open epoch's sums of all ranks (summed in ``on_step_end`` when ``control.should_save``); on
-  resume rank 0 keeps them. ``trigger_report`` says what fired and why not more.
+  the open sums (the epoch's correct / count, the diagnosis' loss window) of all ranks (summed in
+  ``on_step_end`` when ``control.should_save``); on resume rank 0 keeps them. ``trigger_report`` says what fired and why not more.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ from ..core import Rifle, find_head, unwrap_model
 from ..core.heads import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import (check_trigger, diagnosis_metrics, localize_trigger_window, reduce_trigger_window,
+from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
                unwrap_optimizer)
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         self._hook: Any = None
         self._trainer: Any = None  # the Trainer running this callback (found in on_train_begin)
         self._step_sums: list[Any] | None = None  # [loss sum, correct, count] of this optimizer step
-        self._saved_window: dict[str, Any] | None = None  # the open epoch's sums over ranks (checkpoint)
+        self._saved_window: dict[str, Any] | None = None  # the state with open sums over ranks (checkpoint)
         self.fired: list[tuple[int, int]] = []
         self.progress: dict[str, Any] | None = None  # set by the Trainer's own callback restore
         self._reported, self._last_log_step = 0, 0
@@ -162,7 +162,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:  # resumed: restore which re-inits happened
             saved = self.progress or self._saved_progress(state)
             if saved:
-                self.rifle.load_state_dict(localize_trigger_window(saved))
+                self.rifle.load_state_dict(localize_open_sums(saved))
         self._step_sums, self._saved_window = None, None
         if self._hook is not None:
             self._hook.remove()
@@ -279,10 +279,10 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._flush_step()
-        if self.rifle is not None and self.trigger == "converged":
+        if self.rifle is not None:
             # a checkpoint follows (DefaultFlowCallback, called first, decided): under DDP, the open
-            # epoch's sums of all ranks go into it (collective; every rank sees the same control)
-            self._saved_window = (reduce_trigger_window(self.rifle.state_dict())["trigger_window"]
+            # sums of all ranks go into it (collective; every rank sees the same control)
+            self._saved_window = (reduce_open_sums(self.rifle.state_dict())
                                   if control.should_save else None)
         self._report_diagnoses(state)
 
@@ -402,7 +402,6 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
     def _progress(self) -> dict[str, Any] | None:
         if self.rifle is None:
             return self.progress
-        progress = self.rifle.state_dict()
-        if self._saved_window is not None:  # the open epoch's sums over all ranks (on_step_end)
-            progress["trigger_window"] = self._saved_window
-        return progress
+        if self._saved_window is not None:  # with the open sums of all ranks (on_step_end)
+            return self._saved_window
+        return self.rifle.state_dict()
