@@ -173,8 +173,8 @@ class Diagnosis:
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Keep references (no copies) to the last armed training batch's head input and output, and
         to the gradient that reaches the output in its backward."""
-        if not (self._armed and module.training and torch.is_grad_enabled()):
-            return
+        if not (self._armed and self._skip == 0 and module.training and torch.is_grad_enabled()):
+            return  # (_skip > 0: steps before the last `window` of an epoch whose length is known)
         self._frozen = None
         f = args[0] if args else None
         if not (isinstance(f, torch.Tensor) and f.dim() == 2 and isinstance(output, torch.Tensor)

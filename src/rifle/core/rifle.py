@@ -82,7 +82,8 @@ class Rifle:
             new head after each re-init and raise ``ReplicaDivergenceError`` if ranks differ.
         diagnose: measure each re-init (:mod:`rifle.core.diagnosis`): train loss / accuracy before it
             (from :meth:`observe`), head norm before / after, backbone gradient ratio after / before
-            over ``diagnosis_window`` optimizer steps on each side, by backbone third. Gradients are
+            over ``diagnosis_window`` optimizer steps on each side, by backbone third, and the
+            same-batch head-signal ratio (one ``nn.Linear`` head; see :attr:`head_grad_scale`). Gradients are
             read by an optimizer step pre-hook; without an optimizer call :meth:`record_gradients`
             once per step, after ``backward()``. Loss window: the epoch before the re-init (epoch
             schedules) or the last ``steps_per_epoch`` (default 100) steps (step schedules).
