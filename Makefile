@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every distribution pinned (==) for these machines (x86-64, Python 3.11); regenerate with `make lock`.
 LOCK := requirements-lock.txt
 
-.PHONY: demo test venv lock clean bench-speed results-elpv results-regime
+.PHONY: demo test venv lock clean bench-speed gpu-check results-elpv results-regime
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ lock:
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --out docs/performance.md
 	$(BIN)/python benchmarks/cpu_options.py --out docs/performance-options.md
+
+# on a CUDA machine (never in CI): AMP, channels_last, compile, 2-GPU DDP, ResNet-50 throughput;
+# exit 0 = passed, 1 = a check failed, 77 = no CUDA device (docs/performance.md, "GPU check")
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 # docs/results/elpv.md: the ELPV grid (resumable: finished runs are skipped; ~2.5 h from scratch on 2 cores)
 # and the report written into the page's generated section.

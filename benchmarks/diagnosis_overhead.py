@@ -2,7 +2,7 @@
 
 One process, the two sides alternated, median of ``--repeats``; each side is a full ``rifle train``
 run (``run_train``) of RIFLE whose re-init falls inside the run, so both gradient windows and the loss
-feed are paid. First, the time spent inside the diagnosis's own calls (each entry point timed) as a
+feed are paid (and the same-batch head-signal capture, whose forward hook is timed too). First, the time spent inside the diagnosis's own calls (each entry point timed) as a
 share of the epoch: a direct measure, unaffected by run-to-run noise. Then, per epoch: the training-loop time (the epochs' ``seconds``), the wall time of
 the whole ``Trainer.train_epoch`` calls (re-init, loop, evaluation) and their process CPU time (one
 thread: less sensitive than wall time to other processes on a shared machine).
@@ -37,27 +37,45 @@ SETTINGS = {
 TIMED = [(Rifle, "observe"), (Rifle, "record_gradients"), (Rifle, "close_diagnosis"), (Diagnosis, "begin"),
          (Diagnosis, "end"), (Diagnosis, "new_period"), (Diagnosis, "arm"), (Diagnosis, "set_step"),
          (Diagnosis, "settle"), (Diagnosis, "pending_state"), (Diagnosis, "state_dict"),
-         (Rifle, "settle_trigger"), (Diagnosis, "disarm")]
+         (Rifle, "settle_trigger"), (Diagnosis, "disarm"),
+         (Diagnosis, "_on_head_forward")]  # the head-signal capture: a forward hook on the head
+# (its tensor hook only stores a reference; freezing the batch and both heads' signals run inside
+# settle / pending_state / begin / end, timed above)
+
+
+HEAD_SIGNAL = [(Diagnosis, "_on_head_forward"), (Diagnosis, "_freeze"), (Diagnosis, "_head_begin"),
+               (Diagnosis, "_head_end")]  # the same-batch head signal's share (nested in the above)
 
 
 def direct_cost(run):
-    """Run ``run()`` with the diagnosis's entry points timed; returns (result, seconds inside them)."""
-    spent = [0.0]
-    originals = [(cls, name, getattr(cls, name)) for cls, name in TIMED]
+    """Run ``run()`` with the diagnosis's entry points timed; returns (result, seconds inside them,
+    seconds inside the head-signal parts). Nested timed calls count once per group."""
+    spent = {"all": 0.0, "head": 0.0, "all_cpu": 0.0, "head_cpu": 0.0}
+    depth = {"all": 0, "head": 0}
+    originals = [(cls, name, getattr(cls, name)) for cls, name in dict.fromkeys(TIMED + HEAD_SIGNAL)]
 
-    def wrap(f):
+    def wrap(f, groups):
         def g(*a, **k):
-            t0 = time.perf_counter()
+            outer = [grp for grp in groups if depth[grp] == 0]
+            for grp in groups:
+                depth[grp] += 1
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return f(*a, **k)
             finally:
-                spent[0] += time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                for grp in groups:
+                    depth[grp] -= 1
+                for grp in outer:
+                    spent[grp] += dt
+                    spent[grp + "_cpu"] += dc
         return g
 
     for cls, name, f in originals:
-        setattr(cls, name, wrap(f))
+        groups = (["all"] if (cls, name) in TIMED else []) + (["head"] if (cls, name) in HEAD_SIGNAL else [])
+        setattr(cls, name, wrap(f, groups))
     try:
-        return run(), spent[0]
+        return run(), spent
     finally:
         for cls, name, f in originals:
             setattr(cls, name, f)
@@ -65,7 +83,7 @@ def direct_cost(run):
 
 def one_run(model: str, diagnose: bool, out: Path, epochs: int,
             trigger: bool = False) -> tuple[float, float, float]:
-    rifle_method.Rifle = lambda *a, **k: Rifle(*a, diagnose=diagnose, **k)  # noqa: E731
+    rifle_method.Rifle = lambda *a, **k: Rifle(*a, **{**k, "diagnose": diagnose})  # noqa: E731
     epoch_times: list[float] = []
     cpu_times: list[float] = []
     original = Trainer.train_epoch
@@ -104,9 +122,12 @@ def main() -> None:
             run_one = lambda d, i: one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs,  # noqa: E731
                                             args.trigger)
             run_one(True, -1)  # warm-up: data cache, first-call costs
-            (_, per_epoch, _), inside = direct_cost(lambda: run_one(True, -2))
-            print(f"{model:20s} time inside the diagnosis's calls: {inside / args.epochs * 1000:.2f} ms per "
-                  f"epoch = {100 * inside / args.epochs / per_epoch:.3f} % of the epoch ({per_epoch:.3f} s)")
+            (_, per_epoch, cpu_epoch), spent = direct_cost(lambda: run_one(True, -2))
+            for unit, per, sfx in (("wall", per_epoch, ""), ("CPU (less sensitive to load)", cpu_epoch, "_cpu")):
+                inside, head = spent["all" + sfx] / args.epochs, spent["head" + sfx] / args.epochs
+                print(f"{model:20s} {unit} time inside the diagnosis's calls: {inside * 1000:.2f} ms per epoch "
+                      f"= {100 * inside / per:.3f} % of the epoch ({per:.3f} s); of which the same-batch head "
+                      f"signal: {head * 1000:.2f} ms = {100 * head / per:.3f} %")
             if args.repeats < 1:  # --repeats 0: the direct measurement only
                 continue
             res = {True: [], False: []}

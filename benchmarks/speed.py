@@ -187,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
               "(performance-options.md).", ""]
     text = "\n".join(lines)
     if args.out != "-":
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = out.read_text() if out.is_file() else ""
+        kept = old[old.find("<!-- BEGIN "):] if "<!-- BEGIN " in old else ""  # other benchmarks' sections
+        out.write_text(text + ("\n" + kept if kept else ""))
     print(text)
     return 0
 

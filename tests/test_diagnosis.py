@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,230 @@ def test_verdict_thresholds():
     assert "convergence not measured" in verdict(entry(None, None, 1.2))
 
 
+# ----------------------------------------------------------------------------- same-batch head signal
+def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64):
+    """RIFLE K=1 (re-init at the start of epoch 2) on tiny() in ``dtype``; returns (rifle, the last batch
+    before the re-init as (features, y), the head's (W, b) just before and just after the re-init)."""
+    model = tiny().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rifle = Rifle(model, opt, epochs=epochs, reinits=1, head=head if head is not None else model[6],
+                  min_steps_after=0, steps_per_epoch=steps)
+    rifle.head_grad_scale = 1 / accum
+    data = batches(epochs * steps)
+    last = old = new = None
+    for epoch in range(epochs):
+        if epoch == 2:
+            old = (model[6].weight.detach().clone(), model[6].bias.detach().clone())
+        rifle.on_epoch_start(epoch)
+        if epoch == 2:
+            new = (model[6].weight.detach().clone(), model[6].bias.detach().clone())
+        for s in range(steps):
+            x, y = data[epoch * steps + s]
+            x = x.to(dtype)
+            opt.zero_grad()
+            for xc, yc in zip(x.chunk(accum), y.chunk(accum)):
+                logits = model(xc)
+                (loss_fn(logits, yc) / accum).backward()
+                rifle.observe(F.cross_entropy(logits.detach(), yc), (logits.argmax(1) == yc).sum(), len(yc))
+                if epoch == 1 and s == steps - 1:
+                    with torch.no_grad():
+                        last = (model[:6](xc).double(), yc)
+            opt.step()
+        if crash is not None and epoch == crash - 1:
+            rifle.settle_diagnosis()
+            return rifle, model, opt
+    rifle.close_diagnosis()
+    return rifle, last, old, new
+
+
+def signal(f, t, w, b):
+    """E = (softmax(f Wᵀ + b) − T) W by plain tensor ops, float64."""
+    w, b = w.double(), b.double()
+    return (torch.softmax(f @ w.T + b, dim=1) - t) @ w
+
+
+@pytest.mark.parametrize("smoothing,accum,dtype", [(0.0, 1, torch.float64), (0.1, 1, torch.float64),
+                                                   (0.0, 2, torch.float64), (0.1, 1, torch.float32)])
+def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accum, dtype):
+    """Hard labels, label-smoothed CE and 2 accumulated micro-batches (loss / 2, head_grad_scale=1/2): the
+    targets recovered from dL/dz are exact (to 1e-9 with a float64 model; float32 gradients carry ~1e-7),
+    so the ratio equals the one computed from the true targets."""
+    rel = 1e-9 if dtype == torch.float64 else 1e-5
+    rifle, (f, y), old, new = head_signal_run(
+        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype)
+    t = (1 - smoothing) * F.one_hot(y, 3).double() + smoothing / 3
+    e_old, e_new = signal(f, t, *old), signal(f, t, *new)
+    [d] = rifle.diagnosis
+    assert d["head_signal_reason"] is None and len(y) == 8 // accum
+    assert d["head_signal_ratio"] == pytest.approx(float(e_new.norm() / e_old.norm()), rel=rel)
+    assert d["head_signal_old"] == pytest.approx(float(e_old.norm()) / math.sqrt(len(y)), rel=rel)
+    assert d["head_signal_new"] == pytest.approx(float(e_new.norm()) / math.sqrt(len(y)), rel=rel)
+    assert f"error signal into the backbone x{d['head_signal_ratio']:.2f} on the same batch" in d["verdict"]
+    assert d["grad_ratio"] > 0  # the after/before ratio stays, descriptive
+    json.dumps(rifle.diagnosis)
+
+
+def test_head_signal_wrong_scale_or_other_loss_is_not_measured():
+    """MSE on the logits: the recovered targets are no distribution -> None with the reason; so is
+    cross-entropy summed instead of averaged (dL/dz B times too large)."""
+    onehot = lambda y: F.one_hot(y, 3).float()  # noqa: E731
+    for loss_fn in (lambda z, y: F.mse_loss(z, onehot(y)), lambda z, y: F.cross_entropy(z, y, reduction="sum")):
+        rifle, *_ = head_signal_run(loss_fn)
+        [d] = rifle.diagnosis
+        assert d["head_signal_ratio"] is d["head_signal_old"] is d["head_signal_new"] is None
+        assert d["head_signal_reason"] == "not measured: the loss is not mean cross-entropy on the head's logits"
+        assert "on the same batch" not in d["verdict"]  # the after/before ratio decides, as before
+
+
+def test_head_signal_needs_one_linear_head():
+    rifle, *_ = head_signal_run(F.cross_entropy, head=["4", "6"])
+    [d] = rifle.diagnosis
+    assert d["head_signal_ratio"] is None
+    assert d["head_signal_reason"] == "not measured: the re-initialised modules are not exactly one nn.Linear"
+    m = tiny()
+    r = Rifle(m, None, epochs=4, reinits=1, head=m[6], modules="^4$", min_steps_after=0)
+    r.on_epoch_start(0)
+    r.on_epoch_start(1)
+    r.on_epoch_start(2)
+    r.close_diagnosis()
+    assert r.diagnosis[0]["head_signal_reason"].endswith("not exactly one nn.Linear")
+
+
+def test_head_signal_resumes_from_a_checkpoint_before_the_reinit():
+    """A state written between the last step of epoch 1 and the re-init (settle_diagnosis, as the trainer
+    does) carries the captured batch: the resumed run measures exactly what the uninterrupted one did."""
+    rifle, *_ = head_signal_run(F.cross_entropy)
+    [full] = rifle.diagnosis
+    a, model, opt = head_signal_run(F.cross_entropy, crash=2)
+    state = json.loads(json.dumps(a.state_dict()))  # plain floats (the HF callback keeps it in JSON)
+    assert state["diagnosis_pending"]["head_batch"]["ranks"][0]["f"]
+    m2 = tiny(5).double()
+    m2.load_state_dict(model.state_dict())
+    opt2 = torch.optim.SGD(m2.parameters(), lr=0.2, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    b = Rifle(m2, opt2, epochs=4, reinits=1, head=m2[6], min_steps_after=0, steps_per_epoch=5)
+    b.load_state_dict(state)
+    data = batches(20)
+    for epoch in (2, 3):
+        b.on_epoch_start(epoch)
+        for s in range(5):
+            x, y = data[epoch * 5 + s]
+            x = x.double()
+            opt2.zero_grad()
+            logits = m2(x)
+            F.cross_entropy(logits, y).backward()
+            b.observe(F.cross_entropy(logits.detach(), y), (logits.argmax(1) == y).sum(), len(y))
+            opt2.step()
+    b.close_diagnosis()
+    [d] = b.diagnosis
+    assert d["head_signal_ratio"] is not None and d["head_signal_ratio"] == full["head_signal_ratio"]
+    assert d == full
+
+
+def test_head_signal_ignores_eval_forwards_and_unarmed_epochs():
+    """Only training forwards while armed are kept: an evaluation pass after the last step changes
+    nothing, and no reference is held in epochs that precede no re-init."""
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    rifle = Rifle(model, opt, epochs=4, reinits=1, head=model[6], min_steps_after=0, steps_per_epoch=2)
+    data = batches(8)
+    for epoch in range(3):
+        rifle.on_epoch_start(epoch)
+        for s in range(2):
+            x, y = data[epoch * 2 + s]
+            opt.zero_grad()
+            f = model[:6](x).detach()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if epoch == 0:
+                assert rifle._diag._cap is None
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(5, 4))
+        model.train()
+        if epoch == 1:
+            cap = rifle._diag._cap
+            assert torch.equal(cap[0], f) and cap[2].shape == (8, 3)  # the last training batch's
+    rifle.close_diagnosis()
+    assert rifle.diagnosis[0]["head_signal_ratio"] > 0
+
+
+def _head_signal_ddp_worker(rank, port, out, settle):
+    """2 gloo ranks, one Rifle each (identical models, rank-local batches), no DDP wrapper: the ratio
+    sums the squared norms over the ranks, via settle()'s gather or end()'s all-reduce."""
+    import torch.distributed as dist
+    from test_ddp import _env
+    _env(rank, 2, port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = tiny().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    rifle = Rifle(model, opt, epochs=3, reinits=1, head=model[6], min_steps_after=0, steps_per_epoch=2)
+    data = batches(6, seed=10 + rank)
+    for epoch in range(3):
+        rifle.on_epoch_start(epoch)
+        for s in range(2):
+            x, y = data[epoch * 2 + s]
+            opt.zero_grad()
+            F.cross_entropy(model(x.double()), y).backward()
+            rifle.observe(0.5, 8, 8)
+            for p in model.parameters():  # keep the replicas identical, as DDP would
+                dist.all_reduce(p.grad)
+                p.grad /= 2
+            opt.step()
+        if epoch == 0 and settle:
+            rifle.settle_diagnosis()
+    rifle.close_diagnosis()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(rifle.diagnosis[0]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes each (~1 min on a loaded 2-core machine)
+@pytest.mark.parametrize("settle", [True, False])
+def test_head_signal_is_summed_over_ddp_ranks(tmp_path, settle):
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    mp.spawn(_head_signal_ddp_worker, args=(free_port(), str(tmp_path), settle), nprocs=2, join=True)
+    d0, d1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert d0 == d1 and d0["head_signal_reason"] is None
+    # by hand: both ranks' last batches of epoch 0 through the same old / new head
+    model = tiny().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    rifle = Rifle(model, opt, epochs=3, reinits=1, head=model[6], min_steps_after=0, diagnose=False)
+    data = [batches(6, seed=10 + r) for r in (0, 1)]
+    for s in range(2):
+        opt.zero_grad()
+        for r in (0, 1):
+            x, y = data[r][s]
+            (F.cross_entropy(model(x.double()), y) / 2).backward()
+        if s == 1:
+            with torch.no_grad():
+                f = torch.cat([model[:6](data[r][1][0].double()) for r in (0, 1)])
+        opt.step()
+    t = F.one_hot(torch.cat([data[r][1][1] for r in (0, 1)]), 3).double()
+    old = (model[6].weight.detach().clone(), model[6].bias.detach().clone())
+    rifle.on_epoch_start(0)
+    rifle.on_epoch_start(1)
+    e_old, e_new = signal(f, t, *old), signal(f, t, model[6].weight.detach(), model[6].bias.detach())
+    assert d0["head_signal_ratio"] == pytest.approx(float(e_new.norm() / e_old.norm()), rel=1e-9)
+    assert d0["head_signal_old"] == pytest.approx(float(e_old.norm()) / 4, rel=1e-9)  # sqrt(16 samples)
+
+
+def test_verdict_uses_the_head_signal_when_measured():
+    e = {**entry(0.04, 1.0, 2.69), "head_signal_ratio": 3.1}
+    assert verdict(e) == ("re-init 1 (epoch 15): head had converged (train loss 0.04, acc 1.00); error signal "
+                          "into the backbone x3.10 on the same batch (new head vs old), backbone gradient "
+                          "x2.69 after/before — backprop in depth delivered")
+    # the same-batch ratio decides, whatever the noisy after/before ratio says
+    assert verdict({**entry(0.04, 1.0, 0.5), "head_signal_ratio": 1.0}).endswith("backprop in depth delivered")
+    weak = verdict({**entry(0.5, 0.8, 1.5), "head_signal_ratio": 0.59})
+    assert "this re-init weakened the error signal; RIFLE is unlikely to help here" in weak
+    mid = verdict({**entry(0.04, 1.0, 1.5), "head_signal_ratio": 0.8})
+    assert "the new head sends less error into the backbone than the old one" in mid and "did not grow" in mid
+    assert verdict({**entry(0.04, 1.0, None), "head_signal_ratio": 1.2}).endswith(
+        "backbone gradient not measured (no optimizer steps recorded on both sides of the re-init) — backprop "
+        "in depth delivered")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -166,6 +391,10 @@ def test_cli_run_writes_diagnosis_and_prints_the_verdict(tmp_path):
     assert d["index"] == 1 and d["unit"] == "epoch" and d["at"] == 2
     assert d["steps_before"] == 5 and d["steps_after"] == 5
     assert len(d["grad_ratio_thirds"]) == 3 and all(r > 0 for r in d["grad_ratio_thirds"])
+    # the same-batch head signal (tiny_cnn's fc, plain CE): measured; old / new are per-sample RMS norms
+    assert d["head_signal_reason"] is None and d["head_signal_ratio"] > 0
+    assert d["head_signal_ratio"] == pytest.approx(d["head_signal_new"] / d["head_signal_old"], rel=1e-12)
+    assert "on the same batch (new head vs old)" in d["verdict"]
     assert on_disk(tmp_path / "run")["rifle_diagnosis"] == summary["rifle_diagnosis"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # train loss / acc before = the metrics row of epoch 1 (the trainer's own reduced numbers)
@@ -200,6 +429,7 @@ def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch, cr
     resumed = run_train(cfg(tmp_path, "split", **kw), resume=True, log=lines.append)
     [d] = full["rifle_diagnosis"]
     assert resumed["rifle_diagnosis"] == [d] and d["steps_before"] == 5 and d["train_loss_before"] > 0
+    assert d["head_signal_ratio"] > 0  # crash at 2: the captured batch travelled in the checkpoint
     assert all(math.isfinite(r) for r in d["grad_ratio_thirds"])
     rows = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}  # noqa: E731
                         for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -314,6 +544,7 @@ def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
         assert d["train_loss_before"] == pytest.approx(rows[d["at"] - 1]["train_loss"], rel=1e-9)
         assert d["train_acc_before"] == pytest.approx(rows[d["at"] - 1]["train_acc"], rel=1e-12)
         assert d["steps_before"] == d["steps_after"] == 5
+        assert d["head_signal_reason"] is None and d["head_signal_ratio"] > 0  # both ranks' batches
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -328,3 +559,23 @@ def test_rifle_train_command_prints_the_verdict(tmp_path, capsys, quiet):
     assert out.count(d["verdict"]) == 1 and d["verdict"].startswith("re-init 1 (epoch 2): head had")
     assert main([*argv, "--method", "finetune", "--out", str(tmp_path / "f"), "--quiet"]) == 0
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("re-init")]
+
+
+def test_no_diagnose_and_window_flags(tmp_path, capsys):
+    """--no-diagnose: no measurement, no verdict, same training; --diagnosis-window N: N steps a side."""
+    from rifle.cli import main
+    argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
+            "--epochs", "4", "--train-fraction", "0.4", "--min-steps-after", "0", "--lr", "0.05",
+            "--method", "rifle", "--reinits", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "on")]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("re-init 1")]
+    assert main([*argv, "--no-diagnose", "--out", str(tmp_path / "off")]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("re-init")]
+    on, off = on_disk(tmp_path / "on"), on_disk(tmp_path / "off")
+    assert off["rifle_diagnosis"] == [] and off["methods"]["rifle"]["diagnose"] is False
+    assert off["final_test_acc"] == on["final_test_acc"]  # measuring does not change training
+    assert main([*argv, "--diagnosis-window", "3", "--out", str(tmp_path / "w3")]) == 0
+    [d] = on_disk(tmp_path / "w3")["rifle_diagnosis"]
+    assert d["steps_before"] == d["steps_after"] == 3
+    assert main([*argv, "--diagnosis-window", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--diagnosis-window=0: a positive number of optimizer steps" in capsys.readouterr().err

@@ -153,6 +153,20 @@ def test_lock_claim_and_stale_rules(tmp_path):
     assert not (run / G.LOCK).exists()
 
 
+def test_lock_owner_takes_over_its_own_dead_attempt_at_once(tmp_path):
+    """A Ray retry (same owner) takes over a lock from another host at once; anyone else waits."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / G.LOCK).write_text(json.dumps({"host": "node-b", "pid": 1, "token": "t", "owner": "ray:abc"}))
+    assert G.try_claim(run, stale_after=600) is None                   # no owner: heartbeat is fresh
+    assert G.try_claim(run, stale_after=600, owner="ray:other") is None  # another invocation
+    mine = G.try_claim(run, stale_after=600, owner="ray:abc")
+    info = G.read_lock(run / G.LOCK)
+    assert mine is not None and (info["owner"], info["token"], info["pid"]) == ("ray:abc", mine.token, os.getpid())
+    mine.release()
+    assert not (run / G.LOCK).exists() and not (run / (G.LOCK + ".break")).exists()
+
+
 def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkeypatch):
     import rifle.run as run_mod
     loads, calls = [], []
@@ -418,3 +432,37 @@ def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path)
     new = tmp_path / "new" / "page.md"
     write_report(root, page=new, plots=False)
     assert PAGE_BEGIN in new.read_text() and "](../results/grid/results.md)" in new.read_text()
+
+
+# ------------------------------------------------------------------------------------------ --engine
+def test_engine_flags_are_checked(tmp_path, capsys):
+    from conftest import run_cli
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(TINY))
+    code, _, err = run_cli(["bench", grid_file, "--out", tmp_path / "o", "--gpus-per-run", "1"], capsys)
+    assert code == 2 and "--gpus-per-run: only with --engine ray" in err
+    code, _, err = run_cli(["bench", grid_file, "--out", tmp_path / "o", "--engine", "ray", "--workers", "2"], capsys)
+    assert code == 2 and "--workers 2: only with --engine local" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_engine_ray_without_ray_says_how_to_install(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(TINY))
+    code, out, err = run_cli(["bench", grid_file, "--out", tmp_path / "o", "--engine", "ray"], capsys)
+    assert code == 2 and "--engine ray needs Ray" in err and "[ray]'" in err and "pip install" in err
+    assert not (tmp_path / "o").exists()  # nothing written before the check
+
+
+def test_local_engine_imports_no_ray(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(TINY))
+    code = ("import sys\nfrom rifle.cli import main\n"
+            f"assert main(['bench', {str(grid_file)!r}, '--out', {str(tmp_path / 'o')!r}, '--list']) == 0\n"
+            "assert 'ray' not in sys.modules, 'the local engine imported ray'\n")
+    from conftest import SRC
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -373,3 +373,212 @@ def test_doc_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
     assert ns["rifle_cb"].fired == [(1, 2), (2, 4)]
+    report = ns["trigger_cb"].trigger_report  # the converged-trigger example: what its comments say
+    assert [round(a, 2) for _, a in report["train_acc"]] == [0.07, 0.29, 0.57, 0.66, 0.8, 0.12, 0.57, 0.87]
+    assert report["train_acc"][4][1] >= 0.8 > report["train_acc"][3][1] and ns["trigger_cb"].fired == [(1, 5)]
+
+
+# ---------------------------------------------------------------------------- trigger="converged"
+class WithAccuracy(Digits):
+    """training_step returns the accuracy contract; records each epoch's correct / count itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        correct = (logits.argmax(1) == y).sum()
+        c, n = self.seen.get(self.current_epoch, (0, 0))
+        self.seen[self.current_epoch] = [c + int(correct), n + len(y)]
+        return {"loss": F.cross_entropy(logits, y), "correct": correct, "count": len(y)}
+
+
+def acc_model(seed=0):
+    pl.seed_everything(seed, verbose=False)
+    return WithAccuracy()
+
+
+def first_fire(accs, threshold):
+    return next(e + 1 for e, a in enumerate(accs) if a >= threshold)
+
+
+def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_reached_it(tmp_path, capsys):
+    m, probe = acc_model(), Probe()
+    cb = RifleCallback(reinits=2, seed=3, min_steps_after=None, trigger="converged", converged_acc=0.8)
+    trainer(tmp_path, [cb, probe], epochs=8, logger=CSVLogger(tmp_path, name="csv")).fit(m)
+    accs = [m.seen[e][0] / m.seen[e][1] for e in range(8)]  # counted by the module itself
+    report = cb.trigger_report
+    assert report["train_acc"] == [[e, a] for e, a in enumerate(accs)]
+    fire = first_fire(accs, 0.8)
+    assert 2 <= fire <= 6, accs  # the recipe converges mid-run: a real test
+    assert cb.fired[0] == (1, fire) and [e for _, e in cb.fired] == report["fired"]
+    for e in range(1, 8):  # the head moved between epochs exactly at the fired epochs
+        before, after = probe.epoch_end[e - 1][0], probe.epoch_first_batch[e][0]
+        assert changed(before, after) == (set(HEAD) if e in report["fired"] else set()), e
+    w, b = draw_values([m.net.fc], seed=3, index=1)[0]  # re-init 1's seeded draw, as the schedule's
+    after = probe.epoch_first_batch[fire][0]
+    assert torch.equal(after["net.fc.weight"], w) and torch.equal(after["net.fc.bias"], b)
+    [d, *_] = cb.diagnosis  # the re-init's diagnosis carries the accuracy the trigger decided from
+    assert d["at"] == fire and d["train_acc_before"] == pytest.approx(accs[fire - 1])
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    assert {int(r["epoch"]) for r in rows if r.get("rifle/reinit")} == set(report["fired"])
+
+
+def test_converged_trigger_that_never_converges_does_not_fire_and_says_why(tmp_path, capsys):
+    m, probe = acc_model(), Probe()
+    cb = RifleCallback(reinits=1, min_steps_after=None, trigger="converged", converged_acc=1.0)
+    trainer(tmp_path, [cb, probe], epochs=4).fit(m)
+    accs = [m.seen[e][0] / m.seen[e][1] for e in range(4)]
+    assert cb.fired == [] and cb.rifle.applied == [] and cb.diagnosis == []
+    for e in range(1, 4):
+        assert changed(probe.epoch_end[e - 1][0], probe.epoch_first_batch[e][0]) == set()
+    best = max(range(4), key=lambda e: (accs[e], -e))
+    reason = f"train accuracy never reached 1 (best {accs[best]:.2f} at epoch {best})"
+    assert cb.trigger_report["fired"] == [] and cb.trigger_report["reason"] == reason
+    assert f"RIFLE trigger: no re-init: {reason} (docs/rifle.md#trigger)" in capsys.readouterr().out
+
+
+def test_converged_trigger_needs_the_accuracy_from_training_step(tmp_path):
+    cb = RifleCallback(reinits=1, min_steps_after=None, trigger="converged")
+    t = trainer(tmp_path, [cb], epochs=4)
+    with pytest.raises(ValueError, match=r"training_step returns, which was a dict with keys \['loss'\]: "
+                                         r"return \{'loss': loss, 'correct': .*'count': len\(y\)\}"):
+        t.fit(model())  # Digits.training_step returns the loss alone
+    assert t.global_step == 1  # refused at the end of the first batch
+    with pytest.raises(ValueError, match="trigger='converged' decides once per epoch.*granularity='epoch'"):
+        RifleCallback(trigger="converged", granularity="step")
+    with pytest.raises(ValueError, match="trigger='often'"):
+        RifleCallback(trigger="often")
+    with pytest.raises(ValueError, match="converged_acc=0.9 applies only with trigger='converged'"):
+        trainer(tmp_path, [RifleCallback(converged_acc=0.9)]).fit(model())
+
+
+@pytest.fixture(scope="module")
+def converged_run(tmp_path_factory):
+    """Uninterrupted trigger run (8 epochs of 4 steps), checkpoints at every epoch end and every 2 steps."""
+    tmp = tmp_path_factory.mktemp("converged")
+    m = acc_model()
+    cbs = [ModelCheckpoint(dirpath=tmp / "e", filename="{epoch}", save_top_k=-1, every_n_epochs=1),
+           ModelCheckpoint(dirpath=tmp / "s", filename="{step}", save_top_k=-1, every_n_train_steps=2)]
+    cb = RifleCallback(reinits=2, seed=5, min_steps_after=None, trigger="converged", converged_acc=0.8)
+    trainer(tmp, [cb, *cbs], epochs=8).fit(m)
+    return tmp, snapshot(m), cb
+
+
+def test_converged_trigger_resumes_with_the_same_decisions(converged_run, tmp_path):
+    tmp, final, full = converged_run
+    fire = full.fired[0][1]
+    assert len(full.fired) >= 1 and fire >= 2
+    # epoch ends before / right before / after the first re-init, and a step checkpoint on the last
+    # batch of the epoch that reached the threshold (its accuracy not yet summed: the open window)
+    for path in [tmp / "e" / f"epoch={fire - 2}.ckpt", tmp / "e" / f"epoch={fire - 1}.ckpt",
+                 tmp / "e" / f"epoch={fire}.ckpt", tmp / "s" / f"step={4 * fire}.ckpt"]:
+        m, cb = acc_model(seed=99), RifleCallback(reinits=2, seed=5, min_steps_after=None,
+                                                  trigger="converged", converged_acc=0.8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RifleScheduleWarning)
+            trainer(tmp_path, [cb], epochs=8).fit(m, ckpt_path=path)
+        assert cb.trigger_report == full.trigger_report, path
+        assert cb.rifle.applied == full.rifle.applied and cb.diagnosis == full.diagnosis, path
+        resumed = snapshot(m)
+        assert all(torch.equal(resumed[k], final[k]) for k in final), (path, changed(resumed, final))
+
+
+# ---------------------------------------------------------------------------- logging (issue 14)
+class GradNorms(pl.Callback):
+    """The backbone weight's gradient norm at each optimizer step (after backward, before the update)."""
+
+    def __init__(self):
+        self.norms = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms[trainer.global_step] = float(pl_module.net.body[0].weight.grad.norm(dtype=torch.float64))
+
+
+def csv_rows(path):
+    return list(csv.DictReader(open(next(path.rglob("metrics.csv")))))
+
+
+def test_diagnosis_and_reinits_reach_the_trainers_logger(tmp_path):
+    m, grads = acc_model(), GradNorms()
+    cb = RifleCallback(reinits=1, seed=0, min_steps_after=None)  # 4 epochs of 4 steps: re-init at epoch 2
+    trainer(tmp_path, [cb, grads], epochs=4, logger=CSVLogger(tmp_path, name="csv")).fit(m)
+    [d] = cb.diagnosis
+    # by hand: the 5 optimizer steps after the re-init (global steps 8..12) over those before it that
+    # were recorded (armed at the start of epoch 1: 4..7); one backbone layer (net.body.0), so each
+    # third is that layer's ratio
+    assert (d["steps_before"], d["steps_after"]) == (4, 5)
+    ratio = (sum(grads.norms[s] for s in range(8, 13)) / 5) / (sum(grads.norms[s] for s in range(4, 8)) / 4)
+    assert d["grad_ratio"] == pytest.approx(ratio, rel=1e-9) and d["grad_ratio_thirds"] == pytest.approx([ratio] * 3)
+    assert d["train_acc_before"] == pytest.approx(m.seen[1][0] / m.seen[1][1])  # training_step's counts
+    rows = csv_rows(tmp_path / "csv")
+    [reinit] = [r for r in rows if r.get("rifle/reinit")]
+    assert int(reinit["epoch"]) == 2 and float(reinit["rifle/reinit"]) == 1.0
+    [row] = [r for r in rows if r.get("rifle/grad_ratio")]  # the epoch whose end completed the window
+    assert int(row["epoch"]) == 3
+    expect = {"rifle/diagnosis_of": 1, "rifle/grad_ratio": ratio, "rifle/grad_ratio_first": ratio,
+              "rifle/grad_ratio_middle": ratio, "rifle/grad_ratio_last": ratio,
+              "rifle/train_loss_before": d["train_loss_before"], "rifle/train_acc_before": d["train_acc_before"],
+              "rifle/head_norm_before": d["head_norm_before"], "rifle/head_norm_after": d["head_norm_after"]}
+    assert {k: float(row[k]) for k in expect} == pytest.approx(expect, rel=1e-6)
+
+
+def test_a_diagnosis_closed_at_the_end_of_training_reaches_the_logger(tmp_path):
+    # 2 epochs of 4 steps, re-init at epoch 1: the 'after' window (5 steps) is cut short by the end
+    cb = RifleCallback(reinits=1, seed=0, min_steps_after=None, guard=1)
+    trainer(tmp_path, [cb], epochs=2, logger=CSVLogger(tmp_path, name="csv")).fit(model())
+    [d] = cb.diagnosis
+    assert d["steps_after"] == 4 and d["grad_ratio"] > 0
+    [row] = [r for r in csv_rows(tmp_path / "csv") if r.get("rifle/grad_ratio")]
+    assert float(row["rifle/grad_ratio"]) == pytest.approx(d["grad_ratio"], rel=1e-6)
+    assert int(row["step"]) == 8 and float(row["rifle/diagnosis_of"]) == 1.0
+
+
+# ---------------------------------------------------------------------------- DDP (2 gloo ranks)
+def _ddp_worker(rank, port, tmp, resume):
+    import json
+    from test_ddp import _env
+    _env(rank, 2, port)
+    m = acc_model()
+    cb = RifleCallback(reinits=1, seed=5, min_steps_after=None, trigger="converged", converged_acc=0.5)
+    saves = [] if resume else [ModelCheckpoint(dirpath=f"{tmp}/s", filename="{step}", save_top_k=-1,
+                                               every_n_train_steps=3)]
+    t = pl.Trainer(max_epochs=8, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                   callbacks=[cb, *saves])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(m, ckpt_path=resume)
+    with open(f"{tmp}/{'resumed' if resume else 'full'}{rank}.json", "w") as f:
+        json.dump({"seen": m.seen, "report": cb.trigger_report, "fired": cb.fired,
+                   "head": m.net.fc.weight.tolist()}, f)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_decide_from_the_summed_accuracy_and_a_mid_epoch_checkpoint_counts_once(tmp_path):
+    """2 gloo ranks, each its half of every epoch: both fire where the accuracy summed over ranks
+    first reaches the threshold; a checkpoint after the first batch of an epoch holds both ranks'
+    sums, and the resumed run counts them once (rank 0) plus what each rank sees after it."""
+    import json
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), None), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"full{r}.json").read_text()) for r in (0, 1))
+    assert r0["report"] == r1["report"] and r0["fired"] == r1["fired"] and r0["head"] == r1["head"]
+    assert r0["seen"] != r1["seen"]  # the ranks saw different batches and accuracies
+    summed = [(r0["seen"][str(e)][0] + r1["seen"][str(e)][0]) / (r0["seen"][str(e)][1] + r1["seen"][str(e)][1])
+              for e in range(8)]
+    assert [a for _, a in r0["report"]["train_acc"]] == pytest.approx(summed)
+    fire = next(e + 1 for e, a in enumerate(summed) if a >= 0.5)
+    assert r0["fired"] == [[1, fire]], summed
+    # 2 optimizer steps per epoch (128 examples per rank): step 3 = after the first batch of epoch 1
+    path = tmp_path / "s" / "step=3.ckpt"
+    window = torch.load(path, weights_only=True)["callbacks"]["RifleCallback"]["trigger_window"]
+    assert window["epoch"] == 1 and window["count"] == 2 * 64  # both ranks' first batch of epoch 1
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), str(path)), nprocs=2, join=True)
+    s0, s1 = (json.loads((tmp_path / f"resumed{r}.json").read_text()) for r in (0, 1))
+    assert s0["report"] == s1["report"] and s0["head"] == s1["head"]
+    rest = [s0["seen"]["1"][k] + s1["seen"]["1"][k] for k in (0, 1)]  # what the ranks saw after it
+    assert s0["report"]["train_acc"][1][1] == pytest.approx((window["correct"] + rest[0]) / (window["count"] + rest[1]))

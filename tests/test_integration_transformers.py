@@ -296,3 +296,218 @@ def test_doc_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
     assert ns["rifle_cb"].fired == [(1, 4), (2, 8)]
+    report = ns["trigger_cb"].trigger_report  # the converged-trigger example: what its comments say
+    assert [round(a, 2) for _, a in report["train_acc"]] == [0.91, 0.66, 0.92, 0.53, 0.91, 0.92]
+    assert ns["trigger_cb"].fired == [(1, 1), (2, 3)]
+
+
+# ---------------------------------------------------------------------------- trigger="converged"
+class Counting:
+    """The test's own count of each epoch's training accuracy: a forward hook like the callback's."""
+
+    def __init__(self, model, steps_per_epoch):
+        self.seen, self.calls, self.spe = {}, 0, steps_per_epoch
+        model.register_forward_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs, output):
+        if module.training:
+            epoch = self.calls // self.spe  # micro-batches per epoch
+            self.calls += 1
+            c, n = self.seen.get(epoch, (0, 0))
+            self.seen[epoch] = (c + int((output.logits.argmax(-1) == kwargs["labels"]).sum()),
+                                n + len(kwargs["labels"]))
+
+    def accs(self):
+        return [self.seen[e][0] / self.seen[e][1] for e in sorted(self.seen)]
+
+
+def converged_args(out, **kw):
+    return targs(out, **{"max_steps": -1, "num_train_epochs": 6, "save_strategy": "no", **kw})
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_reached_it(tmp_path, accumulate):
+    model, probe = tiny_bert(), Probe()
+    count = Counting(model, N // BATCH)
+    cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
+    assert cb.granularity == "epoch"  # the converged trigger decides per epoch
+    trainer = Trainer(model=model, args=converged_args(tmp_path, gradient_accumulation_steps=accumulate),
+                      train_dataset=Tokens(), callbacks=[cb, probe])
+    trainer.train()
+    accs = count.accs()  # 8 micro-batches of 8 per epoch, 8 / accumulate optimizer steps
+    assert len(accs) == 6 and [a for _, a in cb.trigger_report["train_acc"]] == accs
+    fire = next(e + 1 for e, a in enumerate(accs) if a >= 0.9)
+    assert cb.fired[0] == (1, fire) and [e for _, e in cb.fired] == cb.trigger_report["fired"]
+    spe = 8 // accumulate
+    for g in range(1, 6 * spe):  # the head moved exactly at the fired epochs' first steps
+        assert changed(probe.step_end[g][0], probe.step_begin[g][0]) == \
+            (HEAD if g in [e * spe for e in cb.trigger_report["fired"]] else set()), g
+    w, b = draw_values([model.classifier], seed=4, index=1)[0]
+    after = probe.step_begin[fire * spe][0]
+    assert torch.equal(after["classifier.weight"], w) and torch.equal(after["classifier.bias"], b)
+    assert cb.diagnosis[0]["train_acc_before"] == pytest.approx(accs[fire - 1])
+    assert reinit_logs(trainer.state.log_history)[0]["rifle/reinit"] == 1
+
+
+def test_converged_trigger_that_never_converges_does_not_fire_and_says_why(tmp_path, capsys):
+    model = tiny_bert()
+    count = Counting(model, N // BATCH)
+    cb = RifleTrainerCallback(reinits=1, min_steps_after=None, trigger="converged", converged_acc=1.0)
+    w = model.classifier.weight.detach().clone()
+    Trainer(model=model, args=converged_args(tmp_path, num_train_epochs=3, learning_rate=0.0),
+            train_dataset=Tokens(), callbacks=[cb]).train()
+    accs = count.accs()
+    best = max(range(3), key=lambda e: (accs[e], -e))
+    reason = f"train accuracy never reached 1 (best {accs[best]:.2f} at epoch {best})"
+    assert cb.fired == [] and cb.diagnosis == [] and torch.equal(model.classifier.weight, w)
+    assert cb.trigger_report["reason"] == reason
+    assert f"RIFLE trigger: no re-init: {reason} (docs/rifle.md#trigger)" in capsys.readouterr().out
+
+
+def test_converged_trigger_needs_labels_and_logits(tmp_path):
+    cb = RifleTrainerCallback(reinits=1, min_steps_after=None, trigger="converged")
+    args = converged_args(tmp_path, label_smoothing_factor=0.1)  # the Trainer pops the labels
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[cb])
+    with pytest.raises(ValueError, match=r"must be called with labels=.*label_smoothing_factor > 0.*"
+                                         r"got labels=absent"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="trigger='converged' decides once per epoch.*granularity='epoch'"):
+        RifleTrainerCallback(trigger="converged", granularity="step")
+    with pytest.raises(ValueError, match="trigger='often'"):
+        RifleTrainerCallback(trigger="often")
+
+
+class SaveAt(TrainerCallback):
+    """Checkpoint after these optimizer steps only (before the RIFLE callback in the list: it sees the
+    Trainer's decision to save in on_step_end)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
+@pytest.fixture(scope="module")
+def converged_full(tmp_path_factory):
+    """5 epochs of 8 steps; the head converges at epoch 1 (re-init at 2) and 3 (re-init at 4)."""
+    out = tmp_path_factory.mktemp("hf_converged")
+    model = tiny_bert()
+    cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
+    Trainer(model=model, args=converged_args(out, num_train_epochs=5), train_dataset=Tokens(),
+            callbacks=[SaveAt([12, 16, 20]), cb]).train()
+    return out, snapshot(model), cb
+
+
+@pytest.mark.parametrize("restore_flag, steps", [(False, (12, 16, 20)),
+                                                 pytest.param(True, (16,), marks=pytest.mark.slow)])
+def test_converged_trigger_resumes_with_the_same_decisions(converged_full, tmp_path, restore_flag, steps):
+    out, final, full = converged_full
+    assert full.fired == [(1, 2), (2, 4)]
+    # mid-epoch 1 (the open window of the epoch that reached the threshold), its last step (window
+    # still open: settled at on_epoch_end), mid-epoch 2 right after the re-init
+    for step in steps:
+        model = tiny_bert(seed=99)
+        cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged",
+                                  converged_acc=0.9)
+        trainer = Trainer(model=model, args=converged_args(
+            tmp_path, num_train_epochs=5, restore_callback_states_from_checkpoint=restore_flag),
+            train_dataset=Tokens(), callbacks=[cb])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RifleScheduleWarning)
+            trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{step}"))
+        [live] = [c for c in trainer.callback_handler.callbacks if isinstance(c, RifleTrainerCallback)]
+        assert (live is not cb) == restore_flag and live.trigger == "converged"
+        assert live.trigger_report == full.trigger_report, step
+        assert live.rifle.applied == [1, 2] and live.diagnosis == full.diagnosis, step
+        resumed = snapshot(model)
+        assert all(torch.equal(resumed[k], final[k]) for k in final), (step, changed(resumed, final))
+
+
+# ---------------------------------------------------------------------------- logging (issue 14)
+class Received(TrainerCallback):
+    """What a report_to integration receives: every on_log call's logs (listed before RIFLE's, as
+    the Trainer puts the integrations before user callbacks)."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+def test_reinits_and_diagnosis_reach_the_report_to_integrations(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    received = Received()
+    cb = RifleTrainerCallback(reinits=1, seed=4, min_steps_after=None)  # 12 steps: re-init at step 6
+    args = targs(tmp_path, save_strategy="no", report_to=["tensorboard"],  # writes under output_dir/runs
+                 logging_steps=2)  # the loss the diagnosis is fed
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[received, cb])
+    trainer.train()
+    [d] = cb.diagnosis
+    assert (d["at"], d["steps_after"]) == (6, 5)
+    # the Trainer's log_history: as before, plus the new numbers
+    assert reinit_logs(trainer.state.log_history) == [{"rifle/reinit": 1, "epoch": 0.75, "step": 6}]
+    [h] = [h for h in trainer.state.log_history if "rifle/diagnosis_of" in h]
+    assert h["step"] == 11 and h["rifle/verdict"] == d["verdict"] and h["rifle/grad_ratio"] == d["grad_ratio"]
+    assert [h[f"rifle/grad_ratio_{t}"] for t in ("first", "middle", "last")] == d["grad_ratio_thirds"]
+    # every callback's on_log got them (numbers only), so do TensorBoard, W&B, ...
+    got = {step: logs for step, logs in received.logs if any(k.startswith("rifle/") for k in logs)}
+    assert got[6] == {"rifle/reinit": 1, "epoch": 0.75}
+    assert got[11]["rifle/grad_ratio"] == d["grad_ratio"] and "rifle/verdict" not in got[11]
+    assert all(isinstance(v, (int, float)) for v in got[11].values())
+    # ... and what the real TensorBoard callback wrote
+    [events] = list((tmp_path / "runs").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert scalars["train/rifle/reinit"] == [(6, 1.0)]
+    for key in ("grad_ratio", "train_loss_before", "head_norm_before", "head_norm_after", "grad_ratio_last"):
+        [(step, value)] = scalars[f"train/rifle/{key}"]
+        assert step == 11 and value == pytest.approx(h[f"rifle/{key}"], rel=1e-6), key
+
+
+# ---------------------------------------------------------------------------- DDP (2 gloo ranks)
+def _ddp_worker(rank, port, tmp, resume):
+    import json
+    from test_ddp import _env
+    _env(rank, 2, port)
+    model = tiny_bert()
+    count = Counting(model, 4)  # per rank and epoch: 32 examples, 4 steps of 8
+    cb = RifleTrainerCallback(reinits=1, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
+    trainer = Trainer(model=model, args=converged_args(tmp, num_train_epochs=4), train_dataset=Tokens(),
+                      callbacks=[cb] if resume else [SaveAt([6]), cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    assert torch.distributed.get_world_size() == 2
+    with open(f"{tmp}/{'resumed' if resume else 'full'}{rank}.json", "w") as f:
+        json.dump({"seen": count.seen, "report": cb.trigger_report, "diagnosis": cb.diagnosis,
+                   "head": model.classifier.weight.tolist()}, f)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_decide_from_the_summed_accuracy_and_resume_mid_epoch_exactly(tmp_path):
+    """2 gloo ranks under the HF Trainer: both fire where the accuracy summed over ranks first reaches
+    the threshold; a checkpoint in the middle of an epoch holds both ranks' sums, and the resumed run
+    (the Trainer skips the batches seen) ends with the uninterrupted run's decisions and head."""
+    import json
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), None), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"full{r}.json").read_text()) for r in (0, 1))
+    assert r0["report"] == r1["report"] and r0["head"] == r1["head"] and r0["seen"] != r1["seen"]
+    summed = [(r0["seen"][str(e)][0] + r1["seen"][str(e)][0]) / 64 for e in range(4)]
+    assert [a for _, a in r0["report"]["train_acc"]] == summed
+    fire = next(e + 1 for e, a in enumerate(summed) if a >= 0.9)
+    assert r0["report"]["fired"] == [fire], summed
+    # step 6 = 2 of epoch 1's 4 steps: 2 steps x 8 examples x 2 ranks in the saved window
+    saved = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    window = saved["stateful_callbacks"]["RifleTrainerCallback"]["attributes"]["progress"]["trigger_window"]
+    assert window["epoch"] == 1 and window["count"] == 32
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), str(tmp_path / "checkpoint-6")), nprocs=2, join=True)
+    s0, s1 = (json.loads((tmp_path / f"resumed{r}.json").read_text()) for r in (0, 1))
+    assert s0["report"] == s1["report"] == r0["report"] and s0["head"] == r0["head"]
+    assert s0["diagnosis"] == r0["diagnosis"]

@@ -256,8 +256,18 @@ def test_available_models():
     assert not any(n.startswith("torchvision:") and "fcn" in n for n in names)  # classification only
 
 
+@pytest.fixture
+def hub_reachable(monkeypatch):
+    """The weights hosts count as reachable (the quick check passes), so the fetch itself is tried: what a
+    machine with network does when the download then fails. Nothing is downloaded: the fetch is patched."""
+    import rifle.models
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(rifle.models, "reachable", lambda url, timeout=3.0: (True, "patched"))
+
+
 @pytest.mark.parametrize("exc", [OSError("Name or service not known"), RuntimeError("download failed")])
-def test_timm_pretrained_offline_error(monkeypatch, exc):
+def test_timm_pretrained_offline_error(monkeypatch, exc, hub_reachable):
     def fail(*args, **kwargs):
         raise exc
 
@@ -268,7 +278,8 @@ def test_timm_pretrained_offline_error(monkeypatch, exc):
     assert info.value.__cause__ is exc
 
 
-def test_torchvision_pretrained_offline_error(monkeypatch):
+def test_torchvision_pretrained_offline_error(monkeypatch, hub_reachable, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached
     import torchvision
 
     def fail(*args, **kwargs):
@@ -289,7 +300,7 @@ def test_bad_arguments():
     assert create_model("tiny_cnn", np.int64(3)).fc.out_features == 3
 
 
-def test_pretrained_source_recorded(monkeypatch):
+def test_pretrained_source_recorded(monkeypatch, hub_reachable):
     """The success paths of timm / torchvision pretrained loading, without a download."""
     import torchvision
 

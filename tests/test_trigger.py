@@ -260,15 +260,19 @@ def test_cli_killed_and_resumed_gives_the_same_run(tmp_path, capsys):
     assert a["rifle_trigger"] == b["rifle_trigger"] and a["rifle_diagnosis"] == b["rifle_diagnosis"]
 
 
-def test_callbacks_refuse_the_converged_trigger():
+def test_callbacks_take_the_converged_trigger_per_epoch_only():
+    """The callbacks' own tests (tests/test_integration_*.py) run it in the real trainers."""
     pytest.importorskip("lightning")
     from rifle.integrations.lightning import RifleCallback
-    with pytest.raises(ValueError, match="do not see the model's predictions"):
-        RifleCallback(trigger="converged")
+    assert RifleCallback(trigger="converged").granularity == "epoch"
+    with pytest.raises(ValueError, match="decides once per epoch"):
+        RifleCallback(trigger="converged", granularity="step")
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from rifle.integrations.transformers import RifleTrainerCallback
-    with pytest.raises(ValueError, match="do not see the model's predictions"):
-        RifleTrainerCallback(trigger="converged")
+    assert RifleTrainerCallback(trigger="converged").granularity == "epoch"
+    assert RifleTrainerCallback().granularity == "step"
+    with pytest.raises(ValueError, match="decides once per epoch"):
+        RifleTrainerCallback(trigger="converged", granularity="step")
 
 
 def test_a_run_recorded_before_the_trigger_existed_still_resumes():

@@ -30,6 +30,7 @@ class TrainConfig:
     data: str = "elpv"                   # builtin name (elpv, digits) or an image-folder path
     model: str = "efficientnet_lite0"    # builtin, timm name, or torchvision:<name>
     pretrained: bool = True
+    pretrained_file: str | None = None   # backbone weights from this safetensors / torch file (no hub)
     method: str = "finetune"             # finetune | rifle | lp-ft
     reg: str = "l2"                      # regulariser: l2 (weight decay) | l2sp | delta | bss
     trick: list[str] = field(default_factory=list)  # dropout, dropconnect, stochastic-depth, ...
@@ -47,6 +48,8 @@ class TrainConfig:
     reinit_modules: str | None = None    # RIFLE beyond the FC layer: "last:N" blocks or a regex
     reinit_trigger: str = "schedule"     # schedule (paper) | converged: docs/rifle.md#trigger
     reinit_converged_acc: float | None = None  # the converged trigger's threshold; None = 0.97
+    diagnose: bool = True                # RIFLE: measure each re-init and print a verdict (docs/rifle.md#when)
+    diagnosis_window: int = 5            # RIFLE: optimizer steps measured on each side of a re-init
     # the recipe (paper defaults: SGD m 0.9, lr 0.01, wd 1e-4, cosine per epoch, batch 32)
     epochs: int = 40
     batch_size: int = 32
@@ -54,6 +57,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"          # cosine (per epoch) | constant
+    opt: str = "sgd"                     # sgd (the paper's: torch SGD, classical momentum) | any timm.optim name
+    opt_eps: float | None = None         # the optimizer's epsilon; None = its default
+    opt_betas: list[float] | None = None  # Adam-type (beta1, beta2); None = the optimizer's default
+    layer_decay: float | None = None     # layer-wise LR decay (timm group_matcher layers); None = off
     image_size: int = 224
     # data
     seed: int = 0
@@ -68,6 +75,10 @@ class TrainConfig:
     grad_accum: int = 1                  # split each batch into this many micro-batches
     workers: int = 0                     # background threads preparing batches (0 = in-process)
     record_depth: bool = False           # record per-layer weight change / gradient norms (depth.jsonl)
+    log_to: str = "auto"                 # metric writers beside metrics.jsonl: csv, tensorboard (auto: both
+                                         # when tensorboard is installed) or jsonl alone. Not "log": torchrun
+                                         # would take --log as an ambiguous abbreviation of its --log-dir
+    log_interval: int = 50               # stderr not a terminal: a progress line every N steps (0 = off)
     eval_batch_size: int = 256
     threads: int | None = None           # torch intra-op threads; None = torch's default
     out: str = "runs/train"
@@ -102,6 +113,9 @@ class TrainConfig:
                 raise bad("reinit_converged_acc", "applies only with --reinit-trigger converged")
             if not 0 < self.reinit_converged_acc <= 1:
                 raise bad("reinit_converged_acc", "a training accuracy in (0, 1]")
+        if not isinstance(self.diagnosis_window, int) or isinstance(self.diagnosis_window, bool) \
+                or self.diagnosis_window < 1:
+            raise bad("diagnosis_window", "a positive number of optimizer steps")
         if self.reinit_trigger == "converged" and self.method == "rifle" and self.reinit_granularity != "epoch":
             raise bad("reinit_trigger", "converged decides once per epoch: use --reinit-granularity epoch")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -110,8 +124,22 @@ class TrainConfig:
             raise bad("grad_accum", "must be a positive integer")
         if self.batch_size % self.grad_accum:
             raise bad("grad_accum", f"must divide --batch-size {self.batch_size}")
+        if not isinstance(self.log_interval, int) or isinstance(self.log_interval, bool) \
+                or self.log_interval < 0:
+            raise bad("log_interval", "a number of optimizer steps >= 0 (0 = no step lines)")
+        from .train.loggers import parse_kinds  # lazy, stdlib-only: config stays a leaf
+        try:
+            parse_kinds(self.log_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.lr_schedule not in ("cosine", "constant"):
             raise bad("lr_schedule", "choose cosine or constant")
+        self._validate_optimizer(bad)
+        if self.pretrained_file is not None:
+            if not isinstance(self.pretrained_file, str) or not self.pretrained_file.strip():
+                raise bad("pretrained_file", "a path to a safetensors or torch state-dict file")
+            if not self.pretrained:
+                raise bad("pretrained_file", "contradicts --no-pretrained (pretrained: false): drop one")
         if self.image_size < 16:
             raise bad("image_size", "must be >= 16")
         if isinstance(self.trick, str):
@@ -122,6 +150,38 @@ class TrainConfig:
             raise ConfigError(f"options={self.options!r}: expected a mapping {{method: {{option: value}}}}")
         return self
 
+    def _validate_optimizer(self, bad) -> None:
+        """--opt, --opt-eps, --opt-betas, --layer-decay (normalised in place)."""
+        if not isinstance(self.opt, str) or not self.opt.strip():
+            raise bad("opt", "name an optimizer: sgd (default) or one of timm.optim.list_optimizers()")
+        self.opt = self.opt.strip().lower()
+        for key in ("opt_eps", "layer_decay"):
+            v = getattr(self, key)
+            if v is not None:
+                try:
+                    setattr(self, key, float(v))  # YAML reads 1e-8 as a string
+                except (TypeError, ValueError):
+                    raise bad(key, "expected a number") from None
+        if self.opt_eps is not None and not self.opt_eps > 0:
+            raise bad("opt_eps", "must be > 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise bad("layer_decay", "a factor in (0, 1]: layer i of L trains at layer_decay**(L-1-i) x the LR")
+        if self.opt_betas is not None:
+            b = self.opt_betas
+            if isinstance(b, str):
+                b = b.replace(",", " ").split()
+            try:
+                b = [float(v) for v in b]
+            except (TypeError, ValueError):
+                raise bad("opt_betas", "expected two numbers, e.g. 0.9 0.999") from None
+            if len(b) != 2 or not all(0 <= v < 1 for v in b):
+                raise bad("opt_betas", "expected two numbers in [0, 1), e.g. 0.9 0.999")
+            self.opt_betas = b
+        from .train.optim import check_optimizer  # lazy: config stays a leaf for everything else
+        problem = check_optimizer(self.opt, self.opt_eps, tuple(self.opt_betas) if self.opt_betas else None)
+        if problem:
+            raise bad("opt", problem)
+
     def method_options(self) -> dict[str, Any]:
         """Options handed to the ``--method`` plug-in: RIFLE's are top-level keys (``reinits``, ...), any
         other method's come from ``options: {<method>: {...}}`` (flags ``--<method>-<option>``)."""
@@ -131,7 +191,8 @@ class TrainConfig:
                     guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                     init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
                     head_lr_restart=self.head_lr_restart, head=self.head,
-                    modules=self.reinit_modules,
+                    modules=self.reinit_modules, diagnose=self.diagnose,
+                    diagnosis_window=self.diagnosis_window,
                     **({"trigger": self.reinit_trigger, "converged_acc": self.reinit_converged_acc}
                        if self.reinit_trigger != "schedule" else {}))
 
@@ -152,7 +213,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
-RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra"}
+RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra",
+                  "log_to", "log_interval"}
 # Keys a run's config.yaml records beside the settings; `--config RUN/config.yaml` ignores them
 # (resolved_methods is recomputed from method/reg/trick/options, world_size from torchrun).
 # RunDir still compares them on --resume.
@@ -283,7 +345,9 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # keys added after runs were recorded: their value in an older config.yaml
-ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None}
+ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None, "diagnose": True,
+              "opt": "sgd", "opt_eps": None, "opt_betas": None, "layer_decay": None, "pretrained_file": None,
+              "diagnosis_window": 5, "log_to": "auto", "log_interval": 50}
 
 
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -296,8 +360,9 @@ def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tu
     """
     saved = {**ADDED_KEYS, **saved}  # a config.yaml written before a key existed had its default
     keys = (set(saved) | set(current)) - RESUMABLE_KEYS - {"options", "resolved_methods"}
-    a = {k: normalize_path(v) if k == "data" else v for k, v in saved.items()}
-    b = {k: normalize_path(v) if k == "data" else v for k, v in current.items()}
+    paths = ("data", "pretrained_file")
+    a = {k: normalize_path(v) if k in paths else v for k, v in saved.items()}
+    b = {k: normalize_path(v) if k in paths else v for k, v in current.items()}
     diff = {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
     oa, ob = _method_options(saved), _method_options(current)
     both_resolved = "resolved_methods" in saved and "resolved_methods" in current

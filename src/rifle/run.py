@@ -68,7 +68,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
               progress: bool | None = None) -> dict[str, Any]:
     """Train one run into ``cfg.out``; returns the summary (also written to ``summary.json``)."""
     t0 = time.perf_counter()
-    run_dir = RunDir(cfg.out)
+    run_dir = RunDir(cfg.out, log=cfg.log_to)  # metrics.jsonl, and metrics.csv / tb/ as --log-to chooses
     methods = build_methods(cfg)  # validates the method/reg/trick choices before touching the folder
     config = {**cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in methods}}
     device = resolve_device(cfg.device)
@@ -95,7 +95,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
     torch.manual_seed(derive_seed(cfg.seed, "model"))
-    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained, **model_kwargs(methods))
+    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained,
+                         pretrained_file=cfg.pretrained_file, log=log, **model_kwargs(methods))
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
     trainer_methods = list(methods)  # `methods` alone is what the config and summary record
     if cfg.record_depth and dist.is_main:
@@ -104,18 +105,23 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     trainer = Trainer(model, data, trainer_methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                       lr_schedule=cfg.lr_schedule, image_size=cfg.image_size, seed=cfg.seed,
+                      opt=cfg.opt, opt_eps=cfg.opt_eps, opt_betas=cfg.opt_betas, layer_decay=cfg.layer_decay,
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,
                       channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size,
                       head=cfg.head, checkpoint_meta=meta, config=config, amp=cfg.amp,
                       compile=cfg.compile, grad_accum=cfg.grad_accum, workers=cfg.workers,
                       dist=dist, log=log,
-                      progress=progress)
+                      progress=progress, log_interval=cfg.log_interval)
     label = " + ".join([cfg.method] + ([cfg.reg] if cfg.reg != "l2" else []) + cfg.trick)
     log(f"{label} | {cfg.model} on {cfg.data}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test images, {data.num_classes} classes, {cfg.epochs} epochs x "
         f"{trainer.steps_per_epoch} steps, {cfg.image_size}px, device {device}"
         + (f", {dist.world_size} DDP ranks" if dist.enabled else ""))
-    history = trainer.fit(resume=has_checkpoint)
+    try:
+        history = trainer.fit(resume=has_checkpoint)
+    except BaseException:
+        run_dir.close()  # flush TensorBoard's events of the epochs trained
+        raise
     summary = {
         "method": cfg.method, "reg": cfg.reg, "trick": cfg.trick, "model": cfg.model, "data": cfg.data, "seed": cfg.seed,
         **summarize(history),
@@ -124,6 +130,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         **{"rifle_diagnosis": m.diagnosis for m in methods if hasattr(m, "diagnosis")},
         **{"rifle_trigger": m.trigger_report for m in methods if getattr(m, "trigger_report", None)},
         "classes": data.classes, "data_info": data.info, "head": trainer.head_names,
+        "pretrained_source": model.rifle_pretrained_source,
         "preprocessing": {**model_preprocessing(model), "image_size": cfg.image_size,
                           "resize": round(cfg.image_size * 8 / 7)},
         "wall_seconds": time.perf_counter() - t0, "versions": versions(), "git": git_revision(),
@@ -134,4 +141,5 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                           "replica_checksums": trainer.replica_checksums}
     if dist.is_main:
         run_dir.write_summary(summary)
+    run_dir.close()
     return summary

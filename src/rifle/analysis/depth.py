@@ -103,7 +103,8 @@ def build_reference(config: dict[str, Any], num_classes: int) -> nn.Module:
     kwargs = model_kwargs(build_methods(cfg))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "model"))
-        return create_model(cfg.model, num_classes, pretrained=cfg.pretrained, **kwargs)
+        return create_model(cfg.model, num_classes, pretrained=cfg.pretrained,
+                            pretrained_file=cfg.pretrained_file, **kwargs)
 
 
 def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn.Module, dict[str, Any], dict]:

@@ -1,4 +1,5 @@
-"""``rifle bench``: run a grid of paired runs (resumable, shareable by several workers)."""
+"""``rifle bench``: run a grid of paired runs (resumable, shareable by several workers, or on a Ray
+cluster with ``--engine ray``)."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stale-after", type=float, default=600.0,
                    help="seconds without a heartbeat after which another worker may take a run over "
                         "(default 600; a lock whose pid is dead on this host is stale at once)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in this process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads in this process (--engine ray: in each run; default --cpus-per-run)")
     p.add_argument("--list", action="store_true", help="list the runs and their status, run nothing")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: worker processes on this machine (default); ray: one Ray task per run, on "
+                        "a Ray cluster (needs the [ray] extra; see docs/experiments.md, 'On a cluster')")
+    ray = p.add_argument_group("--engine ray")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join: 'auto' (started with `ray start` on this machine) or HOST:PORT "
+                          "of its head; default: RAY_ADDRESS, else a `ray start` cluster on this machine, else "
+                          "a new one-machine cluster")
+    ray.add_argument("--cpus-per-run", type=float, default=None,
+                     help="CPUs each run reserves, and its torch threads (default 1)")
+    ray.add_argument("--gpus-per-run", type=float, default=None,
+                     help="GPUs each run reserves; fractions share a GPU (default 0: runs train on the CPU)")
+    ray.add_argument("--max-retries", type=int, default=None,
+                     help="times a run is started again when its worker process or node dies (default 3); "
+                          "a run that raises is recorded in error.txt and not retried")
     # internal: set by --workers N for its subprocesses
     p.add_argument("--since", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-name", default="", help=argparse.SUPPRESS)
@@ -35,6 +52,15 @@ def run(args: argparse.Namespace) -> int:
                                     seconds_text, write_grid_copy)
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: must be >= 1")
+    ray_flags = {"--address": args.address, "--cpus-per-run": args.cpus_per_run,
+                 "--gpus-per-run": args.gpus_per_run, "--max-retries": args.max_retries}
+    if args.engine == "local":
+        given = [k for k, v in ray_flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --engine ray")
+    elif args.workers != 1:
+        raise ValueError(f"--workers {args.workers}: only with --engine local; with --engine ray the "
+                         f"cluster's CPUs / --cpus-per-run runs train at once")
     grid = load_grid(args.grid)
     runs = expand(grid, args.out)  # validates every run before anything starts
     if args.list:
@@ -46,8 +72,13 @@ def run(args: argparse.Namespace) -> int:
               f"seeds x {len(grid.datasets)} datasets x {len(grid.models)} models x methods per fraction; "
               f"baseline: {grid.baseline}")
         return 0
+    if args.engine == "ray":
+        from ..experiments.ray_engine import require_ray
+        require_ray()  # before writing anything: says how to install it
     if not args.no_grid_copy:
         write_grid_copy(grid, args.out)
+    if args.engine == "ray":
+        return _run_ray(args, runs)
     if args.workers > 1:
         print(f"{len(runs)} runs, {args.workers} workers", flush=True)
         code = launch_workers(args.grid, args.out, args.workers, stale_after=args.stale_after)
@@ -73,6 +104,28 @@ def run(args: argparse.Namespace) -> int:
           f"data loaded {res.data_loads}x", flush=True)
     if not args.worker_name:
         _final(runs, args.out)
+    return 1 if res.failed else 0
+
+
+def _run_ray(args: argparse.Namespace, runs) -> int:
+    import time
+
+    from ..experiments.grid import seconds_text
+    from ..experiments.ray_engine import run_grid_ray
+    t0 = time.perf_counter()
+    try:
+        res = run_grid_ray(runs, address=args.address, cpus_per_run=1.0 if args.cpus_per_run is None
+                           else args.cpus_per_run, gpus_per_run=args.gpus_per_run or 0.0,
+                           max_retries=3 if args.max_retries is None else args.max_retries,
+                           threads=args.threads, stale_after=args.stale_after, since=args.since)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the submitted runs were cancelled; finished runs are kept, interrupted ones "
+              "resume from their last epoch; re-run the same command to continue", file=sys.stderr)
+        return 130
+    c = res.counts
+    print(f"grid pass (ray) finished in {seconds_text(time.perf_counter() - t0)}: {c['done']} done, "
+          f"{c['skipped']} skipped, {c['failed']} failed", flush=True)
+    _final(runs, args.out)
     return 1 if res.failed else 0
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "demo"
-HELP = "offline demo: fine-tuning vs RIFLE on ELPV (<= 5 min on 2 cores)"
-EXAMPLE = "rifle demo            # offline: EfficientNet-Lite0 on ELPV, fine-tuning vs RIFLE"
+HELP = "offline demo: will RIFLE help? fine-tuning vs RIFLE on digits in two regimes (~4 min on 2 cores)"
+EXAMPLE = "rifle demo            # offline: EfficientNet-Lite0 on digits at 64 px and 32 px, fine-tuning vs RIFLE"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

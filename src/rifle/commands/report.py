@@ -32,4 +32,6 @@ def run(args: argparse.Namespace) -> int:
           + (f"; {len(res['unfinished'])} unfinished and {len(res['failed'])} failed runs not counted"
              if res["unfinished"] or res["failed"] else "")
           + (f"; updated {args.page}" if args.page else ""))
+    if res.get("tensorboard"):
+        print(f"curves of every run in TensorBoard: {res['tensorboard']}")
     return 0

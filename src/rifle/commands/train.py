@@ -16,6 +16,10 @@ _HELP = {
     "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
     "model": "efficientnet_lite0 (offline builtin), tiny_cnn, any timm name, or torchvision:<name>",
     "pretrained": "load pretrained weights",
+    "pretrained_file": "load the backbone's pretrained weights from this file instead of the hub (no "
+                       "network needed): a safetensors file or a torch state dict (read with "
+                       "weights_only=True) of the --model architecture; its classifier is not loaded "
+                       "(docs/models.md#pretrained-weights-from-a-file)",
     "method": "finetune (standard fine-tuning), rifle, or lp-ft (linear probe, then fine-tuning)",
     "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
     "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
@@ -36,8 +40,19 @@ _HELP = {
     "reinit_trigger": "RIFLE: schedule (the paper's fixed points) or converged (re-init once an "
                       "epoch's train accuracy reaches --reinit-converged-acc; docs/rifle.md#trigger)",
     "reinit_converged_acc": "RIFLE: the converged trigger's train-accuracy threshold",
-    "epochs": "training epochs", "batch_size": "training batch size", "lr": "SGD learning rate",
-    "momentum": "SGD momentum", "weight_decay": "weight decay on all parameters",
+    "diagnose": "RIFLE: measure each re-init (train loss before, head norms, backbone gradient "
+                "ratio) and print a verdict (docs/rifle.md#when)",
+    "diagnosis_window": "RIFLE: optimizer steps measured on each side of a re-init by the diagnosis",
+    "epochs": "training epochs", "batch_size": "training batch size",
+    "lr": "learning rate (the head's and backbone's; --layer-decay scales it per layer)",
+    "momentum": "momentum of SGD-type optimizers (ignored by the others)",
+    "weight_decay": "weight decay on all parameters",
+    "opt": "optimizer: sgd (the paper's: torch.optim.SGD, classical momentum) or any name of "
+           "timm.optim.list_optimizers() except adahessian and lookahead_*: adamw, lamb, lion, nesterov "
+           "(timm's sgd), ... (docs/guide.md#optimizers)",
+    "opt_eps": "epsilon of adaptive optimizers (adam, adamw, lamb, ...)",
+    "layer_decay": "layer-wise LR decay: layer i of L (timm's group_matcher order, head last) trains at "
+                   "LAYER_DECAY**(L-1-i) x --lr; timm and built-in models only (e.g. 0.75)",
     "lr_schedule": "cosine (per epoch, over the run) or constant",
     "image_size": "crop size S; images are resized to S*8/7 first (paper: 256 -> 224)",
     "seed": "run seed: split, data order, augmentation and re-inits derive from it",
@@ -50,14 +65,22 @@ _HELP = {
     "grad_accum": "gradient accumulation: micro-batches per optimizer step",
     "record_depth": "record per-layer weight change and gradient norms around re-inits (depth.jsonl)",
     "workers": "background threads preparing batches (0 = in-process; helps on GPUs)",
+    "log_to": "metric files beside metrics.jsonl (always written), comma-separated: csv (metrics.csv), "
+           "tensorboard (events in OUT/tb: tensorboard --logdir OUT); auto = csv, and tensorboard when "
+           "installed; jsonl = no other file",
+    "log_interval": "when stderr is not a terminal (batch jobs, logs piped to a file): print a progress "
+                    "line (epoch, step, loss, img/s, ETA) every N optimizer steps and at least every 30 s "
+                    "(0 = none); a terminal gets progress bars instead",
     "out": "output folder of the run",
 }
-_SKIP = {"extra", "preset", "options", "trick"}
+_SKIP = {"extra", "preset", "options", "trick", "opt_betas"}
 # how some defaults read in --help (None and other placeholders)
 _SHOWN = {"guard": "max(1, ceil(E/8))", "head": "found automatically",
           "reinit_modules": "none: the head only", "threads": "torch's default",
           "reinit_init": "default: reset_parameters",
-          "reinit_converged_acc": "0.97"}
+          "reinit_converged_acc": "0.97", "opt_eps": "the optimizer's", "layer_decay": "none: off",
+          "pretrained_file": "none: timm's / torchvision's hub weights",
+          "log_to": "auto: csv,tensorboard when installed"}
 
 
 def _fmt(v: Any) -> str:
@@ -118,6 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         _add_typed(p, "--" + f.name.replace("_", "-"), f.name, f.type,
                    f"{_HELP.get(f.name, '')} {default_text(f.name)}".strip())
+    p.add_argument("--opt-betas", dest="opt_betas", nargs=2, type=float, metavar=("BETA1", "BETA2"),
+                   default=argparse.SUPPRESS,
+                   help="betas of Adam-type optimizers (adam, adamw, lamb, lion, ...) (default the optimizer's)")
     p.add_argument("--trick", dest="trick", action="append", default=argparse.SUPPRESS,
                    help=_HELP["trick"] + " (default none)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,

@@ -82,7 +82,8 @@ class Rifle:
             new head after each re-init and raise ``ReplicaDivergenceError`` if ranks differ.
         diagnose: measure each re-init (:mod:`rifle.core.diagnosis`): train loss / accuracy before it
             (from :meth:`observe`), head norm before / after, backbone gradient ratio after / before
-            over ``diagnosis_window`` optimizer steps on each side, by backbone third. Gradients are
+            over ``diagnosis_window`` optimizer steps on each side, by backbone third, and the
+            same-batch head-signal ratio (one ``nn.Linear`` head; see :attr:`head_grad_scale`). Gradients are
             read by an optimizer step pre-hook; without an optimizer call :meth:`record_gradients`
             once per step, after ``backward()``. Loss window: the epoch before the re-init (epoch
             schedules) or the last ``steps_per_epoch`` (default 100) steps (step schedules).
@@ -169,7 +170,7 @@ class Rifle:
         if diagnose:
             loss_window = None if self.unit == "epoch" else int(steps_per_epoch or 100)
             self._diag = Diagnosis(backbone_weights(inner, exclude=self.head_modules),
-                                   window=diagnosis_window, loss_window=loss_window)
+                                   window=diagnosis_window, loss_window=loss_window, head=self.modules)
             if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
                 self._diag_hook = optimizer.register_step_pre_hook(
                     lambda opt, args, kwargs: self.record_gradients())
@@ -327,6 +328,19 @@ class Rifle:
         """Read the backbone gradients of this optimizer step (automatic when an optimizer is given)."""
         if self._diag is not None and self._diag.recording:
             self._diag.record_step()
+
+    @property
+    def head_grad_scale(self) -> float | None:
+        """Factor by which the gradient reaching the head's output exceeds that of the micro-batch's
+        mean cross-entropy (default 1.0; ``1/N`` when each of N accumulated micro-batch losses is
+        divided by N; the loss scale under fp16 AMP; ``None``: unknown, the head signal is not
+        measured). Read when the last batch before a re-init is frozen."""
+        return self._diag.head_grad_scale if self._diag is not None else None
+
+    @head_grad_scale.setter
+    def head_grad_scale(self, value: float | None) -> None:
+        if self._diag is not None:
+            self._diag.head_grad_scale = None if value is None else float(value)
 
     def settle_diagnosis(self) -> None:
         """Sum the loss window over data-parallel ranks now (all ranks call it together): before a

@@ -360,10 +360,13 @@ def read_lock(path: Path) -> dict[str, Any] | None:
 
 
 def lock_is_stale(info: dict[str, Any] | None, mtime: float, stale_after: float,
-                  now: float | None = None, host: str | None = None) -> bool:
-    """Stale when its pid is dead on this host, or its heartbeat (mtime) is older than ``stale_after``."""
+                  now: float | None = None, host: str | None = None, owner: str | None = None) -> bool:
+    """Stale when its pid is dead on this host, or its heartbeat (mtime) is older than ``stale_after``,
+    or it carries ``owner`` (not None): the caller's own earlier attempt, known dead (see :func:`try_claim`)."""
     now = time.time() if now is None else now
     host = socket.gethostname() if host is None else host
+    if owner is not None and info and info.get("owner") == owner:
+        return True
     if now - mtime > stale_after:
         return True
     if info and info.get("host") == host and isinstance(info.get("pid"), int):
@@ -403,7 +406,8 @@ class Claim:
 BREAK_STALE_AFTER = 60.0
 
 
-def _break_stale(path: Path, seen: dict[str, Any] | None, seen_mtime: float, stale_after: float) -> None:
+def _break_stale(path: Path, seen: dict[str, Any] | None, seen_mtime: float, stale_after: float,
+                 owner: str | None = None) -> None:
     """Remove a stale lock, under ``<lock>.break`` so that only one worker breaks a given lock."""
     brk = Path(str(path) + ".break")
     try:
@@ -423,7 +427,7 @@ def _break_stale(path: Path, seen: dict[str, Any] | None, seen_mtime: float, sta
             return
         info = read_lock(path)
         same = (info or {}).get("token") == (seen or {}).get("token") and (seen is not None or mtime == seen_mtime)
-        if same and lock_is_stale(info, mtime, stale_after):
+        if same and lock_is_stale(info, mtime, stale_after, owner=owner):
             os.unlink(path)
     finally:
         try:
@@ -432,8 +436,14 @@ def _break_stale(path: Path, seen: dict[str, Any] | None, seen_mtime: float, sta
             pass
 
 
-def try_claim(folder: Path, stale_after: float = 600.0) -> Claim | None:
-    """Atomically claim the run in ``folder``; ``None`` when another live worker holds it."""
+def try_claim(folder: Path, stale_after: float = 600.0, owner: str | None = None) -> Claim | None:
+    """Atomically claim the run in ``folder``; ``None`` when another live worker holds it.
+
+    ``owner`` (recorded in the lock): a lock that already carries the same owner is taken over at once.
+    The Ray engine passes one owner per (invocation, run) and submits each run once per invocation, so
+    such a lock can only be an earlier attempt of the same task, which Ray retries only after that
+    attempt's worker (or node) died; without this a retry on another host would wait ``stale_after``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
@@ -447,13 +457,13 @@ def try_claim(folder: Path, stale_after: float = 600.0) -> Claim | None:
             except FileNotFoundError:
                 continue  # released meanwhile: try again
             info = read_lock(path)
-            if not lock_is_stale(info, mtime, stale_after):
+            if not lock_is_stale(info, mtime, stale_after, owner=owner):
                 return None
-            _break_stale(path, info, mtime, stale_after)
+            _break_stale(path, info, mtime, stale_after, owner=owner)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                       "token": token}, f)
+                       "token": token, **({"owner": owner} if owner is not None else {})}, f)
         return Claim(path, token)
     return None
 
@@ -495,6 +505,67 @@ class GridResult:
     data_loads: int = 0
 
 
+@dataclass
+class Outcome:
+    """What :func:`run_one` did with one run: ``status`` is done | skipped | busy | failed."""
+
+    status: str
+    note: str = ""
+    seconds: float = 0.0
+    summary: dict[str, Any] | None = None
+    resumed: bool = False
+    host: str = ""
+    pid: int = 0
+
+
+def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, heartbeat: float = 30.0,
+            since: float | None = None, owner: str | None = None,
+            log: Callable[[str], None] = print, prefix: str = "") -> Outcome:
+    """Skip, claim and train (or resume) one run; the per-run step of both engines.
+
+    A run that raises is written to ``error.txt`` and returned as ``failed``; ``KeyboardInterrupt``
+    goes through (the lock is released, the last epoch checkpoint kept). ``since``: an ``error.txt``
+    at least that recent failed in this invocation and is not retried.
+    """
+    from ..run import run_train
+    me = dict(host=socket.gethostname(), pid=os.getpid())
+    if is_complete(spec.path):
+        return Outcome("skipped", "  (complete)", **me)
+    err = spec.path / ERROR
+    if since is not None and err.is_file() and err.stat().st_mtime >= since:
+        return Outcome("skipped", "  (failed earlier in this invocation, see error.txt)", **me)
+    claim = try_claim(spec.path, stale_after, owner=owner)
+    if claim is None:
+        info = read_lock(spec.path / LOCK) or {}
+        return Outcome("busy", f"  (claimed by {info.get('host')}:{info.get('pid')})", **me)
+    try:
+        if is_complete(spec.path):  # finished by another worker just before we claimed it
+            return Outcome("skipped", "  (complete)", **me)
+        claim.start_heartbeat(heartbeat)
+        t0 = time.perf_counter()
+        resuming = (spec.path / "state.pt").is_file()
+        try:
+            data = cache.get(spec)
+            summary = run_train(spec.cfg, resume=True, data=data, log=_file_log(spec.path), progress=False)
+            if not summary.get("complete"):
+                raise RuntimeError(f"run ended after {summary.get('epochs_run')} of {spec.cfg.epochs} epochs")
+        except KeyboardInterrupt:
+            log(f"{prefix}interrupted during {spec.rel}; its last epoch checkpoint is kept, "
+                f"re-run the same command to resume")
+            raise
+        except Exception as e:  # noqa: BLE001 - record any failure and go on with the grid
+            err.write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+            dt = time.perf_counter() - t0
+            return Outcome("failed", f"  {dt:.0f}s  {type(e).__name__}: {e}", dt, resumed=resuming, **me)
+        err.unlink(missing_ok=True)
+        dt = time.perf_counter() - t0
+        acc = summary.get("final_test_acc")
+        return Outcome("done", f"  {dt:.0f}s  final test acc {acc:.4f}" + ("  (resumed)" if resuming else ""),
+                       dt, summary, resuming, **me)
+    finally:
+        claim.release()
+
+
 def run_grid(runs: Sequence[RunSpec], *, stale_after: float = 600.0, heartbeat: float | None = None,
              since: float | None = None, worker: str = "", log: Callable[[str], None] = print) -> GridResult:
     """Run (or skip, or resume) every run once in this process; see the module docstring.
@@ -503,61 +574,25 @@ def run_grid(runs: Sequence[RunSpec], *, stale_after: float = 600.0, heartbeat: 
     worker) and is not retried. Raises ``KeyboardInterrupt`` through (the lock is released, the last
     epoch checkpoint kept).
     """
-    from ..run import run_train
-    heartbeat = heartbeat if heartbeat is not None else max(1.0, min(30.0, stale_after / 4))
+    heartbeat = heartbeat if heartbeat is not None else default_heartbeat(stale_after)
     since = time.time() if since is None else since
     cache = DataCache()
     res = GridResult()
     prefix = f"[{worker}] " if worker else ""
     width = len(str(len(runs)))
-
-    def say(i: int, status: str, spec: RunSpec, note: str = "") -> None:
-        res.counts[status] += 1
-        log(f"{prefix}[{i + 1:{width}d}/{len(runs)}] {status:<7s} {spec.rel}{note}")
-
     for i, spec in enumerate(runs):
-        if is_complete(spec.path):
-            say(i, "skipped", spec, "  (complete)")
-            continue
-        err = spec.path / ERROR
-        if err.is_file() and err.stat().st_mtime >= since:
-            say(i, "skipped", spec, "  (failed earlier in this invocation, see error.txt)")
-            continue
-        claim = try_claim(spec.path, stale_after)
-        if claim is None:
-            info = read_lock(spec.path / LOCK) or {}
-            say(i, "busy", spec, f"  (claimed by {info.get('host')}:{info.get('pid')})")
-            continue
-        try:
-            if is_complete(spec.path):  # finished by another worker just before we claimed it
-                say(i, "skipped", spec, "  (complete)")
-                continue
-            claim.start_heartbeat(heartbeat)
-            t0 = time.perf_counter()
-            resuming = (spec.path / "state.pt").is_file()
-            try:
-                data = cache.get(spec)
-                summary = run_train(spec.cfg, resume=True, data=data, log=_file_log(spec.path),
-                                    progress=False)
-                if not summary.get("complete"):
-                    raise RuntimeError(f"run ended after {summary.get('epochs_run')} of {spec.cfg.epochs} epochs")
-            except KeyboardInterrupt:
-                log(f"{prefix}interrupted during {spec.rel}; its last epoch checkpoint is kept, "
-                    f"re-run the same command to resume")
-                raise
-            except Exception as e:  # noqa: BLE001 - record any failure and go on with the grid
-                (spec.path / ERROR).write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-                res.failed.append(spec.rel)
-                say(i, "failed", spec, f"  {time.perf_counter() - t0:.0f}s  {type(e).__name__}: {e}")
-                continue
-            err.unlink(missing_ok=True)
-            acc = summary.get("final_test_acc")
-            say(i, "done", spec, f"  {time.perf_counter() - t0:.0f}s  final test acc "
-                f"{acc:.4f}" + ("  (resumed)" if resuming else ""))
-        finally:
-            claim.release()
+        out = run_one(spec, cache, stale_after=stale_after, heartbeat=heartbeat, since=since, log=log,
+                      prefix=prefix)
+        res.counts[out.status] += 1
+        if out.status == "failed":
+            res.failed.append(spec.rel)
+        log(f"{prefix}[{i + 1:{width}d}/{len(runs)}] {out.status:<7s} {spec.rel}{out.note}")
     res.data_loads = cache.loads
     return res
+
+
+def default_heartbeat(stale_after: float) -> float:
+    return max(1.0, min(30.0, stale_after / 4))
 
 
 def write_grid_copy(grid: Grid, out: str | Path) -> None:

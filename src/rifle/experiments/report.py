@@ -424,6 +424,16 @@ def cell_sections(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], base
     return out
 
 
+def has_events(root: Path) -> bool:
+    """True when a run below ``root`` wrote TensorBoard events (``rifle train --log-to tensorboard``)."""
+    return any(p.is_dir() for p in Path(root).rglob("tb"))
+
+
+def tensorboard_command(root: Path) -> str:
+    import shlex
+    return f"tensorboard --logdir {shlex.quote(str(root))}"
+
+
 def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
                     baseline: str | None, info: dict[str, Any], plots: dict[tuple, list[str]],
                     confidence: float, depth: list[dict[str, Any]] | None = None) -> str:
@@ -431,6 +441,7 @@ def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], swee
     out = [f"# Results: `{root}`", "",
            f"Regenerate: `rifle report {root}`"
            + (f" (the runs: `rifle bench {info['source']} --out {root}`)" if info.get("source") else ""),
+           *(["", f"Curves of every run in TensorBoard: `{tensorboard_command(root)}`"] if has_events(root) else []),
            "", f"{len(col.runs)} complete runs"
            + (f", {len(col.unfinished)} unfinished" if col.unfinished else "")
            + (f", {len(col.failed)} failed" if col.failed else "") + ".", "", "## Recipe", ""]
@@ -658,5 +669,6 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
     if page is not None:
         update_page(page, page_block(root, Path(page), col, rows, sweeps, baseline, pngs, confidence, drows))
     return {"rows": rows, "sweeps": sweeps, "baseline": baseline, "markdown": root / "results.md",
+            "tensorboard": tensorboard_command(root) if has_events(root) else None,
             "csv": root / "results.csv", "depth_rows": drows, "plots": [root / p for ps in pngs.values() for p in ps],
             "unfinished": col.unfinished, "failed": col.failed}

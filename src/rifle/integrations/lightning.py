@@ -21,10 +21,23 @@ Mapping onto Lightning:
 - ``state_dict()`` / ``load_state_dict()`` hold the core's progress, so ``Trainer.fit(ckpt_path=...)``
   never repeats or skips a re-init (Lightning restores callback state before ``on_train_start``);
 - when a re-init fires, ``rifle/reinit`` (the re-init's index, 1..K) is logged for that epoch;
-- the diagnosis (docs/rifle.md#when) is fed the loss ``training_step`` returns (no accuracy: none is
-  known to the callback); at the end of the epoch in which a re-init's measurement completes, its
-  verdict is printed (rank 0) and ``rifle/grad_ratio``, ``rifle/train_loss_before``,
-  ``rifle/head_norm_before`` / ``after`` are logged. ``diagnosis`` holds every entry.
+- the diagnosis (docs/rifle.md#when) reads the gradients in ``on_before_optimizer_step`` (Lightning
+  runs backward inside ``optimizer.step(closure)``, after the optimizer's step pre-hooks, so the core's
+  pre-hook is removed) and is fed the loss ``training_step`` returns and, when it returns
+  a dict with ``"correct"`` (correct predictions in the batch) and ``"count"`` (examples in it), the
+  accuracy; at the end of the epoch in which a re-init's measurement completes, its verdict is printed
+  (rank 0) and ``rifle/grad_ratio`` (and its ``_first`` / ``_middle`` / ``_last`` thirds),
+  ``rifle/train_loss_before``, ``rifle/train_acc_before``, ``rifle/head_norm_before`` / ``after`` and
+  ``rifle/diagnosis_of`` are logged through ``pl_module.log`` (so every Lightning logger gets them;
+  a measurement closed at the end of training goes to ``trainer.loggers`` directly). ``diagnosis``
+  holds every entry;
+- ``trigger="converged"`` (docs/rifle.md#trigger): ``training_step`` must return that dict (checked at
+  the first batch); at each epoch end the epoch's accuracy is summed over DDP ranks
+  (``Rifle.settle_trigger``) before any checkpoint, and ``on_train_epoch_start`` decides. A checkpoint
+  inside an epoch saves the open epoch's sums (trigger accuracy, diagnosis loss window) of all ranks
+  (``state_dict`` is collective under DDP, as Lightning calls it on every rank); on resume rank 0
+  keeps them. ``trigger_report`` says what fired
+  and why not more; at the end of training a short reason is printed (rank 0) when fewer than K fired.
 """
 from __future__ import annotations
 
@@ -40,7 +53,12 @@ from ..core import Rifle, find_head
 from ..core.heads import HeadSpec
 from ..core.reinit import Initializer
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import check_trigger, unwrap_optimizer
+from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
+               unwrap_optimizer)
+
+ACC_CONTRACT = ("return {'loss': loss, 'correct': (logits.argmax(-1) == y).sum(), 'count': len(y)} from "
+                "training_step (correct: the number of correct predictions in the batch, count: the "
+                "number of examples in it)")
 
 
 def find_lightning_head(pl_module: nn.Module, head: HeadSpec | None = None) -> list[nn.Module]:
@@ -75,29 +93,30 @@ class RifleCallback(pl.Callback):
 
     Args: as :class:`rifle.core.Rifle` (``reinits``, ``head``, ``seed``, ``guard``, ``guard_steps``,
     ``min_steps_after``, ``init``, ``keep_optimizer_state``, ``head_lr_restart``, ``modules``,
-    ``verify_replicas``) plus
-    ``trigger``: only ``"schedule"``; ``"converged"`` raises (the callback sees no predictions, so no
-    training accuracy: docs/rifle.md#trigger).
+    ``verify_replicas``, ``trigger``, ``converged_acc``) plus
     ``granularity``: ``"epoch"`` (schedule over ``trainer.max_epochs``) or ``"step"`` (over
-    ``trainer.estimated_stepping_batches``). One RifleCallback per Trainer (its checkpoint key is the
+    ``trainer.estimated_stepping_batches``). ``trigger="converged"`` (epoch granularity only)
+    re-initialises once the previous epoch's training accuracy reaches ``converged_acc``: it needs
+    ``training_step`` to return ``{"loss": ..., "correct": ..., "count": ...}`` (docs/rifle.md#trigger). One RifleCallback per Trainer (its checkpoint key is the
     class name). ``fired`` lists the ``(index, epoch_or_step)`` re-inits applied by this process.
     """
 
     def __init__(self, reinits: int = 3, head: HeadSpec | None = None, seed: int = 0,
-                 granularity: str = "epoch", guard: int | None = None,
+                 granularity: str | None = "epoch", guard: int | None = None,
                  guard_steps: int | None = None,
                  min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False, modules: str | None = None,
-                 verify_replicas: bool = True, trigger: str = "schedule") -> None:
-        if granularity not in ("epoch", "step"):
-            raise ValueError(f"granularity must be 'epoch' or 'step', got {granularity!r}")
-        check_trigger(trigger)
+                 verify_replicas: bool = True, trigger: str = "schedule",
+                 converged_acc: float | None = None) -> None:
+        granularity = check_trigger(trigger, granularity, "epoch")
         self.reinits, self.head, self.seed, self.granularity = reinits, head, seed, granularity
+        self.trigger = trigger
         self.options: dict[str, Any] = dict(
             guard=guard, guard_steps=guard_steps, min_steps_after=min_steps_after, init=init,
             keep_optimizer_state=keep_optimizer_state, head_lr_restart=head_lr_restart,
-            modules=modules, verify_replicas=verify_replicas)
+            modules=modules, verify_replicas=verify_replicas, trigger=trigger,
+            converged_acc=converged_acc)
         self.rifle: Rifle | None = None
         self.fired: list[tuple[int, int]] = []
         self._pending: dict[str, Any] | None = None
@@ -132,8 +151,15 @@ class RifleCallback(pl.Callback):
                 raise ValueError("RifleCallback(granularity='step') needs a finite run: set max_steps "
                                  "or max_epochs")
             length = dict(total_steps=int(total_steps))
-        return Rifle(pl_module, optimizer, reinits=self.reinits, seed=self.seed, head=heads,
-                     on_reinit=self._on_reinit, **length, **self.options)
+        rifle = Rifle(pl_module, optimizer, reinits=self.reinits, seed=self.seed, head=heads,
+                      on_reinit=self._on_reinit, **length, **self.options)
+        # Lightning runs training_step and backward inside optimizer.step(closure), after the step
+        # pre-hooks: the core's pre-hook would read the previous step's gradients (none at all on the
+        # first step after a resume). They are read in on_before_optimizer_step instead.
+        if rifle._diag_hook is not None:
+            rifle._diag_hook.remove()
+            rifle._diag_hook = None
+        return rifle
 
     def _on_reinit(self, index: int, point: int) -> None:
         self.fired.append((index, point))
@@ -145,7 +171,7 @@ class RifleCallback(pl.Callback):
         self._epoch_started = None
         self.rifle = self._build(trainer, pl_module)
         if self._pending is not None:
-            self.rifle.load_state_dict(self._pending)
+            self.rifle.load_state_dict(localize_open_sums(self._pending))
             self._pending = None
         self._reported = len(self.rifle.diagnosis)  # restored ones were reported before
 
@@ -173,24 +199,66 @@ class RifleCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if self.rifle is None or outputs is None:  # None: training_step skipped the batch
+            return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if self.rifle is not None and loss is not None:
-            if pl_module.automatic_optimization:  # Lightning divided it by accumulate_grad_batches
-                loss = loss * trainer.accumulate_grad_batches
+        correct = outputs.get("correct") if isinstance(outputs, dict) else None
+        count = outputs.get("count") if isinstance(outputs, dict) else None
+        if (correct is None) != (count is None) or (self.trigger == "converged" and correct is None):
+            got = (f"a dict with keys {sorted(outputs)}" if isinstance(outputs, dict)
+                   else f"a {type(outputs).__name__}")
+            raise ValueError(f"RifleCallback(trigger={self.trigger!r}) reads the training accuracy from "
+                             f"what training_step returns, which was {got}: {ACC_CONTRACT}"
+                             if self.trigger == "converged" else
+                             f"RifleCallback: training_step returned {got}; give both 'correct' and "
+                             f"'count' or neither: {ACC_CONTRACT}")
+        if loss is None:
+            return
+        if pl_module.automatic_optimization:  # Lightning divided it by accumulate_grad_batches
+            loss = loss * trainer.accumulate_grad_batches
+        if correct is None:
             self.rifle.observe(loss, None, 1)
+        else:
+            self.rifle.observe(loss, correct, int(count))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        """After the closure's backward (the step's final, accumulated gradients), before the update."""
+        if self.rifle is not None and (self.rifle.optimizer is None
+                                       or unwrap_optimizer(optimizer) is self.rifle.optimizer):
+            self.rifle.record_gradients()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every rank, before ModelCheckpoint (Lightning runs it after the other callbacks): the saved
+        # state holds the epoch's accuracy and loss window summed over ranks
+        if self.rifle is not None and self.rifle.unit == "epoch":
+            self.rifle.settle_trigger()
+            if self.rifle.reinit_may_start_at(trainer.current_epoch + 1):
+                self.rifle.settle_diagnosis()
         for d in self._new_diagnoses(trainer):
-            for key in ("grad_ratio", "train_loss_before", "head_norm_before", "head_norm_after"):
-                if d.get(key) is not None:
-                    pl_module.log(f"rifle/{key}", float(d[key]), on_step=False, on_epoch=True,
-                                  reduce_fx="max", batch_size=1)
+            for key, value in diagnosis_metrics(d).items():
+                pl_module.log(key, float(value), on_step=False, on_epoch=True, reduce_fx="max",
+                              batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log = lambda index: None
-        if self.rifle is not None:
-            self.rifle.close_diagnosis()
-            self._new_diagnoses(trainer)
+        if self.rifle is None:
+            return
+        self.rifle.close_diagnosis()
+        self.rifle.settle_trigger()  # no-op when the last epoch was settled at its end
+        for d in self._new_diagnoses(trainer):  # pl_module.log is not allowed here: the loggers directly
+            for logger in trainer.loggers:
+                logger.log_metrics(diagnosis_metrics(d), step=trainer.global_step)
+        report = self.rifle.trigger_report
+        if report is not None and report["reason"] and trainer.is_global_zero:
+            print(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
+                  f"{report['reason']} (docs/rifle.md#trigger)")
+
+    @property
+    def trigger_report(self) -> dict[str, Any] | None:
+        """``trigger="converged"``: :attr:`rifle.core.Rifle.trigger_report` (fired epochs, per-epoch
+        accuracy, why fewer than K fired); ``None`` for the schedule."""
+        return self.rifle.trigger_report if self.rifle is not None else None
 
     def _new_diagnoses(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
         if self.rifle is None:
@@ -209,8 +277,8 @@ class RifleCallback(pl.Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        if self.rifle is not None:
-            return self.rifle.state_dict()
+        if self.rifle is not None:  # Lightning dumps the checkpoint on every rank: collective under DDP
+            return reduce_open_sums(self.rifle.state_dict())
         return dict(self._pending) if self._pending is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -13,8 +13,12 @@ Mapping onto the HF Trainer:
   re-init in ``on_epoch_begin`` at epoch ``floor(state.epoch)``; a fractional
   ``num_train_epochs`` is refused (epochs are never rounded), a ``max_steps`` that ends inside an
   epoch warns;
-- each re-init is appended to ``state.log_history`` as ``{"rifle/reinit": i, "epoch", "step"}``
-  (saved with every checkpoint's ``trainer_state.json``) and logged with ``logging`` at INFO;
+- each re-init is logged with ``Trainer.log({"rifle/reinit": i})``: the Trainer appends
+  ``{"rifle/reinit": i, "epoch", "step"}`` to ``state.log_history`` (saved with every checkpoint's
+  ``trainer_state.json``) and hands it to every ``report_to`` integration (TensorBoard, W&B, ...);
+  also logged with ``logging`` at INFO. The Trainer is the caller of ``on_train_begin`` (a callback is
+  given no reference to it); if it cannot be found the entries go to ``log_history`` alone, with a
+  warning;
 - the core is built in ``on_train_begin`` from ``kwargs["model"]`` and ``kwargs["optimizer"]`` (the
   latter usually Accelerate's ``AcceleratedOptimizer``: the torch optimizer inside is used);
 - the head: the final ``Linear`` of the model's ``classifier`` (a Linear, or a module such as
@@ -29,9 +33,21 @@ Mapping onto the HF Trainer:
 - the diagnosis (docs/rifle.md#when) is fed the Trainer's logged training ``loss`` (``on_log``: the
   mean over the steps since the previous log, weighted by their number; so ``logging_steps`` should
   be at most an epoch's steps, else the loss before a re-init reads "not measured"). When a re-init's
-  measurement completes, its verdict is printed (main process) and ``{"rifle/grad_ratio",
-  "rifle/train_loss_before", "rifle/head_norm_before", "rifle/head_norm_after", "rifle/verdict",
-  "rifle/diagnosis_of": i, "epoch", "step"}`` is appended to ``state.log_history``.
+  measurement completes, its verdict is printed (main process) and its numbers
+  (:func:`rifle.integrations.diagnosis_metrics`: ``rifle/diagnosis_of``, ``rifle/grad_ratio`` and its
+  thirds, ``rifle/train_loss_before``, ``rifle/train_acc_before``, ``rifle/head_norm_before`` /
+  ``after``) go through ``Trainer.log``; the ``log_history`` entry also holds ``rifle/verdict`` and
+  the unmeasured ones as None;
+- ``trigger="converged"`` (docs/rifle.md#trigger; epoch granularity): the callback sees no outputs,
+  so a forward hook on the model (``register_forward_hook(..., with_kwargs=True)``, training mode
+  only) reads the ``labels`` keyword the Trainer passes and the output's ``logits`` (a single-label
+  classifier: ``(batch, classes)`` and ``(batch,)``), counts correct predictions and the batch's
+  cross-entropy over each optimizer step's micro-batches and feeds them to ``Rifle.observe`` in
+  ``on_step_end`` (then the diagnosis' loss is that cross-entropy, not the logged loss). At each
+  ``on_epoch_end`` (every rank, before the epoch's checkpoint) the epoch's accuracy is summed over DDP
+  ranks (``Rifle.settle_trigger``); ``on_epoch_begin`` decides. A checkpoint inside an epoch saves
+  the open sums (the epoch's correct / count, the diagnosis' loss window) of all ranks (summed in
+  ``on_step_end`` when ``control.should_save``); on resume rank 0 keeps them. ``trigger_report`` says what fired and why not more.
 """
 from __future__ import annotations
 
@@ -41,6 +57,7 @@ import sys
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -49,7 +66,8 @@ from ..core import Rifle, find_head, unwrap_model
 from ..core.heads import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import check_trigger, unwrap_optimizer
+from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
+               unwrap_optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +98,24 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
 
     Args: as :class:`rifle.core.Rifle` (``reinits``, ``head``, ``seed``, ``guard``, ``guard_steps``,
     ``min_steps_after``, ``init``, ``keep_optimizer_state``, ``head_lr_restart``, ``modules``,
-    ``verify_replicas``) plus
-    ``trigger``: only ``"schedule"``; ``"converged"`` raises (the callback sees no predictions, so no
-    training accuracy: docs/rifle.md#trigger).
-    ``granularity`` (``"step"`` or ``"epoch"``). ``init="hf"`` re-draws the head as HF models first
+    ``verify_replicas``, ``trigger``, ``converged_acc``) plus
+    ``granularity`` (``"step"`` or ``"epoch"``; default ``"step"``, and ``"epoch"`` with
+    ``trigger="converged"``, which decides once per epoch from the training accuracy that a forward
+    hook counts from the model's ``logits`` and the ``labels`` it is called with). ``init="hf"`` re-draws the head as HF models first
     draw it (normal with ``config.initializer_range``, zero bias); the default is the core's
     ``reset_parameters()``. ``fired`` lists the ``(index, step_or_epoch)`` re-inits this process
     applied.
     """
 
     def __init__(self, reinits: int = 3, head: HeadSpec | None = None, seed: int = 0,
-                 granularity: str = "step", guard: int | None = None,
+                 granularity: str | None = None, guard: int | None = None,
                  guard_steps: int | None = None,
                  min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
                  init: str | Initializer = "default", keep_optimizer_state: bool = False,
                  head_lr_restart: bool = False, modules: str | None = None,
-                 verify_replicas: bool = True, trigger: str = "schedule") -> None:
-        if granularity not in ("epoch", "step"):
-            raise ValueError(f"granularity must be 'step' or 'epoch', got {granularity!r}")
-        check_trigger(trigger)
+                 verify_replicas: bool = True, trigger: str = "schedule",
+                 converged_acc: float | None = None) -> None:
+        granularity = check_trigger(trigger, granularity, "step")
         if isinstance(init, str) and init.startswith("callable:"):
             raise ValueError(
                 f"RIFLE: this checkpoint's callback used a callable init ({init[9:]}), which cannot be "
@@ -108,7 +125,12 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         self.guard, self.guard_steps, self.min_steps_after = guard, guard_steps, min_steps_after
         self.init, self.keep_optimizer_state = init, keep_optimizer_state
         self.head_lr_restart, self.modules, self.verify_replicas = head_lr_restart, modules, verify_replicas
+        self.trigger, self.converged_acc = trigger, converged_acc
         self.rifle: Rifle | None = None
+        self._hook: Any = None
+        self._trainer: Any = None  # the Trainer running this callback (found in on_train_begin)
+        self._step_sums: list[Any] | None = None  # [loss sum, correct, count] of this optimizer step
+        self._saved_window: dict[str, Any] | None = None  # the state with open sums over ranks (checkpoint)
         self.fired: list[tuple[int, int]] = []
         self.progress: dict[str, Any] | None = None  # set by the Trainer's own callback restore
         self._reported, self._last_log_step = 0, 0
@@ -119,6 +141,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("RifleTrainerCallback needs the Trainer's model (kwargs['model'])")
         self.fired = []
+        self._trainer = self._find_trainer()
         init = self.init
         if init == "hf":
             init = hf_init(float(getattr(getattr(unwrap_model(model), "config", None),
@@ -134,11 +157,18 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                            guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                            init=init, keep_optimizer_state=self.keep_optimizer_state,
                            head_lr_restart=self.head_lr_restart, modules=self.modules,
-                           verify_replicas=self.verify_replicas, on_reinit=self._on_reinit)
+                           verify_replicas=self.verify_replicas, on_reinit=self._on_reinit,
+                           trigger=self.trigger, converged_acc=self.converged_acc)
         if state.global_step > 0:  # resumed: restore which re-inits happened
             saved = self.progress or self._saved_progress(state)
             if saved:
-                self.rifle.load_state_dict(saved)
+                self.rifle.load_state_dict(localize_open_sums(saved))
+        self._step_sums, self._saved_window = None, None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.trigger == "converged":
+            self._hook = unwrap_model(model).register_forward_hook(self._count_correct, with_kwargs=True)
         self.progress = None
         self._reported, self._last_log_step = len(self.rifle.diagnosis), int(state.global_step)
         log.info("RIFLE: re-init %s at the start of %s(s) %s of %d", self.rifle.module_names,
@@ -183,40 +213,145 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.rifle is not None and self.rifle.unit == "epoch":
-            before = len(self.fired)
             # state.epoch is e + (steps done in epoch e) / steps_per_epoch: exact at epoch starts
-            self.rifle.on_epoch_start(int(float(state.epoch or 0.0) + 1e-6))
+            epoch = float(state.epoch or 0.0)
+            if epoch - math.floor(epoch + 1e-6) > 1e-6:
+                return  # resumed inside an epoch: it started (and decided) before the checkpoint
+            before = len(self.fired)
+            self.rifle.on_epoch_start(int(epoch + 1e-6))
             self._log_history(state, before)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if self.rifle is None or not logs or "loss" not in logs:
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # every rank, before the epoch's checkpoint: the saved state holds the epoch's accuracy and
+        # loss window summed over ranks
+        if self.rifle is not None and self.rifle.unit == "epoch":
+            self._flush_step()
+            self.rifle.settle_trigger()
+            self._saved_window = None
+            epoch = int(float(state.epoch or 0.0) - 1e-6)  # state.epoch = e + 1 at the end of epoch e
+            if self.rifle.reinit_may_start_at(epoch + 1):
+                self.rifle.settle_diagnosis()
+
+    def _count_correct(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook (training mode): correct predictions, size and summed cross-entropy of a batch."""
+        if not module.training:
             return
+        labels = kwargs.get("labels")
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, dict):
+            logits = output.get("logits")
+        if labels is None or not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                "RifleTrainerCallback(trigger='converged') counts the training accuracy from the model's "
+                "forward: it must be called with labels=... (the Trainer passes the batch's 'labels'; it "
+                "removes them from the call when label_smoothing_factor > 0 or compute_loss_func is set) "
+                f"and return an output with .logits; got labels={'absent' if labels is None else 'given'}, "
+                f"output {type(output).__name__}{'' if isinstance(logits, torch.Tensor) else ' without logits'}")
+        if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0] \
+                or labels.is_floating_point():
+            raise ValueError(f"RifleTrainerCallback(trigger='converged') needs a single-label classifier "
+                             f"(logits of shape (batch, classes), integer labels of shape (batch,)); got "
+                             f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)} {labels.dtype}")
+        logits = logits.detach().float()
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum()
+        n = int(labels.shape[0])
+        if self._step_sums is None:
+            self._step_sums = [loss, correct, n]
+        else:
+            self._step_sums = [self._step_sums[0] + loss, self._step_sums[1] + correct, self._step_sums[2] + n]
+
+    def _flush_step(self) -> None:
+        """Feed the optimizer step's micro-batches (summed) to the core: one observation per step."""
+        if self._step_sums is not None and self.rifle is not None:
+            loss, correct, n = self._step_sums
+            if n > 0:
+                self.rifle.observe(loss / n, correct, n)
+        self._step_sums = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.rifle is None or self.trigger == "converged" or not logs or "loss" not in logs:
+            return  # converged: the forward hook feeds loss and accuracy
         steps = int(state.global_step) - self._last_log_step
         self._last_log_step = int(state.global_step)
         if steps > 0 and math.isfinite(float(logs["loss"])):
             self.rifle.observe(float(logs["loss"]), None, steps)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush_step()
+        if self.rifle is not None:
+            # a checkpoint follows (DefaultFlowCallback, called first, decided): under DDP, the open
+            # sums of all ranks go into it (collective; every rank sees the same control)
+            self._saved_window = (reduce_open_sums(self.rifle.state_dict())
+                                  if control.should_save else None)
         self._report_diagnoses(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self.rifle is not None:
+            self._flush_step()
             self.rifle.close_diagnosis()
+            self.rifle.settle_trigger()  # no-op when the last epoch was settled at its end
             self._report_diagnoses(state)
+            report = self.rifle.trigger_report
+            if report is not None and report["reason"] and state.is_world_process_zero:
+                print(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
+                      f"{report['reason']} (docs/rifle.md#trigger)")
+        self._trainer = None
+
+    @property
+    def trigger_report(self) -> dict[str, Any] | None:
+        """``trigger="converged"``: :attr:`rifle.core.Rifle.trigger_report` (fired epochs, per-epoch
+        accuracy, why fewer than K fired); ``None`` for the schedule."""
+        return self.rifle.trigger_report if self.rifle is not None else None
 
     def _report_diagnoses(self, state: Any) -> None:
         if self.rifle is None or len(self.rifle.diagnosis) == self._reported:
             return
         for d in self.rifle.diagnosis[self._reported:]:
-            state.log_history.append({"rifle/diagnosis_of": d["index"], "rifle/grad_ratio": d["grad_ratio"],
-                                      "rifle/train_loss_before": d["train_loss_before"],
-                                      "rifle/head_norm_before": d["head_norm_before"],
-                                      "rifle/head_norm_after": d["head_norm_after"],
-                                      "rifle/verdict": d["verdict"], "epoch": float(state.epoch or 0.0),
-                                      "step": int(state.global_step)})
+            # unmeasured numbers (None) and the verdict line go to log_history only: loggers take numbers
+            self._emit(state, diagnosis_metrics(d), {
+                **{f"rifle/{k}": d[k] for k in ("grad_ratio", "train_loss_before", "head_norm_before",
+                                                "head_norm_after") if d.get(k) is None},
+                "rifle/verdict": d["verdict"]})
             if state.is_world_process_zero:
                 print(d["verdict"])
         self._reported = len(self.rifle.diagnosis)
+
+    def _find_trainer(self) -> Any:
+        """The ``transformers.Trainer`` whose ``callback_handler`` is calling this callback: the caller
+        frame's ``self`` (callbacks are called synchronously from the Trainer's own methods). A
+        callback is given no reference to its Trainer, and only ``Trainer.log`` reaches the
+        ``report_to`` integrations (TensorBoard, W&B, ...), which run before user callbacks."""
+        frame = sys._getframe(1)
+        try:
+            while frame is not None:
+                obj = frame.f_locals.get("self")
+                handler = getattr(obj, "callback_handler", None)
+                if handler is not None and callable(getattr(obj, "log", None)) \
+                        and any(c is self for c in getattr(handler, "callbacks", ())):
+                    return obj
+                frame = frame.f_back
+        finally:
+            del frame
+        warnings.warn("RifleTrainerCallback: the Trainer calling this callback was not found; RIFLE's "
+                      "entries go to state.log_history only, not to the report_to integrations",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+    def _emit(self, state: Any, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """``metrics`` through ``Trainer.log`` (``state.log_history`` plus every ``report_to``
+        integration's ``on_log``), with ``extra`` added to the ``log_history`` entry only."""
+        if self._trainer is not None:
+            self._trainer.log(dict(metrics))
+            entry = state.log_history[-1]
+            entry.setdefault("epoch", float(state.epoch or 0.0))
+        else:
+            entry = {**metrics, "epoch": float(state.epoch or 0.0), "step": int(state.global_step)}
+            state.log_history.append(entry)
+        entry.update(extra or {})
 
     @property
     def diagnosis(self) -> list[dict[str, Any]]:
@@ -226,8 +361,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
     def _log_history(self, state: Any, before: int) -> None:
         """The re-inits fired since ``before`` into ``state.log_history``, as the Trainer logs."""
         for index, _ in self.fired[before:]:
-            state.log_history.append({"rifle/reinit": index, "epoch": float(state.epoch or 0.0),
-                                      "step": int(state.global_step)})
+            self._emit(state, {"rifle/reinit": index})
 
     def _on_reinit(self, index: int, point: int) -> None:
         self.fired.append((index, point))
@@ -260,7 +394,14 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                      "guard_steps": self.guard_steps, "min_steps_after": self.min_steps_after,
                      "init": init, "keep_optimizer_state": self.keep_optimizer_state,
                      "head_lr_restart": self.head_lr_restart, "modules": self.modules,
-                     "verify_replicas": self.verify_replicas},
-            "attributes": {"progress": self.rifle.state_dict() if self.rifle is not None
-                           else self.progress},
+                     "verify_replicas": self.verify_replicas, "trigger": self.trigger,
+                     "converged_acc": self.converged_acc},
+            "attributes": {"progress": self._progress()},
         }
+
+    def _progress(self) -> dict[str, Any] | None:
+        if self.rifle is None:
+            return self.progress
+        if self._saved_window is not None:  # with the open sums of all ranks (on_step_end)
+            return self._saved_window
+        return self.rifle.state_dict()

@@ -43,6 +43,8 @@ class RifleMethod(Method):
     modules: str | None = None          # also re-init: "last:N" blocks or a regex over module names
     trigger: str = "schedule"           # "schedule" (paper) or "converged" (docs/rifle.md#trigger)
     converged_acc: float | None = None  # the trigger's train-accuracy threshold; None = 0.97
+    diagnose: bool = True               # measure each re-init (rifle.core.diagnosis) and print a verdict
+    diagnosis_window: int = 5           # optimizer steps measured on each side of a re-init
 
     kind = "method"
 
@@ -60,7 +62,8 @@ class RifleMethod(Method):
         common = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
                       guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                       init=self.init, keep_optimizer_state=self.keep_optimizer_state,
-                      head_lr_restart=self.head_lr_restart, modules=self.modules)
+                      head_lr_restart=self.head_lr_restart, modules=self.modules,
+                      diagnose=self.diagnose, diagnosis_window=self.diagnosis_window)
         if self.trigger != "schedule":
             common.update(trigger=self.trigger, converged_acc=self.converged_acc)
         if self.granularity == "epoch":
@@ -70,6 +73,7 @@ class RifleMethod(Method):
             self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch,
                               steps_per_epoch=ctx.steps_per_epoch, **common)
         self._spe = max(1, ctx.steps_per_epoch)
+        self._fp16 = ctx.config.get("amp") == "fp16"
         self._epochs, self._log = ctx.epochs, ctx.log
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
@@ -101,9 +105,16 @@ class RifleMethod(Method):
         if self.core is not None and self.core.unit == "step":
             self.core.on_step_start(step)
 
+    def transform_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._batch = len(y)  # the step's batch: each micro-batch's loss is weighted by its share of it
+        return x, y
+
     def on_batch_end(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
         if self.core is not None:
             self.core.observe(loss, correct, count)
+            # the head signal's gradient scale (rifle.core.diagnosis): the trainer backpropagates
+            # loss * count / batch; fp16's GradScaler multiplies by a scale this plug-in cannot see
+            self.core.head_grad_scale = None if self._fp16 else count / max(1, getattr(self, "_batch", count))
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         """Print the verdict of each re-init measured by now; its numbers go into the epoch's row."""

@@ -1,7 +1,8 @@
-"""A run's folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and the checkpoint files.
+"""A run's folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, the checkpoint files and, as
+``--log-to`` chooses, ``metrics.csv`` and TensorBoard events in ``tb/`` (:mod:`rifle.train.loggers`).
 
-``metrics.jsonl`` is rewritten atomically after every epoch from the in-memory history, so it never
-holds an epoch twice, also after a resume.
+``metrics.jsonl`` (and ``metrics.csv``) are rewritten atomically after every epoch from the in-memory
+history, so they never hold an epoch twice, also after a resume.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from typing import Any
 import yaml
 
 from .checkpoint import STATE, WEIGHTS, atomic_write_text
+from .loggers import CSV, TB_DIR, TensorBoardLog, csv_text, parse_kinds
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 FINGERPRINT = "data_fingerprint.json"
 PROGRESS_FILES = (METRICS, SUMMARY, WEIGHTS, STATE)  # written once an epoch has been trained
-RUN_FILES = (CONFIG, FINGERPRINT, *PROGRESS_FILES)
+RUN_FILES = (CONFIG, FINGERPRINT, CSV, *PROGRESS_FILES)
 
 
 class RunDirError(RuntimeError):
@@ -35,8 +37,12 @@ def _clean(value: Any) -> Any:
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, log: str | tuple[str, ...] | None = ("jsonl",)) -> None:
+        """``log``: the writers of :meth:`write_metrics` / :meth:`write_summary` (``--log-to``: ``jsonl``
+        always; ``csv``, ``tensorboard``; ``auto`` or None = csv, and tensorboard when installed)."""
         self.path = Path(path)
+        self.log = parse_kinds(log)
+        self._tb = TensorBoardLog(self.path / TB_DIR) if "tensorboard" in self.log else None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -70,7 +76,7 @@ class RunDir:
         if overwrite or not self.holds_run():
             for f in RUN_FILES:
                 (self.path / f).unlink(missing_ok=True)
-            shutil.rmtree(self.path / "tb", ignore_errors=True)
+            shutil.rmtree(self.path / TB_DIR, ignore_errors=True)
         elif not resume:
             raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue "
                               f"it or --overwrite to replace it")
@@ -101,6 +107,12 @@ class RunDir:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows)
         atomic_write_text(self.path / METRICS, text)
+        if "csv" in self.log:
+            atomic_write_text(self.path / CSV, csv_text(rows))
+        else:  # a metrics.csv left by an earlier --log-to would disagree with metrics.jsonl
+            (self.path / CSV).unlink(missing_ok=True)
+        if self._tb is not None:
+            self._tb.write_rows(rows)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         p = self.path / METRICS
@@ -111,6 +123,13 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / SUMMARY, json.dumps({k: _clean(v) for k, v in summary.items()},
                                                          indent=2) + "\n")
+        if self._tb is not None:
+            self._tb.write_summary(summary)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (each epoch is flushed as it is written)."""
+        if self._tb is not None:
+            self._tb.close()
 
     def read_summary(self) -> dict[str, Any] | None:
         p = self.path / SUMMARY

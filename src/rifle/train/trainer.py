@@ -27,6 +27,8 @@ from ..data.cache import last_batch_dropped
 from ..data.prefetch import prefetch
 from .checkpoint import defer_signals, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_sum, barrier
+from .optim import build_optimizer, split_by_layer
+from .loggers import StepLines
 from .outputs import RunDir
 
 
@@ -45,12 +47,15 @@ class Trainer:
     def __init__(self, model: nn.Module, data: DataBundle, methods: Sequence[Method], *,
                  epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
                  lr_schedule: str, image_size: int, seed: int, preprocessing: dict[str, Any],
+                 opt: str = "sgd", opt_eps: float | None = None,
+                 opt_betas: Sequence[float] | None = None, layer_decay: float | None = None,
                  run_dir: RunDir, device: torch.device, channels_last: bool = True,
                  eval_batch_size: int = 256, head: str | None = None,
                  checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
                  amp: str = "none", compile: bool = False, grad_accum: int = 1, workers: int = 0,
                  dist: DistInfo | None = None,
-                 log: Callable[[str], None] = print, progress: bool | None = None) -> None:
+                 log: Callable[[str], None] = print, progress: bool | None = None,
+                 log_interval: int = 50) -> None:
         self.dist = dist or DistInfo()
         self.model = model.to(device)
         if channels_last:
@@ -71,6 +76,10 @@ class Trainer:
         self.meta = checkpoint_meta or {}
         self.log = log if self.dist.is_main else (lambda s: None)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
+        # no bars because stderr is no terminal (batch jobs): step lines instead (timm's --log-interval)
+        self.step_lines = StepLines(log_interval, epochs, 0, lambda s: print(s, file=sys.stderr, flush=True),
+                                    world_size=self.dist.world_size) \
+            if progress is None and not self.progress and self.dist.is_main and log_interval else None
         if len(data.train) == 0:
             raise ValueError("the training split is empty")
         n_rank = samples_per_rank(len(data.train), self.dist.world_size)
@@ -111,7 +120,11 @@ class Trainer:
         for m in self.methods:
             groups = m.configure_param_groups(groups, self.ctx)
         groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if layer_decay is not None:  # per-layer LR scales, before the scheduler records initial_lr
+            groups = split_by_layer(groups, self.model, layer_decay, lr, log=self.log)
+        # sgd (default): torch.optim.SGD, the paper's; any other name: timm's (train/optim.py)
+        self.optimizer = build_optimizer(groups, opt=opt, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                         eps=opt_eps, betas=tuple(opt_betas) if opt_betas else None)
 
         owners = [(m, m.lr_lambda(self.ctx)) for m in self.methods]
         owners = [(m, f) for m, f in owners if f is not None]
@@ -226,6 +239,13 @@ class Trainer:
     def _group_lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
+    def _row_lr(self, lrs: dict[str, float]) -> float:
+        """The backbone's LR in ``lrs`` without --layer-decay's per-layer scale (the schedule's LR)."""
+        for i, g in enumerate(self.optimizer.param_groups):
+            if g.get("group", g.get("name")) == "backbone":
+                return lrs[g.get("name", str(i))] / g.get("layer_lr_scale", 1.0)
+        return next(iter(lrs.values()))
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         # dropout etc. draw from the global RNG: make it a pure function of (seed, epoch[, rank])
         rank_index = (self.dist.rank,) if self.dist.enabled else ()
@@ -242,6 +262,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         batches = _progress(self._train_iter(epoch), self.steps_per_epoch, f"epoch {epoch}", self.progress)
+        if self.step_lines:
+            self.step_lines.start(epoch, self.steps_per_epoch)
         for step, (x, y) in enumerate(batches):
             for m in self.methods:
                 m.on_step_start(epoch * self.steps_per_epoch + step)
@@ -266,20 +288,25 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             seen += len(y)
+            if self.step_lines:
+                self.step_lines.step(step, seen, loss_sum, lrs.get("backbone", next(iter(lrs.values()))))
         seconds = time.perf_counter() - t0
         self.scheduler.step()
         names = sorted(terms_sum)
         totals = all_sum([float(loss_sum), float(correct), float(seen), *(float(terms_sum[n]) for n in names)],
                          self.dist, self.device)
         loss_total, correct_total, seen_total = totals[:3]
-        row: dict[str, Any] = {"epoch": epoch, "lr": lrs.get("backbone", next(iter(lrs.values())))}
+        row: dict[str, Any] = {"epoch": epoch, "lr": self._row_lr(lrs)}
         if len(set(lrs.values())) > 1:
             row["lr_groups"] = lrs
         row.update(train_loss=loss_total / max(seen_total, 1), train_acc=correct_total / max(seen_total, 1))
         for name, s in zip(names, totals[3:]):
             row[f"loss_{name}"] = s / max(seen_total, 1)
-        row["val_acc"] = self.evaluate(self.data.val)["acc"] if len(self.data.val) else None
-        row["test_acc"] = self.evaluate(self.data.test)["acc"]
+        val = self.evaluate(self.data.val) if len(self.data.val) else None
+        row["val_acc"] = val["acc"] if val else None
+        test = self.evaluate(self.data.test)
+        row["test_acc"] = test["acc"]
+        row["val_loss"], row["test_loss"] = (val["loss"] if val else None), test["loss"]
         row["reinit"] = bool(events.pop("reinit", False))
         row.update(events)
         for m in self.methods:

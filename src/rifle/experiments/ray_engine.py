@@ -1,0 +1,312 @@
+"""``rifle bench --engine ray``: every run of a grid is one Ray task, on one machine or a cluster.
+
+Ray Core tasks (Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018;
+https://docs.ray.io/en/latest/ray-core/tasks.html), not Ray Tune: the grid's own store stays the only
+record of what ran (Tune's experiment state would be a second one). Design (docs/experiments.md,
+"On a cluster"):
+
+* results reach ``OUT`` through shared storage: a task runs :func:`rifle.experiments.grid.run_one`
+  (the local engine's per-run step: skip if complete, claim ``run.lock``, ``run_train(resume=True)``,
+  ``error.txt`` on failure) on the worker, which writes the run folder itself. ``OUT`` (and relative
+  data paths) must be visible at the same path on every node and on the driver; each task changes to the
+  driver's working directory so relative paths mean what they mean to the local engine;
+* the driver skips complete runs without submitting them and submits every other run once, as a task
+  with ``num_cpus`` / ``num_gpus``, ``max_retries`` (a worker process or node that dies: Ray runs the
+  task again, which resumes from the run's last epoch checkpoint) and ``retry_exceptions=False``
+  (a run that raises is recorded once in ``error.txt`` and reported ``failed``; the next invocation
+  retries it, as with the local engine);
+* the lock of a task carries the invocation's ``owner`` id, so a retried attempt takes its dead
+  predecessor's lock over at once, also from another node (:func:`rifle.experiments.grid.try_claim`);
+  a run held by someone else (another ``rifle bench``) is asked again every ``heartbeat`` seconds until
+  it completes there or its lock goes stale;
+* progress: the driver reads the ``run.lock`` of submitted runs to tell running from queued.
+
+Ray is imported only here (``--engine ray``); the local engine never imports it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO
+
+from .grid import (ERROR, LOCK, DataCache, GridResult, Outcome, RunSpec, default_heartbeat, is_complete,
+                   read_lock, run_one, seconds_text)
+
+
+class EngineError(ValueError):
+    """``--engine ray`` cannot run: Ray missing, or the cluster cannot hold one run."""
+
+
+def _dist_name() -> str:
+    try:
+        from importlib.metadata import packages_distributions
+        return (packages_distributions().get("rifle") or ["rifle"])[0]
+    except Exception:  # noqa: BLE001 - only used in a hint
+        return "rifle"
+
+
+def require_ray():
+    """The ``ray`` module, or an :class:`EngineError` that says how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise EngineError(f"--engine ray needs Ray, which is not installed here ({e}). Install it on the "
+                          f"driver and on every node: pip install '{_dist_name()}[ray]' "
+                          f"(or pip install 'ray>=2.9'); or use the default --engine local") from None
+    return ray
+
+
+# ------------------------------------------------------------------------------------------ the task
+_CACHE: DataCache | None = None  # per worker process: Ray reuses workers, so data loads once per process
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    cwd: str
+    owner: str
+    stale_after: float
+    heartbeat: float
+    since: float | None
+    threads: int
+    cpu_only: bool
+
+
+def execute(spec: RunSpec, opts: TaskOptions) -> Outcome:
+    """The body of one Ray task (also callable without Ray): run ``spec`` on this worker."""
+    global _CACHE
+    if os.getcwd() != opts.cwd:
+        try:
+            os.chdir(opts.cwd)
+        except OSError as e:
+            raise EngineError(f"the driver's working directory {opts.cwd} is not reachable on this node "
+                              f"({e}): start rifle bench from a directory on shared storage") from None
+    import torch
+    if opts.threads and spec.cfg.threads is None:
+        torch.set_num_threads(opts.threads)
+    if opts.cpu_only and spec.cfg.device == "auto":
+        spec = replace(spec, cfg=replace(spec.cfg, device="cpu"))
+    if _CACHE is None:
+        _CACHE = DataCache()
+    return run_one(spec, _CACHE, stale_after=opts.stale_after, heartbeat=opts.heartbeat, since=opts.since,
+                   owner=opts.owner, log=lambda line: None)
+
+
+# ------------------------------------------------------------------------------------------ progress
+@dataclass
+class Progress:
+    """Driver-side output: one line per event; on a terminal also a live status line at the bottom."""
+
+    total: int
+    slots: float
+    stream: TextIO = field(default_factory=lambda: sys.stdout)
+    tty: bool | None = None
+    counts: Counter = field(default_factory=Counter)
+    durations: list[float] = field(default_factory=list)
+    started: dict[int, float] = field(default_factory=dict)  # run index -> when it was seen running
+    queued: int = 0
+    _status_shown: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tty is None:
+            self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def eta(self, now: float | None = None) -> float:
+        """Seconds left: mean duration of the runs done so far x the work left / parallel slots."""
+        if not self.durations:
+            return math.nan
+        now = time.time() if now is None else now
+        mean = sum(self.durations) / len(self.durations)
+        left = mean * self.queued + sum(max(0.0, mean - (now - t)) for t in self.started.values())
+        return left / max(1.0, self.slots)
+
+    def state(self) -> str:
+        c = self.counts
+        return (f"{c['done'] + c['skipped']}/{self.total} done, {len(self.started)} running, "
+                f"{self.queued} queued, {c['failed']} failed, ETA {seconds_text(self.eta())}")
+
+    def event(self, i: int, status: str, rel: str, note: str = "") -> None:
+        width = len(str(self.total))
+        line = f"[{i + 1:{width}d}/{self.total}] {status:<7s} {rel}{note}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + "\n" + self.state())
+            self._status_shown = True
+        else:
+            self.stream.write(f"{line}  | {self.state()}\n")
+        self.stream.flush()
+
+    def refresh(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self.state())
+            self.stream.flush()
+            self._status_shown = True
+
+    def close(self) -> None:
+        if self.tty and self._status_shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def connect(address: str | None):
+    """``ray.init``: ``None`` = RAY_ADDRESS, else a cluster started with ``ray start`` on this machine,
+    else a new one-machine cluster; ``auto`` = an existing cluster; ``HOST:PORT`` = that cluster."""
+    import signal
+    import threading
+    ray = require_ray()
+    if not ray.is_initialized():
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        except ConnectionError as e:
+            raise EngineError(f"--address {address}: no Ray cluster to join ({e}); start one with "
+                              f"`ray start --head`, or leave --address out to start a local one") from None
+        finally:
+            if sigterm is not None:  # ray.init installs sys.exit on SIGTERM; rifle's handler (like Ctrl-C:
+                signal.signal(signal.SIGTERM, sigterm)  # cancel the tasks, keep checkpoints) stays
+    return ray
+
+
+def _capacity(ray, cpus: float, gpus: float) -> float:
+    res = ray.cluster_resources()
+    have_cpu, have_gpu = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if cpus > have_cpu:
+        raise EngineError(f"--cpus-per-run {cpus:g}: the Ray cluster has {have_cpu:g} CPUs in all; "
+                          f"no run could start")
+    if gpus > have_gpu:
+        raise EngineError(f"--gpus-per-run {gpus:g}: the Ray cluster has {have_gpu:g} GPUs in all "
+                          f"(start each node with `ray start ... --num-gpus N`, or use --gpus-per-run 0)")
+    slots = have_cpu / cpus if cpus > 0 else math.inf
+    if gpus > 0:
+        slots = min(slots, have_gpu / gpus)
+    return slots if math.isfinite(slots) else 1.0
+
+
+def _record_failure(spec: RunSpec, text: str) -> None:
+    try:
+        spec.path.mkdir(parents=True, exist_ok=True)
+        (spec.path / ERROR).write_text(text)
+    except OSError:
+        pass
+
+
+def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_per_run: float = 1.0,
+                 gpus_per_run: float = 0.0, max_retries: int = 3, threads: int | None = None,
+                 stale_after: float = 600.0, since: float | None = None, poll: float = 1.0,
+                 stream: TextIO | None = None, tty: bool | None = None) -> GridResult:
+    """Run every unfinished run of ``runs`` as a Ray task; see the module docstring.
+
+    Returns the counts of this pass (done / skipped / failed). ``KeyboardInterrupt`` cancels the
+    submitted tasks (each releases its lock and keeps its last epoch checkpoint) and goes through.
+    """
+    if cpus_per_run <= 0 and gpus_per_run <= 0:
+        raise EngineError("--cpus-per-run and --gpus-per-run are both 0: each run must reserve something")
+    if cpus_per_run < 0 or gpus_per_run < 0:
+        raise EngineError("--cpus-per-run / --gpus-per-run must be >= 0")
+    if max_retries < 0:
+        raise EngineError(f"--max-retries {max_retries}: must be >= 0")
+    ray = connect(address)
+    slots = _capacity(ray, cpus_per_run, gpus_per_run)
+    heartbeat = default_heartbeat(stale_after)
+    opts = TaskOptions(cwd=os.getcwd(), owner=f"ray:{uuid.uuid4().hex}", stale_after=stale_after,
+                       heartbeat=heartbeat, since=time.time() if since is None else since,
+                       threads=threads or max(1, math.floor(cpus_per_run)), cpu_only=gpus_per_run == 0)
+    task = ray.remote(execute)
+    resources = dict(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
+                     retry_exceptions=False)
+    prog = Progress(len(runs), slots, stream or sys.stdout, tty)
+    res = GridResult()
+    pending: dict[Any, int] = {}          # object ref -> run index
+    deferred: dict[int, float] = {}       # run index -> when to ask again (held by someone else)
+    said_busy: set[int] = set()
+
+    def submit(i: int) -> None:
+        pending[task.options(name=f"rifle {runs[i].rel}", **resources).remote(runs[i], opts)] = i
+
+    def count_queued() -> None:
+        prog.queued = sum(1 for j in pending.values() if j not in prog.started) + len(deferred)
+
+    def finish(i: int, status: str, note: str, seconds: float = 0.0) -> None:
+        prog.started.pop(i, None)
+        prog.counts[status] += 1
+        res.counts[status] += 1
+        if status == "failed":
+            res.failed.append(runs[i].rel)
+        if status == "done":
+            prog.durations.append(seconds)
+        count_queued()
+        prog.event(i, status, runs[i].rel, note)
+
+    try:
+        todo = [i for i, spec in enumerate(runs) if not is_complete(spec.path)]
+        for i in todo:
+            submit(i)
+        for i in sorted(set(range(len(runs))) - set(todo)):
+            finish(i, "skipped", "  (complete)")
+        count_queued()
+        prog.refresh()
+        last_look = 0.0
+        while pending or deferred:
+            now = time.time()
+            for i, when in list(deferred.items()):
+                if now >= when:
+                    del deferred[i]
+                    submit(i)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll) if pending else ([], [])
+            if not ready and not pending:
+                time.sleep(min(poll, max(0.0, min(deferred.values()) - time.time())))
+            for ref in ready:
+                i = pending.pop(ref)
+                spec = runs[i]
+                try:
+                    out: Outcome = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # raised outside run_one's own catch (setup)
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    _record_failure(spec, f"{type(cause).__name__}: {cause}\n\n{e}")
+                    finish(i, "failed", f"  {type(cause).__name__}: {cause}")
+                    continue
+                except ray.exceptions.RayError as e:  # the worker or node died max_retries + 1 times
+                    _record_failure(spec, f"{type(e).__name__} after {max_retries} retries (the worker process "
+                                          f"or node running this run died each time; out of memory?)\n\n{e}")
+                    finish(i, "failed", f"  {type(e).__name__} (worker died {max_retries + 1} times)")
+                    continue
+                if out.status == "busy":
+                    deferred[i] = time.time() + heartbeat
+                    if i not in said_busy:
+                        said_busy.add(i)
+                        count_queued()
+                        prog.event(i, "busy", spec.rel, out.note + ", waiting for it")
+                    continue
+                finish(i, out.status, out.note, out.seconds)
+            if time.time() - last_look >= poll:  # which submitted runs hold our lock: running
+                last_look = time.time()
+                for i in pending.values():
+                    info = read_lock(runs[i].path / LOCK)
+                    mine = bool(info) and info.get("owner") == opts.owner
+                    if mine and i not in prog.started:  # a retried run (its worker died) stays running
+                        prog.started[i] = time.time()
+                        count_queued()
+                        prog.event(i, "started", runs[i].rel, f"  on {info.get('host')}:{info.get('pid')}")
+                count_queued()
+                prog.refresh()
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
+        deadline = time.time() + 30
+        while pending and time.time() < deadline:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.1, deadline - time.time()))
+            for ref in done:
+                pending.pop(ref)
+            if not done:
+                break
+        raise
+    finally:
+        prog.close()
+    return res
+

@@ -1,0 +1,132 @@
+"""The run's optimizer: the paper's SGD by default, any of timm's optimizers by name, layer-wise LR decay.
+
+* ``sgd`` (default): ``torch.optim.SGD`` with classical momentum (``nesterov=False``), the official RIFLE
+  script's optimizer (REFERENCE.md §2). timm's own ``sgd`` is Nesterov SGD; here that one is ``nesterov``
+  (timm's ``momentum`` is the same optimizer as this ``sgd``).
+* any other name of ``timm.optim.list_optimizers()`` (``adamw``, ``lamb``, ``lion``, ...) is built by
+  ``timm.optim.create_optimizer_v2`` from the trainer's parameter groups, passed as a list: timm adds no
+  groups of its own, so each group's ``name``, ``lr`` and ``weight_decay`` (set by the methods'
+  ``configure_param_groups``: L2-SP / DELTA without weight decay, RIFLE's head group) survive.
+* layer decay (BEiT, Bao et al., ICLR 2022; timm's ``param_groups_layer_decay``): layer ``i`` of ``L``
+  (layers ordered by timm's ``group_matcher``; the head is the last) trains at ``decay ** (L - 1 - i)``
+  times the learning rate. Each parameter group is split by layer and its ``lr`` multiplied by the layer's
+  scale *before* the LR scheduler exists, so ``LambdaLR`` records ``initial_lr = lr * scale`` and every
+  group follows ``lr * scale * lr_lambda(epoch)``; RIFLE's head-LR restart restarts from the same
+  ``initial_lr``. Weight decay stays as the groups set it (on every parameter, the paper's recipe), unlike
+  timm's ``train.py``, which also exempts biases and norm weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_OPT = "sgd"
+# what the trainer cannot drive, and why (checked by the config; see docs/guide.md "Optimizers")
+UNSUPPORTED = {
+    "adahessian": "it needs a second-order backward (loss.backward(create_graph=True)), which the trainer "
+                  "does not do",
+    "lookahead": "timm's Lookahead keeps the per-parameter state in an inner optimizer, where RIFLE's "
+                 "optimizer-state reset and gradient diagnosis do not reach",
+}
+
+
+def optimizer_names() -> list[str]:
+    """Every name ``--opt`` accepts (``sgd`` first); a ``lookahead_`` prefix is refused."""
+    import timm.optim
+
+    return [DEFAULT_OPT] + [n for n in timm.optim.list_optimizers() if n != DEFAULT_OPT and n not in UNSUPPORTED]
+
+
+def check_optimizer(opt: str, eps: float | None = None, betas: tuple[float, float] | None = None) -> str | None:
+    """``None`` when ``opt`` with these options can be built; otherwise what is wrong (for an error)."""
+    name = opt.lower()
+    if name.startswith("lookahead_") or name in UNSUPPORTED:
+        key = "lookahead" if name.startswith("lookahead_") else name
+        return f"not supported: {UNSUPPORTED[key]}"
+    if name == DEFAULT_OPT:
+        has_eps = has_betas = False
+    else:
+        import timm.optim
+
+        try:
+            info = timm.optim.get_optimizer_info(name)
+        except ValueError:
+            import difflib
+            close = difflib.get_close_matches(name, optimizer_names(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            return (f"unknown optimizer{hint}; choose sgd (the paper's, default) or one of timm's: "
+                    f"python -c 'import timm.optim; print(timm.optim.list_optimizers())'")
+        has_eps, has_betas = info.has_eps, info.has_betas
+    if eps is not None and not has_eps:
+        return f"has no eps: --opt-eps applies to adaptive optimizers (adam, adamw, lamb, ...)"
+    if betas is not None and not has_betas:
+        return f"has no betas: --opt-betas applies to Adam-type optimizers (adam, adamw, lamb, lion, ...)"
+    return None
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """``({parameter name: layer index}, number of layers)`` from timm's ``group_matcher`` (head last)."""
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        raise ValueError(f"--layer-decay needs a model that tells its layer order through timm's "
+                         f"group_matcher(); {type(model).__name__} has none. Use a timm model (e.g. timm's "
+                         f"resnet50.tv_in1k holds torchvision's ResNet-50 weights) or leave --layer-decay "
+                         f"unset")
+    from timm.models import group_parameters
+
+    ids = group_parameters(model, matcher(coarse=False), reverse=True)
+    n = max(ids.values()) + 1 if ids else 1
+    return {name: ids.get(name, n - 1) for name, _ in model.named_parameters()}, n
+
+
+def split_by_layer(groups: list[dict], model: nn.Module, decay: float, lr: float,
+                   log: Callable[[str], None] = print) -> list[dict]:
+    """Each group split by layer: ``name`` ``<group>.layer<i>``, ``lr = (group lr or lr) * decay**(L-1-i)``,
+    ``layer_lr_scale`` (not timm's ``lr_scale``, which timm's schedulers would apply a second time) and ``layer`` recorded; every other key of the group (weight_decay, ...) is kept."""
+    ids, n = layer_ids(model)
+    by_param = {id(p): ids[name] for name, p in model.named_parameters()}
+    out = []
+    for gi, g in enumerate(groups):
+        base = g.get("name", str(gi))
+        layers: dict[int, list[torch.Tensor]] = {}
+        for p in g["params"]:
+            layers.setdefault(by_param[id(p)], []).append(p)
+        for i in sorted(layers):
+            scale = decay ** (n - 1 - i)
+            out.append({**{k: v for k, v in g.items() if k != "params"}, "params": layers[i],
+                        "name": f"{base}.layer{i}", "group": base, "layer": i, "layer_lr_scale": scale,
+                        "lr": float(g.get("lr", lr)) * scale})
+    if n == 1:
+        log(f"layer decay {decay}: {type(model).__name__} has one layer group only: no effect")
+    else:
+        log(f"layer decay {decay}: {n} layers (timm group_matcher), LR scale {decay ** (n - 1):.3g} for "
+            f"the first, 1 for the last (the head); {len(out)} parameter groups")
+    return out
+
+
+def build_optimizer(groups: list[dict], *, opt: str = DEFAULT_OPT, lr: float, momentum: float,
+                    weight_decay: float, eps: float | None = None,
+                    betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+    """The optimizer over ``groups`` (their own ``lr`` / ``weight_decay`` win over the defaults given)."""
+    problem = check_optimizer(opt, eps, betas)
+    if problem:
+        raise ValueError(f"--opt {opt}: {problem}")
+    if opt.lower() == DEFAULT_OPT:
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    import timm.optim
+
+    kw: dict[str, Any] = {}
+    if eps is not None:
+        kw["eps"] = float(eps)
+    if betas is not None:
+        kw["betas"] = tuple(float(b) for b in betas)
+    try:
+        # momentum reaches only optimizers that have one (timm's has_momentum)
+        return timm.optim.create_optimizer_v2(groups, opt=opt.lower(), lr=lr, weight_decay=weight_decay,
+                                              momentum=momentum, **kw)
+    except (AssertionError, ImportError, TypeError, ValueError) as e:  # e.g. bitsandbytes / apex without CUDA
+        raise ValueError(f"--opt {opt}: timm could not build it: {e}") from e
+

@@ -1,0 +1,185 @@
+"""``rifle bench --engine ray`` on a real local Ray cluster (2 CPUs, started once for this module).
+
+Seen here (2 cores shared with one benchmark): cluster start ~10 s, test_ray_engine_matches_local_engine
+~23 s, test_killed_worker_is_retried_and_resumes ~31 s, test_real_failure_is_recorded_once ~9 s (~75 s for
+the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from conftest import SRC, metrics, run_cli
+from rifle.experiments import grid as G
+from rifle.experiments.ray_engine import Progress
+
+TINY = {
+    "datasets": ["digits"], "models": ["tiny_cnn"],
+    "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1}],
+    "seeds": [0, 1], "train_fractions": [0.3],
+    "train": {"epochs": 2, "image_size": 16, "batch_size": 32, "lr": 0.05, "min_steps_after": 0},
+}
+NUMBERS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc", "best_epoch", "reinit_epochs", "data_info",
+           "complete")
+
+
+# ------------------------------------------------------------------------------------------ no cluster
+def test_progress_eta_and_one_line_per_event_by_hand():
+    import io
+    out = io.StringIO()
+    p = Progress(total=8, slots=2, stream=out)
+    assert p.tty is False and p.state().endswith("ETA ?")  # nothing finished yet: no estimate
+    p.durations += [10.0, 20.0]                              # mean 15 s
+    p.queued = 3
+    now = time.time()
+    p.started = {4: now - 5.0, 5: now - 30.0}                # 10 s left, and overdue (0 s left)
+    assert p.eta(now) == pytest.approx((15 * 3 + 10 + 0) / 2)
+    p.counts.update(done=1, skipped=1, failed=1)
+    p.event(6, "done", "a/b/seed1", "  3s")
+    line = out.getvalue()
+    assert line.count("\n") == 1 and "\r" not in line
+    assert line.startswith("[7/8] done    a/b/seed1  3s  | 2/8 done, 2 running, 3 queued, 1 failed, ETA ")
+    tty = io.StringIO()
+    q = Progress(total=8, slots=2, stream=tty, tty=True)
+    q.event(0, "started", "x")
+    q.refresh()
+    q.close()
+    assert tty.getvalue().count("\r\033[K") == 2 and tty.getvalue().endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------ the cluster
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real 2-CPU Ray cluster; its workers see this checkout and an isolated data cache."""
+    ray = pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="rifle-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RIFLE_CACHE_DIR")}
+    os.environ["PYTHONPATH"] = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ["RIFLE_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "rifle-cache")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+                 logging_level="WARNING")  # the raylet and its workers inherit this environment
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init sets sys.exit on SIGTERM: not for later tests
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _summary(path):
+    s = json.loads((path / "summary.json").read_text())
+    return {k: s.get(k) for k in NUMBERS}
+
+
+def _bench(cluster, grid_file, out, *extra):
+    """``rifle bench --engine ray`` as its own driver process, joining the module's cluster."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out),
+                             "--engine", "ray", "--address", cluster, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
+    import torch
+    grid = G.parse_grid(TINY)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a Ray run uses --cpus-per-run (1) threads: the same sums
+    try:
+        G.run_grid(G.expand(grid, local), log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(TINY))
+    code, out, err = run_cli(["bench", grid_file, "--out", remote, "--engine", "ray"], capsys)  # joins `cluster`
+    assert code == 0, out + err
+    runs = G.expand(grid, remote)
+    done = re.findall(r"\] done +(\S+)", out)
+    assert sorted(done) == sorted(r.rel for r in runs)  # every run, exactly once
+    assert re.search(r"4/4 done, 0 running, 0 queued, 0 failed", out) and "4/4 runs complete" in out
+    assert not list(remote.rglob(G.LOCK)) and (remote / "grid.yaml").is_file()
+    for r, l in zip(runs, G.expand(grid, local)):
+        assert metrics(r.path) == metrics(l.path), r.rel     # every epoch's numbers, bit for bit
+        assert _summary(r.path) == _summary(l.path), r.rel
+    # the driver re-run: finished runs are skipped, not submitted, not touched
+    stamps = {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs}
+    code, out, err = run_cli(["bench", grid_file, "--out", remote, "--engine", "ray"], capsys)
+    assert code == 0 and len(re.findall(r"\] skipped .*\(complete\)", out)) == 4 and " done " not in out
+    assert {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs} == stamps
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
+    spec = {**TINY, "seeds": [0], "train": {**TINY["train"], "epochs": 10}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    runs = G.expand(G.parse_grid(spec), out)
+    victim = runs[0].path
+    proc = _bench(cluster, grid_file, out)
+    try:
+        deadline, pid = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None:  # an epoch checkpointed, the run going on
+            info = G.read_lock(victim / G.LOCK)
+            if info and str(info.get("owner", "")).startswith("ray:") and (victim / "metrics.jsonl").is_file() \
+                    and (victim / "metrics.jsonl").read_text().count("\n") >= 1:
+                pid = info["pid"]
+                break
+            time.sleep(0.02)
+        assert pid is not None and pid != proc.pid, "the run never reached its first checkpoint"
+        assert not G.is_complete(victim)
+        os.kill(pid, signal.SIGKILL)  # the Ray worker process running the task, no clean-up
+        stdout, _ = proc.communicate(timeout=480)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout
+    done = re.findall(r"\] done +(\S+)(.*)", stdout)
+    assert sorted(rel for rel, _ in done) == sorted(r.rel for r in runs)  # each run reported done once
+    assert "(resumed)" in dict(done)[runs[0].rel]
+    log = (victim / "train.log").read_text()
+    assert log.count("resumed from") == 1 and log.count("epochs x") == 2  # killed once, resumed once
+    for r in runs:
+        assert [m["epoch"] for m in metrics(r.path)] == list(range(10))  # no epoch lost or repeated
+    assert not list(out.rglob(G.LOCK)) and not list(out.rglob(G.ERROR))
+    # and the resumed run has the numbers of an uninterrupted one (the local engine's)
+    import torch
+    ref = G.expand(G.parse_grid(spec), tmp_path / "ref")[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        G.run_grid([ref], log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics(victim) == metrics(ref.path) and _summary(victim) == _summary(ref.path)
+
+
+@pytest.mark.slow
+def test_real_failure_is_recorded_once_not_retried(cluster, tmp_path, capsys):
+    spec = {**TINY, "datasets": ["digits", str(tmp_path / "no_such_folder")], "methods": [{"name": "finetune"}],
+            "seeds": [0], "train": {**TINY["train"], "epochs": 1}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["bench", grid_file, "--out", out, "--engine", "ray", "--max-retries", "2"], capsys)
+    assert code == 1, stdout + err
+    bad, good = (G.run_path(out, d, "tiny_cnn", 0.3, "finetune", 0) for d in (spec["datasets"][1], "digits"))
+    assert len(re.findall(r"\] failed ", stdout)) == 1 and "no_such_folder/tiny_cnn" in stdout
+    assert "no_such_folder" in (bad / G.ERROR).read_text()
+    assert G.is_complete(good) and not G.is_complete(bad)
+    assert "1/2 runs complete, 1 failed (see error.txt)" in stdout
