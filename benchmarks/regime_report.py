@@ -30,7 +30,8 @@ from rifle.experiments.stats import mean_std, paired_difference
 BASELINE = "finetune"
 BEGIN, END = "<!-- regime study: begin -->", "<!-- regime study: end -->"
 RUN_COLUMNS = ["cell", "method", "seed", "reinit_epoch", "train_loss_before", "train_acc_before", "grad_ratio",
-               "grad_ratio_first", "grad_ratio_middle", "grad_ratio_last", "control_ratio", "ratio_vs_control", "verdict", "fired",
+               "grad_ratio_first", "grad_ratio_middle", "grad_ratio_last", "control_ratio", "ratio_vs_control",
+               "head_signal_ratio", "converged", "verdict", "fired",
                "final_test", "bestval_test", "delta_final", "delta_bestval"]
 
 
@@ -77,6 +78,8 @@ def run_rows(cell: str, col) -> list[dict[str, Any]]:
                 row.update(reinit_epoch=d["at"], train_loss_before=d.get("train_loss_before"),
                            train_acc_before=d.get("train_acc_before"), grad_ratio=d.get("grad_ratio"),
                            grad_ratio_first=thirds[0], grad_ratio_middle=thirds[1], grad_ratio_last=thirds[2],
+                           head_signal_ratio=d.get("head_signal_ratio"),
+                           converged="had converged" in (d.get("verdict") or ""),
                            verdict=_verdict_kind(d.get("verdict")))
             elif label == BASELINE:
                 summ = summarize_monitor(read_monitor(r.path))
@@ -118,6 +121,8 @@ def summary_rows(rows: list[dict[str, Any]], selected: dict[str, str]) -> list[d
                     "bestval_test"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             row[key] = mean_std(vals)[0] if vals else None
+        conv = [r["converged"] for r in rs if "converged" in r]
+        row["converged"] = f"{sum(conv)}/{len(conv)}" if conv else None
         row["verdicts"] = ", ".join(f"{k} {v}" for k, v in sorted(
             _count(r.get("verdict") for r in rs if r.get("verdict")).items()))
         if any("fired" in r for r in rs):
@@ -158,8 +163,8 @@ def markdown(summary: list[dict[str, Any]], cells: list[str], order: list[str], 
         if not rs:
             continue
         lines += [f"#### {cell}", "",
-                  "| method | n | train loss / acc before | gradient ratio | ÷ control | verdicts | final test | "
-                  "Δ final | Δ at best val |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | n | train loss / acc before | converged | gradient ratio | ÷ control | verdicts | "
+                  "final test | Δ final | Δ at best val |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m in [m for m in order if m in rs] + sorted(set(rs) - set(order)):
             r = rs[m]
             name = m + (" ✓" if r["selected_on_val"] else "")
@@ -171,7 +176,7 @@ def markdown(summary: list[dict[str, Any]], cells: list[str], order: list[str], 
                   if r.get("d_final") is not None else "–")
             db = (f"{r['d_bestval']:+.2f} [{r['d_bestval_lo']:+.2f}, {r['d_bestval_hi']:+.2f}]"
                   if r.get("d_bestval") is not None else "–")
-            lines.append(f"| {name} | {r['n']} | {lb} | {_fmt(r.get('grad_ratio'))} | "
+            lines.append(f"| {name} | {r['n']} | {lb} | {r.get('converged') or '–'} | {_fmt(r.get('grad_ratio'))} | "
                          f"{_fmt(r.get('ratio_vs_control'))} | {r['verdicts'] or '–'} | "
                          f"{_fmt(100 * r['final_test'] if r.get('final_test') is not None else None)} | "
                          f"{df} | {db} |")
