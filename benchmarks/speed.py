@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         minimal_t, trainer_t, r1 = median_ratio(lambda: minimal_loop_seconds(ft, data, False),
                                                 lambda: trainer_epoch_seconds(ft, data, tmp), args.repeats)
         rows.append(("trainer overhead: minimal loop time / rifle trainer time", f"{r1:.3f}", "≥ 0.97",
-                     f"minimal {n_train / trainer_t:.1f} img/s, trainer {n_train / minimal_t:.1f} img/s"))
+                     f"minimal {n_train / minimal_t:.1f} img/s, trainer {n_train / trainer_t:.1f} img/s"))
         bound_t, e2e_t, r2 = median_ratio(lambda: minimal_loop_seconds(ft, data, True),
                                           lambda: minimal_loop_seconds(ft, data, False), args.repeats)
         rows.append(("input pipeline: compute bound time / end-to-end time", f"{r2:.3f}", "≥ 0.90",
