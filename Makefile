@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every distribution pinned (==) for these machines (x86-64, Python 3.11); regenerate with `make lock`.
 LOCK := requirements-lock.txt
 
-.PHONY: demo test venv lock clean bench-speed gpu-check results-elpv results-regime
+.PHONY: demo test test-all venv lock clean bench-speed gpu-check results-elpv results-regime
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,8 +21,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rifle demo
 
+# CI: everything but the minutes-long `extended` checks (wheel install, GPU-check CPU run, callbacks'
+# DDP, kron optimizers); `make test-all` runs those too
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not extended" --durations=15
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=25
 
 # Resolve requirements-dev.in (the top-level ranges) in a clean, throw-away venv and pin everything it
 # installed (pip and setuptools included) in $(LOCK). Then run `make test` from a clean clone and commit both.

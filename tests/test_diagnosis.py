@@ -492,6 +492,8 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
     assert (e["index"], e["at"], e["steps_before"], e["steps_after"]) == (1, 2, 5, 5)
     assert e["train_loss_before"] == pytest.approx(sum(losses[1]) / len(losses[1]), rel=1e-6)  # epoch 1
     assert e["train_acc_before"] is None and e["grad_ratio"] > 0
+    # Lightning divides each micro-batch's loss by accumulate_grad_batches: the head signal knows it
+    assert cb.rifle.head_grad_scale == 1 / accumulate and e["head_signal_ratio"] > 0
     assert e["verdict"] in capsys.readouterr().out.splitlines()
     rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
     logged = [r for r in rows if r.get("rifle/grad_ratio")]
@@ -530,6 +532,29 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
     assert h["rifle/grad_ratio"] == e["grad_ratio"] > 0 and h["rifle/verdict"] == e["verdict"]
     assert h["step"] == 17  # the after window (steps 12..16) completed
     assert e["verdict"] in capsys.readouterr().out.splitlines()
+    assert e["head_signal_ratio"] is None or e["head_signal_ratio"] > 0  # HF heads: see the next test
+
+
+def test_hf_callback_does_not_measure_the_head_signal_under_accumulation(tmp_path):
+    """HF scales each micro-batch's loss for accumulation in version-dependent ways: not measured."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from rifle.integrations.transformers import RifleTrainerCallback
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2))
+    ids = torch.randint(5, 50, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i], "labels": int(ids[i, 0] > 25)} for i in range(32)]
+    cb = RifleTrainerCallback(reinits=1, seed=0, min_steps_after=None)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=5e-3, save_strategy="no",
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    [e] = cb.diagnosis
+    assert cb.rifle.head_grad_scale is None and e["head_signal_ratio"] is None and e["head_signal_reason"]
 
 
 def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):

@@ -47,6 +47,7 @@ def test_shell_wrapper_passes_arguments_and_exit_status(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_every_check_runs_on_the_cpu(tmp_path):
     # left out: compile (an inductor build), 2-process DDP and fp16 (emulated on this CPU: its ResNet-18
     # throughput step alone took over 10 minutes on the busy 2-core machine): each minutes here

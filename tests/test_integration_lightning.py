@@ -557,6 +557,7 @@ def _ddp_worker(rank, port, tmp, resume):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ddp_ranks_decide_from_the_summed_accuracy_and_a_mid_epoch_checkpoint_counts_once(tmp_path):
     """2 gloo ranks, each its half of every epoch: both fire where the accuracy summed over ranks
     first reaches the threshold; a checkpoint after the first batch of an epoch holds both ranks'

@@ -489,6 +489,7 @@ def _ddp_worker(rank, port, tmp, resume):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ddp_ranks_decide_from_the_summed_accuracy_and_resume_mid_epoch_exactly(tmp_path):
     """2 gloo ranks under the HF Trainer: both fire where the accuracy summed over ranks first reaches
     the threshold; a checkpoint in the middle of an epoch holds both ranks' sums, and the resumed run

@@ -59,7 +59,7 @@ def test_default_is_the_papers_torch_sgd_with_the_same_groups(tmp_path):
 
 # ------------------------------------------------------------------------------ every timm optimizer
 # bnb* / fused* need CUDA; kron* builds its preconditioner with torch.compile (tens of seconds): slow
-CPU_ONLY = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("kron") else n
+CPU_ONLY = [pytest.param(n, marks=[pytest.mark.slow, pytest.mark.extended]) if n.startswith("kron") else n
             for n in optimizer_names() if not n.startswith(("bnb", "fused"))]
 
 
@@ -193,7 +193,7 @@ class StateProbe(Method):
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_adamw_reinit_clears_the_heads_moments_and_keeps_the_backbones(tmp_path, keep):
-    cfg = TrainConfig(**TINY, method="rifle", reinits=1, epochs=2, min_steps_after=0, opt="adamw", lr=1e-3,
+    cfg = TrainConfig(**{**TINY, "lr": 1e-3}, method="rifle", reinits=1, epochs=2, min_steps_after=0, opt="adamw",
                       keep_optimizer_state=keep).validate()
     probe = StateProbe()
     trainer = make_trainer(tmp_path, build_methods(cfg) + [probe], opt="adamw", lr=1e-3)

@@ -31,6 +31,7 @@ def sh(argv, cwd, env=None, timeout=600):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_wheel_installs_in_a_fresh_venv_and_trains_outside_the_checkout(tmp_path):
     pytest.importorskip("setuptools")
     t = {}

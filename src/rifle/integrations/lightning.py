@@ -174,6 +174,13 @@ class RifleCallback(pl.Callback):
             self.rifle.load_state_dict(localize_open_sums(self._pending))
             self._pending = None
         self._reported = len(self.rifle.diagnosis)  # restored ones were reported before
+        # the same-batch head signal recovers targets from dL/dlogits: Lightning divides each micro-batch's
+        # loss by accumulate_grad_batches (automatic optimization); a 16-bit GradScaler scales it unseen
+        if "16-mixed" in str(trainer.precision) and "bf16" not in str(trainer.precision) \
+                or not pl_module.automatic_optimization:
+            self.rifle.head_grad_scale = None
+        else:
+            self.rifle.head_grad_scale = 1.0 / max(1, trainer.accumulate_grad_batches)
 
         def log(index: int) -> None:
             pl_module.log("rifle/reinit", float(index), on_step=False, on_epoch=True,

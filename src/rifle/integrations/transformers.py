@@ -164,6 +164,10 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             if saved:
                 self.rifle.load_state_dict(localize_open_sums(saved))
         self._step_sums, self._saved_window = None, None
+        # the same-batch head signal recovers targets from dL/dlogits of one micro-batch: exact only when
+        # that micro-batch's loss is its own mean cross-entropy (no accumulation scaling, no fp16 scaler)
+        if args.gradient_accumulation_steps > 1 or getattr(args, "fp16", False):
+            self.rifle.head_grad_scale = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
