@@ -19,12 +19,12 @@ import json
 import math
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from rifle.analysis.depth import read_monitor, summarize_monitor
-from rifle.experiments.report import collect, write_report
+from rifle.experiments.report import collect, update_page, write_report
 from rifle.experiments.stats import mean_std, paired_difference
 
 BASELINE = "finetune"
@@ -124,7 +124,7 @@ def summary_rows(rows: list[dict[str, Any]], selected: dict[str, str]) -> list[d
         conv = [r["converged"] for r in rs if "converged" in r]
         row["converged"] = f"{sum(conv)}/{len(conv)}" if conv else None
         row["verdicts"] = ", ".join(f"{k} {v}" for k, v in sorted(
-            _count(r.get("verdict") for r in rs if r.get("verdict")).items()))
+            Counter(r.get("verdict") for r in rs if r.get("verdict")).items()))
         if any("fired" in r for r in rs):
             row["fired"] = sum(1 for r in rs if r.get("fired"))
         if method != BASELINE:
@@ -138,13 +138,6 @@ def summary_rows(rows: list[dict[str, Any]], selected: dict[str, str]) -> list[d
                                 f"d_{name}_hi": 100 * d.ci_high, f"p_{name}": d.p_t})
         out.append(row)
     return out
-
-
-def _count(xs) -> dict[str, int]:
-    c: dict[str, int] = defaultdict(int)
-    for x in xs:
-        c[x] += 1
-    return dict(c)
 
 
 def markdown(summary: list[dict[str, Any]], cells: list[str], order: list[str], root: Path, page: Path) -> str:
@@ -251,16 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.root / "regime_summary.csv").write_text(buf.getvalue())
     plots(rows, cells, args.root)
     if args.page:
-        update_page_between(args.page, markdown(summary, cells, order, args.root, args.page))
+        update_page(args.page, markdown(summary, cells, order, args.root, args.page), BEGIN, END)
     print(json.dumps({c: sum(1 for r in rows if r["cell"] == c) for c in cells}), "runs per cell")
     return 0
-
-
-def update_page_between(page: Path, block: str) -> None:
-    text = page.read_text() if page.exists() else f"# The regime study\n\n{BEGIN}\n{END}\n"
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise SystemExit(f"{page}: needs exactly one pair of markers {BEGIN} / {END}")
-    page.write_text(text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):])
 
 
 if __name__ == "__main__":

@@ -491,8 +491,9 @@ def page_block(root: Path, page: Path, col: Collected, rows: list[dict[str, Any]
     return "\n".join(lines + [PAGE_END])
 
 
-def update_page(page: str | Path, block: str) -> None:
-    """Replace the text between :data:`PAGE_BEGIN` and :data:`PAGE_END` in ``page`` (created if absent).
+def update_page(page: str | Path, block: str, begin: str = PAGE_BEGIN, end: str = PAGE_END) -> None:
+    """Replace the text between ``begin`` and ``end`` (default :data:`PAGE_BEGIN` / :data:`PAGE_END`) in
+    ``page`` (created if absent; ``block`` includes the markers).
 
     The hand-written text around the markers is kept; a page without the markers is an error (nothing
     is overwritten).
@@ -504,10 +505,10 @@ def update_page(page: str | Path, block: str) -> None:
         atomic_write_text(page, f"# Results\n\n{block}\n")
         return
     text = page.read_text()
-    if text.count(PAGE_BEGIN) != 1 or text.count(PAGE_END) != 1 or text.index(PAGE_END) < text.index(PAGE_BEGIN):
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(end) < text.index(begin):
         raise ValueError(f"{page}: --page needs exactly one pair of markers to write between, in this order:\n"
-                         f"  {PAGE_BEGIN}\n  {PAGE_END}\n(the page is left unchanged)")
-    atomic_write_text(page, text[:text.index(PAGE_BEGIN)] + block + text[text.index(PAGE_END) + len(PAGE_END):])
+                         f"  {begin}\n  {end}\n(the page is left unchanged)")
+    atomic_write_text(page, text[:text.index(begin)] + block + text[text.index(end) + len(end):])
 
 
 # ------------------------------------------------------------------------------------------ plots
