@@ -85,7 +85,7 @@ def _floats(values: Sequence[Any]) -> list[float | None]:
     return [None if v is None else x for v, x in zip(values, stacked)]
 
 
-def _reduce(values: list[float], device: torch.device) -> list[float]:
+def sum_over_ranks(values: list[float]) -> list[float]:
     """Sum over data-parallel ranks (no-op alone); every rank calls it at the same re-init."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -241,7 +241,7 @@ class Diagnosis:
         missing = sum(1.0 for r in hs["rows"] if r is None or ("why" in r and r["why"] != NO_CE))
         vals = [hs["old"], new, hs["n"], no_ce, missing]
         if not hs["gathered"]:
-            vals = _reduce(vals, self._device())
+            vals = sum_over_ranks(vals)
         old, new, n, no_ce, missing = vals
         why = next((r["why"] for r in hs["rows"] if r is not None and "why" in r), None)
         if no_ce:
@@ -291,7 +291,7 @@ class Diagnosis:
         hits = _floats([o[1] for o in self._obs]) if has_acc else [0.0] * len(self._obs)
         sums = [sum(losses), sum(hits), float(sum(o[2] for o in self._obs))]
         if not self._settled:
-            sums = _reduce(sums, self._device())
+            sums = sum_over_ranks(sums)
         return sums[0], sums[1], sums[2], has_acc
 
     def settle(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diagnosis import CONVERGED_ACC, Diagnosis, _reduce, backbone_weights
+from .diagnosis import CONVERGED_ACC, Diagnosis, backbone_weights, sum_over_ranks
 from .heads import HeadSpec, find_head, head_names, select_modules
 from .replicas import verify_replicas
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
@@ -93,6 +93,9 @@ class Rifle:
             ``reinits`` times, never inside the guard, and the next one only after a full epoch after
             the re-init epoch reaches the threshold again. See :attr:`trigger_report`.
         converged_acc: the trigger's threshold (default 0.97, the diagnosis' "converged" accuracy).
+        gradient_hook: read the diagnosis' gradients in an optimizer step pre-hook (default); False when
+            the loop calls :meth:`record_gradients` itself (e.g. Lightning, whose backward runs inside
+            ``optimizer.step(closure)``, after the pre-hooks).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -105,7 +108,8 @@ class Rifle:
                  on_reinit: Callable[[int, int], None] | None = None,
                  verify_replicas: bool = True, modules: str | None = None,
                  diagnose: bool = True, diagnosis_window: int = 5,
-                 trigger: str = "schedule", converged_acc: float | None = None) -> None:
+                 trigger: str = "schedule", converged_acc: float | None = None,
+                 gradient_hook: bool = True) -> None:
         if (epochs is None) == (total_steps is None):
             raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
                              "(use on_step_start)")
@@ -171,7 +175,7 @@ class Rifle:
             loss_window = None if self.unit == "epoch" else int(steps_per_epoch or 100)
             self._diag = Diagnosis(backbone_weights(inner, exclude=self.head_modules),
                                    window=diagnosis_window, loss_window=loss_window, head=self.modules)
-            if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
+            if gradient_hook and optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
                 self._diag_hook = optimizer.register_step_pre_hook(
                     lambda opt, args, kwargs: self.record_gradients())
             self._spe_known = steps_per_epoch if self.unit == "epoch" else None
@@ -273,8 +277,7 @@ class Rifle:
             return
         if self._t_history and self._t_history[-1][0] == self._t_epoch:
             return  # already settled
-        vals = _reduce([float(self._t_correct), float(self._t_count), 0.0 if self._t_has else 1.0],
-                       torch.device("cpu"))
+        vals = sum_over_ranks([float(self._t_correct), float(self._t_count), 0.0 if self._t_has else 1.0])
         acc = vals[0] / vals[1] if vals[1] > 0 and vals[2] == 0 else None
         self._t_history.append([self._t_epoch, acc])
         self._t_reset()

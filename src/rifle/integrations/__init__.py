@@ -72,7 +72,7 @@ def reduce_open_sums(state: dict[str, Any]) -> dict[str, Any]:
     (correct, count) of the epoch so far and the diagnosis' unsettled loss window. No-op alone."""
     if _rank_world()[1] == 1:
         return state
-    from ..core.diagnosis import _reduce
+    from ..core.diagnosis import sum_over_ranks
     window = state.get("trigger_window")
     pending = state.get("diagnosis_pending")
     rows = pending["obs"] if pending and not pending.get("settled") else []
@@ -81,7 +81,7 @@ def reduce_open_sums(state: dict[str, Any]) -> dict[str, Any]:
         values += [float(loss_sum), float(correct or 0.0), float(n)]
     if not values:
         return state
-    total = _reduce(values, torch.device("cpu"))
+    total = sum_over_ranks(values)
     state = dict(state)
     if window:
         correct, count, missing = total[:3]

@@ -151,15 +151,11 @@ class RifleCallback(pl.Callback):
                 raise ValueError("RifleCallback(granularity='step') needs a finite run: set max_steps "
                                  "or max_epochs")
             length = dict(total_steps=int(total_steps))
-        rifle = Rifle(pl_module, optimizer, reinits=self.reinits, seed=self.seed, head=heads,
-                      on_reinit=self._on_reinit, **length, **self.options)
         # Lightning runs training_step and backward inside optimizer.step(closure), after the step
         # pre-hooks: the core's pre-hook would read the previous step's gradients (none at all on the
         # first step after a resume). They are read in on_before_optimizer_step instead.
-        if rifle._diag_hook is not None:
-            rifle._diag_hook.remove()
-            rifle._diag_hook = None
-        return rifle
+        return Rifle(pl_module, optimizer, reinits=self.reinits, seed=self.seed, head=heads,
+                     on_reinit=self._on_reinit, gradient_hook=False, **length, **self.options)
 
     def _on_reinit(self, index: int, point: int) -> None:
         self.fired.append((index, point))

@@ -46,13 +46,10 @@ def init_from_env(device: torch.device) -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def all_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
-    """Sum a few numbers over ranks (float64; exact for counts)."""
-    if not info.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu().tolist()
+def all_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum a few numbers over ranks (float64; exact for counts): :func:`rifle.core.diagnosis.sum_over_ranks`."""
+    from ..core.diagnosis import sum_over_ranks
+    return sum_over_ranks(values) if info.enabled else values
 
 
 def barrier(info: DistInfo) -> None:

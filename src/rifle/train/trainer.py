@@ -294,7 +294,7 @@ class Trainer:
         self.scheduler.step()
         names = sorted(terms_sum)
         totals = all_sum([float(loss_sum), float(correct), float(seen), *(float(terms_sum[n]) for n in names)],
-                         self.dist, self.device)
+                         self.dist)
         loss_total, correct_total, seen_total = totals[:3]
         row: dict[str, Any] = {"epoch": epoch, "lr": self._row_lr(lrs)}
         if len(set(lrs.values())) > 1:
@@ -330,7 +330,7 @@ class Trainer:
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
         self.model.train(was_training)
-        correct, n, loss = all_sum([correct, n, loss], self.dist, self.device)
+        correct, n, loss = all_sum([correct, n, loss], self.dist)
         return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
 
     @staticmethod
