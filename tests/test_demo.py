@@ -20,6 +20,8 @@ def test_demo_runs_each_cell_paired_and_writes_the_verdicts(tmp_path, capsys):
         assert rows["finetune"][2]["train_loss"] != rows["rifle"][2]["train_loss"]
         delta = 100 * (res[cell]["rifle"]["final_test_acc"] - res[cell]["finetune"]["final_test_acc"])
         assert f"| {delta:+.2f} |" in text
+        assert d["head_signal_ratio"] is not None and f"| x{d['head_signal_ratio']:.2f} | x{d['grad_ratio']:.2f} |" in text
+    assert "judge accuracy on validation" in text and "judge accuracy on validation" in out.replace("\n", " ")
     assert json.loads((tmp_path / "20px" / "rifle" / "summary.json").read_text())["preprocessing"]["image_size"] == 20
 
 
