@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from rifle.experiments import grid as G
-from rifle.experiments.report import collect, write_report
+from rifle.experiments.collect import collect
+from rifle.experiments.report import write_report
 from rifle.experiments.stats import mean_std, paired_difference, t_interval
 
 VOLATILE = {"seconds", "images_per_s"}
@@ -408,7 +409,7 @@ def test_report_depth_table_by_hand(tmp_path):
 
 
 def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path):
-    from rifle.experiments.report import PAGE_BEGIN, PAGE_END
+    from rifle.experiments.markdown import PAGE_BEGIN, PAGE_END
     root = tmp_path / "results" / "grid"
     for s in range(2):
         _fake_run(root, "finetune", s, 0.70 + 0.01 * s, 0.70, 0.60)
