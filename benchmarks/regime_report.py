@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from rifle.analysis.depth import read_monitor, summarize_monitor
-from rifle.experiments.report import collect, update_page, write_report
+from rifle.experiments.collect import collect
+from rifle.experiments.markdown import update_page
+from rifle.experiments.report import write_report
 from rifle.experiments.stats import mean_std, paired_difference
 
 BASELINE = "finetune"

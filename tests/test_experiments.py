@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 from rifle.experiments import grid as G
-from rifle.experiments.report import collect, write_report
+from rifle.experiments import locks as L
+from rifle.experiments import runner as R
+from rifle.experiments.collect import collect
+from rifle.experiments.report import write_report
 from rifle.experiments.stats import mean_std, paired_difference, t_interval
 
 VOLATILE = {"seconds", "images_per_s"}
@@ -125,46 +128,46 @@ def _dead_pid() -> int:
 
 def test_lock_claim_and_stale_rules(tmp_path):
     run = tmp_path / "run"
-    claim = G.try_claim(run)
-    assert claim is not None and G.read_lock(run / G.LOCK)["pid"] == os.getpid()
-    assert G.try_claim(run) is None  # held by a live process (this one)
+    claim = L.try_claim(run)
+    assert claim is not None and L.read_lock(run / L.LOCK)["pid"] == os.getpid()
+    assert L.try_claim(run) is None  # held by a live process (this one)
     claim.release()
-    assert not (run / G.LOCK).exists()
+    assert not (run / L.LOCK).exists()
     # a lock whose pid is dead on this host is stale at once
     import socket
-    (run / G.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "x"}))
-    again = G.try_claim(run)
-    assert again is not None and G.read_lock(run / G.LOCK)["token"] == again.token
+    (run / L.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "x"}))
+    again = L.try_claim(run)
+    assert again is not None and L.read_lock(run / L.LOCK)["token"] == again.token
     again.release()
     # another host: only the heartbeat (mtime) decides
-    (run / G.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y"}))
-    assert G.try_claim(run, stale_after=600) is None
+    (run / L.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y"}))
+    assert L.try_claim(run, stale_after=600) is None
     old = time.time() - 700
-    os.utime(run / G.LOCK, (old, old))
-    assert G.lock_is_stale(G.read_lock(run / G.LOCK), old, 600)
-    third = G.try_claim(run, stale_after=600)
+    os.utime(run / L.LOCK, (old, old))
+    assert L.lock_is_stale(L.read_lock(run / L.LOCK), old, 600)
+    third = L.try_claim(run, stale_after=600)
     assert third is not None
     # the heartbeat keeps a long run's lock fresh
-    os.utime(run / G.LOCK, (old, old))
+    os.utime(run / L.LOCK, (old, old))
     third.start_heartbeat(0.05)
     time.sleep(0.3)
-    assert time.time() - (run / G.LOCK).stat().st_mtime < 5
+    assert time.time() - (run / L.LOCK).stat().st_mtime < 5
     third.release()
-    assert not (run / G.LOCK).exists()
+    assert not (run / L.LOCK).exists()
 
 
 def test_lock_owner_takes_over_its_own_dead_attempt_at_once(tmp_path):
     """A Ray retry (same owner) takes over a lock from another host at once; anyone else waits."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / G.LOCK).write_text(json.dumps({"host": "node-b", "pid": 1, "token": "t", "owner": "ray:abc"}))
-    assert G.try_claim(run, stale_after=600) is None                   # no owner: heartbeat is fresh
-    assert G.try_claim(run, stale_after=600, owner="ray:other") is None  # another invocation
-    mine = G.try_claim(run, stale_after=600, owner="ray:abc")
-    info = G.read_lock(run / G.LOCK)
+    (run / L.LOCK).write_text(json.dumps({"host": "node-b", "pid": 1, "token": "t", "owner": "ray:abc"}))
+    assert L.try_claim(run, stale_after=600) is None                   # no owner: heartbeat is fresh
+    assert L.try_claim(run, stale_after=600, owner="ray:other") is None  # another invocation
+    mine = L.try_claim(run, stale_after=600, owner="ray:abc")
+    info = L.read_lock(run / L.LOCK)
     assert mine is not None and (info["owner"], info["token"], info["pid"]) == ("ray:abc", mine.token, os.getpid())
     mine.release()
-    assert not (run / G.LOCK).exists() and not (run / (G.LOCK + ".break")).exists()
+    assert not (run / L.LOCK).exists() and not (run / (L.LOCK + ".break")).exists()
 
 
 def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkeypatch):
@@ -188,17 +191,17 @@ def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkey
     monkeypatch.setattr(run_mod, "run_train", fake_run)
     runs = G.expand(G.parse_grid(TINY), tmp_path)
     lines = []
-    res = G.run_grid(runs, log=lines.append)
+    res = R.run_grid(runs, log=lines.append)
     assert loads == [(0, 0.3), (1, 0.3)]  # once per (dataset, seed, fraction)
     assert res.counts == {"done": 3, "failed": 1} and res.failed == ["digits/tiny_cnn/frac0.3/rifle-K1/seed1"]
-    assert "RuntimeError: boom" in (runs[3].path / G.ERROR).read_text()
+    assert "RuntimeError: boom" in (runs[3].path / L.ERROR).read_text()
     assert any("failed" in x and "boom" in x for x in lines)
-    assert not list(tmp_path.rglob(G.LOCK))
+    assert not list(tmp_path.rglob(L.LOCK))
     # the same invocation (since = its start) does not retry; a new one does, and skips the done runs
     calls.clear()
-    res = G.run_grid(runs, since=time.time() - 3600, log=lines.append)
+    res = R.run_grid(runs, since=time.time() - 3600, log=lines.append)
     assert calls == [] and res.counts == {"skipped": 4}
-    res = G.run_grid(runs, since=time.time() + 1, log=lines.append)
+    res = R.run_grid(runs, since=time.time() + 1, log=lines.append)
     assert calls == [("rifle-K1", "seed1")] and res.counts == {"skipped": 3, "failed": 1}
 
 
@@ -229,7 +232,7 @@ def tiny_grid(tmp_path_factory):
     mp.setattr(Trainer, "train_epoch", interrupt_third_run)
     first: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        G.run_grid(runs, log=first.append)
+        R.run_grid(runs, log=first.append)
     mp.undo()
     stamps = {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs[:2]}
     import rifle.run as run_mod
@@ -237,7 +240,7 @@ def tiny_grid(tmp_path_factory):
     real = run_mod.run_train
     mp.setattr(run_mod, "run_train", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
     second: list[str] = []
-    res = G.run_grid(runs, log=second.append)
+    res = R.run_grid(runs, log=second.append)
     mp.undo()
     G.write_grid_copy(grid, out)
     return dict(out=out, runs=runs, first=first, second=second, stamps=stamps, calls=calls, res=res)
@@ -247,7 +250,7 @@ def test_interrupted_grid_resumes_without_recomputing(tiny_grid):
     runs, first, second = tiny_grid["runs"], tiny_grid["first"], tiny_grid["second"]
     assert [x.split()[1] for x in first[:2]] == ["done", "done"] and len(first) == 3
     assert first[2].startswith("interrupted during digits/tiny_cnn/frac0.3/finetune/seed1")
-    assert not list(tiny_grid["out"].rglob(G.LOCK))  # Ctrl-C released the lock
+    assert not list(tiny_grid["out"].rglob(L.LOCK))  # Ctrl-C released the lock
     # finished runs untouched, run_train not even called for them
     assert {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs[:2]} == tiny_grid["stamps"]
     assert tiny_grid["calls"] == [str(runs[2].path), str(runs[3].path)]
@@ -354,9 +357,9 @@ def test_two_workers_share_a_grid_and_run_each_run_once(tmp_path):
     assert sorted(done) == sorted(r.rel for r in runs)  # every run, exactly once
     assert "4/4 runs complete" in proc.stdout
     for r in runs:
-        assert G.is_complete(r.path)
+        assert L.is_complete(r.path)
         assert (r.path / "train.log").read_text().count("epochs x") == 1  # trained by one worker only
-    assert not list(out.rglob(G.LOCK)) and (out / "grid.yaml").is_file()
+    assert not list(out.rglob(L.LOCK)) and (out / "grid.yaml").is_file()
     assert collect(out).runs and len(collect(out).runs) == 4
 
 
@@ -408,7 +411,7 @@ def test_report_depth_table_by_hand(tmp_path):
 
 
 def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path):
-    from rifle.experiments.report import PAGE_BEGIN, PAGE_END
+    from rifle.experiments.markdown import PAGE_BEGIN, PAGE_END
     root = tmp_path / "results" / "grid"
     for s in range(2):
         _fake_run(root, "finetune", s, 0.70 + 0.01 * s, 0.70, 0.60)

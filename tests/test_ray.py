@@ -19,6 +19,8 @@ import yaml
 
 from conftest import SRC, metrics, run_cli
 from rifle.experiments import grid as G
+from rifle.experiments import locks as L
+from rifle.experiments import runner as R
 from rifle.experiments.ray_engine import Progress
 
 TINY = {
@@ -101,7 +103,7 @@ def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a Ray run uses --cpus-per-run (1) threads: the same sums
     try:
-        G.run_grid(G.expand(grid, local), log=lambda line: None)
+        R.run_grid(G.expand(grid, local), log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
     grid_file = tmp_path / "grid.yaml"
@@ -112,7 +114,7 @@ def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
     done = re.findall(r"\] done +(\S+)", out)
     assert sorted(done) == sorted(r.rel for r in runs)  # every run, exactly once
     assert re.search(r"4/4 done, 0 running, 0 queued, 0 failed", out) and "4/4 runs complete" in out
-    assert not list(remote.rglob(G.LOCK)) and (remote / "grid.yaml").is_file()
+    assert not list(remote.rglob(L.LOCK)) and (remote / "grid.yaml").is_file()
     for r, l in zip(runs, G.expand(grid, local)):
         assert metrics(r.path) == metrics(l.path), r.rel     # every epoch's numbers, bit for bit
         assert _summary(r.path) == _summary(l.path), r.rel
@@ -135,14 +137,14 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
     try:
         deadline, pid = time.time() + 300, None
         while time.time() < deadline and proc.poll() is None:  # an epoch checkpointed, the run going on
-            info = G.read_lock(victim / G.LOCK)
+            info = L.read_lock(victim / L.LOCK)
             if info and str(info.get("owner", "")).startswith("ray:") and (victim / "metrics.jsonl").is_file() \
                     and (victim / "metrics.jsonl").read_text().count("\n") >= 1:
                 pid = info["pid"]
                 break
             time.sleep(0.02)
         assert pid is not None and pid != proc.pid, "the run never reached its first checkpoint"
-        assert not G.is_complete(victim)
+        assert not L.is_complete(victim)
         os.kill(pid, signal.SIGKILL)  # the Ray worker process running the task, no clean-up
         stdout, _ = proc.communicate(timeout=480)
     finally:
@@ -156,14 +158,14 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
     assert log.count("resumed from") == 1 and log.count("epochs x") == 2  # killed once, resumed once
     for r in runs:
         assert [m["epoch"] for m in metrics(r.path)] == list(range(10))  # no epoch lost or repeated
-    assert not list(out.rglob(G.LOCK)) and not list(out.rglob(G.ERROR))
+    assert not list(out.rglob(L.LOCK)) and not list(out.rglob(L.ERROR))
     # and the resumed run has the numbers of an uninterrupted one (the local engine's)
     import torch
     ref = G.expand(G.parse_grid(spec), tmp_path / "ref")[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        G.run_grid([ref], log=lambda line: None)
+        R.run_grid([ref], log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
     assert metrics(victim) == metrics(ref.path) and _summary(victim) == _summary(ref.path)
@@ -180,6 +182,6 @@ def test_real_failure_is_recorded_once_not_retried(cluster, tmp_path, capsys):
     assert code == 1, stdout + err
     bad, good = (G.run_path(out, d, "tiny_cnn", 0.3, "finetune", 0) for d in (spec["datasets"][1], "digits"))
     assert len(re.findall(r"\] failed ", stdout)) == 1 and "no_such_folder/tiny_cnn" in stdout
-    assert "no_such_folder" in (bad / G.ERROR).read_text()
-    assert G.is_complete(good) and not G.is_complete(bad)
+    assert "no_such_folder" in (bad / L.ERROR).read_text()
+    assert L.is_complete(good) and not L.is_complete(bad)
     assert "1/2 runs complete, 1 failed (see error.txt)" in stdout

@@ -48,8 +48,9 @@ def _say_line(text: str) -> None:
     sys.stdout.flush()
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.grid import (expand, launch_workers, load_grid, run_grid, run_status,
-                                    seconds_text, write_grid_copy)
+    from ..experiments.grid import expand, load_grid, write_grid_copy
+    from ..experiments.locks import run_status
+    from ..experiments.runner import launch_workers, run_grid, seconds_text
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: must be >= 1")
     ray_flags = {"--address": args.address, "--cpus-per-run": args.cpus_per_run,
@@ -110,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_ray(args: argparse.Namespace, runs) -> int:
     import time
 
-    from ..experiments.grid import seconds_text
     from ..experiments.ray_engine import run_grid_ray
+    from ..experiments.runner import seconds_text
     t0 = time.perf_counter()
     try:
         res = run_grid_ray(runs, address=args.address, cpus_per_run=1.0 if args.cpus_per_run is None
@@ -130,7 +131,7 @@ def _run_ray(args: argparse.Namespace, runs) -> int:
 
 
 def _final(runs, out) -> None:
-    from ..experiments.grid import run_status
+    from ..experiments.locks import run_status
     from collections import Counter
     states = Counter(run_status(s.path) for s in runs)
     print(f"grid {out}: {states['done']}/{len(runs)} runs complete"

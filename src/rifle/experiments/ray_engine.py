@@ -1,27 +1,9 @@
 """``rifle bench --engine ray``: every run of a grid is one Ray task, on one machine or a cluster.
 
-Ray Core tasks (Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018;
-https://docs.ray.io/en/latest/ray-core/tasks.html), not Ray Tune: the grid's own store stays the only
-record of what ran (Tune's experiment state would be a second one). Design (docs/experiments.md,
-"On a cluster"):
-
-* results reach ``OUT`` through shared storage: a task runs :func:`rifle.experiments.grid.run_one`
-  (the local engine's per-run step: skip if complete, claim ``run.lock``, ``run_train(resume=True)``,
-  ``error.txt`` on failure) on the worker, which writes the run folder itself. ``OUT`` (and relative
-  data paths) must be visible at the same path on every node and on the driver; each task changes to the
-  driver's working directory so relative paths mean what they mean to the local engine;
-* the driver skips complete runs without submitting them and submits every other run once, as a task
-  with ``num_cpus`` / ``num_gpus``, ``max_retries`` (a worker process or node that dies: Ray runs the
-  task again, which resumes from the run's last epoch checkpoint) and ``retry_exceptions=False``
-  (a run that raises is recorded once in ``error.txt`` and reported ``failed``; the next invocation
-  retries it, as with the local engine);
-* the lock of a task carries the invocation's ``owner`` id, so a retried attempt takes its dead
-  predecessor's lock over at once, also from another node (:func:`rifle.experiments.grid.try_claim`);
-  a run held by someone else (another ``rifle bench``) is asked again every ``heartbeat`` seconds until
-  it completes there or its lock goes stale;
-* progress: the driver reads the ``run.lock`` of submitted runs to tell running from queued.
-
-Ray is imported only here (``--engine ray``); the local engine never imports it.
+Ray Core tasks (Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018,
+arXiv:1712.05889; https://docs.ray.io/en/latest/ray-core/tasks.html), not Ray Tune: a task runs
+:func:`rifle.experiments.runner.run_one` on the worker, which writes the run folder on shared storage.
+Ray is imported only here. Design, faults and progress: docs/experiments.md, "On a cluster".
 """
 from __future__ import annotations
 
@@ -35,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from .grid import (ERROR, LOCK, DataCache, GridResult, Outcome, RunSpec, default_heartbeat, is_complete,
-                   read_lock, run_one, seconds_text)
+from .grid import RunSpec
+from .locks import ERROR, LOCK, is_complete, read_lock
+from .runner import DataCache, GridResult, Outcome, default_heartbeat, run_one, seconds_text
 
 
 class EngineError(ValueError):
@@ -200,7 +183,7 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
                  gpus_per_run: float = 0.0, max_retries: int = 3, threads: int | None = None,
                  stale_after: float = 600.0, since: float | None = None, poll: float = 1.0,
                  stream: TextIO | None = None, tty: bool | None = None) -> GridResult:
-    """Run every unfinished run of ``runs`` as a Ray task; see the module docstring.
+    """Run every unfinished run of ``runs`` as a Ray task; see docs/experiments.md, "On a cluster".
 
     Returns the counts of this pass (done / skipped / failed). ``KeyboardInterrupt`` cancels the
     submitted tasks (each releases its lock and keeps its last epoch checkpoint) and goes through.

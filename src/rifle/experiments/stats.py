@@ -1,19 +1,8 @@
-"""Statistics over seeds for paired experiments (scipy.stats).
-
-Every comparison in a grid is *paired*: for one (dataset, model, train fraction, seed) every method
-sees the same split, the same initial head and the same data order, so the quantity of interest is
-the per-seed difference ``d_s = acc(method, s) - acc(baseline, s)``:
-
-* :func:`mean_std` - mean and sample standard deviation (``ddof=1``; ``nan`` for n < 2);
-* :func:`t_interval` - the two-sided Student-t confidence interval of a mean,
-  ``mean +- t_{(1+c)/2, n-1} * sd / sqrt(n)``;
-* :func:`paired_difference` - mean difference, its t interval, the paired t-test p-value
-  (``scipy.stats.ttest_rel``) and, when ``n >= WILCOXON_MIN_N`` (6), the Wilcoxon signed-rank p-value
-  (below 6 pairs its smallest possible two-sided p is 2/2^5 = 0.0625, so it can never signal anything).
-
-Degenerate cases, decided here: with n < 2 there is no interval and no p-value (``nan``); when every
-difference is the same value the spread is zero: the interval collapses to that value and the
-t-test p-value is 1 if the value is 0, else 0 (scipy returns nan / 0 with a warning).
+"""Statistics over seeds for paired experiments: mean ± sample std, Student-t intervals, and the paired
+difference of two methods over the same seeds with the paired t-test (Student, "The probable error of a
+mean", Biometrika 1908) and the Wilcoxon signed-rank test (Wilcoxon, "Individual comparisons by ranking
+methods", Biometrics Bulletin 1945), both from scipy.stats. Degenerate cases (n < 2, zero spread) are
+decided here; the rules: docs/experiments.md, "Statistics".
 """
 from __future__ import annotations
 
