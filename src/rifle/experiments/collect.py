@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from .grid import GRID_FILE, parse_grid
+
 
 @dataclass
 class RunRecord:
@@ -92,11 +94,10 @@ def collect(root: str | Path) -> Collected:
 def grid_info(root: Path) -> dict[str, Any]:
     """What ``root/grid.yaml`` says (labels in order, baseline, seeds, ``train:``, the file it was copied
     from): ``{}`` without one, ``{"error": ...}`` when it does not parse."""
-    p = root / "grid.yaml"
+    p = root / GRID_FILE
     if not p.is_file():
         return {}
     try:
-        from .grid import parse_grid
         spec = yaml.safe_load(p.read_text()) or {}
         grid = parse_grid(spec, source=str(p))
         return {"spec": spec, "labels": [e.label for e in grid.methods], "baseline": grid.baseline,
