@@ -391,7 +391,7 @@ def test_reinit_beyond_the_fc_layer():
 
 def test_last_blocks_on_real_backbones():
     import timm
-    from rifle.core.heads import select_modules
+    from rifle.core.structure import select_modules
     eff = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
     assert select_modules(eff, "last:1") == [eff.blocks[-1][-1]]
     import torchvision

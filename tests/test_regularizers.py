@@ -10,12 +10,13 @@ from torch import nn
 
 from conftest import interrupted_at_epoch
 from rifle.cli import main
+from rifle.core.structure import resolve_layers
 from rifle.methods import create, registry
+from rifle.methods._channel_attention import attention_from_scores, exact_scores, first_order_scores
+from rifle.methods._penalties import squared_distance
 from rifle.methods.base import RunContext
 from rifle.methods.bss import bss_penalty
-from rifle.methods.delta import (attention_from_scores, exact_scores, feature_map_distance,
-                                 first_order_scores, resolve_layers)
-from rifle.methods.l2sp import squared_distance
+from rifle.methods.delta import feature_map_distance
 
 
 class TwoLayer(nn.Module):

@@ -11,13 +11,13 @@ from torch import nn
 
 from rifle.cli import main
 from rifle.core import Rifle
-from rifle.core.heads import find_head, head_names
+from rifle.core.structure import find_head, head_names, residual_blocks
 from rifle.methods import RunContext, create
 from rifle.methods.cyclic_lr import cycle_starts, sgdr_factor
 from rifle.methods.disturblabel import disturb_labels
 from rifle.methods.dropconnect import dropconnect_linear
 from rifle.methods.dropout import feature_dropout
-from rifle.methods.stochastic_depth import drop_rates, residual_blocks
+from rifle.methods.stochastic_depth import drop_rates
 from rifle.models import create_model
 
 

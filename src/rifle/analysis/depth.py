@@ -28,22 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.heads import in_head
+from ..core.structure import in_head, weight_layers
 from ..methods.base import Method, RunContext
 
 DEPTH_JSON = "depth.json"
 DEPTH_JSONL = "depth.jsonl"
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 # ------------------------------------------------------------------------------------------ pure parts
 def tracked_layers(model: nn.Module) -> list[tuple[str, str]]:
     """``[(state-dict key of the weight, layer kind), ...]`` for conv / linear layers, in module order."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, LAYER_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor):
-            out.append((f"{name}.weight" if name else "weight", type(m).__name__))
-    return out
+    return [(f"{name}.weight" if name else "weight", type(m).__name__) for name, m in weight_layers(model)]
 
 
 def relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:
@@ -132,7 +127,7 @@ def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn
 
 def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """Per-layer relative weight change of a run's final checkpoint; writes ``depth.json``."""
-    from ..core.heads import find_head, head_names
+    from ..core.structure import find_head, head_names
     from ..train.checkpoint import WEIGHTS, check_finite, read_weights
     run_dir = Path(run_dir)
     config = _read_config(run_dir)

@@ -1,5 +1,5 @@
-"""Framework-agnostic RIFLE core: the schedule, the in-place re-init, head discovery."""
-from .heads import find_head, head_names
+"""Framework-agnostic RIFLE core: the schedule, the in-place re-init, the model's structure (head discovery)."""
+from .structure import find_head, head_names
 from .reinit import INITIALIZERS, clear_optimizer_state, reinit_
 from .rifle import Rifle, unwrap_model
 from .schedule import (DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning, Schedule, default_guard,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # as rifle.analysis.depth.tracked_layers
+from .structure import LAYER_TYPES  # the layers of rifle.core.structure.weight_layers
 
 # docs/rifle.md#when: the cut-offs and why (REFERENCE §7 measurements)
 CONVERGED_LOSS = 0.2     # memorising runs had 0.03-0.17 before the re-init, the others 0.14-0.95

@@ -1,12 +1,9 @@
-"""How RIFLE re-initialises: in place, seeded, and with the optimizer's stale state cleared.
+"""How RIFLE re-initialises: in place, from a private seeded generator, optimizer state cleared.
 
-Parameters (and buffers, e.g. BatchNorm running statistics) are overwritten with ``copy_`` under
-``no_grad``: the module and its ``nn.Parameter`` objects stay the same, so the optimizer and DDP keep
-valid references (REFERENCE.md §3.4). New values are drawn on the CPU, on a structural copy of the
-module (never a ``deepcopy``: hooks are not copied), from a private generator seeded by
-(run seed, re-init index): every DDP rank and a resumed run draw the identical head, and no global
-RNG is touched (§3.8). How each initialiser draws, and the fallback for unknown modules:
-docs/rifle.md "Initialisers".
+Paper: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349 (REFERENCE.md §3.4-3.8).
+``shrink_perturb`` follows Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020,
+arXiv 1910.08475. Semantics, initialisers and why: docs/rifle.md "Semantics" and "Initialisers".
 """
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from .seeding import generator
+from .structure import has_params
 
 Initializer = Callable[[nn.Module], None]  # a user's f(module), drawing from torch's global CPU RNG
 
@@ -38,10 +36,6 @@ def _on_global_rng(g: torch.Generator | None, fn: Callable[[], object]) -> None:
         torch.random.default_generator.set_state(g.get_state())
         fn()
         g.set_state(torch.random.default_generator.get_state())
-
-
-def _has_direct_params(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters(recurse=False))
 
 
 def _plain(m: nn.Module, base: object) -> bool:
@@ -95,7 +89,7 @@ def _reset_default(module: nn.Module, g: torch.Generator | None = None) -> None:
     """Every submodule's own ``reset_parameters()`` - PyTorch's default init, as the first init was."""
     found = False
     for sub in module.modules():
-        if callable(getattr(sub, "reset_parameters", None)) and _has_direct_params(sub):
+        if callable(getattr(sub, "reset_parameters", None)) and has_params(sub, recurse=False):
             reset_module(sub, g)
             found = True
     if not found:
@@ -111,7 +105,7 @@ def _weights_then_zero_bias_g(fn: Callable[[torch.Tensor, torch.Generator | None
                 fn(w, g)
                 if isinstance(b, torch.Tensor):
                     nn.init.zeros_(b)
-            elif callable(getattr(sub, "reset_parameters", None)) and _has_direct_params(sub):
+            elif callable(getattr(sub, "reset_parameters", None)) and has_params(sub, recurse=False):
                 reset_module(sub, g)  # norms etc.
     init.draws_from_generator = True  # type: ignore[attr-defined]
     return init
@@ -148,7 +142,7 @@ def _old_then_fresh(module: nn.Module, g: torch.Generator | None) -> list[tuple[
     them holds the `default` draw."""
     seen: dict[int, nn.Parameter] = {}
     for sub in module.modules():
-        if callable(getattr(sub, "reset_parameters", None)) and _has_direct_params(sub):
+        if callable(getattr(sub, "reset_parameters", None)) and has_params(sub, recurse=False):
             for p in sub.parameters(recurse=False):
                 seen.setdefault(id(p), p)
     old = [(p.detach().clone(), p) for p in seen.values()]

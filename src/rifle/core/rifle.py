@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .diagnosis import CONVERGED_ACC, Diagnosis, backbone_weights, sum_over_ranks
-from .heads import HeadSpec, find_head, head_names, select_modules
+from .structure import HeadSpec, find_head, head_names, select_modules
 from .replicas import verify_replicas
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
                      reinit_)
@@ -77,7 +77,7 @@ class Rifle:
         head_lr_restart: restart a cosine LR for the head's param group(s) at each period (the
             official ``fc_lr_util=cyclic``); the head must then be alone in its param group(s).
         modules: also re-initialise these backbone modules: ``"last:N"`` (the last N blocks) or a
-            regular expression over dotted module names (see :func:`rifle.core.heads.select_modules`).
+            regular expression over dotted module names (see :func:`rifle.core.structure.select_modules`).
         verify_replicas: under ``torch.distributed`` with several ranks, all-gather a checksum of the
             new head after each re-init and raise ``ReplicaDivergenceError`` if ranks differ.
         diagnose: measure each re-init (:mod:`rifle.core.diagnosis`): train loss / accuracy before it

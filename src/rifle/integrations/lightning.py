@@ -50,7 +50,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from ..core import Rifle, find_head
-from ..core.heads import HeadSpec
+from ..core.structure import HeadSpec, has_params
 from ..core.reinit import Initializer
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
 from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
@@ -71,7 +71,7 @@ def find_lightning_head(pl_module: nn.Module, head: HeadSpec | None = None) -> l
         top_error = err
     found: list[tuple[str, list[nn.Module]]] = []
     for name, child in pl_module.named_children():
-        if not any(True for _ in child.parameters()):
+        if not has_params(child):
             continue
         try:
             found.append((name, find_head(child)))

@@ -63,7 +63,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..core import Rifle, find_head, unwrap_model
-from ..core.heads import HeadSpec, head_names
+from ..core.structure import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
 from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,

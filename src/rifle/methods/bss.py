@@ -1,26 +1,9 @@
 """BSS: Batch Spectral Shrinkage - penalise the smallest singular values of the batch feature matrix.
 
 Paper: Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral
-Shrinkage for Safe Transfer Learning", NeurIPS 2019. Regulariser::
-
-    L_bss(F) = eta * sum_{i=1..k} sigma_{-i}(F)^2
-
-``F`` is the B x D matrix of the batch's features (here: the input of the classifier head, i.e. the
-pooled feature, as captured by the trainer), ``sigma_{-i}`` its i-th smallest singular value. The
-penalty shrinks the feature directions that carry little (and, per the paper, untransferable)
-information. Defaults ``k = 1``, ``eta = 0.001``: the paper's setting, also TLlib's example defaults
-(``--k 1 --trade-off 0.001``).
-
-Decisions where the paper is vague:
-
-* BSS is added **on top of** standard fine-tuning: the run's ``--weight-decay`` is kept (TLlib keeps
-  its weight decay as well).
-* ``F`` has ``n = min(B, D)`` singular values. The largest one is never penalised: with a tiny batch
-  (e.g. the last, short batch of an epoch) only ``min(k, n - 1)`` values are; a batch of one sample gives
-  zero. Features are flattened to ``(B, -1)`` and the SVD runs in float32 (``torch.linalg.svdvals``).
-* ``F`` is the head's input as the trainer captures it (a forward pre-hook registered before any
-  method's ``setup``): *before* the ``dropout`` trick's pre-hook, but after any dropout inside the
-  model's own forward (``drop_rate``).
+Shrinkage for Safe Transfer Learning", NeurIPS 2019. Regulariser ``eta * sum_{i=1..k} sigma_{-i}(F)^2``
+over the head's input ``F`` (B x D), ``sigma_{-i}`` its i-th smallest singular value; defaults ``k = 1``,
+``eta = 0.001`` (the paper; TLlib's example). Decisions where the paper is vague: docs/methods.md "bss".
 """
 from __future__ import annotations
 

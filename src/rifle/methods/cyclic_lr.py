@@ -1,24 +1,10 @@
 """Cyclic learning rate: cosine annealing with warm restarts for all layers (``--trick cyclic-lr``).
 
-Paper: Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017
-(arXiv 1608.03983). Rule (eq. 5): within a cycle ``[s, t)`` the LR multiplier at epoch ``e`` is
-``f(e) = m + (1 - m) * (1 + cos(pi * (e - s) / (t - s))) / 2`` with ``m = eta_min / eta_max``
-(``min_factor``); at every cycle start it restarts at 1.
-
-Defaults and project decisions ("under the same settings" as RIFLE, REFERENCE.md §4, docs/methods.md):
-the same recipe (epochs, LR, batch, schedule granularity) as the RIFLE run it is compared with, and
-restarts on that run's re-init epochs.
-
-* ``cycles = None``: with ``--method rifle``, ``K + 1`` equal cycles, K = the run's ``reinits``, with the
-  boundaries of RIFLE's periods, ``floor(i * E / (K + 1))`` (:func:`rifle.core.schedule.raw_points`),
-  so the restarts fall on RIFLE's re-init epochs (before RIFLE's guard, which may drop late re-inits;
-  SGDR has no guard). With any other method ``reinits`` means nothing and is ignored: the default is
-  :data:`DEFAULT_CYCLES` (2, one restart at ``floor(E/2)``; 1 cycle when E = 1). To compare fine-tuning
-  + SGDR with RIFLE-K, set ``cycles = K + 1``. ``T_mult = 1`` (SGDR's growth of cycle lengths unused).
-* ``min_factor = 0`` (the paper's ``eta_min = 0``). The LR changes per epoch, like the trainer's
-  default cosine (the paper updates it per batch).
-* it owns the whole schedule (all parameter groups) through ``lr_lambda``; a second method setting
-  the LR schedule is an error raised by the trainer.
+Paper: Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017,
+arXiv 1608.03983. Within a cycle ``[s, t)`` the LR multiplier at epoch ``e`` is
+``m + (1 - m) * (1 + cos(pi * (e - s) / (t - s))) / 2`` (eq. 5, ``m = eta_min / eta_max``), restarting at
+1 at every cycle start. "Under the same settings" as RIFLE (REFERENCE.md §4): with ``--method rifle`` the
+restarts fall on RIFLE's period boundaries. Defaults and decisions: docs/methods.md "cyclic-lr".
 """
 from __future__ import annotations
 

@@ -6,97 +6,37 @@ Attention for Convolutional Networks", ICLR 2019, arXiv 1901.09229. Regulariser:
     Omega = alpha * sum_l (C_l / (H_l W_l)) * sum_c a_{l,c} * R_b( ||F_{l,c}(w, x_b) - F_{l,c}(w0, x_b)||^2 )
           + beta / 2 * ||w_head||^2
 
-``F_l`` is the output of a chosen layer (B x C_l x H_l x W_l) of the fine-tuned model and of a frozen
-copy of the pretrained model ``w0`` on the same input, ``a_{l,c}`` the channel attention (softmax over the
-channels of layer l, so ``sum_c a = 1``; the factor ``C_l`` makes the mean weight 1) and ``R_b`` the
-reduction over the batch: ``reduction="sum"`` (default) is ``1/2 * sum over a batch of --batch-size
-samples`` - the normalisation of the authors' code (github.com/lixingjian/DELTA) and of TLlib, for which
-their defaults ``alpha = beta = 0.01`` were set (REFERENCE.md §4). It is computed as ``B/2 * mean`` with
-``B = --batch-size``, so it does not change with ``--grad-accum`` or the number of DDP ranks.
-``reduction="mean"`` is ``1/2 * mean over the batch`` (use ``alpha * B`` for the same strength).
-
-Channel attention (computed once in ``setup`` on the pretrained model, stored in ``state_dict``):
-
-1. head: the pretrained model's head is the new, random one, so by default (``attention_head="probe"``)
-   a linear probe is fitted on the frozen features of the attention batches themselves (L-BFGS, 50
-   iterations, L2 1e-3) and used as the head of the frozen copy - a cheap stand-in for TLlib's "train a
-   classifier on the frozen backbone for 10 epochs" (which uses the whole training set). ``"pretrained"``
-   keeps the head of the pretrained state (the random new head, unless the checkpoint's head fits).
-2. per channel, on the first ``attention_batches`` training batches (epoch-0 order and augmentation):
-   ``"first_order"`` (default): the first-order (Taylor) estimate of the loss change when the channel is
-   zeroed, in magnitude: ``|-sum_{b,h,w} F * dL/dF|`` (one forward + backward per batch, as in Taylor
-   channel pruning, Molchanov et al. 2017); ``"exact"``: the channel is zeroed and the loss increase
-   measured (signed: the authors'/TLlib procedure; one forward per channel per batch - hours for a
-   ResNet-50 on CPU); ``"uniform"``: all channels equal (the paper's unweighted feature-map variant).
-   Scores are averaged over batches (and over DDP ranks, so every replica uses the same attention).
-   The magnitude was chosen by measurement: on EfficientNet-Lite0 (digits, 32 px, 2 batches of 32) the
-   Spearman correlation with the exact scores was 0.70/0.64/0.66/0.80 per layer for the magnitude vs
-   0.28/0.63/0.71/0.79 for the signed estimate, and the resulting attention was closer to the exact one
-   in all four layers (the exact increases are >= 0 for 95-99 % of channels).
-3. per layer, z-score (population std) and ``softmax(z / temperature)``, temperature 5 (authors, TLlib).
-
-Layers (``layers``, comma-separated dotted module names; default automatic): the last block of each
-stage of ResNets (``layer1..4``), the last block of each of the last four stages of timm
-``blocks``-style models (EfficientNet, MobileNet), the last four ``stages`` of stage-based timm models,
-the last four blocks of a flat ``blocks`` (tiny_cnn: all three). The authors hook the last conv of each
-ResNet stage (before its BN); we hook the block output (after the residual sum), which also works for
-models without a named last conv. Layers must output ``(B, C, H, W)`` maps.
-
-Decisions: the frozen copy is a deep copy of the model made in ``setup`` (hooks stripped) with
-``ctx.pretrained_state`` loaded, ``requires_grad=False``, locked in eval mode (its ``train()`` is a no-op)
-and run under ``torch.no_grad`` on the same input tensor; its forward stops once all chosen layers have
-produced their output. The fine-tuned model is in train mode, so its BatchNorm uses batch statistics while
-the frozen copy uses the pretrained running statistics (``frozen_bn="eval"``, the authors' code and
-TLlib): the distance is not 0 at the pretrained point during training. On a target far from ImageNet
-this offset is large (ELPV, EfficientNet-Lite0, 64 px: ~3,000-4,800 at step 0 vs cross-entropy 1.4).
-``frozen_bn="batch"`` makes the frozen copy's BatchNorm normalise with the batch's own statistics
-(running statistics dropped, still eval mode, nothing updated), so the distance is exactly 0 at the
-pretrained point and measures only the drift of the weights.
-Weight decay is set to 0 in every group (authors' code and TLlib: no weight decay with DELTA); the head
-term covers weight and bias.
+Follows the authors' code (github.com/lixingjian/DELTA) and TLlib for the scale and the defaults
+(``alpha = beta = 0.01``, temperature 5, REFERENCE.md §4). Parts: the layers
+(:func:`rifle.core.structure.resolve_layers`), the feature taps and the frozen copy
+(:mod:`._feature_taps`), the channel attention (:mod:`._channel_attention`), the method (this file).
+Every decision, and the measurements behind it: docs/methods.md "delta".
 """
 from __future__ import annotations
 
-import copy
-import difflib
 import itertools
 import time
-import types
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.heads import in_head
 from ..core.rifle import unwrap_model
+from ..core.structure import head_params, resolve_layers
+from ._channel_attention import (all_reduce_mean, attention_from_scores, exact_scores, first_order_scores,
+                                 fit_probe)
+from ._feature_taps import FeatureTap, StopForward, frozen_copy
+from ._penalties import backbone_and_refs, disable_weight_decay, squared_distance, squared_norm
 from .base import Method, RunContext, register
-from .l2sp import backbone_and_refs, disable_weight_decay, head_params, squared_distance, squared_norm
 
 ATTENTION_MODES = ("first_order", "exact", "uniform")
 HEAD_MODES = ("probe", "pretrained")
 REDUCTIONS = ("sum", "mean")
 FROZEN_BN = ("eval", "batch")
-PROBE_L2 = 1e-3
-PROBE_ITERS = 50
 DRIFT_WARN = 0.5  # relative distance of the backbone from the pretrained weights after the first epoch
-
-
-# -------------------------------------------------------------------------------------------------
-# functional forms
-# -------------------------------------------------------------------------------------------------
-def attention_from_scores(scores: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
-    """Per-layer channel attention: ``softmax(zscore(scores) / temperature)`` (population std).
-
-    Equal scores (std 0) give uniform attention.
-    """
-    s = scores.detach().double()
-    std = s.std(unbiased=False) if s.numel() > 1 else s.new_zeros(())
-    z = (s - s.mean()) / std if float(std) > 0 else torch.zeros_like(s)
-    return torch.softmax(z / temperature, dim=0).float()
 
 
 def feature_map_distance(features: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -128,292 +68,6 @@ def backbone_drift(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         return (float(squared_distance(params, refs)) / den) ** 0.5 if den > 0 else 0.0
 
 
-class _StopForward(Exception):
-    """Raised by a hook to skip the rest of the frozen model's forward."""
-
-
-class FeatureTap:
-    """Forward hooks that record the outputs of named layers of ``model``.
-
-    ``grad_only``: record only when autograd is on (training forwards, not evaluation);
-    ``stop``: raise :class:`_StopForward` once every layer has produced its output;
-    ``transform(name, out) -> out``: optionally replace the output (attention computation).
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[str], *, grad_only: bool = False,
-                 stop: bool = False) -> None:
-        self.layers = list(layers)
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.versions: dict[str, int] = {}
-        self.grad_only, self.stop = grad_only, stop
-        self.transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in self.layers]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
-            if self.grad_only and not torch.is_grad_enabled():
-                return None
-            if self.transform is not None:
-                out = self.transform(name, out)
-            self.outputs[name] = out
-            self.versions[name] = out._version if isinstance(out, torch.Tensor) else 0
-            if self.stop and len(self.outputs) == len(self.layers):
-                raise _StopForward
-            return out if self.transform is not None else None
-        return hook
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """The recorded outputs (then forgotten); errors for missing or in-place-modified ones."""
-        out, self.outputs = self.outputs, {}
-        missing = [n for n in self.layers if n not in out]
-        if missing:
-            raise RuntimeError(f"DELTA: no output recorded for layer(s) {missing} in this forward")
-        changed = [n for n in self.layers if out[n]._version != self.versions[n]]
-        if changed:
-            raise RuntimeError(f"DELTA: the output of {changed} was modified in place after the layer ran; "
-                               f"choose another layer (e.g. the enclosing block)")
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _is_hook_dict(name: str, value: Any) -> bool:
-    return "hook" in name and isinstance(value, dict)
-
-
-def frozen_copy(model: nn.Module, state: dict[str, torch.Tensor] | None = None,
-                batch_stats: bool = False) -> nn.Module:
-    """A deep copy of ``model`` without its hooks, with ``state`` loaded, no grads, locked in eval.
-
-    ``batch_stats``: its BatchNorm layers normalise with the current batch's statistics (their running
-    statistics are dropped, so nothing is ever updated) instead of the pretrained running statistics.
-    """
-    model = unwrap_model(model)
-    memo: dict[int, Any] = {}
-    for m in model.modules():  # hooks hold references to trainers / methods: never copy them
-        for k, v in vars(m).items():
-            if _is_hook_dict(k, v):
-                memo[id(v)] = type(v)()
-    frozen = copy.deepcopy(model, memo)
-    if state is not None:
-        if state and all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
-        frozen.load_state_dict(state, strict=True)
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    if batch_stats:
-        for m in frozen.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
-    nn.Module.train(frozen, False)
-    frozen.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), frozen)
-    return frozen
-
-
-# -------------------------------------------------------------------------------------------------
-# layers
-# -------------------------------------------------------------------------------------------------
-def default_layers(model: nn.Module) -> list[str]:
-    """Automatic DELTA layers (see the module docstring); ValueError when the model is not recognised."""
-    m = unwrap_model(model)
-    stages = [getattr(m, f"layer{i}", None) for i in range(1, 5)]
-    if all(isinstance(s, nn.Sequential) and len(s) for s in stages):  # timm / torchvision ResNet
-        return [f"layer{i}.{len(s) - 1}" for i, s in enumerate(stages, start=1)]
-    blocks = getattr(m, "blocks", None)
-    if isinstance(blocks, nn.Sequential) and len(blocks):
-        if all(isinstance(b, nn.Sequential) for b in blocks):  # EfficientNet / MobileNet stages
-            return [f"blocks.{i}.{len(b) - 1}" for i, b in enumerate(blocks) if len(b)][-4:]
-        return [f"blocks.{i}" for i in range(len(blocks))][-4:]
-    st = getattr(m, "stages", None)
-    if isinstance(st, nn.Sequential) and len(st):
-        return [f"stages.{i}" for i in range(len(st))][-4:]
-    raise ValueError(f"DELTA has no default layers for {type(m).__name__}: name them with --delta-layers "
-                     f"(comma-separated). Candidates: {', '.join(candidate_layers(m)) or 'none'}")
-
-
-def candidate_layers(model: nn.Module, exclude: Sequence[str] = (), limit: int = 60) -> list[str]:
-    """Names of the model's blocks/stages (modules with children and parameters), head excluded."""
-    m = unwrap_model(model)
-    names = [n for n, sub in m.named_modules()
-             if n and not any(n == e or n.startswith(e + ".") for e in exclude)
-             and any(True for _ in sub.children()) and any(True for _ in sub.parameters())]
-    return names[:limit] + ([f"... ({len(names) - limit} more)"] if len(names) > limit else [])
-
-
-def resolve_layers(model: nn.Module, spec: str | Sequence[str] | None,
-                   head_names: Sequence[str] = ()) -> list[str]:
-    """The DELTA layer names: ``spec`` checked against the model, or :func:`default_layers`."""
-    m = unwrap_model(model)
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
-        return default_layers(m)
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [n for n in names if n]
-    all_names = {n for n, _ in m.named_modules() if n}
-    for n in names:
-        if n not in all_names:
-            close = difflib.get_close_matches(n, sorted(all_names), n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"DELTA layer {n!r}: no such module in {type(m).__name__}.{hint} "
-                             f"Available layers: {', '.join(candidate_layers(m, head_names))} "
-                             f"(any name from model.named_modules() works)")
-        if in_head(n, head_names):
-            raise ValueError(f"DELTA layer {n!r} is (part of) the classifier head {list(head_names)}: "
-                             f"choose backbone layers")
-    if len(set(names)) != len(names):
-        raise ValueError(f"DELTA layers list a layer twice: {names}")
-    return names
-
-
-# -------------------------------------------------------------------------------------------------
-# channel attention
-# -------------------------------------------------------------------------------------------------
-def fit_probe(model: nn.Module, head: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              l2: float = PROBE_L2, max_iter: int = PROBE_ITERS) -> float | None:
-    """Fit ``head`` (a module of the frozen ``model`` whose output is the logits) on frozen features.
-
-    Returns the probe's training accuracy, or ``None`` (head untouched) when the head's output is not
-    the model's output.
-    """
-    cache: dict[str, torch.Tensor] = {}
-    handle = head.register_forward_pre_hook(lambda mod, args: cache.__setitem__("f", args[0]))
-    feats, ys = [], []
-    try:
-        with torch.no_grad():
-            for i, (x, y) in enumerate(batches):
-                logits = model(x)
-                f = cache.pop("f")
-                if i == 0:
-                    again = head(f)
-                    if not (isinstance(logits, torch.Tensor) and logits.shape == again.shape
-                            and torch.allclose(again, logits, rtol=1e-4, atol=1e-5)):
-                        return None
-                feats.append(f.float())
-                ys.append(y)
-    finally:
-        handle.remove()
-    fx, fy = torch.cat(feats), torch.cat(ys)
-    params = list(head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(head(fx).float(), fy) + 0.5 * l2 * squared_norm(params)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    with torch.no_grad():
-        return float((head(fx).argmax(1) == fy).float().mean())
-
-
-def first_order_scores(model: nn.Module, layers: Sequence[str],
-                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       signed: bool = False) -> dict[str, torch.Tensor]:
-    """Per channel: ``|sum_{b,h,w} F * dL/dF|`` (first-order estimate of the loss change when the
-    channel is zeroed; L = mean cross-entropy of ``model``), averaged over batches.
-
-    Parameters need no gradient: the first hooked output is made a leaf requiring grad.
-    """
-    tap = FeatureTap(model, layers)
-    acts: dict[str, torch.Tensor] = {}
-
-    def transform(name: str, out: torch.Tensor) -> torch.Tensor:
-        a = out if out.requires_grad else out.detach().requires_grad_(True)
-        acts[name] = a
-        return a.clone()  # downstream in-place ops touch the clone, not the recorded activation
-
-    tap.transform = transform
-    sums: dict[str, torch.Tensor] = {}
-    n = 0
-    try:
-        for x, y in batches:
-            acts.clear()
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(x).float(), y)
-                grads = torch.autograd.grad(loss, [acts[name] for name in layers], allow_unused=True)
-            for name, g in zip(layers, grads):
-                a = acts[name].detach()
-                g = torch.zeros_like(a) if g is None else g
-                s = -(a.float() * g.float()).sum(dim=(0, 2, 3))
-                s = s if signed else s.abs()
-                sums[name] = s if name not in sums else sums[name] + s
-            n += 1
-            tap.outputs.clear()
-    finally:
-        tap.remove()
-    if n == 0:
-        raise ValueError("DELTA attention needs at least one training batch")
-    return {name: sums[name] / n for name in layers}
-
-
-def exact_scores(model: nn.Module, layers: Sequence[str],
-                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per channel: ``L(channel zeroed) - L`` (mean cross-entropy), averaged over batches (TLlib)."""
-    target: dict[str, Any] = {"layer": None, "channel": -1}
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            if target["layer"] != name:
-                return None
-            out = out.clone()
-            out[:, target["channel"]] = 0
-            return out
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in layers]
-    sums: dict[str, torch.Tensor] = {}
-    n = 0
-    try:
-        with torch.no_grad():
-            for x, y in batches:
-                target["layer"] = None
-                tap = FeatureTap(model, layers)
-                loss0 = F.cross_entropy(model(x).float(), y)
-                shapes = {k: v.shape[1] for k, v in tap.outputs.items()}
-                tap.remove()
-                for name in layers:
-                    inc = torch.empty(shapes[name], dtype=torch.float64)
-                    target["layer"] = name
-                    for c in range(shapes[name]):
-                        target["channel"] = c
-                        inc[c] = float(F.cross_entropy(model(x).float(), y) - loss0)
-                    target["layer"] = None
-                    sums[name] = inc if name not in sums else sums[name] + inc
-                n += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n == 0:
-        raise ValueError("DELTA attention needs at least one training batch")
-    return {name: (sums[name] / n).float() for name in layers}
-
-
-def _all_reduce_mean(scores: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Average the scores over DDP ranks (identical attention on every replica)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return scores
-    out = {}
-    for name, s in scores.items():
-        t = s.detach().to(device=device, dtype=torch.float32).clone()
-        dist.all_reduce(t)
-        out[name] = t / dist.get_world_size()
-    return out
-
-
-# -------------------------------------------------------------------------------------------------
-# the method
-# -------------------------------------------------------------------------------------------------
 @register("delta")
 @dataclass
 class DELTA(Method):
@@ -556,7 +210,7 @@ class DELTA(Method):
                      f"{acc:.3f})" if acc is not None else ", no probe (head output is not the logits): "
                      f"pretrained head used")
         scorer = first_order_scores if self.attention == "first_order" else exact_scores
-        scores = _all_reduce_mean(scorer(self.frozen, self.layer_names, batches), ctx.device)
+        scores = all_reduce_mean(scorer(self.frozen, self.layer_names, batches), ctx.device)
         att = {k: attention_from_scores(v, self.temperature).to(ctx.device) for k, v in scores.items()}
         spread = ", ".join(f"{k}: {len(a)} ch, max/min {float(a.max() / a.min()):.2f}" for k, a in att.items())
         ctx.log(f"DELTA: {self.attention} channel attention from {len(batches)} batch(es){probe} in "
@@ -571,7 +225,7 @@ class DELTA(Method):
         with torch.no_grad():
             try:
                 self.frozen(x)
-            except _StopForward:
+            except StopForward:
                 pass
         ref = self._ref_tap.take()
         if self.reduction == "sum":

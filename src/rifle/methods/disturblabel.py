@@ -1,18 +1,9 @@
 """DisturbLabel: replace a random fraction of training labels (``--trick disturblabel``).
 
-Paper: Xie, Wang, Wei, Wang, Tian, "DisturbLabel: Regularizing CNN on the Loss Layer", CVPR 2016
-(arXiv 1605.00055). Rule: in every mini-batch each training label ``c`` is, with probability ``alpha``
-(the noise rate), replaced by a label drawn uniformly over **all** ``C`` classes - so it may be redrawn
-as itself: the new label is ``c`` with probability ``1 - alpha (C-1)/C`` and each other class with
-``alpha / C``; the expected change rate is ``alpha (C-1)/C``.
-
-Default ``alpha = 0.1``: the paper finds small noise rates (10-20 %) work best; we take the lower end,
-since a fine-tuning set with few images per class has little label redundancy to spare.
-
-Project decisions: applied in ``transform_batch``, which the trainer calls in training only
-(evaluation never sees disturbed labels). The reported ``train_acc`` / ``train_loss`` are measured
-against the disturbed labels. Randomness: the global torch RNG (seeded per epoch by the trainer) or an
-explicit ``generator``.
+Paper: Xie, Wang, Wei, Wang, Tian, "DisturbLabel: Regularizing CNN on the Loss Layer", CVPR 2016,
+arXiv 1605.00055. In every training mini-batch each label is, with probability ``alpha``, replaced by a
+label drawn uniformly over **all** ``C`` classes (so it may be redrawn as itself). Default
+``alpha = 0.1``. Decisions: docs/methods.md "disturblabel".
 """
 from __future__ import annotations
 
@@ -24,11 +15,16 @@ from torch import nn
 from .base import Method, RunContext, register
 
 
+def _check_alpha(alpha: float) -> None:
+    """``ValueError`` unless ``alpha`` is a noise rate in ``[0, 1]``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"disturblabel alpha must be in [0, 1], got {alpha}")
+
+
 def disturb_labels(y: torch.Tensor, num_classes: int, alpha: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """With probability ``alpha`` replace each label by one drawn uniformly over ``num_classes``."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"disturblabel alpha must be in [0, 1], got {alpha}")
+    _check_alpha(alpha)
     if alpha == 0.0 or y.numel() == 0:
         return y
     device = generator.device if generator is not None else y.device
@@ -48,8 +44,7 @@ class DisturbLabel(Method):
     option_help = {"alpha": "noise rate: share of labels redrawn uniformly over all classes (paper: 0.1-0.2)"}
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"disturblabel alpha must be in [0, 1], got {self.alpha}")
+        _check_alpha(self.alpha)
         self.num_classes: int | None = None
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:

@@ -1,30 +1,11 @@
 """DropConnect on the classifier head's weights (``--trick dropconnect``).
 
 Paper: Wan, Zeiler, Zhang, LeCun, Fergus, "Regularization of Neural Networks using DropConnect",
-ICML 2013. Rule: during training the head computes ``r = ((M * W) v) / (1 - p) + b`` with a Bernoulli
-mask ``M`` on the **weights** (each weight dropped with probability ``p``), drawn independently for
-every example (the paper's Algorithm 1); identity (the plain head) in evaluation. This is *not*
-drop-path: timm's ``--drop-connect`` flag is stochastic depth (REFERENCE.md §4).
-
-Default ``p = 0.5``: the drop rate of the paper's experiments (its MNIST drop-rate sweep finds both
-DropConnect and Dropout near their best around 0.5), and the same rate as ``--trick dropout``.
-
-Project decisions where the paper differs or is vague:
-
-* inference: the paper approximates the mixture at test time by moment-matched Gaussian sampling; we
-  use the mean network, with the kept weights scaled by ``1/(1-p)`` at training time (as inverted
-  dropout), so evaluation is the unmodified head and costs nothing extra;
-* bias: not masked by default (the paper folds it into ``W`` and masks it); ``mask_bias=True`` masks it
-  with the same rate and scaling;
-* ``per_sample=True`` (default, the paper) draws a mask per example: memory ``B x C x D`` per step
-  (32 x 200 x 2048 floats = 52 MB for ResNet-50 on CUB); ``per_sample=False`` draws one mask per
-  mini-batch, as common re-implementations do;
-* mechanism: a forward hook on the head (an ``nn.Linear``) recomputes its output with the masked
-  weight - no module is replaced and the hook reads ``module.weight`` at every call, so RIFLE's
-  in-place re-init, the optimizer and DDP keep working, and gradients reach ``W`` through the mask.
-  The head's own (discarded) output costs one extra ``B x D x C`` matmul per step.
-
-Randomness: the global torch RNG (seeded per epoch by the trainer) or an explicit ``generator``.
+ICML 2013 (PMLR 28). During training the head computes ``r = ((M * W) v) / (1 - p) + b`` with a Bernoulli
+mask ``M`` on the **weights**, drawn per example (the paper's Algorithm 1); the plain head in evaluation.
+Not drop-path (timm's ``--drop-connect`` is stochastic depth). Default ``p = 0.5`` (the paper's
+experiments). Decisions (inference, bias, per-example masks, the hook) and costs: docs/methods.md
+"dropconnect".
 """
 from __future__ import annotations
 
@@ -35,6 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, RunContext, register
+
+
+def _check_p(p: float) -> None:
+    """``ValueError`` unless ``p`` is a drop probability in ``[0, 1)``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropconnect p must be in [0, 1), got {p}")
 
 
 def _keep_mask(shape: tuple[int, ...], keep: float, like: torch.Tensor,
@@ -53,8 +40,7 @@ def dropconnect_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     ``x`` is ``[B, D]`` (``[..., D]`` allowed with ``per_sample=False``), ``weight`` ``[C, D]``.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropconnect p must be in [0, 1), got {p}")
+    _check_p(p)
     if not training or p == 0.0:
         return F.linear(x, weight, bias)
     keep = 1.0 - p
@@ -96,8 +82,7 @@ class DropConnect(Method):
                    "mask_bias": "mask the head's bias too (the paper does)"}
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"dropconnect p must be in [0, 1), got {self.p}")
+        _check_p(self.p)
         self._handles: list = []
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:

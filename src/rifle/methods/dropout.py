@@ -1,21 +1,10 @@
 """Dropout on the pooled feature, before the classifier head (``--trick dropout``).
 
 Paper: Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov, "Dropout: A Simple Way to Prevent
-Neural Networks from Overfitting", JMLR 15 (2014) 1929-1958. Rule: during training every element of the
-head's input ``h`` is zeroed with probability ``p`` and the kept ones are scaled by ``1/(1-p)``
-("inverted" dropout, so the evaluation network is the unmodified one - the paper's weight scaling at
-test time, moved to training time); identity in evaluation.
-
-Default ``p = 0.5``: the paper's retention probability 0.5 for hidden units ("close to optimal for a
-wide range of networks and tasks", §1; the paper's p is the *retention* probability, ours the drop
-probability - at 0.5 they coincide); the pooled feature is the last hidden layer. RIFLE
-(ICML 2020) compares against dropout "before the FC" without stating the rate (REFERENCE.md §4).
-
-Project decisions: implemented as a forward pre-hook on the head module(s) (``ctx.head``) - no module
-is replaced, so the optimizer, DDP and RIFLE's in-place re-init keep their references (REFERENCE.md
-§5). Randomness comes from the global torch RNG, which the trainer seeds per epoch (resume-exact).
-Features captured for regularisers (``needs_features``) are taken *before* the dropout: the trainer's
-capture hook is registered before methods' ``setup``.
+Neural Networks from Overfitting", JMLR 15 (2014) 1929-1958. During training every element of the head's
+input is zeroed with probability ``p`` and the kept ones are scaled by ``1/(1-p)`` (inverted dropout);
+identity in evaluation. Default ``p = 0.5`` (the paper, §1). A forward pre-hook on the head: no module is
+replaced. Decisions: docs/methods.md "dropout".
 """
 from __future__ import annotations
 

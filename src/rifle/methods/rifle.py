@@ -18,14 +18,6 @@ from ..core.schedule import DEFAULT_MIN_STEPS_AFTER
 from .base import Method, RunContext, register
 
 
-@register("finetune")
-@dataclass
-class Finetune(Method):
-    """Standard fine-tuning: a new random head, every layer trained (no extra hooks)."""
-
-    kind = "method"
-
-
 @register("rifle")
 @dataclass
 class RifleMethod(Method):

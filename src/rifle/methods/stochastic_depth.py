@@ -1,32 +1,11 @@
 """Stochastic depth: drop whole residual branches, more often deeper (``--trick stochastic-depth``).
 
-Paper: Huang, Sun, Liu, Sedra, Weinberger, "Deep Networks with Stochastic Depth", ECCV 2016
-(arXiv 1603.09382). Rule (§3, linear decay): residual block ``l = 1..L`` keeps its branch with survival
-probability ``p_l = 1 - (l / L) * (1 - p_L)`` (the input, ``l = 0``, always survives), i.e. block ``l``
-is dropped with probability ``(l / L) * (1 - p_L)``; the Bernoulli draw is per example and per step
-(``H_l = ReLU(b_l f_l(H_{l-1}) + id(H_{l-1}))``). Default ``p_L = 0.5``, the paper's choice.
-
-Project decisions:
-
-* ``L`` counts the residual blocks that *can* be dropped (blocks without an identity path - timm
-  EfficientNet's ``has_skip=False``, torchvision's ``use_res_connect=False`` - are skipped), in module
-  order. This is the paper's ``l / L`` rule, not timm's ``linspace(0, rate, L)`` (first block never
-  dropped) nor torchvision's ``rate * i / L`` (0-based ``i``).
-* scaling: the surviving branch is scaled by ``1 / p_l`` at training time (timm's ``scale_by_keep``)
-  instead of scaling by ``p_l`` at test time as the paper does. In expectation the same; evaluation is
-  then the unmodified network - necessary when fine-tuning a backbone pretrained without stochastic
-  depth - and deterministic.
-* no model option is used (``model_kwargs`` stays empty: it cannot see the model); ``setup`` sets the
-  rates on the built model. Supported: blocks with timm-style drop-path slots ``drop_path`` /
-  ``drop_path1`` / ``drop_path2`` (``tiny_cnn``, ``efficientnet_lite0`` and timm EfficientNets,
-  ResNets, ConvNeXt, ViT, ...: an ``Identity`` / ``None`` slot becomes a ``DropPath``, an existing
-  ``DropPath`` gets its ``drop_prob`` set); torchvision ``ResNet`` ``BasicBlock`` / ``Bottleneck``
-  (a forward hook on the branch's last BatchNorm applies the drop, rate stored in its
-  ``stochastic_depth_drop`` attribute); torchvision models with ``StochasticDepth`` layers (their ``p``
-  is overwritten). None of these adds parameters, so the optimizer is unaffected. Any other model:
-  ``ValueError``.
-
-Randomness: the global torch RNG, seeded per epoch by the trainer.
+Paper: Huang, Sun, Liu, Sedra, Weinberger, "Deep Networks with Stochastic Depth", ECCV 2016,
+arXiv 1603.09382. Residual block ``l = 1..L`` is dropped per example with probability
+``(l / L) * (1 - p_L)`` (the paper's linear decay, §3; default ``p_L = 0.5``), the surviving branch scaled
+by ``1 / p_l`` as timm's ``scale_by_keep``. The blocks are found by
+:func:`rifle.core.structure.residual_blocks`; this file sets their rates. Decisions and supported
+models: docs/methods.md "stochastic-depth".
 """
 from __future__ import annotations
 
@@ -37,9 +16,8 @@ import torch
 from torch import nn
 
 from ..core.rifle import unwrap_model
+from ..core.structure import DropSite, residual_blocks
 from .base import Method, RunContext, register
-
-SLOTS = ("drop_path", "drop_path1", "drop_path2")
 
 
 def drop_rates(num_blocks: int, p_l: float) -> list[float]:
@@ -87,34 +65,17 @@ def _setter_tv_sd(sd: nn.Module) -> Callable[[float], float]:
     return apply
 
 
-def residual_blocks(model: nn.Module) -> list[tuple[str, list[Callable[[float], float]]]]:
-    """``[(block name, [setters])]`` in depth order; a setter applies a drop rate, returns the old one."""
-    from timm.layers import DropPath
-    from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
-    from torchvision.ops import StochasticDepth
+_SETTERS: dict[str, Callable[[DropSite], Callable[[float], float]]] = {
+    "slot": lambda site: _setter_slot(site.module, site.attr),
+    "branch_end": lambda site: _setter_torchvision_block(site.module),
+    "stochastic_depth": lambda site: _setter_tv_sd(site.module),
+}
 
-    try:
-        from timm.models.resnet import BasicBlock as TimmBasic, Bottleneck as TimmBottleneck
-        timm_resnet: tuple[type, ...] = (TimmBasic, TimmBottleneck)
-    except ImportError:  # pragma: no cover - timm layout change
-        timm_resnet = ()
-    model = unwrap_model(model)
-    blocks: dict[str, list[Callable[[float], float]]] = {}
-    for name, m in model.named_modules():
-        if getattr(m, "has_skip", True) is False or getattr(m, "use_res_connect", True) is False:
-            continue  # no identity path: the branch cannot be dropped
-        if isinstance(m, (TvBasic, TvBottleneck)):
-            blocks[name] = [_setter_torchvision_block(m.bn3 if isinstance(m, TvBottleneck) else m.bn2)]
-            continue
-        for attr in SLOTS:
-            slot = getattr(m, attr, "absent")
-            if (isinstance(slot, (DropPath, nn.Identity))
-                    or (slot is None and timm_resnet and isinstance(m, timm_resnet))):
-                blocks.setdefault(name, []).append(_setter_slot(m, attr))
-        for child_name, child in m.named_children():
-            if isinstance(child, StochasticDepth):
-                blocks.setdefault(name, []).append(_setter_tv_sd(child))
-    return list(blocks.items())
+
+def block_setters(model: nn.Module) -> list[tuple[str, list[Callable[[float], float]]]]:
+    """``[(block name, [setters])]`` in depth order; a setter applies a drop rate, returns the old one."""
+    return [(name, [_SETTERS[site.kind](site) for site in sites])
+            for name, sites in residual_blocks(unwrap_model(model))]
 
 
 @register("stochastic-depth")
@@ -133,7 +94,7 @@ class StochasticDepthTrick(Method):
 
     def apply(self, model: nn.Module, log: Callable[[str], None] = print) -> dict[str, float]:
         """Set the per-block rates on ``model``; returns ``{block name: drop probability}``."""
-        blocks = residual_blocks(model)
+        blocks = block_setters(model)
         if not blocks:
             raise ValueError(
                 f"stochastic-depth: {type(unwrap_model(model)).__name__} has no residual block this trick "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.heads import find_head, head_names
+from ..core.structure import find_head, head_names
 from ..core.seeding import derive_seed
 from ..core.replicas import verify_replicas
 from ..data import DataBundle, eval_batches, num_batches, samples_per_rank, train_batches
