@@ -132,7 +132,7 @@ def cam_for_runs(run_dirs: Sequence[str | Path], out_png: str | Path, *, n_image
     from ..config import from_dict
     from ..data import eval_batches
     from ..models import model_preprocessing
-    from ..run import load_data
+    from ..build import load_data
     from .depth import load_run_model, run_label
     models = [load_run_model(r) for r in run_dirs]
     cfgs = [from_dict(c) for _, c, _ in models]

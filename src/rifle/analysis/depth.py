@@ -95,16 +95,12 @@ def run_label(run_dir: str | Path, config: dict[str, Any] | None = None) -> str:
 
 def build_reference(config: dict[str, Any], num_classes: int) -> nn.Module:
     """The model exactly as ``run_train`` built it before training (pretrained backbone, first head)."""
+    from ..build import build_methods, initial_model
     from ..config import from_dict
-    from ..core.seeding import derive_seed
-    from ..models import create_model
-    from ..run import build_methods, model_kwargs
     cfg = from_dict(config)
-    kwargs = model_kwargs(build_methods(cfg))
+    methods = build_methods(cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "model"))
-        return create_model(cfg.model, num_classes, pretrained=cfg.pretrained,
-                            pretrained_file=cfg.pretrained_file, **kwargs)
+        return initial_model(cfg, num_classes, methods)
 
 
 def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn.Module, dict[str, Any], dict]:
@@ -121,11 +117,9 @@ def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn
     if pretrained:
         model = build_reference(config, n)
     else:
+        from ..build import blank_model
         from ..config import from_dict
-        from ..models import create_model
-        from ..run import build_methods, model_kwargs
-        cfg = from_dict(config)
-        model = create_model(cfg.model, n, pretrained=False, **model_kwargs(build_methods(cfg)))
+        model = blank_model(from_dict(config), n)
     load_weights(model, tensors, str(wpath))
     return model, config, meta
 
