@@ -56,7 +56,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
     trainer_methods = list(methods)  # `methods` alone is what the config and summary record
     if cfg.record_depth and dist.is_main:
-        from .analysis.depth import DepthMonitor
+        from .analysis.monitor import DepthMonitor
         trainer_methods.append(DepthMonitor(cfg.out, window=5))
     trainer = Trainer(model, data, trainer_methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay,

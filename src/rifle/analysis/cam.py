@@ -133,7 +133,7 @@ def cam_for_runs(run_dirs: Sequence[str | Path], out_png: str | Path, *, n_image
     from ..data import eval_batches
     from ..models import model_preprocessing
     from ..build import load_data
-    from .depth import load_run_model, run_label
+    from .runs import load_run_model, run_label
     models = [load_run_model(r) for r in run_dirs]
     cfgs = [from_dict(c) for _, c, _ in models]
     if len({(c.data, c.image_size) for c in cfgs}) != 1:
