@@ -50,7 +50,8 @@ def _elpv(n: int) -> list[Path]:
 
 def models(work: Path, size: int):
     from rifle.cli import main
-    from rifle.inference import FineTunedModel, load, load_eval_split
+    from rifle.evaluation import load_eval_split
+    from rifle.inference import FineTunedModel, load
     from rifle.models import create_model, model_preprocessing
 
     run = work / "tiny_cnn-digits"

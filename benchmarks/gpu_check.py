@@ -138,7 +138,7 @@ def make_trainer(args, data, setting: dict, tmp: str):
     import torch
     from rifle.config import TrainConfig
     from rifle.models import model_preprocessing
-    from rifle.run import build_methods
+    from rifle.build import build_methods
     from rifle.train import RunDir, Trainer
     model = new_model(args.model, data.num_classes, torch.device(args.device), setting["channels_last"])
     t = Trainer(model, data, build_methods(TrainConfig(method="finetune")), epochs=1000,

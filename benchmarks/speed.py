@@ -33,7 +33,7 @@ from rifle.config import TrainConfig
 from rifle.core.seeding import derive_seed
 from rifle.data import eval_batches, train_batches
 from rifle.models import create_model, model_preprocessing
-from rifle.run import build_methods, load_data, model_kwargs
+from rifle.build import build_methods, load_data, model_kwargs
 from rifle.train import RunDir, Trainer
 
 VARIANTS = [

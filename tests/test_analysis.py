@@ -9,8 +9,9 @@ from torch import nn
 
 from conftest import metrics
 from rifle.analysis.cam import cam_for_runs, grad_cam, grad_cam_maps, pick_images
-from rifle.analysis.depth import (DepthMonitor, layer_profile, load_profile, monitor_epochs, read_monitor,
-                                  relative_change, run_depth, tracked_layers)
+from rifle.analysis.depth import layer_profile, read_monitor, relative_change, tracked_layers
+from rifle.analysis.monitor import DepthMonitor, monitor_epochs
+from rifle.analysis.runs import load_profile, run_depth
 from rifle.config import TrainConfig
 from rifle.methods.base import RunContext
 from rifle.models import create_model
@@ -108,7 +109,7 @@ def test_monitor_changes_nothing_and_records_around_the_reinit(runs):
 def test_weight_change_zero_untrained_positive_after_training(runs, tmp_path):
     from safetensors.torch import save_file
 
-    from rifle.analysis.depth import build_reference, _read_config
+    from rifle.analysis.runs import build_reference, _read_config
     from rifle.train.checkpoint import CHECKSUM_KEY, WEIGHTS, read_metadata
     src = runs[0] / "plain"
     res = run_depth(src)

@@ -171,6 +171,7 @@ def test_lock_owner_takes_over_its_own_dead_attempt_at_once(tmp_path):
 
 
 def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkeypatch):
+    import rifle.build as build_mod
     import rifle.run as run_mod
     loads, calls = [], []
 
@@ -187,7 +188,7 @@ def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkey
         Path(cfg.out, "summary.json").write_text(json.dumps(s))
         return s
 
-    monkeypatch.setattr(run_mod, "load_data", fake_load)
+    monkeypatch.setattr(build_mod, "load_data", fake_load)
     monkeypatch.setattr(run_mod, "run_train", fake_run)
     runs = G.expand(G.parse_grid(TINY), tmp_path)
     lines = []

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import metrics, run_cli as cli
+from rifle.build import load_data
 from rifle.config import TrainConfig
-from rifle.run import load_data, run_train
+from rifle.run import run_train
 from rifle.train import CheckpointError
 from rifle.train.checkpoint import STATE, WEIGHTS, load_checkpoint, read_metadata, save_checkpoint
 

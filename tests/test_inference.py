@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder, run_cli as cli
-from rifle.inference import (FineTunedModel, NotARunError, RunError, classification_metrics, evaluate,
-                             find_images, load)
+from rifle.evaluation import classification_metrics, evaluate
+from rifle.inference import FineTunedModel, NotARunError, RunError, find_images, load
 
 FAST = {"model": "tiny_cnn", "image_size": 16, "batch_size": 16, "epochs": 2, "min_steps_after": 0}
 

@@ -6,10 +6,10 @@ import torch
 import yaml
 
 from conftest import metrics, run_cli
+from rifle.build import build_methods, load_data
 from rifle.config import ConfigError, TrainConfig, diff_configs
 from rifle.methods.base import Method
 from rifle.models import create_model, model_preprocessing
-from rifle.run import build_methods, load_data
 from rifle.train import RunDir, Trainer
 from rifle.train.optim import build_optimizer, layer_ids, optimizer_names, split_by_layer
 

@@ -151,9 +151,9 @@ def test_bss_in_the_trainer_penalises_the_head_input_known_answer(tmp_path):
     # eta * (sum of the k smallest squared singular values) of those features computed independently
     import copy
 
+    from rifle.build import load_data
     from rifle.config import TrainConfig
     from rifle.models import create_model, model_preprocessing
-    from rifle.run import load_data
     from rifle.train import RunDir, Trainer
 
     data = load_data(TrainConfig(data="digits", model="tiny_cnn", image_size=16, train_fraction=0.1).validate())

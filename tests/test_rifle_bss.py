@@ -1,8 +1,9 @@
 """RIFLE + BSS through the real trainer: the head carries the trainer's feature hook at each re-init."""
 import json
 
+from rifle.build import load_data
 from rifle.config import TrainConfig
-from rifle.run import load_data, run_train
+from rifle.run import run_train
 from rifle.train.trainer import Trainer
 
 

@@ -133,8 +133,8 @@ class NoBatchNorm(nn.Module):
 
 
 def test_grad_accumulation_equals_the_full_batch_without_batchnorm(tmp_path, monkeypatch):
-    import rifle.run as run
-    monkeypatch.setattr(run, "create_model", lambda name, n, **kw: NoBatchNorm(n))
+    import rifle.build as build
+    monkeypatch.setattr(build, "create_model", lambda name, n, **kw: NoBatchNorm(n))
     # 243 training images = 3 batches of 64 + one of 51 (micro-batches of 26 + 25: unequal weights)
     runs = {ga: run_train(cfg(tmp_path, f"ga{ga}", method="finetune", epochs=2, train_fraction=0.2, lr=0.1,
                               grad_accum=ga), log=lambda s: None) for ga in (1, 2, 4)}

@@ -251,9 +251,10 @@ def test_disturblabel_change_rate_and_uniform_new_labels():
 
 
 def test_disturblabel_is_used_in_training_only(tmp_path):
+    from rifle.build import load_data
     from rifle.config import TrainConfig
     from rifle.methods.disturblabel import DisturbLabel
-    from rifle.run import load_data, run_train
+    from rifle.run import run_train
 
     calls = []
     original = DisturbLabel.transform_batch

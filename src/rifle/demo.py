@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .run import load_data, run_train
+from .build import load_data
+from .run import run_train
 from .train.checkpoint import atomic_write_text
 
 # the regime study's two digits cells (benchmarks/regime/digits64.yaml, digits32.yaml), RIFLE K=1

@@ -1,66 +1,24 @@
-"""One run end to end: config -> data, model, methods, trainer -> ``summary.json``.
+"""One run end to end: config -> data, model, methods (:mod:`rifle.build`), trainer -> ``summary.json``.
 
 Used by ``rifle train``, ``rifle demo`` and (later) the grid runner, so every entry point produces the
 same outputs.
 """
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .build import build_methods, initial_model, load_data
 from .config import TrainConfig
-from .core.seeding import derive_seed
-from .data import DataBundle, build_data, data_fingerprint
-from .methods import Method, create, registry
-from .models import create_model, model_preprocessing
+from .data import DataBundle, data_fingerprint
+from .models import model_preprocessing
 from .train import RunDir, Trainer, summarize
 from .train.outputs import git_revision, versions
 from .train.distributed import broadcast_flag, init_from_env
 from .train.trainer import resolve_device
-
-
-def load_data(cfg: TrainConfig) -> DataBundle:
-    return build_data(cfg.data, cfg.image_size, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                      train_fraction=cfg.train_fraction, skip_bad_images=cfg.skip_bad_images)
-
-
-def build_methods(cfg: TrainConfig) -> list[Method]:
-    """The run's plug-ins: the method (finetune / rifle / lp-ft), the regulariser, then the tricks."""
-    reg = registry()
-    wanted = [(cfg.method, "method", cfg.method_options()), (cfg.reg, "reg", None),
-              *((t, "trick", None) for t in cfg.trick)]
-    names = [n for n, _, _ in wanted]
-    for name in cfg.options:
-        if name not in names:
-            raise ValueError(f"options for {name!r} were given but {name!r} is not selected "
-                             f"(use --method {name}, --reg {name} or --trick {name})")
-    methods = []
-    for name, kind, opts in wanted:
-        flag = {"method": "--method", "reg": "--reg", "trick": "--trick"}[kind]
-        if name not in reg:
-            close = difflib.get_close_matches(name, [n for n, c in reg.items() if c.kind == kind], n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            choices = ", ".join(sorted(n for n, c in reg.items() if c.kind == kind))
-            raise ValueError(f"{flag} {name!r}: unknown{hint}; choose from {choices}")
-        if reg[name].kind != kind:
-            raise ValueError(f"{flag} {name!r}: {name} is a {reg[name].kind}, use --{reg[name].kind} {name}")
-        methods.append(create(name, **(opts if opts is not None else cfg.options.get(name, {}))))
-    return methods
-
-
-def model_kwargs(methods: list[Method]) -> dict[str, Any]:
-    """Merge what methods need at model construction (e.g. drop_path_rate); conflicts are errors."""
-    out: dict[str, Any] = {}
-    for m in methods:
-        for k, v in m.model_kwargs().items():
-            if k in out and out[k] != v:
-                raise ValueError(f"{m.name} sets {k}={v!r} but another method set {k}={out[k]!r}")
-            out[k] = v
-    return out
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -94,13 +52,11 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         torch.set_num_threads(cfg.threads)
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
-    torch.manual_seed(derive_seed(cfg.seed, "model"))
-    model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained,
-                         pretrained_file=cfg.pretrained_file, log=log, **model_kwargs(methods))
+    model = initial_model(cfg, data.num_classes, methods, log=log)
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
     trainer_methods = list(methods)  # `methods` alone is what the config and summary record
     if cfg.record_depth and dist.is_main:
-        from .analysis.depth import DepthMonitor
+        from .analysis.monitor import DepthMonitor
         trainer_methods.append(DepthMonitor(cfg.out, window=5))
     trainer = Trainer(model, data, trainer_methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -1,17 +1,7 @@
 """Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
-Localization", ICCV 2017, arXiv 1610.02391), pytorch only.
-
-For a feature map ``A`` (``[B, C, h, w]``) and the score ``y_k`` of class ``k`` (the logit, before
-softmax): ``alpha_c = mean_{i,j} dy_k / dA_{c,i,j}`` and ``cam = ReLU(sum_c alpha_c A_c)`` (eq. 1-2 of the
-paper), then bilinearly upsampled to the input size and divided by its per-image maximum (an all-zero
-map stays zero).
-
-Which feature map (decided here): by default the output of ``model.forward_features`` for models
-that split ``forward`` into ``forward_features`` / ``forward_head`` (timm models and the builtins:
-the last feature map before global pooling); otherwise the output of the module named by ``layer``,
-or, when ``layer`` is not given, of the last ``Conv2d`` in module order (for torchvision ResNets that
-is ``layer4.*.conv3``, before its BN and the residual add - name ``layer4`` for the block output).
-The class ``k`` is the predicted class unless ``target`` is given.
+Localization", ICCV 2017, arXiv 1610.02391), pytorch only: ``cam = ReLU(sum_c alpha_c A_c)`` with
+``alpha_c = mean_{i,j} dy_k / dA_{c,i,j}`` (eq. 1-2), upsampled to the input and divided by its
+per-image maximum. Which feature map ``A`` and class ``k``: docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -132,8 +122,8 @@ def cam_for_runs(run_dirs: Sequence[str | Path], out_png: str | Path, *, n_image
     from ..config import from_dict
     from ..data import eval_batches
     from ..models import model_preprocessing
-    from ..run import load_data
-    from .depth import load_run_model, run_label
+    from ..build import load_data
+    from .runs import load_run_model, run_label
     models = [load_run_model(r) for r in run_dirs]
     cfgs = [from_dict(c) for _, c, _ in models]
     if len({(c.data, c.image_size) for c in cfgs}) != 1:

@@ -1,21 +1,10 @@
-"""Backprop in depth: how far each layer moved from its pretrained weights, and its gradients at re-inits.
+"""Backprop in depth, the numbers: per-layer relative weight change ``||W(T) - W(0)|| / ||W(0)||`` of
+the conv / linear weights, gradient-norm ratios around re-inits (from ``depth.jsonl``, read by
+:func:`read_monitor`), and their means by backbone third.
 
-RIFLE's claim (Li et al., ICML 2020, arXiv 2007.03349, §3-4): with a fixed random head the loss and the
-back-propagated error shrink early and the lower layers barely move; re-initialising the head makes the
-error large again so that the *deep* (early) layers get meaningful updates. Two measurements:
-
-* the relative weight change of every conv / linear weight tensor,
-  ``r_l = ||W_l(T) - W_l(0)|| / ||W_l(0)||`` (Frobenius norms), where ``W_l(0)`` is the weight at the
-  start of fine-tuning: the pretrained backbone and the run's first random head, rebuilt exactly as
-  :func:`rifle.run.run_train` builds it (``torch.manual_seed(derive_seed(seed, "model"))`` then
-  ``create_model(model, num_classes, pretrained=..., **method model kwargs)``). Layers are the
-  ``nn.Conv{1,2,3}d`` / ``nn.Linear`` modules in registration order (``model.named_modules()``; for
-  timm / torchvision CNNs this is the forward order, stem first, head last). For the head, ``r`` is
-  measured from its first init (RIFLE redraws it, so its ``r`` is not a training distance).
-  :func:`run_depth` computes it from a run's final checkpoint (``rifle analyze RUN``);
-* :class:`DepthMonitor`, a trainer plug-in (``kind = "monitor"``, not registered, so not a CLI
-  method) that records ``r_l`` after every epoch and the per-layer gradient norms ``||dL/dW_l||`` in the
-  ``window`` optimizer steps just before and just after each re-init epoch, into ``depth.jsonl``.
+Measures the claim of Li et al., "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349 (§3-4): re-initialising the head
+sends a large error into the lower layers. Definitions and rationale: docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -28,14 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.structure import in_head, weight_layers
-from ..methods.base import Method, RunContext
+from ..core.structure import weight_layers
 
 DEPTH_JSON = "depth.json"
 DEPTH_JSONL = "depth.jsonl"
 
 
-# ------------------------------------------------------------------------------------------ pure parts
 def tracked_layers(model: nn.Module) -> list[tuple[str, str]]:
     """``[(state-dict key of the weight, layer kind), ...]`` for conv / linear layers, in module order."""
     return [(f"{name}.weight" if name else "weight", type(m).__name__) for name, m in weight_layers(model)]
@@ -59,103 +46,6 @@ def layer_profile(state: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return [relative_change(state[n], reference[n]) for n in names]
 
 
-def monitor_epochs(config: dict[str, Any], epochs: int) -> list[int]:
-    """The epochs at whose start RIFLE re-initialises (or would, with the config's K, for fine-tuning)."""
-    from ..core.schedule import make_schedule
-    try:
-        k = int(config.get("reinits", 0) or 0)
-        if k < 1:
-            return []
-        return list(make_schedule(epochs, k, config.get("guard"), warn=False).points)
-    except (ValueError, TypeError):
-        return []
-
-
-# ------------------------------------------------------------------------------------------ runs
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a run folder?)")
-    return yaml.safe_load(p.read_text()) or {}
-
-
-def run_label(run_dir: str | Path, config: dict[str, Any] | None = None) -> str:
-    config = config if config is not None else _read_config(Path(run_dir))
-    g = (config.get("extra") or {}).get("grid")
-    if isinstance(g, dict) and "label" in g:
-        return f"{g['label']} s{g.get('seed', config.get('seed'))}"
-    return f"{config.get('method', '?')} ({Path(run_dir).name})"
-
-
-def build_reference(config: dict[str, Any], num_classes: int) -> nn.Module:
-    """The model exactly as ``run_train`` built it before training (pretrained backbone, first head)."""
-    from ..config import from_dict
-    from ..core.seeding import derive_seed
-    from ..models import create_model
-    from ..run import build_methods, model_kwargs
-    cfg = from_dict(config)
-    kwargs = model_kwargs(build_methods(cfg))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "model"))
-        return create_model(cfg.model, num_classes, pretrained=cfg.pretrained,
-                            pretrained_file=cfg.pretrained_file, **kwargs)
-
-
-def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn.Module, dict[str, Any], dict]:
-    """``(model with the final checkpoint's weights, config, checkpoint metadata)``."""
-    from ..train.checkpoint import WEIGHTS, load_weights, read_weights
-    run_dir = Path(run_dir)
-    config = _read_config(run_dir)
-    wpath = run_dir / WEIGHTS
-    if not wpath.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {WEIGHTS} (the run has not finished an epoch)")
-    raw_meta, tensors = read_weights(wpath)  # checksum verified
-    meta = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in raw_meta.items()}
-    n = int(meta.get("num_classes") or len(meta.get("classes") or []))
-    if pretrained:
-        model = build_reference(config, n)
-    else:
-        from ..config import from_dict
-        from ..models import create_model
-        from ..run import build_methods, model_kwargs
-        cfg = from_dict(config)
-        model = create_model(cfg.model, n, pretrained=False, **model_kwargs(build_methods(cfg)))
-    load_weights(model, tensors, str(wpath))
-    return model, config, meta
-
-
-def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
-    """Per-layer relative weight change of a run's final checkpoint; writes ``depth.json``."""
-    from ..core.structure import find_head, head_names
-    from ..train.checkpoint import WEIGHTS, check_finite, read_weights
-    run_dir = Path(run_dir)
-    config = _read_config(run_dir)
-    wpath = run_dir / WEIGHTS
-    if not wpath.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {WEIGHTS} (the run has not finished an epoch)")
-    meta, tensors = read_weights(wpath)  # checksum verified
-    n = int(json.loads(meta["num_classes"])) if "num_classes" in meta else len(json.loads(meta["classes"]))
-    reference = build_reference(config, n)
-    heads = head_names(reference, find_head(reference, config["head"].split(",") if config.get("head") else None))
-    layers = tracked_layers(reference)
-    names = [n for n, _ in layers]
-    ref_state = reference.state_dict()
-    check_finite(tensors, str(wpath), order=ref_state)
-    r = layer_profile(tensors, ref_state, names)
-    out = {"run": str(run_dir), "label": run_label(run_dir, config), "model": config.get("model"),
-           "method": config.get("method"), "epoch": int(meta.get("epoch", -1)),
-           "reference": "pretrained backbone + the run's first head init",
-           "layers": [{"index": i, "name": name, "kind": kind,
-                       "numel": int(ref_state[name].numel()), "rel_change": v,
-                       "head": in_head(name, heads)}
-                      for i, ((name, kind), v) in enumerate(zip(layers, r))]}
-    if write:
-        from ..train.checkpoint import atomic_write_text
-        atomic_write_text(run_dir / DEPTH_JSON, json.dumps(out, indent=1) + "\n")
-    return out
-
-
 def read_monitor(run_dir: str | Path) -> dict[str, Any] | None:
     """``depth.jsonl`` as ``{"header": {...}, "weights": [...], "grad": [...]}`` (None if absent)."""
     p = Path(run_dir) / DEPTH_JSONL
@@ -171,31 +61,6 @@ def read_monitor(run_dir: str | Path) -> dict[str, Any] | None:
         elif rec.get("type") in ("weights", "grad"):
             out[rec["type"]].append(rec)
     return out
-
-
-def monitor_depth(run_dir: str | Path, mon: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """:func:`run_depth`'s result from the run's ``depth.jsonl`` (its last recorded epoch), no checkpoint needed."""
-    mon = mon if mon is not None else read_monitor(run_dir)
-    if not mon or not mon.get("header") or not mon.get("weights"):
-        return None
-    h, last = mon["header"], mon["weights"][-1]
-    return {"run": str(run_dir), "label": run_label(run_dir), "method": h.get("method"), "epoch": last["epoch"],
-            "reference": "pretrained backbone + the run's first head init (depth.jsonl)",
-            "layers": [{"index": i, "name": n, "kind": k, "numel": int(c), "rel_change": v, "head": hd}
-                       for i, (n, k, c, v, hd) in enumerate(zip(h["names"], h["kinds"], h["numel"],
-                                                                last["rel_change"], h["head"]))]}
-
-
-def load_profile(run_dir: str | Path, mon: dict[str, Any] | None = None) -> list[float] | None:
-    """The final per-layer relative change: ``depth.json`` if written, else the monitor's last epoch
-    (``mon``: the run's :func:`read_monitor` result when already read)."""
-    p = Path(run_dir) / DEPTH_JSON
-    if p.is_file():
-        return [layer["rel_change"] for layer in json.loads(p.read_text())["layers"]]
-    mon = mon if mon is not None else read_monitor(run_dir)
-    if mon and mon["weights"]:
-        return list(mon["weights"][-1]["rel_change"])
-    return None
 
 
 def backbone_thirds(values: Sequence[float], head: Sequence[bool]) -> list[float]:
@@ -272,237 +137,3 @@ def summarize_monitor(mon: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _mean_of(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-# ------------------------------------------------------------------------------------------ plots
-LAYER_AXIS = "layer (conv / linear weights, input side -> head; x = head)"
-
-
-def finish_depth_axes(fig: Any, ax: Any, path: str | Path, title: str, xlabel: str,
-                      ylabel: str = "‖W(T) − W(0)‖ / ‖W(0)‖") -> None:
-    """The common look of every by-layer plot (log y, labels, legend), then save."""
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    if len(ax.get_lines()) > 8:  # many runs: the legend beside the axes, not over the curves
-        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    else:
-        ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-
-
-def plot_profiles(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Overlay :func:`run_depth` results (one line per run); the head's layers are marked with x."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
-    for res in results:
-        _plot_by_layer(ax, [max(layer["rel_change"], 1e-12) for layer in res["layers"]],
-                       [layer["head"] for layer in res["layers"]], res["label"])
-    finish_depth_axes(fig, ax, path, title or "relative weight change by depth", LAYER_AXIS)
-    plt.close(fig)
-
-
-def plot_monitor(mon: dict[str, Any], path: str | Path, title: str = "") -> None:
-    """Two panels: r_l after each epoch; mean gradient norm per layer before / after each re-init."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), dpi=90)
-    cmap = matplotlib.colormaps["viridis"]
-    rows = mon["weights"]
-    for j, rec in enumerate(rows):
-        a.plot([max(v, 1e-12) for v in rec["rel_change"]], color=cmap(j / max(1, len(rows) - 1)), lw=1,
-               label=f"epoch {rec['epoch']}" if j in (0, len(rows) - 1) else None)
-    a.set_yscale("log")
-    a.set_title("relative weight change after each epoch", fontsize=9)
-    a.set_xlabel("layer (input side -> head)", fontsize=8)
-    for r, sides in grad_window_means(mon).items():
-        for side, ls in (("before", "--"), ("after", "-")):
-            if side in sides:
-                mean, steps = sides[side]
-                b.plot([max(v, 1e-12) for v in mean], ls=ls, lw=1.1, label=f"epoch {r}: {steps} steps {side}")
-    b.set_yscale("log")
-    b.set_title("gradient norm per layer around each re-init epoch", fontsize=9)
-    b.set_xlabel("layer (input side -> head)", fontsize=8)
-    for ax in (a, b):
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_gradient_ratios(ratios: dict[str, list[float | None]], head: Sequence[bool], path: str | Path,
-                         title: str = "") -> None:
-    """One line per run: :func:`gradient_ratios` by layer (after / before the re-init; 1 = unchanged)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
-    for label, ys in ratios.items():
-        _plot_by_layer(ax, ys, head, label)
-    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-    finish_depth_axes(fig, ax, path, title or "gradient norm just after / just before the re-init epoch boundary",
-                      LAYER_AXIS, ylabel="grad norm after / before")
-    plt.close(fig)
-
-
-def _plot_by_layer(ax: Any, ys: Sequence[float | None], head: Sequence[bool], label: str) -> None:
-    """One line by layer index (None values skipped), the head's layers marked with x."""
-    xs = [i for i, v in enumerate(ys) if v is not None]
-    line, = ax.plot(xs, [ys[i] for i in xs], lw=1.2, label=label)
-    heads = [i for i in xs if i < len(head) and head[i]]
-    ax.plot(heads, [ys[i] for i in heads], "x", color=line.get_color())
-
-
-# ------------------------------------------------------------------------------------------ monitor
-class DepthMonitor(Method):
-    """Record per-layer weight change every epoch and gradient norms around re-inits (``depth.jsonl``).
-
-    Not registered: the run wiring adds it to the trainer's method list (after the run's methods).
-    It changes nothing in training (no RNG draws, no loss terms): monitored and unmonitored runs
-    produce identical metrics.
-
-    * weights: after each epoch's optimizer steps, at the first evaluation forward of the epoch (a
-      forward pre-hook on the model that fires in eval mode), one norm per weight tensor;
-    * gradients: ``Tensor.register_post_accumulate_grad_hook`` on every tracked weight, i.e. the
-      gradient of the full loss (method terms included) after ``backward`` and before
-      ``optimizer.step()`` (with gradient accumulation: the accumulated gradient; under fp16 AMP the
-      gradient is still multiplied by the loss scale). Recorded for global steps in
-      ``[e*S - window, e*S + window)`` for each watched epoch ``e`` (``S`` steps per epoch): the
-      re-init epochs of a RIFLE run; for other methods the epochs RIFLE would use with the run's
-      ``reinits`` (``epochs=`` overrides).
-
-    Records (one JSON object per line): ``{"type": "layers", "names", "kinds", "numel", "head",
-    "watch_epochs", "window", "steps_per_epoch"}`` once; ``{"type": "weights", "epoch", "rel_change"}``
-    per epoch; ``{"type": "grad", "epoch", "step", "reinit_epoch", "offset", "norms"}`` per watched step
-    (``offset`` = step - first step of the re-init epoch: negative before, >= 0 after). On resume,
-    records from the resumed epoch on are dropped first, so no epoch appears twice.
-    """
-
-    name = "depth-monitor"
-    kind = "monitor"
-
-    def __init__(self, out_dir: str | Path, window: int = 5, epochs: Sequence[int] | None = None) -> None:
-        if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
-        self.path = Path(out_dir) / DEPTH_JSONL
-        self.window = int(window)
-        self.watch = None if epochs is None else sorted(int(e) for e in epochs)
-        self._started = False
-        self._dirty = False
-        self._epoch = -1
-        self._step = -1
-        self._pending: list[float | None] | None = None
-        self._pending_step = -1
-        self._handles: list[Any] = []
-
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
-        self.model = model
-        state = dict(model.named_parameters())
-        layers = [(n, k) for n, k in tracked_layers(model) if n in state]
-        self.names = [n for n, _ in layers]
-        self.params = [state[n] for n in self.names]
-        pre = ctx.pretrained_state or {}
-        # ctx.pretrained_state is the trainer's read-only copy of the weights before training: no 2nd copy
-        self.ref = [pre[n].detach() if n in pre else p.detach().clone() for n, p in zip(self.names, self.params)]
-        self.ref_norm = [float(torch.linalg.vector_norm(r.double())) for r in self.ref]
-        self.spe = max(1, ctx.steps_per_epoch)
-        self.total_steps = ctx.epochs * self.spe
-        self.watch_epochs = self.watch if self.watch is not None else monitor_epochs(ctx.config, ctx.epochs)
-        self.windows: dict[int, int] = {}  # global step -> re-init epoch it belongs to
-        for e in self.watch_epochs:
-            for s in range(e * self.spe - self.window, e * self.spe + self.window):
-                if 0 <= s < self.total_steps:
-                    self.windows.setdefault(s, e)
-        self.header = {"type": "layers", "names": self.names, "kinds": [k for _, k in layers],
-                       "numel": [int(p.numel()) for p in self.params],
-                       "head": [in_head(n, ctx.head_names) for n in self.names],
-                       "watch_epochs": self.watch_epochs, "window": self.window, "steps_per_epoch": self.spe,
-                       "method": ctx.config.get("method"), "reinits": ctx.config.get("reinits")}
-        for h in self._handles:
-            h.remove()
-        self._handles = [p.register_post_accumulate_grad_hook(self._grad_hook(i)) for i, p in enumerate(self.params)]
-        self._handles.append(model.register_forward_pre_hook(self._eval_hook))
-
-    # ---- hooks
-    def _grad_hook(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            if self._pending is not None and p.grad is not None:
-                self._pending[i] = float(torch.linalg.vector_norm(p.grad.detach().double()))
-        return hook
-
-    def _eval_hook(self, module: nn.Module, args: tuple) -> None:
-        if not module.training and self._dirty:
-            self._flush_grads()
-            self._write({"type": "weights", "epoch": self._epoch, "rel_change": self.rel_change()})
-            self._dirty = False
-
-    def rel_change(self) -> list[float]:
-        out = []
-        with torch.no_grad():
-            for p, r, rn in zip(self.params, self.ref, self.ref_norm):
-                num = float(torch.linalg.vector_norm((p.detach() - r.to(p.device)).double()))
-                out.append(num / rn if rn > 0 else (0.0 if num == 0 else math.inf))
-        return out
-
-    # ---- protocol
-    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
-        if not self._started:
-            self._start(epoch)
-        self._flush_grads()
-        self._epoch = epoch
-        return {}
-
-    def on_step_start(self, step: int) -> None:
-        self._flush_grads()
-        self._dirty = True
-        self._step = step
-        if step in self.windows:
-            self._pending = [None] * len(self.params)
-            self._pending_step = step
-        else:
-            self._pending = None
-
-    # ---- output
-    def _start(self, epoch: int) -> None:
-        """First epoch of this process: keep records of earlier epochs (resume), write the header."""
-        self._started = True
-        kept = []
-        if epoch > 0 and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    if rec.get("type") != "layers" and rec.get("epoch", 0) < epoch:
-                        kept.append(line)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        from ..train.checkpoint import atomic_write_text
-        atomic_write_text(self.path, "".join(x + "\n" for x in [json.dumps(self.header), *kept]))
-
-    def _flush_grads(self) -> None:
-        if self._pending is None:
-            return
-        s, e = self._pending_step, self.windows[self._pending_step]
-        self._write({"type": "grad", "epoch": s // self.spe, "step": s, "reinit_epoch": e,
-                     "offset": s - e * self.spe, "norms": self._pending})
-        self._pending = None
-
-    def _write(self, rec: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def close(self) -> None:
-        self._flush_grads()
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.cam import cam_for_runs
-    from ..analysis.depth import (backbone_thirds, gradient_ratios, monitor_depth, plot_gradient_ratios,
-                                  plot_monitor, plot_profiles, read_monitor, run_depth, run_label)
+    from ..analysis.depth import backbone_thirds, gradient_ratios, read_monitor
+    from ..analysis.depth_plots import plot_gradient_ratios, plot_monitor, plot_profiles
+    from ..analysis.runs import monitor_depth, run_depth, run_label
     runs = [Path(r) for r in args.runs]
     for r in runs:
         if not (r / "config.yaml").is_file():

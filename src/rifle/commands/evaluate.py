@@ -53,7 +53,8 @@ def report_text(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference import evaluate, load, plot_confusion
+    from ..evaluation import evaluate, plot_confusion
+    from ..inference import load
     from ..train.checkpoint import atomic_write_text
     from ..train.trainer import resolve_device
 

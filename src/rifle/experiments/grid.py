@@ -241,7 +241,7 @@ def run_path(out: str | Path, dataset: str, model: str, fraction: float, label: 
 def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
     """Every run of the grid, resolved and validated, seed-major (see module docstring)."""
     from ..core.schedule import make_schedule
-    from ..run import build_methods
+    from ..build import build_methods
     runs = []
     for seed in grid.seeds:
         for dataset in grid.datasets:

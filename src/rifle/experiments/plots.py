@@ -105,14 +105,14 @@ def plot_depth(profiles: dict[str, list[list[float]]], path: Path, title: str) -
         n = min(len(s) for s in seeds)
         mean = [sum(s[i] for s in seeds) / len(seeds) for i in range(n)]
         ax.plot(range(n), mean, color=color, lw=1.2, label=f"{label} (n={len(seeds)})")
-    from ..analysis.depth import finish_depth_axes
+    from ..analysis.depth_plots import finish_depth_axes
     finish_depth_axes(fig, ax, path, title,
                       "layer (conv / linear weights in forward order; the head is last)")
     plt.close(fig)
 
 
 def _depth_profile(run: RunRecord, compute: bool, mon: dict[str, Any] | None) -> list[float] | None:
-    from ..analysis.depth import load_profile, run_depth
+    from ..analysis.runs import load_profile, run_depth
     prof = load_profile(run.path, mon)
     if prof is None and compute:
         prof = [layer["rel_change"] for layer in run_depth(run.path)["layers"]]

@@ -23,7 +23,7 @@ TRAIN_LOG = "train.log"
 
 
 class DataCache:
-    """The last few data bundles, keyed by everything :func:`rifle.run.load_data` reads."""
+    """The last few data bundles, keyed by everything :func:`rifle.build.load_data` reads."""
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
@@ -31,7 +31,7 @@ class DataCache:
         self.loads = 0
 
     def get(self, spec: RunSpec):
-        from ..run import load_data
+        from ..build import load_data
         key = spec.data_key()
         if key in self.items:
             self.items.move_to_end(key)
