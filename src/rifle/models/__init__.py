@@ -347,7 +347,7 @@ def _new_head(old: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _torchvision_head_name(model: nn.Module) -> str:
-    from .core.heads import find_head, head_names
+    from ..core.heads import find_head, head_names
 
     for name in ("fc", "heads.head"):
         try:
@@ -488,7 +488,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 def _head_prefixes(model: nn.Module) -> list[str]:
     """Dotted names of the classifier(s) whose tensors a file must not overwrite (the run's new head)."""
-    from .core.heads import find_head, head_names
+    from ..core.heads import find_head, head_names
 
     names = set()
     try:
@@ -705,7 +705,7 @@ def model_preprocessing(model: nn.Module) -> dict:
     Uses what :func:`create_model` stored on the model; otherwise timm's ``pretrained_cfg`` /
     ``default_cfg``; otherwise ImageNet statistics (torchvision and most other models).
     """
-    from .core.rifle import unwrap_model
+    from ..core.rifle import unwrap_model
 
     model = unwrap_model(model)
     prep = getattr(model, "rifle_preprocessing", None)
