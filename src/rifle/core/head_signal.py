@@ -44,11 +44,10 @@ class HeadSignal:
         self._hs: dict | None = None        # the open re-init's old squared norm, rows, reasons
         self._linear: nn.Linear | None = None
         self._head_why: str | None = None
-        self._head_hook = None
         heads = list(head)
         if len(heads) == 1 and type(heads[0]) is nn.Linear:
             self._linear = heads[0]
-            self._head_hook = heads[0].register_forward_hook(self._on_head_forward)
+            heads[0].register_forward_hook(self._on_head_forward)
         else:
             self._head_why = ("not measured: the re-initialised modules are not exactly one nn.Linear"
                               if heads else None)
