@@ -12,7 +12,8 @@ from torch import nn
 from conftest import interrupted_at_epoch, rifle_cfg as cfg
 from rifle.analysis.depth import backbone_thirds, tracked_layers
 from rifle.core import Rifle
-from rifle.core.diagnosis import backbone_weights, thirds, verdict
+from rifle.core.diagnosis import backbone_weights, thirds
+from rifle.core.verdict import verdict
 from rifle.run import run_train
 
 

@@ -4,6 +4,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -275,3 +277,11 @@ def test_predict_table_labels_every_top_k_column():
     buf = io.StringIO()
     _write([("a.png", [("cat", 0.75)])], "table", buf)
     assert buf.getvalue().splitlines()[0].split() == ["image", "prediction", "probability"]
+
+
+def test_star_import_leaves_the_inference_stack_unimported():
+    code = ("import sys; from rifle import *; "
+            "bad = [m for m in ('rifle.inference', 'timm') if m in sys.modules]; assert not bad, bad; "
+            "assert Rifle and find_head and __version__; "
+            "import rifle; assert callable(rifle.load) and 'rifle.inference' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

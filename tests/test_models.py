@@ -89,7 +89,7 @@ def test_lite0_options_reach_timm():
 
 
 def test_lite0_shape_mismatch_is_reported(monkeypatch, lite0_state):
-    import rifle.models as rm
+    import rifle.models.builtin as rm
 
     bad = {f"t{i}": t for i, t in enumerate(lite0_state)}
     bad["t5"] = torch.zeros(3, 3)
@@ -260,10 +260,10 @@ def test_available_models():
 def hub_reachable(monkeypatch):
     """The weights hosts count as reachable (the quick check passes), so the fetch itself is tried: what a
     machine with network does when the download then fails. Nothing is downloaded: the fetch is patched."""
-    import rifle.models
+    import rifle.models.offline
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(rifle.models, "reachable", lambda url, timeout=3.0: (True, "patched"))
+    monkeypatch.setattr(rifle.models.offline, "reachable", lambda url, timeout=3.0: (True, "patched"))
 
 
 @pytest.mark.parametrize("exc", [OSError("Name or service not known"), RuntimeError("download failed")])

@@ -308,7 +308,7 @@ def _ddp_train_worker(rank, port, out, crash_at, resume):
     original_end, original_epoch = RifleMethod.on_batch_end, Trainer.train_epoch
 
     def on_batch_end(self, loss, correct, count):  # this rank's own accuracy per epoch
-        e = self.core._t_epoch
+        e = self.core._trigger.epoch
         c, n = local.get(e, (0, 0))
         local[e] = (c + int(correct), n + count)
         return original_end(self, loss, correct, count)

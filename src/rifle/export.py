@@ -1,17 +1,9 @@
 """Export a fine-tuned run for other runtimes: ONNX or TorchScript, plus a preprocessing JSON beside it.
 
-The exported graph maps normalised float32 input ``[N, 3, S, S]`` (NCHW, RGB, any batch size) to logits
-``[N, C]``; the JSON beside it (the file's name plus ``.json``: ``model.onnx.json``,
-``model.torchscript.pt.json``) says how to get that input from an image (the run's evaluation transform,
-see :mod:`rifle.inference`) and names the classes. After writing, the file is loaded back, run
-on a random batch of 3 (not the traced batch size, so the dynamic batch axis is exercised) and compared
-with the PyTorch model evaluated in float64: ``max |diff| <= RTOL * max(1, max |logit|)`` (see
-:func:`compare_logits`; the tolerance is measured in docs/inference.md, ``benchmarks/export_tolerance.py``).
-
-ONNX: ``torch.onnx.export(dynamo=True)`` (torch.export based, the default of current torch; works
-offline) with a dynamic batch dimension; if that exporter fails for a model, the legacy TorchScript-based
-exporter (``dynamo=False``, opset 17, ``dynamic_axes``) is used with a warning. TorchScript:
-``torch.jit.trace`` (deprecated upstream but still the portable C++/mobile format; ONNX is preferred).
+The exported graph maps normalised float32 ``[N, 3, S, S]`` to logits ``[N, C]``; the JSON says how to
+get that input from an image and names the classes. Each export is loaded back and compared with the
+PyTorch model (:func:`compare_logits`). Uses ``torch.onnx.export`` (dynamo, legacy exporter as fallback)
+and ``torch.jit.trace``; the formats, the check and its tolerance: docs/inference.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Framework-agnostic RIFLE core: the schedule, the in-place re-init, the model's structure (head discovery)."""
+"""Framework-agnostic RIFLE core: the schedule, the in-place re-init, the model's structure (head discovery).
+
+RIFLE: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349.
+"""
 from .structure import find_head, head_names
 from .reinit import INITIALIZERS, clear_optimizer_state, reinit_
 from .rifle import Rifle, unwrap_model

@@ -1,22 +1,10 @@
 """Did a re-init deliver "backprop in depth"? A cheap, always-on measurement around each re-init.
 
-For each re-init: training loss / accuracy over the period before it (fed by the caller with
-:meth:`Diagnosis.observe`), the head's weight norm just before / after, and the backbone gradient-norm
-ratio after / before by backbone third, with the definitions of :mod:`rifle.analysis.depth`
-(``--record-depth``): per conv / linear weight, mean gradient norm over the ``window`` optimizer steps
-after the re-init / the ``window`` steps before it; the per-layer ratios averaged over the first /
-middle / last third of the backbone in module order (head left out). Knows nothing of trainers.
-Thresholds and their evidence: docs/rifle.md#when.
-
-The same-batch head-signal ratio, a noise-free counterfactual (one ``nn.Linear`` head ``z = W f + b``
-under mean-reduced cross-entropy): the error a sample sends into the backbone is
-``e_i = Wᵀ(softmax(W f_i + b) − t_i)``. On the last training (micro-)batch before a re-init a forward
-hook on the head keeps references to its input ``f`` (B×d) and output ``z``, and a tensor hook on ``z``
-the gradient ``g = dL/dz``; the targets are recovered exactly as ``t_i = softmax(z_i) − B·g_i`` (hard
-or smoothed labels). ``e_old`` uses the head as it stands just before the re-init, ``e_new`` the fresh
-one, both on the same ``f`` and ``t``: ``head_signal_ratio = ‖E_new‖_F / ‖E_old‖_F`` (float64; squared
-norms summed over data-parallel ranks). A recovered ``t`` that is not a distribution means the loss is
-not mean cross-entropy on the head's logits: not measured.
+For each re-init: training loss / accuracy over the period before it, the head's weight norm just
+before / after, the backbone gradient-norm ratio after / before by backbone third (the definitions of
+:mod:`rifle.analysis.depth`), and the same-batch head-signal ratio (:mod:`rifle.core.head_signal`); the
+verdict line is :mod:`rifle.core.verdict`. Knows nothing of trainers. Definitions, thresholds and their
+evidence: docs/rifle.md#when. RIFLE: Li et al., ICML 2020, arXiv 2007.03349.
 """
 from __future__ import annotations
 
@@ -28,28 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .structure import LAYER_TYPES  # the layers of rifle.core.structure.weight_layers
-
-# docs/rifle.md#when: the cut-offs and why (REFERENCE §7 measurements)
-CONVERGED_LOSS = 0.2     # memorising runs had 0.03-0.17 before the re-init, the others 0.14-0.95
-CONVERGED_ACC = 0.97     # ... 0.98-1.00 vs 0.71-0.95 (both must hold when both are known)
-DELIVERED_RATIO = 1.0    # after/before: above the §7 controls (0.61-0.88); regime study: 0.31-2.05 (noisy)
-WEAKENED_RATIO = 0.6     # below every fine-tuning control measured
-# the same cut-offs judge head_signal_ratio when it is measured (to be re-justified by the regime study)
-TARGET_TOL = 1e-3        # recovered targets: rows sum to 1 and entries lie in [0, 1], within this
-DOC = "docs/rifle.md#when"
+from .head_signal import HeadSignal
+from .replicas import gather_over_ranks, sum_over_ranks
+from .structure import weight_layers
+from .verdict import verdict
 
 
 def backbone_weights(model: nn.Module, exclude: Sequence[nn.Module] = ()) -> list[tuple[str, torch.Tensor]]:
     """``[(name, weight)]`` of the conv / linear layers in module order, leaving out ``exclude``'s."""
     skip = {id(p) for m in exclude for p in m.parameters()}
-    out = []
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, LAYER_TYPES) and isinstance(w, torch.Tensor) and id(w) not in skip \
-                and w.requires_grad:
-            out.append((f"{name}.weight" if name else "weight", w))
-    return out
+    return [(f"{name}.weight" if name else "weight", m.weight) for name, m in weight_layers(model)
+            if id(m.weight) not in skip and m.weight.requires_grad]
 
 
 def thirds(values: Sequence[float]) -> list[float]:
@@ -85,41 +62,7 @@ def _floats(values: Sequence[Any]) -> list[float | None]:
     return [None if v is None else x for v, x in zip(values, stacked)]
 
 
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Sum over data-parallel ranks (no-op alone); every rank calls it at the same re-init."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def _gather(obj: Any) -> list[Any]:
-    """``[obj of rank 0, rank 1, ...]`` (``[obj]`` alone); every rank calls it at the same moment."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float:
-    """``‖E‖_F²`` with ``e_i = Wᵀ(softmax(W f_i + b) − t_i)`` for this ``linear`` (float64)."""
-    w = linear.weight.detach().to(f.device, torch.float64)
-    z = f @ w.T
-    if linear.bias is not None:
-        z = z + linear.bias.detach().to(f.device, torch.float64)
-    e = (torch.softmax(z, dim=1) - t) @ w
-    return float((e * e).sum())
-
-
-NO_CE = "not measured: the loss is not mean cross-entropy on the head's logits"
-
-
-class Diagnosis:
+class Diagnosis(HeadSignal):
     """Accumulate the numbers of one run's re-inits; see the module docstring.
 
     The owner calls: :meth:`observe` for each (micro-)batch; :meth:`new_period` where the loss window
@@ -128,7 +71,7 @@ class Diagnosis:
     per optimizer step with the final gradients (before ``optimizer.step()``); :meth:`begin` /
     :meth:`end` around the re-init itself. ``entries`` is the list of JSON-ready results.
     With ``head`` (the re-initialised modules), a forward hook on it captures the last training batch
-    while armed (the head-signal ratio, module docstring); ``head_grad_scale`` is the factor by which
+    while armed (the head-signal ratio, :mod:`rifle.core.head_signal`); ``head_grad_scale`` is the factor by which
     the ``dL/dz`` that reaches the head's output exceeds the gradient of the micro-batch's mean
     cross-entropy (``1 / accumulation steps`` when each micro-batch loss is divided by their number;
     the AMP loss scale; ``None``: unknown, not measured).
@@ -154,107 +97,8 @@ class Diagnosis:
         self._before_norms: list[torch.Tensor] = []
         self._step_key: Any = None
         self.head_grad_scale: float | None = 1.0
-        self._cap: list | None = None       # [f, z, dL/dz or None] of the last armed training batch
-        self._frozen: dict | None = None    # {"f", "t"} (or {"why"}) recovered from _cap / a checkpoint
-        self._hs: dict | None = None        # the open re-init's old squared norm, rows, reasons
-        self._linear: nn.Linear | None = None
-        self._head_why: str | None = None
-        self._head_hook = None
-        heads = list(head)
-        if len(heads) == 1 and type(heads[0]) is nn.Linear:
-            self._linear = heads[0]
-            self._head_hook = heads[0].register_forward_hook(self._on_head_forward)
-        else:
-            self._head_why = ("not measured: the re-initialised modules are not exactly one nn.Linear"
-                              if heads else None)
+        self._init_head_signal(head)
         self.new_period()
-
-    # ------------------------------------------------------------------ same-batch head signal
-    def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Keep references (no copies) to the last armed training batch's head input and output, and
-        to the gradient that reaches the output in its backward."""
-        if not (self._armed and self._skip == 0 and module.training and torch.is_grad_enabled()):
-            return  # (_skip > 0: steps before the last `window` of an epoch whose length is known)
-        self._frozen = None
-        f = args[0] if args else None
-        if not (isinstance(f, torch.Tensor) and f.dim() == 2 and isinstance(output, torch.Tensor)
-                and output.requires_grad):
-            self._cap = ["not measured: the head's input is not a 2-D (batch x features) tensor"]
-            return
-        cap: list = [f.detach(), output.detach(), None]
-        self._cap = cap
-
-        def keep(g: torch.Tensor) -> None:
-            cap[2] = g
-        output.register_hook(keep)
-
-    def _freeze(self) -> dict | None:
-        """The captured batch as ``{"f", "t"}`` (float64, targets recovered) or ``{"why": reason}``."""
-        if self._frozen is None and self._cap is not None:
-            cap = self._cap
-            if len(cap) == 1:
-                self._frozen = {"why": cap[0]}
-            elif cap[2] is None:
-                self._frozen = {"why": "not measured: the last captured batch had no backward pass"}
-            elif self.head_grad_scale is None or not self.head_grad_scale > 0:
-                self._frozen = {"why": "not measured: the scale of the head's gradient is unknown "
-                                       "(head_grad_scale=None, e.g. fp16 loss scaling)"}
-            else:
-                f, z, g = cap
-                n = f.shape[0]
-                t = torch.softmax(z.double(), dim=1) - (n / self.head_grad_scale) * g.double()
-                ok = (t.dim() == 2 and t.shape[0] == n
-                      and bool(((t.sum(1) - 1).abs() <= TARGET_TOL).all())
-                      and bool((t >= -TARGET_TOL).all()) and bool((t <= 1 + TARGET_TOL).all()))
-                self._frozen = {"f": f.double(), "t": t} if ok else {"why": NO_CE}
-        return self._frozen
-
-    def _head_begin(self) -> None:
-        """Before the reset: the old head's squared norm on the captured batch (of every rank, when the
-        batch was gathered by settle())."""
-        frozen = self._freeze() if self._linear is not None else None
-        self._cap = self._frozen = None
-        hs: dict[str, Any] = {"why": self._head_why, "old": 0.0, "n": 0.0, "rows": None}
-        if self._linear is not None:
-            rows = frozen.get("ranks") if frozen is not None else None
-            rows = rows if rows is not None else [frozen]
-            hs["rows"], hs["gathered"] = rows, frozen is not None and "ranks" in frozen
-            for r in rows:
-                if r is not None and "why" not in r:
-                    hs["old"] += head_signal_sq(r["f"], r["t"], self._linear)
-                    hs["n"] += r["f"].shape[0]
-        self._hs = hs
-
-    def _head_end(self) -> dict[str, Any]:
-        """After the reset: the fields ``head_signal_ratio / _old / _new / _reason``."""
-        hs, self._hs = self._hs or {"why": self._head_why, "old": 0.0, "n": 0.0, "rows": [None],
-                                    "gathered": False}, None
-        out: dict[str, Any] = {"head_signal_ratio": None, "head_signal_old": None, "head_signal_new": None,
-                               "head_signal_reason": hs["why"]}
-        if self._linear is None:
-            return out
-        new = 0.0
-        for r in hs["rows"]:
-            if r is not None and "why" not in r:
-                new += head_signal_sq(r["f"], r["t"], self._linear)
-        no_ce = sum(1.0 for r in hs["rows"] if r is not None and r.get("why") == NO_CE)
-        missing = sum(1.0 for r in hs["rows"] if r is None or ("why" in r and r["why"] != NO_CE))
-        vals = [hs["old"], new, hs["n"], no_ce, missing]
-        if not hs["gathered"]:
-            vals = sum_over_ranks(vals)
-        old, new, n, no_ce, missing = vals
-        why = next((r["why"] for r in hs["rows"] if r is not None and "why" in r), None)
-        if no_ce:
-            out["head_signal_reason"] = NO_CE
-        elif missing:
-            out["head_signal_reason"] = why or ("not measured: no training batch was captured before the "
-                                                "re-init (e.g. a run resumed right before it)")
-        elif n > 0 and old > 0:
-            out.update(head_signal_ratio=math.sqrt(new / old), head_signal_old=math.sqrt(old / n),
-                       head_signal_new=math.sqrt(new / n), head_signal_reason=None)
-        else:
-            out["head_signal_reason"] = "not measured: the old head sent no error into the backbone"
-        return out
 
     # ------------------------------------------------------------------ loss / accuracy
     def new_period(self) -> None:
@@ -309,7 +153,7 @@ class Diagnosis:
             if frozen is None or "ranks" not in frozen:
                 local = None if frozen is None else {k: v.cpu() if isinstance(v, torch.Tensor) else v
                                                      for k, v in frozen.items()}
-                self._frozen = {"ranks": _gather(local)}
+                self._frozen = {"ranks": gather_over_ranks(local)}
 
     def _loss_acc(self) -> tuple[float | None, float | None]:
         loss_sum, correct, n, has_acc = self._totals()
@@ -417,8 +261,7 @@ class Diagnosis:
                 "open": dict(self._open) if self._open is not None else None,
                 "before_norms": rows(self._before_norms),
                 "after": rows(self._after) if self._after is not None else None,
-                "head_batch": _batch_state(self._freeze()) if self._armed and self._linear is not None
-                else None}
+                "head_batch": self._head_batch_state()}
 
     def load_pending_state(self, state: dict[str, Any]) -> None:
         dev = self._device()
@@ -432,69 +275,4 @@ class Diagnosis:
         self._open = dict(state["open"]) if state["open"] is not None else None
         self._before_norms = tensors(state["before_norms"])
         self._after = tensors(state["after"]) if state["after"] is not None else None
-        self._cap, self._frozen = None, _batch_load(state.get("head_batch"), dev)
-
-
-def _batch_state(frozen: dict | None) -> dict | None:
-    """A frozen captured batch as plain floats (JSON-ready: the HF callback keeps the state there)."""
-    def one(r):
-        if r is None or "why" in r:
-            return r
-        return {"f": r["f"].tolist(), "t": r["t"].tolist()}
-    if frozen is not None and "ranks" in frozen:
-        return {"ranks": [one(r) for r in frozen["ranks"]]}
-    return one(frozen)
-
-
-def _batch_load(state: dict | None, dev: torch.device) -> dict | None:
-    def one(r):
-        if r is None or "why" in r:
-            return r
-        return {k: torch.tensor(r[k], dtype=torch.float64, device=dev) for k in ("f", "t")}
-    if state is not None and "ranks" in state:
-        return {"ranks": [one(r) for r in state["ranks"]]}
-    return one(state)
-
-
-def converged(entry: dict[str, Any]) -> bool | None:
-    """Loss <= CONVERGED_LOSS and accuracy >= CONVERGED_ACC (each where measured); None: neither."""
-    loss, acc = entry.get("train_loss_before"), entry.get("train_acc_before")
-    if loss is None and acc is None:
-        return None
-    return (loss is None or loss <= CONVERGED_LOSS) and (acc is None or acc >= CONVERGED_ACC)
-
-
-def verdict(entry: dict[str, Any]) -> str:
-    """The one line a user reads, e.g. ``re-init 1 (epoch 15): head had converged (...) ...``."""
-    conv = converged(entry)
-    loss, acc = entry.get("train_loss_before"), entry.get("train_acc_before")
-    stats = ", ".join(s for s in (f"train loss {loss:.2f}" if loss is not None else "",
-                                  f"acc {acc:.2f}" if acc is not None else "") if s)
-    head = ("head convergence not measured (no training loss observed before it)" if conv is None else
-            f"head had {'' if conv else 'not '}converged ({stats})")
-    g, hs = entry.get("grad_ratio"), entry.get("head_signal_ratio")
-    if g is None:
-        grad = ("backbone gradient not measured (no optimizer steps recorded on both sides of the "
-                "re-init)")
-    else:
-        grad = f"backbone gradient x{g:.2f} after/before"
-    r = hs if hs is not None else g  # the same-batch counterfactual decides when it was measured
-    if hs is not None:
-        grad = f"error signal into the backbone x{hs:.2f} on the same batch (new head vs old), {grad}"
-    if r is None:
-        tail = ""
-    elif r >= DELIVERED_RATIO:
-        tail = " — backprop in depth delivered"
-    elif r < WEAKENED_RATIO:
-        tail = " — this re-init weakened the error signal"
-    elif hs is not None:
-        tail = (f" — the new head sends less error into the backbone than the old one "
-                f"({WEAKENED_RATIO}-{DELIVERED_RATIO}): no deeper backprop")
-    else:
-        tail = (f" — within fine-tuning's own decay at a boundary ({WEAKENED_RATIO}-{DELIVERED_RATIO}): "
-                f"no deeper backprop than without the re-init")
-    if conv is False and (r is None or r < DELIVERED_RATIO):
-        tail += f"; not the paper's mechanism here: judge RIFLE on validation ({DOC})"
-    elif conv and r is not None and r < DELIVERED_RATIO:
-        tail += f"; the head had converged yet the error signal did not grow ({DOC})"
-    return f"re-init {entry['index']} ({entry['unit']} {entry['at']}): {head}; {grad}{tail}"
+        self._load_head_batch(state.get("head_batch"), dev)

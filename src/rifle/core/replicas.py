@@ -1,4 +1,5 @@
-"""Check that every data-parallel replica holds the same tensors (cheap checksum all-gather).
+"""Across data-parallel ranks: check that every replica holds the same tensors (cheap checksum
+all-gather), and sum or gather a few numbers (the diagnosis, the converged trigger, the trainer).
 
 DDP synchronises weights only when it wraps the model; a re-init drawn differently on one rank makes
 the replicas diverge silently (REFERENCE.md §5). After every re-init, and at the end of a run, each
@@ -7,6 +8,7 @@ rank computes a checksum of the relevant parameters and all ranks compare them.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,3 +51,22 @@ def verify_replicas(tensors: Iterable[torch.Tensor], what: str) -> list[list[flo
             f"{what}: data-parallel replicas differ (ranks {bad} vs rank 0; checksums {sums}). Every "
             f"rank must draw the same values - use the same seed on every rank")
     return sums
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Sum over data-parallel ranks (no-op alone); every rank calls it at the same re-init."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def gather_over_ranks(obj: Any) -> list[Any]:
+    """``[obj of rank 0, rank 1, ...]`` (``[obj]`` alone); every rank calls it at the same moment."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,6 +1,7 @@
 """``Rifle``: the schedule and the in-place re-init tied to a model and its optimizer.
 
-Drop it into any loop::
+RIFLE: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. Drop it into any loop::
 
     rifle = Rifle(model, optimizer, epochs=40, reinits=3, seed=0)   # or head=model.fc
     for epoch in range(40):
@@ -10,12 +11,12 @@ Drop it into any loop::
 or per optimizer step with ``total_steps=`` and ``on_step_start(step)`` (0-based, in ``[0, T)``).
 ``state_dict()`` / ``load_state_dict()`` carry which re-inits were applied (``applied``) or passed
 without being applied (``skipped``), so a resumed run never repeats or skips one.
-``trigger="converged"`` replaces the schedule: re-init at the start of an epoch once the previous
-epoch's training accuracy (fed by ``observe``) reaches ``converged_acc`` (docs/rifle.md#trigger).
-A diagnosis is on by default (``diagnose=True``): feed ``rifle.observe(loss=..., correct=...,
+``trigger="converged"`` (:mod:`rifle.core.trigger`) replaces the schedule (docs/rifle.md#trigger).
+A diagnosis is on by default (:mod:`rifle.core.diagnosis`): feed ``rifle.observe(loss=..., correct=...,
 count=...)`` per batch; gradients are read by an optimizer step pre-hook; ``rifle.verdicts()`` gives
 one line per re-init (docs/rifle.md#when).
 The object knows nothing of trainers; the Lightning / HF / CLI adapters are thin wrappers over it.
+Over ~400 lines for one reason: the class docstring documents every argument of the public API.
 """
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diagnosis import CONVERGED_ACC, Diagnosis, backbone_weights, sum_over_ranks
+from .diagnosis import Diagnosis, backbone_weights
 from .structure import HeadSpec, find_head, head_names, select_modules
-from .replicas import verify_replicas
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
                      reinit_)
+from .replicas import verify_replicas
 from .schedule import (DEFAULT_MIN_STEPS_AFTER, Schedule, check_step_budget, default_guard,
                        make_schedule, warn_at_caller)
+from .trigger import ConvergedTrigger, trigger_schedule
+from .verdict import CONVERGED_ACC
 
 STATE_VERSION = 2  # 2: "applied" / "skipped" / "init"; version 1 had only "done"
 _RENAMED_INITS = {"kaiming_normal": "lecun_normal"}  # name -> what it drew in version-1 states
@@ -150,15 +153,12 @@ class Rifle:
             g = default_guard(total) if guard is None else guard
             guard = max(g, math.ceil(guard_steps / self.steps_per_unit))
         if trigger == "converged":
-            self.schedule: Schedule = _trigger_schedule(total, reinits, guard)
+            self.schedule: Schedule = trigger_schedule(total, reinits, guard)
         else:
             self.schedule = make_schedule(total, reinits, guard, unit=self.unit)
         if self.steps_per_unit and min_steps_after and trigger == "schedule":
             check_step_budget(self.schedule, self.steps_per_unit, min_steps_after)
-        self.fired: list[int] = []  # trigger="converged": epochs it re-initialised at (= points)
-        self._t_history: list[list] = []  # [[epoch, reduced train accuracy or None], ...]
-        self._t_epoch: int | None = None  # the epoch whose observations are accumulating
-        self._t_reset()
+        self._trigger = ConvergedTrigger(converged_acc) if trigger == "converged" else None
         inner = unwrap_model(model)
         self.head_modules: list[nn.Module] = find_head(inner, head)
         extra = select_modules(inner, modules) if modules else []
@@ -170,13 +170,12 @@ class Rifle:
         if head_lr_restart:
             self._head_groups()  # validate the param groups now; records each group's initial_lr
         self._diag: Diagnosis | None = None
-        self._diag_hook = None
         if diagnose:
             loss_window = None if self.unit == "epoch" else int(steps_per_epoch or 100)
             self._diag = Diagnosis(backbone_weights(inner, exclude=self.head_modules),
                                    window=diagnosis_window, loss_window=loss_window, head=self.modules)
             if gradient_hook and optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
-                self._diag_hook = optimizer.register_step_pre_hook(
+                optimizer.register_step_pre_hook(
                     lambda opt, args, kwargs: self.record_gradients())
             self._spe_known = steps_per_epoch if self.unit == "epoch" else None
 
@@ -212,8 +211,8 @@ class Rifle:
     def on_epoch_start(self, epoch: int) -> bool:
         if self.unit != "epoch":
             raise RuntimeError("this Rifle was built with total_steps=; call on_step_start(step)")
-        if self.trigger == "converged":
-            self._trigger_decide(self._check_t(epoch))
+        if self._trigger is not None and self._trigger.decide(self._check_t(epoch), self.schedule):
+            self.schedule = dataclasses.replace(self.schedule, points=tuple(self._trigger.fired))
         fired = self._tick(epoch)
         if self._diag is not None:
             self._diag.new_period()  # the loss window is the epoch
@@ -242,7 +241,7 @@ class Rifle:
         """Whether a re-init may happen at the start of epoch/step ``t`` (scheduled and not yet done, or
         possible for the converged trigger)."""
         if self.trigger == "converged":  # a re-init at t is possible (decided at t from epoch t-1)
-            return self._may_fire(t)
+            return self._trigger.may_fire(t, self.schedule)
         return any(p == t and i not in self.applied and i not in self.skipped
                    for i, p in enumerate(self.schedule.points, start=1))
 
@@ -252,80 +251,27 @@ class Rifle:
         """Feed one training batch: its mean ``loss``, number of ``correct`` predictions, size."""
         if self._diag is not None:
             self._diag.observe(loss, correct, count)
-        if self.trigger == "converged":
-            if correct is None:
-                self._t_has = False
-            else:
-                self._t_correct = self._t_correct + (correct.detach() if isinstance(correct, torch.Tensor)
-                                                     else float(correct))
-            self._t_count += int(count)
+        if self._trigger is not None:
+            self._trigger.observe(correct, count)
 
     # ------------------------------------------------------------------ converged-head trigger
-    def _t_reset(self) -> None:
-        self._t_correct: Any = 0.0  # stays a device tensor when fed tensors: no host sync per step
-        self._t_count, self._t_has = 0, True
-
-    def _may_fire(self, t: int) -> bool:
-        s = self.schedule
-        return (len(self.fired) < s.reinits and 1 <= t < s.total and s.total - t >= s.guard
-                and (not self.fired or t - 1 > self.fired[-1]))
+    @property
+    def fired(self) -> list[int]:
+        """``trigger="converged"``: the epochs it re-initialised at (= ``points``); ``[]`` otherwise."""
+        return self._trigger.fired if self._trigger is not None else []
 
     def settle_trigger(self) -> None:
         """Close the accuracy of the epoch being observed, summed over data-parallel ranks (all ranks
         call it together; the trainer does at each epoch end, before the checkpoint)."""
-        if self.trigger != "converged" or self._t_epoch is None:
-            return
-        if self._t_history and self._t_history[-1][0] == self._t_epoch:
-            return  # already settled
-        vals = sum_over_ranks([float(self._t_correct), float(self._t_count), 0.0 if self._t_has else 1.0])
-        acc = vals[0] / vals[1] if vals[1] > 0 and vals[2] == 0 else None
-        self._t_history.append([self._t_epoch, acc])
-        self._t_reset()
-
-    def _trigger_decide(self, epoch: int) -> None:
-        if epoch >= 1 and self._t_epoch == epoch - 1:
-            self.settle_trigger()
-        last = self._t_history[-1] if self._t_history else None
-        acc = last[1] if last is not None and last[0] == epoch - 1 else None
-        if self._t_epoch != epoch:
-            self._t_epoch = epoch
-            self._t_reset()
-        if acc is not None and acc >= self.converged_acc and self._may_fire(epoch):
-            self.fired.append(epoch)
-            self.schedule = dataclasses.replace(self.schedule, points=tuple(self.fired))
+        if self._trigger is not None:
+            self._trigger.settle()
 
     @property
     def trigger_report(self) -> dict[str, Any] | None:
         """``trigger="converged"``: ``{"trigger", "converged_acc", "fired", "train_acc", "reason"}``;
         ``reason`` says why fewer than ``reinits`` re-inits fired (None when all did). The last
         epoch's accuracy counts once :meth:`settle_trigger` has been called after it."""
-        if self.trigger != "converged":
-            return None
-        thr, s = self.converged_acc, self.schedule
-        accs = [(e, a) for e, a in self._t_history if a is not None]
-        last_start = s.total - s.guard
-        reason = None
-        if len(self.fired) < s.reinits:
-            after = self.fired[-1] if self.fired else -1
-            cand = [(e, a) for e, a in accs if e > after]
-            reached = [e for e, a in cand if a >= thr]
-            if not accs:
-                reason = ("no training accuracy was observed (feed observe(loss, correct=..., count=...) "
-                          "every batch)")
-            elif reached:
-                reason = (f"train accuracy reached {thr:g} at epoch {reached[0]}"
-                          + (f" (after the re-init at epoch {after})" if self.fired else "")
-                          + f"; a re-init after it would leave fewer than guard={s.guard} epochs "
-                          f"(the last allowed start is epoch {last_start})")
-            else:
-                best = max(cand or accs, key=lambda x: (x[1], -x[0]))
-                reason = (f"train accuracy never reached {thr:g}"
-                          + (f" again after the re-init at epoch {after}" if self.fired else "")
-                          + (f" (best {best[1]:.2f} at epoch {best[0]})" if cand else ""))
-            if self.fired:
-                reason = f"{len(self.fired)} of {s.reinits} re-init(s): {reason}"
-        return {"trigger": "converged", "converged_acc": thr, "fired": list(self.fired),
-                "train_acc": [[e, a] for e, a in self._t_history], "reason": reason}
+        return self._trigger.report(self.schedule) if self._trigger is not None else None
 
     def record_gradients(self) -> None:
         """Read the backbone gradients of this optimizer step (automatic when an optimizer is given)."""
@@ -452,38 +398,17 @@ class Rifle:
                 "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
                 "diagnosis": self.diagnosis,
                 "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None,
-                **self._trigger_state()}
-
-    def _trigger_state(self) -> dict[str, Any]:
-        if self.trigger != "converged":
-            return {}  # schedule runs: the state of before the trigger existed
-        return {"trigger": "converged", "converged_acc": self.converged_acc, "guard": self.schedule.guard,
-                "fired": list(self.fired), "trigger_history": [list(h) for h in self._t_history],
-                "trigger_window": {"epoch": self._t_epoch, "correct": float(self._t_correct),
-                                   "count": self._t_count, "has": self._t_has}}
-
-    def _load_trigger_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("trigger", "schedule")
-        if saved != self.trigger:
-            raise ValueError(f"RIFLE state was saved with trigger={saved!r}, this run has "
-                             f"trigger={self.trigger!r}; resume with the same trigger")
-        s = self.schedule
-        mine = (self.unit, s.total, s.reinits, s.guard, self.converged_acc)
-        theirs = (state.get("unit"), state.get("total"), state.get("reinits"), state.get("guard"),
-                  state.get("converged_acc"))
-        if mine != theirs:
-            raise ValueError(f"RIFLE trigger state is for (unit, length, reinits, guard, converged_acc) = "
-                             f"{theirs}, this run has {mine}; resume with the same settings")
-        self.fired = [int(e) for e in state["fired"]]
-        self.schedule = dataclasses.replace(s, points=tuple(self.fired))
-        self._t_history = [[int(e), a] for e, a in state["trigger_history"]]
-        w = state["trigger_window"]
-        self._t_epoch = w["epoch"]
-        self._t_correct, self._t_count, self._t_has = float(w["correct"]), int(w["count"]), bool(w["has"])
+                # schedule runs: the state of before the trigger existed
+                **(self._trigger.state_dict(self.schedule) if self._trigger is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.trigger == "converged" or state.get("trigger", "schedule") != "schedule":
-            self._load_trigger_state(state)
+        saved = state.get("trigger", "schedule")
+        if self._trigger is not None or saved != "schedule":
+            if saved != self.trigger:
+                raise ValueError(f"RIFLE state was saved with trigger={saved!r}, this run has "
+                                 f"trigger={self.trigger!r}; resume with the same trigger")
+            self._trigger.load_state_dict(state, self.unit, self.schedule)
+            self.schedule = dataclasses.replace(self.schedule, points=tuple(self._trigger.fired))
         elif list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:
             raise ValueError(
                 f"RIFLE state is for a different schedule ({state.get('unit')}s "
@@ -525,20 +450,3 @@ class Rifle:
         return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "
                 f"reinits={self.schedule.reinits}, points={list(self.schedule.points)}, "
                 f"applied={sorted(self.applied)}, skipped={sorted(self.skipped)})")
-
-
-
-def _trigger_schedule(total: int, reinits: int, guard: int | None) -> Schedule:
-    """The trigger's bounds (no fixed points): K, the length and the guard, validated as a schedule's."""
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise ValueError(f"the run length must be an int >= 1, got {total!r}")
-    if isinstance(reinits, bool) or not isinstance(reinits, int) or reinits < 0:
-        raise ValueError(f"reinits (K, the number of re-initialisations) must be an int >= 0, got {reinits!r}")
-    guard = default_guard(total) if guard is None else guard
-    if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
-        raise ValueError(f"guard must be an int >= 0, got {guard!r}")
-    if reinits and total - max(guard, 1) < 1:
-        raise ValueError(f"trigger='converged': the guard ({guard} epochs of training after a re-init) "
-                         f"leaves no epoch >= 1 to re-initialise at in a {total}-epoch run; lower the "
-                         f"guard or train longer")
-    return Schedule(total=total, reinits=reinits, guard=guard, points=(), dropped=(), unit="epoch")

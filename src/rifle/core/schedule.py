@@ -1,12 +1,12 @@
 """When RIFLE re-initialises: pure functions of (length, K, guard).
 
-The rule (REFERENCE.md §3.1-3.3): ``K`` is the *number of re-initialisations*. A run of ``T`` units
-(epochs, or optimizer steps for iteration-based loops) is split into ``K + 1`` equal periods and the
-head is re-initialised at the **start** of unit ``floor(i * T / (K + 1))`` for ``i = 1..K``. ``T`` is
-never rounded and nothing fires after the last unit.
-
-Guard (§3.2): a re-init that leaves fewer than ``guard`` units of training after it (the unit it fires
-at included) is dropped with a warning; the default is ``max(1, ceil(T / 8))`` (5 for T = 40).
+RIFLE: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. ``K`` is the *number of
+re-initialisations*: a run of ``T`` units (epochs or optimizer steps) is split into ``K + 1`` equal
+periods and the head is re-initialised at the **start** of unit ``floor(i * T / (K + 1))``, ``i = 1..K``;
+``T`` is never rounded, nothing fires after the last unit, and a re-init leaving fewer than ``guard``
+units after it (the unit it fires at included) is dropped with a warning (default ``max(1, ceil(T / 8))``,
+5 for T = 40). REFERENCE.md §3.1-3.3.
 """
 from __future__ import annotations
 

@@ -1,18 +1,10 @@
 """Built-in datasets that work offline: ELPV (PyPI ``elpv-dataset``) and scikit-learn's digits.
 
-Both come with a FIXED train/test split that does not depend on any run seed (the run seed only carves
-validation data and train fractions, see :func:`rifle.data.build_data`).
-
-ELPV (Buerhop-Lutz et al. 2018; Deitsch et al. 2019): 2,624 grayscale 300x300 electroluminescence images
-of solar cells (mono- and polycrystalline) from 44 modules, each with a defect probability in
-{0, 1/3, 2/3, 1}, used here as 4 classes. Data licence: CC BY-NC-SA 4.0 (non-commercial).
-Test split: 25% of every (class, cell type) stratum, seed :data:`ELPV_SPLIT_SEED`. ``labels.csv`` has no
-module id, so the split is per cell image: cells of the same module can be on both sides (a mild leak
-of module-level appearance, the same for every method compared).
-
-Decoded ELPV tensors are cached in-process (keyed by name and resolution) and on disk as safetensors in
-``$RIFLE_CACHE_DIR`` (default ``~/.cache/rifle``), file ``elpv-<package version>-r<res>-f<format>``;
-writes are atomic (temp file + ``os.replace``); a file that fails to load or validate is ignored and rebuilt.
+ELPV: Buerhop-Lutz et al., "A Benchmark for Visual Identification of Defective Solar Cells in
+Electroluminescence Imagery", EU PVSEC 2018; Deitsch et al., "Automatic classification of defective
+photovoltaic module cells in electroluminescence images", Solar Energy 2019 (arXiv 1807.02894). 2,624
+solar-cell images, 4 defect-probability classes; data licence CC BY-NC-SA 4.0. Both datasets have a
+fixed train/test split; decoded ELPV tensors are cached on disk (docs/data.md).
 """
 from __future__ import annotations
 

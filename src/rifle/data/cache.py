@@ -1,21 +1,10 @@
 """Decoded images as one uint8 tensor, and cheap batched augmentation on top of it.
 
-Every dataset is decoded once, resized (shorter side) and centre-cropped to ``R = cache_resolution(S)``
-(the paper's Resize 256 -> crop 224 ratio, 8/7), and kept as ``uint8 [N, C, R, R]``. Batches are cut
-from that tensor with pure tensor ops:
-
-* training (:func:`train_batches`): per image a RandomCrop(S) out of the R x R cached image and a
-  horizontal flip with p = 0.5, then ``(x/255 - mean)/std``;
-* evaluation (:func:`eval_batches`): CenterCrop(S), same normalisation.
-
-Randomness is a pure function of (run seed, purpose, epoch) (``rifle.core.seeding``): the order comes
-from ``generator(seed, "order", epoch)``, the crop offsets and flips from
-``generator(seed, "augment", epoch)``, drawn for the whole epoch up front and indexed by *dataset
-index*, so image ``i`` gets the same crop/flip in epoch ``e`` whatever the batch size, ``drop_last``,
-rank or world size. A resumed run therefore sees exactly the batches of an uninterrupted one.
-
-:func:`stratified_split` is the one splitting rule used for the fixed test splits of the built-in
-datasets, for carving validation data and for train fractions.
+Images are decoded once, resized and centre-cropped to ``R = cache_resolution(S)`` (the paper's Resize
+256 -> crop 224 ratio) and kept as ``uint8 [N, C, R, R]``; :func:`train_batches` (RandomCrop + flip) and
+:func:`eval_batches` (CenterCrop) cut normalised batches from it with tensor ops, every random draw a
+function of (run seed, purpose, epoch) and the dataset index. :func:`stratified_split` is the one
+splitting rule. Details and why: docs/data.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,7 @@
 """Image-folder datasets: ``ROOT/{train,test[,val]}/<class>/<image>`` decoded once into uint8 tensors.
 
-Layout rules (checked, with errors that name the offending path):
-
-* ``ROOT/train/`` and ``ROOT/test/`` are required, ``ROOT/val/`` is optional (without it a validation split
-  is carved from train by :func:`rifle.data.build_data`);
-* classes are the sorted names of the (non-hidden) sub-folders of ``train/``; every class folder must hold
-  at least one image; a ``test/`` or ``val/`` class must also exist in ``train/`` (a train class missing from
-  ``test/`` is allowed and reported in ``info["missing"]``);
-* images are the non-hidden files directly inside a class folder whose extension is one of
-  :data:`IMAGE_EXTENSIONS` (case-insensitive); other files are ignored and counted; no recursion;
-* an unreadable image (not an image, truncated, corrupt) is an error naming the file, unless
-  ``skip_bad_images`` is set: then it is skipped, listed in ``info["skipped"]`` and a warning gives the count;
-* if any image is colour, every image is stored with 3 channels; all-grayscale data keeps 1 channel.
-
-EXIF orientation is not applied (as torchvision's ``ImageFolder``).
+The layout rules are checked, with errors that name the offending path (docs/data.md); like
+torchvision's ``ImageFolder``, classes are the sorted sub-folder names and EXIF orientation is not applied.
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Prepare the next batches in background threads while the model computes (``--workers N``).
 
-Batch preparation is a few batched tensor ops on cached uint8 images (about 1% of a training step on
-the 2-core CPU), so the default is in-process (``workers=0``). On a GPU machine, ``workers >= 1``
-overlaps cropping, normalisation and pinning host memory with the device's compute.
+The default is in-process (``workers=0``); why, and when threads help: docs/performance.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""RIFLE in other trainers: thin adapters over :class:`rifle.core.Rifle`.
+"""RIFLE in other trainers: thin adapters over :class:`rifle.core.Rifle` (RIFLE: Li, Xiong, An, Xu, Dou,
+"RIFLE: Backpropagation in Depth for Deep Transfer Learning through Re-Initializing the Fully-connected
+LayEr", ICML 2020, arXiv 2007.03349).
 
 - :class:`rifle.integrations.lightning.RifleCallback`: a Lightning ``Callback``
   (``pip install rifle[lightning]``);
@@ -72,7 +74,7 @@ def reduce_open_sums(state: dict[str, Any]) -> dict[str, Any]:
     (correct, count) of the epoch so far and the diagnosis' unsettled loss window. No-op alone."""
     if _rank_world()[1] == 1:
         return state
-    from ..core.diagnosis import sum_over_ranks
+    from ..core.replicas import sum_over_ranks
     window = state.get("trigger_window")
     pending = state.get("diagnosis_pending")
     rows = pending["obs"] if pending and not pending.get("settled") else []

@@ -3,41 +3,9 @@
 Paper: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
 Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. The rule (K re-inits at the
 start of epoch ``floor(i*E/(K+1))``, guard, in-place seeded re-init, head optimizer state cleared,
-resume state) is the core's; see docs/rifle.md and docs/integrations/lightning.md.
-
-Mapping onto Lightning:
-
-- the run length is ``trainer.max_epochs`` (``granularity="epoch"``) or
-  ``trainer.estimated_stepping_batches`` (``granularity="step"``, optimizer steps);
-- the core is built in ``on_train_start``: the optimizers, the train dataloader and (on resume) the
-  restored optimizer state all exist by then;
-- re-init in ``on_train_epoch_start`` (epoch ``trainer.current_epoch``; also at the first batch of an
-  epoch whose ``on_train_epoch_start`` Lightning skipped on resume) or ``on_train_batch_start`` (step
-  ``trainer.global_step``; with gradient accumulation it fires on the first micro-batch);
-- the head is looked up on the LightningModule (``find_head``); when none of the known names is an
-  attribute of the LightningModule itself, each direct child (``self.net``, ``self.model``...) is
-  searched, and exactly one must have a head. ``head="net.fc"`` names it explicitly;
-- the optimizer is the one of ``trainer.optimizers`` that holds the head's parameters;
-- ``state_dict()`` / ``load_state_dict()`` hold the core's progress, so ``Trainer.fit(ckpt_path=...)``
-  never repeats or skips a re-init (Lightning restores callback state before ``on_train_start``);
-- when a re-init fires, ``rifle/reinit`` (the re-init's index, 1..K) is logged for that epoch;
-- the diagnosis (docs/rifle.md#when) reads the gradients in ``on_before_optimizer_step`` (Lightning
-  runs backward inside ``optimizer.step(closure)``, after the optimizer's step pre-hooks, so the core's
-  pre-hook is removed) and is fed the loss ``training_step`` returns and, when it returns
-  a dict with ``"correct"`` (correct predictions in the batch) and ``"count"`` (examples in it), the
-  accuracy; at the end of the epoch in which a re-init's measurement completes, its verdict is printed
-  (rank 0) and ``rifle/grad_ratio`` (and its ``_first`` / ``_middle`` / ``_last`` thirds),
-  ``rifle/train_loss_before``, ``rifle/train_acc_before``, ``rifle/head_norm_before`` / ``after`` and
-  ``rifle/diagnosis_of`` are logged through ``pl_module.log`` (so every Lightning logger gets them;
-  a measurement closed at the end of training goes to ``trainer.loggers`` directly). ``diagnosis``
-  holds every entry;
-- ``trigger="converged"`` (docs/rifle.md#trigger): ``training_step`` must return that dict (checked at
-  the first batch); at each epoch end the epoch's accuracy is summed over DDP ranks
-  (``Rifle.settle_trigger``) before any checkpoint, and ``on_train_epoch_start`` decides. A checkpoint
-  inside an epoch saves the open epoch's sums (trigger accuracy, diagnosis loss window) of all ranks
-  (``state_dict`` is collective under DDP, as Lightning calls it on every rank); on resume rank 0
-  keeps them. ``trigger_report`` says what fired
-  and why not more; at the end of training a short reason is printed (rank 0) when fewer than K fired.
+resume state) is the core's; see docs/rifle.md. How it maps onto Lightning (run length, when the core
+is built, where re-inits fire, the head, the optimizer, resume, logging, the diagnosis, the converged
+trigger): docs/integrations/lightning.md.
 """
 from __future__ import annotations
 

@@ -3,51 +3,9 @@
 Paper: Li, Xiong, An, Xu, Dou, "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
 Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. The rule (K re-inits at
 ``floor(i*T/(K+1))`` of T units, guard, in-place seeded re-init, head optimizer state cleared, resume
-state) is the core's; see docs/rifle.md and docs/integrations/transformers.md.
-
-Mapping onto the HF Trainer:
-
-- ``granularity="step"`` (default; the Trainer is step-based): T = ``state.max_steps`` optimizer
-  steps, re-init in ``on_step_begin`` when ``state.global_step`` reaches a point (once per optimizer
-  step, also under gradient accumulation). ``granularity="epoch"``: T = ``state.num_train_epochs``,
-  re-init in ``on_epoch_begin`` at epoch ``floor(state.epoch)``; a fractional
-  ``num_train_epochs`` is refused (epochs are never rounded), a ``max_steps`` that ends inside an
-  epoch warns;
-- each re-init is logged with ``Trainer.log({"rifle/reinit": i})``: the Trainer appends
-  ``{"rifle/reinit": i, "epoch", "step"}`` to ``state.log_history`` (saved with every checkpoint's
-  ``trainer_state.json``) and hands it to every ``report_to`` integration (TensorBoard, W&B, ...);
-  also logged with ``logging`` at INFO. The Trainer is the caller of ``on_train_begin`` (a callback is
-  given no reference to it); if it cannot be found the entries go to ``log_history`` alone, with a
-  warning;
-- the core is built in ``on_train_begin`` from ``kwargs["model"]`` and ``kwargs["optimizer"]`` (the
-  latter usually Accelerate's ``AcceleratedOptimizer``: the torch optimizer inside is used);
-- the head: the final ``Linear`` of the model's ``classifier`` (a Linear, or a module such as
-  RobertaClassificationHead whose ``out_proj`` is the final projection), ``score``,
-  ``classification_head`` or ``logits_proj``; else :func:`rifle.core.find_head`. ``head=`` takes
-  dotted names relative to the model (``"classifier.dense"``), modules or a list;
-- resume: :class:`ExportableState` — the Trainer writes :meth:`state` into every checkpoint's
-  ``trainer_state.json`` (``stateful_callbacks``). ``on_train_begin`` of a resumed run
-  (``state.global_step > 0``) reads it back from there itself, so it works whether or not
-  ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` is set (with it, the Trainer
-  replaces this callback by a new instance built from ``state()["args"]``);
-- the diagnosis (docs/rifle.md#when) is fed the Trainer's logged training ``loss`` (``on_log``: the
-  mean over the steps since the previous log, weighted by their number; so ``logging_steps`` should
-  be at most an epoch's steps, else the loss before a re-init reads "not measured"). When a re-init's
-  measurement completes, its verdict is printed (main process) and its numbers
-  (:func:`rifle.integrations.diagnosis_metrics`: ``rifle/diagnosis_of``, ``rifle/grad_ratio`` and its
-  thirds, ``rifle/train_loss_before``, ``rifle/train_acc_before``, ``rifle/head_norm_before`` /
-  ``after``) go through ``Trainer.log``; the ``log_history`` entry also holds ``rifle/verdict`` and
-  the unmeasured ones as None;
-- ``trigger="converged"`` (docs/rifle.md#trigger; epoch granularity): the callback sees no outputs,
-  so a forward hook on the model (``register_forward_hook(..., with_kwargs=True)``, training mode
-  only) reads the ``labels`` keyword the Trainer passes and the output's ``logits`` (a single-label
-  classifier: ``(batch, classes)`` and ``(batch,)``), counts correct predictions and the batch's
-  cross-entropy over each optimizer step's micro-batches and feeds them to ``Rifle.observe`` in
-  ``on_step_end`` (then the diagnosis' loss is that cross-entropy, not the logged loss). At each
-  ``on_epoch_end`` (every rank, before the epoch's checkpoint) the epoch's accuracy is summed over DDP
-  ranks (``Rifle.settle_trigger``); ``on_epoch_begin`` decides. A checkpoint inside an epoch saves
-  the open sums (the epoch's correct / count, the diagnosis' loss window) of all ranks (summed in
-  ``on_step_end`` when ``control.should_save``); on resume rank 0 keeps them. ``trigger_report`` says what fired and why not more.
+state) is the core's; see docs/rifle.md. How it maps onto the HF Trainer (step / epoch granularity,
+the head, the optimizer, resume through ``ExportableState``, logging through ``Trainer.log``, the
+diagnosis, the converged trigger's forward hook): docs/integrations/transformers.md.
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Checkpoints that are atomic and never unpickled.
 
-``checkpoint.safetensors`` holds the model weights (safetensors, metadata: epoch, model, classes and
-``sha256``, a checksum of the tensors verified on every load); ``state.pt`` holds the resumable state
-(optimizer, scheduler, methods, metrics) saved with ``torch.save`` and read back with
-``torch.load(..., weights_only=True)``. Each file is written to a temporary name and renamed into place,
-and SIGINT/SIGTERM wait until both are written, so an interruption leaves the last good checkpoint; both
-record the epoch and a mismatched pair is refused. Non-finite weights are neither saved nor loaded.
-See docs/guide.md ("Interruptions and checkpoints").
+``checkpoint.safetensors`` holds the weights (with a checksum verified on every load), ``state.pt`` the
+resumable state, read back with ``torch.load(..., weights_only=True)``; both are written to a temporary
+name and renamed into place, and an interrupt waits for both. See docs/guide.md ("Interruptions and
+checkpoints").
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """Metric writers beside ``metrics.jsonl``: a flat ``metrics.csv`` and TensorBoard event files (``tb/``),
 and the step lines printed when stderr is not a terminal.
 
-``--log-to`` chooses the writers (``jsonl`` is always written). TensorBoard events are written with
-``torch.utils.tensorboard.SummaryWriter`` when the ``tensorboard`` package is importable; the first
-write of a process replays the whole history with ``purge_step=0``, so after a resume TensorBoard (and
-``EventAccumulator``) shows each epoch once, exactly as ``metrics.jsonl`` holds it. The step lines
-follow timm's ``--log-interval`` (github.com/huggingface/pytorch-image-models, train.py).
+``--log-to`` chooses the writers; after a resume TensorBoard shows each epoch once (docs/guide.md). The
+step lines follow timm's ``--log-interval`` (github.com/huggingface/pytorch-image-models, train.py).
 """
 from __future__ import annotations
 

@@ -1,19 +1,9 @@
 """The run's optimizer: the paper's SGD by default, any of timm's optimizers by name, layer-wise LR decay.
 
-* ``sgd`` (default): ``torch.optim.SGD`` with classical momentum (``nesterov=False``), the official RIFLE
-  script's optimizer (REFERENCE.md §2). timm's own ``sgd`` is Nesterov SGD; here that one is ``nesterov``
-  (timm's ``momentum`` is the same optimizer as this ``sgd``).
-* any other name of ``timm.optim.list_optimizers()`` (``adamw``, ``lamb``, ``lion``, ...) is built by
-  ``timm.optim.create_optimizer_v2`` from the trainer's parameter groups, passed as a list: timm adds no
-  groups of its own, so each group's ``name``, ``lr`` and ``weight_decay`` (set by the methods'
-  ``configure_param_groups``: L2-SP / DELTA without weight decay, RIFLE's head group) survive.
-* layer decay (BEiT, Bao et al., ICLR 2022; timm's ``param_groups_layer_decay``): layer ``i`` of ``L``
-  (layers ordered by timm's ``group_matcher``; the head is the last) trains at ``decay ** (L - 1 - i)``
-  times the learning rate. Each parameter group is split by layer and its ``lr`` multiplied by the layer's
-  scale *before* the LR scheduler exists, so ``LambdaLR`` records ``initial_lr = lr * scale`` and every
-  group follows ``lr * scale * lr_lambda(epoch)``; RIFLE's head-LR restart restarts from the same
-  ``initial_lr``. Weight decay stays as the groups set it (on every parameter, the paper's recipe), unlike
-  timm's ``train.py``, which also exempts biases and norm weights.
+``sgd`` is ``torch.optim.SGD`` with classical momentum, as the official RIFLE script (REFERENCE.md §2);
+other names go to timm's ``create_optimizer_v2`` with the trainer's parameter groups. Layer decay follows
+BEiT (Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022, arXiv 2106.08254) and
+timm's ``param_groups_layer_decay``. Choices and how they differ from timm's ``train.py``: docs/guide.md.
 """
 from __future__ import annotations
 
