@@ -9,17 +9,9 @@ Names understood by :func:`create_model`:
 * any timm name (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224.augreg_in21k``, ``hf-hub:...``);
 * ``torchvision:<name>`` for torchvision classification models (``torchvision:resnet50``).
 
-Pretrained weights can also come from a file the user already has (``pretrained_file=``, flag
-``--pretrained-file``): a safetensors file or a torch file read with ``torch.load(weights_only=True)``, for
-any of the names above. The file's tensors are loaded into the backbone by name (the classifier's are
-dropped: the run trains a new head, drawn as with hub weights); a missing, mismatched or unexpected tensor
-is an error naming the file and the tensors. Without a file, hub weights need the network: when the hub
-cannot be reached (checked with a TCP connection of at most 3 s, or ``HF_HUB_OFFLINE=1``) and the weights
-are not in the local cache, :func:`create_model` fails at once instead of retrying (docs/models.md).
-
-Every model returned carries two plain attributes used by the data pipeline and run metadata:
-``rifle_preprocessing`` (see :func:`model_preprocessing`) and ``rifle_pretrained_source`` (a string
-naming where the weights came from, or ``None`` when randomly initialised).
+Pretrained weights can also come from a file (``pretrained_file=``, ``--pretrained-file``); without one,
+hub weights need the network, and an unreachable hub with no cached weights fails at once. Every model
+carries ``rifle_preprocessing`` and ``rifle_pretrained_source``. Details: docs/models.md.
 
 Parts: ``builtin`` (tiny_cnn, efficientnet_lite0), ``hub`` (timm, torchvision), ``pretrained_file``
 (``--pretrained-file``), ``offline`` (is the weights host reachable, are the weights cached).
