@@ -205,6 +205,74 @@ def test_ddp_ranks_decide_identically_from_the_summed_accuracy(tmp_path):
     assert [a for _, a in r0["report"]["train_acc"]][:5] == pytest.approx([0.85, 0.91, 0.0, 0.75, 0.9])
 
 
+LOCAL = {0: [100, 100, 0, 50, 90, 0, 0, 0, 0, 0], 1: [70, 82, 0, 100, 90, 0, 0, 0, 0, 0]}
+
+
+def _ddp_mid_epoch_worker(rank, port, out, mode):
+    """Your own DDP loop, two batches per epoch: ``mode`` "full" runs 10 epochs; "sum" / "plain" stop
+    after epoch 1's first batch, rank 0 saving ``state_dict(sum_ranks=True)`` (called on every rank) /
+    ``state_dict()``, then fresh objects on both ranks load that one state and finish the run."""
+    import torch.distributed as dist
+    from test_ddp import _env
+    _env(rank, 2, port)
+    dist.init_process_group("gloo")
+    local = LOCAL[rank]
+
+    def batch(rifle, e, half):
+        c = local[e] // 2 if half == 0 else local[e] - local[e] // 2
+        rifle.observe(0.3, correct=c, count=50)
+
+    model = tiny()
+    rifle = Rifle(model, None, epochs=10, reinits=2, trigger="converged", converged_acc=0.9)
+    start = 0
+    if mode != "full":
+        rifle.on_epoch_start(0)
+        batch(rifle, 0, 0), batch(rifle, 0, 1)
+        rifle.settle_trigger()
+        rifle.on_epoch_start(1)
+        batch(rifle, 1, 0)
+        state = rifle.state_dict(sum_ranks=True) if mode == "sum" else rifle.state_dict()
+        if rank == 0:
+            with open(f"{out}/state.json", "w") as f:
+                json.dump(state, f)
+        dist.barrier()
+        with open(f"{out}/state.json") as f:
+            saved = json.load(f)
+        model = tiny()  # no re-init before epoch 2: the weights are the initial ones
+        rifle = Rifle(model, None, epochs=10, reinits=2, trigger="converged", converged_acc=0.9)
+        rifle.load_state_dict(saved)
+        rifle.on_epoch_start(1)  # a loop resuming inside epoch 1 calls it again: nothing fires twice
+        batch(rifle, 1, 1)
+        rifle.settle_trigger()
+        start = 2
+    for e in range(start, 10):
+        rifle.on_epoch_start(e)
+        batch(rifle, e, 0), batch(rifle, e, 1)
+        rifle.settle_trigger()
+    with open(f"{out}/{mode}{rank}.json", "w") as f:
+        json.dump({"fired": rifle.fired, "report": rifle.trigger_report,
+                   "head": model[2].weight.tolist()}, f)
+    dist.destroy_process_group()
+
+
+def test_ddp_own_loop_mid_epoch_checkpoint_counts_every_batch_once(tmp_path):
+    """A checkpoint inside an epoch of your own DDP loop: with ``state_dict(sum_ranks=True)`` the
+    resumed run equals the uninterrupted one; with a plain ``state_dict()`` of rank 0 the epoch's
+    accuracy counts the batches it has once (rank 1's before the checkpoint are missing), never twice."""
+    from test_ddp import free_port
+    for mode in ("full", "sum", "plain"):
+        mp.spawn(_ddp_mid_epoch_worker, args=(free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    res = {f"{m}{r}": json.loads((tmp_path / f"{m}{r}.json").read_text())
+           for m in ("full", "sum", "plain") for r in (0, 1)}
+    assert res["full0"] == res["full1"] and res["sum0"] == res["sum1"] and res["plain0"] == res["plain1"]
+    assert res["sum0"] == res["full0"] and res["full0"]["fired"] == [2, 5]
+    # epoch 1 without the sum: rank 0's 50 + 50 and rank 1's second 41 correct of 150 (0.94);
+    # loading rank 0's sums on both ranks would have counted them twice: 191 of 200 (0.955)
+    acc = dict((e, a) for e, a in res["plain0"]["report"]["train_acc"])
+    assert acc[1] == pytest.approx(141 / 150) and acc[0] == pytest.approx(0.85)
+    assert res["plain0"]["fired"] == [2, 5]
+
+
 # ---------------------------------------------------------------------------- CLI
 ARGV = ["train", "--data", "digits", "--model", "tiny_cnn", "--method", "rifle", "--reinit-trigger",
         "converged", "--reinit-converged-acc", "0.5", "--reinits", "2", "--epochs", "8",

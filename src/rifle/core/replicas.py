@@ -70,3 +70,52 @@ def gather_over_ranks(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def open_sums_over_ranks(state: dict[str, Any]) -> dict[str, Any]:
+    """A :meth:`rifle.core.Rifle.state_dict` with the sums still open inside an epoch summed over the
+    data-parallel ranks (collective: every rank calls it at that checkpoint): the trigger's (correct,
+    count) of the epoch so far and the diagnosis' unsettled loss window. No-op alone."""
+    if distributed_world() == 1:
+        return state
+    window = state.get("trigger_window")
+    pending = state.get("diagnosis_pending")
+    rows = pending["obs"] if pending and not pending.get("settled") else []
+    values = [float(window["correct"]), float(window["count"]), 0.0 if window["has"] else 1.0] if window else []
+    for loss_sum, correct, n, _ in rows:
+        values += [float(loss_sum), float(correct or 0.0), float(n)]
+    if not values:
+        return state
+    total = sum_over_ranks(values)
+    state = dict(state)
+    if window:
+        correct, count, missing = total[:3]
+        state["trigger_window"] = {**window, "correct": correct, "count": int(round(count)),
+                                   "has": missing == 0}
+        total = total[3:]
+    if rows:
+        state["diagnosis_pending"] = {**pending, "obs": [
+            [total[3 * i], None if row[1] is None else total[3 * i + 1], int(round(total[3 * i + 2])), row[3]]
+            for i, row in enumerate(rows)]}
+    return state
+
+
+def open_sums_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved state's open sums for this rank: rank 0 keeps them (all ranks' when saved with
+    :func:`open_sums_over_ranks`), the other ranks go on from zero, so the sum over ranks at the
+    epoch's end (or at the re-init) counts them once."""
+    if _rank() == 0:
+        return state
+    state = dict(state)
+    window = state.get("trigger_window")
+    if window:
+        state["trigger_window"] = {**window, "correct": 0.0, "count": 0}
+    pending = state.get("diagnosis_pending")
+    if pending and not pending.get("settled") and pending.get("obs"):
+        state["diagnosis_pending"] = {**pending, "obs": [[0.0, None if c is None else 0.0, 0, key]
+                                                         for _, c, _, key in pending["obs"]]}
+    return state

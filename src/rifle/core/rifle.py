@@ -33,7 +33,7 @@ from .diagnosis import Diagnosis, backbone_weights
 from .structure import HeadSpec, find_head, head_names, select_modules
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
                      reinit_)
-from .replicas import verify_replicas
+from .replicas import open_sums_for_this_rank, open_sums_over_ranks, verify_replicas
 from .schedule import (DEFAULT_MIN_STEPS_AFTER, Schedule, check_step_budget, default_guard,
                        make_schedule, warn_at_caller)
 from .trigger import ConvergedTrigger, trigger_schedule
@@ -390,8 +390,10 @@ class Rifle:
                 return
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "unit": self.unit, "total": self.schedule.total,
+    def state_dict(self, *, sum_ranks: bool = False) -> dict[str, Any]:
+        """What a resume needs. Inside an epoch under DDP, pass ``sum_ranks=True`` on every rank
+        (collective) so the saved state holds the open sums of all ranks, not only the saving rank's."""
+        state = {"version": STATE_VERSION, "unit": self.unit, "total": self.schedule.total,
                 "reinits": self.schedule.reinits, "points": list(self.schedule.points),
                 "applied": sorted(self.applied), "skipped": sorted(self.skipped),
                 "done": self.done,  # read by version-1 code
@@ -400,8 +402,11 @@ class Rifle:
                 "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None,
                 # schedule runs: the state of before the trigger existed
                 **(self._trigger.state_dict(self.schedule) if self._trigger is not None else {})}
+        return open_sums_over_ranks(state) if sum_ranks else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (every rank loads the same state: rank 0 keeps its open sums)."""
+        state = open_sums_for_this_rank(state)
         saved = state.get("trigger", "schedule")
         if self._trigger is not None or saved != "schedule":
             if saved != self.trigger:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger",
-           "reduce_open_sums", "localize_open_sums", "diagnosis_metrics"]
+           "diagnosis_metrics"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -59,59 +59,6 @@ def check_trigger(trigger: str, granularity: str | None, default: str) -> str:
         raise ValueError("trigger='converged' decides once per epoch from the epoch's training accuracy: "
                          "use granularity='epoch' (step granularity is not supported with it)")
     return granularity
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def reduce_open_sums(state: dict[str, Any]) -> dict[str, Any]:
-    """The core's state with the sums still open inside an epoch summed over data-parallel ranks, for a
-    checkpoint written there (collective: every rank calls it at that checkpoint): the trigger's
-    (correct, count) of the epoch so far and the diagnosis' unsettled loss window. No-op alone."""
-    if _rank_world()[1] == 1:
-        return state
-    from ..core.replicas import sum_over_ranks
-    window = state.get("trigger_window")
-    pending = state.get("diagnosis_pending")
-    rows = pending["obs"] if pending and not pending.get("settled") else []
-    values = [float(window["correct"]), float(window["count"]), 0.0 if window["has"] else 1.0] if window else []
-    for loss_sum, correct, n, _ in rows:
-        values += [float(loss_sum), float(correct or 0.0), float(n)]
-    if not values:
-        return state
-    total = sum_over_ranks(values)
-    state = dict(state)
-    if window:
-        correct, count, missing = total[:3]
-        state["trigger_window"] = {**window, "correct": correct, "count": int(round(count)),
-                                   "has": missing == 0}
-        total = total[3:]
-    if rows:
-        state["diagnosis_pending"] = {**pending, "obs": [
-            [total[3 * i], None if row[1] is None else total[3 * i + 1], int(round(total[3 * i + 2])), row[3]]
-            for i, row in enumerate(rows)]}
-    return state
-
-
-def localize_open_sums(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's open sums for this rank: under DDP the saved sums (of all ranks, see
-    :func:`reduce_open_sums`) stay on rank 0 and the other ranks go on from zero, so the core's
-    sum over ranks (at the epoch's end, or at the re-init) counts them once."""
-    if _rank_world()[0] == 0:
-        return state
-    state = dict(state)
-    window = state.get("trigger_window")
-    if window:
-        state["trigger_window"] = {**window, "correct": 0.0, "count": 0}
-    pending = state.get("diagnosis_pending")
-    if pending and not pending.get("settled") and pending.get("obs"):
-        state["diagnosis_pending"] = {**pending, "obs": [[0.0, None if c is None else 0.0, 0, key]
-                                                         for _, c, _, key in pending["obs"]]}
-    return state
 
 
 def diagnosis_metrics(entry: dict[str, Any]) -> dict[str, float | int]:

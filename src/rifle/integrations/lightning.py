@@ -21,8 +21,7 @@ from ..core import Rifle, find_head
 from ..core.structure import HeadSpec, has_params
 from ..core.reinit import Initializer
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
-               unwrap_optimizer)
+from . import check_trigger, diagnosis_metrics, unwrap_optimizer
 
 ACC_CONTRACT = ("return {'loss': loss, 'correct': (logits.argmax(-1) == y).sum(), 'count': len(y)} from "
                 "training_step (correct: the number of correct predictions in the batch, count: the "
@@ -135,7 +134,7 @@ class RifleCallback(pl.Callback):
         self._epoch_started = None
         self.rifle = self._build(trainer, pl_module)
         if self._pending is not None:
-            self.rifle.load_state_dict(localize_open_sums(self._pending))
+            self.rifle.load_state_dict(self._pending)
             self._pending = None
         self._reported = len(self.rifle.diagnosis)  # restored ones were reported before
         # the same-batch head signal recovers targets from dL/dlogits: Lightning divides each micro-batch's
@@ -249,7 +248,7 @@ class RifleCallback(pl.Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         if self.rifle is not None:  # Lightning dumps the checkpoint on every rank: collective under DDP
-            return reduce_open_sums(self.rifle.state_dict())
+            return self.rifle.state_dict(sum_ranks=True)
         return dict(self._pending) if self._pending is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -24,8 +24,7 @@ from ..core import Rifle, find_head, unwrap_model
 from ..core.structure import HeadSpec, head_names
 from ..core.reinit import Initializer, _weights_then_zero_bias
 from ..core.schedule import DEFAULT_MIN_STEPS_AFTER, RifleScheduleWarning
-from . import (check_trigger, diagnosis_metrics, localize_open_sums, reduce_open_sums,
-               unwrap_optimizer)
+from . import check_trigger, diagnosis_metrics, unwrap_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:  # resumed: restore which re-inits happened
             saved = self.progress or self._saved_progress(state)
             if saved:
-                self.rifle.load_state_dict(localize_open_sums(saved))
+                self.rifle.load_state_dict(saved)
         self._step_sums, self._saved_window = None, None
         # the same-batch head signal recovers targets from dL/dlogits of one micro-batch: exact only when
         # that micro-batch's loss is its own mean cross-entropy (no accumulation scaling, no fp16 scaler)
@@ -244,7 +243,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if self.rifle is not None:
             # a checkpoint follows (DefaultFlowCallback, called first, decided): under DDP, the open
             # sums of all ranks go into it (collective; every rank sees the same control)
-            self._saved_window = (reduce_open_sums(self.rifle.state_dict())
+            self._saved_window = (self.rifle.state_dict(sum_ranks=True)
                                   if control.should_save else None)
         self._report_diagnoses(state)
 
