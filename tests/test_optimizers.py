@@ -211,6 +211,42 @@ def test_adamw_reinit_clears_the_heads_moments_and_keeps_the_backbones(tmp_path,
         assert float(trainer.optimizer.state[next(trainer.model.stem.parameters())]["step"]) == 2 * steps
 
 
+@pytest.mark.parametrize("name", ["lamb", "adan"])
+def test_reinit_restarts_a_per_group_step_count_like_a_fresh_optimizer(name):
+    """timm's Lamb and Adan count steps per param group (bias correction): after a re-init the head's
+    group steps exactly as a fresh optimizer would on the same weights and gradients."""
+    from torch import nn
+    from rifle import Rifle
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    groups = [{"name": "backbone", "params": list(model[0].parameters())},
+              {"name": "head", "params": list(model[2].parameters())}]
+    opt = build_optimizer(groups, opt=name, lr=0.01, momentum=0.9, weight_decay=0.0)
+    rifle = Rifle(model, opt, epochs=4, reinits=1, head=model[2], seed=0, min_steps_after=0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def grads():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    epoch = 0
+    while not rifle.on_epoch_start(epoch):
+        for _ in range(3):
+            grads()
+            opt.step()
+        epoch += 1
+    assert float(opt.param_groups[0]["step"]) == 3 * epoch and "step" not in opt.param_groups[1]
+    grads()
+    fresh_head = [p.detach().clone().requires_grad_(True) for p in model[2].parameters()]
+    for f, p in zip(fresh_head, model[2].parameters()):
+        f.grad = p.grad.clone()
+    fresh = build_optimizer([{"params": fresh_head}], opt=name, lr=0.01, momentum=0.9, weight_decay=0.0)
+    opt.step()
+    fresh.step()
+    for f, p in zip(fresh_head, model[2].parameters()):
+        assert torch.equal(f, p)
+
+
 # ------------------------------------------------------------------------------------- the CLI
 def test_cli_adamw_layer_decay_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"

@@ -295,13 +295,21 @@ def reinit_(modules: Sequence[nn.Module], seed: int, index: int,
 
 
 def clear_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Iterable[nn.Parameter]) -> int:
-    """Drop the optimizer's per-parameter state (momentum, Adam moments); returns how many were held."""
+    """Drop the optimizer's per-parameter state (momentum, Adam moments); returns how many were held.
+
+    A param group holding only these parameters also loses its own step count (timm's Lamb and Adan
+    count steps per group, for the bias correction), so they restart as under a fresh optimizer."""
     if optimizer is None:
         return 0
+    params = list(params)
     n = 0
     for p in params:
         if optimizer.state.pop(p, None) is not None:
             n += 1
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        if "step" in group and group["params"] and all(id(p) in ids for p in group["params"]):
+            del group["step"]
     return n
 
 
