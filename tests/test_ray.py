@@ -34,6 +34,24 @@ NUMBERS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc", "best_epoch
 
 
 # ------------------------------------------------------------------------------------------ no cluster
+def test_an_address_where_nothing_listens_fails_at_once_naming_it():
+    import socket
+    from rifle.experiments.ray_engine import EngineError, check_address
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EngineError, match=f"--address 127.0.0.1:{port}: no Ray cluster answers"):
+        check_address(f"127.0.0.1:{port}")
+    with pytest.raises(EngineError, match="expected HOST:PORT"):
+        check_address("myhead")
+    with socket.socket() as srv:  # something listening: accepted (Ray then does the handshake)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        check_address(f"127.0.0.1:{srv.getsockname()[1]}")
+    for fine in (None, "auto", "ray://head:10001"):
+        check_address(fine)
+
+
 def test_progress_eta_and_one_line_per_event_by_hand():
     import io
     out = io.StringIO()

@@ -136,6 +136,24 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------ the driver
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """A ``HOST:PORT`` address must answer a TCP connection within ``timeout`` seconds: ``ray.init``
+    would otherwise retry for minutes before giving up. Other forms (``auto``, ``ray://``) go to Ray."""
+    import socket
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
+                          f"default), 'auto', or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise EngineError(f"--address {address}: no Ray cluster answers there within {timeout:g} s "
+                          f"({e}); start one with `ray start --head --port {port}` on {host}, or leave "
+                          f"--address out to start a local one") from None
+
+
 def connect(address: str | None):
     """``ray.init``: ``None`` = RAY_ADDRESS, else a cluster started with ``ray start`` on this machine,
     else a new one-machine cluster; ``auto`` = an existing cluster; ``HOST:PORT`` = that cluster."""
@@ -143,6 +161,7 @@ def connect(address: str | None):
     import threading
     ray = require_ray()
     if not ray.is_initialized():
+        check_address(address)
         main = threading.current_thread() is threading.main_thread()
         sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
