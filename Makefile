@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every distribution pinned (==) for these machines (x86-64, Python 3.11); regenerate with `make lock`.
 LOCK := requirements-lock.txt
 
-.PHONY: demo test test-all venv lock clean bench-speed gpu-check results-elpv results-regime
+.PHONY: demo test test-all venv lock clean bench-speed gpu-check results-elpv results-regime results-regime-head-signal
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,10 @@ REGIME_CELLS := digits64 digits32 elpv64
 results-regime: $(STAMP)
 	for c in $(REGIME_CELLS); do $(BIN)/rifle bench benchmarks/regime/$$c.yaml --out docs/results/regime/$$c --workers 2 || exit 1; done
 	$(BIN)/python benchmarks/regime_report.py docs/results/regime --page docs/results/regime.md
+
+results-regime-head-signal: $(STAMP)
+	for c in $(REGIME_CELLS); do $(BIN)/rifle bench benchmarks/regime/head_signal/$$c.yaml --out docs/results/regime_head_signal/$$c --workers 2 || exit 1; done
+	$(BIN)/python benchmarks/regime_head_signal.py docs/results/regime_head_signal --study docs/results/regime --page docs/results/regime.md
 
 clean:
 	rm -rf runs .pytest_cache
