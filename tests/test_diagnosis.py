@@ -381,6 +381,14 @@ def test_verdict_uses_the_head_signal_when_measured():
     assert verdict({**entry(0.04, 1.0, None), "head_signal_ratio": 1.2}).endswith(
         "backbone gradient not measured (no optimizer steps recorded on both sides of the re-init) — backprop "
         "in depth delivered")
+    # not converged yet a larger same-batch signal (digits 32 px of the regime study's addendum: 4 of 5
+    # runs, 3 of them below the paired control over the next steps): delivered, with the caveat
+    unconv = verdict({**entry(0.39, 0.90, 0.62), "head_signal_ratio": 1.42})
+    assert unconv == ("re-init 1 (epoch 15): head had not converged (train loss 0.39, acc 0.90); error signal "
+                      "into the backbone x1.42 on the same batch (new head vs old), backbone gradient x0.62 "
+                      "after/before — backprop in depth delivered; but the head had not converged, and most such "
+                      "re-inits in the regime study did not deepen the backbone's gradient over the next steps: "
+                      "judge RIFLE on validation (docs/rifle.md#when)")
 
 
 # ----------------------------------------------------------------------------- CLI
