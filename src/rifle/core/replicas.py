@@ -22,6 +22,11 @@ def distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensors live: the current GPU under NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def checksum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Two float64 numbers per call: the plain sum and a position-weighted sum of all values."""
     total = torch.zeros(2, dtype=torch.float64)
@@ -41,7 +46,7 @@ def verify_replicas(tensors: Iterable[torch.Tensor], what: str) -> list[list[flo
     if distributed_world() < 2:
         return []
     local = checksum(tensors)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = _collective_device()
     gathered = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local.to(device))
     sums = [g.cpu().tolist() for g in gathered]
@@ -55,17 +60,16 @@ def verify_replicas(tensors: Iterable[torch.Tensor], what: str) -> list[list[flo
 
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Sum over data-parallel ranks (no-op alone); every rank calls it at the same re-init."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if distributed_world() < 2:
         return values
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.cpu().tolist()
 
 
 def gather_over_ranks(obj: Any) -> list[Any]:
     """``[obj of rank 0, rank 1, ...]`` (``[obj]`` alone); every rank calls it at the same moment."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if distributed_world() < 2:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -139,19 +139,17 @@ class Progress:
 def check_address(address: str | None, timeout: float = 3.0) -> None:
     """A ``HOST:PORT`` address must answer a TCP connection within ``timeout`` seconds: ``ray.init``
     would otherwise retry for minutes before giving up. Other forms (``auto``, ``ray://``) go to Ray."""
-    import socket
+    from ..models.offline import reachable  # the models' hub check: DNS bounded by the timeout too
     if not address or address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise EngineError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
                           f"default), 'auto', or ray://HOST:PORT")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise EngineError(f"--address {address}: no Ray cluster answers there within {timeout:g} s "
-                          f"({e}); start one with `ray start --head --port {port}` on {host}, or leave "
-                          f"--address out to start a local one") from None
+    if not reachable(f"tcp://{address}", timeout)[0]:
+        raise EngineError(f"--address {address}: no Ray cluster answers there within {timeout:g} s; "
+                          f"start one with `ray start --head --port {port}` on {host}, or leave "
+                          f"--address out to start a local one")
 
 
 def connect(address: str | None):

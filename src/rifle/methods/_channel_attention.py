@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.replicas import distributed_world
 from ._feature_taps import FeatureTap
 from ._penalties import squared_norm
 
@@ -166,11 +167,12 @@ def exact_scores(model: nn.Module, layers: Sequence[str],
 def all_reduce_mean(scores: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Average the scores over DDP ranks (identical attention on every replica)."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = distributed_world()
+    if world == 1:
         return scores
     out = {}
     for name, s in scores.items():
         t = s.detach().to(device=device, dtype=torch.float32).clone()
         dist.all_reduce(t)
-        out[name] = t / dist.get_world_size()
+        out[name] = t / world
     return out
