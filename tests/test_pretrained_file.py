@@ -3,6 +3,8 @@
 Nothing here downloads: the files are saved from models built with pretrained=False, and the offline
 tests point the hub at a closed local port or set HF_HUB_OFFLINE=1, with empty caches.
 """
+import hashlib
+import json
 import socket
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from conftest import interrupted_at_epoch, run_cli
 from rifle.config import ConfigError, TrainConfig
 from rifle.models import ModelError, create_model, reachable
 from rifle.train import Trainer
@@ -194,3 +196,73 @@ def test_hf_hub_offline_fails_at_once_for_timm_and_torchvision(unreachable_hub, 
 def test_a_file_needs_no_network(files, unreachable_hub):
     d, state = files
     assert backbone_equal(create_model("resnet18", 3, pretrained_file=d / "resnet18.safetensors"), state)
+
+
+# ------------------------------------------------------------------------------------------- resume
+def tiny_file(path, seed):
+    torch.manual_seed(seed)
+    save_file(create_model("tiny_cnn", 10, pretrained=False).state_dict(), str(path))
+    return path
+
+
+def tiny_run(out, weights, *extra):
+    return ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
+            "--train-fraction", "0.2", "--epochs", "2", "--pretrained-file", weights, "--out", out, "--quiet",
+            *extra]
+
+
+def interrupted_run(argv, capsys):
+    with interrupted_at_epoch(1):
+        assert run_cli(argv, capsys)[0] == 130  # as Ctrl-C: the checkpoint of epoch 0 is kept
+
+
+def l2sp_losses(out):
+    return [json.loads(line)["loss_l2sp"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_another_pretrained_file_is_refused(tmp_path, capsys):
+    """L2-SP's reference is the pretrained file: a resume with other bytes under its name took them as the
+    reference (epoch-1 loss_l2sp 5e-6 -> 3.8) before the run recorded the file's SHA-256."""
+    weights, out = tiny_file(tmp_path / "w.safetensors", 1), tmp_path / "run"
+    argv = tiny_run(out, weights, "--reg", "l2sp")
+    interrupted_run(argv, capsys)
+    original = weights.read_bytes()
+    tiny_file(weights, 2)
+    code, _, err = run_cli([*argv, "--resume"], capsys)
+    assert code == 2 and f"--pretrained-file {weights} is not the file the run started from" in err, err
+    record = json.loads((out / "pretrained_file.json").read_text())
+    assert record == {"path": str(weights), "sha256": hashlib.sha256(original).hexdigest()}
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() in err and record["sha256"] in err
+    assert "l2sp would silently take it as the reference" in err and len(l2sp_losses(out)) == 1
+    weights.write_bytes(original)  # the original back: the resume goes on from the recorded reference
+    code, _, err = run_cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    first, second = l2sp_losses(out)
+    assert first < 1e-3 and second < 1e-3, (first, second)
+
+
+def test_a_moved_file_blocks_only_a_resume_that_reads_it(tmp_path, capsys):
+    weights = tiny_file(tmp_path / "w.safetensors", 1)
+    moved = tmp_path / "elsewhere.safetensors"
+    for extra, needed in (((), False), (("--reg", "l2sp"), True)):
+        out = tmp_path / f"run-{needed}"
+        argv = tiny_run(out, weights, *extra)
+        interrupted_run(argv, capsys)
+        weights.rename(moved)
+        code, stdout, err = run_cli(["train", "--out", out, "--resume"], capsys)  # the recorded path
+        if needed:
+            assert code == 2, err
+            assert (f"l2sp uses the pretrained weights as a reference, but there is no file at {weights} "
+                    f"(where --pretrained-file points)") in err, err
+            # its new place, with the same bytes, is no change of setting
+            code, _, err = run_cli([*tiny_run(out, moved, *extra), "--resume"], capsys)
+            assert code == 0, err
+            assert max(l2sp_losses(out)) < 1e-3
+            assert json.loads((out / "pretrained_file.json").read_text())["path"] == str(moved)
+        else:  # plain fine-tuning: every weight comes from the checkpoint
+            assert code == 0, err
+            assert f"--pretrained-file {weights} is not there; not needed to resume" in stdout
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["complete"] and summary["epochs_run"] == 2
+        assert summary["pretrained_source"] == f"file {moved if needed else weights}"
+        moved.rename(weights)

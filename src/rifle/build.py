@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,14 +68,20 @@ def blank_model(cfg: TrainConfig, num_classes: int, methods: list[Method] | None
 
 
 def initial_model(cfg: TrainConfig, num_classes: int, methods: list[Method] | None = None, *,
-                  log: Callable[[str], None] | None = None) -> nn.Module:
+                  log: Callable[[str], None] | None = None, read_pretrained_file: bool = True) -> nn.Module:
     """The model as the run starts training: the pretrained backbone and the run's first head.
 
     The new head's random init is a pure function of the seed (paired runs start identically): the
     global RNG is seeded with ``derive_seed(cfg.seed, "model")`` before the model is created; wrap the
     call in :func:`torch.random.fork_rng` to leave the caller's RNG state alone.
+    ``read_pretrained_file=False``: a resume whose weights all come from the checkpoint leaves
+    ``--pretrained-file`` unread (it may have moved); the backbone is then randomly initialised.
     """
     methods = methods if methods is not None else build_methods(cfg)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
+    if cfg.pretrained_file is not None and not read_pretrained_file:
+        model = create_model(cfg.model, num_classes, pretrained=False, **model_kwargs(methods))
+        model.rifle_pretrained_source = f"file {Path(cfg.pretrained_file).expanduser()}"
+        return model
     return create_model(cfg.model, num_classes, pretrained=cfg.pretrained,
                         pretrained_file=cfg.pretrained_file, log=log, **model_kwargs(methods))

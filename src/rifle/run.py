@@ -5,8 +5,10 @@ same outputs.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,11 +16,19 @@ import torch
 from .build import build_methods, initial_model, load_data
 from .config import TrainConfig
 from .data import DataBundle, data_fingerprint
-from .models import model_preprocessing
+from .models import file_sha256, model_preprocessing
 from .train import RunDir, Trainer, summarize
 from .train.outputs import git_revision, versions
 from .train.distributed import broadcast_flag, init_from_env
 from .train.trainer import resolve_device
+
+
+def pretrained_record(path: str | None) -> dict[str, Any] | None:
+    """``{"path", "sha256"}`` of ``--pretrained-file`` (``sha256`` None when it is not a file), or None."""
+    if path is None:
+        return None
+    p = os.path.abspath(Path(path).expanduser())
+    return {"path": p, "sha256": file_sha256(p) if Path(p).is_file() else None}
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -38,10 +48,16 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         if not dist.is_main:
             log = lambda s: None  # noqa: E731 - rank 0 speaks for the run
     has_checkpoint = False
+    # what reads the pretrained weights (L2-SP's / DELTA's reference): a resume needs --pretrained-file then
+    reference_users = tuple([m.name for m in methods if m.needs_pretrained]
+                            + (["--record-depth"] if cfg.record_depth else []))
     if dist.is_main:
-        # stat-only record of the data; a resume after the data changed is refused
+        # stat-only record of the data; a resume after the data changed is refused, and so is one whose
+        # --pretrained-file is another file (its SHA-256 is recorded)
         has_checkpoint = run_dir.prepare(config, resume=resume, overwrite=overwrite,
-                                         fingerprint=data_fingerprint(cfg.data))
+                                         fingerprint=data_fingerprint(cfg.data),
+                                         pretrained=pretrained_record(cfg.pretrained_file),
+                                         pretrained_needed_by=reference_users)
     has_checkpoint = broadcast_flag(has_checkpoint, dist, device)
     if resume and has_checkpoint:
         done = run_dir.read_summary()
@@ -52,7 +68,13 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         torch.set_num_threads(cfg.threads)
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
-    model = initial_model(cfg, data.num_classes, methods, log=log)
+    # a resume takes every weight from the checkpoint: a moved --pretrained-file nothing reads is not read
+    unread = (has_checkpoint and cfg.pretrained_file is not None and not reference_users
+              and not Path(cfg.pretrained_file).expanduser().is_file())
+    if unread:
+        log(f"note: --pretrained-file {cfg.pretrained_file} is not there; not needed to resume (the weights "
+            f"come from the checkpoint)")
+    model = initial_model(cfg, data.num_classes, methods, log=log, read_pretrained_file=not unread)
     meta = {"model": cfg.model, "num_classes": data.num_classes, "classes": data.classes}
     trainer_methods = list(methods)  # `methods` alone is what the config and summary record
     if cfg.record_depth and dist.is_main:

@@ -207,6 +207,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             return resolve(flags, config_file=args._config)
         raise ConfigError(f"--resume: nothing to resume in {out} (no {CONFIG}); give the run's settings "
                           f"(flags or --config) to start it")
+    if flags.get("pretrained_file") and saved.get("pretrained_file") and \
+            run_dir.moved_pretrained_file(flags["pretrained_file"]):
+        saved = {**saved, "pretrained_file": flags["pretrained_file"]}  # the same bytes at a new place
     return resolve_resume({**saved, "out": out}, flags, args._config, source=str(run_dir / CONFIG),
                           strict=run_dir.holds_run())
 

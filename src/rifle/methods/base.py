@@ -83,6 +83,7 @@ class Method:
         return {}
 
     needs_features: bool = False
+    needs_pretrained: bool = False  # reads ctx.pretrained_state (so a resume needs the pretrained weights)
 
     def lr_lambda(self, ctx: RunContext) -> Callable[[int], float] | None:
         return None

@@ -84,6 +84,7 @@ class DELTA(Method):
     frozen_bn: str = "eval"        # "eval" (pretrained running stats, authors) | "batch" (batch stats)
 
     kind = "reg"
+    needs_pretrained = True
     option_help = {
         "alpha": "weight of the feature-map distance (authors/TLlib: 0.01)",
         "beta": "weight of beta/2 ||head||^2 (authors/TLlib: 0.01)",

@@ -35,6 +35,7 @@ class L2SP(Method):
     beta: float = 1e-4    # L2 on the new head (official RIFLE harness)
 
     kind = "reg"
+    needs_pretrained = True
     option_help = {"alpha": "weight of alpha/2 ||w - w0||^2 on the backbone (official RIFLE harness: 0.01)",
                    "beta": "weight of beta/2 ||w_head||^2 on the new head (official RIFLE harness: 1e-4)"}
 

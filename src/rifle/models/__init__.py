@@ -30,7 +30,7 @@ from .builtin import BUILTIN_MODELS, BasicBlock, TinyCNN, lite0_weights_path
 from .common import IMAGENET_MEAN, IMAGENET_STD, ModelError, _prep
 from .hub import _create_timm, _create_torchvision, _is_timm_name, _torchvision_names
 from .offline import reachable
-from .pretrained_file import load_pretrained_file, read_state_dict
+from .pretrained_file import file_sha256, load_pretrained_file, read_state_dict
 
 __all__ = ["BUILTIN_MODELS", "ModelError", "TinyCNN", "BasicBlock", "available_models", "create_model",
            "model_preprocessing"]

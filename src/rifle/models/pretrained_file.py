@@ -7,6 +7,7 @@ Unwrapping and timm's ``checkpoint_filter_fn`` follow timm's own ``load_checkpoi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -83,6 +84,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                 k = k[len(prefix):]
         state[k] = v
     return state, where
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file's bytes (hex): what a run records to tell on ``--resume`` whether the file changed."""
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:

@@ -22,8 +22,9 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 FINGERPRINT = "data_fingerprint.json"
+PRETRAINED = "pretrained_file.json"  # --pretrained-file's path and SHA-256, checked on --resume
 PROGRESS_FILES = (METRICS, SUMMARY, WEIGHTS, STATE)  # written once an epoch has been trained
-RUN_FILES = (CONFIG, FINGERPRINT, CSV, *PROGRESS_FILES)
+RUN_FILES = (CONFIG, FINGERPRINT, PRETRAINED, CSV, *PROGRESS_FILES)
 
 
 class RunDirError(RuntimeError):
@@ -61,12 +62,15 @@ class RunDir:
         return values
 
     def prepare(self, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                fingerprint: dict[str, Any] | None = None) -> bool:
+                fingerprint: dict[str, Any] | None = None, pretrained: dict[str, Any] | None = None,
+                pretrained_needed_by: tuple[str, ...] = ()) -> bool:
         """Create or check the folder. Returns True when there is a checkpoint to resume from.
 
         A folder whose run never finished an epoch (it failed while loading data or building the model)
         is reused without ``--overwrite``. On ``--resume`` the config and the data ``fingerprint`` must
-        match the ones recorded.
+        match the ones recorded, and so must ``pretrained`` (``{"path", "sha256"}`` of ``--pretrained-file``,
+        ``sha256`` None when the file is not there): the same bytes at another path are accepted; a missing
+        file only when nothing in ``pretrained_needed_by`` (what reads the pretrained weights) is used.
         """
         from ..config import diff_configs, format_diff
         if self.path.exists() and not self.path.is_dir():
@@ -82,6 +86,11 @@ class RunDir:
                               f"it or --overwrite to replace it")
         else:
             saved = self.read_config()
+            record = self._read_json(PRETRAINED)
+            if pretrained is not None and record is not None:
+                _check_pretrained(record, pretrained, pretrained_needed_by)
+                if saved is not None and pretrained["sha256"] == record.get("sha256"):
+                    saved = {**saved, "pretrained_file": config.get("pretrained_file")}  # moved, same bytes
             if saved is not None:
                 diff = diff_configs(saved, config)
                 if diff:
@@ -99,7 +108,20 @@ class RunDir:
         self.write_config(config)
         if fingerprint is not None and not (self.path / FINGERPRINT).is_file():
             atomic_write_text(self.path / FINGERPRINT, json.dumps(fingerprint) + "\n")
+        if pretrained is not None and pretrained["sha256"] is not None:
+            atomic_write_text(self.path / PRETRAINED, json.dumps(pretrained) + "\n")
         return resume and (self.path / STATE).is_file() and (self.path / WEIGHTS).is_file()
+
+    def moved_pretrained_file(self, path: str | Path) -> bool:
+        """True when ``path`` holds the bytes of the run's recorded ``--pretrained-file`` (its SHA-256)."""
+        from ..models import file_sha256
+        record = self._read_json(PRETRAINED)
+        p = Path(path).expanduser()
+        return bool(record) and p.is_file() and file_sha256(p) == record.get("sha256")
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
@@ -134,6 +156,26 @@ class RunDir:
     def read_summary(self) -> dict[str, Any] | None:
         p = self.path / SUMMARY
         return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _check_pretrained(record: dict[str, Any], now: dict[str, Any], needed_by: tuple[str, ...]) -> None:
+    """Refuse a resume whose --pretrained-file differs from the recorded one, or is missing but needed."""
+    old, new, path = record.get("sha256"), now["sha256"], now["path"]
+    started = "" if record.get("path") == path else f"; the run started from {record.get('path')}"
+    if new is None:
+        if needed_by:
+            raise RunDirError(
+                f"--resume refused: {' and '.join(needed_by)} use{'s' if len(needed_by) == 1 else ''} the "
+                f"pretrained weights as a reference, but there is no file at {path} (where --pretrained-file "
+                f"points{started}). Put the file (sha256 {old}) back, or pass its new place with "
+                f"--pretrained-file")
+        return  # nothing reads it: the weights come from the checkpoint
+    if new != old:
+        why = (f"; {' and '.join(needed_by)} would silently take it as the reference" if needed_by else "")
+        raise RunDirError(
+            f"--resume refused: --pretrained-file {path} is not the file the run started from (sha256 "
+            f"{new}, the run recorded {old}{started}){why}. Restore the original file, or start a new run "
+            f"(another --out, or --overwrite)")
 
 
 def versions() -> dict[str, str]:
