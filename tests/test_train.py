@@ -72,9 +72,17 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path
 def test_output_folder_rules(tmp_path):
     c = cfg(tmp_path, "o", epochs=2, reinits=1, method="finetune")
     run_train(c, log=lambda s: None)
-    with pytest.raises(RunDirError, match="already holds a run"):
+    (tmp_path / "o-2").mkdir()
+    with pytest.raises(RunDirError, match="already holds a run") as e:
         run_train(c, log=lambda s: None)
+    assert f"pass --resume to continue it, --overwrite to replace it, or another --out (e.g. --out " \
+           f"{tmp_path / 'o-3'}) to start a new one" in str(e.value)
     changed = cfg(tmp_path, "o", epochs=3, lr=0.1, method="finetune")
+    with pytest.raises(RunDirError) as e:  # another run's settings: --resume would be refused, say so
+        run_train(changed, log=lambda s: None)
+    assert str(e.value) == (f"--out {tmp_path / 'o'} already holds another run (its config.yaml differs: "
+                            f"epochs: 2 -> 3, lr: 0.05 -> 0.1); give this run another --out (e.g. --out "
+                            f"{tmp_path / 'o-3'}), or pass --overwrite to replace that one")
     with pytest.raises(RunDirError, match=r"epochs: 2 -> 3.*lr: 0.05 -> 0.1"):
         run_train(changed, resume=True, log=lambda s: None)
     out = run_train(changed, overwrite=True, log=lambda s: None)

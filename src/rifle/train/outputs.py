@@ -82,8 +82,15 @@ class RunDir:
                 (self.path / f).unlink(missing_ok=True)
             shutil.rmtree(self.path / TB_DIR, ignore_errors=True)
         elif not resume:
-            raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue "
-                              f"it or --overwrite to replace it")
+            saved = self.read_config()
+            diff = diff_configs(saved, config) if saved is not None else {}
+            new = f"another --out (e.g. --out {self._free_path()})"
+            if diff:  # --resume would be refused: it is another run's folder
+                raise RunDirError(f"--out {self.path} already holds another run (its {CONFIG} differs: "
+                                  f"{format_diff(diff)}); give this run {new}, or pass --overwrite to "
+                                  f"replace that one")
+            raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or {new} to start a new one")
         else:
             saved = self.read_config()
             record = self._read_json(PRETRAINED)
@@ -118,6 +125,13 @@ class RunDir:
         record = self._read_json(PRETRAINED)
         p = Path(path).expanduser()
         return bool(record) and p.is_file() and file_sha256(p) == record.get("sha256")
+
+    def _free_path(self) -> Path:
+        """``PATH-2``, ``PATH-3``, ...: the first that does not exist (a suggestion for a new run)."""
+        i = 2
+        while self.path.with_name(f"{self.path.name}-{i}").exists():
+            i += 1
+        return self.path.with_name(f"{self.path.name}-{i}")
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
         p = self.path / name
