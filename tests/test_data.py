@@ -458,3 +458,80 @@ def test_disk_cache_ignores_corrupt_file(cache_dir):
     with pytest.warns(UserWarning):
         assert builtin._load_disk(path, meta, 4, 3) is None
     assert os.listdir(cache_dir) == ["x.safetensors"]
+
+
+# --------------------------------------------------------------- inputs that cannot mean what is meant
+def test_a_one_class_folder_is_refused(tmp_path, capsys):
+    """It trained to loss 0 and "test 1.0000" with exit 0: there is nothing to classify."""
+    from conftest import run_cli
+    root = make_folder(tmp_path / "one", {"train": {"cat": 4}, "test": {"cat": 2}})
+    with pytest.raises(DataError) as e:
+        load_image_folder(root, 8)
+    assert str(e.value).startswith(f"{root / 'train'} has one class folder (cat): nothing to classify")
+    code, _, err = run_cli(["train", "--data", root, "--model", "tiny_cnn", "--epochs", "1", "--out",
+                            tmp_path / "run"], capsys)
+    assert code == 2 and f"{root / 'train'} has one class folder (cat)" in err, err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_split_folder_as_data_suggests_its_parent(tmp_path):
+    root = make_folder(tmp_path / "my_photos", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as e:
+            build_data(str(root / split), 8)
+        assert (f"{root / split} looks like the {split}/ split of the dataset {root}: pass that folder "
+                f"instead (--data {root})") in str(e.value)
+    with pytest.raises(DataError) as e:  # a folder that is no split of a dataset gets no such hint
+        load_image_folder(root / "train" / "a", 8)
+    assert "looks like" not in str(e.value)
+
+
+def test_splits_that_cannot_select_a_model_warn(tmp_path):
+    # 22 train images carved at 10 %: round(2.2) = 2 val images by largest remainder, a 1 and b 1, none of c
+    # (c's remainder 0.2 is the smallest); the test split has no c at all
+    root = make_folder(tmp_path / "few", {"train": {"a": 10, "b": 10, "c": 2}, "test": {"a": 2, "b": 2}})
+    with pytest.warns(UserWarning) as caught:
+        b = build_data(str(root), 8, seed=0, val_fraction=0.1)
+    assert b.val.class_counts(3) == [1, 1, 0] and b.test.class_counts(3) == [2, 2, 0]
+    val = "the validation split (carved 10% stratified seed 0)"
+    expected = [
+        f"{val} has only 2 images: validation accuracy moves in steps of 50 points, so the epoch it picks "
+        f"(best_val_epoch, test_acc_at_best_val) is largely chance; final_test_acc does not use it. Use a "
+        f"larger --val-fraction (val_fraction) or a val/ folder: at least 50 images",
+        f"{val} has no images of 1 of the 3 classes (c): the best epoch is picked without them. Use a larger "
+        f"--val-fraction (val_fraction) or a val/ folder: images of every class",
+        "the test split has no images of 1 of the 3 training classes (c): test accuracy does not measure how "
+        "well they are recognised (a test image predicted as one of them still counts as an error)"]
+    assert [str(w.message) for w in caught] == expected
+    assert b.info["warnings"] == expected  # recorded with the run: summary.json's data_info
+    # a val/ folder of 50 images holding every class, and no val at all (val_fraction 0), say nothing
+    make_folder(root, {"val": {"a": 20, "b": 20, "c": 10}, "test": {"c": 1}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_data(str(root), 8).info["warnings"] == []
+    root2 = make_folder(tmp_path / "noval", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_data(str(root2), 8, val_fraction=0).info["warnings"] == []
+    with pytest.warns(UserWarning, match=r"the val/ folder has only 1 image: validation accuracy moves in "
+                                         r"steps of 100 points.* Use a val/ folder with at least 50 images"):
+        build_data(str(make_folder(tmp_path / "v1", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1},
+                                                     "val": {"a": 1}})), 8)
+
+
+def test_split_warnings_are_printed_once_and_recorded(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import SRC
+    root = make_folder(tmp_path / "few", {"train": {"a": 10, "b": 10}, "test": {"a": 2, "b": 2}})
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "rifle", "train", "--data", str(root), "--model", "tiny_cnn",
+                           "--image-size", "16", "--epochs", "1", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    note = "warning: the validation split (carved 10% stratified seed 0) has only 2 images"
+    assert proc.stderr.count(note) == 1, proc.stderr
+    assert json.loads((out / "summary.json").read_text())["data_info"]["warnings"][0].startswith(note[9:])

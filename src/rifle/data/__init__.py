@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ __all__ = ["DataBundle", "build_data", "DataError", "ImageTensorSet", "train_bat
            "cache_resolution", "num_batches", "samples_per_rank", "stratified_split", "BUILTIN",
            "load_elpv", "load_digits_dataset", "load_image_folder", "decode_image", "data_fingerprint",
            "compare_fingerprints"]
+
+MIN_VAL_IMAGES = 50  # a validation split below this warns: its accuracy moves in steps of over 2 points
 
 
 @dataclass
@@ -110,6 +113,38 @@ def compare_fingerprints(saved: dict, current: dict) -> str | None:
             f"file(s), e.g. {', '.join(examples)}")
 
 
+def _named(names: list[str], limit: int = 6) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def split_warnings(val: ImageTensorSet, test: ImageTensorSet, classes: list[str], val_how: str) -> list[str]:
+    """What the splits cannot tell (docs/data.md "Warnings"): a validation split under
+    :data:`MIN_VAL_IMAGES` images, and a (non-empty) val or test split without some training class."""
+    out = []
+    where = "the val/ folder" if val_how == "folder" else f"the validation split ({val_how})"
+    more = "a val/ folder with" if val_how == "folder" else "a larger --val-fraction (val_fraction) or a val/ folder:"
+    if 0 < len(val) < MIN_VAL_IMAGES:
+        out.append(f"{where} has only {len(val)} image{'s' if len(val) != 1 else ''}: validation accuracy "
+                   f"moves in steps of {100 / len(val):.3g} points, so the epoch it picks (best_val_epoch, "
+                   f"test_acc_at_best_val) is largely chance; final_test_acc does not use it. Use {more} "
+                   f"at least {MIN_VAL_IMAGES} images")
+    for split, name, ds in (("val", where, val), ("test", "the test split", test)):
+        counts = ds.class_counts(len(classes))
+        absent = [c for c, n in zip(classes, counts) if n == 0]
+        if not len(ds) or not absent:
+            continue
+        if split == "val":
+            out.append(f"{name} has no images of {len(absent)} of the {len(classes)} classes "
+                       f"({_named(absent)}): the best epoch is picked without them. Use {more} "
+                       f"images of every class")
+        else:
+            out.append(f"{name} has no images of {len(absent)} of the {len(classes)} training classes "
+                       f"({_named(absent)}): test accuracy does not measure how well they are recognised "
+                       f"(a test image predicted as one of them still counts as an error)")
+    return out
+
+
 def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_fraction: float = 0.1,
                train_fraction: float = 1.0, skip_bad_images: bool = False) -> DataBundle:
     """Load ``data`` (a built-in name or an image-folder path) at ``cache_resolution(image_size)``.
@@ -158,6 +193,9 @@ def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_f
         train = train.subset(keep)
 
     k = len(classes)
+    notes = split_warnings(val, test, list(classes), val_how)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     info = {
         "name": name,
         "source": source,
@@ -172,5 +210,6 @@ def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_f
         "cache_resolution": res,
         "channels": train.channels,
         "source_info": src_info,
+        "warnings": notes,
     }
     return DataBundle(train=train, val=val, test=test, classes=list(classes), info=info)

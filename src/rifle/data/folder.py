@@ -178,7 +178,12 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
         raise DataError(f"dataset path {root} is not a folder.\n{LAYOUT}")
     for split in ("train", "test"):
         if not (root / split).is_dir():
-            raise DataError(f"missing {split}/ folder: {root / split} does not exist.\n{LAYOUT}")
+            parent = root.resolve().parent
+            hint = ""
+            if root.resolve().name in SPLITS and (parent / "train").is_dir():
+                hint = (f" {root} looks like the {root.resolve().name}/ split of the dataset {parent}: pass "
+                        f"that folder instead (--data {parent}).")
+            raise DataError(f"missing {split}/ folder: {root / split} does not exist.{hint}\n{LAYOUT}")
     scanned: dict[str, dict[str, list[Path]]] = {}
     ignored: list[Path] = []
     for split in SPLITS:
@@ -196,6 +201,10 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
             raise DataError(f"class folder {root / split / extra[0]} has no counterpart in {root / 'train'} "
                             f"(classes only in {split}/: {', '.join(extra)}); every {split} class must also "
                             f"be a train class.")
+    if len(classes) == 1:
+        raise DataError(f"{root / 'train'} has one class folder ({classes[0]}): nothing to classify (every "
+                        f"prediction would be {classes[0]!r}, at loss 0 and accuracy 1). A classifier needs "
+                        f"at least two classes, one folder each.\n{LAYOUT}")
     label_of = {c: i for i, c in enumerate(classes)}
 
     paths: list[Path] = []
