@@ -266,3 +266,6 @@ def test_a_moved_file_blocks_only_a_resume_that_reads_it(tmp_path, capsys):
         assert summary["complete"] and summary["epochs_run"] == 2
         assert summary["pretrained_source"] == f"file {moved if needed else weights}"
         moved.rename(weights)
+        if needed:  # the record holds the new place, now empty; a complete run has nothing left to read it
+            code, stdout, err = run_cli(["train", "--out", out, "--resume"], capsys)
+            assert code == 0 and "run already complete; nothing to do" in stdout, err

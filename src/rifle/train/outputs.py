@@ -95,7 +95,8 @@ class RunDir:
             saved = self.read_config()
             record = self._read_json(PRETRAINED)
             if pretrained is not None and record is not None:
-                _check_pretrained(record, pretrained, pretrained_needed_by)
+                done = (self.read_summary() or {}).get("complete")  # nothing left to train: nothing reads it
+                _check_pretrained(record, pretrained, () if done else pretrained_needed_by)
                 if saved is not None and pretrained["sha256"] == record.get("sha256"):
                     saved = {**saved, "pretrained_file": config.get("pretrained_file")}  # moved, same bytes
             if saved is not None:
