@@ -123,7 +123,8 @@ def split_warnings(val: ImageTensorSet, test: ImageTensorSet, classes: list[str]
     :data:`MIN_VAL_IMAGES` images, and a (non-empty) val or test split without some training class."""
     out = []
     where = "the val/ folder" if val_how == "folder" else f"the validation split ({val_how})"
-    more = "a val/ folder with" if val_how == "folder" else "a larger --val-fraction (val_fraction) or a val/ folder:"
+    more = ("a val/ folder with" if val_how == "folder"
+            else "a larger --val-fraction (val_fraction) or a val/ folder:")
     if 0 < len(val) < MIN_VAL_IMAGES:
         out.append(f"{where} has only {len(val)} image{'s' if len(val) != 1 else ''}: validation accuracy "
                    f"moves in steps of {100 / len(val):.3g} points, so the epoch it picks (best_val_epoch, "

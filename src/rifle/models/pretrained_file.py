@@ -87,7 +87,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of the file's bytes (hex): what a run records to tell on ``--resume`` whether the file changed."""
+    """The SHA-256 of the file's bytes (hex): a run records it to tell on ``--resume`` if the file changed."""
     h = hashlib.sha256()
     with open(Path(path).expanduser(), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
