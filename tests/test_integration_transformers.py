@@ -16,7 +16,9 @@ from rifle.core.reinit import draw_values  # noqa: E402
 from rifle.core.schedule import RifleScheduleWarning  # noqa: E402
 from rifle.integrations.transformers import RifleTrainerCallback, find_hf_head, hf_init  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+# most tests log every 100 steps on purpose (the diagnosis is not their subject): its warning is tested below
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore:RifleTrainerCallback. the Trainer:RuntimeWarning")]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "transformers.md"
 N, BATCH, STEPS = 64, 8, 12  # 8 optimizer steps per epoch, 12 steps = 1.5 epochs
 
