@@ -107,3 +107,48 @@ def test_torchrun_cli(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ddp"]["world_size"] == 2
     assert summary["ddp"]["replica_checksums"][0] == summary["ddp"]["replica_checksums"][1]
+
+
+def _non_finite_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 alone gets an inf in a BatchNorm buffer (rank-local) after epoch 0; each rank records how it ends."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from rifle.config import TrainConfig
+    from rifle.run import run_train
+    from rifle.train.trainer import Trainer
+    _env(rank, 2, port)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    original = Trainer.train_epoch
+
+    def train_epoch(self, epoch):  # the fault: real non-finite weights, on rank 0 only
+        row = original(self, epoch)
+        if epoch == 0 and rank == 0:
+            with torch.no_grad():
+                dict(self.model.named_buffers())["stem.1.running_var"][0] = float("inf")
+        return row
+
+    Trainer.train_epoch = train_epoch
+    cfg = TrainConfig(data="digits", model="tiny_cnn", epochs=3, image_size=16, batch_size=32, lr=0.05,
+                      train_fraction=0.1, min_steps_after=0, out=out).validate()
+    try:
+        run_train(cfg, log=lambda s: None)
+        result = "finished"
+    except Exception as e:  # noqa: BLE001 - what each rank ends with is the test's subject
+        result = f"{type(e).__name__}: {e}"
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"result": result}, f)
+    dist.destroy_process_group()
+
+
+def test_non_finite_weights_on_rank_0_stop_every_rank_with_the_same_error(tmp_path):
+    out = str(tmp_path / "run")
+    mp.spawn(_non_finite_worker, args=(free_port(), out), nprocs=2, join=True)
+    results = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
+    expected = ("CheckpointError: the weights after epoch 0 are non-finite (tensor 'stem.1.running_var' holds "
+                f"NaN or inf): training diverged, so they are not saved. The last good checkpoint in {out} is "
+                "kept (none yet); try a lower --lr")
+    assert [r["result"] for r in results] == [expected, expected], results
+    assert not os.path.exists(os.path.join(out, "checkpoint.safetensors"))

@@ -16,7 +16,9 @@ from rifle.core.reinit import draw_values  # noqa: E402
 from rifle.core.schedule import RifleScheduleWarning  # noqa: E402
 from rifle.integrations.transformers import RifleTrainerCallback, find_hf_head, hf_init  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+# most tests log every 100 steps on purpose (the diagnosis is not their subject): its warning is tested below
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore:RifleTrainerCallback. the Trainer:RuntimeWarning")]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "transformers.md"
 N, BATCH, STEPS = 64, 8, 12  # 8 optimizer steps per epoch, 12 steps = 1.5 epochs
 
@@ -294,11 +296,56 @@ def test_doc_example_runs(tmp_path, monkeypatch):
     assert blocks
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile("\n".join(blocks), str(DOC), "exec"), ns)
+    assert not [w for w in caught if "RifleTrainerCallback: the Trainer" in str(w.message)]
     assert ns["rifle_cb"].fired == [(1, 4), (2, 8)]
+    # its logging_steps feeds the diagnosis the loss before both re-inits
+    assert [d["train_loss_before"] is not None for d in ns["rifle_cb"].diagnosis] == [True, True]
     report = ns["trigger_cb"].trigger_report  # the converged-trigger example: what its comments say
     assert [round(a, 2) for _, a in report["train_acc"]] == [0.91, 0.66, 0.92, 0.53, 0.91, 0.92]
     assert ns["trigger_cb"].fired == [(1, 1), (2, 3)]
+
+
+@pytest.mark.parametrize("granularity,kw,missed", [
+    ("step", dict(logging_steps=100), "step(s) [4, 8]"),    # the Trainer's default is 500
+    ("step", dict(logging_steps=5), "step(s) [4]"),          # first log at 5, after the re-init at 4
+    ("step", dict(logging_strategy="no"), "step(s) [4, 8]"),
+    ("step", dict(logging_steps=4), None),
+    ("epoch", dict(logging_steps=9, max_steps=-1, num_train_epochs=4), "epoch(s) [1]"),  # 8 steps/epoch
+    ("epoch", dict(logging_strategy="epoch", max_steps=-1, num_train_epochs=4), None),
+])
+def test_sparse_logging_warns_once_naming_the_reinits_it_leaves_unmeasured(tmp_path, granularity, kw, missed):
+    """The schedule trigger's diagnosis reads the training loss from the Trainer's logs (on_log): a log
+    must fall in the loss window (an epoch's steps: 12 // 2 = 6 with max_steps=12) before each re-init."""
+    cb = RifleTrainerCallback(reinits=2, seed=0, min_steps_after=None, granularity=granularity)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(model=tiny_bert(), args=targs(tmp_path, save_strategy="no", **kw), train_dataset=Tokens(),
+                callbacks=[cb]).train()
+    ours = [str(w.message) for w in caught if "RifleTrainerCallback: the Trainer" in str(w.message)]
+    unmeasured = [p for p, d in zip(cb.rifle.points, cb.diagnosis) if d["train_loss_before"] is None]
+    assert len(cb.diagnosis) == 2
+    if missed is None:
+        assert ours == [] and unmeasured == []
+        return
+    assert len(ours) == 1, ours
+    assert f"before the re-init(s) at {missed}:" in ours[0] and "head convergence not measured" in ours[0]
+    assert f"logging_steps=...) to at most {4 if granularity == 'step' else 8}" in ours[0]
+    assert f"{granularity}(s) {unmeasured}" == missed  # what it predicted is what happened
+    verdicts = [d["verdict"] for d in cb.diagnosis if d["train_loss_before"] is None]
+    assert all("head convergence not measured" in v for v in verdicts)
+
+
+def test_converged_trigger_needs_no_logs(tmp_path):
+    cb = RifleTrainerCallback(reinits=1, trigger="converged", converged_acc=0.5, min_steps_after=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(model=tiny_bert(), args=targs(tmp_path, save_strategy="no", max_steps=-1, num_train_epochs=2,
+                                              logging_strategy="no"),
+                train_dataset=Tokens(), callbacks=[cb]).train()
+    assert not [w for w in caught if "RifleTrainerCallback: the Trainer" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------- trigger="converged"

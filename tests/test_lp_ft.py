@@ -83,6 +83,54 @@ def test_probe_freezes_backbone_and_batchnorm_then_finetunes(tmp_path, capsys, m
         assert ends[0] == 0  # the probe's head input is detached: no backbone gradient, no state
 
 
+@pytest.mark.parametrize("opt", ["adan", "lamb"])
+def test_finetuning_starts_from_a_fresh_optimizer_step_counts_included(opt):
+    """timm's Adan/Lamb count steps per group (bias correction): the first fine-tuning step after a
+    3-step probe must equal a fresh optimizer's first step exactly, backbone and head alike."""
+    import copy
+
+    from torch import nn
+
+    from rifle.methods.base import RunContext
+    from rifle.train.optim import build_optimizer
+
+    def groups(model):
+        return [{"name": "backbone", "params": list(model[0].parameters())},
+                {"name": "head", "params": list(model[2].parameters())}]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = build_optimizer(groups(model), opt=opt, lr=0.01, momentum=0.9, weight_decay=0.01)
+    method = LPFT(probe_epochs=1)
+    method.setup(model, optimizer, RunContext(epochs=2, steps_per_epoch=3, seed=0, num_classes=3,
+                                              head=[model[2]], head_names=["2"], log=lambda s: None))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def step(m, opt_):
+        opt_.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt_.step()
+
+    method.on_epoch_start(0)
+    for _ in range(3):
+        method.on_step_start(0)
+        step(model, optimizer)
+    assert [int(g["step"]) for g in optimizer.param_groups] == [3, 3]  # the probe counted them
+    method.on_epoch_start(1)
+    for g in optimizer.param_groups:  # the trainer's LambdaLR restores the LR at the epoch
+        g["lr"] = 0.01
+    assert not any("step" in g for g in optimizer.param_groups) and not optimizer.state
+    fresh_model = copy.deepcopy(model)
+    fresh = build_optimizer(groups(fresh_model), opt=opt, lr=0.01, momentum=0.9, weight_decay=0.01)
+    before = copy.deepcopy(model.state_dict())
+    step(model, optimizer)
+    step(fresh_model, fresh)
+    assert [int(g["step"]) for g in optimizer.param_groups] == [1, 1]
+    for k, v in model.state_dict().items():
+        assert not torch.equal(v, before[k]), k  # every parameter moved ...
+        assert torch.equal(v, fresh_model.state_dict()[k]), k  # ... exactly as under a fresh optimizer
+
+
 def test_cli_records_method_options_lr_and_errors(tmp_path, capsys):
     out = tmp_path / "r"
     code, _, err = run(["train", "--out", str(out), "--method", "lp-ft", "--lp-ft-probe-epochs", "1",

@@ -395,3 +395,32 @@ def test_cli_cyclic_lr_too_many_cycles_is_a_clear_error(tmp_path, capsys):
     code, err = cli([*FAST, "--epochs", "2", "--trick", "cyclic-lr", "--cyclic-lr-cycles", "3",
                      "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "cycles do not fit" in err and "--cyclic-lr-cycles" in err and "Traceback" not in err
+
+
+def test_cyclic_lr_with_the_converged_trigger_is_refused_before_any_work(tmp_path, capsys):
+    """Its restarts fall on the schedule trigger's points, which the converged trigger does not follow."""
+    from rifle.experiments.grid import GridError, parse_grid
+
+    # the methods layer (a config built without the CLI), whatever the cycles
+    ctx = ctx_for(tiny(), epochs=12, config={"method": "rifle", "reinits": 2, "reinit_trigger": "converged"})
+    for cycles in (None, 3):
+        with pytest.raises(ValueError, match="cannot be combined with --reinit-trigger converged"):
+            create("cyclic-lr", cycles=cycles).lr_lambda(ctx)
+    # the command line: exit 2, the message, no traceback, and nothing written
+    out = tmp_path / "r"
+    code, err = cli([*FAST, "--epochs", "4", "--method", "rifle", "--reinits", "1", "--reinit-trigger",
+                     "converged", "--trick", "cyclic-lr", "--out", str(out)], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "--trick cyclic-lr cannot be combined with --reinit-trigger converged" in err, err
+    assert not out.exists()
+    # a grid entry is refused when the grid is read, naming the entry
+    spec = {"datasets": ["digits"], "models": ["tiny_cnn"], "seeds": [0], "train": {"epochs": 4},
+            "methods": [{"name": "rifle", "label": "r", "reinit_trigger": "converged", "trick": "cyclic-lr"}]}
+    with pytest.raises(GridError, match=r"methods\[0\] \(r\).*cyclic-lr cannot be combined"):
+        parse_grid(spec)
+    # the schedule trigger, and the converged trigger without cyclic-lr, are still accepted
+    ok = create("cyclic-lr").lr_lambda(ctx_for(tiny(), epochs=12, config={"method": "rifle", "reinits": 2,
+                                                                           "reinit_trigger": "schedule"}))
+    assert [ok(e) for e in (0, 4, 8)] == [1.0, 1.0, 1.0]
+    spec["methods"][0].pop("trick")
+    parse_grid(spec)

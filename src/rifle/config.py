@@ -146,6 +146,12 @@ class TrainConfig:
             self.trick = [t for t in self.trick.split(",") if t]
         if len(set(self.trick)) != len(self.trick):
             raise bad("trick", "lists a trick twice")
+        if self.method == "rifle" and self.reinit_trigger == "converged" and "cyclic-lr" in self.trick:
+            # cyclic-lr restarts on the schedule trigger's points, which the converged trigger does not follow
+            raise ConfigError("--trick cyclic-lr cannot be combined with --reinit-trigger converged: its warm "
+                              "restarts fall on RIFLE's fixed schedule points (floor(i*E/(K+1))), while the "
+                              "converged trigger re-initialises only once the head has converged, possibly "
+                              "never; drop one (--reinit-trigger schedule keeps the restarts on the re-inits)")
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
             raise ConfigError(f"options={self.options!r}: expected a mapping {{method: {{option: value}}}}")
         return self

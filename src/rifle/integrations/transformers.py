@@ -132,8 +132,56 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             self._hook = unwrap_model(model).register_forward_hook(self._count_correct, with_kwargs=True)
         self.progress = None
         self._reported, self._last_log_step = len(self.rifle.diagnosis), int(state.global_step)
+        self._check_logging(args, state, int(length["steps_per_epoch"]),
+                            self._steps_per_epoch(args, kwargs.get("train_dataloader")))
         log.info("RIFLE: re-init %s at the start of %s(s) %s of %d", self.rifle.module_names,
                  self.rifle.unit, self.rifle.points, self.rifle.schedule.total)
+
+    def _check_logging(self, args: Any, state: Any, window: int, epoch_steps: int | None) -> None:
+        """Warn when no training-loss log of the Trainer falls in the loss window before a re-init: with
+        the schedule trigger the diagnosis reads that loss from the Trainer's logs (``on_log``).
+
+        ``window``: the core's loss window in optimizer steps (an epoch's worth); ``epoch_steps``: the
+        optimizer steps of a real epoch, when known (``logging_strategy="epoch"``)."""
+        assert self.rifle is not None
+        if self.trigger == "converged" or not self.rifle.points:
+            return  # the converged trigger's forward hook counts loss and accuracy at every step
+        strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+        every = getattr(state, "logging_steps", None) or args.logging_steps
+        if 0 < every < 1:  # a fraction of the run, as the Trainer reads it
+            every = math.ceil(int(state.max_steps) * every)
+        if strategy == "epoch":
+            if not epoch_steps:
+                return
+            every = epoch_steps
+        per = 1 if self.rifle.unit == "step" else epoch_steps or window
+        first = 1 if getattr(args, "logging_first_step", False) else None
+
+        def logged(p: int) -> bool:  # a log at a step in (p - window, p]
+            lo = max(0, p - window)
+            if first is not None and lo < first <= p:
+                return True
+            return strategy in ("steps", "epoch") and every > 0 and (p // int(every)) * int(every) > lo
+
+        missed = [p for p in self.rifle.points if p * per > int(state.global_step) and not logged(p * per)]
+        if not missed:
+            return
+        setting = f"logging_steps={args.logging_steps:g}" if strategy == "steps" else "logging_strategy='epoch'"
+        how = (f"logs the training loss every {int(every)} optimizer steps ({setting})"
+               if strategy in ("steps", "epoch") else "never logs the training loss (logging_strategy='no')")
+        limit = min([window] + ([p * per for p in self.rifle.points]))
+        warnings.warn(f"RifleTrainerCallback: the Trainer {how}, so no loss is logged in the {window} steps "
+                      f"before the re-init(s) at {self.rifle.unit}(s) {missed}: RIFLE's diagnosis reads the "
+                      f"training loss from those logs and cannot measure whether the head had converged "
+                      f"('head convergence not measured'). Set TrainingArguments(logging_steps=...) to at "
+                      f"most {limit}", RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _steps_per_epoch(args: Any, dataloader: Any) -> int | None:
+        try:
+            return max(1, math.ceil(len(dataloader) / max(1, args.gradient_accumulation_steps)))
+        except TypeError:
+            return None
 
     @staticmethod
     def _epoch_length(args: Any, state: Any, dataloader: Any) -> dict[str, Any]:

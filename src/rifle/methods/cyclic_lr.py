@@ -60,6 +60,11 @@ class CyclicLR(Method):
             raise ValueError(f"cyclic-lr cycles must be an int >= 1 or None, got {self.cycles!r}")
 
     def resolve_cycles(self, ctx: RunContext) -> int:
+        if ctx.config.get("method") == "rifle" and ctx.config.get("reinit_trigger") == "converged":
+            raise ValueError("--trick cyclic-lr cannot be combined with --reinit-trigger converged: its warm "
+                             "restarts fall on RIFLE's fixed schedule points, while the converged trigger "
+                             "re-initialises only once the head has converged, possibly never; drop one "
+                             "(--reinit-trigger schedule keeps the restarts on the re-inits)")
         if self.cycles is not None:
             return self.cycles
         if ctx.config.get("method") != "rifle":  # fine-tuning has no K: reinits is RIFLE's option

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.reinit import clear_optimizer_state
 from .base import Method, RunContext, register
 
 SCHEDULES = ("restart", "global")
@@ -129,8 +130,10 @@ class LPFT(Method):
                     g["lr"] = 0.0
         elif epoch == self._probe:
             # the fine-tuning phase starts from a clean optimizer (Kumar et al.: a new optimizer),
-            # for the backbone and the probed head alike
+            # for the backbone and the probed head alike: per-parameter state and the per-group step
+            # counts (timm's Adan/Lamb bias corrections), as the re-init resets them
             self._optimizer.state.clear()
+            clear_optimizer_state(self._optimizer, [p for g in self._optimizer.param_groups for p in g["params"]])
         return {"lp_ft_phase": "probe" if self._probing else "finetune"}
 
     def on_step_start(self, step: int) -> None:

@@ -112,6 +112,16 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def non_finite_error(out_dir: Path, epoch: int | str, bad: str) -> CheckpointError:
+    """The refusal to save weights whose tensor ``bad`` holds a NaN or an inf."""
+    out_dir = Path(out_dir)
+    kept = read_metadata(out_dir / WEIGHTS).get("epoch") if (out_dir / WEIGHTS).is_file() else None
+    return CheckpointError(f"the weights after epoch {epoch} are non-finite (tensor {bad!r} holds NaN or "
+                           f"inf): training diverged, so they are not saved. The last good checkpoint in "
+                           f"{out_dir} is kept ({f'epoch {kept}' if kept else 'none yet'}); try a "
+                           f"lower --lr")
+
+
 def save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write both files atomically; SIGINT/SIGTERM are held until both are in place."""
     out_dir = Path(out_dir)
@@ -119,11 +129,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any], meta
     tensors = model_tensors(model)
     bad = first_non_finite(tensors)
     if bad is not None:
-        kept = read_metadata(out_dir / WEIGHTS).get("epoch") if (out_dir / WEIGHTS).is_file() else None
-        raise CheckpointError(f"the weights after epoch {epoch} are non-finite (tensor {bad!r} holds NaN or "
-                              f"inf): training diverged, so they are not saved. The last good checkpoint in "
-                              f"{out_dir} is kept ({f'epoch {kept}' if kept else 'none yet'}); try a "
-                              f"lower --lr")
+        raise non_finite_error(out_dir, epoch, bad)
     metadata = {"epoch": epoch, **{k: json.dumps(v) for k, v in meta.items()},
                 CHECKSUM_KEY: json.dumps(weights_checksum(tensors))}
     with defer_signals():

@@ -25,8 +25,8 @@ from ..data import DataBundle, eval_batches, num_batches, samples_per_rank, trai
 from ..methods.base import Method, RunContext
 from ..data.cache import last_batch_dropped
 from ..data.prefetch import prefetch
-from .checkpoint import defer_signals, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_sum, barrier
+from .checkpoint import defer_signals, first_non_finite, load_checkpoint, non_finite_error, save_checkpoint
+from .distributed import DistInfo, all_sum, barrier, broadcast_object
 from .optim import build_optimizer, split_by_layer
 from .loggers import StepLines
 from .outputs import RunDir
@@ -198,6 +198,7 @@ class Trainer:
         try:
             for epoch in _progress(epochs, len(epochs), "epochs", self.progress, leave=True):
                 row = self.train_epoch(epoch)
+                self._refuse_non_finite(epoch)
                 with defer_signals():  # history, checkpoint and metrics end at the same epoch
                     self.history.append(row)
                     if self.dist.is_main:
@@ -212,6 +213,14 @@ class Trainer:
         # (buffers such as BN running stats are rank-local; DDP broadcasts rank 0's at each forward)
         self.replica_checksums = verify_replicas(list(self.model.parameters()), "end of training")
         return self.history
+
+    def _refuse_non_finite(self, epoch: int) -> None:
+        """Every rank raises together when rank 0's weights (the ones it would save) hold a NaN or an inf:
+        otherwise rank 0 alone stops and the others fail, or wait, in their next collective."""
+        bad = broadcast_object(first_non_finite(self.model.state_dict()) if self.dist.is_main else None,
+                               self.dist)
+        if bad is not None:
+            raise non_finite_error(self.run_dir.path, epoch, bad)
 
     def _autocast(self):
         if self.amp_dtype is None:
