@@ -203,3 +203,43 @@ def test_real_failure_is_recorded_once_not_retried(cluster, tmp_path, capsys):
     assert "no_such_folder" in (bad / L.ERROR).read_text()
     assert L.is_complete(good) and not L.is_complete(bad)
     assert "1/2 runs complete, 1 failed (see error.txt)" in stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_cancels_the_tasks_and_the_rerun_finishes_each_run_once(cluster, tmp_path):
+    spec = {**TINY, "seeds": [0], "train": {**TINY["train"], "epochs": 6}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    runs = G.expand(G.parse_grid(spec), out)
+    proc = _bench(cluster, grid_file, out)
+    try:
+        deadline, pids = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None:  # both tasks running, each checkpointed
+            locks = [L.read_lock(r.path / L.LOCK) for r in runs]
+            if all(locks) and all((r.path / "state.pt").is_file() for r in runs):
+                pids = [info["pid"] for info in locks]
+                break
+            time.sleep(0.05)
+        assert pids is not None, "the runs never reached their first checkpoint"
+        proc.send_signal(signal.SIGTERM)  # the driver only, as a scheduler or `kill` does
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stdout
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout
+    time.sleep(2.0)  # a task that was not cancelled would go on writing epochs
+    lengths = {r.rel: len(metrics(r.path)) for r in runs}
+    time.sleep(3.0)
+    for r in runs:
+        assert not (r.path / L.LOCK).exists() and not L.is_complete(r.path), r.rel
+        assert len(metrics(r.path)) == lengths[r.rel] < 6, r.rel
+    again = _bench(cluster, grid_file, out)
+    stdout, _ = again.communicate(timeout=480)
+    assert again.returncode == 0, stdout
+    done = re.findall(r"\] done +(\S+)(.*)", stdout)
+    assert sorted(rel for rel, _ in done) == sorted(r.rel for r in runs)  # each run once
+    for r in runs:
+        assert "(resumed)" in dict(done)[r.rel]
+        assert [m["epoch"] for m in metrics(r.path)] == list(range(6))

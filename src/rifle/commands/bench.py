@@ -82,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_ray(args, runs)
     if args.workers > 1:
         print(f"{len(runs)} runs, {args.workers} workers", flush=True)
-        code = launch_workers(args.grid, args.out, args.workers, stale_after=args.stale_after)
+        code = launch_workers(args.grid, args.out, args.workers, stale_after=args.stale_after,
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+        if code in (130, 143):
+            print(f"{'stopped by SIGTERM' if code == 143 else 'interrupted (Ctrl-C)'}: every worker kept its "
+                  f"run's last epoch checkpoint; re-run the same command to continue", file=sys.stderr)
         _final(runs, args.out)
         return code
     import time
@@ -90,14 +94,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    import contextlib
+
+    from ..experiments.runner import first_signal_only
     t0 = time.perf_counter()
     try:
-        res = run_grid(runs, stale_after=args.stale_after, since=args.since, worker=args.worker_name,
-                       log=_say_line)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept, the interrupted run resumes from its last epoch; "
-              "re-run the same command to continue", file=sys.stderr)
-        return 130
+        with first_signal_only() if args.worker_name else contextlib.nullcontext():
+            res = run_grid(runs, stale_after=args.stale_after, since=args.since, worker=args.worker_name,
+                           log=_say_line)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, "finished runs are kept, the interrupted run resumes from its last epoch",
+                            args.worker_name)
     c = res.counts
     tag = f"[{args.worker_name}] " if args.worker_name else ""
     print(f"{tag}grid pass finished in {seconds_text(time.perf_counter() - t0)}: {c['done']} done, "
@@ -119,15 +126,23 @@ def _run_ray(args: argparse.Namespace, runs) -> int:
                            else args.cpus_per_run, gpus_per_run=args.gpus_per_run or 0.0,
                            max_retries=3 if args.max_retries is None else args.max_retries,
                            threads=args.threads, stale_after=args.stale_after, since=args.since)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the submitted runs were cancelled; finished runs are kept, interrupted ones "
-              "resume from their last epoch; re-run the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e, "the submitted runs were cancelled; finished runs are kept, interrupted ones "
+                               "resume from their last epoch")
     c = res.counts
     print(f"grid pass (ray) finished in {seconds_text(time.perf_counter() - t0)}: {c['done']} done, "
           f"{c['skipped']} skipped, {c['failed']} failed", flush=True)
     _final(runs, args.out)
     return 1 if res.failed else 0
+
+
+def _interrupted(e: KeyboardInterrupt, kept: str, worker: str = "") -> int:
+    """Say what an interrupted grid keeps; the exit status of ``rifle train``: 143 SIGTERM, 130 Ctrl-C."""
+    from ..train.checkpoint import Terminated
+    what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+    tag = f"[{worker}] " if worker else ""
+    print(f"\n{tag}{what}: {kept}; re-run the same command to continue", file=sys.stderr, flush=True)
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def _final(runs, out) -> None:

@@ -243,6 +243,8 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
         count_queued()
         prog.event(i, status, runs[i].rel, note)
 
+    terms: list[int] = []  # SIGTERMs seen: Ray turns an exception raised in its waits into KeyboardInterrupt
+    previous = _note_sigterm(terms)
     try:
         todo = [i for i, spec in enumerate(runs) if not is_complete(spec.path)]
         for i in todo:
@@ -295,7 +297,7 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
                         prog.event(i, "started", runs[i].rel, f"  on {info.get('host')}:{info.get('pid')}")
                 count_queued()
                 prog.refresh()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
         deadline = time.time() + 30
@@ -305,8 +307,33 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
                 pending.pop(ref)
             if not done:
                 break
+        from ..train.checkpoint import Terminated
+        if terms and not isinstance(e, Terminated):
+            raise Terminated from None  # what the caller's handler raised (exit status 143)
         raise
     finally:
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous)
         prog.close()
     return res
+
+
+def _note_sigterm(terms: list[int]):
+    """Wrap a Python SIGTERM handler so that ``terms`` records each SIGTERM; returns the handler to
+    restore (None: nothing was wrapped)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return None
+
+    def on_sigterm(signum, frame):
+        terms.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return previous
 

@@ -5,13 +5,14 @@ See docs/experiments.md, "Resume, Ctrl-C, failures".
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
 import traceback
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,25 +151,87 @@ def default_heartbeat(stale_after: float) -> float:
 
 
 def launch_workers(grid_file: str, out: str, workers: int, *, stale_after: float,
-                   extra_args: Sequence[str] = ()) -> int:
-    """Run ``workers`` ``rifle bench`` subprocesses on one grid; torch threads = max(1, cores // N)."""
+                   extra_args: Sequence[str] = (), log: Callable[[str], None] = print) -> int:
+    """Run ``workers`` ``rifle bench`` subprocesses on one grid; torch threads = max(1, cores // N).
+
+    The workers run in their own process group: a SIGTERM or Ctrl-C (SIGINT) reaches this process, which
+    passes it on to every worker once (each stops its run, keeps its last epoch checkpoint, releases its
+    lock), waits for them and returns 143 (SIGTERM) or 130 (SIGINT). A second signal kills the workers
+    at once (SIGKILL; their last checkpoints are still whole). See docs/experiments.md, "Resume, Ctrl-C,
+    failures".
+    """
+    import signal
     import subprocess
     import sys
+
+    from ..train.checkpoint import Terminated
     threads = max(1, (os.cpu_count() or 1) // workers)
     since = time.time()
     cmd = [sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out), "--workers", "1",
            "--stale-after", str(stale_after), "--since", repr(since), "--threads", str(threads),
            "--no-grid-copy", *extra_args]
-    procs = [subprocess.Popen([*cmd, "--worker-name", f"w{i}"]) for i in range(workers)]
-    codes = []
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the children got the same SIGINT; let them release their locks
-        codes = [p.wait() for p in procs]
-        return 130
-    if any(c == 130 for c in codes):
-        return 130
+    group = ({"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}) \
+        if os.name == "posix" else {}
+    procs = [subprocess.Popen([*cmd, "--worker-name", f"w{i}"], **group) for i in range(workers)]
+    got: int | None = None  # the signal this process received (and passed on)
+    while True:
+        try:
+            codes = [p.wait() for p in procs]
+            break
+        except KeyboardInterrupt as e:
+            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+            live = [p for p in procs if p.poll() is None]
+            if got is None:
+                got = signum
+                log(f"{name}: stopping the {len(live)} running worker(s); each keeps its run's last epoch "
+                    f"checkpoint (a second signal kills them at once)")
+                for p in live:
+                    _signal(p, signum)
+            else:
+                log(f"{name} again: killing the {len(live)} remaining worker(s)")
+                for p in live:
+                    _signal(p, signal.SIGKILL)
+    if got is not None:
+        return 143 if got == signal.SIGTERM else 130
+    codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N (returncode -N): 128 + N
+    for special in (143, 130):
+        if special in codes:
+            return special
     return max(codes) if codes else 0
+
+
+@contextlib.contextmanager
+def first_signal_only() -> Iterator[None]:
+    """In a worker of ``--workers N``: the first SIGINT / SIGTERM raises (``KeyboardInterrupt`` /
+    ``Terminated``), later ones are ignored, so that a signal arriving twice (from the parent and from a
+    scheduler that signals every process) cannot break the clean-up of the first (the lock's release)."""
+    import signal
+    import threading
+
+    from ..train.checkpoint import Terminated
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    saved = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _signal(proc: Any, signum: int) -> None:
+    try:
+        proc.send_signal(signum)
+    except (ProcessLookupError, OSError):  # it ended meanwhile
+        pass
 
 
 def seconds_text(s: float) -> str:
