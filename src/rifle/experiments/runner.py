@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .grid import RunSpec
+from ..config import format_diff
+from .grid import RunSpec, config_changes
 from .locks import ERROR, LOCK, is_complete, read_lock, try_claim
 
 TRAIN_LOG = "train.log"
@@ -73,17 +74,18 @@ class Outcome:
 
 
 def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, heartbeat: float = 30.0,
-            since: float | None = None, owner: str | None = None,
+            since: float | None = None, owner: str | None = None, rerun_changed: bool = False,
             log: Callable[[str], None] = print, prefix: str = "") -> Outcome:
     """Skip, claim and train (or resume) one run; the per-run step of both engines.
 
     A run that raises is written to ``error.txt`` and returned as ``failed``; ``KeyboardInterrupt``
     goes through (the lock is released, the last epoch checkpoint kept). ``since``: an ``error.txt``
-    at least that recent failed in this invocation and is not retried.
+    at least that recent failed in this invocation and is not retried. ``rerun_changed``: a run whose
+    folder holds a config that differs from ``spec``'s is started again from scratch (its files deleted).
     """
     from ..run import run_train
     me = dict(host=socket.gethostname(), pid=os.getpid())
-    if is_complete(spec.path):
+    if is_complete(spec.path) and not (rerun_changed and config_changes(spec)):
         return Outcome("skipped", "  (complete)", **me)
     err = spec.path / ERROR
     if since is not None and err.is_file() and err.stat().st_mtime >= since:
@@ -93,8 +95,13 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
         info = read_lock(spec.path / LOCK) or {}
         return Outcome("busy", f"  (claimed by {info.get('host')}:{info.get('pid')})", **me)
     try:
-        if is_complete(spec.path):  # finished by another worker just before we claimed it
+        changed = config_changes(spec) if rerun_changed else {}  # again: another worker may have re-run it
+        if is_complete(spec.path) and not changed:  # finished by another worker just before we claimed it
             return Outcome("skipped", "  (complete)", **me)
+        if changed:
+            _clear_run(spec.path)
+            log(f"{prefix}{spec.rel}: its config differed from the grid's ({format_diff(changed)}); "
+                f"its old results are deleted, training it again")
         claim.start_heartbeat(heartbeat)
         t0 = time.perf_counter()
         resuming = (spec.path / "state.pt").is_file()
@@ -120,8 +127,21 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
         claim.release()
 
 
+def _clear_run(path: Path) -> None:
+    """Delete everything in a run folder but its lock (held by the caller): the run starts again."""
+    import shutil
+    for p in path.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def run_grid(runs: Sequence[RunSpec], *, stale_after: float = 600.0, heartbeat: float | None = None,
-             since: float | None = None, worker: str = "", log: Callable[[str], None] = print) -> GridResult:
+             since: float | None = None, worker: str = "", rerun_changed: bool = False,
+             log: Callable[[str], None] = print) -> GridResult:
     """Run (or skip, or resume) every run once in this process; see docs/experiments.md, "Resume,
     Ctrl-C, failures".
 
@@ -136,8 +156,8 @@ def run_grid(runs: Sequence[RunSpec], *, stale_after: float = 600.0, heartbeat: 
     prefix = f"[{worker}] " if worker else ""
     width = len(str(len(runs)))
     for i, spec in enumerate(runs):
-        out = run_one(spec, cache, stale_after=stale_after, heartbeat=heartbeat, since=since, log=log,
-                      prefix=prefix)
+        out = run_one(spec, cache, stale_after=stale_after, heartbeat=heartbeat, since=since,
+                      rerun_changed=rerun_changed, log=log, prefix=prefix)
         res.counts[out.status] += 1
         if out.status == "failed":
             res.failed.append(spec.rel)
