@@ -303,13 +303,13 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
     except KeyboardInterrupt as e:
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
-        deadline = time.time() + 30
-        while pending and time.time() < deadline:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.1, deadline - time.time()))
-            for ref in done:
-                pending.pop(ref)
-            if not done:
-                break
+        _wait_for(ray, pending, 10.0)
+        # Seen: now and then a task is not interrupted (Ray's interrupt can land where it is lost) and
+        # would train on to the end of its run: kill its worker; the last epoch checkpoint is whole, the
+        # lock names a dead pid (stale at once on that host, after --stale-after elsewhere)
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        _wait_for(ray, pending, 10.0)
         from ..train.checkpoint import Terminated
         if terms and not isinstance(e, Terminated):
             raise Terminated from None  # what the caller's handler raised (exit status 143)
@@ -320,6 +320,17 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
             signal.signal(signal.SIGTERM, previous)
         prog.close()
     return res
+
+
+def _wait_for(ray, pending: dict, seconds: float) -> None:
+    """Wait up to ``seconds`` for the tasks of ``pending`` (removed from it as they end)."""
+    deadline = time.time() + seconds
+    while pending and time.time() < deadline:
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.1, deadline - time.time()))
+        for ref in done:
+            pending.pop(ref)
+        if not done:
+            break
 
 
 def _note_sigterm(terms: list[int]):
