@@ -2,7 +2,8 @@
 
 Seen here (2 cores shared with one benchmark): cluster start ~10 s, test_ray_engine_matches_local_engine
 ~23 s, test_killed_worker_is_retried_and_resumes ~31 s, test_real_failure_is_recorded_once ~9 s (~75 s for
-the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s.
+the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s; issue 20, machine
+loaded by 7 sessions: 14 / 33 / 63 / 15 s, and the driver SIGTERM test ~75 s (~210 s for the module).
 """
 import json
 import os
