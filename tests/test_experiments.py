@@ -470,3 +470,101 @@ def test_local_engine_imports_no_ray(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ issue 20
+def test_rifle_only_settings_apply_to_rifle_rows_only(tmp_path):
+    spec = {**TINY, "train": {**TINY["train"], "epochs": 4, "reinit_trigger": "converged",
+                              "reinit_init": "norm_matched", "keep_optimizer_state": True, "reinits": 2},
+            "methods": [{"name": "finetune"}, {"name": "rifle"}, {"name": "finetune", "reg": "l2sp"}]}
+    runs = G.expand(G.parse_grid(spec), tmp_path)
+    defaults = G.TrainConfig()
+    by = {r.label: r.cfg for r in runs if r.seed == 0}
+    assert set(by) == {"finetune", "rifle-K2", "finetune+l2sp"}
+    rifle = by["rifle-K2"]
+    assert (rifle.reinit_trigger, rifle.reinit_init, rifle.keep_optimizer_state, rifle.reinits,
+            rifle.min_steps_after) == ("converged", "norm_matched", True, 2, 0)
+    for label in ("finetune", "finetune+l2sp"):
+        recorded = by[label].to_dict()  # what config.yaml records
+        for key in G.RIFLE_ONLY:
+            assert recorded[key] == getattr(defaults, key), (label, key)
+        assert (recorded["epochs"], recorded["lr"]) == (4, 0.05)  # the rest of train: still applies
+    # with --record-depth a fine-tuning row keeps K: its depth monitor records RIFLE-K's epochs
+    depth = G.expand(G.parse_grid({**spec, "train": {**spec["train"], "record_depth": True}}), tmp_path)
+    assert [r.cfg.reinits for r in depth if r.label == "finetune"] == [2, 2]
+    assert all(r.cfg.reinit_trigger == "schedule" for r in depth if r.label == "finetune")
+    # a non-RIFLE entry that sets one itself would ignore it: refused, naming the key
+    with pytest.raises(G.GridError, match=r"methods\[0\] \(lp-ft\): reinit_init applies to name: rifle only"):
+        G.parse_grid({**TINY, "methods": [{"name": "lp-ft", "reinit_init": "norm_matched"}]})
+
+
+def test_a_typo_in_a_grid_dataset_or_model_is_refused_before_any_run(tmp_path, capsys):
+    from conftest import run_cli
+    for key, bad, needle in (("datasets", ["digits", "digts"], r"datasets\[1\]: unknown dataset 'digts'.*'digits'"),
+                             ("models", ["tiny_cnn", "tiny_cn"], r"models\[1\]: unknown model 'tiny_cn'.*tiny_cnn")):
+        grid_file = tmp_path / f"{key}.yaml"
+        grid_file.write_text(yaml.safe_dump({**TINY, key: bad}))
+        out = tmp_path / key
+        code, _, err = run_cli(["bench", grid_file, "--out", out], capsys)
+        assert code == 2 and re.search(needle, err, re.S), err
+        assert not out.exists()  # not even the first (valid) run started
+
+
+def test_a_changed_grid_is_refused_naming_the_keys_or_rerun_with_rerun_changed(tmp_path, capsys):
+    from conftest import run_cli
+    spec = {**TINY, "methods": [{"name": "finetune"}], "seeds": [0], "train": {**TINY["train"], "epochs": 1}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["bench", grid_file, "--out", out], capsys)
+    assert code == 0, err
+    (run,) = G.expand(G.parse_grid(spec), out)
+    stamp, copy = (run.path / "summary.json").stat().st_mtime_ns, (out / "grid.yaml").read_text()
+    spec["train"]["epochs"] = 2
+    grid_file.write_text(yaml.safe_dump(spec))
+    code, stdout, err = run_cli(["bench", grid_file, "--out", out], capsys)
+    assert code == 2 and "1 run(s) in" in err and "changed keys: epochs (1 -> 2)" in err, err
+    assert "digits/tiny_cnn/frac0.3/finetune/seed0: epochs: 1 -> 2" in err and "--rerun-changed" in err
+    assert (run.path / "summary.json").stat().st_mtime_ns == stamp           # the old run untouched
+    assert (out / "grid.yaml").read_text() == copy                           # and the copy of the grid
+    code, stdout, _ = run_cli(["bench", grid_file, "--out", out, "--list"], capsys)
+    assert code == 0 and stdout.startswith("changed  digits/tiny_cnn/frac0.3/finetune/seed0")
+    code, stdout, err = run_cli(["bench", grid_file, "--out", out, "--rerun-changed"], capsys)
+    assert code == 0, err
+    assert "the previous copy is kept as" in stdout and "done" in stdout
+    assert (out / "grid.previous-1.yaml").read_text() == copy and "epochs: 2" in (out / "grid.yaml").read_text()
+    assert [m["epoch"] for m in _metrics(run.path)] == [0, 1]  # trained again from scratch, 2 epochs
+    assert (run.path / "train.log").read_text().count("epochs x") == 1
+    code, stdout, err = run_cli(["bench", grid_file, "--out", out], capsys)  # now it matches: skipped
+    assert code == 0 and "skipped" in stdout and not (out / "grid.previous-2.yaml").exists()
+
+
+def test_report_on_one_run_and_on_only_failed_runs(tmp_path, capsys):
+    from conftest import run_cli
+    _fake_run(tmp_path / "one", "rifle-K1", 0, 0.9, 0.9, 0.8, reinits=1)
+    code, out, _ = run_cli(["report", tmp_path / "one/d/m/frac0.5/rifle-K1/seed0", "--no-plots"], capsys)
+    assert code == 0 and "None" not in out and "1 method rows (one method: nothing to compare)" in out
+    failed = tmp_path / "failed/d/m/frac0.5/finetune/seed0"
+    failed.mkdir(parents=True)
+    (failed / "error.txt").write_text("RuntimeError: boom\n")
+    (failed / "summary.json").write_text("{}")
+    code, out, err = run_cli(["report", tmp_path / "failed", "--no-plots"], capsys)
+    assert code == 1 and "no run in" in err and "(1 failed, 0 unfinished)" in err, out + err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "analyze", "report"])
+def test_every_command_takes_threads_and_applies_it(tmp_path, capsys, command):
+    import torch
+    from conftest import run_cli
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    extra = [tmp_path / "x.png"] if command == "predict" else []
+    try:
+        code, _, err = run_cli([command, tmp_path / "no_run", *extra, "--threads", want], capsys)
+        assert torch.get_num_threads() == want, err
+    finally:
+        torch.set_num_threads(before)
+    assert "unrecognized arguments" not in err and code != 0  # parsed; then the missing run is named
+    assert "no_run" in err
+    code, _, err = run_cli([command, tmp_path / "no_run", *extra, "--threads", "0"], capsys)
+    assert code == 2 and "--threads 0: must be >= 1" in err

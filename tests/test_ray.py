@@ -2,7 +2,8 @@
 
 Seen here (2 cores shared with one benchmark): cluster start ~10 s, test_ray_engine_matches_local_engine
 ~23 s, test_killed_worker_is_retried_and_resumes ~31 s, test_real_failure_is_recorded_once ~9 s (~75 s for
-the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s.
+the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s; issue 20, machine
+loaded by 7 sessions: 14 / 33 / 63 / 15 s, and the driver SIGTERM test ~75 s (~210 s for the module).
 """
 import json
 import os
@@ -191,7 +192,10 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_real_failure_is_recorded_once_not_retried(cluster, tmp_path, capsys):
-    spec = {**TINY, "datasets": ["digits", str(tmp_path / "no_such_folder")], "methods": [{"name": "finetune"}],
+    from conftest import make_image_folder
+    broken = make_image_folder(tmp_path / "broken_folder")  # exists (the grid's check passes); one image
+    (broken / "train" / "cat" / "0.png").write_bytes(b"not an image")  # cannot be decoded: the run raises
+    spec = {**TINY, "datasets": ["digits", str(broken)], "methods": [{"name": "finetune"}],
             "seeds": [0], "train": {**TINY["train"], "epochs": 1}}
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(spec))
@@ -199,7 +203,51 @@ def test_real_failure_is_recorded_once_not_retried(cluster, tmp_path, capsys):
     code, stdout, err = run_cli(["bench", grid_file, "--out", out, "--engine", "ray", "--max-retries", "2"], capsys)
     assert code == 1, stdout + err
     bad, good = (G.run_path(out, d, "tiny_cnn", 0.3, "finetune", 0) for d in (spec["datasets"][1], "digits"))
-    assert len(re.findall(r"\] failed ", stdout)) == 1 and "no_such_folder/tiny_cnn" in stdout
-    assert "no_such_folder" in (bad / L.ERROR).read_text()
+    assert len(re.findall(r"\] failed ", stdout)) == 1 and "broken_folder/tiny_cnn" in stdout
+    assert "0.png" in (bad / L.ERROR).read_text()
     assert L.is_complete(good) and not L.is_complete(bad)
     assert "1/2 runs complete, 1 failed (see error.txt)" in stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_cancels_the_tasks_and_the_rerun_finishes_each_run_once(cluster, tmp_path):
+    spec = {**TINY, "seeds": [0], "train": {**TINY["train"], "epochs": 10}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    runs = G.expand(G.parse_grid(spec), out)
+    proc = _bench(cluster, grid_file, out)
+    try:
+        deadline, pids = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None:  # both tasks running, each checkpointed
+            locks = [L.read_lock(r.path / L.LOCK) for r in runs]
+            if all(locks) and all((r.path / "state.pt").is_file() for r in runs):
+                pids = [info["pid"] for info in locks]
+                break
+            time.sleep(0.05)
+        assert pids is not None, "the runs never reached their first checkpoint"
+        proc.send_signal(signal.SIGTERM)  # the driver only, as a scheduler or `kill` does
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stdout
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stdout
+    time.sleep(2.0)  # a task that was not cancelled would go on writing epochs
+    lengths = {r.rel: len(metrics(r.path)) for r in runs}
+    time.sleep(3.0)
+    stopped = [r for r in runs if not L.is_complete(r.path)]
+    assert stopped == runs, "a task trained to the end of its run after the driver's SIGTERM"
+    for r in runs:  # the lock released, or (a task killed after the interrupt was lost) its pid dead
+        info = L.read_lock(r.path / L.LOCK)
+        assert info is None or not L._pid_alive(info["pid"]), r.rel
+        assert len(metrics(r.path)) == lengths[r.rel] and (r.path / "state.pt").is_file(), r.rel
+    again = _bench(cluster, grid_file, out)
+    stdout, _ = again.communicate(timeout=480)
+    assert again.returncode == 0, stdout
+    done = re.findall(r"\] done +(\S+)(.*)", stdout)
+    assert sorted(rel for rel, _ in done) == sorted(r.rel for r in stopped)  # each unfinished run once
+    for r in runs:
+        assert [m["epoch"] for m in metrics(r.path)] == list(range(10))
+    for r in stopped:
+        assert "(resumed)" in dict(done)[r.rel]

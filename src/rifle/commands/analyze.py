@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import add_threads, apply_threads
+
 NAME = "analyze"
 HELP = "per-layer weight change from the pretrained weights, by depth; Grad-CAM; compare runs"
 EXAMPLE = ("rifle analyze runs/g/elpv/efficientnet_lite0/frac0.3/finetune/seed0 "
@@ -22,9 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-depth", action="store_true",
                    help="no checkpoint needed: take the weight-change profile from depth.jsonl (runs "
                         "trained with --record-depth) instead of the final checkpoint")
+    add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from ..analysis.cam import cam_for_runs
     from ..analysis.depth import backbone_thirds, gradient_ratios, read_monitor
     from ..analysis.depth_plots import plot_gradient_ratios, plot_monitor, plot_profiles

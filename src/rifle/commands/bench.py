@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads in this process (--engine ray: in each run; default --cpus-per-run)")
     p.add_argument("--list", action="store_true", help="list the runs and their status, run nothing")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="train again, from scratch, the runs whose folder holds a config that differs from the "
+                        "grid's (their old results are deleted); without it such a grid is refused, naming "
+                        "the changed keys")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: worker processes on this machine (default); ray: one Ray task per run, on "
                         "a Ray cluster (needs the [ray] extra; see docs/experiments.md, 'On a cluster')")
@@ -48,7 +52,7 @@ def _say_line(text: str) -> None:
     sys.stdout.flush()
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.grid import expand, load_grid, write_grid_copy
+    from ..experiments.grid import changed_error, changed_runs, expand, load_grid, write_grid_copy
     from ..experiments.locks import run_status
     from ..experiments.runner import launch_workers, run_grid, seconds_text
     if args.workers < 1:
@@ -64,25 +68,37 @@ def run(args: argparse.Namespace) -> int:
                          f"cluster's CPUs / --cpus-per-run runs train at once")
     grid = load_grid(args.grid)
     runs = expand(grid, args.out)  # validates every run before anything starts
+    changed = changed_runs(runs)  # a changed grid must not silently keep the old results
     if args.list:
+        differ = {id(r) for r, _ in changed}
         for spec in runs:
-            print(f"{run_status(spec.path):8s} {spec.rel}")
+            print(f"{'changed' if id(spec) in differ else run_status(spec.path):8s} {spec.rel}")
         from collections import Counter
         per = Counter(f"frac{s.fraction:g}" for s in runs)
         print(f"{len(runs)} runs ({', '.join(f'{k}: {v}' for k, v in per.items())}) = {len(grid.seeds)} "
               f"seeds x {len(grid.datasets)} datasets x {len(grid.models)} models x methods per fraction; "
               f"baseline: {grid.baseline}")
+        if changed:
+            print(f"{len(changed)} run(s) were trained with a config that differs from the grid's (rifle bench "
+                  f"refuses them; --rerun-changed trains them again)")
         return 0
+    if changed and not args.rerun_changed:
+        raise changed_error(changed, args.out)
     if args.engine == "ray":
         from ..experiments.ray_engine import require_ray
         require_ray()  # before writing anything: says how to install it
     if not args.no_grid_copy:
-        write_grid_copy(grid, args.out)
+        write_grid_copy(grid, args.out, log=lambda line: print(line, flush=True))
     if args.engine == "ray":
         return _run_ray(args, runs)
     if args.workers > 1:
         print(f"{len(runs)} runs, {args.workers} workers", flush=True)
-        code = launch_workers(args.grid, args.out, args.workers, stale_after=args.stale_after)
+        code = launch_workers(args.grid, args.out, args.workers, stale_after=args.stale_after,
+                              extra_args=["--rerun-changed"] if args.rerun_changed else [],
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+        if code in (130, 143):
+            print(f"{'stopped by SIGTERM' if code == 143 else 'interrupted (Ctrl-C)'}: every worker kept its "
+                  f"run's last epoch checkpoint; re-run the same command to continue", file=sys.stderr)
         _final(runs, args.out)
         return code
     import time
@@ -90,14 +106,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    import contextlib
+
+    from ..experiments.runner import first_signal_only
     t0 = time.perf_counter()
     try:
-        res = run_grid(runs, stale_after=args.stale_after, since=args.since, worker=args.worker_name,
-                       log=_say_line)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept, the interrupted run resumes from its last epoch; "
-              "re-run the same command to continue", file=sys.stderr)
-        return 130
+        with first_signal_only() if args.worker_name else contextlib.nullcontext():
+            res = run_grid(runs, stale_after=args.stale_after, since=args.since, worker=args.worker_name,
+                           rerun_changed=args.rerun_changed, log=_say_line)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, "finished runs are kept, the interrupted run resumes from its last epoch",
+                            args.worker_name)
     c = res.counts
     tag = f"[{args.worker_name}] " if args.worker_name else ""
     print(f"{tag}grid pass finished in {seconds_text(time.perf_counter() - t0)}: {c['done']} done, "
@@ -118,16 +137,25 @@ def _run_ray(args: argparse.Namespace, runs) -> int:
         res = run_grid_ray(runs, address=args.address, cpus_per_run=1.0 if args.cpus_per_run is None
                            else args.cpus_per_run, gpus_per_run=args.gpus_per_run or 0.0,
                            max_retries=3 if args.max_retries is None else args.max_retries,
-                           threads=args.threads, stale_after=args.stale_after, since=args.since)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the submitted runs were cancelled; finished runs are kept, interrupted ones "
-              "resume from their last epoch; re-run the same command to continue", file=sys.stderr)
-        return 130
+                           threads=args.threads, stale_after=args.stale_after, since=args.since,
+                           rerun_changed=args.rerun_changed)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, "the submitted runs were cancelled; finished runs are kept, interrupted ones "
+                               "resume from their last epoch")
     c = res.counts
     print(f"grid pass (ray) finished in {seconds_text(time.perf_counter() - t0)}: {c['done']} done, "
           f"{c['skipped']} skipped, {c['failed']} failed", flush=True)
     _final(runs, args.out)
     return 1 if res.failed else 0
+
+
+def _interrupted(e: KeyboardInterrupt, kept: str, worker: str = "") -> int:
+    """Say what an interrupted grid keeps; the exit status of ``rifle train``: 143 SIGTERM, 130 Ctrl-C."""
+    from ..train.checkpoint import Terminated
+    what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+    tag = f"[{worker}] " if worker else ""
+    print(f"\n{tag}{what}: {kept}; re-run the same command to continue", file=sys.stderr, flush=True)
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def _final(runs, out) -> None:

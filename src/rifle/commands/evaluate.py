@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+from . import add_threads, apply_threads
+
 NAME = "evaluate"
 HELP = "evaluate a fine-tuned run on labelled data (accuracy, per-class P/R/F1, confusion matrix)"
 EXAMPLE = "rifle evaluate runs/mine --data path/to/heldout --out runs/mine/eval-heldout"
@@ -23,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval_batch_size")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_threads(p)
 
 
 def _fmt(v) -> str:
@@ -53,6 +56,7 @@ def report_text(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from ..evaluation import evaluate, plot_confusion
     from ..inference import load
     from ..train.checkpoint import atomic_write_text

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_threads, apply_threads
+
 NAME = "export"
 HELP = "export a fine-tuned run to ONNX or TorchScript (+ preprocessing JSON)"
 EXAMPLE = "rifle export runs/mine --format onnx --out model.onnx   # writes model.onnx + model.onnx.json"
@@ -19,9 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: torch.export-based (dynamo), falling back to the legacy exporter")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip re-running the exported model and comparing its logits with PyTorch's")
+    add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from ..export import ExportError, export
 
     try:

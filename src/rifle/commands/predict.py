@@ -6,6 +6,8 @@ import csv
 import json
 import sys
 
+from . import add_threads, apply_threads
+
 NAME = "predict"
 HELP = "classify images (files or folders, recursively) with a fine-tuned run"
 EXAMPLE = "rifle predict runs/mine photos/ extra.jpg --top-k 3 --format csv > predictions.csv"
@@ -23,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = (f"example:\n  {EXAMPLE}\n\nexit status: 0 every image was classified; 1 some inputs could "
                 "not be read\n(each is named on stderr, the others are still printed); 2 nothing could be "
                 "classified\nor a bad argument/run folder.")
+    add_threads(p)
 
 
 def _write(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str, out) -> None:
@@ -49,6 +52,7 @@ def _write(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str, out) -> No
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from ..inference import find_images, load
     from ..train.trainer import resolve_device
 

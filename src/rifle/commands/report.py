@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_threads, apply_threads
+
 NAME = "report"
 HELP = "summarise a grid folder: results.md, results.csv, plots (selection on validation only)"
 EXAMPLE = "rifle report docs/results/elpv --page docs/results/elpv.md"
@@ -20,18 +22,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the tables and plots into this Markdown page, between its markers "
                         "'<!-- BEGIN rifle report ... -->' and '<!-- END rifle report -->' (the text around "
                         "them is kept; a missing page is created)")
+    add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from ..experiments.report import write_report
     res = write_report(args.dir, baseline=args.baseline, confidence=args.confidence,
                        plots=not args.no_plots, depth=args.depth, page=args.page)
     n = sum(1 for r in res["rows"] if r["kind"] == "run")
-    print(f"{n} method rows (baseline {res['baseline']}); wrote {res['markdown']}, {res['csv']}"
+    base = (f"baseline {res['baseline']}" if res["baseline"] is not None
+            else "one method: nothing to compare" if n <= 1
+            else "no baseline: no run labelled finetune, choose one with --baseline LABEL")
+    print(f"{n} method rows ({base}); wrote {res['markdown']}, {res['csv']}"
           + (f" and {len(res['plots'])} plots" if res["plots"] else "")
           + (f"; {len(res['unfinished'])} unfinished and {len(res['failed'])} failed runs not counted"
              if res["unfinished"] or res["failed"] else "")
           + (f"; updated {args.page}" if args.page else ""))
     if res.get("tensorboard"):
         print(f"curves of every run in TensorBoard: {res['tensorboard']}")
+    if not res["complete"]:
+        import sys
+        print(f"rifle report: no run in {args.dir} is complete ({len(res['failed'])} failed, "
+              f"{len(res['unfinished'])} unfinished): nothing to compare", file=sys.stderr)
+        return 1
     return 0

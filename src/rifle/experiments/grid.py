@@ -19,6 +19,13 @@ GRID_KEYS = ("datasets", "models", "methods", "seeds", "train_fractions", "train
              "name", "description")
 AXIS_KEYS = ("data", "model", "seed", "train_fraction", "out")  # set by the grid, per run
 _CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
+# Settings only --method rifle reads (its options): in a grid they apply to RIFLE rows only; other rows
+# get their defaults, so their config.yaml never records them. `reinits` stays with --record-depth: the
+# depth monitor of a non-RIFLE run records the epochs where RIFLE with that K would re-initialise.
+RIFLE_ONLY = ("reinits", "reinit_granularity", "guard", "guard_steps", "min_steps_after", "reinit_init",
+              "keep_optimizer_state", "head_lr_restart", "reinit_modules", "reinit_trigger",
+              "reinit_converged_acc", "diagnose", "diagnosis_window")
+_DEFAULTS = TrainConfig()
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
 
@@ -129,6 +136,25 @@ def default_label(values: dict[str, Any], cfg: TrainConfig) -> str:
     return safe_name("+".join(parts))
 
 
+def rifle_only_keys(method: str, record_depth: bool = False) -> tuple[str, ...]:
+    """The keys a row of ``method`` must not carry (see :data:`RIFLE_ONLY`); none for RIFLE."""
+    if method == "rifle":
+        return ()
+    return tuple(k for k in RIFLE_ONLY if not (k == "reinits" and record_depth))
+
+
+def resolve_row(train: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
+    """The config of one row: ``train:`` overridden by the entry; RIFLE's settings for RIFLE rows only."""
+    merged = {**train, **values}
+    method = str(merged.get("method", _DEFAULTS.method))
+    drop = rifle_only_keys(method, bool(merged.get("record_depth")))
+    cfg = resolve({k: v for k, v in merged.items() if k not in drop})
+    if drop:  # a preset's RIFLE settings too: the row records the defaults
+        from dataclasses import replace
+        cfg = replace(cfg, **{k: getattr(_DEFAULTS, k) for k in rifle_only_keys(method, cfg.record_depth)})
+    return cfg
+
+
 def _method_values(i: int, raw: Any, grid_fractions: list[float]
                    ) -> tuple[dict[str, Any], str | None, tuple[float, ...] | None]:
     where = f"methods[{i}]"
@@ -157,6 +183,11 @@ def _method_values(i: int, raw: Any, grid_fractions: list[float]
             raise GridError(f"{where}: unknown key {k!r}{_hint(k, _CONFIG_KEYS | {'name', 'label'})}")
     if isinstance(d.get("trick"), str):
         d["trick"] = [t for t in d["trick"].split(",") if t]
+    rifle_only = [k for k in d if k in rifle_only_keys(str(name), bool(d.get("record_depth")))]
+    if rifle_only:
+        raise GridError(f"{where}: {', '.join(rifle_only)} appl{'ies' if len(rifle_only) == 1 else 'y'} to "
+                        f"name: rifle only; a {name} entry would ignore {'it' if len(rifle_only) == 1 else 'them'}"
+                        f" (set RIFLE's settings in train: for every RIFLE row, or in a rifle entry)")
     return {"method": str(name), **d}, (None if label is None else str(label)), fracs
 
 
@@ -192,7 +223,7 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
     for i, raw in enumerate(raw_methods):
         values, label, entry_fracs = _method_values(i, raw, fracs)
         try:
-            cfg = resolve({**train, **values})
+            cfg = resolve_row(train, values)
         except (ConfigError, TypeError) as e:
             raise GridError(f"methods[{i}] ({label or values['method']}): {e}") from None
         explicit = label is not None
@@ -242,6 +273,7 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
     """Every run of the grid, resolved and validated, seed-major (see module docstring)."""
     from ..core.schedule import make_schedule
     from ..build import build_methods
+    check_names(grid)
     runs = []
     for seed in grid.seeds:
         for dataset in grid.datasets:
@@ -255,10 +287,10 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
                         extra = {**dict(grid.train.get("extra") or {}),
                                  "grid": {"label": e.label, "dataset": dataset, "model": model,
                                           "train_fraction": frac, "seed": seed}}
-                        values = {**grid.train, **e.values, "data": dataset, "model": model, "seed": seed,
+                        values = {**e.values, "data": dataset, "model": model, "seed": seed,
                                   "train_fraction": frac, "out": str(path), "extra": extra}
                         try:
-                            cfg = resolve(values)
+                            cfg = resolve_row(grid.train, values)
                             build_methods(cfg)  # unknown method / reg / trick / option names
                             if cfg.method == "rifle" and cfg.reinit_granularity == "epoch":
                                 make_schedule(cfg.epochs, cfg.reinits, cfg.guard, warn=False)
@@ -268,12 +300,98 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
     return runs
 
 
-def write_grid_copy(grid: Grid, out: str | Path) -> None:
-    """``OUT/grid.yaml``: the grid text this folder was (last) run with, for ``rifle report``."""
+def check_names(grid: Grid) -> None:
+    """Every dataset (built-in name or existing folder) and model name of the grid exists: a typo is
+    reported before any run starts, naming the grid entry."""
+    from ..data import _builtin_name, _unknown as unknown_data
+    from ..models import BUILTIN_MODELS, TORCHVISION_PREFIX, _unknown as unknown_model
+    from ..models.hub import _is_timm_name, _torchvision_names
+    for i, d in enumerate(grid.datasets):
+        if not _builtin_name(d) and not (d and Path(d).expanduser().exists()):
+            raise GridError(f"grid: datasets[{i}]: {unknown_data(d)}")
+    for i, m in enumerate(grid.models):
+        if m in BUILTIN_MODELS:
+            continue
+        known = (m[len(TORCHVISION_PREFIX):] in _torchvision_names() if m.startswith(TORCHVISION_PREFIX)
+                 else _is_timm_name(m))
+        if not known:
+            raise GridError(f"grid: models[{i}]: {unknown_model(m)}")
+
+
+def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
+    """How the ``config.yaml`` already in ``spec``'s folder differs from the grid's config for it
+    (``{key: (recorded, grid)}``; empty when it matches or there is none). Keys that do not change a
+    run's numbers (``out``, ``threads``, ...) and, for a method other than RIFLE, RIFLE's settings, are
+    not compared."""
+    from ..build import build_methods
+    from ..config import diff_configs
+    from ..train.outputs import CONFIG
+    p = spec.path / CONFIG
+    if not p.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        return {"config.yaml": ("unreadable", "the grid's config")}
+    current = {**spec.cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in build_methods(spec.cfg)}}
+    diff = diff_configs(saved, current)
+    if saved.get("method") != "rifle" and spec.cfg.method != "rifle":
+        diff = {k: v for k, v in diff.items() if k not in RIFLE_ONLY}
+    return diff
+
+
+def changed_runs(runs: list[RunSpec]) -> list[tuple[RunSpec, dict[str, tuple[Any, Any]]]]:
+    """The runs whose folder holds a config that differs from the grid's (see :func:`config_changes`)."""
+    return [(r, d) for r in runs for d in [config_changes(r)] if d]
+
+
+def changed_error(changed: list[tuple[RunSpec, dict[str, tuple[Any, Any]]]], out: str | Path) -> GridError:
+    """The refusal of a grid that no longer matches runs in ``out``, naming the differing keys."""
+    from ..config import format_diff
+    keys: dict[str, list[str]] = {}
+    for _, diff in changed:
+        for k, (a, b) in diff.items():
+            keys.setdefault(k, [])
+            if f"{a!r} -> {b!r}" not in keys[k]:
+                keys[k].append(f"{a!r} -> {b!r}")
+    listed = ", ".join(f"{k} ({', '.join(v)})" for k, v in keys.items())
+    examples = "\n".join(f"  {r.rel}: {format_diff(d)}" for r, d in changed[:3])
+    more = f"\n  ... and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return GridError(
+        f"{len(changed)} run(s) in {out} were trained with a config that differs from this grid's; changed "
+        f"keys: {listed}\n{examples}{more}\n"
+        f"Their results would be kept and reported beside the new recipe. Restore the grid, use another "
+        f"--out, or pass --rerun-changed to train those runs again from scratch (their old results are "
+        f"deleted).")
+
+
+def write_grid_copy(grid: Grid, out: str | Path, log: Any = None) -> Path | None:
+    """``OUT/grid.yaml``: the grid text this folder was (last) run with, for ``rifle report``.
+
+    A previous copy with different contents is never silently replaced: it is kept as
+    ``OUT/grid.previous-<N>.yaml`` (returned, and said through ``log``)."""
     from ..train.checkpoint import atomic_write_text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = grid.text if grid.text is not None else yaml.safe_dump(grid.spec, sort_keys=False)
     header = f"# copied by `rifle bench` from {grid.source}\n" if grid.source else ""
+    kept = None
+    old = out / GRID_FILE
+    if old.is_file():
+        try:
+            same = _norm_keys(yaml.safe_load(old.read_text()) or {}, str(old)) == _norm_keys(grid.spec, "grid")
+        except (yaml.YAMLError, GridError):
+            same = False
+        if not same:
+            n = 1
+            while (out / f"grid.previous-{n}.yaml").exists():
+                n += 1
+            kept = out / f"grid.previous-{n}.yaml"
+            old.replace(kept)
+            if log is not None:
+                log(f"{old}: the grid changed since this folder was last run; the previous copy is kept as {kept}")
     atomic_write_text(out / GRID_FILE, header + text)
+    return kept
 

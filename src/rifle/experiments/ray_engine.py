@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from .grid import RunSpec
+from .grid import RunSpec, config_changes
 from .locks import ERROR, LOCK, is_complete, read_lock
 from .runner import DataCache, GridResult, Outcome, default_heartbeat, run_one, seconds_text
 
@@ -58,6 +58,7 @@ class TaskOptions:
     since: float | None
     threads: int
     cpu_only: bool
+    rerun_changed: bool = False
 
 
 def execute(spec: RunSpec, opts: TaskOptions) -> Outcome:
@@ -77,7 +78,7 @@ def execute(spec: RunSpec, opts: TaskOptions) -> Outcome:
     if _CACHE is None:
         _CACHE = DataCache()
     return run_one(spec, _CACHE, stale_after=opts.stale_after, heartbeat=opts.heartbeat, since=opts.since,
-                   owner=opts.owner, log=lambda line: None)
+                   owner=opts.owner, rerun_changed=opts.rerun_changed, log=lambda line: None)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -199,7 +200,7 @@ def _record_failure(spec: RunSpec, text: str) -> None:
 def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_per_run: float = 1.0,
                  gpus_per_run: float = 0.0, max_retries: int = 3, threads: int | None = None,
                  stale_after: float = 600.0, since: float | None = None, poll: float = 1.0,
-                 stream: TextIO | None = None, tty: bool | None = None) -> GridResult:
+                 stream: TextIO | None = None, tty: bool | None = None, rerun_changed: bool = False) -> GridResult:
     """Run every unfinished run of ``runs`` as a Ray task; see docs/experiments.md, "On a cluster".
 
     Returns the counts of this pass (done / skipped / failed). ``KeyboardInterrupt`` cancels the
@@ -216,7 +217,8 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
     heartbeat = default_heartbeat(stale_after)
     opts = TaskOptions(cwd=os.getcwd(), owner=f"ray:{uuid.uuid4().hex}", stale_after=stale_after,
                        heartbeat=heartbeat, since=time.time() if since is None else since,
-                       threads=threads or max(1, math.floor(cpus_per_run)), cpu_only=gpus_per_run == 0)
+                       threads=threads or max(1, math.floor(cpus_per_run)), cpu_only=gpus_per_run == 0,
+                       rerun_changed=rerun_changed)
     task = ray.remote(execute)
     resources = dict(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
                      retry_exceptions=False)
@@ -243,8 +245,11 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
         count_queued()
         prog.event(i, status, runs[i].rel, note)
 
+    terms: list[int] = []  # SIGTERMs seen: Ray turns an exception raised in its waits into KeyboardInterrupt
+    previous = _note_sigterm(terms)
     try:
-        todo = [i for i, spec in enumerate(runs) if not is_complete(spec.path)]
+        todo = [i for i, spec in enumerate(runs)
+                if not is_complete(spec.path) or (rerun_changed and config_changes(spec))]
         for i in todo:
             submit(i)
         for i in sorted(set(range(len(runs))) - set(todo)):
@@ -295,18 +300,54 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
                         prog.event(i, "started", runs[i].rel, f"  on {info.get('host')}:{info.get('pid')}")
                 count_queued()
                 prog.refresh()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
-        deadline = time.time() + 30
-        while pending and time.time() < deadline:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.1, deadline - time.time()))
-            for ref in done:
-                pending.pop(ref)
-            if not done:
-                break
+        _wait_for(ray, pending, 10.0)
+        # Seen: now and then a task is not interrupted (Ray's interrupt can land where it is lost) and
+        # would train on to the end of its run: kill its worker; the last epoch checkpoint is whole, the
+        # lock names a dead pid (stale at once on that host, after --stale-after elsewhere)
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        _wait_for(ray, pending, 10.0)
+        from ..train.checkpoint import Terminated
+        if terms and not isinstance(e, Terminated):
+            raise Terminated from None  # what the caller's handler raised (exit status 143)
         raise
     finally:
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous)
         prog.close()
     return res
+
+
+def _wait_for(ray, pending: dict, seconds: float) -> None:
+    """Wait up to ``seconds`` for the tasks of ``pending`` (removed from it as they end)."""
+    deadline = time.time() + seconds
+    while pending and time.time() < deadline:
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.1, deadline - time.time()))
+        for ref in done:
+            pending.pop(ref)
+        if not done:
+            break
+
+
+def _note_sigterm(terms: list[int]):
+    """Wrap a Python SIGTERM handler so that ``terms`` records each SIGTERM; returns the handler to
+    restore (None: nothing was wrapped)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return None
+
+    def on_sigterm(signum, frame):
+        terms.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return previous
 

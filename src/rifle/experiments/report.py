@@ -49,4 +49,4 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
     return {"rows": rows, "sweeps": sweeps, "baseline": baseline, "markdown": root / "results.md",
             "tensorboard": tensorboard_command(root) if has_events(root) else None,
             "csv": root / "results.csv", "depth_rows": drows, "plots": [root / p for ps in pngs.values() for p in ps],
-            "unfinished": col.unfinished, "failed": col.failed}
+            "unfinished": col.unfinished, "failed": col.failed, "complete": len(col.runs)}
