@@ -79,7 +79,7 @@ class RunDir:
             shutil.rmtree(self.path / TB_DIR, ignore_errors=True)
         elif not resume:
             raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue "
-                              f"it or --overwrite to replace it")
+                              f"it, --overwrite to replace it, or another --out for a new run")
         else:
             saved = self.read_config()
             if saved is not None:
