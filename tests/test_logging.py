@@ -166,6 +166,11 @@ RECORD_LOSSES = (
     "sys.exit(main(sys.argv[2:]))\n")
 
 
+def weighted_mean(batches: list[list[float]]) -> float:
+    """The image-weighted mean of ``[loss, images]`` pairs."""
+    return sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+
+
 def test_step_lines_when_stderr_is_a_pipe(tmp_path):
     # a real child process whose stderr is a pipe, as in a batch job: no bars, a line every 2 steps
     run = tmp_path / "r"
@@ -196,11 +201,10 @@ def test_step_lines_when_stderr_is_a_pipe(tmp_path):
     for m in lines:
         epoch, done = int(m[1]), int(m[3])
         seen = batches[epoch * steps:epoch * steps + done]
-        assert float(m[5]) == pytest.approx(sum(l * n for l, n in seen) / sum(n for _, n in seen), abs=5.1e-5)
+        assert float(m[5]) == pytest.approx(weighted_mean(seen), abs=5.1e-5)
     for epoch in (0, 1):  # and metrics.jsonl's train_loss is that mean over the whole epoch
         seen = batches[epoch * steps:(epoch + 1) * steps]
-        assert rows[epoch]["train_loss"] == pytest.approx(sum(l * n for l, n in seen) / sum(n for _, n in seen),
-                                                          rel=1e-9)
+        assert rows[epoch]["train_loss"] == pytest.approx(weighted_mean(seen), rel=1e-9)
 
 
 def test_log_interval_zero_prints_no_step_lines(tmp_path, capsys):
