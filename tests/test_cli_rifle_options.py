@@ -5,6 +5,7 @@ at the exact step a re-init or an LR change is due.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -13,8 +14,9 @@ import torch
 
 from conftest import interrupted_at_epoch
 from rifle.cli import main
-from rifle.core.reinit import cosine_factor, draw_state
+from rifle.core.reinit import cosine_factor
 from rifle.core.rifle import Rifle
+from rifle.models.builtin import BasicBlock
 
 # digits at 16 px, 15 % of train: 182 images = 3 steps of 64 (64, 64, 54) per epoch
 STEPS_PER_EPOCH = 3
@@ -53,6 +55,25 @@ def module_state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
+def torch_reset(modules: list[torch.nn.Module], seed: int, index: int) -> list[dict[str, torch.Tensor]]:
+    """What re-init ``index`` must write, drawn without rifle's code (docs/rifle.md#initialisers: the
+    ``default`` values are bit-identical to this): the documented seed, sha256 of "seed:reinit:index"
+    (first 8 bytes, little-endian, >> 1), given to ``torch.manual_seed``, then every submodule's own
+    ``reset_parameters()`` in module order, on fresh modules of the same shapes."""
+    s = int.from_bytes(hashlib.sha256(f"{seed}:reinit:{index}".encode()).digest()[:8], "little") >> 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s)
+        for m in modules:
+            for sub in m.modules():
+                if hasattr(sub, "reset_parameters") and list(sub.parameters(recurse=False)):
+                    sub.reset_parameters()
+    return [module_state(m) for m in modules]
+
+
+def fresh_linear(like: torch.nn.Linear) -> torch.nn.Linear:
+    return torch.nn.utils.skip_init(torch.nn.Linear, like.in_features, like.out_features)
+
+
 # -------------------------------------------------------------------------- --reinit-granularity step
 def test_step_granularity_reinits_the_head_at_the_scheduled_optimizer_steps(tmp_path, capsys, monkeypatch):
     seen: list[tuple[int, bool, torch.Tensor, torch.Tensor]] = []
@@ -64,7 +85,8 @@ def test_step_granularity_reinits_the_head_at_the_scheduled_optimizer_steps(tmp_
         before = head.weight.detach().clone()
         for idx, point in enumerate(self.points, start=1):
             if point == step:  # what re-init number idx must write (a pure function of seed, idx)
-                expected[step] = draw_state(self.modules, self.seed, idx, self.init)[0][0]
+                assert self.seed == 0 and self.init == "default"
+                expected[step] = torch_reset([fresh_linear(head)], 0, idx)[0]["weight"]
         fired = original(self, step)
         seen.append((step, fired, before, head.weight.detach().clone()))
         return fired
@@ -79,7 +101,7 @@ def test_step_granularity_reinits_the_head_at_the_scheduled_optimizer_steps(tmp_
     assert fired == [4, 8]
     for step, f, before, after in seen:
         if f:  # the head holds exactly the freshly drawn values, not the trained ones
-            assert torch.equal(after, expected[step][0]), step
+            assert torch.equal(after, expected[step]), step
             assert not torch.equal(before, after)
         else:  # nothing touches the head at any other step start
             assert torch.equal(before, after), step
@@ -89,7 +111,7 @@ def test_step_granularity_reinits_the_head_at_the_scheduled_optimizer_steps(tmp_
     assert s["reinit_epochs"] == [1, 2] and s["reinit_epochs_seen"] == [1, 2]
     assert s["methods"]["rifle"]["granularity"] == "step"
     # the head trained after its last re-init: the saved head is not the step-8 draw
-    assert not torch.equal(weights(out)["fc.weight"], expected[8][0])
+    assert not torch.equal(weights(out)["fc.weight"], expected[8])
 
 
 # -------------------------------------------------------------------------------- --head-lr-restart
@@ -137,7 +159,10 @@ def test_reinit_modules_last_block_is_redrawn_with_fresh_batchnorm_statistics(tm
         inner = self.model
         block, other = inner.blocks[2], inner.blocks[1]
         before = {"block": module_state(block), "other": module_state(other), "fc": module_state(inner.fc)}
-        drawn = draw_state(self.modules, self.seed, index, self.init)
+        with torch.random.fork_rng(devices=[]):  # fresh modules of the same shapes (their init is reset)
+            fc, blk = fresh_linear(inner.fc), BasicBlock(24, 48, stride=2)
+        assert [p.shape for p in blk.parameters()] == [p.shape for p in block.parameters()]
+        drawn = torch_reset([fc, blk], self.seed, index)
         original(self, index)
         events.append({"names": list(self.module_names), "before": before, "drawn": drawn,
                        "after": {"block": module_state(block), "other": module_state(other),
@@ -154,9 +179,9 @@ def test_reinit_modules_last_block_is_redrawn_with_fresh_batchnorm_statistics(tm
     # the block's weights are the fresh draw (parameters in parameters() order)
     block_params = [k for k in after if not any(k.endswith(b) for b in
                                                 ("running_mean", "running_var", "num_batches_tracked"))]
-    assert len(block_params) == len(e["drawn"][1][0])
-    for k, v in zip(block_params, e["drawn"][1][0]):
-        assert torch.equal(after[k], v), k
+    assert len(block_params) == 9  # conv1, bn1 (2), conv2, bn2 (2), downsample conv and bn (2); no conv bias
+    for k in block_params:
+        assert torch.equal(after[k], e["drawn"][1][k]), k
         if k.endswith("conv1.weight"):
             assert not torch.equal(before[k], after[k])
     # BatchNorm running statistics of the block restart from scratch (they were trained)
@@ -169,7 +194,8 @@ def test_reinit_modules_last_block_is_redrawn_with_fresh_batchnorm_statistics(tm
         assert torch.equal(after[f"{bn}.running_var"], torch.ones_like(after[f"{bn}.running_var"])), bn
         assert int(after[f"{bn}.num_batches_tracked"]) == 0, bn
     # the head is redrawn too; the block below is untouched
-    assert torch.equal(e["after"]["fc"]["weight"], e["drawn"][0][0][0])
+    assert torch.equal(e["after"]["fc"]["weight"], e["drawn"][0]["weight"])
+    assert torch.equal(e["after"]["fc"]["bias"], e["drawn"][0]["bias"])
     assert all(torch.equal(e["before"]["other"][k], v) for k, v in e["after"]["other"].items())
     assert [r["reinit"] for r in rows(out)] == [False, True]
     assert summary(out)["methods"]["rifle"]["modules"] == "last:1"

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,18 @@ def test_shell_wrapper_passes_arguments_and_exit_status(tmp_path):
 def test_every_check_runs_on_the_cpu(tmp_path):
     # left out: compile (an inductor build), 2-process DDP and fp16 (emulated on this CPU: its ResNet-18
     # throughput step alone took over 10 minutes on the busy 2-core machine): each minutes here
-    proc = run(["--device", "cpu", "--quick", "--skip", "compile,ddp,fp16", "--repeats", "1",
-                "--out", str(tmp_path / "gc")], tmp_path, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # stdout read line by line and time-stamped by this test's own clock: how long each setting took
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--skip", "compile,ddp,fp16",
+            "--repeats", "1", "--out", str(tmp_path / "gc")]
+    stamped = []
+    with open(tmp_path / "stderr.txt", "w") as err, subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp_path) as child:
+        for line in child.stdout:
+            stamped.append((time.monotonic(), line.rstrip("\n")))
+        code = child.wait(timeout=1800)
+    stdout = "\n".join(line for _, line in stamped)
+    assert code == 0, stdout[-4000:] + (tmp_path / "stderr.txt").read_text()[-4000:]
     res = json.loads((tmp_path / "gc" / "results.json").read_text())
     checks = {r["check"]: r for r in res["functional"]}
     assert set(checks) == {"bf16", "channels_last", "contiguous"}
@@ -63,9 +73,22 @@ def test_every_check_runs_on_the_cpu(tmp_path):
         assert (tmp_path / "gc" / name / "check.log").is_file()
     rows = {r["setting"]: r for r in res["throughput"]}
     assert set(rows) == {"fp32, contiguous", "fp32, channels_last", "bf16, channels_last"}
-    for r in rows.values():
-        assert r["trainer_img_s"] > 0 and r["minimal_img_s"] > 0 and r["bound_img_s"] > 0, r
-        assert r["trainer_over_minimal"] == pytest.approx(r["minimal_img_s"] and
-                                                          r["trainer_img_s"] / r["minimal_img_s"])
+    # --quick: 64 images (4 steps of 16) per epoch. With --repeats 1 each rate is 64 / one timed epoch,
+    # and a setting's three timed epochs (plus its warm-ups) happen between its "throughput: ..." line and
+    # the next line the script prints, by this test's clock
+    starts = [i for i, (_, line) in enumerate(stamped) if line.startswith("throughput: ")]
+    assert [stamped[i][1] for i in starts] == [f"throughput: {s} ..." for s in rows]
+    for i in starts:
+        r = rows[stamped[i][1][len("throughput: "):-len(" ...")]]
+        window = stamped[i + 1][0] - stamped[i][0]
+        epochs = [64 / r["trainer_img_s"], 64 / r["minimal_img_s"], 64 / r["bound_img_s"]]
+        assert all(e > 0 for e in epochs) and sum(epochs) < window, (r, window)
+        # the ratios are of the same epochs: trainer time / minimal time etc.
+        assert r["trainer_over_minimal"] == pytest.approx(epochs[1] / epochs[0], rel=1e-9)
+        assert r["minimal_over_bound"] == pytest.approx(epochs[2] / epochs[1], rel=1e-9)
     text = (tmp_path / "gc" / "results.md").read_text()
+    for r in rows.values():  # the page shows the measured numbers
+        assert (f"| {r['setting']} | {r['trainer_img_s']:.0f} | {r['minimal_img_s']:.0f} | "
+                f"{r['bound_img_s']:.0f} | {r['trainer_over_minimal']:.3f} | "
+                f"{r['minimal_over_bound']:.3f} |") in text
     assert "| bf16 | pass |" in text and "| setting | trainer | minimal loop |" in text

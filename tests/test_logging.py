@@ -150,6 +150,27 @@ LINE = re.compile(r"^epoch (\d+) of (\d+)  step (\d+)/(\d+)  loss (\d+\.\d{4})  
                   r"ETA (\d+:\d\d:\d\d) epoch, (\d+:\d\d:\d\d) training$")
 
 
+# `rifle` in a child process that also writes every training batch's loss (the mean cross-entropy
+# the trainer backpropagates) and size to the file argv[1], read by torch's own function, not rifle's
+RECORD_LOSSES = (
+    "import json, sys, torch\n"
+    "import torch.nn.functional as F\n"
+    "original, record = F.cross_entropy, open(sys.argv[1], 'a')\n"
+    "def cross_entropy(input, target, *args, **kwargs):\n"
+    "    loss = original(input, target, *args, **kwargs)\n"
+    "    if input.requires_grad and kwargs.get('reduction', 'mean') == 'mean':\n"
+    "        record.write(json.dumps([float(loss), len(target)]) + '\\n'); record.flush()\n"
+    "    return loss\n"
+    "F.cross_entropy = cross_entropy\n"
+    "from rifle.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n")
+
+
+def weighted_mean(batches: list[list[float]]) -> float:
+    """The image-weighted mean of ``[loss, images]`` pairs."""
+    return sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+
+
 def test_step_lines_when_stderr_is_a_pipe(tmp_path):
     # a real child process whose stderr is a pipe, as in a batch job: no bars, a line every 2 steps
     run = tmp_path / "r"
@@ -157,8 +178,9 @@ def test_step_lines_when_stderr_is_a_pipe(tmp_path):
             "--batch-size", "32", "--train-fraction", "0.4", "--log-interval", "2", "--log-to", "jsonl",
             "--out", str(run)]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "rifle", *argv], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    losses = tmp_path / "losses.jsonl"
+    proc = subprocess.run([sys.executable, "-c", RECORD_LOSSES, str(losses), *argv], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "it/s" not in proc.stderr  # no tqdm bar
     steps = int(re.search(r"2 epochs x (\d+) steps", proc.stdout).group(1))
@@ -172,10 +194,17 @@ def test_step_lines_when_stderr_is_a_pipe(tmp_path):
         epoch = int(m[1])
         assert int(m[2]) == 2 and int(m[4]) == steps
         assert float(m[6]) == pytest.approx(rows[epoch]["lr"], rel=1e-4)
-        assert 0 < float(m[5]) < 5 and float(m[7]) > 0
-    # the running mean at the last line is close to the epoch's mean training loss
-    last0 = [m for m in lines if m[1] == "0"][-1]
-    assert float(last0[5]) == pytest.approx(rows[0]["train_loss"], abs=0.1)
+        assert float(m[7]) > 0
+    # the loss shown is the epoch's image-weighted mean of the batch losses so far, to 4 decimals
+    batches = [json.loads(x) for x in losses.read_text().splitlines()]
+    assert len(batches) == 2 * steps
+    for m in lines:
+        epoch, done = int(m[1]), int(m[3])
+        seen = batches[epoch * steps:epoch * steps + done]
+        assert float(m[5]) == pytest.approx(weighted_mean(seen), abs=5.1e-5)
+    for epoch in (0, 1):  # and metrics.jsonl's train_loss is that mean over the whole epoch
+        seen = batches[epoch * steps:(epoch + 1) * steps]
+        assert rows[epoch]["train_loss"] == pytest.approx(weighted_mean(seen), rel=1e-9)
 
 
 def test_log_interval_zero_prints_no_step_lines(tmp_path, capsys):

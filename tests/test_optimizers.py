@@ -63,6 +63,11 @@ CPU_ONLY = [pytest.param(n, marks=[pytest.mark.slow, pytest.mark.extended]) if n
             for n in optimizer_names() if not n.startswith(("bnb", "fused"))]
 
 
+# optimizers that keep no step count (momentum / sign methods)
+STEPLESS = {"sgd", "momentum", "nesterov", "nesterovw", "sgdw", "sgdc", "csgdc", "csgdw", "sgdp", "csgdp",
+            "lars", "larc", "nlars", "nlarc", "lion", "lionc", "clion", "clionc"}
+
+
 @pytest.mark.parametrize("name", CPU_ONLY)
 def test_every_optimizer_keeps_the_groups_and_steps(name):
     torch.manual_seed(0)
@@ -74,12 +79,30 @@ def test_every_optimizer_keeps_the_groups_and_steps(name):
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
     before = model.fc.weight.detach().clone()
     x = torch.randn(4, 3, 16, 16)
+    g = []  # the head's gradient at each step (its group has no weight decay)
     for _ in range(2):
         opt.zero_grad()
         model(x).logsumexp(1).mean().backward()
+        g.append(model.fc.weight.grad.detach().clone())
         opt.step()
     assert not torch.equal(before, model.fc.weight)
-    assert opt.state[model.fc.weight]  # per-parameter state: what RIFLE's reset clears
+    state = opt.state[model.fc.weight]  # per-parameter state: what RIFLE's reset clears
+    assert state
+    # the step count, per parameter or (timm's Lamb, Adan) per group, is the 2 steps taken
+    step = state.get("step", opt.param_groups[1].get("step"))
+    if step is None:
+        assert name in STEPLESS, (name, list(state))
+    else:
+        assert float(step) == 2.0, (name, step)
+    for v in state.values():  # per-element state has the head's shape
+        assert not torch.is_tensor(v) or v.dim() == 0 or v.shape == before.shape, name
+    if name in ("sgd", "momentum", "nesterov"):  # torch SGD: buf = g1, then 0.9 * buf + g2
+        torch.testing.assert_close(state["momentum_buffer"], 0.9 * g[0] + g[1], rtol=1e-6, atol=0)
+    if name in ("adam", "adamw"):  # m, v start at 0: m2 = b1 (1 - b1) g1 + (1 - b1) g2, v likewise with g²
+        assert opt.param_groups[1]["betas"] == (0.9, 0.999)
+        torch.testing.assert_close(state["exp_avg"], 0.9 * 0.1 * g[0] + 0.1 * g[1], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(state["exp_avg_sq"], 0.999 * 0.001 * g[0] ** 2 + 0.001 * g[1] ** 2,
+                                   rtol=1e-5, atol=1e-15)
 
 
 def test_timm_sgd_is_nesterov_here():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from conftest import interrupted_at_epoch
@@ -216,9 +217,16 @@ def test_cli_norm_matched_head_keeps_the_trained_row_norms(tmp_path, capsys, rei
     assert torch.allclose(cosines(w1, fw), torch.ones(w1.shape[0], dtype=torch.float64), atol=1e-6)
     assert float(b1.double().norm()) == pytest.approx(float(b0.double().norm()), rel=1e-6)
     assert not torch.allclose(w1, w0)
-    config = (out / "config.yaml").read_text()
-    assert "reinit_init: norm-matched" in config or "reinit_init: norm_matched" in config
-    assert json.loads((out / "summary.json").read_text())
+    # the run records the initialiser as given (a resume may use either spelling) and the one re-init
+    assert yaml.safe_load((out / "config.yaml").read_text())["reinit_init"] == "norm-matched"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["methods"]["rifle"]["init"] == "norm-matched" and s["complete"] is True
+    assert s["reinit_epochs"] == [1] and s["reinit_epochs_seen"] == [1] and s["epochs_run"] == 2
+    (d,) = s["rifle_diagnosis"]
+    assert (d["index"], d["unit"], d["at"]) == (1, "epoch", 1)
+    # the diagnosis' head norms are the spied heads' (‖W‖_F), equal since every row keeps its norm
+    assert d["head_norm_before"] == pytest.approx(float(w0.double().norm()), rel=1e-6)
+    assert d["head_norm_after"] == pytest.approx(float(w0.double().norm()), rel=1e-6)
 
 
 def test_cli_shrink_perturb_head_is_the_formula(tmp_path, capsys, reinit_spy):
