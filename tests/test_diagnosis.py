@@ -160,9 +160,10 @@ def test_verdict_thresholds():
 
 
 # ----------------------------------------------------------------------------- same-batch head signal
-def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64):
-    """RIFLE K=1 (re-init at the start of epoch 2) on tiny() in ``dtype``; returns (rifle, the last batch
-    before the re-init as (features, y), the head's (W, b) just before and just after the re-init)."""
+def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64, amp=None):
+    """RIFLE K=1 (re-init at the start of epoch 2) on tiny() in ``dtype`` (forward under CPU autocast to
+    ``amp`` when given); returns (rifle, the last batch before the re-init as (features, y), the head's
+    (W, b) just before and just after the re-init)."""
     model = tiny().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     rifle = Rifle(model, opt, epochs=epochs, reinits=1, head=head if head is not None else model[6],
@@ -181,12 +182,14 @@ def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, 
             x = x.to(dtype)
             opt.zero_grad()
             for xc, yc in zip(x.chunk(accum), y.chunk(accum)):
-                logits = model(xc)
-                (loss_fn(logits, yc) / accum).backward()
-                rifle.observe(F.cross_entropy(logits.detach(), yc), (logits.argmax(1) == yc).sum(), len(yc))
-                if epoch == 1 and s == steps - 1:
-                    with torch.no_grad():
-                        last = (model[:6](xc).double(), yc)
+                with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    logits = model(xc)
+                    loss = loss_fn(logits, yc) / accum
+                    if epoch == 1 and s == steps - 1:
+                        with torch.no_grad():  # the head's input as the forward made it (bf16 under amp)
+                            last = (model[:6](xc).double(), yc)
+                loss.backward()
+                rifle.observe(F.cross_entropy(logits.detach().float(), yc), (logits.argmax(1) == yc).sum(), len(yc))
             opt.step()
         if crash is not None and epoch == crash - 1:
             rifle.settle_diagnosis()
@@ -201,15 +204,20 @@ def signal(f, t, w, b):
     return (torch.softmax(f @ w.T + b, dim=1) - t) @ w
 
 
-@pytest.mark.parametrize("smoothing,accum,dtype", [(0.0, 1, torch.float64), (0.1, 1, torch.float64),
-                                                   (0.0, 2, torch.float64), (0.1, 1, torch.float32)])
-def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accum, dtype):
+@pytest.mark.parametrize("smoothing,accum,dtype,amp", [
+    (0.0, 1, torch.float64, None), (0.1, 1, torch.float64, None), (0.0, 2, torch.float64, None),
+    (0.1, 1, torch.float32, None), (0.0, 1, torch.float32, torch.bfloat16), (0.1, 1, torch.float32, torch.bfloat16),
+    (0.0, 2, torch.float32, torch.bfloat16)])
+def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accum, dtype, amp):
     """Hard labels, label-smoothed CE and 2 accumulated micro-batches (loss / 2, head_grad_scale=1/2): the
     targets recovered from dL/dz are exact (to 1e-9 with a float64 model; float32 gradients carry ~1e-7),
-    so the ratio equals the one computed from the true targets."""
-    rel = 1e-9 if dtype == torch.float64 else 1e-5
+    so the ratio equals the one computed from the true targets. Under bf16 autocast dL/dz is rounded to
+    bf16 (each entry within 2**-8 of itself): the targets are off by up to ~2e-3, the ratio by < 2**-7."""
+    rel = {torch.float64: 1e-9, torch.float32: 1e-5}[dtype] if amp is None else 2 ** -7
     rifle, (f, y), old, new = head_signal_run(
-        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype)
+        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype, amp=amp)
+    if amp is not None:  # what was captured: bf16 logits and gradients, the targets recovered in float64
+        assert f.dtype == torch.float64 and torch.equal(f, f.to(torch.bfloat16).double())
     t = (1 - smoothing) * F.one_hot(y, 3).double() + smoothing / 3
     e_old, e_new = signal(f, t, *old), signal(f, t, *new)
     [d] = rifle.diagnosis
@@ -222,15 +230,25 @@ def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accu
     json.dumps(rifle.diagnosis)
 
 
-def test_head_signal_wrong_scale_or_other_loss_is_not_measured():
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_head_signal_wrong_scale_or_other_loss_is_not_measured(amp):
     """MSE on the logits: the recovered targets are no distribution -> None with the reason; so is
-    cross-entropy summed instead of averaged (dL/dz B times too large)."""
+    cross-entropy summed instead of averaged (dL/dz B times too large), and mean cross-entropy with a
+    head_grad_scale twice its scale (2 accumulated micro-batches not divided by 2) - also under bf16
+    autocast, whose wider tolerance (2**-6) still tells them apart."""
+    from rifle.core.head_signal import NO_CE, target_tol
+    assert target_tol(torch.float64) == target_tol(torch.float32) == 1e-3
+    assert target_tol(torch.bfloat16, torch.float32) == 2 ** -6 and target_tol(torch.float16) == 2 ** -9
     onehot = lambda y: F.one_hot(y, 3).float()  # noqa: E731
-    for loss_fn in (lambda z, y: F.mse_loss(z, onehot(y)), lambda z, y: F.cross_entropy(z, y, reduction="sum")):
-        rifle, *_ = head_signal_run(loss_fn)
+    for loss_fn, accum in ((lambda z, y: F.mse_loss(z, onehot(y)), 1),
+                           (lambda z, y: F.cross_entropy(z, y, reduction="sum"), 1),
+                           (lambda z, y: F.cross_entropy(z, y) * 2, 2)):
+        rifle, *_ = head_signal_run(loss_fn, accum=accum, dtype=torch.float32 if amp else torch.float64, amp=amp)
         [d] = rifle.diagnosis
         assert d["head_signal_ratio"] is d["head_signal_old"] is d["head_signal_new"] is None
-        assert d["head_signal_reason"] == "not measured: the loss is not mean cross-entropy on the head's logits"
+        assert d["head_signal_reason"] == NO_CE == (
+            "not measured: the targets recovered from the gradient at the head's logits are no probability "
+            "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
         assert "on the same batch" not in d["verdict"]  # the after/before ratio decides, as before
 
 
@@ -615,3 +633,16 @@ def test_no_diagnose_and_window_flags(tmp_path, capsys):
     assert d["steps_before"] == d["steps_after"] == 3
     assert main([*argv, "--diagnosis-window", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--diagnosis-window=0: a positive number of optimizer steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # bf16 matmuls on the CPU: ~30 s on a loaded 2-core machine
+def test_cli_run_under_bf16_autocast_measures_the_head_signal(tmp_path):
+    """--amp bf16 (CPU autocast here): the head's logits and their gradient are bf16; the targets are
+    recovered in float64 within bf16's tolerance, so the ratio is measured (it was refused before, with
+    a reason blaming the loss)."""
+    summary = run_train(cfg(tmp_path, amp="bf16", device="cpu", epochs=2, train_fraction=0.2, batch_size=32),
+                        log=lambda s: None)
+    [d] = summary["rifle_diagnosis"]
+    assert d["head_signal_reason"] is None and d["head_signal_ratio"] > 0
+    assert d["head_signal_ratio"] == pytest.approx(d["head_signal_new"] / d["head_signal_old"], rel=1e-12)
+    assert f"error signal into the backbone x{d['head_signal_ratio']:.2f} on the same batch" in d["verdict"]

@@ -20,6 +20,14 @@ from .replicas import sum_over_ranks
 TARGET_TOL = 1e-3        # recovered targets: rows sum to 1 and entries lie in [0, 1], within this
 
 
+def target_tol(*dtypes: torch.dtype) -> float:
+    """The tolerance of the recovered targets for logits / gradients of these dtypes: TARGET_TOL, or
+    ``2 * eps`` of the least precise one (bf16: 2**-6). Rounding ``dL/dz`` to a dtype of machine epsilon
+    ``eps`` moves each entry of ``B * dL/dz = softmax(z) - t`` by at most ``eps/2`` of itself, hence a
+    row's sum by at most ``eps`` (its entries' magnitudes sum to <= 2); a 16-bit softmax adds as much."""
+    return max([TARGET_TOL] + [2 * torch.finfo(d).eps for d in dtypes if d.is_floating_point])
+
+
 def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float:
     """``‖E‖_F²`` with ``e_i = Wᵀ(softmax(W f_i + b) − t_i)`` for this ``linear`` (float64)."""
     w = linear.weight.detach().to(f.device, torch.float64)
@@ -30,7 +38,8 @@ def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float
     return float((e * e).sum())
 
 
-NO_CE = "not measured: the loss is not mean cross-entropy on the head's logits"
+NO_CE = ("not measured: the targets recovered from the gradient at the head's logits are no probability "
+         "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
 
 
 class HeadSignal:
@@ -84,10 +93,13 @@ class HeadSignal:
             else:
                 f, z, g = cap
                 n = f.shape[0]
+                # recovered in float64 from the captured (possibly bf16) tensors; the tolerance is the
+                # rounding of the gradient's / logits' dtype (bf16 autocast: docs/rifle.md#when)
                 t = torch.softmax(z.double(), dim=1) - (n / self.head_grad_scale) * g.double()
+                tol = target_tol(z.dtype, g.dtype)
                 ok = (t.dim() == 2 and t.shape[0] == n
-                      and bool(((t.sum(1) - 1).abs() <= TARGET_TOL).all())
-                      and bool((t >= -TARGET_TOL).all()) and bool((t <= 1 + TARGET_TOL).all()))
+                      and bool(((t.sum(1) - 1).abs() <= tol).all())
+                      and bool((t >= -tol).all()) and bool((t <= 1 + tol).all()))
                 self._frozen = {"f": f.double(), "t": t} if ok else {"why": NO_CE}
         return self._frozen
 
