@@ -646,3 +646,56 @@ def test_cli_run_under_bf16_autocast_measures_the_head_signal(tmp_path):
     assert d["head_signal_reason"] is None and d["head_signal_ratio"] > 0
     assert d["head_signal_ratio"] == pytest.approx(d["head_signal_new"] / d["head_signal_old"], rel=1e-12)
     assert f"error signal into the backbone x{d['head_signal_ratio']:.2f} on the same batch" in d["verdict"]
+
+
+def _own_loop(rifle, model, opt, data, epochs, steps, first=(0, 0), stop=None):
+    """Your own epoch loop from (epoch, step) ``first``; returns early (a checkpoint) at (epoch, step)
+    ``stop``, after the steps before it. Resuming calls on_epoch_start(e) again for the epoch under way."""
+    for epoch in range(first[0], epochs):
+        rifle.on_epoch_start(epoch)
+        for s in range(first[1] if epoch == first[0] else 0, steps):
+            if (epoch, s) == stop:
+                return
+            x, y = data[epoch * steps + s]
+            opt.zero_grad()
+            logits = model(x.double())
+            F.cross_entropy(logits, y).backward()
+            rifle.observe(F.cross_entropy(logits.detach(), y), (logits.argmax(1) == y).sum(), len(y))
+            opt.step()
+    rifle.close_diagnosis()
+
+
+@pytest.mark.parametrize("trigger", ["schedule", "converged"])
+@pytest.mark.parametrize("stop", [(1, 2), (1, 4), (0, 3), (2, 1)])
+def test_own_loop_resumed_inside_an_epoch_measures_what_the_uninterrupted_run_did(stop, trigger):
+    """A checkpoint inside an epoch, then fresh objects, load_state_dict() and on_epoch_start(e) again
+    for the epoch under way: the loss window, the 'before' gradient norms and the captured batch
+    restored from the state stand (the second call used to restart the epoch's loss window)."""
+    kw = dict(epochs=4, reinits=1, min_steps_after=0, steps_per_epoch=5, diagnosis_window=3)
+    if trigger == "converged":
+        kw.update(trigger="converged", converged_acc=0.01)  # fires at epoch 1 (epoch 0 reaches it)
+    data = batches(20)
+
+    def build(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        return Rifle(model, opt, head=model[6], **kw), opt
+    model = tiny().double()
+    full, opt = build(model)
+    _own_loop(full, model, opt, data, 4, 5)
+    [d] = full.diagnosis
+    assert d["steps_before"] == d["steps_after"] == 3 and d["head_signal_reason"] is None
+
+    model = tiny().double()
+    first, opt = build(model)
+    _own_loop(first, model, opt, data, 4, 5, stop=stop)
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    m2 = tiny(7).double()
+    m2.load_state_dict(model.state_dict())
+    second, opt2 = build(m2)
+    opt2.load_state_dict(opt.state_dict())
+    second.load_state_dict(state)
+    _own_loop(second, m2, opt2, data, 4, 5, first=stop)
+    assert second.diagnosis == [d] and second.applied == [1]
+    assert second.points == full.points == ([2] if trigger == "schedule" else [1])
+    for a, b in zip(m2.parameters(), full.model.parameters()):
+        assert torch.equal(a, b)
