@@ -532,8 +532,16 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
 def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
     from rifle.integrations.transformers import RifleTrainerCallback
+
+    class Heads(TrainerCallback):  # the classifier at the start of step 12: before / after RIFLE's re-init
+        def __init__(self):
+            self.at = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 12:
+                self.at = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
@@ -548,7 +556,11 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8,
                              learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
                              logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    old, new = Heads(), Heads()
+    seen = []  # every training forward: the classifier's input, and the labels the model was called with
+    model.classifier.register_forward_hook(lambda m, a, out: seen.append([a[0].detach().double()]))
+    model.register_forward_hook(lambda m, a, kw, out: seen[-1].append(kw["labels"]), with_kwargs=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[old, cb, new])
     trainer.train()
     [e] = cb.diagnosis
     assert (e["index"], e["unit"], e["at"], e["steps_before"], e["steps_after"]) == (1, "step", 12, 5, 5)
@@ -559,7 +571,15 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
     assert h["rifle/grad_ratio"] == e["grad_ratio"] > 0 and h["rifle/verdict"] == e["verdict"]
     assert h["step"] == 17  # the after window (steps 12..16) completed
     assert e["verdict"] in capsys.readouterr().out.splitlines()
-    assert e["head_signal_ratio"] is None or e["head_signal_ratio"] > 0  # HF heads: see the next test
+    # the same-batch head signal on step 11's batch (the last before the re-init), by hand: HF's mean
+    # cross-entropy on hard labels, no accumulation (head_grad_scale 1), a float32 model
+    assert len(seen) == 24 and e["head_signal_reason"] is None and cb.rifle.head_grad_scale == 1.0
+    f, y = seen[11]
+    t = F.one_hot(y, 2).double()
+    e_old, e_new = signal(f, t, *old.at), signal(f, t, *new.at)
+    assert not torch.equal(old.at[0], new.at[0])
+    assert e["head_signal_ratio"] == pytest.approx(float(e_new.norm() / e_old.norm()), rel=1e-5)
+    assert e["head_signal_old"] == pytest.approx(float(e_old.norm()) / math.sqrt(8), rel=1e-5)
 
 
 def test_hf_callback_does_not_measure_the_head_signal_under_accumulation(tmp_path):
@@ -581,7 +601,11 @@ def test_hf_callback_does_not_measure_the_head_signal_under_accumulation(tmp_pat
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     [e] = cb.diagnosis
-    assert cb.rifle.head_grad_scale is None and e["head_signal_ratio"] is None and e["head_signal_reason"]
+    assert cb.rifle.head_grad_scale is None and e["head_signal_ratio"] is None
+    assert e["head_signal_reason"] == (
+        "not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 GradScaler's "
+        "loss scale, or gradient accumulation scaled in a way the trainer does not expose)")
+    assert "on the same batch" not in e["verdict"]
 
 
 def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):

@@ -40,6 +40,8 @@ def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float
 
 NO_CE = ("not measured: the targets recovered from the gradient at the head's logits are no probability "
          "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
+NO_SCALE = ("not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 "
+            "GradScaler's loss scale, or gradient accumulation scaled in a way the trainer does not expose)")
 
 
 class HeadSignal:
@@ -88,8 +90,7 @@ class HeadSignal:
             elif cap[2] is None:
                 self._frozen = {"why": "not measured: the last captured batch had no backward pass"}
             elif self.head_grad_scale is None or not self.head_grad_scale > 0:
-                self._frozen = {"why": "not measured: the scale of the head's gradient is unknown "
-                                       "(head_grad_scale=None, e.g. fp16 loss scaling)"}
+                self._frozen = {"why": NO_SCALE}
             else:
                 f, z, g = cap
                 n = f.shape[0]
