@@ -266,14 +266,25 @@ def test_head_signal_needs_one_linear_head():
     assert r.diagnosis[0]["head_signal_reason"].endswith("not exactly one nn.Linear")
 
 
-def test_head_signal_resumes_from_a_checkpoint_before_the_reinit():
+@pytest.mark.parametrize("route", ["torch.save", "json"])
+def test_head_signal_resumes_from_a_checkpoint_before_the_reinit(route):
     """A state written between the last step of epoch 1 and the re-init (settle_diagnosis, as the trainer
-    does) carries the captured batch: the resumed run measures exactly what the uninterrupted one did."""
+    does) carries the captured batch, as tensors (torch.save) or, with plain=True, nested lists (the HF
+    callback keeps it in JSON): the resumed run measures exactly what the uninterrupted one did."""
+    import io
     rifle, *_ = head_signal_run(F.cross_entropy)
     [full] = rifle.diagnosis
     a, model, opt = head_signal_run(F.cross_entropy, crash=2)
-    state = json.loads(json.dumps(a.state_dict()))  # plain floats (the HF callback keeps it in JSON)
-    assert state["diagnosis_pending"]["head_batch"]["ranks"][0]["f"]
+    if route == "json":
+        state = json.loads(json.dumps(a.state_dict(plain=True)))
+        assert len(state["diagnosis_pending"]["head_batch"]["ranks"][0]["f"]) == 8
+    else:
+        buf = io.BytesIO()
+        torch.save(a.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)  # as the trainer reads its state.pt
+        batch = state["diagnosis_pending"]["head_batch"]["ranks"][0]
+        assert batch["f"].shape == (8, 5) and batch["t"].shape == (8, 3) and batch["t"].dtype == torch.float64
     m2 = tiny(5).double()
     m2.load_state_dict(model.state_dict())
     opt2 = torch.optim.SGD(m2.parameters(), lr=0.2, momentum=0.9)

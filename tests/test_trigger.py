@@ -525,3 +525,50 @@ def test_the_reinit_and_its_diagnosis_are_the_schedules_and_cost_only_the_last_s
     assert trig_reads == 5 * 5 + 5
     never, never_reads = _train({"trigger": "converged"}, [0.5] * 10)
     assert never.fired == [] and never_reads == 5 * 8  # E=10, guard 2: epochs 1..8 were possible
+
+
+def test_checkpoints_carry_the_captured_batch_only_before_a_reinit():
+    """The head signal's captured batch (tensors) goes into a state only when a re-init may follow it:
+    at an epoch's end the trigger has decided (settled), so only the epoch before the one it fires at
+    carries it; inside an epoch (not settled) an armed state keeps it. Resuming from each epoch's end
+    measures what the uninterrupted run did."""
+    accs = [0.5, 0.98, 0.99, 0.99, 0.99, 0.5]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    def run(start=0, state=None, stop=6):
+        model = tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        rifle = Rifle(model, opt, epochs=6, reinits=1, trigger="converged", steps_per_epoch=4,
+                      diagnosis_window=2, min_steps_after=None)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            rifle.load_state_dict(state["rifle"])
+        carried, inside, saved = {}, {}, {}
+        for e in range(start, stop):
+            rifle.on_epoch_start(e)
+            for i in range(4):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
+                loss.backward()
+                rifle.observe(loss, correct=round(accs[e] * 4), count=4)
+                opt.step()
+                if i == 3:  # the last step, before the epoch's end: nothing settled yet
+                    inside[e] = rifle.state_dict()["diagnosis_pending"]["head_batch"] is not None
+            rifle.settle_trigger()
+            saved[e] = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+                        "rifle": rifle.state_dict()}
+            batch = saved[e]["rifle"]["diagnosis_pending"]["head_batch"]
+            carried[e] = None if batch is None else tuple(batch["ranks"][0]["f"].shape) if "ranks" in batch \
+                else tuple(batch["f"].shape)
+        rifle.close_diagnosis()
+        return rifle, carried, inside, saved
+
+    full, carried, inside, saved = run()
+    assert full.fired == [2] and full.diagnosis[0]["head_signal_reason"] is None
+    assert carried == {0: None, 1: (4, 4), 2: None, 3: None, 4: None, 5: None}
+    assert inside == {0: True, 1: True, 2: False, 3: False, 4: False, 5: False}  # armed until K fired
+    for e in (0, 1, 2):
+        resumed = run(e + 1, saved[e])[0]
+        assert resumed.diagnosis == full.diagnosis and resumed.fired == [2]

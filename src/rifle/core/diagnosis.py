@@ -251,7 +251,8 @@ class Diagnosis(HeadSignal):
 
     def pending_state(self) -> dict[str, Any]:
         """What is being measured now (windows, loss sums), so that a run resumed from a checkpoint
-        written between two steps measures what the uninterrupted run measured. Plain floats."""
+        written between two steps measures what the uninterrupted run measured. Plain floats, and the
+        captured batch as tensors (``head_batch``, only while armed)."""
         def rows(ts):
             return [t.tolist() for t in ts]
         return {"armed": self._armed, "skip": self._skip, "before": rows(self._before),

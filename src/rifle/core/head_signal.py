@@ -31,6 +31,7 @@ def target_tol(*dtypes: torch.dtype) -> float:
 def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float:
     """``‖E‖_F²`` with ``e_i = Wᵀ(softmax(W f_i + b) − t_i)`` for this ``linear`` (float64)."""
     w = linear.weight.detach().to(f.device, torch.float64)
+    f = f.to(torch.float64)
     z = f @ w.T
     if linear.bias is not None:
         z = z + linear.bias.detach().to(f.device, torch.float64)
@@ -82,7 +83,8 @@ class HeadSignal:
         output.register_hook(keep)
 
     def _freeze(self) -> dict | None:
-        """The captured batch as ``{"f", "t"}`` (float64, targets recovered) or ``{"why": reason}``."""
+        """The captured batch as ``{"f", "t"}`` (f as captured, the targets recovered in float64) or
+        ``{"why": reason}``."""
         if self._frozen is None and self._cap is not None:
             cap = self._cap
             if len(cap) == 1:
@@ -101,7 +103,7 @@ class HeadSignal:
                 ok = (t.dim() == 2 and t.shape[0] == n
                       and bool(((t.sum(1) - 1).abs() <= tol).all())
                       and bool((t >= -tol).all()) and bool((t <= 1 + tol).all()))
-                self._frozen = {"f": f.double(), "t": t} if ok else {"why": NO_CE}
+                self._frozen = {"f": f, "t": t} if ok else {"why": NO_CE}
         return self._frozen
 
     def _head_begin(self) -> None:
@@ -160,21 +162,36 @@ class HeadSignal:
 
 
 def _batch_state(frozen: dict | None) -> dict | None:
-    """A frozen captured batch as plain floats (JSON-ready: the HF callback keeps the state there)."""
+    """A frozen captured batch as CPU tensors (f in its captured dtype, t float64: a resume measures
+    exactly what the uninterrupted run did); :func:`plain_state` makes it JSON-ready."""
     def one(r):
         if r is None or "why" in r:
             return r
-        return {"f": r["f"].tolist(), "t": r["t"].tolist()}
+        return {k: r[k].detach().to("cpu").clone() for k in ("f", "t")}  # clone: no larger storage saved
     if frozen is not None and "ranks" in frozen:
         return {"ranks": [one(r) for r in frozen["ranks"]]}
     return one(frozen)
 
 
 def _batch_load(state: dict | None, dev: torch.device) -> dict | None:
+    """Tensors (or, from a JSON state or one written before they were tensors, nested lists)."""
     def one(r):
         if r is None or "why" in r:
             return r
-        return {k: torch.tensor(r[k], dtype=torch.float64, device=dev) for k in ("f", "t")}
+        return {k: (r[k].to(dev) if isinstance(r[k], torch.Tensor)
+                    else torch.tensor(r[k], dtype=torch.float64, device=dev)) for k in ("f", "t")}
     if state is not None and "ranks" in state:
         return {"ranks": [one(r) for r in state["ranks"]]}
     return one(state)
+
+
+def plain_state(value: Any) -> Any:
+    """``value`` (a :meth:`rifle.core.Rifle.state_dict`) with every tensor as nested lists: JSON-ready,
+    for a trainer that keeps the state in JSON (the HF callback). Loading it back measures in float64."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: plain_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_state(v) for v in value]
+    return value

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .diagnosis import Diagnosis, backbone_weights
+from .head_signal import plain_state
 from .structure import HeadSpec, find_head, head_names, select_modules
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
                      reinit_)
@@ -454,9 +455,14 @@ class Rifle:
                 return
 
     # ------------------------------------------------------------------ state
-    def state_dict(self, *, sum_ranks: bool = False) -> dict[str, Any]:
+    def state_dict(self, *, sum_ranks: bool = False, plain: bool = False) -> dict[str, Any]:
         """What a resume needs. Inside an epoch under DDP, pass ``sum_ranks=True`` on every rank
-        (collective) so the saved state holds the open sums of all ranks, not only the saving rank's."""
+        (collective) so the saved state holds the open sums of all ranks, not only the saving rank's.
+        The batch captured for the head signal travels as tensors, only when a re-init may follow;
+        ``plain=True``: every tensor as nested lists (JSON-ready)."""
+        pending = self._diag.pending_state() if self._diag is not None else None
+        if pending is not None and pending["head_batch"] is not None and not self._next_may_fire():
+            pending["head_batch"] = None  # the converged trigger decided no re-init at the next epoch
         state = {"version": STATE_VERSION, "unit": self.unit, "total": self.schedule.total,
                 "reinits": self.schedule.reinits, "points": list(self.schedule.points),
                 "applied": sorted(self.applied), "skipped": sorted(self.skipped),
@@ -464,10 +470,20 @@ class Rifle:
                 "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
                 "started": self._started,
                 "diagnosis": self.diagnosis,
-                "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None,
+                "diagnosis_pending": pending,
                 # schedule runs: the state of before the trigger existed
                 **(self._trigger.state_dict(self.schedule) if self._trigger is not None else {})}
-        return open_sums_over_ranks(state) if sum_ranks else state
+        state = open_sums_over_ranks(state) if sum_ranks else state
+        return plain_state(state) if plain else state
+
+    def _next_may_fire(self) -> bool:
+        """False when the converged trigger has settled the epoch under way (its end: the checkpoint
+        the trainers write) and will not fire at the next one; True otherwise."""
+        trig = self._trigger
+        if trig is None or trig.epoch is None or not trig.history or trig.history[-1][0] != trig.epoch:
+            return True
+        acc = trig.history[-1][1]
+        return acc is not None and acc >= trig.converged_acc and trig.may_fire(trig.epoch + 1, self.schedule)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (every rank loads the same state: rank 0 keeps its open sums)."""
