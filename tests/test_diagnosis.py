@@ -723,7 +723,7 @@ def test_own_loop_resumed_inside_an_epoch_measures_what_the_uninterrupted_run_di
     model = tiny().double()
     first, opt = build(model)
     _own_loop(first, model, opt, data, 4, 5, stop=stop)
-    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    state = json.loads(json.dumps(first.state_dict(plain=True)))  # as a JSON checkpoint stores it
     m2 = tiny(7).double()
     m2.load_state_dict(model.state_dict())
     second, opt2 = build(m2)
@@ -734,3 +734,38 @@ def test_own_loop_resumed_inside_an_epoch_measures_what_the_uninterrupted_run_di
     assert second.points == full.points == ([2] if trigger == "schedule" else [1])
     for a, b in zip(m2.parameters(), full.model.parameters()):
         assert torch.equal(a, b)
+
+
+def _step_ddp_worker(rank, port, out, crash_at, resume):
+    from test_ddp import _env
+    _env(rank, 2, port)
+    config = cfg(Path(out).parent, Path(out).name, reinit_granularity="step", epochs=3, batch_size=32,
+                 train_fraction=0.3)
+    try:
+        with interrupted_at_epoch(crash_at):  # -1: never
+            run_train(config, resume=resume, log=lambda s: None)
+    except KeyboardInterrupt:
+        pass
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # three 2-rank runs
+def test_ddp_step_reinit_resumed_inside_its_loss_window_measures_what_the_full_run_did(tmp_path):
+    """2 gloo ranks, step re-init in the middle of epoch 1 (K=1 of 3 epochs): its loss window (the last
+    steps_per_epoch steps) spans the checkpoint after epoch 0, which rank 0 alone writes. The window is
+    summed over the ranks before it (every epoch's end), so the resumed run's numbers are the full run's
+    (before: rank 0's half of epoch 0's steps only; train_loss_before 1.907 resumed vs 1.943)."""
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    full, split = tmp_path / "full", tmp_path / "split"
+    mp.spawn(_step_ddp_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
+    mp.spawn(_step_ddp_worker, args=(free_port(), str(split), 1, False), nprocs=2, join=True)
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 1  # the checkpoint after epoch 0
+    mp.spawn(_step_ddp_worker, args=(free_port(), str(split), -1, True), nprocs=2, join=True)
+    [d] = on_disk(full)["rifle_diagnosis"]
+    assert d["unit"] == "step" and on_disk(full)["reinit_epochs"] == [1]  # a step inside epoch 1
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert d["train_loss_before"] != pytest.approx(rows[0]["train_loss"]) and d["head_signal_reason"] is None
+    assert on_disk(split)["rifle_diagnosis"] == [d]
