@@ -509,12 +509,13 @@ class Rifle:
         else:  # version 1: "done" did not tell applied from skipped
             applied, skipped = [int(i) for i in state["done"]], []
         pending = [i for i in range(1, len(self.schedule.points) + 1) if i not in applied + skipped]
-        if self._trigger is not None:  # re-inits the trigger may still fire draw with this run's init
+        may_fire = False  # converged trigger: a re-init it may still fire draws with this run's init
+        if self._trigger is not None:
             w = self._trigger.epoch
-            pending += [t for t in range(1 if w is None else w + 1, self.schedule.total)
-                        if self._trigger.may_fire(t, self.schedule)][:1]
+            may_fire = any(self._trigger.may_fire(t, self.schedule)
+                           for t in range(1 if w is None else w + 1, self.schedule.total))
         saved_init = state.get("init", None)
-        if isinstance(self.init, str) and pending:
+        if isinstance(self.init, str) and (pending or may_fire):
             if "init" not in state and self.init in _RENAMED_INITS:
                 raise ValueError(
                     f"RIFLE state version {state.get('version')} was saved when init={self.init!r} "
