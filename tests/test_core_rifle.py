@@ -429,14 +429,78 @@ def test_unit_outside_the_run_is_an_error(unit, bad):
     assert r.applied == [] and r.skipped == []
 
 
-def test_one_based_loop_is_caught_before_it_shifts_a_reinit():
-    r = Rifle(net(), None, epochs=4, reinits=1, min_steps_after=None)
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+def test_one_based_loop_is_caught_before_it_shifts_a_reinit(unit):
+    kw = dict(epochs=4) if unit == "epoch" else dict(total_steps=4)
+    r = Rifle(net(), None, reinits=1, min_steps_after=None, **kw)
+    hook = r.on_epoch_start if unit == "epoch" else r.on_step_start
+    with pytest.warns(RifleScheduleWarning) as caught:
+        hook(1)  # the first call: warned at once, before the shifted re-init at the loop's 2nd unit
+    assert [str(w.message) for w in caught] == [
+        f"RIFLE: the first call is on_{unit}_start(1): {unit}s are 0-based, in [0, 4); a loop over "
+        f"range(1, 5) shifts every re-init by one {unit} and fails at its last {unit}. Call "
+        f"on_{unit}_start(0) first (or load_state_dict() before resuming at {unit} 1)"]
+    assert caught[0].filename == __file__  # the user's line
     with pytest.raises(ValueError, match="range\\(1, E\\+1\\)"):
-        for epoch in range(1, 5):
-            r.on_epoch_start(epoch)
-    # the shifted re-init already fired at the loop's 2nd epoch; the out-of-range last one raises,
-    # so the off-by-one does not pass silently
-    assert r.applied == [1]
+        for t in range(2, 5):
+            hook(t)
+    assert r.applied == [1]  # the out-of-range last one still raises
+    start = lambda r, t: (r.on_epoch_start if unit == "epoch" else r.on_step_start)(t)  # noqa: E731
+    with warnings.catch_warnings():  # a 0-based loop, or a resumed one starting at 1: no warning
+        warnings.simplefilter("error")
+        start(Rifle(net(), None, reinits=1, min_steps_after=None, **kw), 0)
+        resumed = Rifle(net(), None, reinits=1, min_steps_after=None, **kw)
+        resumed.load_state_dict(Rifle(net(), None, reinits=1, min_steps_after=None, **kw).state_dict())
+        start(resumed, 1)
+
+
+def test_optimizer_without_the_head_is_refused_at_construction():
+    model = net()
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)  # the backbone only: the head never trains
+    with pytest.raises(ValueError) as e:
+        Rifle(model, opt, epochs=4, reinits=1)
+    assert str(e.value) == (
+        "the optimizer does not hold 2.weight, 2.bias (parameters of 2, which RIFLE re-initialises): the "
+        "re-initialised head would never be trained. Build the optimizer over the model's parameters after "
+        "replacing its head, or pass the optimizer that trains the head (or optimizer=None)")
+    model[2].bias.requires_grad_(False)  # a frozen parameter needs no optimizer
+    with pytest.raises(ValueError, match="does not hold 2.weight \\(parameters of 2,"):
+        Rifle(model, opt, epochs=4, reinits=1)
+    Rifle(model, torch.optim.SGD([model[0].weight, model[0].bias, model[2].weight], lr=0.1), epochs=4, reinits=1)
+    Rifle(model, None, epochs=4, reinits=1)
+
+
+@pytest.mark.parametrize("when", ["before the loop", "during training"])
+def test_head_replaced_after_rifle_is_refused_before_a_silent_reinit(when):
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = Rifle(model, opt, epochs=4, reinits=1, min_steps_after=None)  # the re-init at epoch 2
+    old = model[2]
+    if when == "during training":
+        r.on_epoch_start(0)
+        r.on_epoch_start(1)
+    model[2] = nn.Linear(8, 3)  # replaced: the Rifle still holds the detached old module
+    with pytest.raises(RuntimeError) as e:
+        r.on_epoch_start(0 if when == "before the loop" else 2)
+    where = "the first on_epoch_start" if when == "before the loop" else "re-init 1"
+    assert str(e.value) == (
+        f"RIFLE {where}: 2 is no longer part of the model (replaced after Rifle(...) was built?): "
+        f"re-initialising it would change nothing the model uses. Build Rifle (and the optimizer) after "
+        f"the model's head is in place")
+    assert r.applied == [] and r.head_modules == [old]
+
+
+def test_optimizer_rebuilt_without_the_head_is_refused_at_the_reinit():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = Rifle(model, opt, epochs=4, reinits=1, min_steps_after=None)
+    r.on_epoch_start(0)
+    r.on_epoch_start(1)
+    opt.param_groups[:] = [g for g in opt.param_groups if False] + [{**opt.param_groups[0],
+                                                                     "params": list(model[0].parameters())}]
+    with pytest.raises(RuntimeError, match="^RIFLE re-init 1: the optimizer does not hold 2.weight, 2.bias"):
+        r.on_epoch_start(2)
+    assert r.applied == []
 
 
 def test_applied_and_skipped_are_separate_and_old_state_loads():

@@ -160,9 +160,10 @@ def test_verdict_thresholds():
 
 
 # ----------------------------------------------------------------------------- same-batch head signal
-def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64):
-    """RIFLE K=1 (re-init at the start of epoch 2) on tiny() in ``dtype``; returns (rifle, the last batch
-    before the re-init as (features, y), the head's (W, b) just before and just after the re-init)."""
+def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64, amp=None):
+    """RIFLE K=1 (re-init at the start of epoch 2) on tiny() in ``dtype`` (forward under CPU autocast to
+    ``amp`` when given); returns (rifle, the last batch before the re-init as (features, y), the head's
+    (W, b) just before and just after the re-init)."""
     model = tiny().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     rifle = Rifle(model, opt, epochs=epochs, reinits=1, head=head if head is not None else model[6],
@@ -181,12 +182,14 @@ def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, 
             x = x.to(dtype)
             opt.zero_grad()
             for xc, yc in zip(x.chunk(accum), y.chunk(accum)):
-                logits = model(xc)
-                (loss_fn(logits, yc) / accum).backward()
-                rifle.observe(F.cross_entropy(logits.detach(), yc), (logits.argmax(1) == yc).sum(), len(yc))
-                if epoch == 1 and s == steps - 1:
-                    with torch.no_grad():
-                        last = (model[:6](xc).double(), yc)
+                with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    logits = model(xc)
+                    loss = loss_fn(logits, yc) / accum
+                    if epoch == 1 and s == steps - 1:
+                        with torch.no_grad():  # the head's input as the forward made it (bf16 under amp)
+                            last = (model[:6](xc).double(), yc)
+                loss.backward()
+                rifle.observe(F.cross_entropy(logits.detach().float(), yc), (logits.argmax(1) == yc).sum(), len(yc))
             opt.step()
         if crash is not None and epoch == crash - 1:
             rifle.settle_diagnosis()
@@ -201,15 +204,20 @@ def signal(f, t, w, b):
     return (torch.softmax(f @ w.T + b, dim=1) - t) @ w
 
 
-@pytest.mark.parametrize("smoothing,accum,dtype", [(0.0, 1, torch.float64), (0.1, 1, torch.float64),
-                                                   (0.0, 2, torch.float64), (0.1, 1, torch.float32)])
-def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accum, dtype):
+@pytest.mark.parametrize("smoothing,accum,dtype,amp", [
+    (0.0, 1, torch.float64, None), (0.1, 1, torch.float64, None), (0.0, 2, torch.float64, None),
+    (0.1, 1, torch.float32, None), (0.0, 1, torch.float32, torch.bfloat16), (0.1, 1, torch.float32, torch.bfloat16),
+    (0.0, 2, torch.float32, torch.bfloat16)])
+def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accum, dtype, amp):
     """Hard labels, label-smoothed CE and 2 accumulated micro-batches (loss / 2, head_grad_scale=1/2): the
     targets recovered from dL/dz are exact (to 1e-9 with a float64 model; float32 gradients carry ~1e-7),
-    so the ratio equals the one computed from the true targets."""
-    rel = 1e-9 if dtype == torch.float64 else 1e-5
+    so the ratio equals the one computed from the true targets. Under bf16 autocast dL/dz is rounded to
+    bf16 (each entry within 2**-8 of itself): the targets are off by up to ~2e-3, the ratio by < 2**-7."""
+    rel = {torch.float64: 1e-9, torch.float32: 1e-5}[dtype] if amp is None else 2 ** -7
     rifle, (f, y), old, new = head_signal_run(
-        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype)
+        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype, amp=amp)
+    if amp is not None:  # what was captured: bf16 logits and gradients, the targets recovered in float64
+        assert f.dtype == torch.float64 and torch.equal(f, f.to(torch.bfloat16).double())
     t = (1 - smoothing) * F.one_hot(y, 3).double() + smoothing / 3
     e_old, e_new = signal(f, t, *old), signal(f, t, *new)
     [d] = rifle.diagnosis
@@ -222,15 +230,25 @@ def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accu
     json.dumps(rifle.diagnosis)
 
 
-def test_head_signal_wrong_scale_or_other_loss_is_not_measured():
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_head_signal_wrong_scale_or_other_loss_is_not_measured(amp):
     """MSE on the logits: the recovered targets are no distribution -> None with the reason; so is
-    cross-entropy summed instead of averaged (dL/dz B times too large)."""
+    cross-entropy summed instead of averaged (dL/dz B times too large), and mean cross-entropy with a
+    head_grad_scale twice its scale (2 accumulated micro-batches not divided by 2) - also under bf16
+    autocast, whose wider tolerance (2**-6) still tells them apart."""
+    from rifle.core.head_signal import NO_CE, target_tol
+    assert target_tol(torch.float64) == target_tol(torch.float32) == 1e-3
+    assert target_tol(torch.bfloat16, torch.float32) == 2 ** -6 and target_tol(torch.float16) == 2 ** -9
     onehot = lambda y: F.one_hot(y, 3).float()  # noqa: E731
-    for loss_fn in (lambda z, y: F.mse_loss(z, onehot(y)), lambda z, y: F.cross_entropy(z, y, reduction="sum")):
-        rifle, *_ = head_signal_run(loss_fn)
+    for loss_fn, accum in ((lambda z, y: F.mse_loss(z, onehot(y)), 1),
+                           (lambda z, y: F.cross_entropy(z, y, reduction="sum"), 1),
+                           (lambda z, y: F.cross_entropy(z, y) * 2, 2)):
+        rifle, *_ = head_signal_run(loss_fn, accum=accum, dtype=torch.float32 if amp else torch.float64, amp=amp)
         [d] = rifle.diagnosis
         assert d["head_signal_ratio"] is d["head_signal_old"] is d["head_signal_new"] is None
-        assert d["head_signal_reason"] == "not measured: the loss is not mean cross-entropy on the head's logits"
+        assert d["head_signal_reason"] == NO_CE == (
+            "not measured: the targets recovered from the gradient at the head's logits are no probability "
+            "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
         assert "on the same batch" not in d["verdict"]  # the after/before ratio decides, as before
 
 
@@ -248,14 +266,25 @@ def test_head_signal_needs_one_linear_head():
     assert r.diagnosis[0]["head_signal_reason"].endswith("not exactly one nn.Linear")
 
 
-def test_head_signal_resumes_from_a_checkpoint_before_the_reinit():
+@pytest.mark.parametrize("route", ["torch.save", "json"])
+def test_head_signal_resumes_from_a_checkpoint_before_the_reinit(route):
     """A state written between the last step of epoch 1 and the re-init (settle_diagnosis, as the trainer
-    does) carries the captured batch: the resumed run measures exactly what the uninterrupted one did."""
+    does) carries the captured batch, as tensors (torch.save) or, with plain=True, nested lists (the HF
+    callback keeps it in JSON): the resumed run measures exactly what the uninterrupted one did."""
+    import io
     rifle, *_ = head_signal_run(F.cross_entropy)
     [full] = rifle.diagnosis
     a, model, opt = head_signal_run(F.cross_entropy, crash=2)
-    state = json.loads(json.dumps(a.state_dict()))  # plain floats (the HF callback keeps it in JSON)
-    assert state["diagnosis_pending"]["head_batch"]["ranks"][0]["f"]
+    if route == "json":
+        state = json.loads(json.dumps(a.state_dict(plain=True)))
+        assert len(state["diagnosis_pending"]["head_batch"]["ranks"][0]["f"]) == 8
+    else:
+        buf = io.BytesIO()
+        torch.save(a.state_dict(), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)  # as the trainer reads its state.pt
+        batch = state["diagnosis_pending"]["head_batch"]["ranks"][0]
+        assert batch["f"].shape == (8, 5) and batch["t"].shape == (8, 3) and batch["t"].dtype == torch.float64
     m2 = tiny(5).double()
     m2.load_state_dict(model.state_dict())
     opt2 = torch.optim.SGD(m2.parameters(), lr=0.2, momentum=0.9)
@@ -514,8 +543,16 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
 def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
     from rifle.integrations.transformers import RifleTrainerCallback
+
+    class Heads(TrainerCallback):  # the classifier at the start of step 12: before / after RIFLE's re-init
+        def __init__(self):
+            self.at = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 12:
+                self.at = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
@@ -530,7 +567,11 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8,
                              learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
                              logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    old, new = Heads(), Heads()
+    seen = []  # every training forward: the classifier's input, and the labels the model was called with
+    model.classifier.register_forward_hook(lambda m, a, out: seen.append([a[0].detach().double()]))
+    model.register_forward_hook(lambda m, a, kw, out: seen[-1].append(kw["labels"]), with_kwargs=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[old, cb, new])
     trainer.train()
     [e] = cb.diagnosis
     assert (e["index"], e["unit"], e["at"], e["steps_before"], e["steps_after"]) == (1, "step", 12, 5, 5)
@@ -541,7 +582,15 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
     assert h["rifle/grad_ratio"] == e["grad_ratio"] > 0 and h["rifle/verdict"] == e["verdict"]
     assert h["step"] == 17  # the after window (steps 12..16) completed
     assert e["verdict"] in capsys.readouterr().out.splitlines()
-    assert e["head_signal_ratio"] is None or e["head_signal_ratio"] > 0  # HF heads: see the next test
+    # the same-batch head signal on step 11's batch (the last before the re-init), by hand: HF's mean
+    # cross-entropy on hard labels, no accumulation (head_grad_scale 1), a float32 model
+    assert len(seen) == 24 and e["head_signal_reason"] is None and cb.rifle.head_grad_scale == 1.0
+    f, y = seen[11]
+    t = F.one_hot(y, 2).double()
+    e_old, e_new = signal(f, t, *old.at), signal(f, t, *new.at)
+    assert not torch.equal(old.at[0], new.at[0])
+    assert e["head_signal_ratio"] == pytest.approx(float(e_new.norm() / e_old.norm()), rel=1e-5)
+    assert e["head_signal_old"] == pytest.approx(float(e_old.norm()) / math.sqrt(8), rel=1e-5)
 
 
 def test_hf_callback_does_not_measure_the_head_signal_under_accumulation(tmp_path):
@@ -563,7 +612,11 @@ def test_hf_callback_does_not_measure_the_head_signal_under_accumulation(tmp_pat
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     [e] = cb.diagnosis
-    assert cb.rifle.head_grad_scale is None and e["head_signal_ratio"] is None and e["head_signal_reason"]
+    assert cb.rifle.head_grad_scale is None and e["head_signal_ratio"] is None
+    assert e["head_signal_reason"] == (
+        "not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 GradScaler's "
+        "loss scale, or gradient accumulation scaled in a way the trainer does not expose)")
+    assert "on the same batch" not in e["verdict"]
 
 
 def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
@@ -615,3 +668,104 @@ def test_no_diagnose_and_window_flags(tmp_path, capsys):
     assert d["steps_before"] == d["steps_after"] == 3
     assert main([*argv, "--diagnosis-window", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--diagnosis-window=0: a positive number of optimizer steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # bf16 matmuls on the CPU: ~30 s on a loaded 2-core machine
+def test_cli_run_under_bf16_autocast_measures_the_head_signal(tmp_path):
+    """--amp bf16 (CPU autocast here): the head's logits and their gradient are bf16; the targets are
+    recovered in float64 within bf16's tolerance, so the ratio is measured (it was refused before, with
+    a reason blaming the loss)."""
+    summary = run_train(cfg(tmp_path, amp="bf16", device="cpu", epochs=2, train_fraction=0.2, batch_size=32),
+                        log=lambda s: None)
+    [d] = summary["rifle_diagnosis"]
+    assert d["head_signal_reason"] is None and d["head_signal_ratio"] > 0
+    assert d["head_signal_ratio"] == pytest.approx(d["head_signal_new"] / d["head_signal_old"], rel=1e-12)
+    assert f"error signal into the backbone x{d['head_signal_ratio']:.2f} on the same batch" in d["verdict"]
+
+
+def _own_loop(rifle, model, opt, data, epochs, steps, first=(0, 0), stop=None):
+    """Your own epoch loop from (epoch, step) ``first``; returns early (a checkpoint) at (epoch, step)
+    ``stop``, after the steps before it. Resuming calls on_epoch_start(e) again for the epoch under way."""
+    for epoch in range(first[0], epochs):
+        rifle.on_epoch_start(epoch)
+        for s in range(first[1] if epoch == first[0] else 0, steps):
+            if (epoch, s) == stop:
+                return
+            x, y = data[epoch * steps + s]
+            opt.zero_grad()
+            logits = model(x.double())
+            F.cross_entropy(logits, y).backward()
+            rifle.observe(F.cross_entropy(logits.detach(), y), (logits.argmax(1) == y).sum(), len(y))
+            opt.step()
+    rifle.close_diagnosis()
+
+
+@pytest.mark.parametrize("trigger", ["schedule", "converged"])
+@pytest.mark.parametrize("stop", [(1, 2), (1, 4), (0, 3), (2, 1)])
+def test_own_loop_resumed_inside_an_epoch_measures_what_the_uninterrupted_run_did(stop, trigger):
+    """A checkpoint inside an epoch, then fresh objects, load_state_dict() and on_epoch_start(e) again
+    for the epoch under way: the loss window, the 'before' gradient norms and the captured batch
+    restored from the state stand (the second call used to restart the epoch's loss window)."""
+    kw = dict(epochs=4, reinits=1, min_steps_after=0, steps_per_epoch=5, diagnosis_window=3)
+    if trigger == "converged":
+        kw.update(trigger="converged", converged_acc=0.01)  # fires at epoch 1 (epoch 0 reaches it)
+    data = batches(20)
+
+    def build(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        return Rifle(model, opt, head=model[6], **kw), opt
+    model = tiny().double()
+    full, opt = build(model)
+    _own_loop(full, model, opt, data, 4, 5)
+    [d] = full.diagnosis
+    assert d["steps_before"] == d["steps_after"] == 3 and d["head_signal_reason"] is None
+
+    model = tiny().double()
+    first, opt = build(model)
+    _own_loop(first, model, opt, data, 4, 5, stop=stop)
+    state = json.loads(json.dumps(first.state_dict(plain=True)))  # as a JSON checkpoint stores it
+    m2 = tiny(7).double()
+    m2.load_state_dict(model.state_dict())
+    second, opt2 = build(m2)
+    opt2.load_state_dict(opt.state_dict())
+    second.load_state_dict(state)
+    _own_loop(second, m2, opt2, data, 4, 5, first=stop)
+    assert second.diagnosis == [d] and second.applied == [1]
+    assert second.points == full.points == ([2] if trigger == "schedule" else [1])
+    for a, b in zip(m2.parameters(), full.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def _step_ddp_worker(rank, port, out, crash_at, resume):
+    from test_ddp import _env
+    _env(rank, 2, port)
+    config = cfg(Path(out).parent, Path(out).name, reinit_granularity="step", epochs=3, batch_size=32,
+                 train_fraction=0.3)
+    try:
+        with interrupted_at_epoch(crash_at):  # -1: never
+            run_train(config, resume=resume, log=lambda s: None)
+    except KeyboardInterrupt:
+        pass
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # three 2-rank runs
+def test_ddp_step_reinit_resumed_inside_its_loss_window_measures_what_the_full_run_did(tmp_path):
+    """2 gloo ranks, step re-init in the middle of epoch 1 (K=1 of 3 epochs): its loss window (the last
+    steps_per_epoch steps) spans the checkpoint after epoch 0, which rank 0 alone writes. The window is
+    summed over the ranks before it (every epoch's end), so the resumed run's numbers are the full run's
+    (before: rank 0's half of epoch 0's steps only; train_loss_before 1.907 resumed vs 1.943)."""
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+    full, split = tmp_path / "full", tmp_path / "split"
+    mp.spawn(_step_ddp_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
+    mp.spawn(_step_ddp_worker, args=(free_port(), str(split), 1, False), nprocs=2, join=True)
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 1  # the checkpoint after epoch 0
+    mp.spawn(_step_ddp_worker, args=(free_port(), str(split), -1, True), nprocs=2, join=True)
+    [d] = on_disk(full)["rifle_diagnosis"]
+    assert d["unit"] == "step" and on_disk(full)["reinit_epochs"] == [1]  # a step inside epoch 1
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert d["train_loss_before"] != pytest.approx(rows[0]["train_loss"]) and d["head_signal_reason"] is None
+    assert on_disk(split)["rifle_diagnosis"] == [d]

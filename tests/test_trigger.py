@@ -172,6 +172,29 @@ def test_state_dict_resumes_exactly(stop, settled):
         assert torch.equal(a, b)
 
 
+def test_resume_with_another_init_is_refused_while_a_reinit_may_still_fire():
+    """As for the schedule's pending re-inits: the re-inits the trigger may still fire would draw other
+    heads. Once K fired (or none may fire any more) a changed init changes nothing and is accepted."""
+    first = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="shrink-perturb")
+    feed(first, [0.99, 0.5, 0.5])  # fired at 1; one more may fire
+    state = json.loads(json.dumps(first.state_dict()))
+    assert first.fired == [1] and state["init"] == "shrink_perturb:0.4,0.1"
+    other = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="lecun_normal")
+    with pytest.raises(ValueError) as e:
+        other.load_state_dict(state)
+    assert str(e.value) == ("RIFLE state was saved with init='shrink_perturb:0.4,0.1', this run has "
+                            "init='lecun_normal': the remaining re-inits would draw other heads")
+    same = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="shrink_perturb:0.4,0.1")
+    same.load_state_dict(state)  # the same init, spelled out: accepted
+    feed(first, [0.99, 0.5], start=3)  # the second fired at 4: K reached
+    done = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="lecun_normal")
+    done.load_state_dict(first.state_dict())
+    assert done.fired == [1, 4]
+    late = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="shrink-perturb")
+    feed(late, [0.5] * 9)  # epoch 8 ended: the guard (2) leaves no epoch to fire at
+    Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged").load_state_dict(late.state_dict())
+
+
 # ---------------------------------------------------------------------------- DDP
 def _ddp_worker(rank, port, out):
     import torch.distributed as dist
@@ -220,7 +243,7 @@ def _ddp_mid_epoch_worker(rank, port, out, mode):
 
     def batch(rifle, e, half):
         c = local[e] // 2 if half == 0 else local[e] - local[e] // 2
-        rifle.observe(0.3, correct=c, count=50)
+        rifle.observe(loss(rank, e, half), correct=c, count=50)
 
     model = tiny()
     rifle = Rifle(model, None, epochs=10, reinits=2, trigger="converged", converged_acc=0.9)
@@ -249,10 +272,16 @@ def _ddp_mid_epoch_worker(rank, port, out, mode):
         rifle.on_epoch_start(e)
         batch(rifle, e, 0), batch(rifle, e, 1)
         rifle.settle_trigger()
+    rifle.close_diagnosis()
     with open(f"{out}/{mode}{rank}.json", "w") as f:
-        json.dump({"fired": rifle.fired, "report": rifle.trigger_report,
+        json.dump({"fired": rifle.fired, "report": rifle.trigger_report, "diagnosis": rifle.diagnosis,
                    "head": model[2].weight.tolist()}, f)
     dist.destroy_process_group()
+
+
+def loss(rank, e, half):
+    """Each batch's mean loss in the mid-epoch test: all different, so a lost or doubled batch shows."""
+    return 0.1 * (half + 1) + 0.2 * rank + 0.01 * e
 
 
 def test_ddp_own_loop_mid_epoch_checkpoint_counts_every_batch_once(tmp_path):
@@ -271,6 +300,18 @@ def test_ddp_own_loop_mid_epoch_checkpoint_counts_every_batch_once(tmp_path):
     acc = dict((e, a) for e, a in res["plain0"]["report"]["train_acc"])
     assert acc[1] == pytest.approx(141 / 150) and acc[0] == pytest.approx(0.85)
     assert res["plain0"]["fired"] == [2, 5]
+    # the diagnosis: loss / accuracy of the epoch before each re-init, both ranks' batches (by hand)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    full = res["full0"]["diagnosis"]
+    assert [(d["at"], d["train_acc_before"]) for d in full] == [(2, pytest.approx(182 / 200)),
+                                                                 (5, pytest.approx(180 / 200))]
+    for d, e in zip(full, (1, 4)):
+        assert d["train_loss_before"] == pytest.approx(mean([loss(r, e, h) for r in (0, 1) for h in (0, 1)]))
+    # resumed inside epoch 1 (on_epoch_start(1) called again): the restored window stands
+    assert res["sum0"]["diagnosis"] == full
+    plain = res["plain0"]["diagnosis"][0]  # rank 1's first batch of epoch 1 is missing, as for the accuracy
+    assert plain["train_acc_before"] == pytest.approx(141 / 150)
+    assert plain["train_loss_before"] == pytest.approx(mean([loss(0, 1, 0), loss(0, 1, 1), loss(1, 1, 1)]))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -329,18 +370,29 @@ def test_cli_killed_and_resumed_gives_the_same_run(tmp_path, capsys):
 
 
 def test_callbacks_take_the_converged_trigger_per_epoch_only():
-    """The callbacks' own tests (tests/test_integration_*.py) run it in the real trainers."""
+    """Both callbacks: the granularity each trigger gets (given, or the default) and the exact refusals.
+    Their runs in the real trainers: tests/test_integration_*.py (converged_trigger_*)."""
     pytest.importorskip("lightning")
     from rifle.integrations.lightning import RifleCallback
-    assert RifleCallback(trigger="converged").granularity == "epoch"
-    with pytest.raises(ValueError, match="decides once per epoch"):
-        RifleCallback(trigger="converged", granularity="step")
-    transformers = pytest.importorskip("transformers")  # noqa: F841
+    pytest.importorskip("transformers")
     from rifle.integrations.transformers import RifleTrainerCallback
-    assert RifleTrainerCallback(trigger="converged").granularity == "epoch"
-    assert RifleTrainerCallback().granularity == "step"
-    with pytest.raises(ValueError, match="decides once per epoch"):
-        RifleTrainerCallback(trigger="converged", granularity="step")
+    step_refused = ("trigger='converged' decides once per epoch from the epoch's training accuracy: use "
+                    "granularity='epoch' (step granularity is not supported with it)")
+    for cls, default in ((RifleCallback, "epoch"), (RifleTrainerCallback, "step")):
+        assert cls().granularity == default and cls(granularity=None).granularity == default
+        assert cls(trigger="converged").granularity == cls(trigger="converged", granularity=None).granularity \
+            == cls(trigger="converged", granularity="epoch").granularity == "epoch"
+        assert cls(granularity="step").granularity == "step"
+        with pytest.raises(ValueError) as e:
+            cls(trigger="converged", granularity="step")
+        assert str(e.value) == step_refused
+        with pytest.raises(ValueError) as e:
+            cls(trigger="sometimes")
+        assert str(e.value) == ("trigger='sometimes': choose 'schedule' (the paper's fixed re-init points) or "
+                                "'converged' (re-init once the head has converged; docs/rifle.md#trigger)")
+        with pytest.raises(ValueError) as e:
+            cls(granularity="batch")
+        assert str(e.value) == "granularity must be 'epoch' or 'step', got 'batch'"
 
 
 def test_a_run_recorded_before_the_trigger_existed_still_resumes():
@@ -473,3 +525,50 @@ def test_the_reinit_and_its_diagnosis_are_the_schedules_and_cost_only_the_last_s
     assert trig_reads == 5 * 5 + 5
     never, never_reads = _train({"trigger": "converged"}, [0.5] * 10)
     assert never.fired == [] and never_reads == 5 * 8  # E=10, guard 2: epochs 1..8 were possible
+
+
+def test_checkpoints_carry_the_captured_batch_only_before_a_reinit():
+    """The head signal's captured batch (tensors) goes into a state only when a re-init may follow it:
+    at an epoch's end the trigger has decided (settled), so only the epoch before the one it fires at
+    carries it; inside an epoch (not settled) an armed state keeps it. Resuming from each epoch's end
+    measures what the uninterrupted run did."""
+    accs = [0.5, 0.98, 0.99, 0.99, 0.99, 0.5]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+    def run(start=0, state=None, stop=6):
+        model = tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        rifle = Rifle(model, opt, epochs=6, reinits=1, trigger="converged", steps_per_epoch=4,
+                      diagnosis_window=2, min_steps_after=None)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            rifle.load_state_dict(state["rifle"])
+        carried, inside, saved = {}, {}, {}
+        for e in range(start, stop):
+            rifle.on_epoch_start(e)
+            for i in range(4):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
+                loss.backward()
+                rifle.observe(loss, correct=round(accs[e] * 4), count=4)
+                opt.step()
+                if i == 3:  # the last step, before the epoch's end: nothing settled yet
+                    inside[e] = rifle.state_dict()["diagnosis_pending"]["head_batch"] is not None
+            rifle.settle_trigger()
+            saved[e] = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+                        "rifle": rifle.state_dict()}
+            batch = saved[e]["rifle"]["diagnosis_pending"]["head_batch"]
+            carried[e] = None if batch is None else tuple(batch["ranks"][0]["f"].shape) if "ranks" in batch \
+                else tuple(batch["f"].shape)
+        rifle.close_diagnosis()
+        return rifle, carried, inside, saved
+
+    full, carried, inside, saved = run()
+    assert full.fired == [2] and full.diagnosis[0]["head_signal_reason"] is None
+    assert carried == {0: None, 1: (4, 4), 2: None, 3: None, 4: None, 5: None}
+    assert inside == {0: True, 1: True, 2: False, 3: False, 4: False, 5: False}  # armed until K fired
+    for e in (0, 1, 2):
+        resumed = run(e + 1, saved[e])[0]
+        assert resumed.diagnosis == full.diagnosis and resumed.fired == [2]

@@ -93,7 +93,7 @@ class Diagnosis(HeadSignal):
         self._after: list[torch.Tensor] | None = None
         self._open: dict[str, Any] | None = None
         self._obs: deque = deque()
-        self._settled = False  # the window already holds sums over ranks (settle())
+        self._n_settled = 0  # the window's first rows already hold sums over ranks (settle())
         self._before_norms: list[torch.Tensor] = []
         self._step_key: Any = None
         self.head_grad_scale: float | None = 1.0
@@ -104,7 +104,7 @@ class Diagnosis(HeadSignal):
     def new_period(self) -> None:
         if self.loss_window is None:
             self._obs.clear()
-            self._settled = False
+            self._n_settled = 0
 
     def set_step(self, key: Any) -> None:
         """Group the following observations under optimizer step ``key`` (for ``loss_window``)."""
@@ -117,7 +117,7 @@ class Diagnosis(HeadSignal):
             loss = loss.detach().double()  # stays on the device: no host sync per step
         c = correct.detach() if isinstance(correct, torch.Tensor) else correct
         item = [loss * count, c, int(count)]
-        if self._obs and (self.loss_window is None or self._obs[-1][3] == self._step_key):
+        if len(self._obs) > self._n_settled and (self.loss_window is None or self._obs[-1][3] == self._step_key):
             last = self._obs[-1]
             last[0] = last[0] + item[0]
             last[1] = None if last[1] is None or c is None else last[1] + c
@@ -127,27 +127,37 @@ class Diagnosis(HeadSignal):
         if self.loss_window is not None and isinstance(self._step_key, int):
             while self._obs[0][3] is not None and self._obs[0][3] <= self._step_key - self.loss_window:
                 self._obs.popleft()
+                self._n_settled = max(0, self._n_settled - 1)
 
     def _totals(self) -> tuple[float, float, float, bool]:
-        """(loss sum, correct, count, accuracy known) of the window, summed over ranks."""
+        """(loss sum, correct, count, accuracy known) of the window, summed over ranks (the rows that
+        settle() summed already are not summed again)."""
         has_acc = bool(self._obs) and all(o[1] is not None for o in self._obs)
         losses = _floats([o[0] for o in self._obs])
         hits = _floats([o[1] for o in self._obs]) if has_acc else [0.0] * len(self._obs)
-        sums = [sum(losses), sum(hits), float(sum(o[2] for o in self._obs))]
-        if not self._settled:
+        k, counts = self._n_settled, [float(o[2]) for o in self._obs]
+        sums = [sum(losses[k:]), sum(hits[k:]), sum(counts[k:])]
+        if k < len(self._obs) or not self._obs:
             sums = sum_over_ranks(sums)
-        return sums[0], sums[1], sums[2], has_acc
+        return sums[0] + sum(losses[:k]), sums[1] + sum(hits[:k]), sums[2] + sum(counts[:k]), has_acc
 
     def settle(self) -> None:
-        """Sum the loss window over ranks now (every rank calls it at the same moment), so that a
-        checkpoint written by one rank holds the run's numbers: call it just before a checkpoint that
-        precedes a re-init (the trainer does, at the end of the epoch before one)."""
-        key = self._obs[-1][3] if self._obs else self._step_key
-        loss_sum, correct, n, has_acc = self._totals()
-        self._obs.clear()
-        if n > 0:
-            self._obs.append([loss_sum, correct if has_acc else None, n, key])
-        self._settled = True
+        """Sum the loss window over ranks now, row by row (every rank calls it at the same moment), so
+        that a checkpoint written by one rank holds the run's numbers: call it before a checkpoint that
+        a re-init's loss window spans (the trainer does: at the end of the epoch before an epoch re-init,
+        at every epoch's end with step re-inits, whose window of the last steps_per_epoch steps may
+        span it). Rows observed later are summed at the re-init, as before."""
+        k = self._n_settled
+        rows = list(self._obs)[k:]
+        values = []
+        for row, ls, c in zip(rows, _floats([o[0] for o in rows]), _floats([o[1] for o in rows])):
+            values += [ls, 0.0 if c is None else c, float(row[2])]
+        if values:
+            total = sum_over_ranks(values)
+            for i, row in enumerate(rows):
+                row[0], row[1] = total[3 * i], None if row[1] is None else total[3 * i + 1]
+                row[2] = int(round(total[3 * i + 2]))
+        self._n_settled = len(self._obs)
         if self._linear is not None and self._armed:  # the captured batch of every rank, on every rank
             frozen = self._freeze()
             if frozen is None or "ranks" not in frozen:
@@ -157,7 +167,6 @@ class Diagnosis(HeadSignal):
 
     def _loss_acc(self) -> tuple[float | None, float | None]:
         loss_sum, correct, n, has_acc = self._totals()
-        self._settled = False
         if n <= 0:
             return None, None
         return loss_sum / n, (correct / n if has_acc else None)
@@ -251,11 +260,12 @@ class Diagnosis(HeadSignal):
 
     def pending_state(self) -> dict[str, Any]:
         """What is being measured now (windows, loss sums), so that a run resumed from a checkpoint
-        written between two steps measures what the uninterrupted run measured. Plain floats."""
+        written between two steps measures what the uninterrupted run measured. Plain floats, and the
+        captured batch as tensors (``head_batch``, only while armed)."""
         def rows(ts):
             return [t.tolist() for t in ts]
         return {"armed": self._armed, "skip": self._skip, "before": rows(self._before),
-                "settled": self._settled,
+                "settled": self._n_settled == len(self._obs), "settled_rows": self._n_settled,
                 "obs": [[ls, c, int(o[2]), o[3]] for o, ls, c in zip(self._obs, _floats([o[0] for o in self._obs]),
                                                                       _floats([o[1] for o in self._obs]))],
                 "open": dict(self._open) if self._open is not None else None,
@@ -270,8 +280,9 @@ class Diagnosis(HeadSignal):
             return [torch.tensor(r, dtype=torch.float64, device=dev) for r in rows]
         self._armed, self._skip = bool(state["armed"]), int(state["skip"])
         self._before = deque(tensors(state["before"]), maxlen=self.window)
-        self._settled = bool(state["settled"])
         self._obs = deque([list(o) for o in state["obs"]])
+        rows = state.get("settled_rows")  # states before it: all rows or none
+        self._n_settled = int(rows) if rows is not None else len(self._obs) if state["settled"] else 0
         self._open = dict(state["open"]) if state["open"] is not None else None
         self._before_norms = tensors(state["before_norms"])
         self._after = tensors(state["after"]) if state["after"] is not None else None

@@ -20,9 +20,18 @@ from .replicas import sum_over_ranks
 TARGET_TOL = 1e-3        # recovered targets: rows sum to 1 and entries lie in [0, 1], within this
 
 
+def target_tol(*dtypes: torch.dtype) -> float:
+    """The tolerance of the recovered targets for logits / gradients of these dtypes: TARGET_TOL, or
+    ``2 * eps`` of the least precise one (bf16: 2**-6). Rounding ``dL/dz`` to a dtype of machine epsilon
+    ``eps`` moves each entry of ``B * dL/dz = softmax(z) - t`` by at most ``eps/2`` of itself, hence a
+    row's sum by at most ``eps`` (its entries' magnitudes sum to <= 2); a 16-bit softmax adds as much."""
+    return max([TARGET_TOL] + [2 * torch.finfo(d).eps for d in dtypes if d.is_floating_point])
+
+
 def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float:
     """``‖E‖_F²`` with ``e_i = Wᵀ(softmax(W f_i + b) − t_i)`` for this ``linear`` (float64)."""
     w = linear.weight.detach().to(f.device, torch.float64)
+    f = f.to(torch.float64)
     z = f @ w.T
     if linear.bias is not None:
         z = z + linear.bias.detach().to(f.device, torch.float64)
@@ -30,7 +39,10 @@ def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float
     return float((e * e).sum())
 
 
-NO_CE = "not measured: the loss is not mean cross-entropy on the head's logits"
+NO_CE = ("not measured: the targets recovered from the gradient at the head's logits are no probability "
+         "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
+NO_SCALE = ("not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 "
+            "GradScaler's loss scale, or gradient accumulation scaled in a way the trainer does not expose)")
 
 
 class HeadSignal:
@@ -71,7 +83,8 @@ class HeadSignal:
         output.register_hook(keep)
 
     def _freeze(self) -> dict | None:
-        """The captured batch as ``{"f", "t"}`` (float64, targets recovered) or ``{"why": reason}``."""
+        """The captured batch as ``{"f", "t"}`` (f as captured, the targets recovered in float64) or
+        ``{"why": reason}``."""
         if self._frozen is None and self._cap is not None:
             cap = self._cap
             if len(cap) == 1:
@@ -79,16 +92,18 @@ class HeadSignal:
             elif cap[2] is None:
                 self._frozen = {"why": "not measured: the last captured batch had no backward pass"}
             elif self.head_grad_scale is None or not self.head_grad_scale > 0:
-                self._frozen = {"why": "not measured: the scale of the head's gradient is unknown "
-                                       "(head_grad_scale=None, e.g. fp16 loss scaling)"}
+                self._frozen = {"why": NO_SCALE}
             else:
                 f, z, g = cap
                 n = f.shape[0]
+                # recovered in float64 from the captured (possibly bf16) tensors; the tolerance is the
+                # rounding of the gradient's / logits' dtype (bf16 autocast: docs/rifle.md#when)
                 t = torch.softmax(z.double(), dim=1) - (n / self.head_grad_scale) * g.double()
+                tol = target_tol(z.dtype, g.dtype)
                 ok = (t.dim() == 2 and t.shape[0] == n
-                      and bool(((t.sum(1) - 1).abs() <= TARGET_TOL).all())
-                      and bool((t >= -TARGET_TOL).all()) and bool((t <= 1 + TARGET_TOL).all()))
-                self._frozen = {"f": f.double(), "t": t} if ok else {"why": NO_CE}
+                      and bool(((t.sum(1) - 1).abs() <= tol).all())
+                      and bool((t >= -tol).all()) and bool((t <= 1 + tol).all()))
+                self._frozen = {"f": f, "t": t} if ok else {"why": NO_CE}
         return self._frozen
 
     def _head_begin(self) -> None:
@@ -147,21 +162,36 @@ class HeadSignal:
 
 
 def _batch_state(frozen: dict | None) -> dict | None:
-    """A frozen captured batch as plain floats (JSON-ready: the HF callback keeps the state there)."""
+    """A frozen captured batch as CPU tensors (f in its captured dtype, t float64: a resume measures
+    exactly what the uninterrupted run did); :func:`plain_state` makes it JSON-ready."""
     def one(r):
         if r is None or "why" in r:
             return r
-        return {"f": r["f"].tolist(), "t": r["t"].tolist()}
+        return {k: r[k].detach().to("cpu").clone() for k in ("f", "t")}  # clone: no larger storage saved
     if frozen is not None and "ranks" in frozen:
         return {"ranks": [one(r) for r in frozen["ranks"]]}
     return one(frozen)
 
 
 def _batch_load(state: dict | None, dev: torch.device) -> dict | None:
+    """Tensors (or, from a JSON state or one written before they were tensors, nested lists)."""
     def one(r):
         if r is None or "why" in r:
             return r
-        return {k: torch.tensor(r[k], dtype=torch.float64, device=dev) for k in ("f", "t")}
+        return {k: (r[k].to(dev) if isinstance(r[k], torch.Tensor)
+                    else torch.tensor(r[k], dtype=torch.float64, device=dev)) for k in ("f", "t")}
     if state is not None and "ranks" in state:
         return {"ranks": [one(r) for r in state["ranks"]]}
     return one(state)
+
+
+def plain_state(value: Any) -> Any:
+    """``value`` (a :meth:`rifle.core.Rifle.state_dict`) with every tensor as nested lists: JSON-ready,
+    for a trainer that keeps the state in JSON (the HF callback). Loading it back measures in float64."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: plain_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_state(v) for v in value]
+    return value

@@ -88,7 +88,8 @@ def open_sums_over_ranks(state: dict[str, Any]) -> dict[str, Any]:
         return state
     window = state.get("trigger_window")
     pending = state.get("diagnosis_pending")
-    rows = pending["obs"] if pending and not pending.get("settled") else []
+    k = _settled_rows(pending)
+    rows = pending["obs"][k:] if pending else []
     values = [float(window["correct"]), float(window["count"]), 0.0 if window["has"] else 1.0] if window else []
     for loss_sum, correct, n, _ in rows:
         values += [float(loss_sum), float(correct or 0.0), float(n)]
@@ -102,10 +103,18 @@ def open_sums_over_ranks(state: dict[str, Any]) -> dict[str, Any]:
                                    "has": missing == 0}
         total = total[3:]
     if rows:
-        state["diagnosis_pending"] = {**pending, "obs": [
+        state["diagnosis_pending"] = {**pending, "obs": pending["obs"][:k] + [
             [total[3 * i], None if row[1] is None else total[3 * i + 1], int(round(total[3 * i + 2])), row[3]]
             for i, row in enumerate(rows)]}
     return state
+
+
+def _settled_rows(pending: dict[str, Any] | None) -> int:
+    """How many leading rows of a saved loss window hold sums over ranks already (Diagnosis.settle)."""
+    if not pending or not pending.get("obs"):
+        return 0
+    k = pending.get("settled_rows")  # states before it: all rows or none
+    return int(k) if k is not None else len(pending["obs"]) if pending.get("settled") else 0
 
 
 def open_sums_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +128,8 @@ def open_sums_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
     if window:
         state["trigger_window"] = {**window, "correct": 0.0, "count": 0}
     pending = state.get("diagnosis_pending")
-    if pending and not pending.get("settled") and pending.get("obs"):
-        state["diagnosis_pending"] = {**pending, "obs": [[0.0, None if c is None else 0.0, 0, key]
-                                                         for _, c, _, key in pending["obs"]]}
+    k = _settled_rows(pending)
+    if pending and len(pending["obs"]) > k:
+        state["diagnosis_pending"] = {**pending, "obs": pending["obs"][:k] + [
+            [0.0, None if c is None else 0.0, 0, key] for _, c, _, key in pending["obs"][k:]]}
     return state

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .diagnosis import Diagnosis, backbone_weights
+from .head_signal import plain_state
 from .structure import HeadSpec, find_head, head_names, select_modules
 from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
                      reinit_)
@@ -165,8 +166,11 @@ class Rifle:
         self.modules: list[nn.Module] = self.head_modules + [m for m in extra
                                                              if all(m is not h for h in self.head_modules)]
         self.module_names = head_names(inner, self.modules)
+        self._check_optimizer_holds_head()
         self.applied: list[int] = []  # re-init indices (1-based i of the rule) applied
         self.skipped: list[int] = []  # ... passed without being applied (warned once)
+        self._started: int | None = None  # the last epoch / step whose on_*_start ran (resume re-entry)
+        self._restored = False  # load_state_dict() was called (a resumed loop may start past 0)
         if head_lr_restart:
             self._head_groups()  # validate the param groups now; records each group's initial_lr
         self._diag: Diagnosis | None = None
@@ -209,8 +213,13 @@ class Rifle:
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> bool:
+        """Re-initialise when epoch ``epoch`` (0-based) starts a period; returns whether it did. Called
+        again for the epoch under way (a loop resumed inside it, after :meth:`load_state_dict`), it
+        changes nothing: the epoch's re-init, trigger decision and diagnosis windows stand."""
         if self.unit != "epoch":
             raise RuntimeError("this Rifle was built with total_steps=; call on_step_start(step)")
+        if self._reentered(epoch):
+            return False
         if self._trigger is not None and self._trigger.decide(self._check_t(epoch), self.schedule):
             self.schedule = dataclasses.replace(self.schedule, points=tuple(self._trigger.fired))
         fired = self._tick(epoch)
@@ -229,6 +238,8 @@ class Rifle:
     def on_step_start(self, step: int) -> bool:
         if self.unit != "step":
             raise RuntimeError("this Rifle was built with epochs=; call on_epoch_start(epoch)")
+        if self._reentered(step):
+            return False
         fired = self._tick(step)
         if self._diag is not None:
             self._diag.set_step(step)
@@ -310,6 +321,59 @@ class Rifle:
     def verdicts(self) -> list[str]:
         return [e["verdict"] for e in self.diagnosis]
 
+    def _reentered(self, t: int) -> bool:
+        """True when ``t`` is the epoch / step already started (nothing to do again); on the first call,
+        check the modules and warn about a 1-based loop."""
+        t = self._check_t(t)
+        if t == self._started:
+            if self.head_lr_restart:
+                self._apply_head_lr(t)
+            return True
+        if self._started is None and not self._restored:
+            self._check_attached("the first on_" + self.unit + "_start")
+            if t == 1:
+                warn_at_caller(
+                    f"RIFLE: the first call is on_{self.unit}_start(1): {self.unit}s are 0-based, in "
+                    f"[0, {self.schedule.total}); a loop over range(1, {self.schedule.total + 1}) shifts "
+                    f"every re-init by one {self.unit} and fails at its last {self.unit}. Call "
+                    f"on_{self.unit}_start(0) first (or load_state_dict() before resuming at {self.unit} 1)")
+        self._started = t
+        return False
+
+    def _param_names(self) -> dict[int, str]:
+        inner = unwrap_model(self.model)
+        return {id(p): n for n, p in inner.named_parameters(remove_duplicate=False)}
+
+    def _check_optimizer_holds_head(self, when: str | None = None) -> None:
+        """The optimizer must train the parameters a re-init overwrites (those with requires_grad)."""
+        if self.optimizer is None:
+            return
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [p for p in self.reinit_parameters if p.requires_grad and id(p) not in held]
+        if missing:
+            names = self._param_names()
+            listed = ", ".join(names.get(id(p), f"<{tuple(p.shape)}>") for p in missing)
+            msg = (f"the optimizer does not hold {listed} (parameters of {', '.join(self.module_names)}, "
+                   f"which RIFLE re-initialises): the re-initialised head would never be trained. Build "
+                   f"the optimizer over the model's parameters after replacing its head, or pass the "
+                   f"optimizer that trains the head (or optimizer=None)")
+            if when is None:
+                raise ValueError(msg)
+            raise RuntimeError(f"RIFLE {when}: {msg}")
+
+    def _check_attached(self, when: str) -> None:
+        """Every module to re-initialise is still part of the model (not replaced after ``Rifle(...)``)
+        and, with an optimizer, trained by it."""
+        inner = unwrap_model(self.model)
+        ids = {id(m) for m in inner.modules()}
+        gone = [n for n, m in zip(self.module_names, self.modules) if id(m) not in ids]
+        if gone:
+            raise RuntimeError(
+                f"RIFLE {when}: {', '.join(gone)} is no longer part of the model (replaced after "
+                f"Rifle(...) was built?): re-initialising it would change nothing the model uses. Build "
+                f"Rifle (and the optimizer) after the model's head is in place")
+        self._check_optimizer_holds_head(when)
+
     def _check_t(self, t: int) -> int:
         total = self.schedule.total
         try:
@@ -344,6 +408,7 @@ class Rifle:
 
     def reinit(self, index: int) -> None:
         """Apply re-init number ``index`` now (normally called by the schedule)."""
+        self._check_attached(f"re-init {index}")
         if self._diag is not None:
             at = self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1
             self._diag.begin(index, self.unit, at, self.head_modules)
@@ -390,19 +455,35 @@ class Rifle:
                 return
 
     # ------------------------------------------------------------------ state
-    def state_dict(self, *, sum_ranks: bool = False) -> dict[str, Any]:
+    def state_dict(self, *, sum_ranks: bool = False, plain: bool = False) -> dict[str, Any]:
         """What a resume needs. Inside an epoch under DDP, pass ``sum_ranks=True`` on every rank
-        (collective) so the saved state holds the open sums of all ranks, not only the saving rank's."""
+        (collective) so the saved state holds the open sums of all ranks, not only the saving rank's.
+        The batch captured for the head signal travels as tensors, only when a re-init may follow;
+        ``plain=True``: every tensor as nested lists (JSON-ready)."""
+        pending = self._diag.pending_state() if self._diag is not None else None
+        if pending is not None and pending["head_batch"] is not None and not self._next_may_fire():
+            pending["head_batch"] = None  # the converged trigger decided no re-init at the next epoch
         state = {"version": STATE_VERSION, "unit": self.unit, "total": self.schedule.total,
                 "reinits": self.schedule.reinits, "points": list(self.schedule.points),
                 "applied": sorted(self.applied), "skipped": sorted(self.skipped),
                 "done": self.done,  # read by version-1 code
                 "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
+                "started": self._started,
                 "diagnosis": self.diagnosis,
-                "diagnosis_pending": self._diag.pending_state() if self._diag is not None else None,
+                "diagnosis_pending": pending,
                 # schedule runs: the state of before the trigger existed
                 **(self._trigger.state_dict(self.schedule) if self._trigger is not None else {})}
-        return open_sums_over_ranks(state) if sum_ranks else state
+        state = open_sums_over_ranks(state) if sum_ranks else state
+        return plain_state(state) if plain else state
+
+    def _next_may_fire(self) -> bool:
+        """False when the converged trigger has settled the epoch under way (its end: the checkpoint
+        the trainers write) and will not fire at the next one; True otherwise."""
+        trig = self._trigger
+        if trig is None or trig.epoch is None or not trig.history or trig.history[-1][0] != trig.epoch:
+            return True
+        acc = trig.history[-1][1]
+        return acc is not None and acc >= trig.converged_acc and trig.may_fire(trig.epoch + 1, self.schedule)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (every rank loads the same state: rank 0 keeps its open sums)."""
@@ -428,8 +509,13 @@ class Rifle:
         else:  # version 1: "done" did not tell applied from skipped
             applied, skipped = [int(i) for i in state["done"]], []
         pending = [i for i in range(1, len(self.schedule.points) + 1) if i not in applied + skipped]
+        may_fire = False  # converged trigger: a re-init it may still fire draws with this run's init
+        if self._trigger is not None:
+            w = self._trigger.epoch
+            may_fire = any(self._trigger.may_fire(t, self.schedule)
+                           for t in range(1 if w is None else w + 1, self.schedule.total))
         saved_init = state.get("init", None)
-        if isinstance(self.init, str) and pending:
+        if isinstance(self.init, str) and (pending or may_fire):
             if "init" not in state and self.init in _RENAMED_INITS:
                 raise ValueError(
                     f"RIFLE state version {state.get('version')} was saved when init={self.init!r} "
@@ -442,6 +528,8 @@ class Rifle:
                 raise ValueError(f"RIFLE state was saved with init={saved_init!r}, this run has "
                                  f"init={self.init!r}: the remaining re-inits would draw other heads")
         self.applied, self.skipped = applied, skipped
+        started = state.get("started")
+        self._started, self._restored = (None if started is None else int(started)), True
         if self._diag is not None and "diagnosis" in state:
             self._diag.load_state_dict(state["diagnosis"])
             if state.get("diagnosis_pending"):

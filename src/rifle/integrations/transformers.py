@@ -291,7 +291,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if self.rifle is not None:
             # a checkpoint follows (DefaultFlowCallback, called first, decided): under DDP, the open
             # sums of all ranks go into it (collective; every rank sees the same control)
-            self._saved_window = (self.rifle.state_dict(sum_ranks=True)
+            self._saved_window = (self.rifle.state_dict(sum_ranks=True, plain=True)  # JSON
                                   if control.should_save else None)
         self._report_diagnoses(state)
 
@@ -413,4 +413,4 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             return self.progress
         if self._saved_window is not None:  # with the open sums of all ranks (on_step_end)
             return self._saved_window
-        return self.rifle.state_dict()
+        return self.rifle.state_dict(plain=True)  # trainer_state.json: tensors as lists

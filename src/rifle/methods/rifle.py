@@ -121,7 +121,9 @@ class RifleMethod(Method):
                 self._log(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
                           f"{report['reason']} (docs/rifle.md#trigger)")
         next_start = epoch + 1 if self.core.unit == "epoch" else (epoch + 1) * self._spe
-        if self.core.reinit_may_start_at(next_start):  # the checkpoint after this epoch precedes a re-init
+        # every rank: the checkpoint (rank 0's) after this epoch precedes a re-init, or, with step
+        # re-inits, may lie inside the loss window (the last steps_per_epoch steps) of one
+        if self.core.unit == "step" or self.core.reinit_may_start_at(next_start):
             self.core.settle_diagnosis()
         new = self.core.diagnosis[self._reported:]
         self._reported += len(new)
