@@ -9,8 +9,7 @@ import yaml
 from conftest import killed_at_epoch, make_image_folder, metrics, run_cli as run
 from rifle.cli import main
 
-FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--min-steps-after", "0",
-        "--quiet"]
+FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--quiet"]
 
 
 # ------------------------------------------------------------------------------ 1. --resume alone
