@@ -230,7 +230,8 @@ def test_help_tells_the_truth(capsys, monkeypatch):
     assert "--reinit-granularity {epoch,step}" in h["--reinit-granularity"]
     assert "bnb* and fused* need CUDA" in h["--opt"]
     flags = list(h)
-    assert flags.index("--opt-eps") == flags.index("--opt") + 1 and flags.index("--opt-betas") == flags.index("--opt") + 2
+    assert flags.index("--opt-eps") == flags.index("--opt") + 1
+    assert flags.index("--opt-betas") == flags.index("--opt") + 2
     # the RIFLE-only flags are in their own group, and only they
     group = text.split("RIFLE (--method rifle only):", 1)[1].split("\n\n", 2)[1].split("\n\n")[0]
     in_group = {e.split()[0].rstrip(",") for e in re.split(r"\n(?=  -)", group) if e.lstrip().startswith("--")}
