@@ -41,6 +41,11 @@ def test_presets_and_defaults_of_rifle_keys_are_not_refused():
     # the cpu preset sets reinits=1: not given by the user, so fine with another method
     assert resolve({"method": "finetune"}, preset="cpu", cli=True).reinits == 1
     assert resolve({"method": "rifle", "reinit_trigger": "converged"}, cli=True).reinit_trigger == "converged"
+    # --record-depth marks the epochs where RIFLE-K would re-init (analysis.monitor): K and the guard count
+    c = resolve({"method": "finetune", "record_depth": True, "reinits": 2, "guard": 1}, cli=True)
+    assert (c.reinits, c.guard) == (2, 1)
+    with pytest.raises(ConfigError, match="^--reinits applies to --method rifle only"):
+        resolve({"method": "finetune", "reinits": 2}, cli=True)
 
 
 def test_config_file_rifle_only_keys_refused_unless_they_change_nothing(tmp_path):

@@ -324,28 +324,29 @@ def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None 
     _check_keys(flags, "flags")
     values = _merge(values, flags)
     values["preset"] = preset or values.get("preset")
-    _refuse_rifle_only(values.get("method"), flags if cli else {}, file_values, before_file, config_file)
+    _refuse_rifle_only(values, flags if cli else {}, file_values, before_file, config_file)
     cfg = _build(values)
     _mark_given(cfg, [*file_values, *flags])
     return cfg
 
 
-def _refuse_rifle_only(method: Any, flags: dict[str, Any], file_values: dict[str, Any],
+def _refuse_rifle_only(values: dict[str, Any], flags: dict[str, Any], file_values: dict[str, Any],
                        before: dict[str, Any], config_file: str | Path | None) -> None:
-    """RIFLE-only settings with another ``method`` would be ignored: refuse each flag given, and each key
-    of the config file that changes a value (a run's own config.yaml records every key, at its default
-    or preset value, which changes nothing)."""
-    method = str(method or TrainConfig.method)
+    """RIFLE-only settings with another method (``values``: the merged settings) would be ignored: refuse
+    each flag given, and each key of the config file that changes a value (a run's own config.yaml
+    records every key, at its default or preset value, which changes nothing). With ``record_depth``,
+    ``reinits`` and ``guard`` stay: the depth monitor marks the epochs where RIFLE-K would re-init."""
+    method = str(values.get("method") or TrainConfig.method)
     if method.lower() == "rifle":
         return
-    given = [f"--{'no-' if flags[k] is False else ''}{k.replace('_', '-')}" for k in RIFLE_ONLY_KEYS
-             if k in flags]
+    keys = [k for k in RIFLE_ONLY_KEYS if not (values.get("record_depth") is True and k in ("reinits", "guard"))]
+    given = [f"--{'no-' if flags[k] is False else ''}{k.replace('_', '-')}" for k in keys if k in flags]
     if given:
         raise ConfigError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method rifle only "
                           f"(the method is {method}): drop {'them' if len(given) > 1 else 'it'}, or use "
                           f"--method rifle")
     changed = []
-    for key in RIFLE_ONLY_KEYS:
+    for key in keys:
         if key in file_values:
             value = _coerce(key, file_values[key])
             if value != before.get(key, getattr(TrainConfig, key)):
@@ -382,8 +383,8 @@ def resolve_resume(saved: dict[str, Any], flags: dict[str, Any] | None = None,
         return resolve(flags, config_file, base=base, cli=cli)
     given = load_config_file(config_file) if config_file else {}
     _check_keys(flags or {}, "flags")
-    _refuse_rifle_only(_merge(_merge(base, given), dict(flags or {})).get("method"), flags if cli else {},
-                       given, base, config_file)
+    _refuse_rifle_only(_merge(_merge(base, given), dict(flags or {})), flags if cli else {}, given, base,
+                       config_file)
     merged = _build(_merge(_merge(base, given), dict(flags or {})))
     diff = diff_configs({k: v for k, v in saved.items() if k != "world_size"}, merged.to_dict())
     if diff:
