@@ -8,8 +8,7 @@ import yaml
 
 from conftest import make_image_folder, run_cli as run
 
-FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--epochs", "2",
-        "--min-steps-after", "0", "--quiet"]
+FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--epochs", "2", "--quiet"]
 
 
 def test_train_on_unseen_image_folder_end_to_end(tmp_path, capsys):

@@ -640,8 +640,8 @@ def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
 def test_rifle_train_command_prints_the_verdict(tmp_path, capsys, quiet):
     from rifle.cli import main
     argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-            "--epochs", "4", "--train-fraction", "0.4", "--min-steps-after", "0", "--lr", "0.05"]
-    assert main([*argv, "--method", "rifle", "--reinits", "1", "--out", str(tmp_path / "r"),
+            "--epochs", "4", "--train-fraction", "0.4", "--lr", "0.05"]
+    assert main([*argv, "--method", "rifle", "--reinits", "1", "--min-steps-after", "0", "--out", str(tmp_path / "r"),
                  *(["--quiet"] if quiet else [])]) == 0
     out = capsys.readouterr().out.splitlines()
     [d] = on_disk(tmp_path / "r")["rifle_diagnosis"]

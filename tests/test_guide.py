@@ -14,8 +14,7 @@ from conftest import make_image_folder
 from rifle.cli import main
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
-FAST_TRAIN = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--min-steps-after", "0",
-              "--quiet"]
+FAST_TRAIN = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--quiet"]
 
 
 def blocks(lang: str) -> list[str]:

@@ -19,6 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 TRAIN = ["train", "--data", "digits", "--model", "tiny_cnn", "--method", "rifle", "--reinits", "1",
          "--epochs", "4", "--image-size", "16", "--batch-size", "64", "--lr", "0.05",
          "--min-steps-after", "0", "--train-fraction", "0.4", "--diagnosis-window", "2"]
+# one epoch of plain fine-tuning (rifle --reinits 0 is refused: it is fine-tuning)
+FINETUNE = ["train", "--data", "digits", "--model", "tiny_cnn", "--epochs", "1", "--image-size", "16",
+            "--batch-size", "64", "--lr", "0.05", "--train-fraction", "0.4"]
 
 
 def jsonl(run):
@@ -114,7 +117,7 @@ def test_default_log_writes_both_and_resume_shows_each_epoch_once(tmp_path):
 
 def test_log_jsonl_only_and_bad_log_value(tmp_path, capsys):
     run = tmp_path / "r"
-    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--out", run, "--log-to", "jsonl"], capsys)
+    code, _, err = run_cli([*FINETUNE, "--out", run, "--log-to", "jsonl"], capsys)
     assert code == 0, err
     assert (run / "metrics.jsonl").is_file() and not (run / "metrics.csv").exists() and not (run / "tb").exists()
     code, _, err = run_cli([*TRAIN, "--out", tmp_path / "b", "--log-to", "csv,wandb"], capsys)
@@ -208,11 +211,11 @@ def test_step_lines_when_stderr_is_a_pipe(tmp_path):
 
 
 def test_log_interval_zero_prints_no_step_lines(tmp_path, capsys):
-    code, _, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "0", "--log-to", "jsonl",
+    code, _, err = run_cli([*FINETUNE, "--log-interval", "0", "--log-to", "jsonl",
                             "--out", tmp_path / "r"], capsys)
     assert code == 0, err
     assert not [x for x in err.splitlines() if LINE.match(x)]
-    code, out, err = run_cli([*TRAIN, "--epochs", "1", "--reinits", "0", "--log-interval", "3", "--log-to", "jsonl",
+    code, out, err = run_cli([*FINETUNE, "--log-interval", "3", "--log-to", "jsonl",
                               "--out", tmp_path / "s"], capsys)
     assert code == 0, err
     steps = int(re.search(r"1 epochs x (\d+) steps", out).group(1))

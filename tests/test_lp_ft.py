@@ -14,7 +14,7 @@ from conftest import killed_at_epoch, metrics, run_cli as run
 from rifle.methods.lp_ft import LPFT, default_probe_epochs, phase_factor
 
 FAST = ["--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16",
-        "--train-fraction", "0.2", "--lr", "0.05", "--min-steps-after", "0", "--quiet"]
+        "--train-fraction", "0.2", "--lr", "0.05", "--quiet"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -236,7 +236,7 @@ def test_ddp_two_ranks_freeze_by_lr_zero(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
          "-m", "rifle", "train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16",
          "--epochs", "3", "--method", "lp-ft", "--lp-ft-probe-epochs", "2", "--reg", "l2sp",
-         "--min-steps-after", "0", "--train-fraction", "0.2", "--threads", "1", "--out", str(out)],
+         "--train-fraction", "0.2", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(out)

@@ -411,7 +411,7 @@ def test_delta_unknown_layer_lists_the_available_layers():
 
 # ------------------------------------------------------------------------------------- end to end
 FAST = ["--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "32", "--epochs", "2",
-        "--train-fraction", "0.3", "--min-steps-after", "0", "--quiet"]
+        "--train-fraction", "0.3", "--quiet"]
 
 
 @pytest.mark.parametrize("reg,extra,terms", [

@@ -9,8 +9,7 @@ import yaml
 from conftest import killed_at_epoch, make_image_folder, metrics, run_cli as run
 from rifle.cli import main
 
-FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--min-steps-after", "0",
-        "--quiet"]
+FAST = ["--model", "tiny_cnn", "--image-size", "16", "--batch-size", "16", "--quiet"]
 
 
 # ------------------------------------------------------------------------------ 1. --resume alone
@@ -147,15 +146,15 @@ def test_cyclic_lr_for_finetune_does_not_depend_on_reinits(tmp_path, capsys):
               "--trick", "cyclic-lr", *FAST]
     code, _, err = run([*common, "--epochs", "2", "--out", str(tmp_path / "e2")], capsys)
     assert code == 0, err  # failed before: "4 cycles do not fit in 2 epoch(s)" (from the default K=3)
-    lrs = {}
-    for k in ("1", "3"):
-        out = tmp_path / f"k{k}"
-        assert run([*common, "--epochs", "8", "--reinits", k, "--out", str(out)], capsys)[0] == 0
-        lrs[k] = [r["lr"] for r in metrics(out)]
-    assert lrs["1"] == lrs["3"]  # K is RIFLE's, not fine-tuning's
+    # K is RIFLE's, not fine-tuning's: --reinits with another method is refused (issue 20, defect 6)
+    code, _, err = run([*common, "--epochs", "8", "--reinits", "1", "--out", str(tmp_path / "k1")], capsys)
+    assert code == 2 and "--reinits applies to --method rifle only" in err
+    out = tmp_path / "k"
+    assert run([*common, "--epochs", "8", "--out", str(out)], capsys)[0] == 0
     # default for a method other than rifle: 2 cycles (one restart, at floor(E/2))
     c = 2 ** -0.5  # cos(pi/4)
-    assert lrs["1"] == pytest.approx([0.01, 0.01 * 0.5 * (1 + c), 0.005, 0.01 * 0.5 * (1 - c)] * 2)
+    assert [r["lr"] for r in metrics(out)] == pytest.approx([0.01, 0.01 * 0.5 * (1 + c), 0.005,
+                                                              0.01 * 0.5 * (1 - c)] * 2)
     out = tmp_path / "rifle"
     code, _, err = run(["train", "--data", "digits", "--train-fraction", "0.15", "--method", "rifle",
                         "--reinits", "3", "--trick", "cyclic-lr", "--epochs", "8", "--out", str(out), *FAST],

@@ -316,7 +316,7 @@ def test_cyclic_lr_cycles_default_to_rifle_periods_and_errors():
 
 # ------------------------------------------------------------------------------------------- CLI
 FAST = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-        "--train-fraction", "0.15", "--min-steps-after", "0", "--quiet"]
+        "--train-fraction", "0.15", "--quiet"]
 
 
 def cli(argv, capsys):

@@ -40,7 +40,8 @@ def build_methods(cfg: TrainConfig) -> list[Method]:
     for name, kind, opts in wanted:
         flag = {"method": "--method", "reg": "--reg", "trick": "--trick"}[kind]
         if name not in reg:
-            close = difflib.get_close_matches(name, [n for n, c in reg.items() if c.kind == kind], n=3)
+            same_kind = {n.lower(): n for n, c in reg.items() if c.kind == kind}  # RIFLE -> rifle too
+            close = [same_kind[n] for n in difflib.get_close_matches(name.lower(), list(same_kind), n=3)]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             choices = ", ".join(sorted(n for n, c in reg.items() if c.kind == kind))
             raise ValueError(f"{flag} {name!r}: unknown{hint}; choose from {choices}")

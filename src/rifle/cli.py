@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from .commands import COMMANDS
 
@@ -17,9 +18,16 @@ def _modules():
     return [importlib.import_module(f".commands.{name}", __package__) for name in COMMANDS]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the flag, not the 40-line usage of ``rifle train`` first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     mods = _modules()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rifle", description="Fine-tuning with RIFLE (re-initialise the FC head) and its rivals.",
         epilog="examples:\n  " + "\n  ".join(m.EXAMPLE for m in mods),
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,7 @@ import difflib
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -18,10 +18,24 @@ import yaml
 # --method plug-ins whose options are TrainConfig's top-level keys; every other plug-in takes its options
 # from `options:` and flags --<name>-<option>
 TOP_LEVEL_OPTIONS = ("rifle",)
+# keys only --method rifle reads: with another method they would be ignored, so giving one is refused
+# (flags: rifle train; a config file: resolve()). `head` is not one: every method's trainer uses it.
+RIFLE_ONLY_KEYS = ("reinits", "reinit_granularity", "guard", "guard_steps", "min_steps_after", "reinit_init",
+                   "keep_optimizer_state", "head_lr_restart", "reinit_modules", "reinit_trigger",
+                   "reinit_converged_acc", "diagnose", "diagnosis_window")
 
 
 class ConfigError(ValueError):
     """A bad setting: the message names the key (flag), the value and, when known, the file."""
+
+
+def _suggest(value: Any, choices) -> str:
+    """`` (did you mean X?)`` for a misspelt or wrongly-cased name; empty when nothing is close."""
+    if not isinstance(value, str):
+        return ""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=3)
+    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
 
 
 @dataclass
@@ -84,6 +98,9 @@ class TrainConfig:
     out: str = "runs/train"
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
+    # the keys the user gave (config file, flags, a grid's entry), set by resolve(); None = not known.
+    # Not a setting: never recorded. Lets a plug-in speak only of what was asked (l2sp's weight decay)
+    given: ClassVar[frozenset[str] | None] = None
 
     def validate(self) -> TrainConfig:
         def bad(key: str, msg: str) -> ConfigError:
@@ -104,10 +121,16 @@ class TrainConfig:
             raise bad("val_fraction", "must be in [0, 1)")
         if self.reinits < 0:
             raise bad("reinits", "K is the number of re-initialisations and must be >= 0")
+        if self.reinits == 0 and self.method == "rifle":
+            raise bad("reinits", "RIFLE with no re-initialisation is plain fine-tuning (with an empty "
+                                 "diagnosis): use --method finetune, or K >= 1")
         if self.reinit_granularity not in ("epoch", "step"):
-            raise bad("reinit_granularity", "choose epoch or step")
+            raise bad("reinit_granularity", "choose epoch or step" + _suggest(self.reinit_granularity,
+                                                                             ("epoch", "step")))
         if self.reinit_trigger not in ("schedule", "converged"):
-            raise bad("reinit_trigger", "choose schedule (the paper's fixed points) or converged")
+            raise bad("reinit_trigger", "choose schedule (the paper's fixed points) or converged"
+                      + _suggest(self.reinit_trigger, ("schedule", "converged")))
+        self._validate_reinit_init(bad)
         if self.reinit_converged_acc is not None:
             if self.reinit_trigger != "converged":
                 raise bad("reinit_converged_acc", "applies only with --reinit-trigger converged")
@@ -119,7 +142,7 @@ class TrainConfig:
         if self.reinit_trigger == "converged" and self.method == "rifle" and self.reinit_granularity != "epoch":
             raise bad("reinit_trigger", "converged decides once per epoch: use --reinit-granularity epoch")
         if self.amp not in ("none", "bf16", "fp16"):
-            raise bad("amp", "choose none, bf16 or fp16")
+            raise bad("amp", "choose none, bf16 or fp16" + _suggest(self.amp, ("none", "bf16", "fp16")))
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise bad("grad_accum", "must be a positive integer")
         if self.batch_size % self.grad_accum:
@@ -133,7 +156,8 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.lr_schedule not in ("cosine", "constant"):
-            raise bad("lr_schedule", "choose cosine or constant")
+            raise bad("lr_schedule", "choose cosine or constant"
+                      + _suggest(self.lr_schedule, ("cosine", "constant")))
         self._validate_optimizer(bad)
         if self.pretrained_file is not None:
             if not isinstance(self.pretrained_file, str) or not self.pretrained_file.strip():
@@ -155,6 +179,24 @@ class TrainConfig:
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
             raise ConfigError(f"options={self.options!r}: expected a mapping {{method: {{option: value}}}}")
         return self
+
+    def _validate_reinit_init(self, bad) -> None:
+        """--reinit-init: a name the CLI can take (a Python callable is for rifle.core.Rifle only)."""
+        from .core.reinit import INITIALIZERS, canonical_init  # lazy: config stays a leaf otherwise
+        names = [n for n in INITIALIZERS if n != "shrink_perturb"] + ["shrink_perturb[:LAMBDA,SIGMA]"]
+        text = self.reinit_init
+        name = text.strip().partition(":")[0].strip().replace("-", "_") if isinstance(text, str) else ""
+        if name not in INITIALIZERS:
+            alias = {"he": "kaiming_normal", "kaiming": "kaiming_normal", "lecun": "lecun_normal",
+                     "xavier": "xavier_uniform", "glorot": "xavier_uniform", "glorot_uniform": "xavier_uniform",
+                     "reset_parameters": "default"}.get(name)
+            hint = f" (did you mean {alias}?)" if alias else _suggest(name, INITIALIZERS)
+            raise bad("reinit_init", f"unknown initialiser{hint}; choose {', '.join(names)} "
+                                     f"(- or _ both work; docs/rifle.md)")
+        try:
+            canonical_init(text)
+        except ValueError as e:
+            raise bad("reinit_init", str(e)) from None
 
     def _validate_optimizer(self, bad) -> None:
         """--opt, --opt-eps, --opt-betas, --layer-decay (normalised in place)."""
@@ -184,7 +226,8 @@ class TrainConfig:
                 raise bad("opt_betas", "expected two numbers in [0, 1), e.g. 0.9 0.999")
             self.opt_betas = b
         from .train.optim import check_optimizer  # lazy: config stays a leaf for everything else
-        problem = check_optimizer(self.opt, self.opt_eps, tuple(self.opt_betas) if self.opt_betas else None)
+        problem = check_optimizer(self.opt, self.opt_eps, tuple(self.opt_betas) if self.opt_betas else None,
+                                  device=self.device)
         if problem:
             raise bad("opt", problem)
 
@@ -265,10 +308,13 @@ def _merge(values: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None = None,
-            preset: str | None = None, *, base: dict[str, Any] | None = None) -> TrainConfig:
+            preset: str | None = None, *, base: dict[str, Any] | None = None,
+            cli: bool = False) -> TrainConfig:
     """defaults <- preset <- config file <- flags; returns a validated :class:`TrainConfig`.
 
-    ``base`` (settings of a run, e.g. its ``config.yaml``) replaces the defaults.
+    ``base`` (settings of a run, e.g. its ``config.yaml``) replaces the defaults. With another method
+    than rifle, RIFLE-only keys (:data:`RIFLE_ONLY_KEYS`) that change a value in ``config_file`` are
+    refused, and, with ``cli`` (the flags are ``rifle train``'s), any of them in ``flags``.
     """
     flags = dict(flags or {})
     file_values = load_config_file(config_file) if config_file else {}
@@ -276,13 +322,49 @@ def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None 
     preset = flags.pop("preset", None) or preset or file_values.get("preset")
     if preset:
         if preset not in PRESETS:
-            raise ConfigError(f"--preset={preset!r}: choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"--preset={preset!r}: choose one of {', '.join(PRESETS)}"
+                              f"{_suggest(preset, PRESETS)}")
         values.update(PRESETS[preset])
+    before_file = dict(values)
     values = _merge(values, file_values)
     _check_keys(flags, "flags")
     values = _merge(values, flags)
     values["preset"] = preset or values.get("preset")
-    return _build(values)
+    _refuse_rifle_only(values, flags if cli else {}, file_values, before_file, config_file)
+    cfg = _build(values)
+    _mark_given(cfg, [*file_values, *flags])
+    return cfg
+
+
+def _refuse_rifle_only(values: dict[str, Any], flags: dict[str, Any], file_values: dict[str, Any],
+                       before: dict[str, Any], config_file: str | Path | None) -> None:
+    """RIFLE-only settings with another method (``values``: the merged settings) would be ignored: refuse
+    each flag given, and each key of the config file that changes a value (a run's own config.yaml
+    records every key, at its default or preset value, which changes nothing). With ``record_depth``,
+    ``reinits`` and ``guard`` stay: the depth monitor marks the epochs where RIFLE-K would re-init."""
+    method = str(values.get("method") or TrainConfig.method)
+    if method.lower() == "rifle":
+        return
+    keys = [k for k in RIFLE_ONLY_KEYS if not (values.get("record_depth") is True and k in ("reinits", "guard"))]
+    given = [f"--{'no-' if flags[k] is False else ''}{k.replace('_', '-')}" for k in keys if k in flags]
+    if given:
+        raise ConfigError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method rifle only "
+                          f"(the method is {method}): drop {'them' if len(given) > 1 else 'it'}, or use "
+                          f"--method rifle")
+    changed = []
+    for key in keys:
+        if key in file_values:
+            value = _coerce(key, file_values[key])
+            if value != before.get(key, getattr(TrainConfig, key)):
+                changed.append(f"{key}: {value!r}")
+    if changed:
+        raise ConfigError(f"--config {config_file}: {', '.join(changed)} appl{'y' if len(changed) > 1 else 'ies'} "
+                          f"to --method rifle only (the method is {method}): remove "
+                          f"{'them' if len(changed) > 1 else 'it'}, or use --method rifle")
+
+
+def _mark_given(cfg: TrainConfig, keys) -> None:
+    cfg.__dict__["given"] = frozenset(keys)  # an instance value of the ClassVar (not a field)
 
 
 def _build(values: dict[str, Any]) -> TrainConfig:
@@ -293,7 +375,7 @@ def _build(values: dict[str, Any]) -> TrainConfig:
 
 def resolve_resume(saved: dict[str, Any], flags: dict[str, Any] | None = None,
                    config_file: str | Path | None = None, *, source: str = "config.yaml",
-                   strict: bool = True) -> TrainConfig:
+                   strict: bool = True, cli: bool = False) -> TrainConfig:
     """The config of ``--resume``: the run's saved config, with the settings given now.
 
     ``saved`` (the run's ``config.yaml``) replaces defaults and preset (a preset's values are not applied
@@ -304,30 +386,49 @@ def resolve_resume(saved: dict[str, Any], flags: dict[str, Any] | None = None,
     """
     base = {k: v for k, v in saved.items() if k in _FIELDS}
     if not strict:
-        return resolve(flags, config_file, base=base)
+        return resolve(flags, config_file, base=base, cli=cli)
     given = load_config_file(config_file) if config_file else {}
     _check_keys(flags or {}, "flags")
+    _refuse_rifle_only(_merge(_merge(base, given), dict(flags or {})), flags if cli else {}, given, base,
+                       config_file)
     merged = _build(_merge(_merge(base, given), dict(flags or {})))
     diff = diff_configs({k: v for k, v in saved.items() if k != "world_size"}, merged.to_dict())
     if diff:
         raise ConfigError(f"--resume: the settings given differ from the run's {source}: "
                           f"{format_diff(diff)}. Resume without them (--resume alone continues the run "
                           f"with its own settings), or start a new run in another --out")
-    return _build({**base, **{k: getattr(merged, k) for k in RESUMABLE_KEYS}})
+    cfg = _build({**base, **{k: getattr(merged, k) for k in RESUMABLE_KEYS}})
+    _mark_given(cfg, [*given, *(flags or {})])
+    return cfg
+
+
+def _coerce(name: str, v: Any) -> Any:
+    """``v`` as the type of the field ``name``: YAML gives ints for floats (lr: 1) and strings for numbers
+    written as 1e-4 or 9e-1 (YAML 1.1 needs a dot); an int may be written 1e3 or 8.0, not 2.5."""
+    t = str(_FIELDS[name].type)
+    base = t.split(" |")[0]
+    if v is None or isinstance(v, bool) or base not in ("int", "float"):
+        return v
+    flag = f"--{name.replace('_', '-')}={v!r}"
+    try:
+        number = float(v) if isinstance(v, str) else v
+    except ValueError:
+        raise ConfigError(f"{flag}: expected {'an integer' if base == 'int' else 'a number'}") from None
+    if not isinstance(number, (int, float)):
+        return v  # a list or mapping: validate() names it
+    if base == "float":
+        return float(number)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ConfigError(f"{flag}: expected an integer")
+        return int(number)
+    return number
 
 
 def _coerce_types(cfg: TrainConfig) -> None:
-    """YAML gives ints for floats (lr: 1) and strings for numbers written as 1e-4; normalise."""
+    """Every int and float field (``int | None`` and ``float | None`` too) through :func:`_coerce`."""
     for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        t = str(f.type)
-        try:
-            if t == "float" and isinstance(v, (int, str)) and not isinstance(v, bool):
-                setattr(cfg, f.name, float(v))
-            elif t == "int" and isinstance(v, str):
-                setattr(cfg, f.name, int(v))
-        except ValueError:
-            raise ConfigError(f"{f.name}={v!r}: expected a {t}") from None
+        setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name)))
 
 
 def normalize_path(value: Any) -> Any:

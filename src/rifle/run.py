@@ -86,7 +86,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                       opt=cfg.opt, opt_eps=cfg.opt_eps, opt_betas=cfg.opt_betas, layer_decay=cfg.layer_decay,
                       preprocessing=model_preprocessing(model), run_dir=run_dir, device=device,
                       channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size,
-                      head=cfg.head, checkpoint_meta=meta, config=config, amp=cfg.amp,
+                      head=cfg.head, checkpoint_meta=meta, amp=cfg.amp,
+                      config={**config, **({"_given": sorted(cfg.given)} if cfg.given is not None else {})},
                       compile=cfg.compile, grad_accum=cfg.grad_accum, workers=cfg.workers,
                       dist=dist, log=log,
                       progress=progress, log_interval=cfg.log_interval)

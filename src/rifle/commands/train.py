@@ -24,36 +24,40 @@ _HELP = {
     "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
     "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
              "disturblabel, cyclic-lr",
-    "reinits": "RIFLE: K, the number of head re-initialisations (K+1 equal periods)",
-    "reinit_granularity": "RIFLE: schedule over epochs or optimizer steps",
-    "guard": "RIFLE: drop re-inits leaving fewer epochs after them",
-    "guard_steps": "RIFLE: the same guard, in optimizer steps",
-    "min_steps_after": "RIFLE: warn when a period after a re-init has fewer optimizer steps",
-    "reinit_init": "RIFLE: initialiser: default (the module's reset_parameters), lecun_normal, "
-                   "kaiming_normal (He), xavier_uniform, normal, norm-matched (default draw at the old "
-                   "row norms), shrink-perturb[:LAMBDA,SIGMA] (LAMBDA*old + SIGMA*default draw; 0.4,0.1)",
-    "keep_optimizer_state": "RIFLE: keep the head's momentum at a re-init (official code)",
-    "head_lr_restart": "RIFLE: restart a cosine LR for the head each period (official option)",
+    "reinits": "K, the number of head re-initialisations (K+1 equal periods; K >= 1)",
+    "reinit_granularity": "schedule the re-inits over epochs or optimizer steps",
+    "guard": "drop re-inits leaving fewer epochs after them",
+    "guard_steps": "the same guard, in optimizer steps",
+    "min_steps_after": "warn when a period after a re-init has fewer optimizer steps (0 = never)",
+    "reinit_init": "the head's initialiser at a re-init: default (the module's reset_parameters(), the "
+                   "paper's), lecun_normal, kaiming_normal (He), xavier_uniform, normal, norm_matched "
+                   "(the default draw at the old row norms), shrink_perturb[:LAMBDA,SIGMA] (LAMBDA*old + "
+                   "SIGMA*default draw; 0.4,0.1); - or _ both work",
+    "keep_optimizer_state": "keep the head's momentum at a re-init (official code)",
+    "head_lr_restart": "restart a cosine LR for the head each period (official option)",
     "head": "dotted name(s) of the classifier head, comma-separated",
     "reinit_modules": "RIFLE beyond the FC layer: also re-init the last N blocks (last:N) or the "
                       "modules whose dotted name matches a regular expression",
-    "reinit_trigger": "RIFLE: schedule (the paper's fixed points) or converged (re-init once an "
+    "reinit_trigger": "schedule (the paper's fixed points) or converged (re-init once an "
                       "epoch's train accuracy reaches --reinit-converged-acc; docs/rifle.md#trigger)",
-    "reinit_converged_acc": "RIFLE: the converged trigger's train-accuracy threshold",
-    "diagnose": "RIFLE: measure each re-init (train loss before, head norms, backbone gradient "
-                "ratio) and print a verdict (docs/rifle.md#when)",
-    "diagnosis_window": "RIFLE: optimizer steps measured on each side of a re-init by the diagnosis",
+    "reinit_converged_acc": "the converged trigger's train-accuracy threshold",
+    "diagnose": "measure each re-init (train loss before, head norms, backbone gradient ratio, and the "
+                "same-batch head-signal ratio ||E_new||/||E_old||, which decides the verdict when "
+                "measured) and print a verdict (docs/rifle.md#when)",
+    "diagnosis_window": "optimizer steps measured on each side of a re-init by the diagnosis",
     "epochs": "training epochs", "batch_size": "training batch size",
     "lr": "learning rate (the head's and backbone's; --layer-decay scales it per layer)",
     "momentum": "momentum of SGD-type optimizers (ignored by the others)",
     "weight_decay": "weight decay on all parameters",
     "opt": "optimizer: sgd (the paper's: torch.optim.SGD, classical momentum) or any name of "
            "timm.optim.list_optimizers() except adahessian and lookahead_*: adamw, lamb, lion, nesterov "
-           "(timm's sgd), ... (docs/guide.md#optimizers)",
+           "(timm's sgd), ...; bnb* and fused* need CUDA and their packages (docs/guide.md#optimizers)",
     "opt_eps": "epsilon of adaptive optimizers (adam, adamw, lamb, ...)",
+    "opt_betas": "betas of Adam-type optimizers (adam, adamw, lamb, lion, ...)",
     "layer_decay": "layer-wise LR decay: layer i of L (timm's group_matcher order, head last) trains at "
                    "LAYER_DECAY**(L-1-i) x --lr; timm and built-in models only (e.g. 0.75)",
-    "lr_schedule": "cosine (per epoch, over the run) or constant",
+    "lr_schedule": "cosine (per epoch, over the run; --method lp-ft restarts it for each phase unless "
+                   "--lp-ft-schedule global) or constant",
     "image_size": "crop size S; images are resized to S*8/7 first (paper: 256 -> 224)",
     "seed": "run seed: split, data order, augmentation and re-inits derive from it",
     "val_fraction": "validation fraction carved from train (stratified) when the data has no val/",
@@ -77,7 +81,7 @@ _SKIP = {"extra", "preset", "options", "trick", "opt_betas"}
 # how some defaults read in --help (None and other placeholders)
 _SHOWN = {"guard": "max(1, ceil(E/8))", "head": "found automatically",
           "reinit_modules": "none: the head only", "threads": "torch's default",
-          "reinit_init": "default: reset_parameters",
+          "reinit_init": "'default'", "opt_betas": "the optimizer's",
           "reinit_converged_acc": "0.97", "opt_eps": "the optimizer's", "layer_decay": "none: off",
           "pretrained_file": "none: timm's / torchvision's hub weights",
           "log_to": "auto: csv,tensorboard when installed"}
@@ -135,18 +139,27 @@ def method_option_flags() -> dict[str, tuple[str, str]]:
     return out
 
 
+# how some values read in --help (the choices; validation and its one-line errors: config.py)
+_METAVAR = {"reinit_trigger": "{schedule,converged}", "reinit_granularity": "{epoch,step}",
+            "amp": "{none,bf16,fp16}", "lr_schedule": "{cosine,constant}"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..config import RIFLE_ONLY_KEYS
+    rifle = p.add_argument_group("RIFLE (--method rifle only)",
+                                 "refused with another method, where they would do nothing (docs/rifle.md)")
     for f in fields(TrainConfig):
         if f.name in _SKIP:
             continue
-        _add_typed(p, "--" + f.name.replace("_", "-"), f.name, f.type,
-                   f"{_HELP.get(f.name, '')} {default_text(f.name)}".strip())
-    p.add_argument("--opt-betas", dest="opt_betas", nargs=2, type=float, metavar=("BETA1", "BETA2"),
-                   default=argparse.SUPPRESS,
-                   help="betas of Adam-type optimizers (adam, adamw, lamb, lion, ...) (default the optimizer's)")
+        _add_typed(rifle if f.name in RIFLE_ONLY_KEYS else p, "--" + f.name.replace("_", "-"), f.name, f.type,
+                   f"{_HELP.get(f.name, '')} {default_text(f.name)}".strip(), metavar=_METAVAR.get(f.name))
+        if f.name == "opt_eps":  # beside --opt and --opt-eps
+            p.add_argument("--opt-betas", dest="opt_betas", nargs=2, type=float, metavar=("BETA1", "BETA2"),
+                           default=argparse.SUPPRESS, help=f"{_HELP['opt_betas']} {default_text('opt_betas')}")
     p.add_argument("--trick", dest="trick", action="append", default=argparse.SUPPRESS,
                    help=_HELP["trick"] + " (default none)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+    # no argparse choices: a wrong one gets config.py's one-line error with a suggestion, not the usage
+    p.add_argument("--preset", metavar="{" + ",".join(sorted(PRESETS)) + "}", default=argparse.SUPPRESS,
                    help="paper: the official script's recipe (ResNet-50, 40 epochs, 224 px, kept momentum, "
                         "no validation split; differences: README); cpu: finishes on 2 CPU cores "
                         "(EfficientNet-Lite0, 12 epochs, 112 px) (default none)")
@@ -196,7 +209,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if options:
         flags["options"] = options
     if not args.resume:
-        return resolve(flags, config_file=args._config)
+        return resolve(flags, config_file=args._config, cli=True)
     out = flags.get("out") or (load_config_file(args._config).get("out") if args._config else None) \
         or TrainConfig.out
     run_dir = RunDir(out)
@@ -204,14 +217,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if saved is None:
         from ..config import RESUMABLE_KEYS
         if args._config or set(flags) - RESUMABLE_KEYS:  # a job script's first submission: start it
-            return resolve(flags, config_file=args._config)
+            return resolve(flags, config_file=args._config, cli=True)
         raise ConfigError(f"--resume: nothing to resume in {out} (no {CONFIG}); give the run's settings "
                           f"(flags or --config) to start it")
     if flags.get("pretrained_file") and saved.get("pretrained_file") and \
             run_dir.moved_pretrained_file(flags["pretrained_file"]):
         saved = {**saved, "pretrained_file": flags["pretrained_file"]}  # the same bytes at a new place
     return resolve_resume({**saved, "out": out}, flags, args._config, source=str(run_dir / CONFIG),
-                          strict=run_dir.holds_run())
+                          strict=run_dir.holds_run(), cli=True)
 
 
 def run(args: argparse.Namespace) -> int:

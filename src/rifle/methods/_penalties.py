@@ -74,9 +74,11 @@ def backbone_and_refs(model: nn.Module, head: Sequence[nn.Module],
 
 
 def disable_weight_decay(groups: list[dict], ctx: RunContext, who: str) -> list[dict]:
-    """Set weight_decay=0 in every group; log when the run asked for some."""
+    """Set weight_decay=0 in every group; log when the run asked for some (when ``ctx.config`` says which
+    keys the user gave, ``_given``: only when --weight-decay was one of them)."""
     wd = ctx.config.get("weight_decay", 0.0)
-    if wd or any(g.get("weight_decay", 0.0) for g in groups):
+    given = ctx.config.get("_given")
+    if (wd or any(g.get("weight_decay", 0.0) for g in groups)) and (given is None or "weight_decay" in given):
         ctx.log(f"{who}: --weight-decay {wd} is ignored ({who} replaces weight decay; set to 0 in every "
                 f"parameter group)")
     for g in groups:

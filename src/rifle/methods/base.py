@@ -132,4 +132,24 @@ def create(name: str, **options: Any) -> Method:
         if unknown:
             raise ValueError(f"method {name!r} has no option(s) {sorted(unknown)}; its options: "
                              f"{sorted(known) or 'none'}")
+        options = {k: _number(name, f, options[k]) for f in dataclasses.fields(cls) for k in [f.name]
+                   if k in options}
     return cls(**options)
+
+
+def _number(method: str, f: dataclasses.Field, value: Any) -> Any:
+    """An int / float option written as a string (YAML reads 1e-2 as one) or as a whole float, converted."""
+    kind = str(f.type).split(" |")[0]
+    if kind not in ("int", "float") or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"--{method}-{f.name.replace('_', '-')}={value!r} (options.{method}.{f.name}): "
+                         f"expected {'an integer' if kind == 'int' else 'a number'}") from None
+    if kind == "float":
+        return number
+    if not number.is_integer():
+        raise ValueError(f"--{method}-{f.name.replace('_', '-')}={value!r} (options.{method}.{f.name}): "
+                         f"expected an integer")
+    return int(number)

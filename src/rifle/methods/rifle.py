@@ -7,6 +7,8 @@ in-place re-init with reset_parameters(), head optimizer state cleared, global L
 """
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +60,18 @@ class RifleMethod(Method):
                       diagnose=self.diagnose, diagnosis_window=self.diagnosis_window)
         if self.trigger != "schedule":
             common.update(trigger=self.trigger, converged_acc=self.converged_acc)
-        if self.granularity == "epoch":
-            self.core = Rifle(model, optimizer, epochs=ctx.epochs,
-                              steps_per_epoch=ctx.steps_per_epoch, **common)
-        else:  # steps_per_epoch: the diagnosis's loss window (the last epoch's worth of steps)
-            self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch,
-                              steps_per_epoch=ctx.steps_per_epoch, **common)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if self.granularity == "epoch":
+                self.core = Rifle(model, optimizer, epochs=ctx.epochs,
+                                  steps_per_epoch=ctx.steps_per_epoch, **common)
+            else:  # steps_per_epoch: the diagnosis's loss window (the last epoch's worth of steps)
+                self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch,
+                                  steps_per_epoch=ctx.steps_per_epoch, **common)
+        for w in caught:  # the core names its keyword; a run of rifle train / a config file has the flag
+            text = re.sub(r"\bmin_steps_after=(\d+)", r"--min-steps-after \1", str(w.message))
+            warnings.warn(text.replace("set min_steps_after to", "set --min-steps-after 0 to"), w.category,
+                          stacklevel=2)
         self._spe = max(1, ctx.steps_per_epoch)
         self._fp16 = ctx.config.get("amp") == "fp16"
         self._epochs, self._log = ctx.epochs, ctx.log

@@ -39,11 +39,12 @@ TORCHVISION_PREFIX = "torchvision:"
 
 
 def available_models() -> list[str]:
-    """Built-ins, every timm architecture, and ``torchvision:<name>`` for torchvision classifiers."""
+    """Built-ins, every timm architecture, and ``torchvision:<name>`` for torchvision classifiers (each once)."""
     import timm
 
-    return (list(BUILTIN_MODELS) + list(timm.list_models())
-            + [TORCHVISION_PREFIX + n for n in _torchvision_names()])
+    names = (list(BUILTIN_MODELS) + list(timm.list_models())
+             + [TORCHVISION_PREFIX + n for n in _torchvision_names()])
+    return list(dict.fromkeys(names))  # efficientnet_lite0 is a built-in and a timm name: once
 
 
 def _unknown(name: str) -> ModelError:

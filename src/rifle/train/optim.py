@@ -30,12 +30,26 @@ def optimizer_names() -> list[str]:
     return [DEFAULT_OPT] + [n for n in timm.optim.list_optimizers() if n != DEFAULT_OPT and n not in UNSUPPORTED]
 
 
-def check_optimizer(opt: str, eps: float | None = None, betas: tuple[float, float] | None = None) -> str | None:
-    """``None`` when ``opt`` with these options can be built; otherwise what is wrong (for an error)."""
+# timm optimizers built on CUDA-only kernels: the package they come from
+NEEDS_CUDA = {"bnb": "bitsandbytes", "fused": "apex"}
+
+
+def check_optimizer(opt: str, eps: float | None = None, betas: tuple[float, float] | None = None, *,
+                    device: str | None = None) -> str | None:
+    """``None`` when ``opt`` with these options can be built; otherwise what is wrong (for an error).
+
+    ``device`` (a ``--device`` value): ``bnb*`` / ``fused*`` are refused when the run would be on the CPU
+    (``cpu``, or ``auto`` without CUDA), before any work; ``None`` skips that check."""
     name = opt.lower()
     if name.startswith("lookahead_") or name in UNSUPPORTED:
         key = "lookahead" if name.startswith("lookahead_") else name
         return f"not supported: {UNSUPPORTED[key]}"
+    prefix = next((p for p in NEEDS_CUDA if name.startswith(p)), None)
+    if prefix and device is not None and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        where = "--device cpu" if device == "cpu" else "this machine has no CUDA GPU"
+        alt = name[len(prefix):].removesuffix("8bit")
+        alt = alt if alt != DEFAULT_OPT and alt in optimizer_names() else "adamw"
+        return f"needs CUDA ({NEEDS_CUDA[prefix]}'s GPU kernels) but {where}: use e.g. --opt {alt} or sgd"
     if name == DEFAULT_OPT:
         has_eps = has_betas = False
     else:
