@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, TrainConfig, resolve
+from ..config import RIFLE_ONLY_KEYS, ConfigError, TrainConfig, resolve
 
 GRID_FILE = "grid.yaml"
 GRID_KEYS = ("datasets", "models", "methods", "seeds", "train_fractions", "train", "baseline",
@@ -22,9 +22,6 @@ _CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 # Settings only --method rifle reads (its options): in a grid they apply to RIFLE rows only; other rows
 # get their defaults, so their config.yaml never records them. `reinits` stays with --record-depth: the
 # depth monitor of a non-RIFLE run records the epochs where RIFLE with that K would re-initialise.
-RIFLE_ONLY = ("reinits", "reinit_granularity", "guard", "guard_steps", "min_steps_after", "reinit_init",
-              "keep_optimizer_state", "head_lr_restart", "reinit_modules", "reinit_trigger",
-              "reinit_converged_acc", "diagnose", "diagnosis_window")
 _DEFAULTS = TrainConfig()
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -137,10 +134,10 @@ def default_label(values: dict[str, Any], cfg: TrainConfig) -> str:
 
 
 def rifle_only_keys(method: str, record_depth: bool = False) -> tuple[str, ...]:
-    """The keys a row of ``method`` must not carry (see :data:`RIFLE_ONLY`); none for RIFLE."""
+    """The keys a row of ``method`` must not carry (see :data:`rifle.config.RIFLE_ONLY_KEYS`); none for RIFLE."""
     if method == "rifle":
         return ()
-    return tuple(k for k in RIFLE_ONLY if not (k == "reinits" and record_depth))
+    return tuple(k for k in RIFLE_ONLY_KEYS if not (k in ("reinits", "guard") and record_depth))
 
 
 def resolve_row(train: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
@@ -338,7 +335,7 @@ def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     current = {**spec.cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in build_methods(spec.cfg)}}
     diff = diff_configs(saved, current)
     if saved.get("method") != "rifle" and spec.cfg.method != "rifle":
-        diff = {k: v for k, v in diff.items() if k not in RIFLE_ONLY}
+        diff = {k: v for k, v in diff.items() if k not in RIFLE_ONLY_KEYS}
     return diff
 
 
