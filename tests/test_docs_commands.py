@@ -14,7 +14,7 @@ folder. The rules, applied by :func:`commands` and :func:`runnable`:
   `--data digits` (ELPV's first load decodes 2,600 images).
 * A `rifle train` runs with `--model tiny_cnn --image-size 16 --epochs 4 --train-fraction 0.2` appended
   (later flags win), except the converged-trigger example, which runs as written so that what rifle.md
-  says it does is checked; every one with `--min-steps-after 0 --threads 1 --quiet`.
+  says it does is checked; every one with `--threads 1 --quiet`, and a `--method rifle` one with `--min-steps-after 0`.
 """
 import json
 import re
@@ -31,7 +31,8 @@ from rifle.commands.train import config_from_args
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "rifle.md"]
 SMALL = ["--model", "tiny_cnn", "--image-size", "16", "--epochs", "4", "--train-fraction", "0.2"]
-ALWAYS = ["--min-steps-after", "0", "--threads", "1", "--quiet"]
+ALWAYS = ["--threads", "1", "--quiet"]
+RIFLE_ONLY = ["--min-steps-after", "0"]  # a RIFLE flag: refused with another method
 PARSE_ONLY = {"demo", "report", "analyze"}
 
 
@@ -67,7 +68,8 @@ def runnable(argv: list[str], root: Path) -> list[str] | None:
     if run[0] == "bench":
         return run + ["--list"]
     if run[0] == "train" and "--resume" not in run:
-        return run + ([] if "--reinit-trigger" in run else SMALL) + ALWAYS
+        is_rifle = any(a == "--method" and b == "rifle" for a, b in zip(run, run[1:]))
+        return run + ([] if "--reinit-trigger" in run else SMALL) + (RIFLE_ONLY if is_rifle else []) + ALWAYS
     return run
 
 

@@ -486,7 +486,7 @@ def test_rifle_only_settings_apply_to_rifle_rows_only(tmp_path):
             rifle.min_steps_after) == ("converged", "norm_matched", True, 2, 0)
     for label in ("finetune", "finetune+l2sp"):
         recorded = by[label].to_dict()  # what config.yaml records
-        for key in G.RIFLE_ONLY:
+        for key in G.RIFLE_ONLY_KEYS:
             assert recorded[key] == getattr(defaults, key), (label, key)
         assert (recorded["epochs"], recorded["lr"]) == (4, 0.05)  # the rest of train: still applies
     # with --record-depth a fine-tuning row keeps K: its depth monitor records RIFLE-K's epochs

@@ -303,7 +303,7 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
     except KeyboardInterrupt as e:
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
-        _wait_for(ray, pending, 10.0)
+        _wait_for(ray, pending, 3.0)  # an interrupted task ends at once (its checkpoint is already on disk)
         # Seen: now and then a task is not interrupted (Ray's interrupt can land where it is lost) and
         # would train on to the end of its run: kill its worker; the last epoch checkpoint is whole, the
         # lock names a dead pid (stale at once on that host, after --stale-after elsewhere)
