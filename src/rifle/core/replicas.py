@@ -102,7 +102,7 @@ def open_sums_over_ranks(state: dict[str, Any]) -> dict[str, Any]:
                                    "has": missing == 0}
         total = total[3:]
     if rows:
-        state["diagnosis_pending"] = {**pending, "obs": [
+        state["diagnosis_pending"] = {**(pending or {}), "obs": [
             [total[3 * i], None if row[1] is None else total[3 * i + 1], int(round(total[3 * i + 2])), row[3]]
             for i, row in enumerate(rows)]}
     return state

@@ -81,7 +81,7 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
     at least that recent failed in this invocation and is not retried.
     """
     from ..run import run_train
-    me = dict(host=socket.gethostname(), pid=os.getpid())
+    me: dict[str, Any] = dict(host=socket.gethostname(), pid=os.getpid())
     if is_complete(spec.path):
         return Outcome("skipped", "  (complete)", **me)
     err = spec.path / ERROR

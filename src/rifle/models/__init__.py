@@ -23,17 +23,18 @@ import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from .builtin import BUILTIN_MODELS, BasicBlock, TinyCNN, lite0_weights_path
+from .builtin import BUILTIN_MODELS, BasicBlock, TinyCNN
 from .common import IMAGENET_MEAN, IMAGENET_STD, ModelError, _prep
 from .hub import _create_timm, _create_torchvision, _is_timm_name, _torchvision_names
 from .offline import reachable
 from .pretrained_file import load_pretrained_file, read_state_dict
 
 __all__ = ["BUILTIN_MODELS", "ModelError", "TinyCNN", "BasicBlock", "available_models", "create_model",
-           "model_preprocessing"]
+           "model_preprocessing", "reachable"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -80,6 +81,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_r
     read = read_state_dict(pretrained_file) if pretrained_file is not None else None
     from_hub = bool(pretrained) and pretrained_file is None
     args = (num_classes, from_hub, float(drop_rate), float(drop_path_rate))
+    model: Any  # an nn.Module, tagged below with plain rifle_* attributes (nn.Module's typing takes tensors)
     if name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](*args)
     elif name.startswith(TORCHVISION_PREFIX):
