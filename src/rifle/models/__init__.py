@@ -27,14 +27,14 @@ from typing import Any
 
 from torch import nn
 
-from .builtin import BUILTIN_MODELS, BasicBlock, TinyCNN
+from .builtin import BUILTIN_MODELS, BasicBlock, TinyCNN, lite0_weights_path
 from .common import IMAGENET_MEAN, IMAGENET_STD, ModelError, _prep
 from .hub import _create_timm, _create_torchvision, _is_timm_name, _torchvision_names
 from .offline import reachable
 from .pretrained_file import load_pretrained_file, read_state_dict
 
 __all__ = ["BUILTIN_MODELS", "ModelError", "TinyCNN", "BasicBlock", "available_models", "create_model",
-           "model_preprocessing", "reachable"]
+           "model_preprocessing", "reachable", "lite0_weights_path"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
