@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every distribution pinned (==) for these machines (x86-64, Python 3.11); regenerate with `make lock`.
 LOCK := requirements-lock.txt
 
-.PHONY: demo test test-all venv lock clean bench-speed gpu-check results-elpv results-regime results-regime-head-signal
+.PHONY: demo test test-all lint venv lock clean bench-speed gpu-check results-elpv results-regime results-regime-head-signal
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: $(STAMP)
 # DDP, kron optimizers); `make test-all` runs those too
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not extended" --durations=15
+
+# ruff (rules, then the formatting check: `$(BIN)/ruff format` applies it) over the Python tree; mypy over
+# src/ (rifle.core strictly). Settings in pyproject.toml ([tool.ruff], [tool.mypy]).
+LINT_PATHS := src tests benchmarks
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25

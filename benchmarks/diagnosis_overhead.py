@@ -2,8 +2,10 @@
 
 One process, the two sides alternated, median of ``--repeats``; each side is a full ``rifle train``
 run (``run_train``) of RIFLE whose re-init falls inside the run, so both gradient windows and the loss
-feed are paid (and the same-batch head-signal capture, whose forward hook is timed too). First, the time spent inside the diagnosis's own calls (each entry point timed) as a
-share of the epoch: a direct measure, unaffected by run-to-run noise. Then, per epoch: the training-loop time (the epochs' ``seconds``), the wall time of
+feed are paid (and the same-batch head-signal capture, whose forward hook is timed too). First, the time
+spent inside the diagnosis's own calls (each entry point timed) as a share of the epoch: a direct
+measure, unaffected by run-to-run noise. Then, per epoch: the training-loop time (the epochs'
+``seconds``), the wall time of
 the whole ``Trainer.train_epoch`` calls (re-init, loop, evaluation) and their process CPU time (one
 thread: less sensitive than wall time to other processes on a shared machine).
 
@@ -119,10 +121,10 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            run_one = lambda d, i: one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs,  # noqa: E731
-                                            args.trigger)
+            def run_one(d, i, model=model):
+                return one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs, args.trigger)
             run_one(True, -1)  # warm-up: data cache, first-call costs
-            (_, per_epoch, cpu_epoch), spent = direct_cost(lambda: run_one(True, -2))
+            (_, per_epoch, cpu_epoch), spent = direct_cost(lambda run_one=run_one: run_one(True, -2))
             for unit, per, sfx in (("wall", per_epoch, ""), ("CPU (less sensitive to load)", cpu_epoch, "_cpu")):
                 inside, head = spent["all" + sfx] / args.epochs, spent["head" + sfx] / args.epochs
                 print(f"{model:20s} {unit} time inside the diagnosis's calls: {inside * 1000:.2f} ms per epoch "

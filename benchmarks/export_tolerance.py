@@ -130,7 +130,8 @@ def main() -> None:
                 name = f"ONNX ({exporter})" if fmt == "onnx" else "TorchScript"
                 print(f"| {label} | {bname} | {name} | {c32['max_abs_diff']:.1e} | {c64['max_abs_diff']:.1e} | "
                       f"{c64['max_rel_diff']:.1e} | {c64['top1_agreement']:.0%} | {own:.1e} | {extra} |")
-    print(f"\nlargest max rel diff (vs fp64): {worst:.2e}; RTOL {RTOL:g} is {RTOL / max(worst, 1e-12):.0f}x that")
+    print(f"\nlargest max rel diff (vs fp64): {worst:.2e}; "
+          f"RTOL {RTOL:g} is {RTOL / max(worst, 1e-12):.0f}x that")
 
 
 if __name__ == "__main__":

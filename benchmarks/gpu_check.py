@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - set(CHECKS)
     if unknown:
-        p.error(f"--skip {args.skip}: unknown check(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHECKS)}")
+        p.error(f"--skip {args.skip}: unknown check(s) {', '.join(sorted(unknown))}; "
+                f"choose from {', '.join(CHECKS)}")
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         log(f"gpu_check: no CUDA device here (torch {torch.__version__}, built for CUDA "

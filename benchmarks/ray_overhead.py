@@ -121,7 +121,8 @@ def render(r: dict, walls: dict[str, list[float]], repeats: int, machine: str, n
           for k, label in (("local", "local engine, `--workers 2`"),
                            ("ray", "`--engine ray --address` (cluster already running)"),
                            ("ray+start", "`--engine ray` starting its own cluster"))), "",
-        f"Ray's cost per run on a running cluster, (ray − local) × 2 slots / {n_runs()} runs: {per_run:+.1f} s; "
+        f"Ray's cost per run on a running cluster, (ray − local) × 2 slots / {n_runs()} runs: "
+        f"{per_run:+.1f} s; "
         f"its fixed costs are the cluster start (when `rifle bench` starts one) and, per worker process, the "
         f"import of torch and rifle (paid by the local engine's worker processes too), then "
         f"{r['round_trip_ms']:.1f} ms of scheduling per run.", ""]

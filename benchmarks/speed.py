@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             var = dataclasses.replace(cfg, **change)
             # epoch 2 of 4: RIFLE with K=1 re-initialises at this epoch's start
-            m_t, f_t, r = median_ratio(lambda: trainer_epoch_seconds(var, data, tmp, epoch=2),
+            m_t, f_t, r = median_ratio(lambda var=var: trainer_epoch_seconds(var, data, tmp, epoch=2),
                                        lambda: trainer_epoch_seconds(ft, data, tmp, epoch=2), args.repeats)
             rows.append((f"{label} / fine-tuning (per epoch)", f"{r:.3f}", targets.get(label, "≤ 1.03"),
                          f"{n_train / m_t:.1f} vs {n_train / f_t:.1f} img/s"))

@@ -87,7 +87,8 @@ def run_cli(argv, capsys):
 
 @contextlib.contextmanager
 def interrupted_at_epoch(epoch):
-    """Inside the block, ``Trainer.train_epoch`` raises ``KeyboardInterrupt`` (as Ctrl-C does) when ``epoch`` starts."""
+    """Inside the block, ``Trainer.train_epoch`` raises ``KeyboardInterrupt`` (as Ctrl-C does) when
+    ``epoch`` starts."""
     from rifle.train import Trainer
     original = Trainer.train_epoch
 

@@ -210,8 +210,8 @@ def test_train_batches_crop_and_flip_match_hand_computation():
     flip = torch.randint(0, 2, (n,), generator=g).bool()
     assert ys.tolist() == order.tolist()
     for x, i in zip(xs, ys.tolist()):
-        t, l = int(top[i]), int(left[i])
-        expect = ds.images[i, :, t:t + s, l:l + s]
+        t, lft = int(top[i]), int(left[i])
+        expect = ds.images[i, :, t:t + s, lft:lft + s]
         if flip[i]:
             expect = expect.flip(-1)
         assert torch.equal((x * 255).round().to(torch.uint8), expect), i

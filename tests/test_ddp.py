@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def _divergence_worker(rank: int, port: int, seeds: list[int], out: str) -> None
 def test_reinit_divergence_is_detected(tmp_path, seeds, diverged):
     out = str(tmp_path / "r")
     mp.spawn(_divergence_worker, args=(free_port(), seeds, out), nprocs=2, join=True)
-    results = [open(f"{out}.{r}").read() for r in range(2)]
+    results = [Path(f"{out}.{r}").read_text() for r in range(2)]
     assert all(r.startswith("diverged") == diverged for r in results), results
     if diverged:
         assert "RIFLE re-init 1" in results[0] and "ranks [1]" in results[0]

@@ -1,4 +1,5 @@
-"""The per-re-init diagnosis (core/diagnosis.py, Rifle(diagnose=True), CLI wiring) against hand-computed values."""
+"""The per-re-init diagnosis (core/diagnosis.py, Rifle(diagnose=True), CLI wiring) against hand-computed
+values."""
 import csv
 import json
 import math
@@ -408,8 +409,8 @@ def test_verdict_uses_the_head_signal_when_measured():
     mid = verdict({**entry(0.04, 1.0, 1.5), "head_signal_ratio": 0.8})
     assert "the new head sends less error into the backbone than the old one" in mid and "did not grow" in mid
     assert verdict({**entry(0.04, 1.0, None), "head_signal_ratio": 1.2}).endswith(
-        "backbone gradient not measured (no optimizer steps recorded on both sides of the re-init) — backprop "
-        "in depth delivered")
+        "backbone gradient not measured (no optimizer steps recorded on both sides of the re-init) — "
+        "backprop in depth delivered")
     # not converged yet a larger same-batch signal (digits 32 px of the regime study's addendum: 4 of 5
     # runs, 3 of them below the paired control over the next steps): delivered, with the caveat
     unconv = verdict({**entry(0.39, 0.90, 0.62), "head_signal_ratio": 1.42})
@@ -471,8 +472,9 @@ def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch, cr
     assert resumed["rifle_diagnosis"] == [d] and d["steps_before"] == 5 and d["train_loss_before"] > 0
     assert d["head_signal_ratio"] > 0  # crash at 2: the captured batch travelled in the checkpoint
     assert all(math.isfinite(r) for r in d["grad_ratio_thirds"])
-    rows = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}  # noqa: E731
-                        for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    def rows(run):
+        return [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}
+                for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert rows("split") == rows("full")
     assert (d["verdict"] in lines) == (crash_at == 2)  # printed once, by the process that measured it
 
@@ -533,7 +535,7 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
     # Lightning divides each micro-batch's loss by accumulate_grad_batches: the head signal knows it
     assert cb.rifle.head_grad_scale == 1 / accumulate and e["head_signal_ratio"] > 0
     assert e["verdict"] in capsys.readouterr().out.splitlines()
-    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    rows = list(csv.DictReader(next(tmp_path.glob("csv/*/metrics.csv")).read_text().splitlines()))
     logged = [r for r in rows if r.get("rifle/grad_ratio")]
     assert len(logged) == 1 and float(logged[0]["rifle/grad_ratio"]) == pytest.approx(e["grad_ratio"])
     assert float(logged[0]["rifle/head_norm_after"]) == pytest.approx(e["head_norm_after"])

@@ -306,7 +306,8 @@ def test_an_invalid_state_file_gets_a_clear_message_and_exit_2(run, capsys, kind
 
 
 def test_a_plain_pickle_state_file_warns_nothing_about_weights_only(run):
-    """torch warns about pickle protocol 4 and its "weights_only Unpickler": the user sees only rifle's error."""
+    """torch warns about pickle protocol 4 and its "weights_only Unpickler": the user sees only rifle's
+    error."""
     import pickle
     import warnings
 

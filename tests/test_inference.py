@@ -219,7 +219,7 @@ def test_evaluate_cli_reproduces_training_accuracy(digits_run, tmp_path, capsys)
     assert cm.shape == (10, 10) and cm.sum() == 449 == metrics["n"]
     assert np.trace(cm) / cm.sum() == metrics["accuracy"]
     from sklearn.metrics import precision_recall_fscore_support
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
     y = [int(r["true"]) for r in rows]
     p = [int(r["predicted"]) for r in rows]
     prec, rec, f1, sup = precision_recall_fscore_support(y, p, labels=list(range(10)), zero_division=0)

@@ -146,7 +146,7 @@ def test_epoch_reinit_changes_only_the_head_at_the_scheduled_epochs(tmp_path):
             assert torch.equal(after["net.fc.weight"], w) and torch.equal(after["net.fc.bias"], b)
         else:
             assert changed(before, after) == set() and held_after == ALL
-    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    rows = list(csv.DictReader(next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()))
     logged = {int(r["epoch"]): float(r["rifle/reinit"]) for r in rows if r.get("rifle/reinit")}
     assert logged == {2: 1.0, 4: 2.0}
 
@@ -422,7 +422,7 @@ def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_rea
     assert torch.equal(after["net.fc.weight"], w) and torch.equal(after["net.fc.bias"], b)
     [d, *_] = cb.diagnosis  # the re-init's diagnosis carries the accuracy the trigger decided from
     assert d["at"] == fire and d["train_acc_before"] == pytest.approx(accs[fire - 1])
-    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    rows = list(csv.DictReader(next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()))
     assert {int(r["epoch"]) for r in rows if r.get("rifle/reinit")} == set(report["fired"])
 
 

@@ -108,7 +108,7 @@ def test_bad_files_are_errors_naming_the_file(files, tmp_path):
     bad_safe = tmp_path / "bad.safetensors"
     bad_safe.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     cases["bad safetensors"] = (bad_safe, "bad.safetensors: neither a safetensors file nor a torch file")
-    for name, (path, match) in cases.items():
+    for path, match in cases.values():
         with pytest.raises(ModelError, match=match):
             create_model("resnet18", 3, pretrained_file=path)
 

@@ -134,9 +134,9 @@ def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
     assert sorted(done) == sorted(r.rel for r in runs)  # every run, exactly once
     assert re.search(r"4/4 done, 0 running, 0 queued, 0 failed", out) and "4/4 runs complete" in out
     assert not list(remote.rglob(L.LOCK)) and (remote / "grid.yaml").is_file()
-    for r, l in zip(runs, G.expand(grid, local)):
-        assert metrics(r.path) == metrics(l.path), r.rel     # every epoch's numbers, bit for bit
-        assert _summary(r.path) == _summary(l.path), r.rel
+    for r, loc in zip(runs, G.expand(grid, local)):
+        assert metrics(r.path) == metrics(loc.path), r.rel     # every epoch's numbers, bit for bit
+        assert _summary(r.path) == _summary(loc.path), r.rel
     # the driver re-run: finished runs are skipped, not submitted, not touched
     stamps = {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs}
     code, out, err = run_cli(["bench", grid_file, "--out", remote, "--engine", "ray"], capsys)

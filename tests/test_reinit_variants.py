@@ -201,7 +201,8 @@ def reinit_spy(monkeypatch):
 
 
 def run_and_capture(tmp_path, capsys, seen, init):
-    """Run ``rifle train`` under :func:`reinit_spy` (``seen``): the head before and after, the default draw."""
+    """Run ``rifle train`` under :func:`reinit_spy` (``seen``): the head before and after, the default
+    draw."""
     out = tmp_path / "run"
     code = main([*FAST, "--reinit-init", init, "--out", str(out)])
     _, err = capsys.readouterr()
@@ -212,7 +213,7 @@ def run_and_capture(tmp_path, capsys, seen, init):
 
 def test_cli_norm_matched_head_keeps_the_trained_row_norms(tmp_path, capsys, reinit_spy):
     out, (before, after, fresh) = run_and_capture(tmp_path, capsys, reinit_spy, "norm-matched")
-    (w0, b0), (w1, b1), (fw, fb) = before, after, fresh
+    (w0, b0), (w1, b1), (fw, _) = before, after, fresh
     assert torch.allclose(row_norms(w1), row_norms(w0), rtol=1e-6, atol=1e-6)
     assert torch.allclose(cosines(w1, fw), torch.ones(w1.shape[0], dtype=torch.float64), atol=1e-6)
     assert float(b1.double().norm()) == pytest.approx(float(b0.double().norm()), rel=1e-6)

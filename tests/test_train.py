@@ -37,7 +37,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, monkeypatch):
 
 def test_same_seed_same_numbers_and_rifle_differs_from_finetune(tmp_path):
     a = run_train(cfg(tmp_path, "a", epochs=3, reinits=1), log=lambda s: None)
-    b = run_train(cfg(tmp_path, "b", epochs=3, reinits=1), log=lambda s: None)
+    run_train(cfg(tmp_path, "b", epochs=3, reinits=1), log=lambda s: None)
     c = run_train(cfg(tmp_path, "c", epochs=3, method="finetune"), log=lambda s: None)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
     ma, mc = metrics(tmp_path / "a"), metrics(tmp_path / "c")

@@ -187,7 +187,7 @@ def test_stochastic_depth_rates_and_deterministic_eval(name, n_blocks):
     x = torch.randn(4, 3, 32, 32)
     sd = create("stochastic-depth", p_l=0.5)
     sd.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx_for(model))
-    assert list(sd.rates.values()) == pytest.approx([0.5 * l / n_blocks for l in range(1, n_blocks + 1)])
+    assert list(sd.rates.values()) == pytest.approx([0.5 * i / n_blocks for i in range(1, n_blocks + 1)])
     assert [id(p) for p in model.parameters()] == params  # no new parameters: optimizer unaffected
     # the rates are where the modules read them
     mods = dict(model.named_modules())

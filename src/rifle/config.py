@@ -109,7 +109,7 @@ class TrainConfig:
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise bad(key, "must be a positive integer")
-        if not 0 < self.lr:
+        if not self.lr > 0:
             raise bad("lr", "must be > 0")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be >= 0")

@@ -78,8 +78,9 @@ def run_demo(out: str = "runs/demo", seed: int = 0, recipe: dict[str, Any] | Non
     total = time.perf_counter() - t0
     note = ("In the 5-seed study behind this recipe the re-init clearly deepened backpropagation only where "
             "the head had converged (memorised its training set) before it; where it had not, the backbone's "
-            "gradient after the re-init was about fine-tuning's own at that epoch, or lower. Read the verdict of your "
-            "own runs (docs/rifle.md#when), and judge accuracy on validation over paired seeds "
+            "gradient after the re-init was about fine-tuning's own at that epoch, or lower. "
+            "Read the verdict of your own runs (docs/rifle.md#when), and judge accuracy on validation over "
+            "paired seeds "
             "(`rifle bench`, `rifle report`): in the study, accuracy did not follow the mechanism "
             "(docs/results/regime.md).")
     text = (f"# rifle demo (seed {seed})\n\n{table}\n\n{note}\n\n"

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -68,10 +68,11 @@ def _decode_flat(root: Path, res: int, skip_bad_images: bool) -> tuple[ImageTens
         raise DataError(f"cannot read {len(bad)} image file(s):\n{shown}\nFix or remove them, or pass "
                         f"--skip-bad-images.")
     keep = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
-    channels = 3 if any(decoded[i].shape[0] == 3 for i in keep) else 1
+    kept = [cast(torch.Tensor, decoded[i]) for i in keep]
+    channels = 3 if any(t.shape[0] == 3 for t in kept) else 1
     imgs = torch.empty((len(keep), channels, res, res), dtype=torch.uint8)
-    for j, i in enumerate(keep):
-        imgs[j] = decoded[i]
+    for j, t in enumerate(kept):
+        imgs[j] = t
     ds = ImageTensorSet(imgs, torch.tensor([labels[i] for i in keep], dtype=torch.int64))
     return ds, classes, [str(paths[i]) for i in keep], [str(p) for p, _ in bad]
 

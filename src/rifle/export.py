@@ -80,13 +80,14 @@ def preprocessing_spec(fm: FineTunedModel) -> dict[str, Any]:
         "layout": "NCHW",
         "grayscale": "replicate the single channel to 3 channels",
         "steps": [
-            f"open with PIL; a JPEG is first downscaled in the DCT domain: img.draft(None, ({r}, {r})) (by 1/2, "
-            f"1/4 or 1/8 while both sides stay >= {r})",
-            "modes 1, L, LA -> L (8-bit grayscale, 1 channel); I;16*, I -> round(v / 257), F -> round(v * 255 "
-            "if max <= 1 else v), clipped to 0..255 as L; every other mode (CMYK, YCbCr, RGBA, P, ...) -> PIL "
-            "convert('RGB') (alpha dropped, palette expanded); EXIF orientation not applied",
-            f"resize the shorter side to {r} ({p.get('interpolation', 'bilinear')}, antialiased as PIL; longer "
-            f"side int({r} * long / short))",
+            f"open with PIL; a JPEG is first downscaled in the DCT domain: img.draft(None, ({r}, {r})) "
+            f"(by 1/2, 1/4 or 1/8 while both sides stay >= {r})",
+            "modes 1, L, LA -> L (8-bit grayscale, 1 channel); I;16*, I -> round(v / 257), "
+            "F -> round(v * 255 if max <= 1 else v), clipped to 0..255 as L; every other mode "
+            "(CMYK, YCbCr, RGBA, P, ...) -> PIL convert('RGB') (alpha dropped, palette expanded); "
+            "EXIF orientation not applied",
+            f"resize the shorter side to {r} ({p.get('interpolation', 'bilinear')}, antialiased as PIL; "
+            f"longer side int({r} * long / short))",
             f"centre crop {r}x{r} (offset round((size - {r}) / 2))",
             f"centre crop {s}x{s} (offset {off})",
             "x = pixel / 255; x = (x - mean) / std per channel; grayscale replicated to 3 channels",
@@ -100,7 +101,7 @@ def _example(n: int, s: int, seed: int) -> torch.Tensor:
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> str:
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    names: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"]}
     if exporter in ("auto", "dynamo"):
         try:
             batch = torch.export.Dim("batch", min=1)
@@ -162,7 +163,7 @@ def verify(path: str | os.PathLike, model: nn.Module, image_size: int, format: s
     :class:`ExportError` when they differ by more than ``rtol``. Returns the comparison, or ``None`` for
     ONNX when onnxruntime is not installed."""
     path = Path(path)
-    net = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    net = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     x3 = _example(3, image_size, 1)
     with torch.no_grad():
         ref32 = net(x3)
@@ -212,7 +213,7 @@ def export(model: FineTunedModel | str | os.PathLike, format: str = "onnx", out:
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder; give a file name such as {path / ('model' + FORMATS[format])}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    net = copy.deepcopy(fm.model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    net = copy.deepcopy(fm.model).to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     s = fm.image_size
     x = _example(2, s, 0)
     if format == "onnx":
@@ -237,5 +238,5 @@ def export(model: FineTunedModel | str | os.PathLike, format: str = "onnx", out:
     }
     sidecar = sidecar_path(path)
     atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
-    return ExportResult(path, sidecar, used, result and result["max_abs_diff"], result and result["runtime"],
-                        result)
+    return ExportResult(path, sidecar, used, result["max_abs_diff"] if result else None,
+                        result["runtime"] if result else None, result)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .train.outputs import CONFIG, SUMMARY
 
 __all__ = ["FineTunedModel", "load", "NotARunError", "RunError", "ImageInput", "find_images"]
 
-ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 REQUIRED = (CONFIG, WEIGHTS)
 
 
@@ -62,7 +62,7 @@ def _checked_run_dir(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> "FineTunedModel":
+def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> FineTunedModel:
     """Load the fine-tuned model of a run folder (the weights of its last completed epoch), in eval mode.
 
     Raises :class:`NotARunError` (a ``FileNotFoundError``) when the folder or its files are missing and
@@ -227,7 +227,8 @@ class FineTunedModel:
 
     def normalized_batches(self, decoded: Sequence[torch.Tensor], batch_size: int
                            ) -> Iterator[torch.Tensor]:
-        """uint8 ``[C, R, R]`` images -> model input batches (centre crop, normalise; :func:`eval_batches`)."""
+        """uint8 ``[C, R, R]`` images -> model input batches (centre crop, normalise;
+        :func:`eval_batches`)."""
         for start in range(0, len(decoded), batch_size):
             chunk = list(decoded[start:start + batch_size])
             if any(t.shape[0] == 3 for t in chunk):  # mixed: store gray as 3 channels (as image folders do)

@@ -101,13 +101,15 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     except BaseException:
         run_dir.close()  # flush TensorBoard's events of the epochs trained
         raise
+    diagnoses = [m.diagnosis for m in methods if hasattr(m, "diagnosis")]  # RIFLE's (--method rifle) only
+    triggers = [t for m in methods if (t := getattr(m, "trigger_report", None))]
     summary = {
         "method": cfg.method, "reg": cfg.reg, "trick": cfg.trick, "model": cfg.model, "data": cfg.data, "seed": cfg.seed,
         **summarize(history),
         "reinit_epochs": next((m.reinit_epochs for m in methods if hasattr(m, "reinit_epochs")), []),
         "methods": {m.name: m.config() for m in methods},
-        **{"rifle_diagnosis": m.diagnosis for m in methods if hasattr(m, "diagnosis")},
-        **{"rifle_trigger": m.trigger_report for m in methods if getattr(m, "trigger_report", None)},
+        **({"rifle_diagnosis": diagnoses[-1]} if diagnoses else {}),
+        **({"rifle_trigger": triggers[-1]} if triggers else {}),
         "classes": data.classes, "data_info": data.info, "head": trainer.head_names,
         "pretrained_source": model.rifle_pretrained_source,
         "preprocessing": {**model_preprocessing(model), "image_size": cfg.image_size,

@@ -22,10 +22,10 @@ def last_conv_name(model: nn.Module) -> str:
 
 
 def _features_and_logits(model: nn.Module, x: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if layer is None and callable(getattr(model, "forward_features", None)) and callable(
-            getattr(model, "forward_head", None)):
-        feats = model.forward_features(x)
-        return feats, model.forward_head(feats)
+    features, head = getattr(model, "forward_features", None), getattr(model, "forward_head", None)
+    if layer is None and callable(features) and callable(head):
+        feats = features(x)
+        return feats, head(feats)
     module = model.get_submodule(layer or last_conv_name(model))
     box: dict[str, torch.Tensor] = {}
     handle = module.register_forward_hook(lambda m, a, out: box.__setitem__("a", out))
@@ -73,7 +73,8 @@ def pick_images(labels: torch.Tensor, n: int) -> list[int]:
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels.tolist()):
         by_class.setdefault(int(y), []).append(i)
-    out, depth = [], 0
+    out: list[int] = []
+    depth = 0
     while len(out) < n and any(depth < len(v) for v in by_class.values()):
         for c in sorted(by_class):
             if depth < len(by_class[c]) and len(out) < n:
@@ -132,7 +133,8 @@ def cam_for_runs(run_dirs: Sequence[str | Path], out_png: str | Path, *, n_image
     data = load_data(cfgs[0])
     idx = pick_images(data.test.labels, n_images)
     subset = data.test.subset(idx)
-    rows, shown, labels = [], None, None
+    rows: list[dict[str, Any]] = []
+    shown, labels = None, None
     for run, (model, config, _), cfg in zip(run_dirs, models, cfgs):
         prep = model_preprocessing(model)
         x, y = next(eval_batches(subset, len(idx), cfg.image_size, prep["mean"], prep["std"], channels_last=False))
@@ -142,6 +144,7 @@ def cam_for_runs(run_dirs: Sequence[str | Path], out_png: str | Path, *, n_image
             mean = torch.tensor(prep["mean"]).view(1, 3, 1, 1)
             std = torch.tensor(prep["std"]).view(1, 3, 1, 1)
             shown, labels = x * std + mean, y
+    assert shown is not None and labels is not None  # one row per run, and there is at least one
     cam_figure(shown, rows, labels, data.classes, out_png,
                title=f"Grad-CAM ({layer or 'forward_features output'}), predicted class, {cfgs[0].data} test")
     return {"png": str(out_png), "indices": idx,

@@ -58,7 +58,7 @@ def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn
     """``(model with the final checkpoint's weights, config, checkpoint metadata)``."""
     from ..train.checkpoint import load_weights
     run_dir, config, wpath, raw_meta, tensors = _read_checkpoint(run_dir)
-    meta = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in raw_meta.items()}
+    meta: dict[str, Any] = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in raw_meta.items()}
     n = int(meta.get("num_classes") or len(meta.get("classes") or []))
     if pretrained:
         model = build_reference(config, n)
@@ -95,7 +95,8 @@ def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
 
 
 def monitor_depth(run_dir: str | Path, mon: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """:func:`run_depth`'s result from the run's ``depth.jsonl`` (its last recorded epoch), no checkpoint needed."""
+    """:func:`run_depth`'s result from the run's ``depth.jsonl`` (its last recorded epoch), no
+    checkpoint needed."""
     mon = mon if mon is not None else read_monitor(run_dir)
     if not mon or not mon.get("header") or not mon.get("weights"):
         return None

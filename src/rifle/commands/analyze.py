@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{r}: not a run folder (no config.yaml)")
     out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else Path("analysis"))
     out.mkdir(parents=True, exist_ok=True)
-    results, ratios, head = [], {}, None
+    results, ratios, head = [], {}, []
     for r in runs:
         mon = read_monitor(r)
         if mon and mon["weights"]:

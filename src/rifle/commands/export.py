@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     c = res.check
     check = (f"; checked with {res.checked_with}: max |logit diff| {c['max_abs_diff']:.2e} (relative "
              f"{c['max_rel_diff']:.1e}, tolerance {c['rtol']:g}), top-1 agreement {c['top1_agreement']:.0%}"
-             if res.checked_with else ("; not checked (install onnxruntime to check)" if args.check else ""))
+             if c is not None and res.checked_with else ("; not checked (install onnxruntime to check)" if args.check else ""))
     print(f"wrote {res.path} ({args.format}, {res.exporter}) and {res.sidecar}{check}")
     return 0

@@ -96,7 +96,7 @@ def _fmt(v: Any) -> str:
 def default_text(name: str) -> str:
     """``(default X; preset P: Y)`` for a TrainConfig field (presets listed where they differ)."""
     f = next(f for f in fields(TrainConfig) if f.name == name)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
     text = _SHOWN.get(name) or ("none" if default is None else _fmt(default))
     by_preset = [f"{p}: {_fmt(v[name])}" for p, v in sorted(PRESETS.items())
                  if name in v and v[name] != default]
@@ -130,7 +130,7 @@ def method_option_flags() -> dict[str, tuple[str, str]]:
     """``{dest: (method, option)}`` for every option of every plug-in (RIFLE's are top-level flags)."""
     from ..config import TOP_LEVEL_OPTIONS
     from ..methods import registry
-    out = {}
+    out: dict[str, tuple[str, str]] = {}
     for name, cls in sorted(registry().items()):
         if name in TOP_LEVEL_OPTIONS or not dataclasses.is_dataclass(cls):
             continue

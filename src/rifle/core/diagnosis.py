@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,8 +71,8 @@ class Diagnosis(HeadSignal):
     per optimizer step with the final gradients (before ``optimizer.step()``); :meth:`begin` /
     :meth:`end` around the re-init itself. ``entries`` is the list of JSON-ready results.
     With ``head`` (the re-initialised modules), a forward hook on it captures the last training batch
-    while armed (the head-signal ratio, :mod:`rifle.core.head_signal`); ``head_grad_scale`` is the factor by which
-    the ``dL/dz`` that reaches the head's output exceeds the gradient of the micro-batch's mean
+    while armed (the head-signal ratio, :mod:`rifle.core.head_signal`); ``head_grad_scale`` is the factor
+    by which the ``dL/dz`` that reaches the head's output exceeds the gradient of the micro-batch's mean
     cross-entropy (``1 / accumulation steps`` when each micro-batch loss is divided by their number;
     the AMP loss scale; ``None``: unknown, not measured).
     """
@@ -87,12 +87,12 @@ class Diagnosis(HeadSignal):
         self.loss_window = loss_window  # None: everything since new_period(); else the last N steps
         # (by step index: observations keyed by set_step(); a feed every k steps keeps its meaning)
         self.entries: list[dict[str, Any]] = []
-        self._before: deque = deque(maxlen=self.window)
+        self._before: deque[torch.Tensor] = deque(maxlen=self.window)
         self._skip = 0
         self._armed = False
         self._after: list[torch.Tensor] | None = None
         self._open: dict[str, Any] | None = None
-        self._obs: deque = deque()
+        self._obs: deque[list[Any]] = deque()
         self._n_settled = 0  # the window's first rows already hold sums over ranks (settle())
         self._before_norms: list[torch.Tensor] = []
         self._step_key: Any = None
@@ -234,6 +234,7 @@ class Diagnosis(HeadSignal):
             self._finish()
 
     def _finish(self) -> None:
+        assert self._open is not None  # opened by end() with _after; every caller checks one of them
         e, before, after = self._open, self._before_norms, self._after or []
         self._open, self._after, self._before_norms = None, None, []
         e["steps_before"], e["steps_after"] = len(before), len(after)
@@ -262,7 +263,7 @@ class Diagnosis(HeadSignal):
         """What is being measured now (windows, loss sums), so that a run resumed from a checkpoint
         written between two steps measures what the uninterrupted run measured. Plain floats, and the
         captured batch as tensors (``head_batch``, only while armed)."""
-        def rows(ts):
+        def rows(ts: Sequence[torch.Tensor]) -> list[Any]:
             return [t.tolist() for t in ts]
         return {"armed": self._armed, "skip": self._skip, "before": rows(self._before),
                 "settled": self._n_settled == len(self._obs), "settled_rows": self._n_settled,
@@ -276,7 +277,7 @@ class Diagnosis(HeadSignal):
     def load_pending_state(self, state: dict[str, Any]) -> None:
         dev = self._device()
 
-        def tensors(rows):
+        def tensors(rows: Sequence[Any]) -> list[torch.Tensor]:
             return [torch.tensor(r, dtype=torch.float64, device=dev) for r in rows]
         self._armed, self._skip = bool(state["armed"]), int(state["skip"])
         self._before = deque(tensors(state["before"]), maxlen=self.window)

@@ -50,10 +50,14 @@ class HeadSignal:
     head, then measure the old and the new head on it around the re-init. Reads the owner's ``_armed``
     and ``_skip`` (the arming of the 'before' window) and ``head_grad_scale``."""
 
+    _armed: bool
+    _skip: int
+    head_grad_scale: float | None
+
     def _init_head_signal(self, head: Sequence[nn.Module]) -> None:
-        self._cap: list | None = None       # [f, z, dL/dz or None] of the last armed training batch
-        self._frozen: dict | None = None    # {"f", "t"} (or {"why"}) recovered from _cap / a checkpoint
-        self._hs: dict | None = None        # the open re-init's old squared norm, rows, reasons
+        self._cap: list[Any] | None = None      # [f, z, dL/dz or None] of the last armed training batch
+        self._frozen: dict[str, Any] | None = None   # {"f", "t"} (or {"why"}) recovered from _cap / a checkpoint
+        self._hs: dict[str, Any] | None = None       # the open re-init's old squared norm, rows, reasons
         self._linear: nn.Linear | None = None
         self._head_why: str | None = None
         heads = list(head)
@@ -64,7 +68,7 @@ class HeadSignal:
             self._head_why = ("not measured: the re-initialised modules are not exactly one nn.Linear"
                               if heads else None)
 
-    def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _on_head_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Keep references (no copies) to the last armed training batch's head input and output, and
         to the gradient that reaches the output in its backward."""
         if not (self._armed and self._skip == 0 and module.training and torch.is_grad_enabled()):
@@ -75,14 +79,14 @@ class HeadSignal:
                 and output.requires_grad):
             self._cap = ["not measured: the head's input is not a 2-D (batch x features) tensor"]
             return
-        cap: list = [f.detach(), output.detach(), None]
+        cap: list[Any] = [f.detach(), output.detach(), None]
         self._cap = cap
 
         def keep(g: torch.Tensor) -> None:
             cap[2] = g
         output.register_hook(keep)
 
-    def _freeze(self) -> dict | None:
+    def _freeze(self) -> dict[str, Any] | None:
         """The captured batch as ``{"f", "t"}`` (f as captured, the targets recovered in float64) or
         ``{"why": reason}``."""
         if self._frozen is None and self._cap is not None:
@@ -153,18 +157,18 @@ class HeadSignal:
             out["head_signal_reason"] = "not measured: the old head sent no error into the backbone"
         return out
 
-    def _head_batch_state(self) -> dict | None:
+    def _head_batch_state(self) -> dict[str, Any] | None:
         """The armed captured batch for a checkpoint (``Diagnosis.pending_state``), or None."""
         return _batch_state(self._freeze()) if self._armed and self._linear is not None else None
 
-    def _load_head_batch(self, state: dict | None, dev: torch.device) -> None:
+    def _load_head_batch(self, state: dict[str, Any] | None, dev: torch.device) -> None:
         self._cap, self._frozen = None, _batch_load(state, dev)
 
 
-def _batch_state(frozen: dict | None) -> dict | None:
+def _batch_state(frozen: dict[str, Any] | None) -> dict[str, Any] | None:
     """A frozen captured batch as CPU tensors (f in its captured dtype, t float64: a resume measures
     exactly what the uninterrupted run did); :func:`plain_state` makes it JSON-ready."""
-    def one(r):
+    def one(r: dict[str, Any] | None) -> dict[str, Any] | None:
         if r is None or "why" in r:
             return r
         return {k: r[k].detach().to("cpu").clone() for k in ("f", "t")}  # clone: no larger storage saved
@@ -173,9 +177,9 @@ def _batch_state(frozen: dict | None) -> dict | None:
     return one(frozen)
 
 
-def _batch_load(state: dict | None, dev: torch.device) -> dict | None:
+def _batch_load(state: dict[str, Any] | None, dev: torch.device) -> dict[str, Any] | None:
     """Tensors (or, from a JSON state or one written before they were tensors, nested lists)."""
-    def one(r):
+    def one(r: dict[str, Any] | None) -> dict[str, Any] | None:
         if r is None or "why" in r:
             return r
         return {k: (r[k].to(dev) if isinstance(r[k], torch.Tensor)

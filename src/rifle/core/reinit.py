@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -55,15 +56,15 @@ _NO_RANDOMNESS = tuple(f for f in (_NormBase.reset_parameters, nn.LayerNorm.rese
 @torch.no_grad()
 def _fan_in_uniform(m: nn.Module, g: torch.Generator | None) -> None:
     """``nn.Linear`` / ``_ConvNd.reset_parameters`` on ``g``: the same calls in the same order."""
-    w = m.weight
+    w, bias = cast(torch.Tensor, m.weight), cast("torch.Tensor | None", m.bias)
     target = w if w.is_contiguous() else torch.empty_like(w, memory_format=torch.contiguous_format)
     nn.init.kaiming_uniform_(target, a=math.sqrt(5), generator=g)
     if target is not w:
         w.copy_(target)
-    if m.bias is not None:
+    if bias is not None:
         fan_in, _ = nn.init._calculate_fan_in_and_fan_out(w)
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-        nn.init.uniform_(m.bias, -bound, bound, generator=g)
+        nn.init.uniform_(bias, -bound, bound, generator=g)
 
 
 def reset_module(m: nn.Module, g: torch.Generator | None = None) -> None:
@@ -77,12 +78,13 @@ def reset_module(m: nn.Module, g: torch.Generator | None = None) -> None:
     if kind in _FAN_IN_UNIFORM and _plain(m, kind):
         _fan_in_uniform(m, g)
     elif kind in _NO_RANDOMNESS:
-        m.reset_parameters()  # ones / zeros and running statistics: draws nothing
+        cast(Callable[[], None], m.reset_parameters)()  # ones / zeros and running statistics: draws nothing
     elif kind is nn.Embedding.reset_parameters and _plain(m, kind):
-        nn.init.normal_(m.weight, generator=g)
-        m._fill_padding_idx_with_zero()
+        emb = cast(nn.Embedding, m)
+        nn.init.normal_(emb.weight, generator=g)
+        emb._fill_padding_idx_with_zero()
     else:
-        _on_global_rng(g, m.reset_parameters)
+        _on_global_rng(g, cast(Callable[[], None], m.reset_parameters))
 
 
 def _reset_default(module: nn.Module, g: torch.Generator | None = None) -> None:
@@ -96,7 +98,7 @@ def _reset_default(module: nn.Module, g: torch.Generator | None = None) -> None:
         raise ValueError(f"{type(module).__name__} has no reset_parameters(); choose another init")
 
 
-def _weights_then_zero_bias_g(fn: Callable[[torch.Tensor, torch.Generator | None], object]):
+def _weights_then_zero_bias_g(fn: Callable[[torch.Tensor, torch.Generator | None], object]) -> Initializer:
     def init(module: nn.Module, g: torch.Generator | None = None) -> None:
         for sub in module.modules():
             w = getattr(sub, "weight", None)
@@ -145,7 +147,7 @@ def _old_then_fresh(module: nn.Module, g: torch.Generator | None) -> list[tuple[
         if callable(getattr(sub, "reset_parameters", None)) and has_params(sub, recurse=False):
             for p in sub.parameters(recurse=False):
                 seen.setdefault(id(p), p)
-    old = [(p.detach().clone(), p) for p in seen.values()]
+    old: list[tuple[torch.Tensor, torch.Tensor]] = [(p.detach().clone(), p) for p in seen.values()]
     _reset_default(module, g)
     return old
 

@@ -147,6 +147,7 @@ class Rifle:
         self.verify_replicas = verify_replicas
         self.unit = "epoch" if epochs is not None else "step"
         total = epochs if epochs is not None else total_steps
+        assert total is not None  # exactly one of them (checked above)
         self.steps_per_unit = (steps_per_epoch or None) if self.unit == "epoch" else 1
         if guard_steps is not None:
             if self.steps_per_unit is None:
@@ -159,7 +160,8 @@ class Rifle:
             self.schedule = make_schedule(total, reinits, guard, unit=self.unit)
         if self.steps_per_unit and min_steps_after and trigger == "schedule":
             check_step_budget(self.schedule, self.steps_per_unit, min_steps_after)
-        self._trigger = ConvergedTrigger(converged_acc) if trigger == "converged" else None
+        self._trigger = (ConvergedTrigger(converged_acc) if trigger == "converged" and converged_acc is not None
+                         else None)
         inner = unwrap_model(model)
         self.head_modules: list[nn.Module] = find_head(inner, head)
         extra = select_modules(inner, modules) if modules else []
@@ -251,7 +253,7 @@ class Rifle:
     def reinit_may_start_at(self, t: int) -> bool:
         """Whether a re-init may happen at the start of epoch/step ``t`` (scheduled and not yet done, or
         possible for the converged trigger)."""
-        if self.trigger == "converged":  # a re-init at t is possible (decided at t from epoch t-1)
+        if self._trigger is not None:  # converged: a re-init at t is possible (decided at t from epoch t-1)
             return self._trigger.may_fire(t, self.schedule)
         return any(p == t and i not in self.applied and i not in self.skipped
                    for i, p in enumerate(self.schedule.points, start=1))
@@ -427,7 +429,7 @@ class Rifle:
             self.on_reinit(index, self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1)
 
     # ------------------------------------------------------------------ head LR restart
-    def _head_groups(self) -> list[tuple[dict, float]]:
+    def _head_groups(self) -> list[tuple[dict[str, Any], float]]:
         if self.optimizer is None:
             raise ValueError("head_lr_restart needs the optimizer")
         head_ids = {id(p) for m in self.head_modules for p in m.parameters()}
@@ -493,6 +495,7 @@ class Rifle:
             if saved != self.trigger:
                 raise ValueError(f"RIFLE state was saved with trigger={saved!r}, this run has "
                                  f"trigger={self.trigger!r}; resume with the same trigger")
+            assert self._trigger is not None  # saved == self.trigger != "schedule"
             self._trigger.load_state_dict(state, self.unit, self.schedule)
             self.schedule = dataclasses.replace(self.schedule, points=tuple(self._trigger.fired))
         elif list(state.get("points", [])) != list(self.schedule.points) or state.get("unit") != self.unit:

@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from types import FrameType
 
 
 class RifleScheduleWarning(UserWarning):
@@ -26,7 +27,8 @@ _CORE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 def warn_at_caller(message: str, category: type[Warning] = RifleScheduleWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside ``rifle/core`` (the user's line)."""
-    frame, level = sys._getframe(0), 1
+    frame: FrameType | None = sys._getframe(0)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_CORE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -148,8 +148,9 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The backbone's blocks in depth order: timm ``blocks`` (stages flattened), ResNet ``layer1..4``,
     timm ``stages.*.blocks`` (ConvNeXt & co.); ``[]`` for any other layout."""
     out: list[tuple[str, nn.Module]] = []
-    if isinstance(getattr(model, "blocks", None), nn.Sequential):
-        for name, stage in model.blocks.named_children():
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential):
+        for name, stage in blocks.named_children():
             if isinstance(stage, nn.Sequential):
                 out += [(f"blocks.{name}.{n}", b) for n, b in stage.named_children()]
             else:
@@ -159,8 +160,9 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         seq = getattr(model, layer, None)
         if isinstance(seq, nn.Sequential):
             out += [(f"{layer}.{n}", b) for n, b in seq.named_children()]
-    if not out and isinstance(getattr(model, "stages", None), nn.Sequential):  # timm ConvNeXt & co.
-        for name, stage in model.stages.named_children():
+    stages = getattr(model, "stages", None)
+    if not out and isinstance(stages, nn.Sequential):  # timm ConvNeXt & co.
+        for name, stage in stages.named_children():
             stage_blocks = getattr(stage, "blocks", None)
             if isinstance(stage_blocks, nn.Sequential):
                 out += [(f"stages.{name}.blocks.{n}", b) for n, b in stage_blocks.named_children()]
@@ -195,9 +197,9 @@ def select_modules(model: nn.Module, spec: str) -> list[nn.Module]:
         raise ValueError(f"--reinit-modules {spec!r}: not a valid regular expression ({e})") from None
     chosen: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
-        if name and pattern.fullmatch(name) and has_params(m):
-            if not any(name.startswith(c + ".") for c, _ in chosen):
-                chosen.append((name, m))
+        if (name and pattern.fullmatch(name) and has_params(m)
+                and not any(name.startswith(c + ".") for c, _ in chosen)):
+            chosen.append((name, m))
     if not chosen:
         names = [n for n, m in model.named_modules() if n and has_params(m, recurse=False)]
         raise ValueError(f"--reinit-modules {spec!r} matches no module with parameters; module names "
@@ -261,12 +263,14 @@ def default_layers(model: nn.Module) -> list[str]:
     last four ``stages`` of stage-based timm models, the last four blocks of a flat ``blocks``.
     ``ValueError`` when the model is not recognised."""
     stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
-    if all(isinstance(s, nn.Sequential) and len(s) for s in stages):  # timm / torchvision ResNet
-        return [f"layer{i}.{len(s) - 1}" for i, s in enumerate(stages, start=1)]
+    seqs = [s for s in stages if isinstance(s, nn.Sequential) and len(s)]
+    if len(seqs) == 4:  # timm / torchvision ResNet
+        return [f"layer{i}.{len(s) - 1}" for i, s in enumerate(seqs, start=1)]
     seq = getattr(model, "blocks", None)
     if isinstance(seq, nn.Sequential) and len(seq):
-        if all(isinstance(b, nn.Sequential) for b in seq):  # EfficientNet / MobileNet stages
-            return [f"blocks.{i}.{len(b) - 1}" for i, b in enumerate(seq) if len(b)][-4:]
+        subs = [b for b in seq if isinstance(b, nn.Sequential)]
+        if len(subs) == len(seq):  # EfficientNet / MobileNet stages
+            return [f"blocks.{i}.{len(b) - 1}" for i, b in enumerate(subs) if len(b)][-4:]
         return [f"blocks.{i}" for i in range(len(seq))][-4:]
     st = getattr(model, "stages", None)
     if isinstance(st, nn.Sequential) and len(st):
@@ -307,7 +311,7 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str] | None,
 
 
 # -------------------------------------------------------------------------------- weight layers
-def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear]]:
     """``[(dotted name, module)]`` of the conv / linear layers (:data:`LAYER_TYPES`) that hold a weight
     tensor, in module order (for timm / torchvision CNNs the forward order: stem first, head last)."""
     return [(name, m) for name, m in model.named_modules()

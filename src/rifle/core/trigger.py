@@ -27,7 +27,7 @@ class ConvergedTrigger:
     def __init__(self, converged_acc: float) -> None:
         self.converged_acc = converged_acc
         self.fired: list[int] = []  # epochs it re-initialised at (= the schedule's points)
-        self.history: list[list] = []  # [[epoch, reduced train accuracy or None], ...]
+        self.history: list[list[Any]] = []  # [[epoch, reduced train accuracy or None], ...]
         self.epoch: int | None = None  # the epoch whose observations are accumulating
         self.reset()
 
@@ -59,7 +59,8 @@ class ConvergedTrigger:
         self.reset()
 
     def decide(self, epoch: int, s: Schedule) -> bool:
-        """At the start of ``epoch``: whether a re-init fires now (then ``epoch`` is appended to ``fired``)."""
+        """At the start of ``epoch``: whether a re-init fires now (then ``epoch`` is appended to
+        ``fired``)."""
         if epoch >= 1 and self.epoch == epoch - 1:
             self.settle()
         last = self.history[-1] if self.history else None

@@ -76,10 +76,10 @@ def data_fingerprint(data: str | os.PathLike) -> dict:
             images = sum(1 for line in f if line.strip())
         return {"kind": "builtin", "name": name, "version": version, "images": images}
     if name == "digits":
-        from importlib.metadata import version
+        from importlib.metadata import version as dist_version
 
         from sklearn.datasets import load_digits
-        return {"kind": "builtin", "name": name, "version": f"scikit-learn {version('scikit-learn')}",
+        return {"kind": "builtin", "name": name, "version": f"scikit-learn {dist_version('scikit-learn')}",
                 "images": len(load_digits().target)}
     if name is not None:  # a built-in added later without a fingerprint of its own
         from .. import __version__
@@ -94,7 +94,7 @@ def compare_fingerprints(saved: dict, current: dict) -> str | None:
     """None when the data is the one recorded, else what changed, in words."""
     if saved.get("kind") != current.get("kind") or saved.get("name") != current.get("name"):
         def what(fp: dict) -> str:
-            return fp.get("name") if fp.get("kind") == "builtin" else f"the folder {fp.get('root')}"
+            return str(fp.get("name")) if fp.get("kind") == "builtin" else f"the folder {fp.get('root')}"
         return f"the run used {what(saved)}, --data now names {what(current)}"
     if current.get("kind") == "builtin":
         changed = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in ("version", "images")

@@ -58,7 +58,7 @@ class ImageTensorSet:
     def resolution(self) -> int:
         return int(self.images.shape[-1])
 
-    def subset(self, idx: torch.Tensor | Sequence[int]) -> "ImageTensorSet":
+    def subset(self, idx: torch.Tensor | Sequence[int]) -> ImageTensorSet:
         """The images at ``idx`` (a copy, in the given order). A boolean mask is accepted too."""
         idx = torch.as_tensor(idx)
         if idx.dtype == torch.bool:
@@ -278,5 +278,6 @@ def stratified_split(strata: torch.Tensor | Sequence[int], fraction: float, gen:
         p = m[torch.randperm(m.numel(), generator=gen)]
         taken.append(p[:k])
         left.append(p[k:])
-    cat = (lambda xs: torch.sort(torch.cat(xs)).values if xs else torch.zeros(0, dtype=torch.int64))
+    def cat(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.sort(torch.cat(xs)).values if xs else torch.zeros(0, dtype=torch.int64)
     return cat(taken), cat(left)

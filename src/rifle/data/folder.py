@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import IO, cast
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def decode_image(path: str | os.PathLike, res: int) -> torch.Tensor:
+def decode_image(path: str | os.PathLike | IO[bytes], res: int) -> torch.Tensor:
     """Decode one image to uint8 ``[C, res, res]``.
 
     '1', 'L', 'LA', 'I;16*', 'I', 'F' become 1-channel grayscale (16-bit scaled to 8-bit, alpha dropped);
@@ -81,7 +82,7 @@ def decode_image(path: str | os.PathLike, res: int) -> torch.Tensor:
         else:
             nw, nh = int(res * w / h), res
         if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BILINEAR)
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
         top, left = int(round((nh - res) / 2.0)), int(round((nw - res) / 2.0))
         a = np.asarray(img)[top:top + res, left:left + res]
     t = torch.from_numpy(np.array(a, copy=True))  # writable, contiguous, detached from PIL
@@ -233,7 +234,7 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
         labels = torch.tensor([owners[i][1] for i in sel], dtype=torch.int64)
         imgs = torch.empty((len(sel), channels, res, res), dtype=torch.uint8)
         for j, i in enumerate(sel):
-            imgs[j] = decoded[i]  # broadcasts a 1-channel image to 3 channels when the data is mixed
+            imgs[j] = cast(torch.Tensor, decoded[i])  # broadcasts a 1-channel image to 3 channels when the data is mixed
             decoded[i] = None  # type: ignore[call-overload]  # free as we go
         per_class = torch.bincount(labels, minlength=len(classes)).tolist()
         counts[split] = {c: per_class[label_of[c]] for c in scanned[split]}

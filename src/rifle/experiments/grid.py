@@ -221,13 +221,13 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
         values, label, entry_fracs = _method_values(i, raw, fracs)
         try:
             cfg = resolve_row(train, values)
-        except (ConfigError, TypeError) as e:
-            raise GridError(f"methods[{i}] ({label or values['method']}): {e}") from None
+        except (ConfigError, TypeError) as err:
+            raise GridError(f"methods[{i}] ({label or values['method']}): {err}") from None
         explicit = label is not None
-        if explicit and safe_name(label) != label:
+        if label is not None and safe_name(label) != label:
             raise GridError(f"methods[{i}]: label {label!r} must use only letters, digits and ._+=- "
                             f"(it names a folder); e.g. {safe_name(label)!r}")
-        entries.append(MethodEntry(i, values, label if explicit else default_label(values, cfg), explicit,
+        entries.append(MethodEntry(i, values, label if label is not None else default_label(values, cfg), explicit,
                                    entry_fracs))
     seen: dict[str, int] = {}
     for e in entries:

@@ -63,7 +63,8 @@ def read_lock(path: Path) -> dict[str, Any] | None:
 def lock_is_stale(info: dict[str, Any] | None, mtime: float, stale_after: float,
                   now: float | None = None, host: str | None = None, owner: str | None = None) -> bool:
     """Stale when its pid is dead on this host, or its heartbeat (mtime) is older than ``stale_after``,
-    or it carries ``owner`` (not None): the caller's own earlier attempt, known dead (see :func:`try_claim`)."""
+    or it carries ``owner`` (not None): the caller's own earlier attempt, known dead (see
+    :func:`try_claim`)."""
     now = time.time() if now is None else now
     host = socket.gethostname() if host is None else host
     if owner is not None and info and info.get("owner") == owner:

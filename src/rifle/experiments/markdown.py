@@ -54,7 +54,8 @@ def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None
     for r in rows:
         grad = " / ".join(_ratio(r[f"grad_{k}_mean"]) for k in ("first", "middle", "last")) if r["grad_n"] else "-"
         out.append(f"| {r['method']} | {r['n']} | {_pct(r['rel_first_mean'], r['rel_first_std'])} | "
-                   f"{_pct(r['rel_middle_mean'], r['rel_middle_std'])} | {_pct(r['rel_last_mean'], r['rel_last_std'])} | "
+                   f"{_pct(r['rel_middle_mean'], r['rel_middle_std'])} | "
+                   f"{_pct(r['rel_last_mean'], r['rel_last_std'])} | "
                    f"{_pct(r['head_rel_mean'])} | {_diff(r, 'rel_first', digits=3)} | {r['watch_epochs'] or '-'} | "
                    f"{grad} | {_ratio(r['grad_head_mean']) if r['grad_n'] else '-'} |")
     return out + [""]
@@ -73,7 +74,8 @@ def _recipe(col: Collected, info: dict[str, Any], baseline: str | None) -> list[
         pre = ref.summary.get("preprocessing") or {}
         if pre:
             lines.append(f"- preprocessing: resize {pre.get('resize')} -> crop {pre.get('image_size')} "
-                         f"(train: random crop + flip; eval: centre crop), mean {pre.get('mean')}, std {pre.get('std')}")
+                         f"(train: random crop + flip; eval: centre crop), mean {pre.get('mean')}, "
+                         f"std {pre.get('std')}")
         versions = ref.summary.get("versions") or {}
         lines.append(f"- software: {', '.join(f'{k} {v}' for k, v in versions.items())}; git {ref.summary.get('git')}")
     seeds = sorted({r.seed for r in col.runs})
@@ -157,7 +159,7 @@ def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], swee
             "- **final test**: test accuracy after the last epoch (the paper's protocol).",
             "- **test @ best val**: test accuracy at the epoch with the highest validation accuracy "
             "(ties: the later epoch); the epoch is selected on validation only.",
-            f"- accuracies in %, mean ± sample std (ddof=1) over seeds; n = number of seeds.",
+            "- accuracies in %, mean ± sample std (ddof=1) over seeds; n = number of seeds.",
             f"- **Δ vs {baseline}**: paired over seeds (same split, same initial head, same data order "
             f"per seed): mean of per-seed differences in points, [{c}% Student-t interval], two-sided paired "
             "t-test p; pW = Wilcoxon signed-rank p when n ≥ 6.",
@@ -180,7 +182,8 @@ PAGE_END = "<!-- END rifle report -->"
 def page_block(root: Path, page: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
                baseline: str | None, plots: dict[tuple, list[str]], confidence: float,
                depth: list[dict[str, Any]] | None) -> str:
-    """The generated part of a hand-written page: counts, then :func:`cell_sections` (links relative to it)."""
+    """The generated part of a hand-written page: counts, then :func:`cell_sections` (links relative to
+    it)."""
     import os
     rel = Path(os.path.relpath(root.resolve(), page.resolve().parent)).as_posix()
     seeds = sorted({r.seed for r in col.runs})

@@ -292,7 +292,7 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
             if time.time() - last_look >= poll:  # which submitted runs hold our lock: running
                 last_look = time.time()
                 for i in pending.values():
-                    info = read_lock(runs[i].path / LOCK)
+                    info = read_lock(runs[i].path / LOCK) or {}
                     mine = bool(info) and info.get("owner") == opts.owner
                     if mine and i not in prog.started:  # a retried run (its worker died) stays running
                         prog.started[i] = time.time()

@@ -84,7 +84,7 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
     folder holds a config that differs from ``spec``'s is started again from scratch (its files deleted).
     """
     from ..run import run_train
-    me = dict(host=socket.gethostname(), pid=os.getpid())
+    me: dict[str, Any] = dict(host=socket.gethostname(), pid=os.getpid())
     if is_complete(spec.path) and not (rerun_changed and config_changes(spec)):
         return Outcome("skipped", "  (complete)", **me)
     err = spec.path / ERROR

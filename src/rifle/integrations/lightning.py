@@ -64,8 +64,9 @@ class RifleCallback(pl.Callback):
     ``granularity``: ``"epoch"`` (schedule over ``trainer.max_epochs``) or ``"step"`` (over
     ``trainer.estimated_stepping_batches``). ``trigger="converged"`` (epoch granularity only)
     re-initialises once the previous epoch's training accuracy reaches ``converged_acc``: it needs
-    ``training_step`` to return ``{"loss": ..., "correct": ..., "count": ...}`` (docs/rifle.md#trigger). One RifleCallback per Trainer (its checkpoint key is the
-    class name). ``fired`` lists the ``(index, epoch_or_step)`` re-inits applied by this process.
+    ``training_step`` to return ``{"loss": ..., "correct": ..., "count": ...}`` (docs/rifle.md#trigger).
+    One RifleCallback per Trainer (its checkpoint key is the class name). ``fired`` lists the
+    ``(index, epoch_or_step)`` re-inits applied by this process.
     """
 
     def __init__(self, reinits: int = 3, head: HeadSpec | None = None, seed: int = 0,
@@ -95,7 +96,7 @@ class RifleCallback(pl.Callback):
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Rifle:
         heads = find_lightning_head(pl_module, self.head)
         head_ids = {id(p) for m in heads for p in m.parameters()}
-        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
+        optimizers = [u for o in trainer.optimizers if (u := unwrap_optimizer(o)) is not None]
         holding = [o for o in optimizers
                    if any(id(p) in head_ids for g in o.param_groups for p in g["params"])]
         optimizer = holding[0] if holding else (optimizers[0] if optimizers else None)
@@ -186,7 +187,7 @@ class RifleCallback(pl.Callback):
             return
         if pl_module.automatic_optimization:  # Lightning divided it by accumulate_grad_batches
             loss = loss * trainer.accumulate_grad_batches
-        if correct is None:
+        if correct is None or count is None:  # (both None: checked above)
             self.rifle.observe(loss, None, 1)
         else:
             self.rifle.observe(loss, correct, int(count))

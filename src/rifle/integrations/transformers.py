@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -58,10 +59,10 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
     ``verify_replicas``, ``trigger``, ``converged_acc``) plus
     ``granularity`` (``"step"`` or ``"epoch"``; default ``"step"``, and ``"epoch"`` with
     ``trigger="converged"``, which decides once per epoch from the training accuracy that a forward
-    hook counts from the model's ``logits`` and the ``labels`` it is called with). ``init="hf"`` re-draws the head as HF models first
-    draw it (normal with ``config.initializer_range``, zero bias); the default is the core's
-    ``reset_parameters()``. ``fired`` lists the ``(index, step_or_epoch)`` re-inits this process
-    applied.
+    hook counts from the model's ``logits`` and the ``labels`` it is called with). ``init="hf"``
+    re-draws the head as HF models first draw it (normal with ``config.initializer_range``, zero bias);
+    the default is the core's ``reset_parameters()``. ``fired`` lists the ``(index, step_or_epoch)``
+    re-inits this process applied.
     """
 
     def __init__(self, reinits: int = 3, head: HeadSpec | None = None, seed: int = 0,
@@ -255,7 +256,8 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                 "forward: it must be called with labels=... (the Trainer passes the batch's 'labels'; it "
                 "removes them from the call when label_smoothing_factor > 0 or compute_loss_func is set) "
                 f"and return an output with .logits; got labels={'absent' if labels is None else 'given'}, "
-                f"output {type(output).__name__}{'' if isinstance(logits, torch.Tensor) else ' without logits'}")
+                f"output {type(output).__name__}"
+                f"{'' if isinstance(logits, torch.Tensor) else ' without logits'}")
         if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0] \
                 or labels.is_floating_point():
             raise ValueError(f"RifleTrainerCallback(trigger='converged') needs a single-label classifier "
@@ -334,7 +336,7 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         frame's ``self`` (callbacks are called synchronously from the Trainer's own methods). A
         callback is given no reference to its Trainer, and only ``Trainer.log`` reaches the
         ``report_to`` integrations (TensorBoard, W&B, ...), which run before user callbacks."""
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         try:
             while frame is not None:
                 obj = frame.f_locals.get("self")

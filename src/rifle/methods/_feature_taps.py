@@ -100,5 +100,6 @@ def frozen_copy(model: nn.Module, state: dict[str, torch.Tensor] | None = None,
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean, m.running_var, m.num_batches_tracked = None, None, None
     nn.Module.train(frozen, False)
-    frozen.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), frozen)
+    keep_eval = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), frozen)
+    frozen.train = keep_eval  # type: ignore[method-assign]  # deliberately: train() keeps it in eval
     return frozen

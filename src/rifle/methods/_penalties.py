@@ -20,7 +20,7 @@ class _SquaredDistance(torch.autograd.Function):
     """sum_i ||p_i - r_i||^2 over lists of tensors; gradient 2 (p_i - r_i) (refs get no gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, n: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, n: int, *tensors: torch.Tensor) -> torch.Tensor:
         params, refs = tensors[:n], tensors[n:]
         ctx.n = n
         ctx.save_for_backward(*params, *refs)
@@ -29,7 +29,7 @@ class _SquaredDistance(torch.autograd.Function):
         return torch.stack(norms).square().sum()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor):
         saved = ctx.saved_tensors
         params, refs = saved[:ctx.n], saved[ctx.n:]
         diffs = torch._foreach_sub(params, refs)  # recomputed: saves a copy of the model in memory
@@ -58,7 +58,8 @@ def backbone_and_refs(model: nn.Module, head: Sequence[nn.Module],
                       state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(trainable backbone params, their pretrained values taken from ``state``)."""
     head_ids = {id(p) for m in head for p in m.parameters()}
-    params, refs = [], []
+    params: list[torch.Tensor] = []
+    refs: list[torch.Tensor] = []
     for name, p in model.named_parameters():
         if id(p) in head_ids or not p.requires_grad:
             continue

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ class Method:
 
     name: str = "method"
     kind: str = "method"  # "method" (finetune/rifle), "reg" (regulariser) or "trick"
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every method is a @dataclass (its options)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}

@@ -168,9 +168,10 @@ class DELTA(Method):
                 f"DELTA: after epoch {epoch - 1} the backbone weights are {drift:.2f} (relative, "
                 f"||W - W0|| / ||W0||) away from the pretrained ones - plain fine-tuning moves them a few "
                 f"percent; DELTA is meant to keep them close. Its term dominates training at alpha="
-                f"{self.alpha:g} here (its default was set for ResNets at 224 px). Use a smaller --delta-alpha "
-                f"(EfficientNet-Lite0 / ELPV at 112 px, relative change of the first third of the backbone after "
-                f"10 epochs: alpha 0.01 -> 2.2, 0.001 -> 0.23, 0.0001 -> 0.066, plain fine-tuning 0.05; "
+                f"{self.alpha:g} here (its default was set for ResNets at 224 px). "
+                f"Use a smaller --delta-alpha (EfficientNet-Lite0 / ELPV at 112 px, relative change of the "
+                f"first third of the backbone after 10 epochs: alpha 0.01 -> 2.2, 0.001 -> 0.23, "
+                f"0.0001 -> 0.066, plain fine-tuning 0.05; "
                 f"docs/results/elpv.md).", stacklevel=2)
         return {}
 
@@ -209,7 +210,7 @@ class DELTA(Method):
             acc = fit_probe(self.frozen, heads[0], batches) if heads else None
             probe = (f", linear probe fitted on {sum(len(y) for _, y in batches)} images (train acc "
                      f"{acc:.3f})" if acc is not None else ", no probe (head output is not the logits): "
-                     f"pretrained head used")
+                     "pretrained head used")
         scorer = first_order_scores if self.attention == "first_order" else exact_scores
         scores = all_reduce_mean(scorer(self.frozen, self.layer_names, batches), ctx.device)
         att = {k: attention_from_scores(v, self.temperature).to(ctx.device) for k, v in scores.items()}

@@ -10,6 +10,7 @@ experiments). Decisions (inference, bias, per-example masks, the hook) and costs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ def _forward_hook(p: float, per_sample: bool, mask_bias: bool):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not module.training:
             return None  # evaluation: the plain head
-        return dropconnect_linear(args[0], module.weight, module.bias, p, True,
+        weight, bias = cast(torch.Tensor, module.weight), cast("torch.Tensor | None", module.bias)
+        return dropconnect_linear(args[0], weight, bias, p, True,
                                   per_sample=per_sample, mask_bias=mask_bias)
     return hook
 

@@ -53,7 +53,7 @@ class RifleMethod(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
         head = self.head.split(",") if self.head else ctx.head
-        common = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
+        common: dict[str, Any] = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
                       guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
                       init=self.init, keep_optimizer_state=self.keep_optimizer_state,
                       head_lr_restart=self.head_lr_restart, modules=self.modules,
@@ -125,6 +125,7 @@ class RifleMethod(Method):
         if self.core.trigger == "converged":
             self.core.settle_trigger()  # every rank, before the checkpoint: the reduced accuracy
             report = self.core.trigger_report
+            assert report is not None  # trigger="converged"
             if epoch == self._epochs - 1 and report["reason"]:
                 self._log(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
                           f"{report['reason']} (docs/rifle.md#trigger)")

@@ -10,6 +10,7 @@ models: docs/methods.md "stochastic-depth".
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +27,13 @@ def drop_rates(num_blocks: int, p_l: float) -> list[float]:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     if not 0.0 < p_l <= 1.0:
         raise ValueError(f"stochastic-depth p_l (survival of the last block) must be in (0, 1], got {p_l}")
-    return [(l / num_blocks) * (1.0 - p_l) for l in range(1, num_blocks + 1)]
+    return [(i / num_blocks) * (1.0 - p_l) for i in range(1, num_blocks + 1)]
 
 
 def _drop_branch_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook on a residual branch's last layer (reads its rate from the module: copy-safe)."""
     from timm.layers import drop_path
-    return drop_path(output, module.stochastic_depth_drop, module.training)
+    return drop_path(output, cast(float, module.stochastic_depth_drop), module.training)
 
 
 def _setter_slot(block: nn.Module, attr: str) -> Callable[[float], float]:
@@ -48,7 +49,7 @@ def _setter_slot(block: nn.Module, attr: str) -> Callable[[float], float]:
     return apply
 
 
-def _setter_torchvision_block(bn: nn.Module) -> Callable[[float], float]:
+def _setter_torchvision_block(bn: Any) -> Callable[[float], float]:  # an nn.Module given a plain attribute
     def apply(rate: float) -> float:
         before = getattr(bn, "stochastic_depth_drop", None)
         if before is None:
@@ -58,7 +59,7 @@ def _setter_torchvision_block(bn: nn.Module) -> Callable[[float], float]:
     return apply
 
 
-def _setter_tv_sd(sd: nn.Module) -> Callable[[float], float]:
+def _setter_tv_sd(sd: Any) -> Callable[[float], float]:  # torchvision's StochasticDepth
     def apply(rate: float) -> float:
         before, sd.p = float(sd.p), rate
         return before

@@ -23,6 +23,7 @@ import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -33,7 +34,7 @@ from .offline import reachable
 from .pretrained_file import file_sha256, load_pretrained_file, read_state_dict
 
 __all__ = ["BUILTIN_MODELS", "ModelError", "TinyCNN", "BasicBlock", "available_models", "create_model",
-           "model_preprocessing"]
+           "model_preprocessing", "reachable", "lite0_weights_path"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -81,6 +82,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_r
     read = read_state_dict(pretrained_file) if pretrained_file is not None else None
     from_hub = bool(pretrained) and pretrained_file is None
     args = (num_classes, from_hub, float(drop_rate), float(drop_path_rate))
+    model: Any  # an nn.Module, tagged below with plain rifle_* attributes (nn.Module's typing takes tensors)
     if name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](*args)
     elif name.startswith(TORCHVISION_PREFIX):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +138,7 @@ class TinyCNN(nn.Module):
 
 def _create_tiny_cnn(num_classes: int, pretrained: bool, drop_rate: float,
                      drop_path_rate: float) -> nn.Module:
-    model = TinyCNN(num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    model: Any = TinyCNN(num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if pretrained:
         # No real pretraining: the backbone comes from a fixed seed (independent of num_classes and of
         # torch's global RNG); the new head keeps its init from the global RNG, as for a real
@@ -191,8 +192,8 @@ def _create_efficientnet_lite0(num_classes: int, pretrained: bool, drop_rate: fl
 
     if pretrained:
         lite0_weights_path()  # fail early, with the pip hint, when the package is missing
-    kw = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000,
+    kw: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000,
                               drop_rate=drop_rate, **kw)
     if pretrained:
         _load_lite0_weights(model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+from typing import Any, cast
+
 from torch import nn
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, ModelError, _prep
@@ -32,11 +34,11 @@ def _create_timm(name: str, num_classes: int, pretrained: bool, drop_rate: float
     if pretrained and not local and not is_model_pretrained(name):
         raise ModelError(f"timm has no pretrained weights for {name}: use pretrained=False (--no-pretrained) "
                          f"or a model from timm.list_models(pretrained=True)")
-    kw = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # not every timm model has it
+    kw: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # not every timm model has it
     offline = _timm_offline(name) if pretrained and not name.startswith("local-dir:") else None
     try:
         with _hf_offline() if offline else contextlib.nullcontext():
-            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+            model: Any = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
                                       drop_rate=drop_rate, **kw)
     except TypeError as e:
         raise ModelError(f"timm model {name} rejected the options drop_rate={drop_rate}, "
@@ -72,8 +74,10 @@ def _new_head(old: nn.Module, num_classes: int) -> nn.Module:
     if isinstance(old, nn.Linear):
         return nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     if isinstance(old, nn.Conv2d):  # SqueezeNet's 1x1 conv classifier
-        return nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
-                         bias=old.bias is not None)
+        k = cast("tuple[int, int]", old.kernel_size)  # Conv2d's own 2-tuples, typed tuple[int, ...]
+        s = cast("tuple[int, int]", old.stride)
+        pad = cast("str | tuple[int, int]", old.padding)
+        return nn.Conv2d(old.in_channels, num_classes, k, s, pad, bias=old.bias is not None)
     raise ModelError(f"cannot replace a {type(old).__name__} classification head")
 
 

@@ -95,20 +95,22 @@ def _timm_offline(name: str) -> tuple[str, str] | None:
     cfg = None if hub_name else get_pretrained_cfg(name)
     if cfg is None and hub_name is None:
         return None
-    if hub_name or cfg.hf_hub_id:  # what timm prefers (its _resolve_pretrained_source)
+    hub_id = hub_name or (cfg.hf_hub_id if cfg is not None else None)
+    if hub_id:  # what timm prefers (its _resolve_pretrained_source)
         from huggingface_hub import constants
 
-        source = f"the Hugging Face hub ({hub_name or cfg.hf_hub_id})"
+        source = f"the Hugging Face hub ({hub_id})"
         if _env_offline() or constants.HF_HUB_OFFLINE:
             return "HF_HUB_OFFLINE=1 is set", source
         up, target = reachable(constants.ENDPOINT)
         return None if up else (f"{target} cannot be reached (no network?)", source)
-    if cfg.url and not _torch_hub_cached(cfg.url):
+    url = cfg.url if cfg is not None else None  # timm's type allows a (url, ...) tuple; it sets a string
+    if isinstance(url, str) and url and not _torch_hub_cached(url):
         if _env_offline():
-            raise _no_network(name, "HF_HUB_OFFLINE=1 is set", cfg.url)
-        up, target = reachable(cfg.url)
+            raise _no_network(name, "HF_HUB_OFFLINE=1 is set", url)
+        up, target = reachable(url)
         if not up:
-            raise _no_network(name, f"{target} cannot be reached (no network?)", cfg.url)
+            raise _no_network(name, f"{target} cannot be reached (no network?)", url)
     return None
 
 

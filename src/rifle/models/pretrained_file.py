@@ -2,7 +2,8 @@
 torch file, loaded into the backbone by name; the classifier's tensors are dropped (the run trains a new
 head). A missing, mismatched or unexpected tensor is an error naming the file and the tensors.
 
-Unwrapping and timm's ``checkpoint_filter_fn`` follow timm's own ``load_checkpoint`` (timm/models/_helpers.py).
+Unwrapping and timm's ``checkpoint_filter_fn`` follow timm's own ``load_checkpoint``
+(timm/models/_helpers.py).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ def defer_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) ->
             signal.raise_signal(s)
 
 
-def atomic_write(path: Path, write: callable) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` then rename the temp file onto ``path`` (same folder, atomic)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -48,7 +48,8 @@ def init_from_env(device: torch.device) -> DistInfo:
 
 
 def all_sum(values: list[float], info: DistInfo) -> list[float]:
-    """Sum a few numbers over ranks (float64; exact for counts): :func:`rifle.core.replicas.sum_over_ranks`."""
+    """Sum a few numbers over ranks (float64; exact for counts):
+    :func:`rifle.core.replicas.sum_over_ranks`."""
     from ..core.replicas import sum_over_ranks
     return sum_over_ranks(values) if info.enabled else values
 

@@ -128,7 +128,8 @@ def diagnosis_entries(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def diagnosis_scalars(entry: dict[str, Any]) -> dict[str, float]:
     """One re-init's diagnosis (step = its re-init index 1..K): rifle_diagnosis/<numeric field>, and the
-    backbone gradient ratio per third of the depth as rifle_diagnosis/grad_ratio_thirds/{first,middle,last}."""
+    backbone gradient ratio per third of the depth as
+    rifle_diagnosis/grad_ratio_thirds/{first,middle,last}."""
     out = {f"rifle_diagnosis/{k}": x for k, v in entry.items()
            if k not in ("index", "at") and (x := _number(v)) is not None}
     thirds = entry.get("grad_ratio_thirds")
@@ -148,7 +149,7 @@ class TensorBoardLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.writer = None
+        self.writer: Any = None  # a SummaryWriter once opened (tensorboard imported lazily)
         self.logged = 0  # rows of the history already written by this process
 
     def _open(self) -> None:

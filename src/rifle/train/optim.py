@@ -27,14 +27,15 @@ def optimizer_names() -> list[str]:
     """Every name ``--opt`` accepts (``sgd`` first); a ``lookahead_`` prefix is refused."""
     import timm.optim
 
-    return [DEFAULT_OPT] + [n for n in timm.optim.list_optimizers() if n != DEFAULT_OPT and n not in UNSUPPORTED]
+    return [DEFAULT_OPT] + [n for n in timm.optim.list_optimizers() if isinstance(n, str) and n != DEFAULT_OPT
+                           and n not in UNSUPPORTED]
 
 
 # timm optimizers built on CUDA-only kernels: the package they come from
 NEEDS_CUDA = {"bnb": "bitsandbytes", "fused": "apex"}
 
 
-def check_optimizer(opt: str, eps: float | None = None, betas: tuple[float, float] | None = None, *,
+def check_optimizer(opt: str, eps: float | None = None, betas: tuple[float, ...] | None = None, *,
                     device: str | None = None) -> str | None:
     """``None`` when ``opt`` with these options can be built; otherwise what is wrong (for an error).
 
@@ -65,9 +66,9 @@ def check_optimizer(opt: str, eps: float | None = None, betas: tuple[float, floa
                     f"python -c 'import timm.optim; print(timm.optim.list_optimizers())'")
         has_eps, has_betas = info.has_eps, info.has_betas
     if eps is not None and not has_eps:
-        return f"has no eps: --opt-eps applies to adaptive optimizers (adam, adamw, lamb, ...)"
+        return "has no eps: --opt-eps applies to adaptive optimizers (adam, adamw, lamb, ...)"
     if betas is not None and not has_betas:
-        return f"has no betas: --opt-betas applies to Adam-type optimizers (adam, adamw, lamb, lion, ...)"
+        return "has no betas: --opt-betas applies to Adam-type optimizers (adam, adamw, lamb, lion, ...)"
     return None
 
 
@@ -89,7 +90,8 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
 def split_by_layer(groups: list[dict], model: nn.Module, decay: float, lr: float,
                    log: Callable[[str], None] = print) -> list[dict]:
     """Each group split by layer: ``name`` ``<group>.layer<i>``, ``lr = (group lr or lr) * decay**(L-1-i)``,
-    ``layer_lr_scale`` (not timm's ``lr_scale``, which timm's schedulers would apply a second time) and ``layer`` recorded; every other key of the group (weight_decay, ...) is kept."""
+    ``layer_lr_scale`` (not timm's ``lr_scale``, which timm's schedulers would apply a second time) and
+    ``layer`` recorded; every other key of the group (weight_decay, ...) is kept."""
     ids, n = layer_ids(model)
     by_param = {id(p): ids[name] for name, p in model.named_parameters()}
     out = []
@@ -113,7 +115,7 @@ def split_by_layer(groups: list[dict], model: nn.Module, decay: float, lr: float
 
 def build_optimizer(groups: list[dict], *, opt: str = DEFAULT_OPT, lr: float, momentum: float,
                     weight_decay: float, eps: float | None = None,
-                    betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+                    betas: tuple[float, ...] | None = None) -> torch.optim.Optimizer:
     """The optimizer over ``groups`` (their own ``lr`` / ``weight_decay`` win over the defaults given)."""
     problem = check_optimizer(opt, eps, betas)
     if problem:

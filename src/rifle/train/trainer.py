@@ -113,7 +113,7 @@ class Trainer:
 
         head_ids = {id(p) for m in self.head for p in m.parameters()}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"name": "backbone", "params": [p for p in params if id(p) not in head_ids]},
+        groups: list[dict[str, Any]] = [{"name": "backbone", "params": [p for p in params if id(p) not in head_ids]},
                   {"name": "head", "params": [p for p in params if id(p) in head_ids]}]
         for g in groups:
             g.setdefault("weight_decay", weight_decay)
@@ -127,12 +127,13 @@ class Trainer:
                                          eps=opt_eps, betas=tuple(opt_betas) if opt_betas else None)
 
         owners = [(m, m.lr_lambda(self.ctx)) for m in self.methods]
-        owners = [(m, f) for m, f in owners if f is not None]
-        if len(owners) > 1:
+        setters = [(m, f) for m, f in owners if f is not None]
+        if len(setters) > 1:
             raise ValueError("more than one method sets the learning-rate schedule: "
-                             + ", ".join(m.name for m, _ in owners))
-        if owners:
-            lam = owners[0][1]
+                             + ", ".join(m.name for m, _ in setters))
+        lam: Callable[[int], float]
+        if setters:
+            lam = setters[0][1]
         elif lr_schedule == "cosine":
             lam = lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))  # noqa: E731
         else:
@@ -140,7 +141,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
 
         # what the forward runs: DDP and torch.compile wrap the model; hooks stay on the inner modules
-        self.forward_model: nn.Module = self.model
+        self.forward_model: Any = self.model  # the module, or DDP / torch.compile's wrapper of it
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
             self.forward_model = DistributedDataParallel(
@@ -206,7 +207,7 @@ class Trainer:
                         self.run_dir.write_metrics(self.history)
                 self.log(self.format_row(row))
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the CLI names the run folder to resume
-            e.rifle_run_dir = self.run_dir.path
+            e.rifle_run_dir = self.run_dir.path  # type: ignore[attr-defined]  # read by the CLI
             raise
         barrier(self.dist)
         # data-parallel replicas must end with bit-identical parameters; fail loudly otherwise
@@ -328,7 +329,7 @@ class Trainer:
     def evaluate(self, ds) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        correct, n, loss = 0, 0, 0.0
+        correct, n, loss = 0.0, 0.0, 0.0
         for x, y in eval_batches(ds, self.eval_batch_size, self.image_size, self.mean, self.std,
                                  channels_last=self.channels_last, rank=self.dist.rank,
                                  world_size=self.dist.world_size):
