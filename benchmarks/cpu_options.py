@@ -4,6 +4,7 @@ Both sides of each ratio run alternately (median of ``--repeats``) on the same m
 EfficientNet-Lite0 at 112 px, batch 32, SGD step. Writes docs/performance-options.md.
 ``--compile`` is not measured here (compiling takes minutes on 2 cores and only pays off on long runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ def make_step(channels_last: bool, amp: bool):
         loss.backward()
         opt.step()
         return time.perf_counter() - t
+
     return step
 
 
@@ -45,8 +47,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--out", default="docs/performance-options.md")
     args = p.parse_args()
-    variants = {"contiguous fp32": make_step(False, False), "channels_last fp32 (default)": make_step(True, False),
-                "channels_last bf16 autocast": make_step(True, True)}
+    variants = {
+        "contiguous fp32": make_step(False, False),
+        "channels_last fp32 (default)": make_step(True, False),
+        "channels_last bf16 autocast": make_step(True, True),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for f in variants.values():
         f(), f()  # warm-up
@@ -54,21 +59,30 @@ def main() -> int:
         for k, f in variants.items():
             times[k].append(f())
     base = times["channels_last fp32 (default)"]
-    lines = ["# CPU options: channels_last and bf16 autocast", "",
-             f"Regenerate: `python benchmarks/cpu_options.py` (also run by `make bench-speed`). "
-             f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-             f"EfficientNet-Lite0 training step at 112 px, batch 32; median of {args.repeats} alternating "
-             f"repeats. A ratio > 1 is slower than the default.", "",
-             "| variant | ms / step | img/s | time ÷ default |", "|---|---|---|---|"]
+    lines = [
+        "# CPU options: channels_last and bf16 autocast",
+        "",
+        f"Regenerate: `python benchmarks/cpu_options.py` (also run by `make bench-speed`). "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"EfficientNet-Lite0 training step at 112 px, batch 32; median of {args.repeats} alternating "
+        f"repeats. A ratio > 1 is slower than the default.",
+        "",
+        "| variant | ms / step | img/s | time ÷ default |",
+        "|---|---|---|---|",
+    ]
     for k, ts in times.items():
         med = statistics.median(ts)
         ratio = statistics.median(a / b for a, b in zip(ts, base))
         lines.append(f"| {k} | {1000 * med:.0f} | {32 / med:.1f} | {ratio:.2f} |")
-    lines += ["", "* `channels_last` is the default (`--no-channels-last` turns it off).",
-              "* `--amp bf16` only helps on CPUs with native bf16 matrix units (AMX / AVX512-BF16) and on "
-              "GPUs; `--amp fp16` is for CUDA GPUs (with a GradScaler). Both are off by default.",
-              "* `--compile` (torch.compile) costs minutes of compilation on a 2-core CPU; consider it for "
-              "long GPU runs. Off by default, so none of these can slow the CPU default.", ""]
+    lines += [
+        "",
+        "* `channels_last` is the default (`--no-channels-last` turns it off).",
+        "* `--amp bf16` only helps on CPUs with native bf16 matrix units (AMX / AVX512-BF16) and on "
+        "GPUs; `--amp fp16` is for CUDA GPUs (with a GradScaler). Both are off by default.",
+        "* `--compile` (torch.compile) costs minutes of compilation on a 2-core CPU; consider it for "
+        "long GPU runs. Off by default, so none of these can slow the CPU default.",
+        "",
+    ]
     text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)

@@ -13,6 +13,7 @@ Usage: ``python benchmarks/diagnosis_overhead.py [--repeats 3] [--models tiny_cn
 [--trigger]``. ``--trigger``: RIFLE with ``--reinit-trigger converged --reinit-converged-acc 1.0``, the
 worst case (no re-init ever fires, so the gradient window is armed in every epoch that may precede one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,32 @@ SETTINGS = {
 }
 
 
-TIMED = [(Rifle, "observe"), (Rifle, "record_gradients"), (Rifle, "close_diagnosis"), (Diagnosis, "begin"),
-         (Diagnosis, "end"), (Diagnosis, "new_period"), (Diagnosis, "arm"), (Diagnosis, "set_step"),
-         (Diagnosis, "settle"), (Diagnosis, "pending_state"), (Diagnosis, "state_dict"),
-         (Rifle, "settle_trigger"), (Diagnosis, "disarm"),
-         (Diagnosis, "_on_head_forward")]  # the head-signal capture: a forward hook on the head
+TIMED = [
+    (Rifle, "observe"),
+    (Rifle, "record_gradients"),
+    (Rifle, "close_diagnosis"),
+    (Diagnosis, "begin"),
+    (Diagnosis, "end"),
+    (Diagnosis, "new_period"),
+    (Diagnosis, "arm"),
+    (Diagnosis, "set_step"),
+    (Diagnosis, "settle"),
+    (Diagnosis, "pending_state"),
+    (Diagnosis, "state_dict"),
+    (Rifle, "settle_trigger"),
+    (Diagnosis, "disarm"),
+    (Diagnosis, "_on_head_forward"),
+]  # the head-signal capture: a forward hook on the head
 # (its tensor hook only stores a reference; freezing the batch and both heads' signals run inside
 # settle / pending_state / begin / end, timed above)
 
 
-HEAD_SIGNAL = [(Diagnosis, "_on_head_forward"), (Diagnosis, "_freeze"), (Diagnosis, "_head_begin"),
-               (Diagnosis, "_head_end")]  # the same-batch head signal's share (nested in the above)
+HEAD_SIGNAL = [
+    (Diagnosis, "_on_head_forward"),
+    (Diagnosis, "_freeze"),
+    (Diagnosis, "_head_begin"),
+    (Diagnosis, "_head_end"),
+]  # the same-batch head signal's share (nested in the above)
 
 
 def direct_cost(run):
@@ -71,6 +87,7 @@ def direct_cost(run):
                 for grp in outer:
                     spent[grp] += dt
                     spent[grp + "_cpu"] += dc
+
         return g
 
     for cls, name, f in originals:
@@ -83,8 +100,9 @@ def direct_cost(run):
             setattr(cls, name, f)
 
 
-def one_run(model: str, diagnose: bool, out: Path, epochs: int,
-            trigger: bool = False) -> tuple[float, float, float]:
+def one_run(
+    model: str, diagnose: bool, out: Path, epochs: int, trigger: bool = False
+) -> tuple[float, float, float]:
     rifle_method.Rifle = lambda *a, **k: Rifle(*a, **{**k, "diagnose": diagnose})  # noqa: E731
     epoch_times: list[float] = []
     cpu_times: list[float] = []
@@ -99,10 +117,19 @@ def one_run(model: str, diagnose: bool, out: Path, epochs: int,
 
     Trainer.train_epoch = timed
     try:
-        cfg = TrainConfig(data="digits", model=model, method="rifle", reinits=1, epochs=epochs, lr=0.02,
-                          min_steps_after=0, threads=1, out=str(out), **SETTINGS[model],
-                          **(dict(reinit_trigger="converged", reinit_converged_acc=1.0) if trigger else {})
-                          ).validate()
+        cfg = TrainConfig(
+            data="digits",
+            model=model,
+            method="rifle",
+            reinits=1,
+            epochs=epochs,
+            lr=0.02,
+            min_steps_after=0,
+            threads=1,
+            out=str(out),
+            **SETTINGS[model],
+            **(dict(reinit_trigger="converged", reinit_converged_acc=1.0) if trigger else {}),
+        ).validate()
         summary = run_train(cfg, log=lambda s: None, progress=False)
     finally:
         Trainer.train_epoch = original
@@ -121,28 +148,40 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
+
             def run_one(d, i, model=model):
                 return one_run(model, d, Path(tmp) / f"{model}-{d}-{i}", args.epochs, args.trigger)
+
             run_one(True, -1)  # warm-up: data cache, first-call costs
             (_, per_epoch, cpu_epoch), spent = direct_cost(lambda run_one=run_one: run_one(True, -2))
-            for unit, per, sfx in (("wall", per_epoch, ""), ("CPU (less sensitive to load)", cpu_epoch, "_cpu")):
+            for unit, per, sfx in (
+                ("wall", per_epoch, ""),
+                ("CPU (less sensitive to load)", cpu_epoch, "_cpu"),
+            ):
                 inside, head = spent["all" + sfx] / args.epochs, spent["head" + sfx] / args.epochs
-                print(f"{model:20s} {unit} time inside the diagnosis's calls: {inside * 1000:.2f} ms per epoch "
-                      f"= {100 * inside / per:.3f} % of the epoch ({per:.3f} s); of which the same-batch head "
-                      f"signal: {head * 1000:.2f} ms = {100 * head / per:.3f} %")
+                print(
+                    f"{model:20s} {unit} time inside the diagnosis's calls: {inside * 1000:.2f} ms per epoch "
+                    f"= {100 * inside / per:.3f} % of the epoch ({per:.3f} s); of which the same-batch head "
+                    f"signal: {head * 1000:.2f} ms = {100 * head / per:.3f} %"
+                )
             if args.repeats < 1:  # --repeats 0: the direct measurement only
                 continue
             res = {True: [], False: []}
             for i in range(args.repeats):
-                for d in ((False, True) if i % 2 == 0 else (True, False)):
+                for d in (False, True) if i % 2 == 0 else (True, False):
                     res[d].append(run_one(d, i))
-            for k, what in ((0, "training loop, wall"), (1, "whole epoch (re-init, loop, eval), wall"),
-                            (2, "whole epoch, CPU time of the process")):
+            for k, what in (
+                (0, "training loop, wall"),
+                (1, "whole epoch (re-init, loop, eval), wall"),
+                (2, "whole epoch, CPU time of the process"),
+            ):
                 on = statistics.median(r[k] for r in res[True])
                 off = statistics.median(r[k] for r in res[False])
-                print(f"{model:20s} {what:40s} per epoch: without {off:.3f} s, with {on:.3f} s, "
-                      f"overhead {100 * (on / off - 1):+.2f} %  (medians of {args.repeats}; runs "
-                      f"{[round(r[k], 3) for r in res[False]]} / {[round(r[k], 3) for r in res[True]]})")
+                print(
+                    f"{model:20s} {what:40s} per epoch: without {off:.3f} s, with {on:.3f} s, "
+                    f"overhead {100 * (on / off - 1):+.2f} %  (medians of {args.repeats}; runs "
+                    f"{[round(r[k], 3) for r in res[False]]} / {[round(r[k], 3) for r in res[True]]})"
+                )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 A later `rifle bench benchmarks/elpv_grid.yaml --out docs/results/elpv` skips every published run
 (its summary.json says complete) and runs only the rest.
 """
+
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ cached data, batch size, augmentation and memory format:
 
 Usage: ``python benchmarks/speed.py [--quick] [--out docs/performance.md]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,14 @@ from rifle.train import RunDir, Trainer
 
 VARIANTS = [
     ("rifle", dict(method="rifle", reinits=1)),
-    ("l2sp", dict(reg="l2sp")), ("bss", dict(reg="bss")), ("delta", dict(reg="delta")),
-    ("dropout", dict(trick=["dropout"])), ("dropconnect", dict(trick=["dropconnect"])),
+    ("l2sp", dict(reg="l2sp")),
+    ("bss", dict(reg="bss")),
+    ("delta", dict(reg="delta")),
+    ("dropout", dict(trick=["dropout"])),
+    ("dropconnect", dict(trick=["dropconnect"])),
     ("stochastic-depth", dict(trick=["stochastic-depth"])),
-    ("disturblabel", dict(trick=["disturblabel"])), ("cyclic-lr", dict(trick=["cyclic-lr"])),
+    ("disturblabel", dict(trick=["disturblabel"])),
+    ("cyclic-lr", dict(trick=["cyclic-lr"])),
 ]
 
 
@@ -50,12 +55,26 @@ def trainer_for(cfg: TrainConfig, data, tmp: str) -> Trainer:
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     model = create_model(cfg.model, data.num_classes, pretrained=True, **model_kwargs(methods))
     cfg_dict = cfg.to_dict()
-    return Trainer(model, data, methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
-                   image_size=cfg.image_size, seed=cfg.seed, preprocessing=model_preprocessing(model),
-                   run_dir=RunDir(tempfile.mkdtemp(dir=tmp)), device=torch.device("cpu"),
-                   channels_last=cfg.channels_last, config=cfg_dict, log=lambda s: None,
-                   progress=False)
+    return Trainer(
+        model,
+        data,
+        methods,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        lr_schedule=cfg.lr_schedule,
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+        preprocessing=model_preprocessing(model),
+        run_dir=RunDir(tempfile.mkdtemp(dir=tmp)),
+        device=torch.device("cpu"),
+        channels_last=cfg.channels_last,
+        config=cfg_dict,
+        log=lambda s: None,
+        progress=False,
+    )
 
 
 def trainer_epoch_seconds(cfg: TrainConfig, data, tmp: str, epoch: int = 0) -> float:
@@ -74,11 +93,18 @@ def minimal_loop_seconds(cfg: TrainConfig, data, prebuilt: bool) -> float:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     prep = model_preprocessing(model)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.train()
-    batches = train_batches(data.train, cfg.batch_size, cfg.image_size, prep["mean"], prep["std"],
-                            seed=cfg.seed, epoch=0, channels_last=cfg.channels_last)
+    batches = train_batches(
+        data.train,
+        cfg.batch_size,
+        cfg.image_size,
+        prep["mean"],
+        prep["std"],
+        seed=cfg.seed,
+        epoch=0,
+        channels_last=cfg.channels_last,
+    )
     if prebuilt:
         fixed = list(batches)
         x0, y0 = fixed[0]
@@ -101,8 +127,9 @@ def eval_ratio(cfg: TrainConfig, data, tmp: str) -> tuple[float, float]:
     t.evaluate(ds)
     ours = len(ds) / (time.perf_counter() - t0)
     prep = model_preprocessing(t.model)
-    x, _ = next(eval_batches(ds, 256, cfg.image_size, prep["mean"], prep["std"],
-                             channels_last=cfg.channels_last))
+    x, _ = next(
+        eval_batches(ds, 256, cfg.image_size, prep["mean"], prep["std"], channels_last=cfg.channels_last)
+    )
     t.model.eval()
     n_batches = -(-len(ds) // 256)
     with torch.inference_mode():
@@ -131,66 +158,134 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.quick:
-        cfg = TrainConfig(data="digits", model="tiny_cnn", image_size=16, batch_size=32,
-                          train_fraction=0.2, epochs=4, min_steps_after=0)
+        cfg = TrainConfig(
+            data="digits",
+            model="tiny_cnn",
+            image_size=16,
+            batch_size=32,
+            train_fraction=0.2,
+            epochs=4,
+            min_steps_after=0,
+        )
     else:
-        cfg = TrainConfig(data="elpv", model="efficientnet_lite0", image_size=112, batch_size=32,
-                          train_fraction=0.2, epochs=4, min_steps_after=0)
+        cfg = TrainConfig(
+            data="elpv",
+            model="efficientnet_lite0",
+            image_size=112,
+            batch_size=32,
+            train_fraction=0.2,
+            epochs=4,
+            min_steps_after=0,
+        )
     cfg.validate()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     data = load_data(cfg)
-    cache_mb = sum(s.images.numel() * s.images.element_size() for s in (data.train, data.val, data.test)) / 2**20
+    cache_mb = (
+        sum(s.images.numel() * s.images.element_size() for s in (data.train, data.val, data.test)) / 2**20
+    )
     n_train = len(data.train)
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         ft = dataclasses.replace(cfg, method="finetune")
-        minimal_t, trainer_t, r1 = median_ratio(lambda: minimal_loop_seconds(ft, data, False),
-                                                lambda: trainer_epoch_seconds(ft, data, tmp), args.repeats)
-        rows.append(("trainer overhead: minimal loop time / rifle trainer time", f"{r1:.3f}", "≥ 0.97",
-                     f"minimal {n_train / minimal_t:.1f} img/s, trainer {n_train / trainer_t:.1f} img/s"))
-        bound_t, e2e_t, r2 = median_ratio(lambda: minimal_loop_seconds(ft, data, True),
-                                          lambda: minimal_loop_seconds(ft, data, False), args.repeats)
-        rows.append(("input pipeline: compute bound time / end-to-end time", f"{r2:.3f}", "≥ 0.90",
-                     f"bound {n_train / bound_t:.1f} img/s, end-to-end {n_train / e2e_t:.1f} img/s"))
+        minimal_t, trainer_t, r1 = median_ratio(
+            lambda: minimal_loop_seconds(ft, data, False),
+            lambda: trainer_epoch_seconds(ft, data, tmp),
+            args.repeats,
+        )
+        rows.append(
+            (
+                "trainer overhead: minimal loop time / rifle trainer time",
+                f"{r1:.3f}",
+                "≥ 0.97",
+                f"minimal {n_train / minimal_t:.1f} img/s, trainer {n_train / trainer_t:.1f} img/s",
+            )
+        )
+        bound_t, e2e_t, r2 = median_ratio(
+            lambda: minimal_loop_seconds(ft, data, True),
+            lambda: minimal_loop_seconds(ft, data, False),
+            args.repeats,
+        )
+        rows.append(
+            (
+                "input pipeline: compute bound time / end-to-end time",
+                f"{r2:.3f}",
+                "≥ 0.90",
+                f"bound {n_train / bound_t:.1f} img/s, end-to-end {n_train / e2e_t:.1f} img/s",
+            )
+        )
         ours, bound = eval_ratio(ft, data, tmp)
-        rows.append(("evaluation: trainer eval img/s / inference-only bound", f"{ours / bound:.3f}", "≥ 0.9",
-                     f"eval {ours:.1f} img/s, bound {bound:.1f} img/s"))
+        rows.append(
+            (
+                "evaluation: trainer eval img/s / inference-only bound",
+                f"{ours / bound:.3f}",
+                "≥ 0.9",
+                f"eval {ours:.1f} img/s, bound {bound:.1f} img/s",
+            )
+        )
         from rifle.methods import registry
+
         targets = {"rifle": "≤ 1.01", "l2sp": "≤ 1.05", "bss": "≤ 1.15", "delta": "≤ 1.6"}
         for label, change in VARIANTS:
             name = change.get("reg") or (change.get("trick") or [change.get("method")])[0]
             if name not in registry():
-                rows.append((f"{label} / fine-tuning (per epoch)", "n/a", targets.get(label, "≤ 1.03"),
-                             "method not available"))
+                rows.append(
+                    (
+                        f"{label} / fine-tuning (per epoch)",
+                        "n/a",
+                        targets.get(label, "≤ 1.03"),
+                        "method not available",
+                    )
+                )
                 continue
             var = dataclasses.replace(cfg, **change)
             # epoch 2 of 4: RIFLE with K=1 re-initialises at this epoch's start
-            m_t, f_t, r = median_ratio(lambda var=var: trainer_epoch_seconds(var, data, tmp, epoch=2),
-                                       lambda: trainer_epoch_seconds(ft, data, tmp, epoch=2), args.repeats)
-            rows.append((f"{label} / fine-tuning (per epoch)", f"{r:.3f}", targets.get(label, "≤ 1.03"),
-                         f"{n_train / m_t:.1f} vs {n_train / f_t:.1f} img/s"))
+            m_t, f_t, r = median_ratio(
+                lambda var=var: trainer_epoch_seconds(var, data, tmp, epoch=2),
+                lambda: trainer_epoch_seconds(ft, data, tmp, epoch=2),
+                args.repeats,
+            )
+            rows.append(
+                (
+                    f"{label} / fine-tuning (per epoch)",
+                    f"{r:.3f}",
+                    targets.get(label, "≤ 1.03"),
+                    f"{n_train / m_t:.1f} vs {n_train / f_t:.1f} img/s",
+                )
+            )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     cmd = "make bench-speed" if not args.quick else "python benchmarks/speed.py --quick"
-    lines = ["# Performance", "",
-             f"Regenerate: `{cmd}` (writes this file). Machine: {machine}. Model {cfg.model} at "
-             f"{cfg.image_size} px, batch {cfg.batch_size}, channels_last={cfg.channels_last}, "
-             f"{n_train} training images per epoch ({cfg.data}, train fraction {cfg.train_fraction}). "
-             f"Each ratio: the two sides run alternately in one process, median of {args.repeats} "
-             f"repeats. Absolute images/s are for context only.", "",
-             "| measure | ratio | target | absolute |", "|---|---|---|---|"]
+    lines = [
+        "# Performance",
+        "",
+        f"Regenerate: `{cmd}` (writes this file). Machine: {machine}. Model {cfg.model} at "
+        f"{cfg.image_size} px, batch {cfg.batch_size}, channels_last={cfg.channels_last}, "
+        f"{n_train} training images per epoch ({cfg.data}, train fraction {cfg.train_fraction}). "
+        f"Each ratio: the two sides run alternately in one process, median of {args.repeats} "
+        f"repeats. Absolute images/s are for context only.",
+        "",
+        "| measure | ratio | target | absolute |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines += ["", f"Peak RSS of this benchmark process: {rss:.0f} MiB (before loading data: "
-              f"{rss0 / 1024:.0f} MiB); in-memory uint8 image cache: {cache_mb:.1f} MiB.", "",
-              "When `--channels-last` and `--amp` help on this CPU: [performance-options.md]"
-              "(performance-options.md).", ""]
+    lines += [
+        "",
+        f"Peak RSS of this benchmark process: {rss:.0f} MiB (before loading data: "
+        f"{rss0 / 1024:.0f} MiB); in-memory uint8 image cache: {cache_mb:.1f} MiB.",
+        "",
+        "When `--channels-last` and `--amp` help on this CPU: [performance-options.md]"
+        "(performance-options.md).",
+        "",
+    ]
     text = "\n".join(lines)
     if args.out != "-":
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         old = out.read_text() if out.is_file() else ""
-        kept = old[old.find("<!-- BEGIN "):] if "<!-- BEGIN " in old else ""  # other benchmarks' sections
+        kept = old[old.find("<!-- BEGIN ") :] if "<!-- BEGIN " in old else ""  # other benchmarks' sections
         out.write_text(text + ("\n" + kept if kept else ""))
     print(text)
     return 0

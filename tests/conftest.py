@@ -35,10 +35,13 @@ def _python_sigint_handler():
         signal.signal(signal.SIGINT, saved)
 
 
-def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=(8, 3), size=(20, 14), splits=("train", "test")):
+def make_image_folder(
+    root, classes=("cat", "dog", "fox"), per_class=(8, 3), size=(20, 14), splits=("train", "test")
+):
     """A tiny image folder whose classes differ by colour (learnable)."""
     from PIL import Image
     import numpy as np
+
     rng = np.random.default_rng(0)
     for split, n in zip(splits, per_class):
         for c, name in enumerate(classes):
@@ -53,33 +56,39 @@ def make_image_folder(root, classes=("cat", "dog", "fox"), per_class=(8, 3), siz
 
 def killed_at_epoch(argv, epoch, cwd):
     """Run ``rifle <argv>`` in a child process that SIGKILLs itself when ``epoch`` starts (no clean-up)."""
-    code = ("import os, signal, sys\n"
-            "import torch\n"
-            f"torch.set_num_threads({torch.get_num_threads()})  # as this process: the same sums\n"
-            "from rifle.train.trainer import Trainer\n"
-            "original = Trainer.train_epoch\n"
-            "def train_epoch(self, epoch):\n"
-            f"    if epoch == {epoch}:\n"
-            "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return original(self, epoch)\n"
-            "Trainer.train_epoch = train_epoch\n"
-            "from rifle.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
+    code = (
+        "import os, signal, sys\n"
+        "import torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})  # as this process: the same sums\n"
+        "from rifle.train.trainer import Trainer\n"
+        "original = Trainer.train_epoch\n"
+        "def train_epoch(self, epoch):\n"
+        f"    if epoch == {epoch}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return original(self, epoch)\n"
+        "Trainer.train_epoch = train_epoch\n"
+        "from rifle.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr  # really killed, no clean-up ran
 
 
 def metrics(path):
     """A run's metrics.jsonl rows without the timing fields (equal for identical runs)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+        for line in (path / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def run_cli(argv, capsys):
     """``(exit code, stdout, stderr)`` of ``rifle <argv>`` run in this process."""
     from rifle.cli import main
+
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -90,6 +99,7 @@ def interrupted_at_epoch(epoch):
     """Inside the block, ``Trainer.train_epoch`` raises ``KeyboardInterrupt`` (as Ctrl-C does) when
     ``epoch`` starts."""
     from rifle.train import Trainer
+
     original = Trainer.train_epoch
 
     def train_epoch(self, e):
@@ -107,7 +117,19 @@ def interrupted_at_epoch(epoch):
 def rifle_cfg(tmp_path, name="run", **kw):
     """A small validated RIFLE run config (digits, tiny_cnn, K=1, 4 epochs) in ``tmp_path / name``."""
     from rifle.config import TrainConfig
-    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=4, image_size=16,
-                batch_size=64, lr=0.05, min_steps_after=0, train_fraction=0.4, out=str(tmp_path / name))
+
+    base = dict(
+        data="digits",
+        model="tiny_cnn",
+        method="rifle",
+        reinits=1,
+        epochs=4,
+        image_size=16,
+        batch_size=64,
+        lr=0.05,
+        min_steps_after=0,
+        train_fraction=0.4,
+        out=str(tmp_path / name),
+    )
     base.update(kw)
     return TrainConfig(**base).validate()

@@ -1,4 +1,5 @@
 """Backprop-in-depth analysis (weight change, DepthMonitor) and Grad-CAM against hand computations."""
+
 import json
 import math
 import shutil
@@ -18,8 +19,19 @@ from rifle.models import create_model
 
 
 def cfg(tmp_path, name, **kw):
-    base = dict(data="digits", model="tiny_cnn", method="rifle", reinits=1, epochs=3, image_size=16,
-                batch_size=32, lr=0.05, min_steps_after=0, train_fraction=0.3, out=str(tmp_path / name))
+    base = dict(
+        data="digits",
+        model="tiny_cnn",
+        method="rifle",
+        reinits=1,
+        epochs=3,
+        image_size=16,
+        batch_size=32,
+        lr=0.05,
+        min_steps_after=0,
+        train_fraction=0.3,
+        out=str(tmp_path / name),
+    )
     base.update(kw)
     return TrainConfig(**base).validate()
 
@@ -38,14 +50,24 @@ def test_relative_change_and_layers_by_hand():
 
 def test_monitor_reads_each_steps_gradient_after_backward():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mon = DepthMonitor("unused", window=1, epochs=[1])
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         mon.path = __import__("pathlib").Path(d) / "depth.jsonl"
-        ctx = RunContext(epochs=2, steps_per_epoch=3, seed=0, num_classes=2, head=[model[4]], head_names=["4"],
-                         pretrained_state={k: v.clone() for k, v in model.state_dict().items()})
+        ctx = RunContext(
+            epochs=2,
+            steps_per_epoch=3,
+            seed=0,
+            num_classes=2,
+            head=[model[4]],
+            head_names=["4"],
+            pretrained_state={k: v.clone() for k, v in model.state_dict().items()},
+        )
         mon.setup(model, opt, ctx)
         expected = {}
         for epoch in range(2):  # the trainer's order: on_step_start, forward, zero_grad, backward, step
@@ -72,7 +94,9 @@ def test_monitor_reads_each_steps_gradient_after_backward():
         assert g["norms"] == pytest.approx(expected[g["step"]], rel=1e-6)
     assert [w["epoch"] for w in rec["weights"]] == [0, 1]
     w0 = ctx.pretrained_state["4.weight"]
-    assert rec["weights"][-1]["rel_change"][1] == pytest.approx(float((model[4].weight.detach() - w0).norm() / w0.norm()))
+    assert rec["weights"][-1]["rel_change"][1] == pytest.approx(
+        float((model[4].weight.detach() - w0).norm() / w0.norm())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +105,17 @@ def runs(tmp_path_factory):
     import rifle.run as run_mod
     from rifle.run import run_train
     from rifle.train import Trainer
+
     tmp = tmp_path_factory.mktemp("depth")
     plain = run_train(cfg(tmp, "plain"), log=lambda s: None)
     mp = pytest.MonkeyPatch()
-    mp.setattr(run_mod, "Trainer", lambda model, data, methods, **kw: Trainer(
-        model, data, [*methods, DepthMonitor(kw["run_dir"].path, window=2)], **kw))
+    mp.setattr(
+        run_mod,
+        "Trainer",
+        lambda model, data, methods, **kw: Trainer(
+            model, data, [*methods, DepthMonitor(kw["run_dir"].path, window=2)], **kw
+        ),
+    )
     monitored = run_train(cfg(tmp, "monitored"), log=lambda s: None)
     mp.undo()
     return tmp, plain, monitored
@@ -98,12 +128,19 @@ def test_monitor_changes_nothing_and_records_around_the_reinit(runs):
     spe = rec["header"]["steps_per_epoch"]
     assert rec["header"]["watch_epochs"] == plain["reinit_epochs"] == [1]
     assert [w["epoch"] for w in rec["weights"]] == [0, 1, 2]
-    assert [(g["step"], g["offset"]) for g in rec["grad"]] == [(spe - 2, -2), (spe - 1, -1), (spe, 0), (spe + 1, 1)]
+    assert [(g["step"], g["offset"]) for g in rec["grad"]] == [
+        (spe - 2, -2),
+        (spe - 1, -1),
+        (spe, 0),
+        (spe + 1, 1),
+    ]
     assert all(v > 0 for g in rec["grad"] for v in g["norms"])
     assert [g["epoch"] for g in rec["grad"]] == [0, 0, 1, 1] and rec["header"]["head"][-1] is True
     # the monitor's last epoch equals the checkpoint analysis (same reference: pretrained + first head)
     depth = run_depth(tmp / "monitored")
-    assert rec["weights"][-1]["rel_change"] == pytest.approx([x["rel_change"] for x in depth["layers"]], rel=1e-6)
+    assert rec["weights"][-1]["rel_change"] == pytest.approx(
+        [x["rel_change"] for x in depth["layers"]], rel=1e-6
+    )
 
 
 def test_weight_change_zero_untrained_positive_after_training(runs, tmp_path):
@@ -111,6 +148,7 @@ def test_weight_change_zero_untrained_positive_after_training(runs, tmp_path):
 
     from rifle.analysis.runs import build_reference, _read_config
     from rifle.train.checkpoint import CHECKSUM_KEY, WEIGHTS, read_metadata
+
     src = runs[0] / "plain"
     res = run_depth(src)
     assert res["epoch"] == 2 and [x["head"] for x in res["layers"]] == [False] * 9 + [True]
@@ -121,8 +159,11 @@ def test_weight_change_zero_untrained_positive_after_training(runs, tmp_path):
     shutil.copytree(src, copy)
     (copy / "depth.json").unlink()
     ref = build_reference(_read_config(copy), 10)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(copy / WEIGHTS),
-              metadata={k: v for k, v in read_metadata(src / WEIGHTS).items() if k != CHECKSUM_KEY})
+    save_file(
+        {k: v.contiguous() for k, v in ref.state_dict().items()},
+        str(copy / WEIGHTS),
+        metadata={k: v for k, v in read_metadata(src / WEIGHTS).items() if k != CHECKSUM_KEY},
+    )
     assert all(x["rel_change"] == 0.0 for x in run_depth(copy)["layers"])
 
 
@@ -150,6 +191,7 @@ def test_grad_cam_matches_hand_formula_and_writes_png(runs, tmp_path):
 
 def test_cli_analyze_writes_depth_files(runs, tmp_path, capsys):
     from rifle.cli import main
+
     tmp = runs[0]
     code = main(["analyze", str(tmp / "plain"), str(tmp / "monitored"), "--out", str(tmp_path / "cmp")])
     out = capsys.readouterr().out
@@ -159,8 +201,19 @@ def test_cli_analyze_writes_depth_files(runs, tmp_path, capsys):
     assert (tmp_path / "cmp" / "gradients_compare.png").is_file()
     (tmp / "monitored" / "depth_monitor.png").unlink()
     # --no-depth: no checkpoint needed; the depth.jsonl plots are still drawn
-    assert main(["analyze", str(tmp / "plain"), str(tmp / "monitored"), "--no-depth",
-                 "--out", str(tmp_path / "cmp2")]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(tmp / "plain"),
+                str(tmp / "monitored"),
+                "--no-depth",
+                "--out",
+                str(tmp_path / "cmp2"),
+            ]
+        )
+        == 0
+    )
     assert (tmp / "monitored" / "depth_monitor.png").is_file()
     assert (tmp_path / "cmp2" / "gradients_compare.png").is_file()
     # ... and the weight-change profile comes from depth.jsonl: the same numbers as from the checkpoint
@@ -170,6 +223,7 @@ def test_cli_analyze_writes_depth_files(runs, tmp_path, capsys):
     (mon,) = from_monitor
     assert [x["name"] for x in mon["layers"]] == [x["name"] for x in ckpt["layers"]]
     assert [x["head"] for x in mon["layers"]] == [x["head"] for x in ckpt["layers"]]
-    assert [x["rel_change"] for x in mon["layers"]] == pytest.approx([x["rel_change"] for x in ckpt["layers"]],
-                                                                     rel=1e-5, abs=1e-9)
+    assert [x["rel_change"] for x in mon["layers"]] == pytest.approx(
+        [x["rel_change"] for x in ckpt["layers"]], rel=1e-5, abs=1e-9
+    )
     assert main(["analyze", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback

@@ -1,6 +1,7 @@
 """``rifle bench`` stopped by a real SIGTERM / Ctrl-C (SIGINT): every worker stops and keeps its last
 epoch checkpoint, the exit status is 143 / 130 (as ``rifle train``), and the same command then finishes
 the grid with every run exactly once."""
+
 import os
 import re
 import signal
@@ -17,12 +18,18 @@ from rifle.experiments import locks as L
 
 EPOCHS = 8
 GRID = {
-    "datasets": ["digits"], "models": ["tiny_cnn"],
+    "datasets": ["digits"],
+    "models": ["tiny_cnn"],
     "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1}],
-    "seeds": [0], "train_fractions": [0.3],
+    "seeds": [0],
+    "train_fractions": [0.3],
     "train": {"epochs": EPOCHS, "image_size": 16, "batch_size": 32, "lr": 0.05, "min_steps_after": 0},
 }
-ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def _alive(pid):
@@ -34,8 +41,13 @@ def _alive(pid):
 
 
 def _bench(grid_file, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 def _wait_for_checkpoints(proc, runs, deadline_s=300):
@@ -52,10 +64,12 @@ def _wait_for_checkpoints(proc, runs, deadline_s=300):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
-@pytest.mark.parametrize("signum,code,workers", [(signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 2),
-                                                 (signal.SIGTERM, 143, 1)])
-def test_a_signal_to_bench_stops_every_worker_and_the_rerun_finishes_each_run_once(tmp_path, signum, code,
-                                                                                   workers):
+@pytest.mark.parametrize(
+    "signum,code,workers", [(signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 2), (signal.SIGTERM, 143, 1)]
+)
+def test_a_signal_to_bench_stops_every_worker_and_the_rerun_finishes_each_run_once(
+    tmp_path, signum, code, workers
+):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(GRID))
     out = tmp_path / "out"

@@ -3,6 +3,7 @@
 Spies wrap the real ``Rifle`` / optimizer methods (the real code still runs) to observe what happens
 at the exact step a re-init or an LR change is due.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,22 @@ from rifle.models.builtin import BasicBlock
 
 # digits at 16 px, 15 % of train: 182 images = 3 steps of 64 (64, 64, 54) per epoch
 STEPS_PER_EPOCH = 3
-FAST = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-        "--train-fraction", "0.15", "--lr", "0.05", "--quiet"]
+FAST = [
+    "train",
+    "--data",
+    "digits",
+    "--model",
+    "tiny_cnn",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "64",
+    "--train-fraction",
+    "0.15",
+    "--lr",
+    "0.05",
+    "--quiet",
+]
 VOLATILE = {"seconds", "images_per_s"}
 
 
@@ -48,6 +63,7 @@ def weights(out) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     from rifle.train.checkpoint import WEIGHTS
+
     return load_file(str(out / WEIGHTS))
 
 
@@ -93,8 +109,19 @@ def test_step_granularity_reinits_the_head_at_the_scheduled_optimizer_steps(tmp_
 
     monkeypatch.setattr(Rifle, "on_step_start", spy)
     out = tmp_path / "step"
-    train(capsys, "--epochs", "4", "--method", "rifle", "--reinits", "2", "--reinit-granularity", "step",
-          "--out", str(out))
+    train(
+        capsys,
+        "--epochs",
+        "4",
+        "--method",
+        "rifle",
+        "--reinits",
+        "2",
+        "--reinit-granularity",
+        "step",
+        "--out",
+        str(out),
+    )
     total = 4 * STEPS_PER_EPOCH  # 12 steps, K = 2: re-init at floor(i * 12 / 3) = steps 4 and 8
     assert [s for s, *_ in seen] == list(range(total))
     fired = [s for s, f, _, _ in seen if f]
@@ -117,7 +144,8 @@ def test_step_granularity_reinits_the_head_at_the_scheduled_optimizer_steps(tmp_
 # -------------------------------------------------------------------------------- --head-lr-restart
 @pytest.mark.parametrize("granularity", ["epoch", "step"])
 def test_head_lr_restarts_each_period_while_the_backbone_follows_the_global_cosine(
-        tmp_path, capsys, monkeypatch, granularity):
+    tmp_path, capsys, monkeypatch, granularity
+):
     used: list[dict[str, float]] = []  # the LR of each group at every optimizer step
     original = torch.optim.SGD.step
 
@@ -128,14 +156,28 @@ def test_head_lr_restarts_each_period_while_the_backbone_follows_the_global_cosi
     monkeypatch.setattr(torch.optim.SGD, "step", spy)
     out = tmp_path / granularity
     epochs, lr = 4, 0.05
-    train(capsys, "--epochs", str(epochs), "--method", "rifle", "--reinits", "1", "--head-lr-restart",
-          "--reinit-granularity", granularity, "--out", str(out))
+    train(
+        capsys,
+        "--epochs",
+        str(epochs),
+        "--method",
+        "rifle",
+        "--reinits",
+        "1",
+        "--head-lr-restart",
+        "--reinit-granularity",
+        granularity,
+        "--out",
+        str(out),
+    )
     spe = STEPS_PER_EPOCH
     assert len(used) == epochs * spe
     for step, lrs in enumerate(used):
         epoch = step // spe
         # the trainer's schedule (cosine per epoch) for the backbone
-        assert lrs["backbone"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)), rel=1e-12)
+        assert lrs["backbone"] == pytest.approx(
+            lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)), rel=1e-12
+        )
         # the head: a cosine restarted at each period start (epochs 0 and 2 = steps 0 and 6)
         t, period = (epoch, 2) if granularity == "epoch" else (step, 2 * spe)
         assert lrs["head"] == pytest.approx(lr * cosine_factor(t % period, period), rel=1e-12), (step, lrs)
@@ -164,28 +206,51 @@ def test_reinit_modules_last_block_is_redrawn_with_fresh_batchnorm_statistics(tm
         assert [p.shape for p in blk.parameters()] == [p.shape for p in block.parameters()]
         drawn = torch_reset([fc, blk], self.seed, index)
         original(self, index)
-        events.append({"names": list(self.module_names), "before": before, "drawn": drawn,
-                       "after": {"block": module_state(block), "other": module_state(other),
-                                 "fc": module_state(inner.fc)}})
+        events.append(
+            {
+                "names": list(self.module_names),
+                "before": before,
+                "drawn": drawn,
+                "after": {
+                    "block": module_state(block),
+                    "other": module_state(other),
+                    "fc": module_state(inner.fc),
+                },
+            }
+        )
 
     monkeypatch.setattr(Rifle, "reinit", spy)
     out = tmp_path / "modules"
-    train(capsys, "--epochs", "2", "--method", "rifle", "--reinits", "1", "--reinit-modules", "last:1",
-          "--out", str(out))
+    train(
+        capsys,
+        "--epochs",
+        "2",
+        "--method",
+        "rifle",
+        "--reinits",
+        "1",
+        "--reinit-modules",
+        "last:1",
+        "--out",
+        str(out),
+    )
     assert len(events) == 1
     e = events[0]
     assert e["names"] == ["fc", "blocks.2"]
     before, after = e["before"]["block"], e["after"]["block"]
     # the block's weights are the fresh draw (parameters in parameters() order)
-    block_params = [k for k in after if not any(k.endswith(b) for b in
-                                                ("running_mean", "running_var", "num_batches_tracked"))]
+    block_params = [
+        k
+        for k in after
+        if not any(k.endswith(b) for b in ("running_mean", "running_var", "num_batches_tracked"))
+    ]
     assert len(block_params) == 9  # conv1, bn1 (2), conv2, bn2 (2), downsample conv and bn (2); no conv bias
     for k in block_params:
         assert torch.equal(after[k], e["drawn"][1][k]), k
         if k.endswith("conv1.weight"):
             assert not torch.equal(before[k], after[k])
     # BatchNorm running statistics of the block restart from scratch (they were trained)
-    bns = [k[:-len(".running_mean")] for k in after if k.endswith("running_mean")]
+    bns = [k[: -len(".running_mean")] for k in after if k.endswith("running_mean")]
     assert sorted(bns) == ["bn1", "bn2", "downsample.1"]
     for bn in bns:
         assert not torch.equal(before[f"{bn}.running_mean"], torch.zeros_like(before[f"{bn}.running_mean"]))

@@ -1,5 +1,6 @@
 """Bad or meaningless settings refused before any work, with a one-line error naming the flag (issue 20:
 defects 6, 8, 10, 12 and the messages of 15), and what `rifle train --help` says."""
+
 import re
 from dataclasses import fields
 
@@ -11,8 +12,21 @@ from torch import nn
 from conftest import run_cli as run
 from rifle.config import ConfigError, TrainConfig, resolve, resolve_resume
 
-TINY = ["--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64", "--epochs", "1",
-        "--train-fraction", "0.1", "--quiet"]
+TINY = [
+    "--data",
+    "digits",
+    "--model",
+    "tiny_cnn",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--train-fraction",
+    "0.1",
+    "--quiet",
+]
 
 
 def refused(argv, capsys, tmp_path):
@@ -28,8 +42,11 @@ def refused(argv, capsys, tmp_path):
 
 # ----------------------------------------------------- defect 6: RIFLE-only settings with another method
 def test_rifle_only_flags_with_another_method_are_refused_naming_each(tmp_path, capsys):
-    line = refused(["--method", "lp-ft", "--reinit-trigger", "converged", "--reinit-init", "shrink-perturb",
-                    *TINY], capsys, tmp_path)
+    line = refused(
+        ["--method", "lp-ft", "--reinit-trigger", "converged", "--reinit-init", "shrink-perturb", *TINY],
+        capsys,
+        tmp_path,
+    )
     assert "--reinit-trigger" in line and "--reinit-init" in line and "--method rifle only" in line
     assert "lp-ft" in line
     assert "--reinits" not in line and "--diagnose" not in line  # defaults are not named, only flags given
@@ -51,8 +68,11 @@ def test_presets_and_defaults_of_rifle_keys_are_not_refused():
 def test_config_file_rifle_only_keys_refused_unless_they_change_nothing(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("method: lp-ft\nreinit_trigger: converged\nreinits: 2\n")
-    with pytest.raises(ConfigError, match=r"--config .*c\.yaml: reinits: 2, reinit_trigger: 'converged' apply "
-                                          r"to --method rifle only \(the method is lp-ft\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--config .*c\.yaml: reinits: 2, reinit_trigger: 'converged' apply "
+        r"to --method rifle only \(the method is lp-ft\)",
+    ):
         resolve({}, config_file=f)
     # a finished run's own config.yaml records every key at its default / preset value: accepted
     saved = TrainConfig(method="finetune", preset="cpu", reinits=1, epochs=2).validate().to_dict()
@@ -71,13 +91,24 @@ def test_resume_of_a_finetune_run_refuses_a_rifle_flag():
 
 # --------------------------------------------------- defect 8: numbers written as strings by YAML
 FLOATS = [f.name for f in fields(TrainConfig) if str(f.type).split(" |")[0] == "float"]
-NEEDS = {"reinit_converged_acc": {"method": "rifle", "reinit_trigger": "converged"}, "opt_eps": {"opt": "adamw"},
-         "layer_decay": {"model": "tiny_cnn"}}
+NEEDS = {
+    "reinit_converged_acc": {"method": "rifle", "reinit_trigger": "converged"},
+    "opt_eps": {"opt": "adamw"},
+    "layer_decay": {"model": "tiny_cnn"},
+}
 
 
 def test_every_float_field_is_listed():
-    assert set(FLOATS) == {"lr", "momentum", "weight_decay", "reinit_converged_acc", "opt_eps", "layer_decay",
-                           "val_fraction", "train_fraction"}
+    assert set(FLOATS) == {
+        "lr",
+        "momentum",
+        "weight_decay",
+        "reinit_converged_acc",
+        "opt_eps",
+        "layer_decay",
+        "val_fraction",
+        "train_fraction",
+    }
 
 
 @pytest.mark.parametrize("key", FLOATS)
@@ -111,8 +142,11 @@ def test_ints_written_as_strings_or_whole_floats(tmp_path):
 
 def test_plugin_float_option_in_scientific_notation(tmp_path):
     from rifle.build import build_methods
+
     f = tmp_path / "c.yaml"
-    f.write_text("reg: l2sp\ntrick: [dropout]\noptions: {l2sp: {alpha: 1e-2, beta: 2e-4}, dropout: {p: 3e-1}}\n")
+    f.write_text(
+        "reg: l2sp\ntrick: [dropout]\noptions: {l2sp: {alpha: 1e-2, beta: 2e-4}, dropout: {p: 3e-1}}\n"
+    )
     methods = {m.name: m for m in build_methods(resolve({}, config_file=f))}
     assert (methods["l2sp"].alpha, methods["l2sp"].beta, methods["dropout"].p) == (0.01, 0.0002, 0.3)
     f.write_text("reg: l2sp\noptions: {l2sp: {alpha: lots}}\n")
@@ -142,35 +176,46 @@ def test_rifle_with_no_reinit_is_refused(tmp_path, capsys):
 
 def test_grid_rifle_k0_is_refused():
     from rifle.experiments.grid import GridError, parse_grid
-    spec = {"datasets": ["digits"], "models": ["tiny_cnn"], "seeds": [0],
-            "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 0}]}
+
+    spec = {
+        "datasets": ["digits"],
+        "models": ["tiny_cnn"],
+        "seeds": [0],
+        "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 0}],
+    }
     with pytest.raises(GridError, match=r"methods\[1\] \(rifle\): --reinits=0: .*--method finetune"):
         parse_grid(spec)
 
 
 # ------------------------------------------------------------------------ defect 15: the messages
-@pytest.mark.parametrize("argv,needle", [
-    (["--method", "RIFLE"], "did you mean rifle?"),
-    (["--preset", "CPU"], "did you mean cpu?"),
-    (["--reg", "L2SP"], "did you mean l2sp"),
-    (["--method", "rifle", "--reinit-init", "he"], "did you mean kaiming_normal?"),
-    (["--method", "rifle", "--reinit-trigger", "Converged"], "did you mean converged?"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--method", "RIFLE"], "did you mean rifle?"),
+        (["--preset", "CPU"], "did you mean cpu?"),
+        (["--reg", "L2SP"], "did you mean l2sp"),
+        (["--method", "rifle", "--reinit-init", "he"], "did you mean kaiming_normal?"),
+        (["--method", "rifle", "--reinit-trigger", "Converged"], "did you mean converged?"),
+    ],
+)
 def test_wrong_case_or_alias_gets_a_one_line_suggestion(tmp_path, capsys, argv, needle):
     assert needle in refused([*argv, *TINY], capsys, tmp_path)
 
 
 def test_argparse_errors_are_one_line(capsys):
     from rifle.cli import main
+
     with pytest.raises(SystemExit) as e:
         main(["train", "--epochs", "many"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("rifle train: error: argument --epochs: invalid int value: 'many' "
-                                       "(see rifle train --help)\n")
+    assert capsys.readouterr().err == (
+        "rifle train: error: argument --epochs: invalid int value: 'many' (see rifle train --help)\n"
+    )
 
 
 def test_model_suggestion_lists_each_name_once():
     from rifle.models import ModelError, create_model
+
     with pytest.raises(ModelError) as e:
         create_model("efficientnet-lite0", 2)
     names = re.search(r"Did you mean: (.*?)\?", str(e.value)).group(1).split(", ")
@@ -181,9 +226,17 @@ def test_short_period_warning_names_the_flag():
     from rifle.core.schedule import RifleScheduleWarning
     from rifle.methods.base import RunContext
     from rifle.methods.rifle import RifleMethod
+
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    ctx = RunContext(epochs=4, steps_per_epoch=3, seed=0, num_classes=2, head=[model[1]], head_names=["1"],
-                     log=lambda s: None)
+    ctx = RunContext(
+        epochs=4,
+        steps_per_epoch=3,
+        seed=0,
+        num_classes=2,
+        head=[model[1]],
+        head_names=["1"],
+        log=lambda s: None,
+    )
     with pytest.warns(RifleScheduleWarning) as caught:
         RifleMethod(reinits=1).setup(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx)
     [text] = [str(w.message) for w in caught]
@@ -213,6 +266,7 @@ def test_cuda_only_optimizer_refused_on_the_cpu(tmp_path, capsys, opt):
 # ------------------------------------------------------------------------------- rifle train --help
 def help_entries(capsys, monkeypatch) -> tuple[str, dict[str, str]]:
     from rifle.cli import main
+
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -239,7 +293,10 @@ def test_help_tells_the_truth(capsys, monkeypatch):
     assert flags.index("--opt-betas") == flags.index("--opt") + 2
     # the RIFLE-only flags are in their own group, and only they
     group = text.split("RIFLE (--method rifle only):", 1)[1].split("\n\n", 2)[1].split("\n\n")[0]
-    in_group = {e.split()[0].rstrip(",") for e in re.split(r"\n(?=  -)", group) if e.lstrip().startswith("--")}
+    in_group = {
+        e.split()[0].rstrip(",") for e in re.split(r"\n(?=  -)", group) if e.lstrip().startswith("--")
+    }
     from rifle.config import RIFLE_ONLY_KEYS
+
     assert in_group == {"--" + k.replace("_", "-") for k in RIFLE_ONLY_KEYS}
     assert "--head" not in in_group and "--method" not in in_group

@@ -1,4 +1,5 @@
 """Re-init semantics (REFERENCE.md §3.4-3.9): in place, only the head, seeded, optimizer state."""
+
 import copy
 import warnings
 
@@ -46,7 +47,9 @@ def test_reinit_changes_head_only_in_place_and_clears_state():
     after = snapshot(model)
     assert not torch.equal(after["2.weight"], before["2.weight"])
     assert not torch.equal(after["2.bias"], before["2.bias"])
-    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(
+        after["0.bias"], before["0.bias"]
+    )
     assert head.weight is w_obj and head.bias is b_obj  # in place: same Parameter objects
     assert head.weight not in opt.state and head.bias not in opt.state
     assert model[0].weight in opt.state  # backbone momentum untouched
@@ -78,10 +81,19 @@ class Custom(nn.Module):
 
 def zoo():
     torch.manual_seed(11)
-    return [nn.Linear(8, 3), nn.Linear(5, 2, bias=False), nn.Conv2d(3, 4, 3), nn.Conv1d(2, 3, 5),
-            nn.ConvTranspose2d(4, 2, 3), nn.BatchNorm2d(4), nn.LayerNorm(6), nn.GroupNorm(2, 4),
-            nn.Embedding(7, 3, padding_idx=1), Custom(),
-            nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), Custom(), nn.Linear(4, 2))]
+    return [
+        nn.Linear(8, 3),
+        nn.Linear(5, 2, bias=False),
+        nn.Conv2d(3, 4, 3),
+        nn.Conv1d(2, 3, 5),
+        nn.ConvTranspose2d(4, 2, 3),
+        nn.BatchNorm2d(4),
+        nn.LayerNorm(6),
+        nn.GroupNorm(2, 4),
+        nn.Embedding(7, 3, padding_idx=1),
+        Custom(),
+        nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), Custom(), nn.Linear(4, 2)),
+    ]
 
 
 def reset_under_manual_seed(module, seed, index):
@@ -91,7 +103,8 @@ def reset_under_manual_seed(module, seed, index):
         torch.manual_seed(derive_seed(seed, "reinit", index))
         for sub in expected.modules():
             if callable(getattr(sub, "reset_parameters", None)) and any(
-                    True for _ in sub.parameters(recurse=False)):
+                True for _ in sub.parameters(recurse=False)
+            ):
                 sub.reset_parameters()
     return [p.detach() for p in expected.parameters()]
 
@@ -140,21 +153,30 @@ class SeedSpy:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        for mod, name in ((torch, "manual_seed"), (torch.random, "manual_seed"), (torch, "seed"),
-                          (torch.cuda, "manual_seed"), (torch.cuda, "manual_seed_all"),
-                          (torch.cuda, "seed"), (torch.cuda, "seed_all"), (torch.cuda, "set_rng_state"),
-                          (torch.cuda, "set_rng_state_all")):
+        for mod, name in (
+            (torch, "manual_seed"),
+            (torch.random, "manual_seed"),
+            (torch, "seed"),
+            (torch.cuda, "manual_seed"),
+            (torch.cuda, "manual_seed_all"),
+            (torch.cuda, "seed"),
+            (torch.cuda, "seed_all"),
+            (torch.cuda, "set_rng_state"),
+            (torch.cuda, "set_rng_state_all"),
+        ):
             monkeypatch.setattr(mod, name, self._spy(f"{mod.__name__}.{name}"))
 
     def _spy(self, name):
         def spy(*args, **kwargs):
             self.calls.append(name)
             raise AssertionError(f"a re-init called {name}")
+
         return spy
 
 
-@pytest.mark.parametrize("init", ["default", "lecun_normal", "kaiming_normal", "xavier_uniform", "normal",
-                                  "callable"])
+@pytest.mark.parametrize(
+    "init", ["default", "lecun_normal", "kaiming_normal", "xavier_uniform", "normal", "callable"]
+)
 def test_reinit_leaves_every_global_rng_alone(monkeypatch, init):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Custom(), nn.Flatten(), nn.Linear(4, 3))
     if init == "callable":
@@ -192,14 +214,17 @@ def test_reinit_never_deep_copies_what_a_hook_is_bound_to():
 
 def test_reinit_modules_resets_batchnorm_running_stats():
     from rifle.models import create_model
+
     torch.manual_seed(0)
     model = create_model("tiny_cnn", 5)
     model.train()
     for _ in range(3):
         model(torch.randn(4, 3, 16, 16) * 3 + 1)
     bns = [m for m in model.blocks[2].modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(int(b.num_batches_tracked) == 3 and not torch.equal(b.running_var, torch.ones_like(
-        b.running_var)) for b in bns)
+    assert bns and all(
+        int(b.num_batches_tracked) == 3 and not torch.equal(b.running_var, torch.ones_like(b.running_var))
+        for b in bns
+    )
     objs = [(b.running_mean, b.running_var, b.num_batches_tracked) for b in bns]
     other = [m for m in model.blocks[1].modules() if isinstance(m, nn.BatchNorm2d)][0]
     other_var = other.running_var.clone()
@@ -266,8 +291,7 @@ def test_step_budget_warning_and_guard_steps():
         Rifle(net(), None, epochs=12, reinits=2, steps_per_epoch=10, min_steps_after=30)
     # guard of 50 steps at 10 steps/epoch = 5 epochs: of [4, 8] only 4 survives (8 leaves 4 epochs)
     with pytest.warns(RifleScheduleWarning, match="dropped"):
-        r = Rifle(net(), None, epochs=12, reinits=2, steps_per_epoch=10, guard_steps=50,
-                  min_steps_after=None)
+        r = Rifle(net(), None, epochs=12, reinits=2, steps_per_epoch=10, guard_steps=50, min_steps_after=None)
     assert r.reinit_epochs == [4]
 
 
@@ -282,6 +306,7 @@ def test_head_lr_restart_follows_cosine_per_period():
         r.on_epoch_start(e)
         lrs.append(opt.param_groups[1]["lr"])
     import math
+
     expect = [0.1 * 0.5 * (1 + math.cos(math.pi * (e % 4) / 4)) for e in range(8)]
     assert lrs == pytest.approx(expect)
     assert opt.param_groups[0]["lr"] == 0.1
@@ -290,14 +315,17 @@ def test_head_lr_restart_follows_cosine_per_period():
         Rifle(model, mixed, epochs=8, reinits=1, head_lr_restart=True)
 
 
-@pytest.mark.parametrize("init,w_std,b_std", [
-    # a 512 -> 1000 Linear: fan_in 512, fan_out 1000
-    ("default", 1 / (3 * 512) ** 0.5, 1 / (3 * 512) ** 0.5),   # U(+-1/sqrt(fan_in)): weight and bias
-    ("lecun_normal", 1 / 512 ** 0.5, 0.0),                     # N(0, 1/fan_in)
-    ("kaiming_normal", (2 / 512) ** 0.5, 0.0),                 # He: N(0, 2/fan_in)
-    ("xavier_uniform", (2 / (512 + 1000)) ** 0.5, 0.0),        # U(+-sqrt(6/(fan_in+fan_out)))
-    ("normal", 0.01, 0.0),
-])
+@pytest.mark.parametrize(
+    "init,w_std,b_std",
+    [
+        # a 512 -> 1000 Linear: fan_in 512, fan_out 1000
+        ("default", 1 / (3 * 512) ** 0.5, 1 / (3 * 512) ** 0.5),  # U(+-1/sqrt(fan_in)): weight and bias
+        ("lecun_normal", 1 / 512**0.5, 0.0),  # N(0, 1/fan_in)
+        ("kaiming_normal", (2 / 512) ** 0.5, 0.0),  # He: N(0, 2/fan_in)
+        ("xavier_uniform", (2 / (512 + 1000)) ** 0.5, 0.0),  # U(+-sqrt(6/(fan_in+fan_out)))
+        ("normal", 0.01, 0.0),
+    ],
+)
 def test_initialiser_std_matches_its_formula(init, w_std, b_std):
     lin = nn.Linear(512, 1000)
     Rifle(nn.Sequential(lin), None, epochs=4, reinits=1, init=init).reinit(1)
@@ -313,8 +341,15 @@ def test_unknown_init_and_old_kaiming_normal_state():
     with pytest.raises(ValueError, match="unknown init.*lecun_normal"):
         Rifle(net(), None, epochs=4, reinits=1, init="bogus")
     # a run saved before kaiming_normal meant He's gain drew LeCun's: resuming it would switch heads
-    old = {"version": 1, "unit": "epoch", "total": 40, "reinits": 3, "points": [10, 20, 30],
-           "done": [1], "seed": 0}
+    old = {
+        "version": 1,
+        "unit": "epoch",
+        "total": 40,
+        "reinits": 3,
+        "points": [10, 20, 30],
+        "done": [1],
+        "seed": 0,
+    }
     with pytest.raises(ValueError, match="lecun_normal"):
         Rifle(net(), None, epochs=40, reinits=3, init="kaiming_normal").load_state_dict(old)
     r = Rifle(net(), None, epochs=40, reinits=3, init="lecun_normal")
@@ -363,6 +398,7 @@ def test_works_through_real_wrappers(wrap):
 
 def test_reinit_beyond_the_fc_layer():
     from rifle.models import create_model
+
     torch.manual_seed(0)
     model = create_model("tiny_cnn", 5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -375,8 +411,10 @@ def test_reinit_beyond_the_fc_layer():
     r.on_epoch_start(2)
     after = snapshot(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "") for k in changed} \
-        == {"fc", "blocks.2"}
+    assert {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "") for k in changed} == {
+        "fc",
+        "blocks.2",
+    }
     assert any(k.startswith("blocks.2.") and k.endswith("weight") for k in changed)
     assert not any(k.startswith(("stem", "blocks.0", "blocks.1")) for k in changed)
     assert all(p not in opt.state for p in model.blocks[2].parameters())
@@ -392,15 +430,18 @@ def test_reinit_beyond_the_fc_layer():
 def test_last_blocks_on_real_backbones():
     import timm
     from rifle.core.structure import select_modules
+
     eff = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
     assert select_modules(eff, "last:1") == [eff.blocks[-1][-1]]
     import torchvision
+
     res = torchvision.models.resnet18(weights=None)
     assert select_modules(res, "last:2") == [res.layer4[0], res.layer4[1]]
 
 
 def test_head_lr_restart_survives_optimizer_state_restore():
     import math
+
     model = net()
     head = list(model[2].parameters())
     rest = [p for p in model.parameters() if all(p is not h for h in head)]
@@ -418,8 +459,9 @@ def test_head_lr_restart_survives_optimizer_state_restore():
     assert opt2.param_groups[1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
 
 
-@pytest.mark.parametrize("unit,bad", [("epoch", -1), ("epoch", 40), ("epoch", 41), ("step", 300),
-                                      ("step", -1)])
+@pytest.mark.parametrize(
+    "unit,bad", [("epoch", -1), ("epoch", 40), ("epoch", 41), ("step", 300), ("step", -1)]
+)
 def test_unit_outside_the_run_is_an_error(unit, bad):
     kw = dict(epochs=40) if unit == "epoch" else dict(total_steps=300, min_steps_after=None)
     r = Rifle(net(), None, reinits=3, **kw)
@@ -439,7 +481,8 @@ def test_one_based_loop_is_caught_before_it_shifts_a_reinit(unit):
     assert [str(w.message) for w in caught] == [
         f"RIFLE: the first call is on_{unit}_start(1): {unit}s are 0-based, in [0, 4); a loop over "
         f"range(1, 5) shifts every re-init by one {unit} and fails at its last {unit}. Call "
-        f"on_{unit}_start(0) first (or load_state_dict() before resuming at {unit} 1)"]
+        f"on_{unit}_start(0) first (or load_state_dict() before resuming at {unit} 1)"
+    ]
     assert caught[0].filename == __file__  # the user's line
     with pytest.raises(ValueError, match="range\\(1, E\\+1\\)"):
         for t in range(2, 5):
@@ -462,11 +505,14 @@ def test_optimizer_without_the_head_is_refused_at_construction():
     assert str(e.value) == (
         "the optimizer does not hold 2.weight, 2.bias (parameters of 2, which RIFLE re-initialises): the "
         "re-initialised head would never be trained. Build the optimizer over the model's parameters after "
-        "replacing its head, or pass the optimizer that trains the head (or optimizer=None)")
+        "replacing its head, or pass the optimizer that trains the head (or optimizer=None)"
+    )
     model[2].bias.requires_grad_(False)  # a frozen parameter needs no optimizer
     with pytest.raises(ValueError, match="does not hold 2.weight \\(parameters of 2,"):
         Rifle(model, opt, epochs=4, reinits=1)
-    Rifle(model, torch.optim.SGD([model[0].weight, model[0].bias, model[2].weight], lr=0.1), epochs=4, reinits=1)
+    Rifle(
+        model, torch.optim.SGD([model[0].weight, model[0].bias, model[2].weight], lr=0.1), epochs=4, reinits=1
+    )
     Rifle(model, None, epochs=4, reinits=1)
 
 
@@ -486,7 +532,8 @@ def test_head_replaced_after_rifle_is_refused_before_a_silent_reinit(when):
     assert str(e.value) == (
         f"RIFLE {where}: 2 is no longer part of the model (replaced after Rifle(...) was built?): "
         f"re-initialising it would change nothing the model uses. Build Rifle (and the optimizer) after "
-        f"the model's head is in place")
+        f"the model's head is in place"
+    )
     assert r.applied == [] and r.head_modules == [old]
 
 
@@ -496,8 +543,9 @@ def test_optimizer_rebuilt_without_the_head_is_refused_at_the_reinit():
     r = Rifle(model, opt, epochs=4, reinits=1, min_steps_after=None)
     r.on_epoch_start(0)
     r.on_epoch_start(1)
-    opt.param_groups[:] = [g for g in opt.param_groups if False] + [{**opt.param_groups[0],
-                                                                     "params": list(model[0].parameters())}]
+    opt.param_groups[:] = [g for g in opt.param_groups if False] + [
+        {**opt.param_groups[0], "params": list(model[0].parameters())}
+    ]
     with pytest.raises(RuntimeError, match="^RIFLE re-init 1: the optimizer does not hold 2.weight, 2.bias"):
         r.on_epoch_start(2)
     assert r.applied == []
@@ -515,8 +563,15 @@ def test_applied_and_skipped_are_separate_and_old_state_loads():
     r2 = Rifle(net(), None, epochs=40, reinits=3)
     r2.load_state_dict(state)
     assert r2.applied == [2] and r2.skipped == [1]
-    old = {"version": 1, "unit": "epoch", "total": 40, "reinits": 3, "points": [10, 20, 30],
-           "done": [1, 2], "seed": 0}  # saved before applied/skipped existed
+    old = {
+        "version": 1,
+        "unit": "epoch",
+        "total": 40,
+        "reinits": 3,
+        "points": [10, 20, 30],
+        "done": [1, 2],
+        "seed": 0,
+    }  # saved before applied/skipped existed
     r3 = Rifle(net(), None, epochs=40, reinits=3)
     r3.load_state_dict(old)
     assert r3.applied == [1, 2] and r3.skipped == [] and r3.done == [1, 2]
@@ -555,6 +610,7 @@ def test_warnings_point_at_the_callers_line():
 def test_docs_api_example_runs(capsys):
     import re
     from pathlib import Path
+
     doc = Path(__file__).resolve().parents[1] / "docs" / "rifle.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
     assert blocks

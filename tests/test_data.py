@@ -1,4 +1,5 @@
 """Tests of rifle.data: splits, batches, image folders, built-in datasets (all offline, a few seconds)."""
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,28 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from rifle.core.seeding import generator
-from rifle.data import (BUILTIN, DataBundle, DataError, ImageTensorSet, build_data, cache_resolution,
-                        eval_batches, num_batches, samples_per_rank, stratified_split, train_batches)
+from rifle.data import (
+    BUILTIN,
+    DataBundle,
+    DataError,
+    ImageTensorSet,
+    build_data,
+    cache_resolution,
+    eval_batches,
+    num_batches,
+    samples_per_rank,
+    stratified_split,
+    train_batches,
+)
 from rifle.data import builtin
 from rifle.data.folder import decode_image, load_image_folder
 
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def make_folder(root: Path, spec: dict[str, dict[str, int]], *, mode: str = "RGB", size=(14, 10),
-                ext: str = "png") -> Path:
+def make_folder(
+    root: Path, spec: dict[str, dict[str, int]], *, mode: str = "RGB", size=(14, 10), ext: str = "png"
+) -> Path:
     """``spec`` = {split: {class: count}}; every image gets distinct content."""
     k = 0
     for split, classes in spec.items():
@@ -151,8 +164,9 @@ def test_build_data_val_fraction_zero_and_train_fraction():
     assert len(full.val) == 0 and full.val.images.shape[1:] == full.train.images.shape[1:]
     half = build_data("digits", 8, seed=0, val_fraction=0.0, train_fraction=0.5)
     assert len(half.train) == round(0.5 * len(full.train))
-    ratio = (torch.bincount(half.train.labels, minlength=10).float()
-             / torch.bincount(full.train.labels, minlength=10))
+    ratio = torch.bincount(half.train.labels, minlength=10).float() / torch.bincount(
+        full.train.labels, minlength=10
+    )
     assert ((ratio - 0.5).abs() < 0.02).all()
     tiny = build_data("digits", 8, seed=0, train_fraction=0.001)
     assert torch.bincount(tiny.train.labels, minlength=10).tolist() == [1] * 10  # >= 1 per class
@@ -162,8 +176,16 @@ def test_build_data_val_fraction_zero_and_train_fraction():
     assert len(half.test) == len(full.test)
 
 
-@pytest.mark.parametrize("kw", [dict(val_fraction=1.0), dict(val_fraction=-0.1), dict(train_fraction=0.0),
-                                dict(train_fraction=1.5), dict(val_fraction=float("nan"))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(val_fraction=1.0),
+        dict(val_fraction=-0.1),
+        dict(train_fraction=0.0),
+        dict(train_fraction=1.5),
+        dict(val_fraction=float("nan")),
+    ],
+)
 def test_build_data_rejects_bad_fractions(kw):
     with pytest.raises(DataError, match="fraction"):
         build_data("digits", 8, **kw)
@@ -211,7 +233,7 @@ def test_train_batches_crop_and_flip_match_hand_computation():
     assert ys.tolist() == order.tolist()
     for x, i in zip(xs, ys.tolist()):
         t, lft = int(top[i]), int(left[i])
-        expect = ds.images[i, :, t:t + s, lft:lft + s]
+        expect = ds.images[i, :, t : t + s, lft : lft + s]
         if flip[i]:
             expect = expect.flip(-1)
         assert torch.equal((x * 255).round().to(torch.uint8), expect), i
@@ -257,16 +279,19 @@ def test_eval_center_crop_exact(r):
 
 def test_train_sharding_like_distributed_sampler():
     ds = ids_dataset(10)
-    shards = [collect(train_batches(ds, 3, 8, 0.5, 0.5, seed=1, epoch=4, rank=k, world_size=2))[1]
-              for k in range(2)]
+    shards = [
+        collect(train_batches(ds, 3, 8, 0.5, 0.5, seed=1, epoch=4, rank=k, world_size=2))[1] for k in range(2)
+    ]
     assert set(shards[0].tolist()).isdisjoint(shards[1].tolist())
     assert sorted(shards[0].tolist() + shards[1].tolist()) == list(range(10))
     full = collect(train_batches(ds, 3, 8, 0.5, 0.5, seed=1, epoch=4))[1]
     assert shards[0].tolist() == full[0::2].tolist()  # slices of one permutation
     # padding by wrapping: 11 samples on 3 ranks -> 4 each, all covered
     ds11 = ids_dataset(11)
-    parts = [collect(train_batches(ds11, 2, 8, 0.5, 0.5, seed=1, epoch=0, rank=k, world_size=3))[1]
-             for k in range(3)]
+    parts = [
+        collect(train_batches(ds11, 2, 8, 0.5, 0.5, seed=1, epoch=0, rank=k, world_size=3))[1]
+        for k in range(3)
+    ]
     assert [len(p) for p in parts] == [4, 4, 4]
     assert set(torch.cat(parts).tolist()) == set(range(11))
     # the same sample gets the same augmentation on every rank layout
@@ -291,8 +316,9 @@ def test_drop_last_and_eval_sharding():
 
 
 def test_load_image_folder_mixed_channels_and_val(tmp_path):
-    root = make_folder(tmp_path / "ds", {"train": {"cat": 3, "dog": 2}, "test": {"cat": 1, "dog": 1},
-                                         "val": {"dog": 1}})
+    root = make_folder(
+        tmp_path / "ds", {"train": {"cat": 3, "dog": 2}, "test": {"cat": 1, "dog": 1}, "val": {"dog": 1}}
+    )
     Image.new("L", (9, 9), 77).save(root / "train" / "dog" / "gray.JPG")  # grayscale + upper-case ext
     (root / "train" / "dog" / "notes.txt").write_text("not an image")
     (root / "train" / "dog" / ".hidden.png").write_bytes(b"junk")  # hidden: ignored
@@ -423,8 +449,12 @@ def test_elpv_loader_fixed_split_and_disk_cache(cache_dir):
     assert tr.images.shape[1:] == (1, 32, 32) and tr.images.dtype == torch.uint8
     assert sorted(set(tr.labels.tolist())) == [0, 1, 2, 3]
     assert info["license"] == "CC BY-NC-SA 4.0" and info["loaded_from"] == "decoded"
-    assert info["counts"]["test"] == {"functional": 377, "possibly_defective": 74, "likely_defective": 26,
-                                      "defective": 179}
+    assert info["counts"]["test"] == {
+        "functional": 377,
+        "possibly_defective": 74,
+        "likely_defective": 26,
+        "defective": 179,
+    }
     files = list(cache_dir.iterdir())
     assert [f.name for f in files] == [Path(info["cache_file"]).name]  # no temp files left
     again = builtin.load_elpv(32)  # in-process cache: same tensors
@@ -441,8 +471,11 @@ def test_elpv_loader_fixed_split_and_disk_cache(cache_dir):
 
 def test_disk_cache_ignores_corrupt_file(cache_dir):
     path = cache_dir / "x.safetensors"
-    t = {"images": torch.randint(0, 256, (4, 1, 3, 3), dtype=torch.uint8), "labels": torch.arange(4),
-         "types": torch.zeros(4, dtype=torch.uint8)}
+    t = {
+        "images": torch.randint(0, 256, (4, 1, 3, 3), dtype=torch.uint8),
+        "labels": torch.arange(4),
+        "types": torch.zeros(4, dtype=torch.uint8),
+    }
     meta = {"dataset": "x", "res": "3"}
     builtin._save_disk(path, t, meta)
     got = builtin._load_disk(path, meta, 4, 3)
@@ -464,12 +497,14 @@ def test_disk_cache_ignores_corrupt_file(cache_dir):
 def test_a_one_class_folder_is_refused(tmp_path, capsys):
     """It trained to loss 0 and "test 1.0000" with exit 0: there is nothing to classify."""
     from conftest import run_cli
+
     root = make_folder(tmp_path / "one", {"train": {"cat": 4}, "test": {"cat": 2}})
     with pytest.raises(DataError) as e:
         load_image_folder(root, 8)
     assert str(e.value).startswith(f"{root / 'train'} has one class folder (cat): nothing to classify")
-    code, _, err = run_cli(["train", "--data", root, "--model", "tiny_cnn", "--epochs", "1", "--out",
-                            tmp_path / "run"], capsys)
+    code, _, err = run_cli(
+        ["train", "--data", root, "--model", "tiny_cnn", "--epochs", "1", "--out", tmp_path / "run"], capsys
+    )
     assert code == 2 and f"{root / 'train'} has one class folder (cat)" in err, err
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -479,8 +514,10 @@ def test_a_split_folder_as_data_suggests_its_parent(tmp_path):
     for split in ("train", "test"):
         with pytest.raises(DataError) as e:
             build_data(str(root / split), 8)
-        assert (f"{root / split} looks like the {split}/ split of the dataset {root}: pass that folder "
-                f"instead (--data {root})") in str(e.value)
+        assert (
+            f"{root / split} looks like the {split}/ split of the dataset {root}: pass that folder "
+            f"instead (--data {root})"
+        ) in str(e.value)
     with pytest.raises(DataError) as e:  # a folder that is no split of a dataset gets no such hint
         load_image_folder(root / "train" / "a", 8)
     assert "looks like" not in str(e.value)
@@ -501,7 +538,8 @@ def test_splits_that_cannot_select_a_model_warn(tmp_path):
         f"{val} has no images of 1 of the 3 classes (c): the best epoch is picked without them. Use a larger "
         f"--val-fraction (val_fraction) or a val/ folder: images of every class",
         "the test split has no images of 1 of the 3 training classes (c): test accuracy does not measure how "
-        "well they are recognised (a test image predicted as one of them still counts as an error)"]
+        "well they are recognised (a test image predicted as one of them still counts as an error)",
+    ]
     assert [str(w.message) for w in caught] == expected
     assert b.info["warnings"] == expected  # recorded with the run: summary.json's data_info
     # a val/ folder of 50 images holding every class, and no val at all (val_fraction 0), say nothing
@@ -513,10 +551,19 @@ def test_splits_that_cannot_select_a_model_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert build_data(str(root2), 8, val_fraction=0).info["warnings"] == []
-    with pytest.warns(UserWarning, match=r"the val/ folder has only 1 image: validation accuracy moves in "
-                                         r"steps of 100 points.* Use a val/ folder with at least 50 images"):
-        build_data(str(make_folder(tmp_path / "v1", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1},
-                                                     "val": {"a": 1}})), 8)
+    with pytest.warns(
+        UserWarning,
+        match=r"the val/ folder has only 1 image: validation accuracy moves in "
+        r"steps of 100 points.* Use a val/ folder with at least 50 images",
+    ):
+        build_data(
+            str(
+                make_folder(
+                    tmp_path / "v1", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}, "val": {"a": 1}}
+                )
+            ),
+            8,
+        )
 
 
 def test_split_warnings_are_printed_once_and_recorded(tmp_path):
@@ -525,12 +572,33 @@ def test_split_warnings_are_printed_once_and_recorded(tmp_path):
     import sys
 
     from conftest import SRC
+
     root = make_folder(tmp_path / "few", {"train": {"a": 10, "b": 10}, "test": {"a": 2, "b": 2}})
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "rifle", "train", "--data", str(root), "--model", "tiny_cnn",
-                           "--image-size", "16", "--epochs", "1", "--quiet", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rifle",
+            "train",
+            "--data",
+            str(root),
+            "--model",
+            "tiny_cnn",
+            "--image-size",
+            "16",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     note = "warning: the validation split (carved 10% stratified seed 0) has only 2 images"
     assert proc.stderr.count(note) == 1, proc.stderr

@@ -1,4 +1,5 @@
 """DDP on CPU with the gloo backend and 2 processes: identical replicas, divergence detected, resume."""
+
 import json
 import os
 import socket
@@ -18,8 +19,13 @@ def free_port() -> int:
 
 
 def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
 
 
@@ -29,6 +35,7 @@ def _divergence_worker(rank: int, port: int, seeds: list[int], out: str) -> None
 
     from rifle import Rifle
     from rifle.core.replicas import ReplicaDivergenceError
+
     _env(rank, 2, port)
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -58,24 +65,38 @@ def _train_worker(rank: int, port: int, out: str, crash_at: int, resume: bool) -
     from rifle.config import TrainConfig
     from rifle.run import run_train
     from conftest import interrupted_at_epoch
+
     _env(rank, 2, port)
-    cfg = TrainConfig(data="digits", model="tiny_cnn", method="rifle", reinits=2, epochs=4,
-                      image_size=16, batch_size=32, lr=0.05, train_fraction=0.3, min_steps_after=0,
-                      out=out).validate()
+    cfg = TrainConfig(
+        data="digits",
+        model="tiny_cnn",
+        method="rifle",
+        reinits=2,
+        epochs=4,
+        image_size=16,
+        batch_size=32,
+        lr=0.05,
+        train_fraction=0.3,
+        min_steps_after=0,
+        out=out,
+    ).validate()
     try:
         with interrupted_at_epoch(crash_at):  # crash_at -1: never
             run_train(cfg, resume=resume, log=lambda s: None)
     except KeyboardInterrupt:
         pass
     import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def _metrics(path):
     drop = {"seconds", "images_per_s"}
-    return [{k: v for k, v in json.loads(line).items() if k not in drop}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in drop}
+        for line in (path / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_ddp_training_identical_replicas_and_exact_resume(tmp_path):
@@ -98,11 +119,42 @@ def test_torchrun_cli(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-         str(free_port()), "-m", "rifle", "train", "--data", "digits", "--model", "tiny_cnn",
-         "--image-size", "16", "--epochs", "2", "--method", "rifle", "--reinits", "1",
-         "--min-steps-after", "0", "--train-fraction", "0.2", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "rifle",
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "tiny_cnn",
+            "--image-size",
+            "16",
+            "--epochs",
+            "2",
+            "--method",
+            "rifle",
+            "--reinits",
+            "1",
+            "--min-steps-after",
+            "0",
+            "--train-fraction",
+            "0.2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("epoch   0") == 1  # rank 0 only logs
     summary = json.loads((out / "summary.json").read_text())
@@ -111,7 +163,8 @@ def test_torchrun_cli(tmp_path):
 
 
 def _non_finite_worker(rank: int, port: int, out: str) -> None:
-    """Rank 0 alone gets an inf in a BatchNorm buffer (rank-local) after epoch 0; each rank records how it ends."""
+    """Rank 0 alone gets an inf in a BatchNorm buffer (rank-local) after epoch 0; each rank records how it
+    ends."""
     import datetime
 
     import torch.distributed as dist
@@ -119,6 +172,7 @@ def _non_finite_worker(rank: int, port: int, out: str) -> None:
     from rifle.config import TrainConfig
     from rifle.run import run_train
     from rifle.train.trainer import Trainer
+
     _env(rank, 2, port)
     # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
@@ -132,8 +186,17 @@ def _non_finite_worker(rank: int, port: int, out: str) -> None:
         return row
 
     Trainer.train_epoch = train_epoch
-    cfg = TrainConfig(data="digits", model="tiny_cnn", epochs=3, image_size=16, batch_size=32, lr=0.05,
-                      train_fraction=0.1, min_steps_after=0, out=out).validate()
+    cfg = TrainConfig(
+        data="digits",
+        model="tiny_cnn",
+        epochs=3,
+        image_size=16,
+        batch_size=32,
+        lr=0.05,
+        train_fraction=0.1,
+        min_steps_after=0,
+        out=out,
+    ).validate()
     try:
         run_train(cfg, log=lambda s: None)
         result = "finished"
@@ -147,9 +210,11 @@ def _non_finite_worker(rank: int, port: int, out: str) -> None:
 def test_non_finite_weights_on_rank_0_stop_every_rank_with_the_same_error(tmp_path):
     out = str(tmp_path / "run")
     mp.spawn(_non_finite_worker, args=(free_port(), out), nprocs=2, join=True)
-    results = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
-    expected = ("CheckpointError: the weights after epoch 0 are non-finite (tensor 'stem.1.running_var' holds "
-                f"NaN or inf): training diverged, so they are not saved. The last good checkpoint in {out} is "
-                "kept (none yet); try a lower --lr")
+    results = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    expected = (
+        "CheckpointError: the weights after epoch 0 are non-finite (tensor 'stem.1.running_var' holds "
+        f"NaN or inf): training diverged, so they are not saved. The last good checkpoint in {out} is "
+        "kept (none yet); try a lower --lr"
+    )
     assert [r["result"] for r in results] == [expected, expected], results
     assert not os.path.exists(os.path.join(out, "checkpoint.safetensors"))

@@ -1,5 +1,6 @@
 """The per-re-init diagnosis (core/diagnosis.py, Rifle(diagnose=True), CLI wiring) against hand-computed
 values."""
+
 import csv
 import json
 import math
@@ -20,8 +21,9 @@ from rifle.run import run_train
 
 def tiny(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5),
-                         nn.ReLU(), nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3)
+    )
 
 
 def batches(n_steps, seed=1):
@@ -40,12 +42,28 @@ def test_ratios_loss_and_head_norm_match_a_manual_loop(unit, spe_known):
     head = model[6]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if unit == "epoch":
-        rifle = Rifle(model, opt, epochs=E, reinits=1, head=head, diagnosis_window=W, min_steps_after=0,
-                      steps_per_epoch=S if spe_known else None)
+        rifle = Rifle(
+            model,
+            opt,
+            epochs=E,
+            reinits=1,
+            head=head,
+            diagnosis_window=W,
+            min_steps_after=0,
+            steps_per_epoch=S if spe_known else None,
+        )
         point = 2 * S  # re-init at the start of epoch 2
     else:
-        rifle = Rifle(model, opt, total_steps=E * S, reinits=1, head=head, diagnosis_window=W,
-                      steps_per_epoch=S, min_steps_after=0)
+        rifle = Rifle(
+            model,
+            opt,
+            total_steps=E * S,
+            reinits=1,
+            head=head,
+            diagnosis_window=W,
+            steps_per_epoch=S,
+            min_steps_after=0,
+        )
         point = rifle.points[0]
     assert point == 14
     data = batches(E * S)
@@ -132,18 +150,27 @@ def test_state_keeps_diagnosis():
 
 
 def entry(loss, acc, ratio):
-    return {"index": 1, "unit": "epoch", "at": 15, "train_loss_before": loss, "train_acc_before": acc,
-            "grad_ratio": ratio}
+    return {
+        "index": 1,
+        "unit": "epoch",
+        "at": 15,
+        "train_loss_before": loss,
+        "train_acc_before": acc,
+        "grad_ratio": ratio,
+    }
 
 
 def test_verdict_thresholds():
-    assert verdict(entry(0.09, 0.99, 1.30)) == ("re-init 1 (epoch 15): head had converged (train loss 0.09, "
-                                               "acc 0.99); backbone gradient x1.30 after/before — backprop "
-                                               "in depth delivered")
+    assert verdict(entry(0.09, 0.99, 1.30)) == (
+        "re-init 1 (epoch 15): head had converged (train loss 0.09, "
+        "acc 0.99); backbone gradient x1.30 after/before — backprop "
+        "in depth delivered"
+    )
     assert verdict(entry(0.67, 0.74, 0.46)) == (
         "re-init 1 (epoch 15): head had not converged (train loss 0.67, acc 0.74); backbone gradient x0.46 "
         "after/before — this re-init weakened the error signal; not the paper's mechanism here: judge RIFLE "
-        "on validation (docs/rifle.md#when)")
+        "on validation (docs/rifle.md#when)"
+    )
     # not converged but the signal grew (digits32 seed 2 of docs/results/regime.md): no extra advice
     assert verdict(entry(0.19, 0.95, 1.08)).endswith("after/before — backprop in depth delivered")
     # both must hold where both are measured (the tiny_cnn runs of docs/rifle.md#when: 0.14 / 0.94 and
@@ -151,7 +178,7 @@ def test_verdict_thresholds():
     assert "head had converged" in verdict(entry(0.2, 0.97, 1.0))
     assert "head had not converged" in verdict(entry(0.14, 0.94, 0.36))
     assert "head had not converged" in verdict(entry(0.23, 0.98, 1.0))
-    assert "head had converged" in verdict(entry(0.15, None, 1.0))   # the loss alone (no accuracy fed)
+    assert "head had converged" in verdict(entry(0.15, None, 1.0))  # the loss alone (no accuracy fed)
     assert "head had not converged (train loss 0.21)" in verdict(entry(0.21, None, 1.0))
     assert "head had converged" in verdict(entry(None, 0.99, 1.0))
     mid = verdict(entry(0.1, 0.99, 0.8))
@@ -161,14 +188,23 @@ def test_verdict_thresholds():
 
 
 # ----------------------------------------------------------------------------- same-batch head signal
-def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64, amp=None):
+def head_signal_run(
+    loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, dtype=torch.float64, amp=None
+):
     """RIFLE K=1 (re-init at the start of epoch 2) on tiny() in ``dtype`` (forward under CPU autocast to
     ``amp`` when given); returns (rifle, the last batch before the re-init as (features, y), the head's
     (W, b) just before and just after the re-init)."""
     model = tiny().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    rifle = Rifle(model, opt, epochs=epochs, reinits=1, head=head if head is not None else model[6],
-                  min_steps_after=0, steps_per_epoch=steps)
+    rifle = Rifle(
+        model,
+        opt,
+        epochs=epochs,
+        reinits=1,
+        head=head if head is not None else model[6],
+        min_steps_after=0,
+        steps_per_epoch=steps,
+    )
     rifle.head_grad_scale = 1 / accum
     data = batches(epochs * steps)
     last = old = new = None
@@ -190,7 +226,9 @@ def head_signal_run(loss_fn, head=None, accum=1, epochs=4, steps=5, crash=None, 
                         with torch.no_grad():  # the head's input as the forward made it (bf16 under amp)
                             last = (model[:6](xc).double(), yc)
                 loss.backward()
-                rifle.observe(F.cross_entropy(logits.detach().float(), yc), (logits.argmax(1) == yc).sum(), len(yc))
+                rifle.observe(
+                    F.cross_entropy(logits.detach().float(), yc), (logits.argmax(1) == yc).sum(), len(yc)
+                )
             opt.step()
         if crash is not None and epoch == crash - 1:
             rifle.settle_diagnosis()
@@ -205,18 +243,27 @@ def signal(f, t, w, b):
     return (torch.softmax(f @ w.T + b, dim=1) - t) @ w
 
 
-@pytest.mark.parametrize("smoothing,accum,dtype,amp", [
-    (0.0, 1, torch.float64, None), (0.1, 1, torch.float64, None), (0.0, 2, torch.float64, None),
-    (0.1, 1, torch.float32, None), (0.0, 1, torch.float32, torch.bfloat16), (0.1, 1, torch.float32, torch.bfloat16),
-    (0.0, 2, torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "smoothing,accum,dtype,amp",
+    [
+        (0.0, 1, torch.float64, None),
+        (0.1, 1, torch.float64, None),
+        (0.0, 2, torch.float64, None),
+        (0.1, 1, torch.float32, None),
+        (0.0, 1, torch.float32, torch.bfloat16),
+        (0.1, 1, torch.float32, torch.bfloat16),
+        (0.0, 2, torch.float32, torch.bfloat16),
+    ],
+)
 def test_head_signal_ratio_is_the_hand_computed_same_batch_ratio(smoothing, accum, dtype, amp):
     """Hard labels, label-smoothed CE and 2 accumulated micro-batches (loss / 2, head_grad_scale=1/2): the
     targets recovered from dL/dz are exact (to 1e-9 with a float64 model; float32 gradients carry ~1e-7),
     so the ratio equals the one computed from the true targets. Under bf16 autocast dL/dz is rounded to
     bf16 (each entry within 2**-8 of itself): the targets are off by up to ~2e-3, the ratio by < 2**-7."""
-    rel = {torch.float64: 1e-9, torch.float32: 1e-5}[dtype] if amp is None else 2 ** -7
+    rel = {torch.float64: 1e-9, torch.float32: 1e-5}[dtype] if amp is None else 2**-7
     rifle, (f, y), old, new = head_signal_run(
-        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype, amp=amp)
+        lambda z, y: F.cross_entropy(z, y, label_smoothing=smoothing), accum=accum, dtype=dtype, amp=amp
+    )
     if amp is not None:  # what was captured: bf16 logits and gradients, the targets recovered in float64
         assert f.dtype == torch.float64 and torch.equal(f, f.to(torch.bfloat16).double())
     t = (1 - smoothing) * F.one_hot(y, 3).double() + smoothing / 3
@@ -238,18 +285,29 @@ def test_head_signal_wrong_scale_or_other_loss_is_not_measured(amp):
     head_grad_scale twice its scale (2 accumulated micro-batches not divided by 2) - also under bf16
     autocast, whose wider tolerance (2**-6) still tells them apart."""
     from rifle.core.head_signal import NO_CE, target_tol
+
     assert target_tol(torch.float64) == target_tol(torch.float32) == 1e-3
-    assert target_tol(torch.bfloat16, torch.float32) == 2 ** -6 and target_tol(torch.float16) == 2 ** -9
+    assert target_tol(torch.bfloat16, torch.float32) == 2**-6 and target_tol(torch.float16) == 2**-9
     onehot = lambda y: F.one_hot(y, 3).float()  # noqa: E731
-    for loss_fn, accum in ((lambda z, y: F.mse_loss(z, onehot(y)), 1),
-                           (lambda z, y: F.cross_entropy(z, y, reduction="sum"), 1),
-                           (lambda z, y: F.cross_entropy(z, y) * 2, 2)):
-        rifle, *_ = head_signal_run(loss_fn, accum=accum, dtype=torch.float32 if amp else torch.float64, amp=amp)
+    for loss_fn, accum in (
+        (lambda z, y: F.mse_loss(z, onehot(y)), 1),
+        (lambda z, y: F.cross_entropy(z, y, reduction="sum"), 1),
+        (lambda z, y: F.cross_entropy(z, y) * 2, 2),
+    ):
+        rifle, *_ = head_signal_run(
+            loss_fn, accum=accum, dtype=torch.float32 if amp else torch.float64, amp=amp
+        )
         [d] = rifle.diagnosis
         assert d["head_signal_ratio"] is d["head_signal_old"] is d["head_signal_new"] is None
-        assert d["head_signal_reason"] == NO_CE == (
-            "not measured: the targets recovered from the gradient at the head's logits are no probability "
-            "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
+        assert (
+            d["head_signal_reason"]
+            == NO_CE
+            == (
+                "not measured: the targets recovered from the gradient at the head's logits are no "
+                "probability distribution: the loss is not mean cross-entropy on them, or head_grad_scale "
+                "is not its scale"
+            )
+        )
         assert "on the same batch" not in d["verdict"]  # the after/before ratio decides, as before
 
 
@@ -273,6 +331,7 @@ def test_head_signal_resumes_from_a_checkpoint_before_the_reinit(route):
     does) carries the captured batch, as tensors (torch.save) or, with plain=True, nested lists (the HF
     callback keeps it in JSON): the resumed run measures exactly what the uninterrupted one did."""
     import io
+
     rifle, *_ = head_signal_run(F.cross_entropy)
     [full] = rifle.diagnosis
     a, model, opt = head_signal_run(F.cross_entropy, crash=2)
@@ -342,6 +401,7 @@ def _head_signal_ddp_worker(rank, port, out, settle):
     sums the squared norms over the ranks, via settle()'s gather or end()'s all-reduce."""
     import torch.distributed as dist
     from test_ddp import _env
+
     _env(rank, 2, port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     model = tiny().double()
@@ -371,6 +431,7 @@ def _head_signal_ddp_worker(rank, port, out, settle):
 def test_head_signal_is_summed_over_ddp_ranks(tmp_path, settle):
     import torch.multiprocessing as mp
     from test_ddp import free_port
+
     mp.spawn(_head_signal_ddp_worker, args=(free_port(), str(tmp_path), settle), nprocs=2, join=True)
     d0, d1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert d0 == d1 and d0["head_signal_reason"] is None
@@ -399,26 +460,33 @@ def test_head_signal_is_summed_over_ddp_ranks(tmp_path, settle):
 
 def test_verdict_uses_the_head_signal_when_measured():
     e = {**entry(0.04, 1.0, 2.69), "head_signal_ratio": 3.1}
-    assert verdict(e) == ("re-init 1 (epoch 15): head had converged (train loss 0.04, acc 1.00); error signal "
-                          "into the backbone x3.10 on the same batch (new head vs old), backbone gradient "
-                          "x2.69 after/before — backprop in depth delivered")
+    assert verdict(e) == (
+        "re-init 1 (epoch 15): head had converged (train loss 0.04, acc 1.00); error signal "
+        "into the backbone x3.10 on the same batch (new head vs old), backbone gradient "
+        "x2.69 after/before — backprop in depth delivered"
+    )
     # the same-batch ratio decides, whatever the noisy after/before ratio says
-    assert verdict({**entry(0.04, 1.0, 0.5), "head_signal_ratio": 1.0}).endswith("backprop in depth delivered")
+    assert verdict({**entry(0.04, 1.0, 0.5), "head_signal_ratio": 1.0}).endswith(
+        "backprop in depth delivered"
+    )
     weak = verdict({**entry(0.5, 0.8, 1.5), "head_signal_ratio": 0.59})
     assert "this re-init weakened the error signal; not the paper's mechanism here" in weak
     mid = verdict({**entry(0.04, 1.0, 1.5), "head_signal_ratio": 0.8})
     assert "the new head sends less error into the backbone than the old one" in mid and "did not grow" in mid
     assert verdict({**entry(0.04, 1.0, None), "head_signal_ratio": 1.2}).endswith(
         "backbone gradient not measured (no optimizer steps recorded on both sides of the re-init) — "
-        "backprop in depth delivered")
+        "backprop in depth delivered"
+    )
     # not converged yet a larger same-batch signal (digits 32 px of the regime study's addendum: 4 of 5
     # runs, 3 of them below the paired control over the next steps): delivered, with the caveat
     unconv = verdict({**entry(0.39, 0.90, 0.62), "head_signal_ratio": 1.42})
-    assert unconv == ("re-init 1 (epoch 15): head had not converged (train loss 0.39, acc 0.90); error signal "
-                      "into the backbone x1.42 on the same batch (new head vs old), backbone gradient x0.62 "
-                      "after/before — backprop in depth delivered; but the head had not converged, and most such "
-                      "re-inits in the regime study did not deepen the backbone's gradient over the next steps: "
-                      "judge RIFLE on validation (docs/rifle.md#when)")
+    assert unconv == (
+        "re-init 1 (epoch 15): head had not converged (train loss 0.39, acc 0.90); error signal "
+        "into the backbone x1.42 on the same batch (new head vs old), backbone gradient x0.62 "
+        "after/before — backprop in depth delivered; but the head had not converged, and most such "
+        "re-inits in the regime study did not deepen the backbone's gradient over the next steps: "
+        "judge RIFLE on validation (docs/rifle.md#when)"
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -426,6 +494,7 @@ def test_verdict_uses_the_head_signal_when_measured():
 
 def test_cli_run_writes_diagnosis_and_prints_the_verdict(tmp_path):
     from rifle.analysis.depth import read_monitor, summarize_monitor
+
     lines = []
     summary = run_train(cfg(tmp_path, record_depth=True), log=lines.append)
     [d] = summary["rifle_diagnosis"]
@@ -472,9 +541,13 @@ def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch, cr
     assert resumed["rifle_diagnosis"] == [d] and d["steps_before"] == 5 and d["train_loss_before"] > 0
     assert d["head_signal_ratio"] > 0  # crash at 2: the captured batch travelled in the checkpoint
     assert all(math.isfinite(r) for r in d["grad_ratio_thirds"])
+
     def rows(run):
-        return [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}
-                for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(x).items() if k not in ("seconds", "images_per_s")}
+            for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert rows("split") == rows("full")
     assert (d["verdict"] in lines) == (crash_at == 2)  # printed once, by the process that measured it
 
@@ -482,11 +555,15 @@ def test_resume_keeps_the_diagnosis_of_earlier_reinits(tmp_path, monkeypatch, cr
 def test_docs_when_section_example_prints_what_it_says(capsys):
     import re
     from pathlib import Path
+
     doc = (Path(__file__).resolve().parents[1] / "docs" / "rifle.md").read_text()
-    section = doc[doc.index('<a id="when"></a>'):]
+    section = doc[doc.index('<a id="when"></a>') :]
     assert "## When does RIFLE help?" in section
     [block] = re.findall(r"```python\n(.*?)```", section, re.S)
-    exec(compile("import torch\nfrom torch import nn\nfrom rifle import Rifle\n" + block, "rifle.md", "exec"), {})
+    exec(
+        compile("import torch\nfrom torch import nn\nfrom rifle import Rifle\n" + block, "rifle.md", "exec"),
+        {},
+    )
     assert capsys.readouterr().out.split("\n")[:2] == ["re-init 1 (epoch 10): head had converged", "True"]
     for t in ("0.2", "0.97", "1.0", "0.6"):  # the thresholds of core/diagnosis.py are the documented ones
         assert f"**{t}**" in section or f"**≥ {t}**" in section or f"**< {t}**" in section
@@ -507,8 +584,9 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                                      nn.Linear(32, 32), nn.ReLU())
+            self.body = nn.Sequential(
+                nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()
+            )
             self.fc = nn.Linear(32, 10)
 
         def training_step(self, batch, batch_idx):
@@ -524,9 +602,17 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
 
     pl.seed_everything(0, verbose=False)
     cb = RifleCallback(reinits=1, seed=0, min_steps_after=None)
-    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
-                         logger=CSVLogger(tmp_path, name="csv"), accumulate_grad_batches=accumulate)
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[cb],
+        logger=CSVLogger(tmp_path, name="csv"),
+        accumulate_grad_batches=accumulate,
+    )
     trainer.fit(Module())
     [e] = cb.diagnosis
     assert (e["index"], e["at"], e["steps_before"], e["steps_after"]) == (1, 2, 5, 5)
@@ -545,7 +631,13 @@ def test_lightning_callback_feeds_the_loss_and_logs_the_diagnosis(tmp_path, caps
 def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from rifle.integrations.transformers import RifleTrainerCallback
 
     class Heads(TrainerCallback):  # the classifier at the start of step 12: before / after RIFLE's re-init
@@ -557,18 +649,40 @@ def test_hf_callback_feeds_the_logged_loss_and_appends_the_diagnosis(tmp_path, c
                 self.at = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 50, (64, 8), generator=g)
     labels = (ids == 7).any(1).long()
-    data = [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
-            for i in range(64)]
+    data = [
+        {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
+        for i in range(64)
+    ]
     cb = RifleTrainerCallback(reinits=1, seed=0, min_steps_after=None)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8,
-                             learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
-                             logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=24,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     old, new = Heads(), Heads()
     seen = []  # every training forward: the classifier's input, and the labels the model was called with
     model.classifier.register_forward_hook(lambda m, a, out: seen.append([a[0].detach().double()]))
@@ -603,21 +717,39 @@ def test_hf_callback_does_not_measure_the_head_signal_under_accumulation(tmp_pat
     from rifle.integrations.transformers import RifleTrainerCallback
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=2,
+        )
+    )
     ids = torch.randint(5, 50, (32, 8), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": ids[i], "labels": int(ids[i, 0] > 25)} for i in range(32)]
     cb = RifleTrainerCallback(reinits=1, seed=0, min_steps_after=None)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, learning_rate=5e-3, save_strategy="no",
-                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     [e] = cb.diagnosis
     assert cb.rifle.head_grad_scale is None and e["head_signal_ratio"] is None
     assert e["head_signal_reason"] == (
-        "not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 GradScaler's "
-        "loss scale, or gradient accumulation scaled in a way the trainer does not expose)")
+        "not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 "
+        "GradScaler's loss scale, or gradient accumulation scaled in a way the trainer does not expose)"
+    )
     assert "on the same batch" not in e["verdict"]
 
 
@@ -626,6 +758,7 @@ def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
     metrics.jsonl; the exact resume at a re-init boundary under DDP is tests/test_ddp.py's."""
     import torch.multiprocessing as mp
     from test_ddp import _train_worker, free_port
+
     run = tmp_path / "ddp"
     mp.spawn(_train_worker, args=(free_port(), str(run), -1, False), nprocs=2, join=True)
     summary = on_disk(run)
@@ -641,10 +774,41 @@ def test_ddp_diagnosis_sums_the_loss_over_ranks(tmp_path):
 @pytest.mark.parametrize("quiet", [False, True])
 def test_rifle_train_command_prints_the_verdict(tmp_path, capsys, quiet):
     from rifle.cli import main
-    argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-            "--epochs", "4", "--train-fraction", "0.4", "--lr", "0.05"]
-    assert main([*argv, "--method", "rifle", "--reinits", "1", "--min-steps-after", "0", "--out", str(tmp_path / "r"),
-                 *(["--quiet"] if quiet else [])]) == 0
+
+    argv = [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "tiny_cnn",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "4",
+        "--train-fraction",
+        "0.4",
+        "--lr",
+        "0.05",
+    ]
+    assert (
+        main(
+            [
+                *argv,
+                "--method",
+                "rifle",
+                "--reinits",
+                "1",
+                "--min-steps-after",
+                "0",
+                "--out",
+                str(tmp_path / "r"),
+                *(["--quiet"] if quiet else []),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     [d] = on_disk(tmp_path / "r")["rifle_diagnosis"]
     assert out.count(d["verdict"]) == 1 and d["verdict"].startswith("re-init 1 (epoch 2): head had")
@@ -655,9 +819,31 @@ def test_rifle_train_command_prints_the_verdict(tmp_path, capsys, quiet):
 def test_no_diagnose_and_window_flags(tmp_path, capsys):
     """--no-diagnose: no measurement, no verdict, same training; --diagnosis-window N: N steps a side."""
     from rifle.cli import main
-    argv = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-            "--epochs", "4", "--train-fraction", "0.4", "--min-steps-after", "0", "--lr", "0.05",
-            "--method", "rifle", "--reinits", "1", "--quiet"]
+
+    argv = [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "tiny_cnn",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "4",
+        "--train-fraction",
+        "0.4",
+        "--min-steps-after",
+        "0",
+        "--lr",
+        "0.05",
+        "--method",
+        "rifle",
+        "--reinits",
+        "1",
+        "--quiet",
+    ]
     assert main([*argv, "--out", str(tmp_path / "on")]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("re-init 1")]
     assert main([*argv, "--no-diagnose", "--out", str(tmp_path / "off")]) == 0
@@ -677,8 +863,10 @@ def test_cli_run_under_bf16_autocast_measures_the_head_signal(tmp_path):
     """--amp bf16 (CPU autocast here): the head's logits and their gradient are bf16; the targets are
     recovered in float64 within bf16's tolerance, so the ratio is measured (it was refused before, with
     a reason blaming the loss)."""
-    summary = run_train(cfg(tmp_path, amp="bf16", device="cpu", epochs=2, train_fraction=0.2, batch_size=32),
-                        log=lambda s: None)
+    summary = run_train(
+        cfg(tmp_path, amp="bf16", device="cpu", epochs=2, train_fraction=0.2, batch_size=32),
+        log=lambda s: None,
+    )
     [d] = summary["rifle_diagnosis"]
     assert d["head_signal_reason"] is None and d["head_signal_ratio"] > 0
     assert d["head_signal_ratio"] == pytest.approx(d["head_signal_new"] / d["head_signal_old"], rel=1e-12)
@@ -716,6 +904,7 @@ def test_own_loop_resumed_inside_an_epoch_measures_what_the_uninterrupted_run_di
     def build(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
         return Rifle(model, opt, head=model[6], **kw), opt
+
     model = tiny().double()
     full, opt = build(model)
     _own_loop(full, model, opt, data, 4, 5)
@@ -740,15 +929,23 @@ def test_own_loop_resumed_inside_an_epoch_measures_what_the_uninterrupted_run_di
 
 def _step_ddp_worker(rank, port, out, crash_at, resume):
     from test_ddp import _env
+
     _env(rank, 2, port)
-    config = cfg(Path(out).parent, Path(out).name, reinit_granularity="step", epochs=3, batch_size=32,
-                 train_fraction=0.3)
+    config = cfg(
+        Path(out).parent,
+        Path(out).name,
+        reinit_granularity="step",
+        epochs=3,
+        batch_size=32,
+        train_fraction=0.3,
+    )
     try:
         with interrupted_at_epoch(crash_at):  # -1: never
             run_train(config, resume=resume, log=lambda s: None)
     except KeyboardInterrupt:
         pass
     import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -761,6 +958,7 @@ def test_ddp_step_reinit_resumed_inside_its_loss_window_measures_what_the_full_r
     (before: rank 0's half of epoch 0's steps only; train_loss_before 1.907 resumed vs 1.943)."""
     import torch.multiprocessing as mp
     from test_ddp import free_port
+
     full, split = tmp_path / "full", tmp_path / "split"
     mp.spawn(_step_ddp_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
     mp.spawn(_step_ddp_worker, args=(free_port(), str(split), 1, False), nprocs=2, join=True)

@@ -14,8 +14,10 @@ folder. The rules, applied by :func:`commands` and :func:`runnable`:
   `--data digits` (ELPV's first load decodes 2,600 images).
 * A `rifle train` runs with `--model tiny_cnn --image-size 16 --epochs 4 --train-fraction 0.2` appended
   (later flags win), except the converged-trigger example, which runs as written so that what rifle.md
-  says it does is checked; every one with `--threads 1 --quiet`, and a `--method rifle` one with `--min-steps-after 0`.
+  says it does is checked; every one with `--threads 1 --quiet`, and a `--method rifle` one with
+  `--min-steps-after 0`.
 """
+
 import json
 import re
 import shlex
@@ -50,7 +52,7 @@ def commands(path: Path) -> list[tuple[str, list[str]]]:
             for cmd in line.split(" && "):
                 words = shlex.split(cmd, comments=True)
                 if words[:1] == ["torchrun"] and "-m" in words:
-                    words = words[words.index("-m") + 1:]
+                    words = words[words.index("-m") + 1 :]
                 if words[:1] != ["rifle"] or len(words) < 2 or words[1].startswith("-"):
                     continue  # make, pip, tensorboard, `rifle --help`
                 out.append((line, [w for word in words[1:] for w in braces(word)]))
@@ -61,8 +63,11 @@ def runnable(argv: list[str], root: Path) -> list[str] | None:
     """The argv actually run (the rules above), or None for a command only parsed."""
     if argv[0] in PARSE_ONLY:
         return None
-    subst = {"path/to/folder": str(root / "folder"), "path/to/held_out_folder": str(root / "held_out"),
-             "elpv": "digits"}
+    subst = {
+        "path/to/folder": str(root / "folder"),
+        "path/to/held_out_folder": str(root / "held_out"),
+        "elpv": "digits",
+    }
     run = [subst.get(a, a) for a in argv]
     run = [str(ROOT / a) if a.startswith("benchmarks/") else a for a in run]
     if run[0] == "bench":

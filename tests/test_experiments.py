@@ -1,4 +1,5 @@
 """Grid runner (expansion, labels, locks, resume, workers), statistics and report against hand values."""
+
 import json
 import math
 import os
@@ -21,9 +22,11 @@ from rifle.experiments.stats import mean_std, paired_difference, t_interval
 
 VOLATILE = {"seconds", "images_per_s"}
 TINY = {
-    "datasets": ["digits"], "models": ["tiny_cnn"],
+    "datasets": ["digits"],
+    "models": ["tiny_cnn"],
     "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1}],
-    "seeds": [0, 1], "train_fractions": [0.3],
+    "seeds": [0, 1],
+    "train_fractions": [0.3],
     "train": {"epochs": 2, "image_size": 16, "batch_size": 32, "lr": 0.05, "min_steps_after": 0},
 }
 
@@ -36,8 +39,10 @@ def test_mean_std_and_t_interval_by_hand():
     assert math.isnan(mean_std([0.5])[1]) and mean_std([])[2] == 0
     # df = 1: t_{0.975} = tan(0.475 pi) = 12.7062 (Cauchy quantile)
     lo, hi = t_interval([1.0, 3.0])
-    assert (lo, hi) == (pytest.approx(2 - 12.706205 * math.sqrt(2) / math.sqrt(2), abs=1e-5),
-                        pytest.approx(2 + 12.706205, abs=1e-5))
+    assert (lo, hi) == (
+        pytest.approx(2 - 12.706205 * math.sqrt(2) / math.sqrt(2), abs=1e-5),
+        pytest.approx(2 + 12.706205, abs=1e-5),
+    )
 
 
 def test_paired_difference_by_hand():
@@ -47,7 +52,7 @@ def test_paired_difference_by_hand():
     mean, sd = sum(diffs) / 3, statistics.stdev(diffs)
     t = mean / (sd / math.sqrt(3))
     # df = 2 closed forms: two-sided p = 1 - |t| / sqrt(2 + t^2); t_{0.975, 2} = sqrt(2 * .95^2 / (1 - .95^2))
-    t_crit = math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2))
+    t_crit = math.sqrt(2 * 0.95**2 / (1 - 0.95**2))
     assert t_crit == pytest.approx(4.302653, abs=1e-6)
     assert d.n == 3 and d.mean == pytest.approx(mean) and d.std == pytest.approx(sd)
     assert d.ci_low == pytest.approx(mean - t_crit * sd / math.sqrt(3))
@@ -69,14 +74,27 @@ def test_paired_difference_by_hand():
 
 # ------------------------------------------------------------------------------------------ grid spec
 def test_grid_expansion_order_labels_and_paths(tmp_path):
-    spec = {**TINY, "seeds": [0, 1], "train_fractions": [0.3, 1.0], "train": {**TINY["train"], "epochs": 4},
-            "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 2},
-                        {"name": "finetune", "reg": "l2", "weight_decay": 0.0},
-                        {"name": "rifle", "reinits": 1, "keep_optimizer_state": True},
-                        {"name": "rifle", "reinits": 1, "head_lr_restart": False, "label": "rifle-K1-plain"}]}
+    spec = {
+        **TINY,
+        "seeds": [0, 1],
+        "train_fractions": [0.3, 1.0],
+        "train": {**TINY["train"], "epochs": 4},
+        "methods": [
+            {"name": "finetune"},
+            {"name": "rifle", "reinits": 2},
+            {"name": "finetune", "reg": "l2", "weight_decay": 0.0},
+            {"name": "rifle", "reinits": 1, "keep_optimizer_state": True},
+            {"name": "rifle", "reinits": 1, "head_lr_restart": False, "label": "rifle-K1-plain"},
+        ],
+    }
     grid = G.parse_grid(spec)
-    assert [e.label for e in grid.methods] == ["finetune", "rifle-K2", "finetune+weight-decay=0",
-                                               "rifle-K1+keep-optimizer-state", "rifle-K1-plain"]
+    assert [e.label for e in grid.methods] == [
+        "finetune",
+        "rifle-K2",
+        "finetune+weight-decay=0",
+        "rifle-K1+keep-optimizer-state",
+        "rifle-K1-plain",
+    ]
     assert grid.baseline == "finetune"
     runs = G.expand(grid, tmp_path)
     assert len(runs) == 2 * 2 * 5
@@ -84,36 +102,58 @@ def test_grid_expansion_order_labels_and_paths(tmp_path):
     r = runs[1]
     assert r.path == tmp_path / "digits" / "tiny_cnn" / "frac0.3" / "rifle-K2" / "seed0"
     assert (r.cfg.method, r.cfg.reinits, r.cfg.epochs, r.cfg.train_fraction, r.cfg.out) == (
-        "rifle", 2, 4, 0.3, str(r.path))
+        "rifle",
+        2,
+        4,
+        0.3,
+        str(r.path),
+    )
     assert r.cfg.extra["grid"]["label"] == "rifle-K2"
     assert runs[3].cfg.keep_optimizer_state is True and runs[2].cfg.weight_decay == 0.0
     assert runs[5].path.parts[-3] == "frac1"
     # an entry restricted to some of the grid's fractions
-    only = G.parse_grid({**spec, "methods": [{"name": "finetune"},
-                                             {"name": "rifle", "reinits": 1, "train_fractions": [1.0]}]})
+    only = G.parse_grid(
+        {**spec, "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1, "train_fractions": [1.0]}]}
+    )
     assert [(r.label, r.fraction) for r in G.expand(only, tmp_path) if r.seed == 0] == [
-        ("finetune", 0.3), ("finetune", 1.0), ("rifle-K1", 1.0)]
+        ("finetune", 0.3),
+        ("finetune", 1.0),
+        ("rifle-K1", 1.0),
+    ]
     with pytest.raises(G.GridError, match=r"methods\[1\] \(rifle\): train_fractions \[0.5\] must be"):
         G.parse_grid({**spec, "methods": [{"name": "finetune"}, {"name": "rifle", "train_fractions": [0.5]}]})
-    assert G.default_label({"method": "finetune", "reg": "l2sp", "trick": ["dropout"]},
-                           G.resolve({"method": "finetune", "reg": "l2sp", "trick": ["dropout"]})) \
+    assert (
+        G.default_label(
+            {"method": "finetune", "reg": "l2sp", "trick": ["dropout"]},
+            G.resolve({"method": "finetune", "reg": "l2sp", "trick": ["dropout"]}),
+        )
         == "finetune+l2sp+dropout"
+    )
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"methods": [{"name": "rifle", "reinit": 2}]}, r"methods\[0\] \(rifle\): unknown key 'reinit'.*reinits"),
-    ({"methods": [{"name": "finetune"}, {"name": "finetune"}]}, "both have the label 'finetune'"),
-    ({"methods": [{"name": "finetune", "seed": 3}]}, "set by the grid"),
-    ({"train": {"epoch": 3}}, "train: unknown key 'epoch'"),
-    ({"seeds": [0, 0]}, "lists a value twice"),
-    ({"datasets": []}, "'datasets' is empty"),
-    ({"trains": {}}, "unknown key 'trains'.*train"),
-    ({"methods": [{"name": "finetun"}]}, r"methods\[0\] \(finetun\).*unknown.*finetune"),
-    ({"methods": [{"name": "finetune", "reg": "nope"}]}, r"methods\[0\] \(finetune\+nope\).*--reg 'nope'"),
-    ({"methods": [{"name": "rifle", "reinits": 5}]}, r"rifle-K5.*reinits=5 needs 6"),
-    ({"baseline": "nothing"}, "baseline 'nothing' is not a method label"),
-    ({"methods": [{"name": "finetune", "label": "a/b"}]}, "label 'a/b' must use only"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (
+            {"methods": [{"name": "rifle", "reinit": 2}]},
+            r"methods\[0\] \(rifle\): unknown key 'reinit'.*reinits",
+        ),
+        ({"methods": [{"name": "finetune"}, {"name": "finetune"}]}, "both have the label 'finetune'"),
+        ({"methods": [{"name": "finetune", "seed": 3}]}, "set by the grid"),
+        ({"train": {"epoch": 3}}, "train: unknown key 'epoch'"),
+        ({"seeds": [0, 0]}, "lists a value twice"),
+        ({"datasets": []}, "'datasets' is empty"),
+        ({"trains": {}}, "unknown key 'trains'.*train"),
+        ({"methods": [{"name": "finetun"}]}, r"methods\[0\] \(finetun\).*unknown.*finetune"),
+        (
+            {"methods": [{"name": "finetune", "reg": "nope"}]},
+            r"methods\[0\] \(finetune\+nope\).*--reg 'nope'",
+        ),
+        ({"methods": [{"name": "rifle", "reinits": 5}]}, r"rifle-K5.*reinits=5 needs 6"),
+        ({"baseline": "nothing"}, "baseline 'nothing' is not a method label"),
+        ({"methods": [{"name": "finetune", "label": "a/b"}]}, "label 'a/b' must use only"),
+    ],
+)
 def test_grid_errors_name_the_entry(tmp_path, change, needle):
     with pytest.raises(G.GridError, match=needle):
         G.expand(G.parse_grid({**TINY, **change}), tmp_path)
@@ -135,6 +175,7 @@ def test_lock_claim_and_stale_rules(tmp_path):
     assert not (run / L.LOCK).exists()
     # a lock whose pid is dead on this host is stale at once
     import socket
+
     (run / L.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "x"}))
     again = L.try_claim(run)
     assert again is not None and L.read_lock(run / L.LOCK)["token"] == again.token
@@ -161,11 +202,15 @@ def test_lock_owner_takes_over_its_own_dead_attempt_at_once(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / L.LOCK).write_text(json.dumps({"host": "node-b", "pid": 1, "token": "t", "owner": "ray:abc"}))
-    assert L.try_claim(run, stale_after=600) is None                   # no owner: heartbeat is fresh
+    assert L.try_claim(run, stale_after=600) is None  # no owner: heartbeat is fresh
     assert L.try_claim(run, stale_after=600, owner="ray:other") is None  # another invocation
     mine = L.try_claim(run, stale_after=600, owner="ray:abc")
     info = L.read_lock(run / L.LOCK)
-    assert mine is not None and (info["owner"], info["token"], info["pid"]) == ("ray:abc", mine.token, os.getpid())
+    assert mine is not None and (info["owner"], info["token"], info["pid"]) == (
+        "ray:abc",
+        mine.token,
+        os.getpid(),
+    )
     mine.release()
     assert not (run / L.LOCK).exists() and not (run / (L.LOCK + ".break")).exists()
 
@@ -173,6 +218,7 @@ def test_lock_owner_takes_over_its_own_dead_attempt_at_once(tmp_path):
 def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkeypatch):
     import rifle.build as build_mod
     import rifle.run as run_mod
+
     loads, calls = [], []
 
     def fake_load(cfg):
@@ -208,14 +254,17 @@ def test_runner_records_failures_loads_data_once_and_skips_done(tmp_path, monkey
 
 # ------------------------------------------------------------------------------------------ real runs
 def _metrics(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+        for line in (path / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):
     """The tiny grid, interrupted (Ctrl-C) in the middle of its 3rd run, then re-run."""
     from rifle.train.trainer import Trainer
+
     out = tmp_path_factory.mktemp("grid")
     grid = G.parse_grid(TINY)
     runs = G.expand(grid, out)
@@ -237,6 +286,7 @@ def tiny_grid(tmp_path_factory):
     mp.undo()
     stamps = {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs[:2]}
     import rifle.run as run_mod
+
     calls = []
     real = run_mod.run_train
     mp.setattr(run_mod, "run_train", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
@@ -255,7 +305,9 @@ def test_interrupted_grid_resumes_without_recomputing(tiny_grid):
     # finished runs untouched, run_train not even called for them
     assert {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs[:2]} == tiny_grid["stamps"]
     assert tiny_grid["calls"] == [str(runs[2].path), str(runs[3].path)]
-    assert [x.split()[1] for x in second] == ["skipped", "skipped", "done", "done"] and "(resumed)" in second[2]
+    assert [x.split()[1] for x in second] == ["skipped", "skipped", "done", "done"] and "(resumed)" in second[
+        2
+    ]
     assert "resumed from" in (runs[2].path / "train.log").read_text()
     for r in runs:
         assert [m["epoch"] for m in _metrics(r.path)] == [0, 1]  # no epoch twice
@@ -265,7 +317,10 @@ def test_interrupted_grid_resumes_without_recomputing(tiny_grid):
 
 def test_paired_design_same_split_head_and_order(tiny_grid):
     for seed in (0, 1):
-        ft, rf = (tiny_grid["out"] / "digits/tiny_cnn/frac0.3" / lab / f"seed{seed}" for lab in ("finetune", "rifle-K1"))
+        ft, rf = (
+            tiny_grid["out"] / "digits/tiny_cnn/frac0.3" / lab / f"seed{seed}"
+            for lab in ("finetune", "rifle-K1")
+        )
         a, b = _metrics(ft), _metrics(rf)
         assert a[0] == b[0]  # identical before the first re-init (epoch 1)
         assert b[1]["reinit"] and not a[1]["reinit"] and a[1] != b[1]
@@ -277,8 +332,13 @@ def test_report_numbers_match_hand_aggregation(tiny_grid):
     out = tiny_grid["out"]
     res = write_report(out)
     assert res["baseline"] == "finetune"
-    summ = {(lab, s): json.loads((out / "digits/tiny_cnn/frac0.3" / lab / f"seed{s}" / "summary.json").read_text())
-            for lab in ("finetune", "rifle-K1") for s in (0, 1)}
+    summ = {
+        (lab, s): json.loads(
+            (out / "digits/tiny_cnn/frac0.3" / lab / f"seed{s}" / "summary.json").read_text()
+        )
+        for lab in ("finetune", "rifle-K1")
+        for s in (0, 1)
+    }
     rows = {r["method"]: r for r in res["rows"]}
     for lab in ("finetune", "rifle-K1"):
         final = [summ[lab, s]["final_test_acc"] for s in (0, 1)]
@@ -307,11 +367,22 @@ def _fake_run(root, label, seed, final, at_best, best_val, reinits=None):
     p = root / "d" / "m" / "frac0.5" / label / f"seed{seed}"
     p.mkdir(parents=True)
     method = "rifle" if reinits is not None else "finetune"
-    (p / "config.yaml").write_text(yaml.safe_dump({"method": method, "reinits": reinits or 3, "seed": seed,
-                                                   "epochs": 4, "lr": 0.01}))
-    (p / "summary.json").write_text(json.dumps({"complete": True, "final_test_acc": final,
-                                                "test_acc_at_best_val": at_best, "best_val_acc": best_val}))
-    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_acc": best_val, "test_acc": final} for e in range(4)]
+    (p / "config.yaml").write_text(
+        yaml.safe_dump({"method": method, "reinits": reinits or 3, "seed": seed, "epochs": 4, "lr": 0.01})
+    )
+    (p / "summary.json").write_text(
+        json.dumps(
+            {
+                "complete": True,
+                "final_test_acc": final,
+                "test_acc_at_best_val": at_best,
+                "best_val_acc": best_val,
+            }
+        )
+    )
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "val_acc": best_val, "test_acc": final} for e in range(4)
+    ]
     (p / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -350,8 +421,13 @@ def test_two_workers_share_a_grid_and_run_each_run_once(tmp_path):
     grid_file.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out),
-                           "--workers", "2"], capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     done = re.findall(r"\] done +(\S+)", proc.stdout)  # "[w] [i/n] done RUN ..." of either worker
     runs = G.expand(G.parse_grid(TINY), out)
@@ -367,19 +443,38 @@ def test_two_workers_share_a_grid_and_run_each_run_once(tmp_path):
 def _fake_depth(run_dir, rel, before, after, epochs=(2,)):
     """A hand-made ``depth.jsonl``: 6 backbone layers + 1 head layer; ``before``/``after`` gradient norms."""
     head = [False] * 6 + [True]
-    recs = [{"type": "layers", "names": [f"l{i}" for i in range(7)], "kinds": ["Conv2d"] * 6 + ["Linear"],
-             "numel": [1] * 7, "head": head, "watch_epochs": list(epochs), "window": 2, "steps_per_epoch": 3},
-            {"type": "weights", "epoch": 0, "rel_change": [9.0] * 7},  # not the last epoch: ignored
-            {"type": "weights", "epoch": 3, "rel_change": rel}]
+    recs = [
+        {
+            "type": "layers",
+            "names": [f"l{i}" for i in range(7)],
+            "kinds": ["Conv2d"] * 6 + ["Linear"],
+            "numel": [1] * 7,
+            "head": head,
+            "watch_epochs": list(epochs),
+            "window": 2,
+            "steps_per_epoch": 3,
+        },
+        {"type": "weights", "epoch": 0, "rel_change": [9.0] * 7},  # not the last epoch: ignored
+        {"type": "weights", "epoch": 3, "rel_change": rel},
+    ]
     for e in epochs:
         for off, norms in ((-2, before), (-1, before), (0, after), (1, after)):
-            recs.append({"type": "grad", "epoch": e + (off >= 0) - 1, "step": 3 * e + off, "reinit_epoch": e,
-                         "offset": off, "norms": norms})
+            recs.append(
+                {
+                    "type": "grad",
+                    "epoch": e + (off >= 0) - 1,
+                    "step": 3 * e + off,
+                    "reinit_epoch": e,
+                    "offset": off,
+                    "norms": norms,
+                }
+            )
     (run_dir / "depth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
 def test_report_depth_table_by_hand(tmp_path):
     from rifle.analysis.depth import backbone_thirds, read_monitor, summarize_monitor
+
     # thirds: 49 backbone layers -> 16 / 17 / 16, head left out
     vals = list(range(49)) + [1000.0]
     assert backbone_thirds(vals, [False] * 49 + [True]) == [7.5, 24.0, 40.5]
@@ -397,22 +492,32 @@ def test_report_depth_table_by_hand(tmp_path):
     assert summ["grad_ratio"] == pytest.approx([0.5, 0.5, 0.5]) and summ["head_grad_ratio"] == 2.0
     res = write_report(tmp_path, plots=False)
     base_row, rifle_row = res["depth_rows"]
-    assert (base_row["method"], base_row["n"], base_row["rel_first_mean"]) == ("finetune", 3, pytest.approx(0.05))
+    assert (base_row["method"], base_row["n"], base_row["rel_first_mean"]) == (
+        "finetune",
+        3,
+        pytest.approx(0.05),
+    )
     assert base_row["grad_first_mean"] == pytest.approx(1.0)
     assert rifle_row["rel_first_mean"] == pytest.approx(0.06)
-    assert rifle_row["rel_first_std"] == pytest.approx(0.01)            # 0.05, 0.06, 0.07
-    assert rifle_row["diff_rel_first_mean"] == pytest.approx(0.01)      # paired: 0.00, +0.01, +0.02
-    assert rifle_row["diff_rel_first_ci_low"] == pytest.approx(0.01 - 4.302653 * 0.01 / 3 ** 0.5, abs=1e-6)
+    assert rifle_row["rel_first_std"] == pytest.approx(0.01)  # 0.05, 0.06, 0.07
+    assert rifle_row["diff_rel_first_mean"] == pytest.approx(0.01)  # paired: 0.00, +0.01, +0.02
+    assert rifle_row["diff_rel_first_ci_low"] == pytest.approx(0.01 - 4.302653 * 0.01 / 3**0.5, abs=1e-6)
     assert rifle_row["grad_first_mean"] == pytest.approx(0.5) and rifle_row["grad_head_mean"] == 2.0
     md = (tmp_path / "results.md").read_text()
     assert "### Backpropagation in depth" in md
     assert "| rifle-K1 | 3 | 6.00 ± 1.00 | 3.00 ± 0.00 | 2.00 ± 0.00 | 150.00 | +1.000 [" in md
     assert "0.50 / 0.50 / 0.50 | 2.00 |" in md
-    assert (tmp_path / "depth.csv").read_text().splitlines()[0].startswith("dataset,model,train_fraction,method,n")
+    assert (
+        (tmp_path / "depth.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("dataset,model,train_fraction,method,n")
+    )
 
 
 def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path):
     from rifle.experiments.markdown import PAGE_BEGIN, PAGE_END
+
     root = tmp_path / "results" / "grid"
     for s in range(2):
         _fake_run(root, "finetune", s, 0.70 + 0.01 * s, 0.70, 0.60)
@@ -421,12 +526,14 @@ def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path)
     page.write_text(f"# My page\n\nprose before\n\n{PAGE_BEGIN}\nstale table\n{PAGE_END}\n\nprose after\n")
     write_report(root, page=page)
     text = page.read_text()
-    assert text.startswith("# My page\n\nprose before\n\n" + PAGE_BEGIN) and text.endswith(PAGE_END + "\n\nprose after\n")
+    assert text.startswith("# My page\n\nprose before\n\n" + PAGE_BEGIN) and text.endswith(
+        PAGE_END + "\n\nprose after\n"
+    )
     assert "stale table" not in text and "4 complete runs (seeds [0, 1])" in text
-    assert "| rifle-K1 | 2 | 73.00 ± 0.00 | +2.50 [" in text          # paired diffs +3, +2 points
+    assert "| rifle-K1 | 2 | 73.00 ± 0.00 | +2.50 [" in text  # paired diffs +3, +2 points
     assert "](grid/accuracy_d_m_frac0.5.png)" in text and "[grid/results.md](grid/results.md)" in text
     assert (root / "accuracy_d_m_frac0.5.png").is_file()
-    write_report(root, page=page, plots=False)                         # idempotent around the markers
+    write_report(root, page=page, plots=False)  # idempotent around the markers
     assert page.read_text().count(PAGE_BEGIN) == 1 and page.read_text().endswith("prose after\n")
     bad = tmp_path / "bad.md"
     bad.write_text("# no markers\n")
@@ -441,17 +548,21 @@ def test_report_page_keeps_hand_text_and_refuses_pages_without_markers(tmp_path)
 # ------------------------------------------------------------------------------------------ --engine
 def test_engine_flags_are_checked(tmp_path, capsys):
     from conftest import run_cli
+
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(TINY))
     code, _, err = run_cli(["bench", grid_file, "--out", tmp_path / "o", "--gpus-per-run", "1"], capsys)
     assert code == 2 and "--gpus-per-run: only with --engine ray" in err
-    code, _, err = run_cli(["bench", grid_file, "--out", tmp_path / "o", "--engine", "ray", "--workers", "2"], capsys)
+    code, _, err = run_cli(
+        ["bench", grid_file, "--out", tmp_path / "o", "--engine", "ray", "--workers", "2"], capsys
+    )
     assert code == 2 and "--workers 2: only with --engine local" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_engine_ray_without_ray_says_how_to_install(tmp_path, capsys, monkeypatch):
     from conftest import run_cli
+
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(TINY))
@@ -463,10 +574,13 @@ def test_engine_ray_without_ray_says_how_to_install(tmp_path, capsys, monkeypatc
 def test_local_engine_imports_no_ray(tmp_path):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(TINY))
-    code = ("import sys\nfrom rifle.cli import main\n"
-            f"assert main(['bench', {str(grid_file)!r}, '--out', {str(tmp_path / 'o')!r}, '--list']) == 0\n"
-            "assert 'ray' not in sys.modules, 'the local engine imported ray'\n")
+    code = (
+        "import sys\nfrom rifle.cli import main\n"
+        f"assert main(['bench', {str(grid_file)!r}, '--out', {str(tmp_path / 'o')!r}, '--list']) == 0\n"
+        "assert 'ray' not in sys.modules, 'the local engine imported ray'\n"
+    )
     from conftest import SRC
+
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -474,16 +588,30 @@ def test_local_engine_imports_no_ray(tmp_path):
 
 # ------------------------------------------------------------------------------------------ issue 20
 def test_rifle_only_settings_apply_to_rifle_rows_only(tmp_path):
-    spec = {**TINY, "train": {**TINY["train"], "epochs": 4, "reinit_trigger": "converged",
-                              "reinit_init": "norm_matched", "keep_optimizer_state": True, "reinits": 2},
-            "methods": [{"name": "finetune"}, {"name": "rifle"}, {"name": "finetune", "reg": "l2sp"}]}
+    spec = {
+        **TINY,
+        "train": {
+            **TINY["train"],
+            "epochs": 4,
+            "reinit_trigger": "converged",
+            "reinit_init": "norm_matched",
+            "keep_optimizer_state": True,
+            "reinits": 2,
+        },
+        "methods": [{"name": "finetune"}, {"name": "rifle"}, {"name": "finetune", "reg": "l2sp"}],
+    }
     runs = G.expand(G.parse_grid(spec), tmp_path)
     defaults = G.TrainConfig()
     by = {r.label: r.cfg for r in runs if r.seed == 0}
     assert set(by) == {"finetune", "rifle-K2", "finetune+l2sp"}
     rifle = by["rifle-K2"]
-    assert (rifle.reinit_trigger, rifle.reinit_init, rifle.keep_optimizer_state, rifle.reinits,
-            rifle.min_steps_after) == ("converged", "norm_matched", True, 2, 0)
+    assert (
+        rifle.reinit_trigger,
+        rifle.reinit_init,
+        rifle.keep_optimizer_state,
+        rifle.reinits,
+        rifle.min_steps_after,
+    ) == ("converged", "norm_matched", True, 2, 0)
     for label in ("finetune", "finetune+l2sp"):
         recorded = by[label].to_dict()  # what config.yaml records
         for key in G.RIFLE_ONLY_KEYS:
@@ -500,8 +628,11 @@ def test_rifle_only_settings_apply_to_rifle_rows_only(tmp_path):
 
 def test_a_typo_in_a_grid_dataset_or_model_is_refused_before_any_run(tmp_path, capsys):
     from conftest import run_cli
-    for key, bad, needle in (("datasets", ["digits", "digts"], r"datasets\[1\]: unknown dataset 'digts'.*'digits'"),
-                             ("models", ["tiny_cnn", "tiny_cn"], r"models\[1\]: unknown model 'tiny_cn'.*tiny_cnn")):
+
+    for key, bad, needle in (
+        ("datasets", ["digits", "digts"], r"datasets\[1\]: unknown dataset 'digts'.*'digits'"),
+        ("models", ["tiny_cnn", "tiny_cn"], r"models\[1\]: unknown model 'tiny_cn'.*tiny_cnn"),
+    ):
         grid_file = tmp_path / f"{key}.yaml"
         grid_file.write_text(yaml.safe_dump({**TINY, key: bad}))
         out = tmp_path / key
@@ -512,6 +643,7 @@ def test_a_typo_in_a_grid_dataset_or_model_is_refused_before_any_run(tmp_path, c
 
 def test_a_changed_grid_is_refused_naming_the_keys_or_rerun_with_rerun_changed(tmp_path, capsys):
     from conftest import run_cli
+
     spec = {**TINY, "methods": [{"name": "finetune"}], "seeds": [0], "train": {**TINY["train"], "epochs": 1}}
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(spec))
@@ -525,14 +657,16 @@ def test_a_changed_grid_is_refused_naming_the_keys_or_rerun_with_rerun_changed(t
     code, stdout, err = run_cli(["bench", grid_file, "--out", out], capsys)
     assert code == 2 and "1 run(s) in" in err and "changed keys: epochs (1 -> 2)" in err, err
     assert "digits/tiny_cnn/frac0.3/finetune/seed0: epochs: 1 -> 2" in err and "--rerun-changed" in err
-    assert (run.path / "summary.json").stat().st_mtime_ns == stamp           # the old run untouched
-    assert (out / "grid.yaml").read_text() == copy                           # and the copy of the grid
+    assert (run.path / "summary.json").stat().st_mtime_ns == stamp  # the old run untouched
+    assert (out / "grid.yaml").read_text() == copy  # and the copy of the grid
     code, stdout, _ = run_cli(["bench", grid_file, "--out", out, "--list"], capsys)
     assert code == 0 and stdout.startswith("changed  digits/tiny_cnn/frac0.3/finetune/seed0")
     code, stdout, err = run_cli(["bench", grid_file, "--out", out, "--rerun-changed"], capsys)
     assert code == 0, err
     assert "the previous copy is kept as" in stdout and "done" in stdout
-    assert (out / "grid.previous-1.yaml").read_text() == copy and "epochs: 2" in (out / "grid.yaml").read_text()
+    assert (out / "grid.previous-1.yaml").read_text() == copy and "epochs: 2" in (
+        out / "grid.yaml"
+    ).read_text()
     assert [m["epoch"] for m in _metrics(run.path)] == [0, 1]  # trained again from scratch, 2 epochs
     assert (run.path / "train.log").read_text().count("epochs x") == 1
     code, stdout, err = run_cli(["bench", grid_file, "--out", out], capsys)  # now it matches: skipped
@@ -541,6 +675,7 @@ def test_a_changed_grid_is_refused_naming_the_keys_or_rerun_with_rerun_changed(t
 
 def test_report_on_one_run_and_on_only_failed_runs(tmp_path, capsys):
     from conftest import run_cli
+
     _fake_run(tmp_path / "one", "rifle-K1", 0, 0.9, 0.9, 0.8, reinits=1)
     code, out, _ = run_cli(["report", tmp_path / "one/d/m/frac0.5/rifle-K1/seed0", "--no-plots"], capsys)
     assert code == 0 and "None" not in out and "1 method rows (one method: nothing to compare)" in out
@@ -556,6 +691,7 @@ def test_report_on_one_run_and_on_only_failed_runs(tmp_path, capsys):
 def test_every_command_takes_threads_and_applies_it(tmp_path, capsys, command):
     import torch
     from conftest import run_cli
+
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
     extra = [tmp_path / "x.png"] if command == "predict" else []

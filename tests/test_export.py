@@ -1,4 +1,5 @@
 """rifle export: ONNX (onnxruntime) and TorchScript logits match PyTorch; the JSON describes the input."""
+
 import copy
 import json
 
@@ -20,11 +21,25 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated")
 def tiny_run(tmp_path_factory):
     from rifle.config import resolve
     from rifle.run import run_train
+
     base = tmp_path_factory.mktemp("export")
     data = make_image_folder(base / "data")
     out = base / "run"
-    run_train(resolve({"model": "tiny_cnn", "image_size": 16, "batch_size": 16, "epochs": 1, "data": str(data),
-                       "out": str(out), "min_steps_after": 0}), log=lambda s: None, progress=False)
+    run_train(
+        resolve(
+            {
+                "model": "tiny_cnn",
+                "image_size": 16,
+                "batch_size": 16,
+                "epochs": 1,
+                "data": str(data),
+                "out": str(out),
+                "min_steps_after": 0,
+            }
+        ),
+        log=lambda s: None,
+        progress=False,
+    )
     return out, data
 
 
@@ -42,9 +57,9 @@ def _prep_from_json(meta, path):
     img = img.resize((r, int(r * h / w)) if w <= h else (int(r * w / h), r), Image.BILINEAR)
     a = np.asarray(img, dtype=np.float32)
     top, left = round((a.shape[0] - r) / 2), round((a.shape[1] - r) / 2)
-    a = a[top:top + r, left:left + r]
+    a = a[top : top + r, left : left + r]
     o = round((r - s) / 2)
-    a = a[o:o + s, o:o + s] * p["scale"]
+    a = a[o : o + s, o : o + s] * p["scale"]
     a = (a - np.array(p["mean"], dtype=np.float32)) / np.array(p["std"], dtype=np.float32)
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
@@ -99,6 +114,7 @@ def test_export_cli_onnx_and_torchscript_match_pytorch(tiny_run, tmp_path, capsy
 def test_export_efficientnet_lite0_pretrained(tmp_path):
     """EfficientNet-Lite0 with its offline ImageNet weights and a 4-way head: ONNX and TorchScript."""
     from rifle.models import create_model, model_preprocessing
+
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", 4, pretrained=True)
     prep = {**model_preprocessing(model), "image_size": 64, "resize": 73}
@@ -111,14 +127,19 @@ def test_export_efficientnet_lite0_pretrained(tmp_path):
     res = export(fm, "torchscript", tmp_path / "lite0.torchscript.pt")
     with torch.no_grad():
         assert (torch.jit.load(str(res.path))(x) - ref).abs().max() <= 1e-5
-    assert json.loads((tmp_path / "lite0.torchscript.pt.json").read_text())["preprocessing"]["mean"] == pytest.approx(
-        list(prep["mean"]))
+    assert json.loads((tmp_path / "lite0.torchscript.pt.json").read_text())["preprocessing"][
+        "mean"
+    ] == pytest.approx(list(prep["mean"]))
 
 
 def _head_bias_initializer(onnx_model, bias):
     from onnx import numpy_helper
-    found = [t for t in onnx_model.graph.initializer
-             if tuple(t.dims) == tuple(bias.shape) and np.allclose(numpy_helper.to_array(t), bias.numpy())]
+
+    found = [
+        t
+        for t in onnx_model.graph.initializer
+        if tuple(t.dims) == tuple(bias.shape) and np.allclose(numpy_helper.to_array(t), bias.numpy())
+    ]
     assert len(found) == 1, [t.name for t in found]
     return found[0]
 
@@ -128,6 +149,7 @@ def test_check_catches_a_wrong_export(tiny_run, tmp_path):
     tolerance, or the right file checked against another model, fails; 0.3x the tolerance passes."""
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
+
     run, _ = tiny_run
     fm = load(run)
     res = export(fm, "onnx", tmp_path / "m.onnx")
@@ -166,10 +188,16 @@ def test_check_is_immune_to_pytorch_reduced_precision_modes(tiny_run, tmp_path):
     import os
     import subprocess
     import sys
+
     run, _ = tiny_run
     env = {**os.environ, "ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "rifle", "export", str(run), "--out", str(tmp_path / "m.onnx")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "rifle", "export", str(run), "--out", str(tmp_path / "m.onnx")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "m.onnx.json").read_text())["check"]["max_abs_diff"] < 1e-5
 
@@ -177,10 +205,18 @@ def test_check_is_immune_to_pytorch_reduced_precision_modes(tiny_run, tmp_path):
 def test_two_formats_in_one_folder_keep_their_own_sidecars(tiny_run, tmp_path, capsys):
     """ONNX and TorchScript exported into one folder: each file has its own JSON, naming that file."""
     run, _ = tiny_run
-    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.torchscript.pt"), ("torchscript", "model.pt")):
+    for fmt, name in (
+        ("onnx", "model.onnx"),
+        ("torchscript", "model.torchscript.pt"),
+        ("torchscript", "model.pt"),
+    ):
         assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / name)]) == 0
         assert f"{tmp_path / name}.json" in capsys.readouterr().out
-    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.torchscript.pt"), ("torchscript", "model.pt")):
+    for fmt, name in (
+        ("onnx", "model.onnx"),
+        ("torchscript", "model.torchscript.pt"),
+        ("torchscript", "model.pt"),
+    ):
         meta = json.loads((tmp_path / f"{name}.json").read_text())
         assert (meta["format"], meta["file"]) == (fmt, name) and meta["check"]["ok"]
     assert not (tmp_path / "model.json").exists()
@@ -203,7 +239,9 @@ def _awkward_images(d):
     big[..., 0] = np.maximum(big[..., 0], 150)
     Image.fromarray(big).save(d / "large.jpg", quality=90)
     Image.fromarray(rng.integers(0, 255, size=(25, 30, 4), dtype=np.uint8)).save(d / "rgba.png")
-    pal = Image.fromarray(rng.integers(0, 255, size=(30, 25, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE)
+    pal = Image.fromarray(rng.integers(0, 255, size=(30, 25, 3), dtype=np.uint8)).convert(
+        "P", palette=Image.ADAPTIVE
+    )
     pal.save(d / "palette.png", transparency=3)
     return ["gray16.png", "cmyk.jpg", "large.jpg", "rgba.png", "palette.png"]
 
@@ -213,21 +251,29 @@ def test_docs_onnx_example_matches_rifle_predict(tiny_run, tmp_path, capsys):
     `rifle predict`'s probabilities on images whose decoding is easy to get wrong."""
     import re
     from pathlib import Path
+
     run, _ = tiny_run
     doc = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def load_input" in b)
     res = export(run, "onnx", tmp_path / "model.onnx")
     names = _awkward_images(tmp_path)
-    assert main(["predict", str(run), *[str(tmp_path / n) for n in names], "--format", "json",
-                 "--top-k", "3"]) == 0
-    predicted = {Path(r["path"]).name: {p["class"]: p["probability"] for p in r["predictions"]}
-                 for r in json.loads(capsys.readouterr().out)}
+    assert (
+        main(["predict", str(run), *[str(tmp_path / n) for n in names], "--format", "json", "--top-k", "3"])
+        == 0
+    )
+    predicted = {
+        Path(r["path"]).name: {p["class"]: p["probability"] for p in r["predictions"]}
+        for r in json.loads(capsys.readouterr().out)
+    }
     meta = json.loads(res.sidecar.read_text())
     classes, steps = meta["classes"], meta["preprocessing"]["steps"]
     assert "img.draft(None, (18, 18))" in steps[0] and "round(v / 257)" in steps[1] and "CMYK" in steps[1]
     for name in names:
-        code = (block.replace("/tmp/run/model.onnx.json", str(res.sidecar))
-                .replace("/tmp/run/model.onnx", str(res.path)).replace("photo.png", str(tmp_path / name)))
+        code = (
+            block.replace("/tmp/run/model.onnx.json", str(res.sidecar))
+            .replace("/tmp/run/model.onnx", str(res.path))
+            .replace("photo.png", str(tmp_path / name))
+        )
         ns = {"__name__": "doc_example"}
         exec(compile(code, "docs/inference.md", "exec"), ns)
         capsys.readouterr()
@@ -251,7 +297,11 @@ def test_check_falls_back_to_float32_for_a_model_that_cannot_run_in_float64(tmp_
     model = _Float32Only()
     with pytest.raises(RuntimeError):
         model.double()(torch.zeros(1, 3, 8, 8, dtype=torch.float64))
-    fm = FineTunedModel(model.float(), ["a", "b"], {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8,
-                                                    "resize": 9}, channels_last=False)
+    fm = FineTunedModel(
+        model.float(),
+        ["a", "b"],
+        {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8, "resize": 9},
+        channels_last=False,
+    )
     res = export(fm, "onnx", tmp_path / "m.onnx")
     assert res.check["reference"] == "PyTorch, float32" and res.check["ok"] and res.max_abs_diff < 1e-5

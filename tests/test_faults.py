@@ -1,4 +1,5 @@
 """Faults: SIGTERM, a last batch of one image, corrupted / non-finite checkpoints, invalid state files."""
+
 import dataclasses
 import json
 import os
@@ -24,8 +25,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def cfg(out, **kw):
-    base = dict(data="digits", model="tiny_cnn", method="finetune", epochs=1, image_size=16, batch_size=64,
-                lr=0.05, train_fraction=0.2, threads=1, out=str(out))
+    base = dict(
+        data="digits",
+        model="tiny_cnn",
+        method="finetune",
+        epochs=1,
+        image_size=16,
+        batch_size=64,
+        lr=0.05,
+        train_fraction=0.2,
+        threads=1,
+        out=str(out),
+    )
     base.update(kw)
     return TrainConfig(**base).validate()
 
@@ -49,7 +60,7 @@ def run(trained, tmp_path):
 def header(path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    return n, json.loads(raw[8:8 + n])
+    return n, json.loads(raw[8 : 8 + n])
 
 
 def flip_byte(path, tensor):
@@ -66,6 +77,7 @@ def resave(path, change=None, checksum=True):
     from safetensors.torch import load_file, save_file
 
     from rifle.train.checkpoint import CHECKSUM_KEY, weights_checksum
+
     meta, tensors = read_metadata(path), load_file(str(path))
     if change:
         change(tensors)
@@ -77,6 +89,7 @@ def resave(path, change=None, checksum=True):
 
 def png(tmp_path):
     from PIL import Image
+
     p = tmp_path / "img.png"
     Image.new("L", (8, 8), 128).save(p)
     return p
@@ -85,22 +98,47 @@ def png(tmp_path):
 def uses_of_the_weights(run, tmp_path, capsys):
     """(name, exit code, stderr) of predict, evaluate, export and analyze on ``run``."""
     img = png(tmp_path)
-    return [("predict", *cli(["predict", run, img, "--device", "cpu"], capsys)[::2]),
-            ("evaluate", *cli(["evaluate", run, "--device", "cpu", "--out", tmp_path / "ev"], capsys)[::2]),
-            ("export", *cli(["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"],
-                            capsys)[::2]),
-            ("analyze", *cli(["analyze", run, "--out", tmp_path / "an"], capsys)[::2])]
+    return [
+        ("predict", *cli(["predict", run, img, "--device", "cpu"], capsys)[::2]),
+        ("evaluate", *cli(["evaluate", run, "--device", "cpu", "--out", tmp_path / "ev"], capsys)[::2]),
+        ("export", *cli(["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"], capsys)[::2]),
+        ("analyze", *cli(["analyze", run, "--out", tmp_path / "an"], capsys)[::2]),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM
 @pytest.mark.slow
 def test_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_resume_finishes(tmp_path):
     out = tmp_path / "run"
-    flags = ["--data", "digits", "--model", "tiny_cnn", "--method", "finetune", "--epochs", "10",
-             "--image-size", "16", "--batch-size", "64", "--lr", "0.05", "--train-fraction", "0.2",
-             "--threads", "1", "--out", str(out)]
-    p = subprocess.Popen([sys.executable, "-m", "rifle", "train", *flags], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV)
+    flags = [
+        "--data",
+        "digits",
+        "--model",
+        "tiny_cnn",
+        "--method",
+        "finetune",
+        "--epochs",
+        "10",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--train-fraction",
+        "0.2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rifle", "train", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     deadline = time.monotonic() + 240
     while not (out / STATE).is_file():
         assert p.poll() is None, p.communicate()
@@ -113,14 +151,20 @@ def test_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_resume_finis
     assert "Traceback" not in stderr
     # the checkpoint is intact: weights and state load and agree, metrics end at the same epoch
     from rifle.models import create_model
+
     state = load_checkpoint(out, create_model("tiny_cnn", 10), {})
     epoch = int(state["epoch"])
     assert epoch < 9, "the run finished before the signal; make it longer"
     assert [m["epoch"] for m in metrics(out)] == list(range(epoch + 1))
     assert not (out / "summary.json").is_file()
 
-    r = subprocess.run([sys.executable, "-m", "rifle", "train", *flags, "--resume"], capture_output=True,
-                       text=True, env=ENV, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "rifle", "train", *flags, "--resume"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert f"resumed from {out} after epoch {epoch}" in r.stdout
     # the interrupted + resumed run equals an uninterrupted one, number for number
@@ -142,13 +186,15 @@ class SignalDuringPickling:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_while_the_checkpoint_is_written_is_deferred_until_both_files_are_written(
-        tmp_path, signum):
+def test_a_signal_while_the_checkpoint_is_written_is_deferred_until_both_files_are_written(tmp_path, signum):
     from rifle.models import create_model
     from rifle.train.checkpoint import Terminated
+
     model = create_model("tiny_cnn", 10, pretrained=False)
+
     def state(epoch, x):
         return {"epoch": epoch, "optimizer": {}, "scheduler": {}, "methods": {"x": x}, "history": []}
+
     save_checkpoint(tmp_path, model, state(0, OrderedDict()), {})
 
     def on_sigterm(s, frame):
@@ -168,16 +214,25 @@ def test_a_signal_while_the_checkpoint_is_written_is_deferred_until_both_files_a
 
 
 # -------------------------------------------------------------------------- a last batch of one image
-@pytest.mark.parametrize("n, batch_size, grad_accum, steps", [(33, 16, 1, 2), (35, 16, 2, 2),
-                                                              (40, 16, 1, 3), (38, 16, 2, 3)])
+@pytest.mark.parametrize(
+    "n, batch_size, grad_accum, steps", [(33, 16, 1, 2), (35, 16, 2, 2), (40, 16, 1, 3), (38, 16, 2, 3)]
+)
 def test_a_last_batch_that_would_train_on_one_image_is_dropped(tmp_path, n, batch_size, grad_accum, steps):
     """At 32 px EfficientNet-Lite0's last feature map is 1x1: BatchNorm cannot train on one image there.
 
     33 = 2*16 + 1 leaves a batch of 1; 35 = 2*16 + 3 in 2 micro-batches (torch.chunk) is 2 + 1. 40 (a last
     batch of 8) and 38 (6 = 3 + 3) train every image, as before.
     """
-    c = cfg(tmp_path / "run", model="efficientnet_lite0", pretrained=False, image_size=32, lr=0.01,
-            batch_size=batch_size, grad_accum=grad_accum, epochs=2)
+    c = cfg(
+        tmp_path / "run",
+        model="efficientnet_lite0",
+        pretrained=False,
+        image_size=32,
+        lr=0.01,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        epochs=2,
+    )
     data = load_data(c)
     data = dataclasses.replace(data, train=data.train.subset(range(n)))
     lines = []
@@ -193,6 +248,7 @@ def test_a_last_batch_that_would_train_on_one_image_is_dropped(tmp_path, n, batc
 
 def test_drop_rule_by_hand():
     from rifle.data.cache import last_batch_dropped
+
     assert last_batch_dropped(33, 16) and last_batch_dropped(1, 16)
     assert not last_batch_dropped(32, 16) and not last_batch_dropped(34, 16)
     # torch.chunk(3 samples, 2) -> 2 + 1; chunk(5, 4) -> 2 + 2 + 1; chunk(5, 2) -> 3 + 2; chunk(6, 4) -> 2+2+2
@@ -212,8 +268,10 @@ def test_one_image_per_rank_is_refused_clearly(tmp_path):
 # ------------------------------------------------------------------------------- checkpoint integrity
 def test_a_corrupted_weights_file_is_refused_everywhere_naming_the_file(run, tmp_path, capsys):
     _, head = header(run / WEIGHTS)
-    name = max((k for k in head if k != "__metadata__"),
-               key=lambda k: head[k]["data_offsets"][1] - head[k]["data_offsets"][0])
+    name = max(
+        (k for k in head if k != "__metadata__"),
+        key=lambda k: head[k]["data_offsets"][1] - head[k]["data_offsets"][0],
+    )
     flip_byte(run / WEIGHTS, name)
     for command, code, err in uses_of_the_weights(run, tmp_path, capsys):
         assert code == 2, (command, err)
@@ -227,6 +285,7 @@ def test_non_finite_weights_are_refused_naming_the_file_and_the_first_bad_tensor
     def poison(t):
         t["fc.weight"][0, 0] = float("nan")  # later in the network
         t["blocks.1.bn1.running_var"][3] = float("inf")  # the first bad tensor in the model's order
+
     resave(run / WEIGHTS, poison)  # the checksum matches: the weights were saved like this
     for command, code, err in uses_of_the_weights(run, tmp_path, capsys):
         assert code == 2, (command, err)
@@ -240,6 +299,7 @@ def test_checkpoints_without_a_checksum_still_load(run, tmp_path, capsys):
     """Written before checksums existed: accepted as they are (the finiteness check still applies)."""
     resave(run / WEIGHTS, checksum=False)
     from rifle.train.checkpoint import CHECKSUM_KEY
+
     assert CHECKSUM_KEY not in read_metadata(run / WEIGHTS)
     code, out, err = cli(["predict", run, png(tmp_path), "--device", "cpu"], capsys)
     assert code == 0, err
@@ -250,12 +310,14 @@ def test_checkpoints_without_a_checksum_still_load(run, tmp_path, capsys):
 
 def test_the_checksum_is_stored_and_covers_names_shapes_and_bytes(tmp_path):
     from rifle.train.checkpoint import CHECKSUM_KEY, weights_checksum
+
     model = torch.nn.Linear(3, 2)
     save_checkpoint(tmp_path, model, {"epoch": 0}, {})
     stored = json.loads(read_metadata(tmp_path / WEIGHTS)[CHECKSUM_KEY])
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert stored == weights_checksum(sd) and len(stored) == 64
     import hashlib
+
     h = hashlib.sha256()  # by hand: per tensor in name order, [name, dtype, shape] as JSON, then its bytes
     for k in sorted(sd):
         h.update(json.dumps([k, "float32", list(sd[k].shape)]).encode())
@@ -267,6 +329,7 @@ def test_the_checksum_is_stored_and_covers_names_shapes_and_bytes(tmp_path):
 
 def test_training_never_saves_non_finite_weights(tmp_path):
     from rifle.models import create_model
+
     model = create_model("tiny_cnn", 10, pretrained=False)
     save_checkpoint(tmp_path, model, {"epoch": 0}, {})
     before = (tmp_path / WEIGHTS).read_bytes(), (tmp_path / STATE).read_bytes()
@@ -293,9 +356,29 @@ def test_an_invalid_state_file_gets_a_clear_message_and_exit_2(run, capsys, kind
         spath.write_bytes(b"")
     else:
         torch.save(torch.zeros(3), spath)
-    flags = ["--data", "digits", "--model", "tiny_cnn", "--method", "finetune", "--epochs", "1",
-             "--image-size", "16", "--batch-size", "64", "--lr", "0.05", "--train-fraction", "0.2",
-             "--threads", "1", "--out", run, "--resume"]
+    flags = [
+        "--data",
+        "digits",
+        "--model",
+        "tiny_cnn",
+        "--method",
+        "finetune",
+        "--epochs",
+        "1",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--train-fraction",
+        "0.2",
+        "--threads",
+        "1",
+        "--out",
+        run,
+        "--resume",
+    ]
     code, out, err = cli(["train", *flags], capsys)
     assert code == 2, err
     assert f"{spath} is not a valid rifle state file" in err
@@ -312,6 +395,7 @@ def test_a_plain_pickle_state_file_warns_nothing_about_weights_only(run):
     import warnings
 
     from rifle.models import create_model
+
     with open(run / STATE, "wb") as f:
         pickle.dump({"epoch": 0, "x": Custom()}, f, protocol=4)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as info:

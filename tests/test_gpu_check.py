@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py: the skip path on a machine without CUDA (exit 77 and a clear message), bad
 arguments, and (slow) the whole script run on the CPU with --device cpu --quick, which exercises every
 check's code except what only CUDA has (nccl, torch.cuda.synchronize)."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 def run(args, tmp_path, timeout=900):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -40,10 +47,14 @@ def test_shell_wrapper_passes_arguments_and_exit_status(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     sh = SCRIPT.with_suffix(".sh")
-    env = {**os.environ, "PYTHON": sys.executable,
-           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([str(sh), "--out", str(tmp_path / "gc")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [str(sh), "--out", str(tmp_path / "gc")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 77 and "no CUDA device here" in proc.stdout
 
 
@@ -54,11 +65,24 @@ def test_every_check_runs_on_the_cpu(tmp_path):
     # throughput step alone took over 10 minutes on the busy 2-core machine): each minutes here
     # stdout read line by line and time-stamped by this test's own clock: how long each setting took
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--skip", "compile,ddp,fp16",
-            "--repeats", "1", "--out", str(tmp_path / "gc")]
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--quick",
+        "--skip",
+        "compile,ddp,fp16",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path / "gc"),
+    ]
     stamped = []
-    with open(tmp_path / "stderr.txt", "w") as err, subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp_path) as child:
+    with (
+        open(tmp_path / "stderr.txt", "w") as err,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=tmp_path) as child,
+    ):
         for line in child.stdout:
             stamped.append((time.monotonic(), line.rstrip("\n")))
         code = child.wait(timeout=1800)
@@ -79,7 +103,7 @@ def test_every_check_runs_on_the_cpu(tmp_path):
     starts = [i for i, (_, line) in enumerate(stamped) if line.startswith("throughput: ")]
     assert [stamped[i][1] for i in starts] == [f"throughput: {s} ..." for s in rows]
     for i in starts:
-        r = rows[stamped[i][1][len("throughput: "):-len(" ...")]]
+        r = rows[stamped[i][1][len("throughput: ") : -len(" ...")]]
         window = stamped[i + 1][0] - stamped[i][0]
         epochs = [64 / r["trainer_img_s"], 64 / r["minimal_img_s"], 64 / r["bound_img_s"]]
         assert all(e > 0 for e in epochs) and sum(epochs) < window, (r, window)
@@ -88,7 +112,9 @@ def test_every_check_runs_on_the_cpu(tmp_path):
         assert r["minimal_over_bound"] == pytest.approx(epochs[2] / epochs[1], rel=1e-9)
     text = (tmp_path / "gc" / "results.md").read_text()
     for r in rows.values():  # the page shows the measured numbers
-        assert (f"| {r['setting']} | {r['trainer_img_s']:.0f} | {r['minimal_img_s']:.0f} | "
-                f"{r['bound_img_s']:.0f} | {r['trainer_over_minimal']:.3f} | "
-                f"{r['minimal_over_bound']:.3f} |") in text
+        assert (
+            f"| {r['setting']} | {r['trainer_img_s']:.0f} | {r['minimal_img_s']:.0f} | "
+            f"{r['bound_img_s']:.0f} | {r['trainer_over_minimal']:.3f} | "
+            f"{r['minimal_over_bound']:.3f} |"
+        ) in text
     assert "| bf16 | pass |" in text and "| setting | trainer | minimal loop |" in text

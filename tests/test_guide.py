@@ -4,6 +4,7 @@ The commands run as written, on a tiny generated `my_photos/` folder and held-ou
 `--epochs 2 --image-size 32 --batch-size 8` appended to `rifle train` (later flags win) so the suite
 stays fast. ```sh blocks (installation) are not executed.
 """
+
 import re
 import shlex
 from pathlib import Path
@@ -30,8 +31,9 @@ def test_guide_has_commands_and_code():
 def test_every_guide_command_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "my_photos", classes=("cat", "dog"), per_class=(10, 4), size=(40, 36))
-    held = make_image_folder(tmp_path / "held", classes=("cat", "dog"), per_class=(3,), splits=("x",),
-                             size=(40, 36))
+    held = make_image_folder(
+        tmp_path / "held", classes=("cat", "dog"), per_class=(3,), splits=("x",), size=(40, 36)
+    )
     (held / "x").rename(tmp_path / "my_heldout_photos")
     ran = 0
     for block in blocks("bash"):
@@ -45,7 +47,9 @@ def test_every_guide_command_runs(tmp_path, monkeypatch, capsys):
             out, err = capsys.readouterr()
             assert code == 0, f"`{line}` exited {code}: {err[-2000:]}"
             ran += 1
-    assert (tmp_path / "runs/guide/model.onnx").is_file() and (tmp_path / "runs/guide/model.onnx.json").is_file()
+    assert (tmp_path / "runs/guide/model.onnx").is_file() and (
+        tmp_path / "runs/guide/model.onnx.json"
+    ).is_file()
     assert (tmp_path / "runs/guide/model.pt.json").is_file()
     assert (tmp_path / "runs/guide/model.pt").is_file()
     for code in blocks("python"):

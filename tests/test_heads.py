@@ -1,4 +1,5 @@
 """Head discovery for timm, torchvision, HF-like and Sequential models; clear errors otherwise."""
+
 import pytest
 import timm
 import torchvision
@@ -7,16 +8,25 @@ from torch import nn
 from rifle import find_head
 
 
-@pytest.mark.parametrize("name,path", [
-    ("resnet18", "fc"), ("vgg11", "classifier.6"), ("mobilenet_v3_small", "classifier.3"),
-    ("efficientnet_b0", "classifier.1"), ("convnext_tiny", "classifier.2"), ("vit_b_16", "heads.head"),
-])
+@pytest.mark.parametrize(
+    "name,path",
+    [
+        ("resnet18", "fc"),
+        ("vgg11", "classifier.6"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+        ("convnext_tiny", "classifier.2"),
+        ("vit_b_16", "heads.head"),
+    ],
+)
 def test_torchvision_heads(name, path):
     model = torchvision.models.get_model(name, weights=None, num_classes=5)
     assert find_head(model) == [model.get_submodule(path)]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0", "convnext_atto", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "tf_efficientnet_lite0", "convnext_atto", "vit_tiny_patch16_224"]
+)
 def test_timm_heads(name):
     model = timm.create_model(name, pretrained=False, num_classes=4)
     head = find_head(model)
@@ -30,6 +40,7 @@ def test_hf_like_classifier_attribute():
             super().__init__()
             self.encoder = nn.Linear(4, 4)
             self.classifier = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+
     m = Cls()
     assert find_head(m) == [m.classifier[2]]
 
@@ -40,6 +51,7 @@ def test_unfindable_head_says_how_to_name_it():
             super().__init__()
             self.body = nn.Linear(3, 3)
             self.out_layer = nn.Linear(3, 2)
+
     with pytest.raises(ValueError, match=r"head='my_head'.*out_layer"):
         find_head(Odd())
     with pytest.raises(ValueError, match="no such submodule"):

@@ -1,4 +1,5 @@
 """rifle.load / predict / evaluate: the run's eval transform reproduced exactly, CLI behaviour and errors."""
+
 import csv
 import io
 import json
@@ -22,8 +23,10 @@ FAST = {"model": "tiny_cnn", "image_size": 16, "batch_size": 16, "epochs": 2, "m
 def _train(data, out, **kw):
     from rifle.config import resolve
     from rifle.run import run_train
-    return run_train(resolve({**FAST, "data": str(data), "out": str(out), **kw}), log=lambda s: None,
-                     progress=False)
+
+    return run_train(
+        resolve({**FAST, "data": str(data), "out": str(out), **kw}), log=lambda s: None, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,7 @@ def test_load_gives_eval_model_with_run_metadata(digits_run):
     assert fm.classes == [str(i) for i in range(10)] and fm.epoch == 1
     assert fm.preprocessing["mean"] == [0.5, 0.5, 0.5] and fm.image_size == 16 and fm.resolution == 18
     from safetensors.torch import load_file
+
     saved = load_file(str(run / "checkpoint.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in fm.model.state_dict().items())
 
@@ -59,6 +63,7 @@ def test_predict_on_cached_tensors_equals_trainer_eval(digits_run):
     run, summary = digits_run
     fm = load(run)
     from rifle.data import build_data, eval_batches
+
     test = build_data("digits", 16).test
     proba = fm.predict_proba(test.images, batch_size=256)
     acc = float((proba.argmax(1) == test.labels).double().mean())
@@ -134,9 +139,13 @@ def test_load_errors_name_the_problem(folder_run, tmp_path):
     # a checkpoint whose head does not fit the classes it claims
     from rifle.models import create_model
     from safetensors.torch import save_file
+
     m = create_model("tiny_cnn", 5, pretrained=False)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(half / "checkpoint.safetensors"),
-              metadata={"epoch": "0", "model": json.dumps("tiny_cnn"), "classes": json.dumps(["a", "b", "c"])})
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items()},
+        str(half / "checkpoint.safetensors"),
+        metadata={"epoch": "0", "model": json.dumps("tiny_cnn"), "classes": json.dumps(["a", "b", "c"])},
+    )
     with pytest.raises(RunError, match="does not fit"):
         load(half)
     # an interrupted run (no summary.json yet) still loads: classes from the checkpoint, preprocessing
@@ -165,13 +174,17 @@ def test_predict_cli_folder_with_corrupt_file(folder_run, tmp_path, capsys):
     assert code == 1  # some input unreadable, the others still predicted
     assert "broken.jpg" in err and "Traceback" not in err and "classified 2 image(s)" in err
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [(r["path"], r["rank"]) for r in rows] == [(str(imgs / "a.png"), "1"), (str(imgs / "a.png"), "2"),
-                                                       (str(imgs / "nested/deeper/b.PNG"), "1"),
-                                                       (str(imgs / "nested/deeper/b.PNG"), "2")]
+    assert [(r["path"], r["rank"]) for r in rows] == [
+        (str(imgs / "a.png"), "1"),
+        (str(imgs / "a.png"), "2"),
+        (str(imgs / "nested/deeper/b.PNG"), "1"),
+        (str(imgs / "nested/deeper/b.PNG"), "2"),
+    ]
     fm = load(run)
     want = fm.predict([imgs / "a.png", imgs / "nested/deeper/b.PNG"], top_k=2)
     assert [(r["class"], float(r["probability"])) for r in rows] == [
-        (c, pytest.approx(p, abs=1e-6)) for preds in want for c, p in preds]
+        (c, pytest.approx(p, abs=1e-6)) for preds in want for c, p in preds
+    ]
     code, out, err = cli(["predict", run, imgs / "a.png", "--format", "json"], capsys)
     assert code == 0 and err == ""
     got = json.loads(out)
@@ -219,6 +232,7 @@ def test_evaluate_cli_reproduces_training_accuracy(digits_run, tmp_path, capsys)
     assert cm.shape == (10, 10) and cm.sum() == 449 == metrics["n"]
     assert np.trace(cm) / cm.sum() == metrics["accuracy"]
     from sklearn.metrics import precision_recall_fscore_support
+
     rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
     y = [int(r["true"]) for r in rows]
     p = [int(r["predicted"]) for r in rows]
@@ -226,7 +240,8 @@ def test_evaluate_cli_reproduces_training_accuracy(digits_run, tmp_path, capsys)
     for i in range(10):
         m = metrics["per_class"][str(i)]
         assert (m["precision"], m["recall"], m["f1"], m["support"]) == pytest.approx(
-            (prec[i], rec[i], f1[i], sup[i]))
+            (prec[i], rec[i], f1[i], sup[i])
+        )
     with Image.open(out / "confusion_matrix.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     # the validation split is the run's own carved split: its accuracy is the last epoch's val_acc
@@ -264,6 +279,7 @@ def test_evaluate_heldout_flat_folder_and_mismatched_classes(folder_run, tmp_pat
 
 def test_predict_table_labels_every_top_k_column():
     from rifle.commands.predict import _write
+
     rows = [("a.png", [("cat", 0.75), ("dog", 0.25)]), ("long/b.png", [("dog", 0.6), ("cat", 0.4)])]
     buf = io.StringIO()
     _write(rows, "table", buf)
@@ -272,16 +288,19 @@ def test_predict_table_labels_every_top_k_column():
     assert first.split() == ["a.png", "cat", "0.7500", "dog", "0.2500"]
     # the columns line up: every probability ends where its header does
     for line in (first, second):
-        assert [m.end() for m in re.finditer(r"\d\.\d{4}", line)] == \
-            [m.end() for m in re.finditer("probability", head)]
+        assert [m.end() for m in re.finditer(r"\d\.\d{4}", line)] == [
+            m.end() for m in re.finditer("probability", head)
+        ]
     buf = io.StringIO()
     _write([("a.png", [("cat", 0.75)])], "table", buf)
     assert buf.getvalue().splitlines()[0].split() == ["image", "prediction", "probability"]
 
 
 def test_star_import_leaves_the_inference_stack_unimported():
-    code = ("import sys; from rifle import *; "
-            "bad = [m for m in ('rifle.inference', 'timm') if m in sys.modules]; assert not bad, bad; "
-            "assert Rifle and find_head and __version__; "
-            "import rifle; assert callable(rifle.load) and 'rifle.inference' in sys.modules")
+    code = (
+        "import sys; from rifle import *; "
+        "bad = [m for m in ('rifle.inference', 'timm') if m in sys.modules]; assert not bad, bad; "
+        "assert Rifle and find_head and __version__; "
+        "import rifle; assert callable(rifle.load) and 'rifle.inference' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

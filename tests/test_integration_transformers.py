@@ -1,4 +1,5 @@
 """RifleTrainerCallback in a real transformers.Trainer: tiny random BERT / ViT, synthetic data, CPU."""
+
 import json
 import re
 import warnings
@@ -9,25 +10,40 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import (BertConfig, BertForSequenceClassification, Trainer,  # noqa: E402
-                          TrainerCallback, TrainingArguments)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,  # noqa: E402
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from rifle.core.reinit import draw_values  # noqa: E402
 from rifle.core.schedule import RifleScheduleWarning  # noqa: E402
 from rifle.integrations.transformers import RifleTrainerCallback, find_hf_head, hf_init  # noqa: E402
 
 # most tests log every 100 steps on purpose (the diagnosis is not their subject): its warning is tested below
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:RifleTrainerCallback. the Trainer:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore:RifleTrainerCallback. the Trainer:RuntimeWarning"),
+]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "transformers.md"
 N, BATCH, STEPS = 64, 8, 12  # 8 optimizer steps per epoch, 12 steps = 1.5 epochs
 
 
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=16, num_labels=2,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg)
 
 
@@ -43,15 +59,28 @@ class Tokens(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 def targs(out, **kw):
-    base = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
-                learning_rate=5e-3, save_strategy="steps", save_steps=2, report_to=[],
-                use_cpu=True, logging_steps=100, seed=0, disable_tqdm=True,
-                dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=5e-3,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -122,29 +151,40 @@ def reinit_logs(log_history):
 
 def test_reinits_are_in_the_trainers_log_history(full_run):
     trainer = full_run[3]  # 8 steps per epoch: re-inits before optimizer steps 5 and 9
-    assert reinit_logs(trainer.state.log_history) == [{"rifle/reinit": 1, "epoch": 0.5, "step": 4},
-                                          {"rifle/reinit": 2, "epoch": 1.0, "step": 8}]
+    assert reinit_logs(trainer.state.log_history) == [
+        {"rifle/reinit": 1, "epoch": 0.5, "step": 4},
+        {"rifle/reinit": 2, "epoch": 1.0, "step": 8},
+    ]
     saved = json.loads((full_run[0] / "checkpoint-6" / "trainer_state.json").read_text())
     assert reinit_logs(saved["log_history"]) == [{"rifle/reinit": 1, "epoch": 0.5, "step": 4}]
 
 
-@pytest.mark.parametrize("ckpt, expected, restore_flag", [
-    (4, [(1, 4), (2, 8)], False),  # saved after step 4; re-init 1 comes at step 4's begin: not skipped
-    (6, [(2, 8)], False),          # between: re-init 1 must not repeat
-    (6, [(2, 8)], True),           # the same with the Trainer's own callback restore
-    (10, [], False),               # after the last re-init (and in the second epoch)
-])
-def test_resume_never_repeats_or_skips_and_matches_uninterrupted_run(full_run, tmp_path, ckpt,
-                                                                      expected, restore_flag):
+@pytest.mark.parametrize(
+    "ckpt, expected, restore_flag",
+    [
+        (4, [(1, 4), (2, 8)], False),  # saved after step 4; re-init 1 comes at step 4's begin: not skipped
+        (6, [(2, 8)], False),  # between: re-init 1 must not repeat
+        (6, [(2, 8)], True),  # the same with the Trainer's own callback restore
+        (10, [], False),  # after the last re-init (and in the second epoch)
+    ],
+)
+def test_resume_never_repeats_or_skips_and_matches_uninterrupted_run(
+    full_run, tmp_path, ckpt, expected, restore_flag
+):
     out, final = full_run[:2]
     path = out / f"checkpoint-{ckpt}"
     saved = json.loads((path / "trainer_state.json").read_text())["stateful_callbacks"]
-    assert saved["RifleTrainerCallback"]["attributes"]["progress"]["done"] == \
-        [i for i, p in [(1, 4), (2, 8)] if p < ckpt]
+    assert saved["RifleTrainerCallback"]["attributes"]["progress"]["done"] == [
+        i for i, p in [(1, 4), (2, 8)] if p < ckpt
+    ]
     model = tiny_bert(seed=99)  # different initial weights: all must come from the checkpoint
     cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None)
-    trainer = Trainer(model=model, args=targs(tmp_path, restore_callback_states_from_checkpoint=restore_flag),
-                      train_dataset=Tokens(), callbacks=[cb])
+    trainer = Trainer(
+        model=model,
+        args=targs(tmp_path, restore_callback_states_from_checkpoint=restore_flag),
+        train_dataset=Tokens(),
+        callbacks=[cb],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RifleScheduleWarning)  # no "re-init was not applied"
         trainer.train(resume_from_checkpoint=str(path))
@@ -169,8 +209,12 @@ def test_resume_without_saved_state_warns(full_run, tmp_path):
     del state["stateful_callbacks"]["RifleTrainerCallback"]
     (dst / "trainer_state.json").write_text(json.dumps(state))
     cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None)
-    trainer = Trainer(model=tiny_bert(), args=targs(tmp_path / "o", save_strategy="no"),
-                      train_dataset=Tokens(), callbacks=[cb])
+    trainer = Trainer(
+        model=tiny_bert(),
+        args=targs(tmp_path / "o", save_strategy="no"),
+        train_dataset=Tokens(),
+        callbacks=[cb],
+    )
     with pytest.warns(RifleScheduleWarning, match="step 4 was not applied"):
         trainer.train(resume_from_checkpoint=str(dst))
     assert cb.fired == [(2, 8)]
@@ -191,10 +235,20 @@ class Pixels(torch.utils.data.Dataset):
 
 def tiny_vit():
     from transformers import ViTConfig, ViTForImageClassification
+
     torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=32, num_labels=2))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=2,
+        )
+    )
 
 
 def test_epoch_granularity_on_a_vit_image_classifier(tmp_path):
@@ -205,8 +259,10 @@ def test_epoch_granularity_on_a_vit_image_classifier(tmp_path):
         trainer = Trainer(model=model, args=args, train_dataset=Pixels(), callbacks=[cb, probe])
         trainer.train()
     assert cb.rifle.reinit_epochs == [1, 2] and cb.fired == [(1, 1), (2, 2)]
-    assert reinit_logs(trainer.state.log_history) == [{"rifle/reinit": 1, "epoch": 1.0, "step": 4},
-                                          {"rifle/reinit": 2, "epoch": 2.0, "step": 8}]
+    assert reinit_logs(trainer.state.log_history) == [
+        {"rifle/reinit": 1, "epoch": 1.0, "step": 4},
+        {"rifle/reinit": 2, "epoch": 2.0, "step": 8},
+    ]
     for g in range(1, 12):  # 4 steps per epoch: epochs 1 and 2 begin at global steps 4 and 8
         before, after = probe.step_end[g][0], probe.step_begin[g][0]
         assert changed(before, after) == (HEAD if g in (4, 8) else set())
@@ -241,8 +297,12 @@ def test_epoch_granularity_warns_when_max_steps_ends_inside_an_epoch(tmp_path):
     cb = RifleTrainerCallback(reinits=1, granularity="epoch", min_steps_after=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RifleScheduleWarning)  # 8 steps = exactly 2 epochs: silent
-        Trainer(model=tiny_vit(), args=targs(tmp_path, max_steps=8, save_strategy="no"),
-                train_dataset=Pixels(), callbacks=[cb]).train()
+        Trainer(
+            model=tiny_vit(),
+            args=targs(tmp_path, max_steps=8, save_strategy="no"),
+            train_dataset=Pixels(),
+            callbacks=[cb],
+        ).train()
     assert cb.fired == [(1, 1)]
 
 
@@ -252,26 +312,45 @@ def test_epoch_granularity_refuses_a_dataset_without_length(tmp_path):
             return iter(Pixels()[i] for i in range(32))
 
     cb = RifleTrainerCallback(reinits=1, granularity="epoch", min_steps_after=None)
-    trainer = Trainer(model=tiny_vit(), args=targs(tmp_path, max_steps=8, save_strategy="no"),
-                      train_dataset=Stream(), callbacks=[cb])
+    trainer = Trainer(
+        model=tiny_vit(),
+        args=targs(tmp_path, max_steps=8, save_strategy="no"),
+        train_dataset=Stream(),
+        callbacks=[cb],
+    )
     with pytest.raises(ValueError, match="IterableDataset.*granularity='step'"):
         trainer.train()
 
 
 def test_head_discovery_for_hf_classifiers():
-    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig, \
-        RobertaForSequenceClassification
-    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                 vocab_size=50, max_position_embeddings=20, num_labels=3)
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    small = dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=20,
+        num_labels=3,
+    )
     bert = tiny_bert()
     assert find_hf_head(bert) == [bert.classifier]
     roberta = RobertaForSequenceClassification(RobertaConfig(**small))
     assert find_hf_head(roberta) == [roberta.classifier.out_proj]  # the final projection
     assert find_hf_head(roberta, "classifier.dense") == [roberta.classifier.dense]
-    assert find_hf_head(roberta, ["classifier.dense", "classifier.out_proj"]) == \
-        [roberta.classifier.dense, roberta.classifier.out_proj]
-    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
-                                                    n_positions=20, num_labels=3))
+    assert find_hf_head(roberta, ["classifier.dense", "classifier.out_proj"]) == [
+        roberta.classifier.dense,
+        roberta.classifier.out_proj,
+    ]
+    gpt2 = GPT2ForSequenceClassification(
+        GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=20, num_labels=3)
+    )
     assert find_hf_head(gpt2) == [gpt2.score]
     vit = tiny_vit()
     assert find_hf_head(vit) == [vit.classifier]
@@ -308,22 +387,29 @@ def test_doc_example_runs(tmp_path, monkeypatch):
     assert ns["trigger_cb"].fired == [(1, 1), (2, 3)]
 
 
-@pytest.mark.parametrize("granularity,kw,missed", [
-    ("step", dict(logging_steps=100), "step(s) [4, 8]"),    # the Trainer's default is 500
-    ("step", dict(logging_steps=5), "step(s) [4]"),          # first log at 5, after the re-init at 4
-    ("step", dict(logging_strategy="no"), "step(s) [4, 8]"),
-    ("step", dict(logging_steps=4), None),
-    ("epoch", dict(logging_steps=9, max_steps=-1, num_train_epochs=4), "epoch(s) [1]"),  # 8 steps/epoch
-    ("epoch", dict(logging_strategy="epoch", max_steps=-1, num_train_epochs=4), None),
-])
+@pytest.mark.parametrize(
+    "granularity,kw,missed",
+    [
+        ("step", dict(logging_steps=100), "step(s) [4, 8]"),  # the Trainer's default is 500
+        ("step", dict(logging_steps=5), "step(s) [4]"),  # first log at 5, after the re-init at 4
+        ("step", dict(logging_strategy="no"), "step(s) [4, 8]"),
+        ("step", dict(logging_steps=4), None),
+        ("epoch", dict(logging_steps=9, max_steps=-1, num_train_epochs=4), "epoch(s) [1]"),  # 8 steps/epoch
+        ("epoch", dict(logging_strategy="epoch", max_steps=-1, num_train_epochs=4), None),
+    ],
+)
 def test_sparse_logging_warns_once_naming_the_reinits_it_leaves_unmeasured(tmp_path, granularity, kw, missed):
     """The schedule trigger's diagnosis reads the training loss from the Trainer's logs (on_log): a log
     must fall in the loss window (an epoch's steps: 12 // 2 = 6 with max_steps=12) before each re-init."""
     cb = RifleTrainerCallback(reinits=2, seed=0, min_steps_after=None, granularity=granularity)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(model=tiny_bert(), args=targs(tmp_path, save_strategy="no", **kw), train_dataset=Tokens(),
-                callbacks=[cb]).train()
+        Trainer(
+            model=tiny_bert(),
+            args=targs(tmp_path, save_strategy="no", **kw),
+            train_dataset=Tokens(),
+            callbacks=[cb],
+        ).train()
     ours = [str(w.message) for w in caught if "RifleTrainerCallback: the Trainer" in str(w.message)]
     unmeasured = [p for p, d in zip(cb.rifle.points, cb.diagnosis) if d["train_loss_before"] is None]
     assert len(cb.diagnosis) == 2
@@ -342,9 +428,12 @@ def test_converged_trigger_needs_no_logs(tmp_path):
     cb = RifleTrainerCallback(reinits=1, trigger="converged", converged_acc=0.5, min_steps_after=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(model=tiny_bert(), args=targs(tmp_path, save_strategy="no", max_steps=-1, num_train_epochs=2,
-                                              logging_strategy="no"),
-                train_dataset=Tokens(), callbacks=[cb]).train()
+        Trainer(
+            model=tiny_bert(),
+            args=targs(tmp_path, save_strategy="no", max_steps=-1, num_train_epochs=2, logging_strategy="no"),
+            train_dataset=Tokens(),
+            callbacks=[cb],
+        ).train()
     assert not [w for w in caught if "RifleTrainerCallback: the Trainer" in str(w.message)]
 
 
@@ -361,8 +450,10 @@ class Counting:
             epoch = self.calls // self.spe  # micro-batches per epoch
             self.calls += 1
             c, n = self.seen.get(epoch, (0, 0))
-            self.seen[epoch] = (c + int((output.logits.argmax(-1) == kwargs["labels"]).sum()),
-                                n + len(kwargs["labels"]))
+            self.seen[epoch] = (
+                c + int((output.logits.argmax(-1) == kwargs["labels"]).sum()),
+                n + len(kwargs["labels"]),
+            )
 
     def accs(self):
         return [self.seen[e][0] / self.seen[e][1] for e in sorted(self.seen)]
@@ -378,8 +469,12 @@ def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_rea
     count = Counting(model, N // BATCH)
     cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
     assert cb.granularity == "epoch"  # the converged trigger decides per epoch
-    trainer = Trainer(model=model, args=converged_args(tmp_path, gradient_accumulation_steps=accumulate),
-                      train_dataset=Tokens(), callbacks=[cb, probe])
+    trainer = Trainer(
+        model=model,
+        args=converged_args(tmp_path, gradient_accumulation_steps=accumulate),
+        train_dataset=Tokens(),
+        callbacks=[cb, probe],
+    )
     trainer.train()
     accs = count.accs()  # 8 micro-batches of 8 per epoch, 8 / accumulate optimizer steps
     assert len(accs) == 6 and [a for _, a in cb.trigger_report["train_acc"]] == accs
@@ -387,8 +482,9 @@ def test_converged_trigger_fires_at_the_first_epoch_after_the_train_accuracy_rea
     assert cb.fired[0] == (1, fire) and [e for _, e in cb.fired] == cb.trigger_report["fired"]
     spe = 8 // accumulate
     for g in range(1, 6 * spe):  # the head moved exactly at the fired epochs' first steps
-        assert changed(probe.step_end[g][0], probe.step_begin[g][0]) == \
-            (HEAD if g in [e * spe for e in cb.trigger_report["fired"]] else set()), g
+        assert changed(probe.step_end[g][0], probe.step_begin[g][0]) == (
+            HEAD if g in [e * spe for e in cb.trigger_report["fired"]] else set()
+        ), g
     w, b = draw_values([model.classifier], seed=4, index=1)[0]
     after = probe.step_begin[fire * spe][0]
     assert torch.equal(after["classifier.weight"], w) and torch.equal(after["classifier.bias"], b)
@@ -401,8 +497,12 @@ def test_converged_trigger_that_never_converges_does_not_fire_and_says_why(tmp_p
     count = Counting(model, N // BATCH)
     cb = RifleTrainerCallback(reinits=1, min_steps_after=None, trigger="converged", converged_acc=1.0)
     w = model.classifier.weight.detach().clone()
-    Trainer(model=model, args=converged_args(tmp_path, num_train_epochs=3, learning_rate=0.0),
-            train_dataset=Tokens(), callbacks=[cb]).train()
+    Trainer(
+        model=model,
+        args=converged_args(tmp_path, num_train_epochs=3, learning_rate=0.0),
+        train_dataset=Tokens(),
+        callbacks=[cb],
+    ).train()
     accs = count.accs()
     best = max(range(3), key=lambda e: (accs[e], -e))
     reason = f"train accuracy never reached 1 (best {accs[best]:.2f} at epoch {best})"
@@ -415,8 +515,11 @@ def test_converged_trigger_needs_labels_and_logits(tmp_path):
     cb = RifleTrainerCallback(reinits=1, min_steps_after=None, trigger="converged")
     args = converged_args(tmp_path, label_smoothing_factor=0.1)  # the Trainer pops the labels
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[cb])
-    with pytest.raises(ValueError, match=r"must be called with labels=.*label_smoothing_factor > 0.*"
-                                         r"got labels=absent"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be called with labels=.*label_smoothing_factor > 0.*"
+        r"got labels=absent",
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
     with pytest.raises(ValueError, match="trigger='converged' decides once per epoch.*granularity='epoch'"):
@@ -443,13 +546,18 @@ def converged_full(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_converged")
     model = tiny_bert()
     cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
-    Trainer(model=model, args=converged_args(out, num_train_epochs=5), train_dataset=Tokens(),
-            callbacks=[SaveAt([12, 16, 20]), cb]).train()
+    Trainer(
+        model=model,
+        args=converged_args(out, num_train_epochs=5),
+        train_dataset=Tokens(),
+        callbacks=[SaveAt([12, 16, 20]), cb],
+    ).train()
     return out, snapshot(model), cb
 
 
-@pytest.mark.parametrize("restore_flag, steps", [(False, (12, 16, 20)),
-                                                 pytest.param(True, (16,), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "restore_flag, steps", [(False, (12, 16, 20)), pytest.param(True, (16,), marks=pytest.mark.slow)]
+)
 def test_converged_trigger_resumes_with_the_same_decisions(converged_full, tmp_path, restore_flag, steps):
     out, final, full = converged_full
     assert full.fired == [(1, 2), (2, 4)]
@@ -457,11 +565,17 @@ def test_converged_trigger_resumes_with_the_same_decisions(converged_full, tmp_p
     # still open: settled at on_epoch_end), mid-epoch 2 right after the re-init
     for step in steps:
         model = tiny_bert(seed=99)
-        cb = RifleTrainerCallback(reinits=2, seed=4, min_steps_after=None, trigger="converged",
-                                  converged_acc=0.9)
-        trainer = Trainer(model=model, args=converged_args(
-            tmp_path, num_train_epochs=5, restore_callback_states_from_checkpoint=restore_flag),
-            train_dataset=Tokens(), callbacks=[cb])
+        cb = RifleTrainerCallback(
+            reinits=2, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9
+        )
+        trainer = Trainer(
+            model=model,
+            args=converged_args(
+                tmp_path, num_train_epochs=5, restore_callback_states_from_checkpoint=restore_flag
+            ),
+            train_dataset=Tokens(),
+            callbacks=[cb],
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error", RifleScheduleWarning)
             trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{step}"))
@@ -487,10 +601,15 @@ class Received(TrainerCallback):
 
 def test_reinits_and_diagnosis_reach_the_report_to_integrations(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     received = Received()
     cb = RifleTrainerCallback(reinits=1, seed=4, min_steps_after=None)  # 12 steps: re-init at step 6
-    args = targs(tmp_path, save_strategy="no", report_to=["tensorboard"],  # writes under output_dir/runs
-                 logging_steps=2)  # the loss the diagnosis is fed
+    args = targs(
+        tmp_path,
+        save_strategy="no",
+        report_to=["tensorboard"],  # writes under output_dir/runs
+        logging_steps=2,
+    )  # the loss the diagnosis is fed
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[received, cb])
     trainer.train()
     [d] = cb.diagnosis
@@ -520,19 +639,31 @@ def test_reinits_and_diagnosis_reach_the_report_to_integrations(tmp_path):
 def _ddp_worker(rank, port, tmp, resume):
     import json
     from test_ddp import _env
+
     _env(rank, 2, port)
     model = tiny_bert()
     count = Counting(model, 4)  # per rank and epoch: 32 examples, 4 steps of 8
     cb = RifleTrainerCallback(reinits=1, seed=4, min_steps_after=None, trigger="converged", converged_acc=0.9)
-    trainer = Trainer(model=model, args=converged_args(tmp, num_train_epochs=4), train_dataset=Tokens(),
-                      callbacks=[cb] if resume else [SaveAt([6]), cb])
+    trainer = Trainer(
+        model=model,
+        args=converged_args(tmp, num_train_epochs=4),
+        train_dataset=Tokens(),
+        callbacks=[cb] if resume else [SaveAt([6]), cb],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=resume)
     assert torch.distributed.get_world_size() == 2
     with open(f"{tmp}/{'resumed' if resume else 'full'}{rank}.json", "w") as f:
-        json.dump({"seen": count.seen, "report": cb.trigger_report, "diagnosis": cb.diagnosis,
-                   "head": model.classifier.weight.tolist()}, f)
+        json.dump(
+            {
+                "seen": count.seen,
+                "report": cb.trigger_report,
+                "diagnosis": cb.diagnosis,
+                "head": model.classifier.weight.tolist(),
+            },
+            f,
+        )
     # leave the gloo group before exiting: a rank exiting with it alive could abort
     # ("terminate called without an active exception", SIGABRT, 2 of 6 runs)
     torch.distributed.barrier()
@@ -548,6 +679,7 @@ def test_ddp_ranks_decide_from_the_summed_accuracy_and_resume_mid_epoch_exactly(
     import json
     import torch.multiprocessing as mp
     from test_ddp import free_port
+
     mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), None), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"full{r}.json").read_text()) for r in (0, 1))
     assert r0["report"] == r1["report"] and r0["head"] == r1["head"] and r0["seen"] != r1["seen"]
@@ -559,7 +691,9 @@ def test_ddp_ranks_decide_from_the_summed_accuracy_and_resume_mid_epoch_exactly(
     saved = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
     window = saved["stateful_callbacks"]["RifleTrainerCallback"]["attributes"]["progress"]["trigger_window"]
     assert window["epoch"] == 1 and window["count"] == 32
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), str(tmp_path / "checkpoint-6")), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker, args=(free_port(), str(tmp_path), str(tmp_path / "checkpoint-6")), nprocs=2, join=True
+    )
     s0, s1 = (json.loads((tmp_path / f"resumed{r}.json").read_text()) for r in (0, 1))
     assert s0["report"] == s1["report"] == r0["report"] and s0["head"] == r0["head"]
     assert s0["diagnosis"] == r0["diagnosis"]

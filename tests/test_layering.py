@@ -3,6 +3,7 @@
 Parses every module's imports with ``ast`` (lazy imports inside functions included), so it also catches
 the cycles that only lazy imports hide (``run`` <-> ``analysis`` was one).
 """
+
 import ast
 from collections import defaultdict
 from pathlib import Path
@@ -24,8 +25,11 @@ TIERS = [
     {"__main__"},
 ]
 # config validates a few choices with lazy, stdlib-only helpers of lower-level units
-EXCEPTIONS = {("rifle.config", "rifle.train.loggers"), ("rifle.config", "rifle.train.optim"),
-              ("rifle.config", "rifle.data.builtin")}
+EXCEPTIONS = {
+    ("rifle.config", "rifle.train.loggers"),
+    ("rifle.config", "rifle.train.optim"),
+    ("rifle.config", "rifle.data.builtin"),
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -40,6 +44,7 @@ def _modules() -> dict[str, Path]:
 
 def _imports(mods: dict[str, Path]) -> dict[str, set[tuple[str, bool]]]:
     """``{module: {(imported rifle module, at module level?)}}``."""
+
     def known(name: str) -> str | None:
         while name and name not in mods:
             name = name.rpartition(".")[0]
@@ -55,7 +60,7 @@ def _imports(mods: dict[str, Path]) -> dict[str, set[tuple[str, bool]]]:
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([node.module] if node.module else []))
                 targets = [f"{base}.{a.name}" for a in node.names] + [base]
             elif isinstance(node, ast.Import):
@@ -105,8 +110,9 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 def test_every_unit_has_a_tier():
     units = {_unit(m) for m in _modules()} - {""}
     tiered = set().union(*TIERS)
-    assert units <= tiered, f"new top-level unit(s) {sorted(units - tiered)}: place them in TIERS and " \
-                            f"docs/architecture.md"
+    assert units <= tiered, (
+        f"new top-level unit(s) {sorted(units - tiered)}: place them in TIERS and docs/architecture.md"
+    )
 
 
 def test_imports_go_downward_only():

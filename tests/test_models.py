@@ -1,4 +1,5 @@
 """Model factory: offline built-ins, timm and torchvision names, preprocessing, error messages."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,8 +10,14 @@ import timm
 import torch
 from torch import nn
 
-from rifle.models import (BUILTIN_MODELS, BasicBlock, ModelError, available_models, create_model,
-                          model_preprocessing)
+from rifle.models import (
+    BUILTIN_MODELS,
+    BasicBlock,
+    ModelError,
+    available_models,
+    create_model,
+    model_preprocessing,
+)
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear"}
 HALF = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
@@ -144,8 +151,11 @@ def test_tiny_cnn_drop_path_linear_in_depth():
     rates = [b.drop_path.drop_prob for b in blocks]
     assert rates == pytest.approx(np.linspace(0, 0.3, len(blocks)).tolist())
     default = create_model("tiny_cnn", 3, pretrained=False)
-    assert all(isinstance(b.drop_path, timm.layers.DropPath) and b.drop_path.drop_prob == 0
-               for b in default.modules() if isinstance(b, BasicBlock))
+    assert all(
+        isinstance(b.drop_path, timm.layers.DropPath) and b.drop_path.drop_prob == 0
+        for b in default.modules()
+        if isinstance(b, BasicBlock)
+    )
 
 
 def test_tiny_cnn_drop_rate_applies_in_training_only():
@@ -261,6 +271,7 @@ def hub_reachable(monkeypatch):
     """The weights hosts count as reachable (the quick check passes), so the fetch itself is tried: what a
     machine with network does when the download then fails. Nothing is downloaded: the fetch is patched."""
     import rifle.models.offline
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(rifle.models.offline, "reachable", lambda url, timeout=3.0: (True, "patched"))
@@ -305,13 +316,15 @@ def test_pretrained_source_recorded(monkeypatch, hub_reachable):
     import torchvision
 
     real_timm, real_tv = timm.create_model, torchvision.models.get_model
-    monkeypatch.setattr(timm, "create_model",
-                        lambda name, pretrained, **kw: real_timm(name, pretrained=False, **kw))
+    monkeypatch.setattr(
+        timm, "create_model", lambda name, pretrained, **kw: real_timm(name, pretrained=False, **kw)
+    )
     model = create_model("resnet18", 3, pretrained=True)
     assert model.rifle_pretrained_source.startswith("timm ") and "resnet18" in model.rifle_pretrained_source
 
-    monkeypatch.setattr(torchvision.models, "get_model",
-                        lambda name, weights, **kw: real_tv(name, weights=None, **kw))
+    monkeypatch.setattr(
+        torchvision.models, "get_model", lambda name, weights, **kw: real_tv(name, weights=None, **kw)
+    )
     model = create_model("torchvision:resnet18", 3, pretrained=True)
     assert model.rifle_pretrained_source.endswith("ResNet18_Weights.IMAGENET1K_V1")
     assert model.fc.out_features == 3

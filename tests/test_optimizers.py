@@ -1,4 +1,5 @@
 """--opt (timm's optimizers), --opt-eps / --opt-betas, --layer-decay, and RIFLE's state reset with Adam."""
+
 import math
 
 import pytest
@@ -21,23 +22,44 @@ def tiny_groups(model, head_lr=None):
     head = {"name": "head", "params": [p for n, p in ps if n.startswith("fc.")], "weight_decay": 0.0}
     if head_lr is not None:
         head["lr"] = head_lr
-    return [{"name": "backbone", "params": [p for n, p in ps if not n.startswith("fc.")], "weight_decay": 1e-4},
-            head]
+    return [
+        {"name": "backbone", "params": [p for n, p in ps if not n.startswith("fc.")], "weight_decay": 1e-4},
+        head,
+    ]
 
 
 def make_trainer(tmp_path, methods, **kw):
-    cfg = TrainConfig(**{**TINY, "epochs": 2, **{k: v for k, v in kw.items() if k in TrainConfig.__dataclass_fields__}})
+    cfg = TrainConfig(
+        **{**TINY, "epochs": 2, **{k: v for k, v in kw.items() if k in TrainConfig.__dataclass_fields__}}
+    )
     cfg.validate()
     data = load_data(cfg)
     torch.manual_seed(0)
     model = create_model("tiny_cnn", data.num_classes)
     (tmp_path / "r").mkdir(exist_ok=True)
-    return Trainer(model, data, methods, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
-                   image_size=cfg.image_size, seed=0, preprocessing=model_preprocessing(model),
-                   run_dir=RunDir(tmp_path / "r"), device=torch.device("cpu"), channels_last=False,
-                   opt=cfg.opt, opt_eps=cfg.opt_eps, opt_betas=cfg.opt_betas, layer_decay=cfg.layer_decay,
-                   config=cfg.to_dict(), log=lambda s: None)
+    return Trainer(
+        model,
+        data,
+        methods,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        lr_schedule=cfg.lr_schedule,
+        image_size=cfg.image_size,
+        seed=0,
+        preprocessing=model_preprocessing(model),
+        run_dir=RunDir(tmp_path / "r"),
+        device=torch.device("cpu"),
+        channels_last=False,
+        opt=cfg.opt,
+        opt_eps=cfg.opt_eps,
+        opt_betas=cfg.opt_betas,
+        layer_decay=cfg.layer_decay,
+        config=cfg.to_dict(),
+        log=lambda s: None,
+    )
 
 
 # ------------------------------------------------------------------------------------- the default
@@ -59,13 +81,34 @@ def test_default_is_the_papers_torch_sgd_with_the_same_groups(tmp_path):
 
 # ------------------------------------------------------------------------------ every timm optimizer
 # bnb* / fused* need CUDA; kron* builds its preconditioner with torch.compile (tens of seconds): slow
-CPU_ONLY = [pytest.param(n, marks=[pytest.mark.slow, pytest.mark.extended]) if n.startswith("kron") else n
-            for n in optimizer_names() if not n.startswith(("bnb", "fused"))]
+CPU_ONLY = [
+    pytest.param(n, marks=[pytest.mark.slow, pytest.mark.extended]) if n.startswith("kron") else n
+    for n in optimizer_names()
+    if not n.startswith(("bnb", "fused"))
+]
 
 
 # optimizers that keep no step count (momentum / sign methods)
-STEPLESS = {"sgd", "momentum", "nesterov", "nesterovw", "sgdw", "sgdc", "csgdc", "csgdw", "sgdp", "csgdp",
-            "lars", "larc", "nlars", "nlarc", "lion", "lionc", "clion", "clionc"}
+STEPLESS = {
+    "sgd",
+    "momentum",
+    "nesterov",
+    "nesterovw",
+    "sgdw",
+    "sgdc",
+    "csgdc",
+    "csgdw",
+    "sgdp",
+    "csgdp",
+    "lars",
+    "larc",
+    "nlars",
+    "nlarc",
+    "lion",
+    "lionc",
+    "clion",
+    "clionc",
+}
 
 
 @pytest.mark.parametrize("name", CPU_ONLY)
@@ -101,38 +144,47 @@ def test_every_optimizer_keeps_the_groups_and_steps(name):
     if name in ("adam", "adamw"):  # m, v start at 0: m2 = b1 (1 - b1) g1 + (1 - b1) g2, v likewise with g²
         assert opt.param_groups[1]["betas"] == (0.9, 0.999)
         torch.testing.assert_close(state["exp_avg"], 0.9 * 0.1 * g[0] + 0.1 * g[1], rtol=1e-5, atol=1e-12)
-        torch.testing.assert_close(state["exp_avg_sq"], 0.999 * 0.001 * g[0] ** 2 + 0.001 * g[1] ** 2,
-                                   rtol=1e-5, atol=1e-15)
+        torch.testing.assert_close(
+            state["exp_avg_sq"], 0.999 * 0.001 * g[0] ** 2 + 0.001 * g[1] ** 2, rtol=1e-5, atol=1e-15
+        )
 
 
 def test_timm_sgd_is_nesterov_here():
     model = create_model("tiny_cnn", 3, pretrained=False)
     nesterov = build_optimizer(tiny_groups(model), opt="nesterov", lr=0.01, momentum=0.9, weight_decay=0.0)
     assert nesterov.param_groups[0]["nesterov"] is True
-    assert build_optimizer(tiny_groups(model), opt="momentum", lr=0.01, momentum=0.9,
-                           weight_decay=0.0).param_groups[0]["nesterov"] is False
+    assert (
+        build_optimizer(
+            tiny_groups(model), opt="momentum", lr=0.01, momentum=0.9, weight_decay=0.0
+        ).param_groups[0]["nesterov"]
+        is False
+    )
 
 
 def test_eps_and_betas_reach_the_optimizer():
     model = create_model("tiny_cnn", 3, pretrained=False)
-    opt = build_optimizer(tiny_groups(model), opt="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05,
-                          eps=1e-6, betas=(0.8, 0.99))
+    opt = build_optimizer(
+        tiny_groups(model), opt="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, eps=1e-6, betas=(0.8, 0.99)
+    )
     assert type(opt) is torch.optim.AdamW
     assert all(g["eps"] == 1e-6 and g["betas"] == (0.8, 0.99) for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(opt="adamww"), r"--opt='adamww': unknown optimizer \(did you mean adamw"),
-    (dict(opt="lookahead_adamw"), "Lookahead keeps the per-parameter state"),
-    (dict(opt="adahessian"), "second-order backward"),
-    (dict(opt_eps=1e-8), "has no eps: --opt-eps applies"),
-    (dict(opt_betas=[0.9, 0.99]), "has no betas: --opt-betas applies"),
-    (dict(opt="adamw", opt_betas=[0.9]), "--opt-betas=.*two numbers"),
-    (dict(opt="adamw", opt_betas="0.9,1.5"), r"--opt-betas=.*\[0, 1\)"),
-    (dict(opt="adamw", opt_eps=0), "--opt-eps=0.0: must be > 0"),
-    (dict(layer_decay=0), r"--layer-decay=0.0: a factor in \(0, 1\]"),
-    (dict(layer_decay=1.5), r"--layer-decay=1.5"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(opt="adamww"), r"--opt='adamww': unknown optimizer \(did you mean adamw"),
+        (dict(opt="lookahead_adamw"), "Lookahead keeps the per-parameter state"),
+        (dict(opt="adahessian"), "second-order backward"),
+        (dict(opt_eps=1e-8), "has no eps: --opt-eps applies"),
+        (dict(opt_betas=[0.9, 0.99]), "has no betas: --opt-betas applies"),
+        (dict(opt="adamw", opt_betas=[0.9]), "--opt-betas=.*two numbers"),
+        (dict(opt="adamw", opt_betas="0.9,1.5"), r"--opt-betas=.*\[0, 1\)"),
+        (dict(opt="adamw", opt_eps=0), "--opt-eps=0.0: must be > 0"),
+        (dict(layer_decay=0), r"--layer-decay=0.0: a factor in \(0, 1\]"),
+        (dict(layer_decay=1.5), r"--layer-decay=1.5"),
+    ],
+)
 def test_bad_optimizer_settings_name_the_flag(kw, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kw).validate()
@@ -144,8 +196,11 @@ def test_settings_are_normalised():
 
 
 def test_optimizer_keys_are_compared_on_resume_and_old_configs_resume():
-    old = {k: v for k, v in TrainConfig().to_dict().items()
-           if k not in ("opt", "opt_eps", "opt_betas", "layer_decay")}  # a config.yaml before these keys
+    old = {
+        k: v
+        for k, v in TrainConfig().to_dict().items()
+        if k not in ("opt", "opt_eps", "opt_betas", "layer_decay")
+    }  # a config.yaml before these keys
     assert diff_configs(old, TrainConfig().validate().to_dict()) == {}
     now = TrainConfig(opt="adamw", layer_decay=0.8).validate().to_dict()
     assert diff_configs(old, now) == {"layer_decay": (None, 0.8), "opt": ("sgd", "adamw")}
@@ -154,12 +209,17 @@ def test_optimizer_keys_are_compared_on_resume_and_old_configs_resume():
 # ------------------------------------------------------------------------------------- layer decay
 def test_layer_decay_scales_by_hand_and_composes_with_the_schedule(tmp_path):
     # tiny_cnn: stem (0), blocks.0 (1), blocks.1 (2), blocks.2 (3), fc (4): L = 5, scale 0.5**(4-i)
-    trainer = make_trainer(tmp_path, build_methods(TrainConfig(**TINY, reg="l2sp").validate()),
-                           layer_decay=0.5, opt="adamw")
+    trainer = make_trainer(
+        tmp_path, build_methods(TrainConfig(**TINY, reg="l2sp").validate()), layer_decay=0.5, opt="adamw"
+    )
     groups = trainer.optimizer.param_groups
     assert [(g["name"], g["layer_lr_scale"]) for g in groups] == [
-        ("backbone.layer0", 1 / 16), ("backbone.layer1", 1 / 8), ("backbone.layer2", 1 / 4),
-        ("backbone.layer3", 1 / 2), ("head.layer4", 1.0)]
+        ("backbone.layer0", 1 / 16),
+        ("backbone.layer1", 1 / 8),
+        ("backbone.layer2", 1 / 4),
+        ("backbone.layer3", 1 / 2),
+        ("head.layer4", 1.0),
+    ]
     assert [g["lr"] for g in groups] == [0.05 * s for s in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)]
     assert all(g["weight_decay"] == 0.0 for g in groups)  # L2-SP's groups survive the split
     assert sum(len(g["params"]) for g in groups) == len(list(trainer.model.parameters()))
@@ -179,6 +239,7 @@ def test_layer_decay_without_group_matcher_is_a_clear_error():
 
 def test_layer_order_of_a_timm_model_puts_the_head_last():
     import timm
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=3)
     ids, n = layer_ids(model)
     assert n == 10 and ids["conv1.weight"] == 0 and ids["layer4.1.conv2.weight"] == 8
@@ -200,24 +261,36 @@ class StateProbe(Method):
         self.backbone = [p for p in model.parameters() if id(p) not in head_ids]
 
     def on_epoch_end(self, epoch):
-        self.before = {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.head + self.backbone}
+        self.before = {
+            p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.head + self.backbone
+        }
         return {}
 
     def on_epoch_start(self, epoch):  # runs after RIFLE's (methods are called in order)
         if epoch == 1:
-            self.seen = {"head": [dict(self.opt.state.get(p, {})) for p in self.head],
-                         "backbone_kept": all(
-                             set(self.opt.state[p]) == {"exp_avg", "exp_avg_sq", "step"}
-                             and all(torch.equal(self.opt.state[p][k], v) for k, v in self.before[p].items())
-                             for p in self.backbone),
-                         "head_before": [set(self.before[p]) for p in self.head]}
+            self.seen = {
+                "head": [dict(self.opt.state.get(p, {})) for p in self.head],
+                "backbone_kept": all(
+                    set(self.opt.state[p]) == {"exp_avg", "exp_avg_sq", "step"}
+                    and all(torch.equal(self.opt.state[p][k], v) for k, v in self.before[p].items())
+                    for p in self.backbone
+                ),
+                "head_before": [set(self.before[p]) for p in self.head],
+            }
         return {}
 
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_adamw_reinit_clears_the_heads_moments_and_keeps_the_backbones(tmp_path, keep):
-    cfg = TrainConfig(**{**TINY, "lr": 1e-3}, method="rifle", reinits=1, epochs=2, min_steps_after=0, opt="adamw",
-                      keep_optimizer_state=keep).validate()
+    cfg = TrainConfig(
+        **{**TINY, "lr": 1e-3},
+        method="rifle",
+        reinits=1,
+        epochs=2,
+        min_steps_after=0,
+        opt="adamw",
+        keep_optimizer_state=keep,
+    ).validate()
     probe = StateProbe()
     trainer = make_trainer(tmp_path, build_methods(cfg) + [probe], opt="adamw", lr=1e-3)
     trainer.fit()
@@ -240,10 +313,13 @@ def test_reinit_restarts_a_per_group_step_count_like_a_fresh_optimizer(name):
     group steps exactly as a fresh optimizer would on the same weights and gradients."""
     from torch import nn
     from rifle import Rifle
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    groups = [{"name": "backbone", "params": list(model[0].parameters())},
-              {"name": "head", "params": list(model[2].parameters())}]
+    groups = [
+        {"name": "backbone", "params": list(model[0].parameters())},
+        {"name": "head", "params": list(model[2].parameters())},
+    ]
     opt = build_optimizer(groups, opt=name, lr=0.01, momentum=0.9, weight_decay=0.0)
     rifle = Rifle(model, opt, epochs=4, reinits=1, head=model[2], seed=0, min_steps_after=0)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
@@ -273,24 +349,62 @@ def test_reinit_restarts_a_per_group_step_count_like_a_fresh_optimizer(name):
 # ------------------------------------------------------------------------------------- the CLI
 def test_cli_adamw_layer_decay_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--data", "digits", "--model", "tiny_cnn", "--epochs", "2", "--image-size", "16",
-            "--batch-size", "64", "--train-fraction", "0.2", "--method", "rifle", "--reinits", "1",
-            "--min-steps-after", "0", "--head-lr-restart", "--opt", "adamw", "--lr", "0.002",
-            "--weight-decay", "0.05", "--opt-betas", "0.9", "0.99", "--opt-eps", "1e-7",
-            "--layer-decay", "0.8", "--out", out]
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "tiny_cnn",
+        "--epochs",
+        "2",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "64",
+        "--train-fraction",
+        "0.2",
+        "--method",
+        "rifle",
+        "--reinits",
+        "1",
+        "--min-steps-after",
+        "0",
+        "--head-lr-restart",
+        "--opt",
+        "adamw",
+        "--lr",
+        "0.002",
+        "--weight-decay",
+        "0.05",
+        "--opt-betas",
+        "0.9",
+        "0.99",
+        "--opt-eps",
+        "1e-7",
+        "--layer-decay",
+        "0.8",
+        "--out",
+        out,
+    ]
     code, stdout, _ = run_cli(args, capsys)
     assert code == 0, stdout
     assert "layer decay 0.8: 5 layers" in stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["opt"], saved["opt_betas"], saved["opt_eps"], saved["layer_decay"]) == \
-        ("adamw", [0.9, 0.99], 1e-7, 0.8)
+    assert (saved["opt"], saved["opt_betas"], saved["opt_eps"], saved["layer_decay"]) == (
+        "adamw",
+        [0.9, 0.99],
+        1e-7,
+        0.8,
+    )
     state = torch.load(out / "state.pt", weights_only=True)
     g = state["optimizer"]["param_groups"]
     assert [x["name"] for x in g][-1] == "head.layer4" and all(x["betas"] == (0.9, 0.99) for x in g)
     rows = metrics(out)
     # RIFLE's head-LR restart restarts the head group from its own (scaled) initial LR at the re-init
     assert rows[1]["lr_groups"]["head.layer4"] == pytest.approx(0.002)
-    assert rows[1]["lr_groups"]["backbone.layer3"] == pytest.approx(0.002 * 0.8 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert rows[1]["lr_groups"]["backbone.layer3"] == pytest.approx(
+        0.002 * 0.8 * 0.5 * (1 + math.cos(math.pi / 2))
+    )
     # a resume with another optimizer is refused, naming the key
     code, _, err = run_cli(["train", "--resume", "--out", out, "--opt", "lamb"], capsys)
     assert code == 2 and "opt: 'adamw' -> 'lamb'" in err

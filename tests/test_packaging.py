@@ -8,6 +8,7 @@ packages read-only through a ``.pth`` line, so ``pip install --no-index WHEEL[ex
 requirement of the extras against them (a missing or conflicting one fails the install) and ``pip check``
 must pass. Slow (about a minute on 2 busy cores): builds, installs and trains in child processes.
 """
+
 import os
 import re
 import shutil
@@ -25,7 +26,9 @@ EXTRAS = "offline,lightning,transformers,report,export"
 
 
 def sh(argv, cwd, env=None, timeout=600):
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{argv}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -42,8 +45,21 @@ def test_wheel_installs_in_a_fresh_venv_and_trains_outside_the_checkout(tmp_path
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     t0 = time.perf_counter()
-    sh([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w",
-        tmp_path / "dist", src], cwd=tmp_path)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            tmp_path / "dist",
+            src,
+        ],
+        cwd=tmp_path,
+    )
     t["wheel"] = time.perf_counter() - t0
     [wheel] = (tmp_path / "dist").glob("*.whl")
     assert wheel.name.startswith("rifle_finetune-0.1.0-py3-none-any"), wheel.name
@@ -64,7 +80,11 @@ def test_wheel_installs_in_a_fresh_venv_and_trains_outside_the_checkout(tmp_path
     # --without-pip: ensurepip's own pip/setuptools would shadow the locked ones (torch needs setuptools>=77)
     sh([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     py = venv / "bin" / "python"
-    site = Path(sh([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).stdout.strip())
+    site = Path(
+        sh(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path
+        ).stdout.strip()
+    )
     (site / "locked_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PIP_NO_INDEX"] = "1"
@@ -81,9 +101,34 @@ def test_wheel_installs_in_a_fresh_venv_and_trains_outside_the_checkout(tmp_path
     out = sh([rifle, "--help"], cwd=work, env=env).stdout
     assert "train" in out and "report" in out
     t0 = time.perf_counter()
-    run = sh([rifle, "train", "--data", "digits", "--model", "tiny_cnn", "--epochs", "2", "--image-size", "16",
-              "--batch-size", "64", "--train-fraction", "0.3", "--method", "rifle", "--reinits", "1",
-              "--min-steps-after", "0", "--out", "runs/two"], cwd=work, env=env)
+    run = sh(
+        [
+            rifle,
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "tiny_cnn",
+            "--epochs",
+            "2",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "64",
+            "--train-fraction",
+            "0.3",
+            "--method",
+            "rifle",
+            "--reinits",
+            "1",
+            "--min-steps-after",
+            "0",
+            "--out",
+            "runs/two",
+        ],
+        cwd=work,
+        env=env,
+    )
     t["train"] = time.perf_counter() - t0
     assert "done: final test acc" in run.stdout
     for f in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoint.safetensors"):

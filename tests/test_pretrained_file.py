@@ -3,6 +3,7 @@
 Nothing here downloads: the files are saved from models built with pretrained=False, and the offline
 tests point the hub at a closed local port or set HF_HUB_OFFLINE=1, with empty caches.
 """
+
 import hashlib
 import json
 import socket
@@ -22,6 +23,7 @@ SEED = 1234
 
 def resnet18_state(num_classes=1000):
     import timm
+
     torch.manual_seed(SEED)
     return timm.create_model("resnet18", pretrained=False, num_classes=num_classes).state_dict()
 
@@ -54,12 +56,15 @@ def test_backbone_is_the_files_and_the_head_is_drawn_as_without_it(files, name):
     assert model.fc.weight.shape == (5, 512) and torch.equal(model.fc.weight, fresh.fc.weight)
     assert model.rifle_pretrained_source == f"file {d / name}"
     where = "safetensors" if name.endswith("safetensors") else "torch file, ['state_dict']"
-    assert logs == [f"pretrained weights: 120 tensors from {d / name} ({where}) into the backbone; its "
-                    f"classifier (fc.bias, fc.weight) is not loaded: the run trains a new head"]
+    assert logs == [
+        f"pretrained weights: 120 tensors from {d / name} ({where}) into the backbone; its "
+        f"classifier (fc.bias, fc.weight) is not loaded: the run trains a new head"
+    ]
 
 
 def test_a_torchvision_file_loads_into_torchvision_and_timm_resnet18(tmp_path):
     import torchvision
+
     torch.manual_seed(SEED)
     state = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(state, tmp_path / "tv.pth")
@@ -79,14 +84,34 @@ def test_cli_finetunes_from_the_file_and_epoch_0_starts_from_it(files, tmp_path,
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
     out = tmp_path / "run"
-    code, stdout, err = run_cli(["train", "--data", "digits", "--model", "resnet18", "--pretrained-file",
-                                 d / "resnet18.safetensors", "--epochs", "1", "--image-size", "16",
-                                 "--batch-size", "64", "--train-fraction", "0.1", "--out", out], capsys)
+    code, stdout, err = run_cli(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "resnet18",
+            "--pretrained-file",
+            d / "resnet18.safetensors",
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "64",
+            "--train-fraction",
+            "0.1",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"pretrained weights: 120 tensors from {d / 'resnet18.safetensors'}" in stdout
     start = seen["start"]
     assert all(torch.equal(start[k], state[k]) for k in start if not k.startswith("fc."))
     import json
+
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrained_source"] == f"file {d / 'resnet18.safetensors'}"
 
@@ -115,18 +140,28 @@ def test_bad_files_are_errors_naming_the_file(files, tmp_path):
 
 def test_a_file_of_another_architecture_lists_the_tensors(tmp_path):
     import timm
+
     save_file(timm.create_model("resnet34", pretrained=False).state_dict(), str(tmp_path / "r34.safetensors"))
-    with pytest.raises(ModelError, match=r"r34.safetensors does not match resnet18: 80 tensors of the file are "
-                                         r"not in the model: layer1.2.bn1.bias, "):
+    with pytest.raises(
+        ModelError,
+        match=r"r34.safetensors does not match resnet18: 80 tensors of the file are "
+        r"not in the model: layer1.2.bn1.bias, ",
+    ):
         create_model("resnet18", 3, pretrained_file=tmp_path / "r34.safetensors")
     save_file(create_model("tiny_cnn", 3, pretrained=False).state_dict(), str(tmp_path / "tiny.safetensors"))
-    with pytest.raises(ModelError, match=r"none of the file's 54 tensor names is one of resnet18's \(file: blocks.0.bn1.bias, "):
+    with pytest.raises(
+        ModelError,
+        match=r"none of the file's 54 tensor names is one of resnet18's \(file: blocks.0.bn1.bias, ",
+    ):
         create_model("resnet18", 3, pretrained_file=tmp_path / "tiny.safetensors")
     state = resnet18_state()
     state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
     save_file(state, str(tmp_path / "shape.safetensors"))
-    with pytest.raises(ModelError, match=r"1 have other shapes: layer1.0.conv1.weight \(64, 64, 1, 1\) in the "
-                                         r"file, \(64, 64, 3, 3\) in the model"):
+    with pytest.raises(
+        ModelError,
+        match=r"1 have other shapes: layer1.0.conv1.weight \(64, 64, 1, 1\) in the "
+        r"file, \(64, 64, 3, 3\) in the model",
+    ):
         create_model("resnet18", 3, pretrained_file=tmp_path / "shape.safetensors")
     del state["layer1.0.conv1.weight"]
     state.pop("layer4.1.bn2.running_var")
@@ -161,8 +196,17 @@ def test_reachable_is_quick_and_right():
 @pytest.fixture
 def unreachable_hub(tmp_path, monkeypatch):
     from huggingface_hub import constants
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "http_proxy", "https_proxy", "HTTP_PROXY",
-                "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+
+    for var in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(var, raising=False)
     port = closed_port()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # what HF_ENDPOINT sets
@@ -179,8 +223,22 @@ def test_unreachable_hub_fails_at_once_with_what_to_do(unreachable_hub, tmp_path
     msg = str(e.value)
     assert f"127.0.0.1:{unreachable_hub} cannot be reached" in msg and "timm/resnet18.a1_in1k" in msg
     assert "--pretrained-file PATH" in msg and "--no-pretrained" in msg
-    code, _, err = run_cli(["train", "--data", "digits", "--model", "resnet18", "--epochs", "1",
-                            "--image-size", "16", "--out", tmp_path / "run"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--out",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert code == 2 and "--pretrained-file PATH" in err and "cannot be reached" in err
 
 
@@ -206,9 +264,27 @@ def tiny_file(path, seed):
 
 
 def tiny_run(out, weights, *extra):
-    return ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-            "--train-fraction", "0.2", "--epochs", "2", "--pretrained-file", weights, "--out", out, "--quiet",
-            *extra]
+    return [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "tiny_cnn",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "64",
+        "--train-fraction",
+        "0.2",
+        "--epochs",
+        "2",
+        "--pretrained-file",
+        weights,
+        "--out",
+        out,
+        "--quiet",
+        *extra,
+    ]
 
 
 def interrupted_run(argv, capsys):
@@ -252,8 +328,10 @@ def test_a_moved_file_blocks_only_a_resume_that_reads_it(tmp_path, capsys):
         code, stdout, err = run_cli(["train", "--out", out, "--resume"], capsys)  # the recorded path
         if needed:
             assert code == 2, err
-            assert (f"l2sp uses the pretrained weights as a reference, but there is no file at {weights} "
-                    f"(where --pretrained-file points)") in err, err
+            assert (
+                f"l2sp uses the pretrained weights as a reference, but there is no file at {weights} "
+                f"(where --pretrained-file points)"
+            ) in err, err
             # its new place, with the same bytes, is no change of setting
             code, _, err = run_cli([*tiny_run(out, moved, *extra), "--resume"], capsys)
             assert code == 0, err

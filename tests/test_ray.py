@@ -5,6 +5,7 @@ Seen here (2 cores shared with one benchmark): cluster start ~10 s, test_ray_eng
 the module); with the machine far more loaded (load average ~15) 30 / 107 / 197 / 64 s; issue 20, machine
 loaded by 7 sessions: 14 / 33 / 63 / 15 s, and the driver SIGTERM test ~75 s (~210 s for the module).
 """
+
 import json
 import os
 import re
@@ -25,19 +26,29 @@ from rifle.experiments import runner as R
 from rifle.experiments.ray_engine import Progress
 
 TINY = {
-    "datasets": ["digits"], "models": ["tiny_cnn"],
+    "datasets": ["digits"],
+    "models": ["tiny_cnn"],
     "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1}],
-    "seeds": [0, 1], "train_fractions": [0.3],
+    "seeds": [0, 1],
+    "train_fractions": [0.3],
     "train": {"epochs": 2, "image_size": 16, "batch_size": 32, "lr": 0.05, "min_steps_after": 0},
 }
-NUMBERS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc", "best_epoch", "reinit_epochs", "data_info",
-           "complete")
+NUMBERS = (
+    "final_test_acc",
+    "test_acc_at_best_val",
+    "best_val_acc",
+    "best_epoch",
+    "reinit_epochs",
+    "data_info",
+    "complete",
+)
 
 
 # ------------------------------------------------------------------------------------------ no cluster
 def test_an_address_where_nothing_listens_fails_at_once_naming_it():
     import socket
     from rifle.experiments.ray_engine import EngineError, check_address
+
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -55,13 +66,14 @@ def test_an_address_where_nothing_listens_fails_at_once_naming_it():
 
 def test_progress_eta_and_one_line_per_event_by_hand():
     import io
+
     out = io.StringIO()
     p = Progress(total=8, slots=2, stream=out)
     assert p.tty is False and p.state().endswith("ETA ?")  # nothing finished yet: no estimate
-    p.durations += [10.0, 20.0]                              # mean 15 s
+    p.durations += [10.0, 20.0]  # mean 15 s
     p.queued = 3
     now = time.time()
-    p.started = {4: now - 5.0, 5: now - 30.0}                # 10 s left, and overdue (0 s left)
+    p.started = {4: now - 5.0, 5: now - 30.0}  # 10 s left, and overdue (0 s left)
     assert p.eta(now) == pytest.approx((15 * 3 + 10 + 0) / 2)
     p.counts.update(done=1, skipped=1, failed=1)
     p.event(6, "done", "a/b/seed1", "  3s")
@@ -87,8 +99,9 @@ def cluster(tmp_path_factory):
     os.environ["RIFLE_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "rifle-cache")
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-                 logging_level="WARNING")  # the raylet and its workers inherit this environment
+        ray.init(
+            num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False, logging_level="WARNING"
+        )  # the raylet and its workers inherit this environment
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -107,16 +120,37 @@ def _summary(path):
 
 def _bench(cluster, grid_file, out, *extra):
     """``rifle bench --engine ray`` as its own driver process, joining the module's cluster."""
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out),
-                             "--engine", "ray", "--address", cluster, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rifle",
+            "bench",
+            str(grid_file),
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+            "--address",
+            cluster,
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.slow
 def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
     import torch
+
     grid = G.parse_grid(TINY)
     local, remote = tmp_path / "local", tmp_path / "ray"
     threads = torch.get_num_threads()
@@ -127,7 +161,9 @@ def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
         torch.set_num_threads(threads)
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(TINY))
-    code, out, err = run_cli(["bench", grid_file, "--out", remote, "--engine", "ray"], capsys)  # joins `cluster`
+    code, out, err = run_cli(
+        ["bench", grid_file, "--out", remote, "--engine", "ray"], capsys
+    )  # joins `cluster`
     assert code == 0, out + err
     runs = G.expand(grid, remote)
     done = re.findall(r"\] done +(\S+)", out)
@@ -135,7 +171,7 @@ def test_ray_engine_matches_local_engine(cluster, tmp_path, capsys):
     assert re.search(r"4/4 done, 0 running, 0 queued, 0 failed", out) and "4/4 runs complete" in out
     assert not list(remote.rglob(L.LOCK)) and (remote / "grid.yaml").is_file()
     for r, loc in zip(runs, G.expand(grid, local)):
-        assert metrics(r.path) == metrics(loc.path), r.rel     # every epoch's numbers, bit for bit
+        assert metrics(r.path) == metrics(loc.path), r.rel  # every epoch's numbers, bit for bit
         assert _summary(r.path) == _summary(loc.path), r.rel
     # the driver re-run: finished runs are skipped, not submitted, not touched
     stamps = {r.rel: (r.path / "summary.json").stat().st_mtime_ns for r in runs}
@@ -157,8 +193,12 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
         deadline, pid = time.time() + 300, None
         while time.time() < deadline and proc.poll() is None:  # an epoch checkpointed, the run going on
             info = L.read_lock(victim / L.LOCK)
-            if info and str(info.get("owner", "")).startswith("ray:") and (victim / "metrics.jsonl").is_file() \
-                    and (victim / "metrics.jsonl").read_text().count("\n") >= 1:
+            if (
+                info
+                and str(info.get("owner", "")).startswith("ray:")
+                and (victim / "metrics.jsonl").is_file()
+                and (victim / "metrics.jsonl").read_text().count("\n") >= 1
+            ):
                 pid = info["pid"]
                 break
             time.sleep(0.02)
@@ -180,6 +220,7 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
     assert not list(out.rglob(L.LOCK)) and not list(out.rglob(L.ERROR))
     # and the resumed run has the numbers of an uninterrupted one (the local engine's)
     import torch
+
     ref = G.expand(G.parse_grid(spec), tmp_path / "ref")[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -193,14 +234,22 @@ def test_killed_worker_is_retried_and_resumes(cluster, tmp_path):
 @pytest.mark.slow
 def test_real_failure_is_recorded_once_not_retried(cluster, tmp_path, capsys):
     from conftest import make_image_folder
+
     broken = make_image_folder(tmp_path / "broken_folder")  # exists (the grid's check passes); one image
     (broken / "train" / "cat" / "0.png").write_bytes(b"not an image")  # cannot be decoded: the run raises
-    spec = {**TINY, "datasets": ["digits", str(broken)], "methods": [{"name": "finetune"}],
-            "seeds": [0], "train": {**TINY["train"], "epochs": 1}}
+    spec = {
+        **TINY,
+        "datasets": ["digits", str(broken)],
+        "methods": [{"name": "finetune"}],
+        "seeds": [0],
+        "train": {**TINY["train"], "epochs": 1},
+    }
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(["bench", grid_file, "--out", out, "--engine", "ray", "--max-retries", "2"], capsys)
+    code, stdout, err = run_cli(
+        ["bench", grid_file, "--out", out, "--engine", "ray", "--max-retries", "2"], capsys
+    )
     assert code == 1, stdout + err
     bad, good = (G.run_path(out, d, "tiny_cnn", 0.3, "finetune", 0) for d in (spec["datasets"][1], "digits"))
     assert len(re.findall(r"\] failed ", stdout)) == 1 and "broken_folder/tiny_cnn" in stdout

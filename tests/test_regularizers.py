@@ -1,4 +1,5 @@
 """The transfer regularisers (--reg l2sp | delta | bss) against hand-computed values, and end to end."""
+
 import json
 from collections import OrderedDict
 
@@ -35,18 +36,31 @@ class TwoLayer(nn.Module):
 def _ctx(model, head_name="fc", loader=None, **config):
     head = [model.get_submodule(head_name)]
     logs = []
-    ctx = RunContext(epochs=1, steps_per_epoch=1, seed=0, num_classes=2, head=head, head_names=[head_name],
-                     train_loader=loader, config={"weight_decay": 1e-4, **config},
-                     pretrained_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-                     log=logs.append)
+    ctx = RunContext(
+        epochs=1,
+        steps_per_epoch=1,
+        seed=0,
+        num_classes=2,
+        head=head,
+        head_names=[head_name],
+        train_loader=loader,
+        config={"weight_decay": 1e-4, **config},
+        pretrained_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        log=logs.append,
+    )
     return ctx, logs
 
 
 def _groups(model):
     head = {id(p) for p in model.fc.parameters()}
-    return [{"name": "backbone", "params": [p for p in model.parameters() if id(p) not in head],
-             "weight_decay": 1e-4},
-            {"name": "head", "params": list(model.fc.parameters()), "weight_decay": 1e-4}]
+    return [
+        {
+            "name": "backbone",
+            "params": [p for p in model.parameters() if id(p) not in head],
+            "weight_decay": 1e-4,
+        },
+        {"name": "head", "params": list(model.fc.parameters()), "weight_decay": 1e-4},
+    ]
 
 
 # ------------------------------------------------------------------------------------------- L2-SP
@@ -62,11 +76,11 @@ def test_l2sp_equals_the_formula_on_a_two_layer_model():
             model.get_parameter(name).add_(d)
         model.bn.running_mean.add_(5.0)  # buffers are not parameters: ignored
         model.bn.running_var.mul_(3.0)
-        model.fc.weight.copy_(torch.tensor([[1., 2., 0., -1.], [0.5, 0., 0., 3.]]))
-        model.fc.bias.copy_(torch.tensor([2., -1.]))
+        model.fc.weight.copy_(torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0]]))
+        model.fc.bias.copy_(torch.tensor([2.0, -1.0]))
     terms = reg.loss_terms(None, None, None, None)
     n = {name: model.get_parameter(name).numel() for name in deltas}
-    expected_sp = 0.3 / 2 * sum(n[k] * d ** 2 for k, d in deltas.items())  # 12*.01 + 4*.04 + 4*.09 + 4*.0025
+    expected_sp = 0.3 / 2 * sum(n[k] * d**2 for k, d in deltas.items())  # 12*.01 + 4*.04 + 4*.09 + 4*.0025
     expected_head = 0.05 / 2 * (1 + 4 + 1 + 0.25 + 9 + 4 + 1)
     assert float(terms["l2sp"].detach()) == pytest.approx(expected_sp, rel=1e-5)
     assert float(terms["l2sp_head"].detach()) == pytest.approx(expected_head, rel=1e-6)
@@ -89,8 +103,9 @@ def test_l2sp_is_zero_with_finite_zero_gradient_at_the_pretrained_point():
         assert torch.equal(p.grad, torch.zeros_like(p))
     # the functional form agrees with a plain loop
     a, b = [torch.randn(3, 2), torch.randn(5)], [torch.randn(3, 2), torch.randn(5)]
-    assert float(squared_distance(a, b)) == pytest.approx(sum(float((x - y).square().sum()) for x, y in zip(a, b)),
-                                                          rel=1e-5)
+    assert float(squared_distance(a, b)) == pytest.approx(
+        sum(float((x - y).square().sum()) for x, y in zip(a, b)), rel=1e-5
+    )
 
 
 def test_l2sp_head_term_touches_only_the_head():
@@ -156,13 +171,29 @@ def test_bss_in_the_trainer_penalises_the_head_input_known_answer(tmp_path):
     from rifle.models import create_model, model_preprocessing
     from rifle.train import RunDir, Trainer
 
-    data = load_data(TrainConfig(data="digits", model="tiny_cnn", image_size=16, train_fraction=0.1).validate())
+    data = load_data(
+        TrainConfig(data="digits", model="tiny_cnn", image_size=16, train_fraction=0.1).validate()
+    )
     torch.manual_seed(0)
     model = create_model("tiny_cnn", data.num_classes)
     bss = create("bss", k=3, eta=0.25)
-    trainer = Trainer(model, data, [bss], epochs=1, batch_size=16, lr=0.1, momentum=0.9, weight_decay=0.0,
-                      lr_schedule="constant", image_size=16, seed=0, preprocessing=model_preprocessing(model),
-                      run_dir=RunDir(tmp_path / "r"), device=torch.device("cpu"), channels_last=False)
+    trainer = Trainer(
+        model,
+        data,
+        [bss],
+        epochs=1,
+        batch_size=16,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        lr_schedule="constant",
+        image_size=16,
+        seed=0,
+        preprocessing=model_preprocessing(model),
+        run_dir=RunDir(tmp_path / "r"),
+        device=torch.device("cpu"),
+        channels_last=False,
+    )
     x, y = next(iter(trainer._train_iter(0)))
     body = copy.deepcopy(model).train()
     body.fc = nn.Identity()  # the same network without its head: the pooled feature
@@ -198,14 +229,21 @@ def test_feature_map_distance_formula():
     expected = 0.5 * sum(2 * att[c].item() * d[b, c] / 20 for b in range(3) for c in range(2))
     got = feature_map_distance({"l": f}, {"l": f0}, {"l": att})
     assert float(got) == pytest.approx(expected, rel=1e-5)
-    assert float(feature_map_distance({"l": f}, {"l": f0}, {"l": att}, scale=0.5)) == pytest.approx(expected / 3,
-                                                                                                       rel=1e-5)
+    assert float(feature_map_distance({"l": f}, {"l": f0}, {"l": att}, scale=0.5)) == pytest.approx(
+        expected / 3, rel=1e-5
+    )
 
 
 def _hand_model():
     """feat (1x1 conv, identity) -> global average pool -> fc with fixed weights; all frozen."""
-    model = nn.Sequential(OrderedDict(feat=nn.Conv2d(2, 2, 1, bias=False), pool=nn.AdaptiveAvgPool2d(1),
-                                      flat=nn.Flatten(), fc=nn.Linear(2, 3)))
+    model = nn.Sequential(
+        OrderedDict(
+            feat=nn.Conv2d(2, 2, 1, bias=False),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(2, 3),
+        )
+    )
     with torch.no_grad():
         model.feat.weight.copy_(torch.eye(2).reshape(2, 2, 1, 1))
         model.fc.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 1.0], [-1.0, 0.0]]))
@@ -285,6 +323,7 @@ def test_delta_terms_known_answer_on_a_two_conv_model(batch_size):
         f1 = F.conv2d(x, state["c1.weight"], state["c1.bias"], padding=1)
         f2 = F.conv2d(torch.relu(f1), state["c2.weight"], state["c2.bias"], stride=2, padding=1)
         return {"c1": f1.double().numpy(), "c2": f2.double().numpy()}
+
     now = {k: v.detach() for k, v in model.state_dict().items()}
     f, f0 = maps(now), maps(w0)
     expected = 0.0
@@ -304,16 +343,23 @@ def test_delta_terms_known_answer_on_a_two_conv_model(batch_size):
 
 def _tiny_setup(**options):
     from rifle.models import create_model
+
     torch.manual_seed(0)
     model = create_model("tiny_cnn", 3).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 3, 16, 16, generator=g).contiguous(memory_format=torch.channels_last),
-                torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+    batches = [
+        (
+            torch.randn(8, 3, 16, 16, generator=g).contiguous(memory_format=torch.channels_last),
+            torch.randint(0, 3, (8,), generator=g),
+        )
+        for _ in range(2)
+    ]
     calls = []
 
     def loader():
         calls.append(1)
         return iter(batches)
+
     ctx, logs = _ctx(model, loader=loader, batch_size=8)
     options.setdefault("attention_batches", 2)
     reg = create("delta", **options)
@@ -377,8 +423,9 @@ def test_delta_exact_and_uniform_attention_modes():
     model, reg, ctx, _, _, _ = _tiny_setup(attention="uniform")
     reg.setup(model, None, ctx)
     assert torch.allclose(reg.channel_attention["blocks.2"], torch.full((48,), 1 / 48))
-    model, reg, ctx, _, _, _ = _tiny_setup(attention="exact", layers="blocks.0", attention_batches=1,
-                                           attention_head="pretrained")
+    model, reg, ctx, _, _, _ = _tiny_setup(
+        attention="exact", layers="blocks.0", attention_batches=1, attention_head="pretrained"
+    )
     reg.setup(model, None, ctx)
     assert list(reg.channel_attention) == ["blocks.0"] and len(reg.channel_attention["blocks.0"]) == 16
 
@@ -410,15 +457,31 @@ def test_delta_unknown_layer_lists_the_available_layers():
 
 
 # ------------------------------------------------------------------------------------- end to end
-FAST = ["--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "32", "--epochs", "2",
-        "--train-fraction", "0.3", "--quiet"]
+FAST = [
+    "--data",
+    "digits",
+    "--model",
+    "tiny_cnn",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--train-fraction",
+    "0.3",
+    "--quiet",
+]
 
 
-@pytest.mark.parametrize("reg,extra,terms", [
-    ("l2sp", [], ["l2sp", "l2sp_head"]),
-    ("bss", ["--bss-k", "2"], ["bss"]),
-    ("delta", ["--delta-attention-batches", "2"], ["delta", "delta_head"]),
-])
+@pytest.mark.parametrize(
+    "reg,extra,terms",
+    [
+        ("l2sp", [], ["l2sp", "l2sp_head"]),
+        ("bss", ["--bss-k", "2"], ["bss"]),
+        ("delta", ["--delta-attention-batches", "2"], ["delta", "delta_head"]),
+    ],
+)
 def test_cli_smoke_run_per_regulariser(tmp_path, capsys, reg, extra, terms):
     out = tmp_path / reg
     code = main(["train", *FAST, "--reg", reg, *extra, "--out", str(out)])
@@ -438,8 +501,24 @@ def test_cli_rifle_with_delta_and_dropout(tmp_path, capsys):
     if "dropout" not in registry():
         pytest.skip("no 'dropout' trick registered yet")
     out = tmp_path / "combo"
-    code = main(["train", *FAST, "--method", "rifle", "--reinits", "1", "--reg", "delta",
-                 "--delta-attention-batches", "1", "--trick", "dropout", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            *FAST,
+            "--method",
+            "rifle",
+            "--reinits",
+            "1",
+            "--reg",
+            "delta",
+            "--delta-attention-batches",
+            "1",
+            "--trick",
+            "dropout",
+            "--out",
+            str(out),
+        ]
+    )
     _, err = capsys.readouterr()
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -454,9 +533,17 @@ def test_delta_resume_restores_the_attention_and_reproduces_the_run(tmp_path, mo
     from safetensors.torch import load_file
 
     def cfg(name):
-        return TrainConfig(data="digits", model="tiny_cnn", epochs=2, image_size=16, batch_size=64,
-                           train_fraction=0.3, reg="delta", options={"delta": {"attention_batches": 2}},
-                           out=str(tmp_path / name)).validate()
+        return TrainConfig(
+            data="digits",
+            model="tiny_cnn",
+            epochs=2,
+            image_size=16,
+            batch_size=64,
+            train_fraction=0.3,
+            reg="delta",
+            options={"delta": {"attention_batches": 2}},
+            out=str(tmp_path / name),
+        ).validate()
 
     full = run_train(cfg("full"), log=lambda s: None)
     with interrupted_at_epoch(1), pytest.raises(KeyboardInterrupt):
@@ -472,6 +559,7 @@ def test_delta_resume_restores_the_attention_and_reproduces_the_run(tmp_path, mo
 def test_delta_warns_when_the_backbone_drifts_far_after_the_first_epoch():
     import warnings
     from rifle.methods.delta import backbone_drift
+
     a, a0 = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
     b, b0 = torch.zeros(2, 2), torch.zeros(2, 2)
     assert backbone_drift([(a, a0), (b, b0)]) == pytest.approx(5.0 / 4.0)  # ||(3,-4)|| / ||(0,4)||
@@ -481,15 +569,15 @@ def test_delta_warns_when_the_backbone_drifts_far_after_the_first_epoch():
     assert all(p.dim() > 1 for p, _ in reg._drift_pairs)  # conv / linear weights, not BatchNorm's affine
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        reg.on_epoch_start(0)   # nothing to check before the first epoch
-        reg.on_epoch_start(1)   # unchanged weights: drift 0, no warning
+        reg.on_epoch_start(0)  # nothing to check before the first epoch
+        reg.on_epoch_start(1)  # unchanged weights: drift 0, no warning
     assert reg._drift_checked
     reg._drift_checked = False
     with torch.no_grad():
         for p, _ in reg._drift_pairs:
-            p.mul_(-1.0)        # ||-W0 - W0|| / ||W0|| = 2
+            p.mul_(-1.0)  # ||-W0 - W0|| / ||W0|| = 2
     with pytest.warns(UserWarning, match=r"after epoch 2 the backbone weights are 2\.00 .*--delta-alpha"):
         reg.on_epoch_start(3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        reg.on_epoch_start(4)   # once per process
+        reg.on_epoch_start(4)  # once per process

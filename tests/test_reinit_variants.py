@@ -1,6 +1,7 @@
 """Re-init variants beyond the paper (issue 12 item 2; docs/rifle.md "Initialisers"):
 ``norm_matched`` (the default draw rescaled to the old head's row norms) and ``shrink_perturb``
 (Ash & Adams 2020: shrink * old + perturb * default draw). Exact semantics, then end to end."""
+
 from __future__ import annotations
 
 import json
@@ -89,12 +90,13 @@ def test_norm_matched_on_blocks_rescales_conv_rows_and_batchnorm_as_a_whole():
     block = model.blocks[2]
     old = {k: v.detach().clone() for k, v in block.state_dict().items()}
     old_fc = model.fc.weight.detach().clone()
-    Rifle(model, None, epochs=4, reinits=1, modules="last:1", init="norm_matched",
-          min_steps_after=None).reinit(1)
+    Rifle(
+        model, None, epochs=4, reinits=1, modules="last:1", init="norm_matched", min_steps_after=None
+    ).reinit(1)
     assert torch.allclose(row_norms(model.fc.weight), row_norms(old_fc), rtol=1e-6, atol=1e-6)
     new = block.state_dict()
     convs = [k for k in new if k.endswith("weight") and new[k].dim() == 4]
-    bns = [k[:-len(".running_var")] for k in new if k.endswith(".running_var")]
+    bns = [k[: -len(".running_var")] for k in new if k.endswith(".running_var")]
     assert len(convs) == 3 and len(bns) == 3
     for k in convs:  # rows = output channels (dim 0)
         assert torch.allclose(row_norms(new[k]), row_norms(old[k]), rtol=1e-6, atol=1e-6), k
@@ -102,7 +104,7 @@ def test_norm_matched_on_blocks_rescales_conv_rows_and_batchnorm_as_a_whole():
     for k in bns:
         gamma, c = new[k + ".weight"], new[k + ".weight"].numel()
         # the fresh gamma (all ones) scaled to the old gamma's norm: every channel ||gamma_old|| / sqrt(C)
-        level = float(old[k + ".weight"].double().norm()) / c ** 0.5
+        level = float(old[k + ".weight"].double().norm()) / c**0.5
         assert not torch.allclose(old[k + ".weight"], torch.full((c,), level, dtype=torch.float32))
         assert torch.allclose(gamma.double(), torch.full((c,), level, dtype=torch.float64), rtol=1e-6)
         assert torch.count_nonzero(old[k + ".bias"]) > 0
@@ -113,9 +115,14 @@ def test_norm_matched_on_blocks_rescales_conv_rows_and_batchnorm_as_a_whole():
 
 
 # ---------------------------------------------------------------------------------- shrink_perturb
-@pytest.mark.parametrize("init,shrink,perturb", [("shrink_perturb", 0.4, 0.1),
-                                                 ("shrink-perturb:0.3,0.05", 0.3, 0.05),
-                                                 ("shrink_perturb:0.7,1", 0.7, 1.0)])
+@pytest.mark.parametrize(
+    "init,shrink,perturb",
+    [
+        ("shrink_perturb", 0.4, 0.1),
+        ("shrink-perturb:0.3,0.05", 0.3, 0.05),
+        ("shrink_perturb:0.7,1", 0.7, 1.0),
+    ],
+)
 def test_shrink_perturb_is_exactly_the_formula_on_the_default_draw(init, shrink, perturb):
     model = trained_tiny_cnn()
     modules = [model.fc, model.blocks[2]]
@@ -144,8 +151,10 @@ def test_shrink_perturb_extremes_are_warm_start_and_the_default_reinit():
         assert all(torch.equal(a, b) for a, b in zip(fp + fb, dp + db))
     with torch.no_grad():  # a diverged head (inf/NaN) with lambda=0 still gets the finite fresh draw
         model.fc.weight[0, 0] = float("nan")
-    assert torch.equal(draw_values([model.fc], 0, 1, "shrink_perturb:0,1")[0][0],
-                       draw_values([model.fc], 0, 1, "default")[0][0])
+    assert torch.equal(
+        draw_values([model.fc], 0, 1, "shrink_perturb:0,1")[0][0],
+        draw_values([model.fc], 0, 1, "default")[0][0],
+    )
 
 
 def test_init_spellings_and_bad_parameters():
@@ -153,8 +162,14 @@ def test_init_spellings_and_bad_parameters():
     assert canonical_init("shrink-perturb") == canonical_init("shrink_perturb") == "shrink_perturb:0.4,0.1"
     assert canonical_init("shrink_perturb:0.5, 0") == "shrink_perturb:0.5,0.0"
     assert canonical_init("lecun-normal") == "lecun_normal"
-    for bad in ("shrink_perturb:1.5,0.1", "shrink_perturb:0.4", "shrink_perturb:a,b",
-                "shrink_perturb:0,0", "shrink_perturb:0.4,-1", "shrink_perturb:nan,0.1"):
+    for bad in (
+        "shrink_perturb:1.5,0.1",
+        "shrink_perturb:0.4",
+        "shrink_perturb:a,b",
+        "shrink_perturb:0,0",
+        "shrink_perturb:0.4,-1",
+        "shrink_perturb:nan,0.1",
+    ):
         with pytest.raises(ValueError, match="shrink_perturb:LAMBDA,SIGMA") as e:
             Rifle(nn.Sequential(nn.Linear(3, 2)), None, epochs=4, reinits=1, init=bad)
         assert repr(bad) in str(e.value)  # names the value given
@@ -164,8 +179,15 @@ def test_init_spellings_and_bad_parameters():
 
 def test_rifle_state_records_one_spelling_so_a_resume_may_use_the_other():
     def rifle(init):
-        return Rifle(nn.Sequential(nn.Linear(6, 48), nn.ReLU(), trained_head()), None, epochs=8,
-                     reinits=2, init=init, min_steps_after=None)
+        return Rifle(
+            nn.Sequential(nn.Linear(6, 48), nn.ReLU(), trained_head()),
+            None,
+            epochs=8,
+            reinits=2,
+            init=init,
+            min_steps_after=None,
+        )
+
     first = rifle("shrink-perturb")
     with pytest.warns(UserWarning, match="not applied"):
         first.on_epoch_start(3)  # re-init 1 (epoch 2) passed without being applied; 2 pending
@@ -178,9 +200,30 @@ def test_rifle_state_records_one_spelling_so_a_resume_may_use_the_other():
 
 # ------------------------------------------------------------------ end to end through `rifle train`
 # digits at 16 px, 15 % of train, 2 epochs of 3 steps: re-init 1 at the start of epoch 1
-FAST = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-        "--train-fraction", "0.15", "--min-steps-after", "0", "--lr", "0.05", "--quiet", "--epochs", "2",
-        "--method", "rifle", "--reinits", "1"]
+FAST = [
+    "train",
+    "--data",
+    "digits",
+    "--model",
+    "tiny_cnn",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "64",
+    "--train-fraction",
+    "0.15",
+    "--min-steps-after",
+    "0",
+    "--lr",
+    "0.05",
+    "--quiet",
+    "--epochs",
+    "2",
+    "--method",
+    "rifle",
+    "--reinits",
+    "1",
+]
 
 
 @pytest.fixture
@@ -193,8 +236,9 @@ def reinit_spy(monkeypatch):
         before = [p.detach().clone() for p in self.modules[0].parameters()]
         fresh = draw_state(self.modules, self.seed, index, "default")[0][0]
         original(self, index)
-        seen.append((index, before, [p.detach().clone() for p in self.modules[0].parameters()], fresh,
-                     self.init))
+        seen.append(
+            (index, before, [p.detach().clone() for p in self.modules[0].parameters()], fresh, self.init)
+        )
 
     monkeypatch.setattr(Rifle, "reinit", spy)
     return seen
@@ -241,6 +285,7 @@ def test_cli_shrink_perturb_head_is_the_formula(tmp_path, capsys, reinit_spy):
 def test_docs_variants_example_prints_what_it_says(capsys):
     import re
     from pathlib import Path
+
     doc = Path(__file__).resolve().parents[1] / "docs" / "rifle.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
     exec(compile("\n".join(blocks), str(doc), "exec"), {})
@@ -258,6 +303,7 @@ def test_lightning_callback_passes_norm_matched_through(tmp_path, reinit_spy):
     from sklearn.datasets import load_digits
 
     from rifle.integrations.lightning import RifleCallback
+
     d = load_digits()
     x, y = torch.tensor(d.data[:128], dtype=torch.float32) / 16, torch.tensor(d.target[:128])
 
@@ -276,9 +322,17 @@ def test_lightning_callback_passes_norm_matched_through(tmp_path, reinit_spy):
             return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
 
     pl.seed_everything(0, verbose=False)
-    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-               callbacks=[RifleCallback(reinits=1, init="norm-matched", min_steps_after=None)]).fit(Net())
+    pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[RifleCallback(reinits=1, init="norm-matched", min_steps_after=None)],
+    ).fit(Net())
     [(index, (w0, _), (w1, _), (fw, _), init)] = reinit_spy
     assert (index, init) == (1, "norm_matched")
     assert torch.allclose(row_norms(w1), row_norms(w0), rtol=1e-6, atol=1e-6)
@@ -290,16 +344,33 @@ def test_hf_callback_passes_shrink_perturb_through(tmp_path, reinit_spy):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from rifle.integrations.transformers import RifleTrainerCallback
+
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
     model = transformers.BertForSequenceClassification(cfg)
     ids = torch.randint(5, 50, (32, 8), generator=torch.Generator().manual_seed(0))
-    data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": (i == 7).any().long()}
-            for i in ids]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
-                                          learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True,
-                                          disable_tqdm=True, seed=0)
+    data = [
+        {"input_ids": i, "attention_mask": torch.ones_like(i), "labels": (i == 7).any().long()} for i in ids
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     cb = RifleTrainerCallback(reinits=1, init="shrink-perturb:0.5,0.2", min_steps_after=None)
     transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     [(index, (w0, b0), (w1, b1), (fw, fb), init)] = reinit_spy
@@ -311,6 +382,7 @@ def test_cli_resume_draws_the_norm_matched_head_of_the_uninterrupted_run(tmp_pat
     from safetensors.torch import load_file
 
     from rifle.train.checkpoint import WEIGHTS
+
     args = [*FAST, "--reinit-init", "norm-matched"]  # re-init 1 at the start of epoch 1
     assert main([*args, "--out", str(tmp_path / "full")]) == 0
     with interrupted_at_epoch(1):

@@ -1,4 +1,5 @@
 """RIFLE + BSS through the real trainer: the head carries the trainer's feature hook at each re-init."""
+
 import json
 
 from rifle.build import load_data
@@ -13,9 +14,19 @@ def test_rifle_with_bss_reinits_without_copying_the_trainer(tmp_path, monkeypatc
 
     # the Trainer's _capture_features is a forward pre-hook on the head while BSS needs features
     monkeypatch.setattr(Trainer, "__deepcopy__", refuse, raising=False)
-    cfg = TrainConfig(data="digits", model="tiny_cnn", method="rifle", reg="bss", reinits=1, epochs=2,
-                      image_size=16, batch_size=64, train_fraction=0.2, min_steps_after=0,
-                      out=str(tmp_path / "r")).validate()
+    cfg = TrainConfig(
+        data="digits",
+        model="tiny_cnn",
+        method="rifle",
+        reg="bss",
+        reinits=1,
+        epochs=2,
+        image_size=16,
+        batch_size=64,
+        train_fraction=0.2,
+        min_steps_after=0,
+        out=str(tmp_path / "r"),
+    ).validate()
     summary = run_train(cfg, data=load_data(cfg), log=lambda s: None)
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]

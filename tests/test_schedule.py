@@ -1,17 +1,33 @@
 """The schedule against REFERENCE.md §3.1-3.3, table-driven."""
+
 import warnings
 
 import pytest
 
-from rifle.core.schedule import (RifleScheduleWarning, check_step_budget, default_guard, make_schedule,
-                                 raw_points, steps_after)
+from rifle.core.schedule import (
+    RifleScheduleWarning,
+    check_step_budget,
+    default_guard,
+    make_schedule,
+    raw_points,
+    steps_after,
+)
 
 
-@pytest.mark.parametrize("total,k,expected", [
-    (40, 1, [20]), (40, 2, [13, 26]), (40, 3, [10, 20, 30]), (40, 0, []),
-    (12, 1, [6]), (12, 2, [4, 8]), (10, 3, [2, 5, 7]), (7, 6, [1, 2, 3, 4, 5, 6]),
-    (9000, 2, [3000, 6000]),
-])
+@pytest.mark.parametrize(
+    "total,k,expected",
+    [
+        (40, 1, [20]),
+        (40, 2, [13, 26]),
+        (40, 3, [10, 20, 30]),
+        (40, 0, []),
+        (12, 1, [6]),
+        (12, 2, [4, 8]),
+        (10, 3, [2, 5, 7]),
+        (7, 6, [1, 2, 3, 4, 5, 6]),
+        (9000, 2, [3000, 6000]),
+    ],
+)
 def test_points_follow_floor_rule(total, k, expected):
     assert raw_points(total, k) == expected
     assert raw_points(total, k) == [i * total // (k + 1) for i in range(1, k + 1)]

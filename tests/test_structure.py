@@ -1,4 +1,5 @@
 """rifle.core.structure on real models: DELTA's default feature layers, and has_params."""
+
 import pytest
 import timm
 import torchvision
@@ -8,10 +9,13 @@ from rifle.core.structure import default_layers, has_params
 from rifle.models import create_model
 
 
-@pytest.mark.parametrize("name,layers", [
-    ("efficientnet_lite0", ["blocks.3.2", "blocks.4.2", "blocks.5.3", "blocks.6.0"]),  # docs/methods.md
-    ("tiny_cnn", ["blocks.0", "blocks.1", "blocks.2"]),
-])
+@pytest.mark.parametrize(
+    "name,layers",
+    [
+        ("efficientnet_lite0", ["blocks.3.2", "blocks.4.2", "blocks.5.3", "blocks.6.0"]),  # docs/methods.md
+        ("tiny_cnn", ["blocks.0", "blocks.1", "blocks.2"]),
+    ],
+)
 def test_default_layers_of_the_builtin_models(name, layers):
     model = create_model(name, 3, pretrained=False)
     assert default_layers(model) == layers

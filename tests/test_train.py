@@ -13,6 +13,7 @@ from rifle.train.checkpoint import WEIGHTS, read_metadata
 
 def weights(path):
     from safetensors.torch import load_file
+
     return load_file(str(path / WEIGHTS))
 
 
@@ -62,6 +63,7 @@ class NaNAtEpoch1(Method):
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, monkeypatch):
     import rifle.run as run
+
     monkeypatch.setattr(run, "build_methods", lambda c: [NaNAtEpoch1()])
     with pytest.raises(TrainingError, match=r"epoch 1, step 0.*epoch 0"):
         run_train(cfg(tmp_path, "nan", method="finetune"), log=lambda s: None)
@@ -75,14 +77,18 @@ def test_output_folder_rules(tmp_path):
     (tmp_path / "o-2").mkdir()
     with pytest.raises(RunDirError, match="already holds a run") as e:
         run_train(c, log=lambda s: None)
-    assert f"pass --resume to continue it, --overwrite to replace it, or another --out (e.g. --out " \
-           f"{tmp_path / 'o-3'}) to start a new one" in str(e.value)
+    assert (
+        f"pass --resume to continue it, --overwrite to replace it, or another --out (e.g. --out "
+        f"{tmp_path / 'o-3'}) to start a new one" in str(e.value)
+    )
     changed = cfg(tmp_path, "o", epochs=3, lr=0.1, method="finetune")
     with pytest.raises(RunDirError) as e:  # another run's settings: --resume would be refused, say so
         run_train(changed, log=lambda s: None)
-    assert str(e.value) == (f"--out {tmp_path / 'o'} already holds another run (its config.yaml differs: "
-                            f"epochs: 2 -> 3, lr: 0.05 -> 0.1); give this run another --out (e.g. --out "
-                            f"{tmp_path / 'o-3'}), or pass --overwrite to replace that one")
+    assert str(e.value) == (
+        f"--out {tmp_path / 'o'} already holds another run (its config.yaml differs: "
+        f"epochs: 2 -> 3, lr: 0.05 -> 0.1); give this run another --out (e.g. --out "
+        f"{tmp_path / 'o-3'}), or pass --overwrite to replace that one"
+    )
     with pytest.raises(RunDirError, match=r"epochs: 2 -> 3.*lr: 0.05 -> 0.1"):
         run_train(changed, resume=True, log=lambda s: None)
     out = run_train(changed, overwrite=True, log=lambda s: None)
@@ -92,6 +98,7 @@ def test_output_folder_rules(tmp_path):
 def test_checkpoint_from_other_class_count_is_refused(tmp_path, monkeypatch):
     from rifle.models import create_model
     from rifle.train.checkpoint import load_checkpoint
+
     c = cfg(tmp_path, "k", epochs=1, method="finetune")
     run_train(c, log=lambda s: None)
     with pytest.raises(CheckpointError, match="num_classes"):
@@ -106,12 +113,14 @@ def test_state_file_is_loaded_weights_only(tmp_path):
 
     from rifle.train.checkpoint import STATE, load_checkpoint
     from rifle.models import create_model
+
     c = cfg(tmp_path, "w", epochs=1, method="finetune")
     run_train(c, log=lambda s: None)
 
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
+
     with open(tmp_path / "w" / STATE, "wb") as f:
         pickle.dump({"epoch": 0, "x": Evil()}, f)
     with pytest.raises(CheckpointError, match="weights-only"):
@@ -142,11 +151,18 @@ class NoBatchNorm(nn.Module):
 
 def test_grad_accumulation_equals_the_full_batch_without_batchnorm(tmp_path, monkeypatch):
     import rifle.build as build
+
     monkeypatch.setattr(build, "create_model", lambda name, n, **kw: NoBatchNorm(n))
     # 243 training images = 3 batches of 64 + one of 51 (micro-batches of 26 + 25: unequal weights)
-    runs = {ga: run_train(cfg(tmp_path, f"ga{ga}", method="finetune", epochs=2, train_fraction=0.2, lr=0.1,
-                              grad_accum=ga), log=lambda s: None) for ga in (1, 2, 4)}
+    runs = {
+        ga: run_train(
+            cfg(tmp_path, f"ga{ga}", method="finetune", epochs=2, train_fraction=0.2, lr=0.1, grad_accum=ga),
+            log=lambda s: None,
+        )
+        for ga in (1, 2, 4)
+    }
     from rifle.core.seeding import derive_seed
+
     torch.manual_seed(derive_seed(0, "model"))  # as run_train: the weights before training
     start = NoBatchNorm(10).state_dict()
     w = {ga: weights(tmp_path / f"ga{ga}") for ga in runs}
@@ -195,6 +211,7 @@ def test_prefetch_propagates_errors():
     def broken():
         yield torch.zeros(1), torch.zeros(1)
         raise RuntimeError("bad batch")
+
     it = prefetch(broken(), workers=1)
     next(it)
     with pytest.raises(RuntimeError, match="bad batch"):

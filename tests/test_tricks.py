@@ -1,4 +1,5 @@
 """The tricks RIFLE is compared against: known answers, statistical bounds (5 sigma), CLI smoke runs."""
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,16 @@ def only(t: torch.Tensor, *values: float) -> bool:
 
 def ctx_for(model: nn.Module, epochs: int = 4, config: dict | None = None) -> RunContext:
     head = find_head(model)
-    return RunContext(epochs=epochs, steps_per_epoch=1, seed=0, num_classes=head[0].out_features,
-                      head=head, head_names=head_names(model, head), config=config or {},
-                      log=lambda s: None)
+    return RunContext(
+        epochs=epochs,
+        steps_per_epoch=1,
+        seed=0,
+        num_classes=head[0].out_features,
+        head=head,
+        head_names=head_names(model, head),
+        config=config or {},
+        log=lambda s: None,
+    )
 
 
 def tiny(num_classes: int = 5, seed: int = 0) -> nn.Module:
@@ -176,8 +184,15 @@ def test_drop_rates_follow_the_linear_rule():
         drop_rates(3, 0.0)
 
 
-@pytest.mark.parametrize("name,n_blocks", [("tiny_cnn", 3), ("efficientnet_lite0", 9),
-                                           ("torchvision:resnet18", 8), ("torchvision:efficientnet_b0", 9)])
+@pytest.mark.parametrize(
+    "name,n_blocks",
+    [
+        ("tiny_cnn", 3),
+        ("efficientnet_lite0", 9),
+        ("torchvision:resnet18", 8),
+        ("torchvision:efficientnet_b0", 9),
+    ],
+)
 def test_stochastic_depth_rates_and_deterministic_eval(name, n_blocks):
     torch.manual_seed(0)
     model = create_model(name, 4, pretrained=name == "tiny_cnn").eval()
@@ -200,8 +215,10 @@ def test_stochastic_depth_rates_and_deterministic_eval(name, n_blocks):
         else:
             assert m.drop_path.drop_prob == rate
     if name == "efficientnet_lite0":  # blocks without a skip keep their Identity
-        assert sum(type(m.drop_path).__name__ == "DropPath" for m in model.modules()
-                   if hasattr(m, "has_skip")) == 9
+        assert (
+            sum(type(m.drop_path).__name__ == "DropPath" for m in model.modules() if hasattr(m, "has_skip"))
+            == 9
+        )
     with torch.no_grad():
         assert torch.equal(model(x), plain(x)) and torch.equal(model(x), model(x))  # eval: unchanged
         model.train(), plain.train()
@@ -217,8 +234,9 @@ def test_stochastic_depth_drops_branches_per_sample_at_the_rate():
     last = model.layer4[1].bn2
     raw, out = [], []
     last.register_forward_hook(lambda m, a, o: raw.append(o.detach().clone()))  # before the trick
-    create("stochastic-depth", p_l=0.5).setup(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                              ctx_for(model))
+    create("stochastic-depth", p_l=0.5).setup(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), ctx_for(model)
+    )
     last.register_forward_hook(lambda m, a, o: out.append(o.detach().clone()))  # after it
     torch.manual_seed(0)
     with torch.no_grad():
@@ -234,8 +252,7 @@ def test_stochastic_depth_unsupported_model():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     assert residual_blocks(model) == []
     with pytest.raises(ValueError, match="no residual block"):
-        create("stochastic-depth").setup(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                         ctx_for(model))
+        create("stochastic-depth").setup(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx_for(model))
 
 
 # ----------------------------------------------------------------------------------- disturblabel
@@ -265,9 +282,17 @@ def test_disturblabel_is_used_in_training_only(tmp_path):
         assert out[0] is x
         return out
 
-    cfg = TrainConfig(data="digits", model="tiny_cnn", epochs=2, image_size=16, batch_size=64,
-                      train_fraction=0.2, trick=["disturblabel"], options={"disturblabel": {"alpha": 1.0}},
-                      out=str(tmp_path / "r")).validate()
+    cfg = TrainConfig(
+        data="digits",
+        model="tiny_cnn",
+        epochs=2,
+        image_size=16,
+        batch_size=64,
+        train_fraction=0.2,
+        trick=["disturblabel"],
+        options={"disturblabel": {"alpha": 1.0}},
+        out=str(tmp_path / "r"),
+    ).validate()
     data = load_data(cfg)
     DisturbLabel.transform_batch = counting
     try:
@@ -305,8 +330,9 @@ def test_cyclic_lr_cycles_default_to_rifle_periods_and_errors():
     with pytest.raises(ValueError, match="reinits"):
         create("cyclic-lr").lr_lambda(ctx_for(model, epochs=12, config={"method": "rifle"}))
     # without RIFLE, reinits is ignored: 2 cycles (one restart at E/2), at most E
-    fine = create("cyclic-lr").lr_lambda(ctx_for(model, epochs=12,
-                                                 config={"method": "finetune", "reinits": 2}))
+    fine = create("cyclic-lr").lr_lambda(
+        ctx_for(model, epochs=12, config={"method": "finetune", "reinits": 2})
+    )
     assert [e for e in range(1, 12) if fine(e) > fine(e - 1)] == [6]
     one = create("cyclic-lr").lr_lambda(ctx_for(model, epochs=1, config={"method": "finetune"}))
     assert one(0) == 1.0
@@ -315,8 +341,20 @@ def test_cyclic_lr_cycles_default_to_rifle_periods_and_errors():
 
 
 # ------------------------------------------------------------------------------------------- CLI
-FAST = ["train", "--data", "digits", "--model", "tiny_cnn", "--image-size", "16", "--batch-size", "64",
-        "--train-fraction", "0.15", "--quiet"]
+FAST = [
+    "train",
+    "--data",
+    "digits",
+    "--model",
+    "tiny_cnn",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "64",
+    "--train-fraction",
+    "0.15",
+    "--quiet",
+]
 
 
 def cli(argv, capsys):
@@ -330,8 +368,10 @@ TRICK_RUN = [*FAST, "--epochs", "4", "--lr", "0.1"]
 
 
 def stable_rows(out) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -344,15 +384,23 @@ def plain_rows(tmp_path_factory):
     return stable_rows(root / "plain")
 
 
-@pytest.mark.parametrize("trick,flags,off", [
-    ("dropout", ["--dropout-p", "0.3"], ["--dropout-p", "0"]),
-    ("dropconnect", ["--dropconnect-p", "0.4", "--no-dropconnect-per-sample"],
-     ["--dropconnect-p", "0", "--no-dropconnect-per-sample"]),
-    ("stochastic-depth", ["--stochastic-depth-p-l", "0.8"], ["--stochastic-depth-p-l", "1"]),
-    ("disturblabel", ["--disturblabel-alpha", "0.2"], ["--disturblabel-alpha", "0"]),
-    ("cyclic-lr", ["--cyclic-lr-cycles", "2"], None),
-])
-def test_cli_each_trick_changes_training_and_is_exact_when_off(tmp_path, capsys, plain_rows, trick, flags, off):
+@pytest.mark.parametrize(
+    "trick,flags,off",
+    [
+        ("dropout", ["--dropout-p", "0.3"], ["--dropout-p", "0"]),
+        (
+            "dropconnect",
+            ["--dropconnect-p", "0.4", "--no-dropconnect-per-sample"],
+            ["--dropconnect-p", "0", "--no-dropconnect-per-sample"],
+        ),
+        ("stochastic-depth", ["--stochastic-depth-p-l", "0.8"], ["--stochastic-depth-p-l", "1"]),
+        ("disturblabel", ["--disturblabel-alpha", "0.2"], ["--disturblabel-alpha", "0"]),
+        ("cyclic-lr", ["--cyclic-lr-cycles", "2"], None),
+    ],
+)
+def test_cli_each_trick_changes_training_and_is_exact_when_off(
+    tmp_path, capsys, plain_rows, trick, flags, off
+):
     out = tmp_path / trick
     code, err = cli([*TRICK_RUN, "--trick", trick, *flags, "--out", str(out)], capsys)
     assert code == 0, err
@@ -364,9 +412,12 @@ def test_cli_each_trick_changes_training_and_is_exact_when_off(tmp_path, capsys,
     plain_loss = [r["train_loss"] for r in plain_rows]
     if trick == "cyclic-lr":  # two 2-epoch cosine cycles instead of one 4-epoch cosine
         assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.05, 0.1, 0.05])
-        assert [r["lr"] for r in plain_rows] == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * e / 4))
-                                                               for e in range(4)])
-        assert rows[0] == plain_rows[0] and rows[1]["train_loss"] != plain_loss[1]  # same until the LR differs
+        assert [r["lr"] for r in plain_rows] == pytest.approx(
+            [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+        )
+        assert (
+            rows[0] == plain_rows[0] and rows[1]["train_loss"] != plain_loss[1]
+        )  # same until the LR differs
     else:  # the trick acts from the first epoch on
         assert [r["lr"] for r in rows] == [r["lr"] for r in plain_rows]
         assert rows[0]["train_loss"] != plain_loss[0]
@@ -380,9 +431,28 @@ def test_cli_each_trick_changes_training_and_is_exact_when_off(tmp_path, capsys,
 
 def test_cli_rifle_with_three_tricks_restarts_lr_on_reinit_epochs(tmp_path, capsys):
     out = tmp_path / "combo"
-    code, err = cli([*FAST, "--epochs", "6", "--method", "rifle", "--reinits", "2",
-                     "--trick", "dropout", "--trick", "disturblabel", "--trick", "cyclic-lr",
-                     "--lr", "0.01", "--out", str(out)], capsys)
+    code, err = cli(
+        [
+            *FAST,
+            "--epochs",
+            "6",
+            "--method",
+            "rifle",
+            "--reinits",
+            "2",
+            "--trick",
+            "dropout",
+            "--trick",
+            "disturblabel",
+            "--trick",
+            "cyclic-lr",
+            "--lr",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["reinit"] for r in rows] == [False, False, True, False, True, False]
@@ -392,8 +462,20 @@ def test_cli_rifle_with_three_tricks_restarts_lr_on_reinit_epochs(tmp_path, caps
 
 
 def test_cli_cyclic_lr_too_many_cycles_is_a_clear_error(tmp_path, capsys):
-    code, err = cli([*FAST, "--epochs", "2", "--trick", "cyclic-lr", "--cyclic-lr-cycles", "3",
-                     "--out", str(tmp_path / "r")], capsys)
+    code, err = cli(
+        [
+            *FAST,
+            "--epochs",
+            "2",
+            "--trick",
+            "cyclic-lr",
+            "--cyclic-lr-cycles",
+            "3",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
     assert code == 2 and "cycles do not fit" in err and "--cyclic-lr-cycles" in err and "Traceback" not in err
 
 
@@ -408,19 +490,41 @@ def test_cyclic_lr_with_the_converged_trigger_is_refused_before_any_work(tmp_pat
             create("cyclic-lr", cycles=cycles).lr_lambda(ctx)
     # the command line: exit 2, the message, no traceback, and nothing written
     out = tmp_path / "r"
-    code, err = cli([*FAST, "--epochs", "4", "--method", "rifle", "--reinits", "1", "--reinit-trigger",
-                     "converged", "--trick", "cyclic-lr", "--out", str(out)], capsys)
+    code, err = cli(
+        [
+            *FAST,
+            "--epochs",
+            "4",
+            "--method",
+            "rifle",
+            "--reinits",
+            "1",
+            "--reinit-trigger",
+            "converged",
+            "--trick",
+            "cyclic-lr",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 2 and "Traceback" not in err, err
     assert "--trick cyclic-lr cannot be combined with --reinit-trigger converged" in err, err
     assert not out.exists()
     # a grid entry is refused when the grid is read, naming the entry
-    spec = {"datasets": ["digits"], "models": ["tiny_cnn"], "seeds": [0], "train": {"epochs": 4},
-            "methods": [{"name": "rifle", "label": "r", "reinit_trigger": "converged", "trick": "cyclic-lr"}]}
+    spec = {
+        "datasets": ["digits"],
+        "models": ["tiny_cnn"],
+        "seeds": [0],
+        "train": {"epochs": 4},
+        "methods": [{"name": "rifle", "label": "r", "reinit_trigger": "converged", "trick": "cyclic-lr"}],
+    }
     with pytest.raises(GridError, match=r"methods\[0\] \(r\).*cyclic-lr cannot be combined"):
         parse_grid(spec)
     # the schedule trigger, and the converged trigger without cyclic-lr, are still accepted
-    ok = create("cyclic-lr").lr_lambda(ctx_for(tiny(), epochs=12, config={"method": "rifle", "reinits": 2,
-                                                                           "reinit_trigger": "schedule"}))
+    ok = create("cyclic-lr").lr_lambda(
+        ctx_for(tiny(), epochs=12, config={"method": "rifle", "reinits": 2, "reinit_trigger": "schedule"})
+    )
     assert [ok(e) for e in (0, 4, 8)] == [1.0, 1.0, 1.0]
     spec["methods"][0].pop("trick")
     parse_grid(spec)

@@ -1,5 +1,6 @@
 """trigger="converged": re-init once the previous epoch's train accuracy reaches a threshold
 (docs/rifle.md#trigger): hand-fed accuracies, exact resume, 2 gloo ranks, the CLI end to end."""
+
 import copy
 import json
 
@@ -69,12 +70,15 @@ def test_not_again_until_the_new_head_reconverged_and_at_most_k():
     assert feed(rifle, [0.99] * 40) == [1, 3, 5, 7, 9]
 
 
-@pytest.mark.parametrize("guard,first_converged,expected", [
-    (None, 8, []),     # E=10: default guard ceil(10/8)=2, last start 8; converged at 8 -> 9: too late
-    (None, 7, [8]),    # ... converged at 7 -> start 8 leaves 2 epochs: allowed
-    (4, 6, []),        # guard 4: last start 6; converged at 6 -> 7 leaves 3 < 4
-    (4, 5, [6]),
-])
+@pytest.mark.parametrize(
+    "guard,first_converged,expected",
+    [
+        (None, 8, []),  # E=10: default guard ceil(10/8)=2, last start 8; converged at 8 -> 9: too late
+        (None, 7, [8]),  # ... converged at 7 -> start 8 leaves 2 epochs: allowed
+        (4, 6, []),  # guard 4: last start 6; converged at 6 -> 7 leaves 3 < 4
+        (4, 5, [6]),
+    ],
+)
 def test_never_inside_the_guard(guard, first_converged, expected):
     rifle = Rifle(tiny(), None, epochs=10, reinits=2, guard=guard, trigger="converged")
     accs = [0.5] * first_converged + [0.99] * (10 - first_converged)
@@ -82,8 +86,10 @@ def test_never_inside_the_guard(guard, first_converged, expected):
     reason = rifle.trigger_report["reason"]
     g = 2 if guard is None else guard
     if not expected:
-        assert reason == (f"train accuracy reached 0.97 at epoch {first_converged}; a re-init after it "
-                          f"would leave fewer than guard={g} epochs (the last allowed start is epoch {10 - g})")
+        assert reason == (
+            f"train accuracy reached 0.97 at epoch {first_converged}; a re-init after it "
+            f"would leave fewer than guard={g} epochs (the last allowed start is epoch {10 - g})"
+        )
     else:  # K=2, one fired: the second could not (the new head's epochs are too late)
         assert reason.startswith("1 of 2 re-init(s): train accuracy reached 0.97 at epoch")
 
@@ -111,8 +117,13 @@ def test_threshold_and_bad_settings():
     with pytest.raises(ValueError, match="step granularity is not supported"):
         Rifle(tiny(), None, total_steps=100, reinits=1, trigger="converged")
     with pytest.raises(ValueError, match="head_lr_restart"):
-        Rifle(tiny(), torch.optim.SGD(tiny().parameters(), lr=0.1), epochs=10, trigger="converged",
-              head_lr_restart=True)
+        Rifle(
+            tiny(),
+            torch.optim.SGD(tiny().parameters(), lr=0.1),
+            epochs=10,
+            trigger="converged",
+            head_lr_restart=True,
+        )
     with pytest.raises(ValueError, match="only with trigger='converged'"):
         Rifle(tiny(), None, epochs=10, converged_acc=0.9)
     with pytest.raises(ValueError, match=r"converged_acc=1.5: a training accuracy in \(0, 1\]"):
@@ -182,8 +193,10 @@ def test_resume_with_another_init_is_refused_while_a_reinit_may_still_fire():
     other = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="lecun_normal")
     with pytest.raises(ValueError) as e:
         other.load_state_dict(state)
-    assert str(e.value) == ("RIFLE state was saved with init='shrink_perturb:0.4,0.1', this run has "
-                            "init='lecun_normal': the remaining re-inits would draw other heads")
+    assert str(e.value) == (
+        "RIFLE state was saved with init='shrink_perturb:0.4,0.1', this run has "
+        "init='lecun_normal': the remaining re-inits would draw other heads"
+    )
     same = Rifle(tiny(), None, epochs=10, reinits=2, trigger="converged", init="shrink_perturb:0.4,0.1")
     same.load_state_dict(state)  # the same init, spelled out: accepted
     feed(first, [0.99, 0.5], start=3)  # the second fired at 4: K reached
@@ -199,6 +212,7 @@ def test_resume_with_another_init_is_refused_while_a_reinit_may_still_fire():
 def _ddp_worker(rank, port, out):
     import torch.distributed as dist
     from test_ddp import _env
+
     _env(rank, 2, port)
     dist.init_process_group("gloo")
     model = tiny()
@@ -214,13 +228,13 @@ def _ddp_worker(rank, port, out):
         rifle.observe(torch.tensor(0.3), correct=torch.tensor(local[e]), count=100)
         rifle.settle_trigger()
     with open(f"{out}/{rank}.json", "w") as f:
-        json.dump({"fired": fired, "report": rifle.trigger_report,
-                   "head": model[2].weight.tolist()}, f)
+        json.dump({"fired": fired, "report": rifle.trigger_report, "head": model[2].weight.tolist()}, f)
     dist.destroy_process_group()
 
 
 def test_ddp_ranks_decide_identically_from_the_summed_accuracy(tmp_path):
     from test_ddp import free_port
+
     mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1
@@ -237,6 +251,7 @@ def _ddp_mid_epoch_worker(rank, port, out, mode):
     ``state_dict()``, then fresh objects on both ranks load that one state and finish the run."""
     import torch.distributed as dist
     from test_ddp import _env
+
     _env(rank, 2, port)
     dist.init_process_group("gloo")
     local = LOCAL[rank]
@@ -274,8 +289,15 @@ def _ddp_mid_epoch_worker(rank, port, out, mode):
         rifle.settle_trigger()
     rifle.close_diagnosis()
     with open(f"{out}/{mode}{rank}.json", "w") as f:
-        json.dump({"fired": rifle.fired, "report": rifle.trigger_report, "diagnosis": rifle.diagnosis,
-                   "head": model[2].weight.tolist()}, f)
+        json.dump(
+            {
+                "fired": rifle.fired,
+                "report": rifle.trigger_report,
+                "diagnosis": rifle.diagnosis,
+                "head": model[2].weight.tolist(),
+            },
+            f,
+        )
     dist.destroy_process_group()
 
 
@@ -289,10 +311,14 @@ def test_ddp_own_loop_mid_epoch_checkpoint_counts_every_batch_once(tmp_path):
     resumed run equals the uninterrupted one; with a plain ``state_dict()`` of rank 0 the epoch's
     accuracy counts the batches it has once (rank 1's before the checkpoint are missing), never twice."""
     from test_ddp import free_port
+
     for mode in ("full", "sum", "plain"):
         mp.spawn(_ddp_mid_epoch_worker, args=(free_port(), str(tmp_path), mode), nprocs=2, join=True)
-    res = {f"{m}{r}": json.loads((tmp_path / f"{m}{r}.json").read_text())
-           for m in ("full", "sum", "plain") for r in (0, 1)}
+    res = {
+        f"{m}{r}": json.loads((tmp_path / f"{m}{r}.json").read_text())
+        for m in ("full", "sum", "plain")
+        for r in (0, 1)
+    }
     assert res["full0"] == res["full1"] and res["sum0"] == res["sum1"] and res["plain0"] == res["plain1"]
     assert res["sum0"] == res["full0"] and res["full0"]["fired"] == [2, 5]
     # epoch 1 without the sum: rank 0's 50 + 50 and rank 1's second 41 correct of 150 (0.94);
@@ -303,8 +329,10 @@ def test_ddp_own_loop_mid_epoch_checkpoint_counts_every_batch_once(tmp_path):
     # the diagnosis: loss / accuracy of the epoch before each re-init, both ranks' batches (by hand)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     full = res["full0"]["diagnosis"]
-    assert [(d["at"], d["train_acc_before"]) for d in full] == [(2, pytest.approx(182 / 200)),
-                                                                 (5, pytest.approx(180 / 200))]
+    assert [(d["at"], d["train_acc_before"]) for d in full] == [
+        (2, pytest.approx(182 / 200)),
+        (5, pytest.approx(180 / 200)),
+    ]
     for d, e in zip(full, (1, 4)):
         assert d["train_loss_before"] == pytest.approx(mean([loss(r, e, h) for r in (0, 1) for h in (0, 1)]))
     # resumed inside epoch 1 (on_epoch_start(1) called again): the restored window stands
@@ -315,10 +343,35 @@ def test_ddp_own_loop_mid_epoch_checkpoint_counts_every_batch_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------- CLI
-ARGV = ["train", "--data", "digits", "--model", "tiny_cnn", "--method", "rifle", "--reinit-trigger",
-        "converged", "--reinit-converged-acc", "0.5", "--reinits", "2", "--epochs", "8",
-        "--image-size", "16", "--batch-size", "64", "--lr", "0.05", "--train-fraction", "0.4",
-        "--min-steps-after", "0", "--device", "cpu"]
+ARGV = [
+    "train",
+    "--data",
+    "digits",
+    "--model",
+    "tiny_cnn",
+    "--method",
+    "rifle",
+    "--reinit-trigger",
+    "converged",
+    "--reinit-converged-acc",
+    "0.5",
+    "--reinits",
+    "2",
+    "--epochs",
+    "8",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--train-fraction",
+    "0.4",
+    "--min-steps-after",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def expected_fires(rows, thr, k, epochs):
@@ -374,22 +427,32 @@ def test_callbacks_take_the_converged_trigger_per_epoch_only():
     Their runs in the real trainers: tests/test_integration_*.py (converged_trigger_*)."""
     pytest.importorskip("lightning")
     from rifle.integrations.lightning import RifleCallback
+
     pytest.importorskip("transformers")
     from rifle.integrations.transformers import RifleTrainerCallback
-    step_refused = ("trigger='converged' decides once per epoch from the epoch's training accuracy: use "
-                    "granularity='epoch' (step granularity is not supported with it)")
+
+    step_refused = (
+        "trigger='converged' decides once per epoch from the epoch's training accuracy: use "
+        "granularity='epoch' (step granularity is not supported with it)"
+    )
     for cls, default in ((RifleCallback, "epoch"), (RifleTrainerCallback, "step")):
         assert cls().granularity == default and cls(granularity=None).granularity == default
-        assert cls(trigger="converged").granularity == cls(trigger="converged", granularity=None).granularity \
-            == cls(trigger="converged", granularity="epoch").granularity == "epoch"
+        assert (
+            cls(trigger="converged").granularity
+            == cls(trigger="converged", granularity=None).granularity
+            == cls(trigger="converged", granularity="epoch").granularity
+            == "epoch"
+        )
         assert cls(granularity="step").granularity == "step"
         with pytest.raises(ValueError) as e:
             cls(trigger="converged", granularity="step")
         assert str(e.value) == step_refused
         with pytest.raises(ValueError) as e:
             cls(trigger="sometimes")
-        assert str(e.value) == ("trigger='sometimes': choose 'schedule' (the paper's fixed re-init points) or "
-                                "'converged' (re-init once the head has converged; docs/rifle.md#trigger)")
+        assert str(e.value) == (
+            "trigger='sometimes': choose 'schedule' (the paper's fixed re-init points) or "
+            "'converged' (re-init once the head has converged; docs/rifle.md#trigger)"
+        )
         with pytest.raises(ValueError) as e:
             cls(granularity="batch")
         assert str(e.value) == "granularity must be 'epoch' or 'step', got 'batch'"
@@ -398,6 +461,7 @@ def test_callbacks_take_the_converged_trigger_per_epoch_only():
 def test_a_run_recorded_before_the_trigger_existed_still_resumes():
     """config.yaml of older runs lacks reinit_trigger / reinit_converged_acc: they meant the default."""
     from rifle.config import diff_configs
+
     saved = TrainConfig(method="rifle").validate().to_dict()
     del saved["reinit_trigger"], saved["reinit_converged_acc"]
     assert diff_configs(saved, TrainConfig(method="rifle").validate().to_dict()) == {}
@@ -408,12 +472,18 @@ def test_a_run_recorded_before_the_trigger_existed_still_resumes():
 def test_docs_trigger_example_prints_what_it_says(capsys):
     import re
     from pathlib import Path
+
     doc = (Path(__file__).resolve().parents[1] / "docs" / "rifle.md").read_text()
-    section = doc[doc.index('<a id="trigger"></a>'):doc.index('<a id="when"></a>')]
+    section = doc[doc.index('<a id="trigger"></a>') : doc.index('<a id="when"></a>')]
     [block] = re.findall(r"```python\n(.*?)```", section, re.S)
-    exec(compile("import torch\nfrom torch import nn\nfrom rifle import Rifle\n" + block, "rifle.md", "exec"), {})
+    exec(
+        compile("import torch\nfrom torch import nn\nfrom rifle import Rifle\n" + block, "rifle.md", "exec"),
+        {},
+    )
     assert capsys.readouterr().out.split("\n")[:2] == [
-        "[3, 6]", "train accuracy never reached 0.97 (best 0.89 at epoch 9)"]
+        "[3, 6]",
+        "train accuracy never reached 0.97 (best 0.89 at epoch 9)",
+    ]
     assert "**Default 0.97**" in section and "--reinit-trigger converged" in section
 
 
@@ -423,6 +493,7 @@ def _ddp_train_worker(rank, port, out, crash_at, resume):
     from rifle.run import run_train
     from rifle.train import Trainer
     from test_ddp import _env
+
     _env(rank, 2, port)
     local, fired = {}, {}
     original_end, original_epoch = RifleMethod.on_batch_end, Trainer.train_epoch
@@ -439,10 +510,23 @@ def _ddp_train_worker(rank, port, out, crash_at, resume):
         row = original_epoch(self, epoch)
         fired[epoch] = list(self.methods[0].core.fired)
         return row
+
     RifleMethod.on_batch_end, Trainer.train_epoch = on_batch_end, train_epoch
-    cfg = TrainConfig(data="digits", model="tiny_cnn", method="rifle", reinits=2, epochs=8, image_size=16,
-                      batch_size=64, lr=0.05, train_fraction=0.4, min_steps_after=0, out=out,
-                      reinit_trigger="converged", reinit_converged_acc=0.5).validate()
+    cfg = TrainConfig(
+        data="digits",
+        model="tiny_cnn",
+        method="rifle",
+        reinits=2,
+        epochs=8,
+        image_size=16,
+        batch_size=64,
+        lr=0.05,
+        train_fraction=0.4,
+        min_steps_after=0,
+        out=out,
+        reinit_trigger="converged",
+        reinit_converged_acc=0.5,
+    ).validate()
     try:
         run_train(cfg, resume=resume, log=lambda s: None)
     except KeyboardInterrupt:
@@ -450,6 +534,7 @@ def _ddp_train_worker(rank, port, out, crash_at, resume):
     with open(f"{out}/rank{rank}-{crash_at}-{int(resume)}.json", "w") as f:
         json.dump({"local": {e: c / n for e, (c, n) in local.items()}, "fired": fired}, f)
     import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -458,6 +543,7 @@ def test_ddp_training_run_decides_from_the_reduced_accuracy_and_resumes(tmp_path
     """2 gloo ranks through the trainer: the ranks' own accuracies differ, both fire where the run's
     (reduced) train_acc says, and an interruption just before the second re-init resumes exactly."""
     from test_ddp import free_port
+
     full, split = tmp_path / "full", tmp_path / "split"
     mp.spawn(_ddp_train_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
     rows = metrics(full)
@@ -481,10 +567,12 @@ def _train(trigger_kw, accs, epochs=10, spe=20):
     """A real loop (SGD steps) with hand-fed accuracies; returns the Rifle and the number of
     per-step gradient-norm reads of its diagnosis."""
     from rifle.core import diagnosis
+
     model = tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rifle = Rifle(model, opt, epochs=epochs, reinits=1, seed=0, steps_per_epoch=spe, min_steps_after=None,
-                  **trigger_kw)
+    rifle = Rifle(
+        model, opt, epochs=epochs, reinits=1, seed=0, steps_per_epoch=spe, min_steps_after=None, **trigger_kw
+    )
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(spe * 4, 4, generator=g), torch.randint(0, 3, (spe * 4,), generator=g)
     reads = 0
@@ -494,12 +582,13 @@ def _train(trigger_kw, accs, epochs=10, spe=20):
         nonlocal reads
         reads += 1
         return original(self)
+
     diagnosis.Diagnosis._norms = counting
     try:
         for e in range(epochs):
             rifle.on_epoch_start(e)
             for i in range(spe):
-                loss = nn.functional.cross_entropy(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
+                loss = nn.functional.cross_entropy(model(x[4 * i : 4 * i + 4]), y[4 * i : 4 * i + 4])
                 opt.zero_grad()
                 loss.backward()
                 rifle.observe(loss, correct=round(accs[e] * 4) if i < spe // 2 else 0, count=4)
@@ -513,8 +602,8 @@ def _train(trigger_kw, accs, epochs=10, spe=20):
 
 def test_the_reinit_and_its_diagnosis_are_the_schedules_and_cost_only_the_last_steps():
     accs = [0.5, 0.6, 0.7, 0.8, 0.98] + [0.99] * 5
-    sched, sched_reads = _train({}, accs)                                   # K=1, E=10: epoch 5
-    trig, trig_reads = _train({"trigger": "converged"}, accs)               # 0.98 at 4 -> epoch 5
+    sched, sched_reads = _train({}, accs)  # K=1, E=10: epoch 5
+    trig, trig_reads = _train({"trigger": "converged"}, accs)  # 0.98 at 4 -> epoch 5
     assert sched.points == trig.fired == [5]
     assert trig.diagnosis == sched.diagnosis  # same draw, same windows, same numbers
     assert trig.diagnosis[0]["steps_before"] == 5 and trig.diagnosis[0]["steps_after"] == 5
@@ -539,8 +628,16 @@ def test_checkpoints_carry_the_captured_batch_only_before_a_reinit():
     def run(start=0, state=None, stop=6):
         model = tiny()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        rifle = Rifle(model, opt, epochs=6, reinits=1, trigger="converged", steps_per_epoch=4,
-                      diagnosis_window=2, min_steps_after=None)
+        rifle = Rifle(
+            model,
+            opt,
+            epochs=6,
+            reinits=1,
+            trigger="converged",
+            steps_per_epoch=4,
+            diagnosis_window=2,
+            min_steps_after=None,
+        )
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
@@ -550,18 +647,26 @@ def test_checkpoints_carry_the_captured_batch_only_before_a_reinit():
             rifle.on_epoch_start(e)
             for i in range(4):
                 opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x[4 * i:4 * i + 4]), y[4 * i:4 * i + 4])
+                loss = nn.functional.cross_entropy(model(x[4 * i : 4 * i + 4]), y[4 * i : 4 * i + 4])
                 loss.backward()
                 rifle.observe(loss, correct=round(accs[e] * 4), count=4)
                 opt.step()
                 if i == 3:  # the last step, before the epoch's end: nothing settled yet
                     inside[e] = rifle.state_dict()["diagnosis_pending"]["head_batch"] is not None
             rifle.settle_trigger()
-            saved[e] = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-                        "rifle": rifle.state_dict()}
+            saved[e] = {
+                "model": copy.deepcopy(model.state_dict()),
+                "opt": copy.deepcopy(opt.state_dict()),
+                "rifle": rifle.state_dict(),
+            }
             batch = saved[e]["rifle"]["diagnosis_pending"]["head_batch"]
-            carried[e] = None if batch is None else tuple(batch["ranks"][0]["f"].shape) if "ranks" in batch \
+            carried[e] = (
+                None
+                if batch is None
+                else tuple(batch["ranks"][0]["f"].shape)
+                if "ranks" in batch
                 else tuple(batch["f"].shape)
+            )
         rifle.close_diagnosis()
         return rifle, carried, inside, saved
 

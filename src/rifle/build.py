@@ -4,6 +4,7 @@ starts (pretrained backbone, seeded first head).
 Shared by :func:`rifle.run.run_train` and the analysis of finished runs (:mod:`rifle.analysis.runs`),
 so the model an analysis rebuilds is the one training started from.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -22,20 +23,31 @@ from .models import create_model
 
 
 def load_data(cfg: TrainConfig) -> DataBundle:
-    return build_data(cfg.data, cfg.image_size, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                      train_fraction=cfg.train_fraction, skip_bad_images=cfg.skip_bad_images)
+    return build_data(
+        cfg.data,
+        cfg.image_size,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        train_fraction=cfg.train_fraction,
+        skip_bad_images=cfg.skip_bad_images,
+    )
 
 
 def build_methods(cfg: TrainConfig) -> list[Method]:
     """The run's plug-ins: the method (finetune / rifle / lp-ft), the regulariser, then the tricks."""
     reg = registry()
-    wanted = [(cfg.method, "method", cfg.method_options()), (cfg.reg, "reg", None),
-              *((t, "trick", None) for t in cfg.trick)]
+    wanted = [
+        (cfg.method, "method", cfg.method_options()),
+        (cfg.reg, "reg", None),
+        *((t, "trick", None) for t in cfg.trick),
+    ]
     names = [n for n, _, _ in wanted]
     for name in cfg.options:
         if name not in names:
-            raise ValueError(f"options for {name!r} were given but {name!r} is not selected "
-                             f"(use --method {name}, --reg {name} or --trick {name})")
+            raise ValueError(
+                f"options for {name!r} were given but {name!r} is not selected "
+                f"(use --method {name}, --reg {name} or --trick {name})"
+            )
     methods = []
     for name, kind, opts in wanted:
         flag = {"method": "--method", "reg": "--reg", "trick": "--trick"}[kind]
@@ -68,8 +80,14 @@ def blank_model(cfg: TrainConfig, num_classes: int, methods: list[Method] | None
     return create_model(cfg.model, num_classes, pretrained=False, **model_kwargs(methods))
 
 
-def initial_model(cfg: TrainConfig, num_classes: int, methods: list[Method] | None = None, *,
-                  log: Callable[[str], None] | None = None, read_pretrained_file: bool = True) -> nn.Module:
+def initial_model(
+    cfg: TrainConfig,
+    num_classes: int,
+    methods: list[Method] | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+    read_pretrained_file: bool = True,
+) -> nn.Module:
     """The model as the run starts training: the pretrained backbone and the run's first head.
 
     The new head's random init is a pure function of the seed (paired runs start identically): the
@@ -81,8 +99,14 @@ def initial_model(cfg: TrainConfig, num_classes: int, methods: list[Method] | No
     methods = methods if methods is not None else build_methods(cfg)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     if cfg.pretrained_file is not None and not read_pretrained_file:
-        model = create_model(cfg.model, num_classes, pretrained=False, **model_kwargs(methods))
+        model: Any = create_model(cfg.model, num_classes, pretrained=False, **model_kwargs(methods))
         model.rifle_pretrained_source = f"file {Path(cfg.pretrained_file).expanduser()}"
         return model
-    return create_model(cfg.model, num_classes, pretrained=cfg.pretrained,
-                        pretrained_file=cfg.pretrained_file, log=log, **model_kwargs(methods))
+    return create_model(
+        cfg.model,
+        num_classes,
+        pretrained=cfg.pretrained,
+        pretrained_file=cfg.pretrained_file,
+        log=log,
+        **model_kwargs(methods),
+    )

@@ -1,4 +1,5 @@
 """``rifle`` command line: parsing only; each sub-command lives in :mod:`rifle.commands`."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,23 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     mods = _modules()
     parser = _Parser(
-        prog="rifle", description="Fine-tuning with RIFLE (re-initialise the FC head) and its rivals.",
+        prog="rifle",
+        description="Fine-tuning with RIFLE (re-initialise the FC head) and its rivals.",
         epilog="examples:\n  " + "\n  ".join(m.EXAMPLE for m in mods),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from . import __version__
+
     parser.add_argument("--version", action="version", version=f"rifle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for m in mods:
-        p = sub.add_parser(m.NAME, help=m.HELP, description=m.HELP, epilog=f"example:\n  {m.EXAMPLE}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            m.NAME,
+            help=m.HELP,
+            description=m.HELP,
+            epilog=f"example:\n  {m.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         m.add_arguments(p)
         p.set_defaults(_run=m.run)
     return parser
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .errors import USER_ERRORS
     from .train.checkpoint import Terminated
+
     warnings.simplefilter("default", UserWarning)
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     handler = args._run
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_terminated(signum, frame):
     from .train.checkpoint import Terminated
+
     raise Terminated
 
 
@@ -87,21 +98,28 @@ def _on_sigterm_raise():
 def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace) -> str:
     """What an interrupted command tells the user: the signal, what is kept and how to continue."""
     from .train.checkpoint import WEIGHTS, Terminated, read_metadata
+
     what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
-    run_dir = getattr(e, "rifle_run_dir", None) or (getattr(args, "out", None)
-                                                    if args.command == "train" else None)
+    run_dir = getattr(e, "rifle_run_dir", None) or (
+        getattr(args, "out", None) if args.command == "train" else None
+    )
     if run_dir is None:
         return f"\nrifle {args.command}: {what}"
     try:
         epoch = read_metadata(Path(run_dir) / WEIGHTS).get("epoch")
     except Exception:  # noqa: BLE001 - no checkpoint (yet) or unreadable: say so below
         epoch = None
-    kept = (f"the checkpoint of epoch {epoch} in {run_dir} is kept" if epoch is not None
-            else f"no epoch had finished, so {run_dir} holds no checkpoint yet")
+    kept = (
+        f"the checkpoint of epoch {epoch} in {run_dir} is kept"
+        if epoch is not None
+        else f"no epoch had finished, so {run_dir} holds no checkpoint yet"
+    )
     if args.command != "train":
         return f"\nrifle {args.command}: {what}; {kept}"
-    return (f"\nrifle {args.command}: {what}; {kept}. Continue with:\n"
-            f"  rifle train --out {shlex.quote(str(run_dir))} --resume")
+    return (
+        f"\nrifle {args.command}: {what}; {kept}. Continue with:\n"
+        f"  rifle train --out {shlex.quote(str(run_dir))} --resume"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 No other module re-reads flags or files. ``TrainConfig`` fields are the config-file keys and (with
 ``-`` for ``_``) the ``rifle train`` flags.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,21 @@ import yaml
 TOP_LEVEL_OPTIONS = ("rifle",)
 # keys only --method rifle reads: with another method they would be ignored, so giving one is refused
 # (flags: rifle train; a config file: resolve()). `head` is not one: every method's trainer uses it.
-RIFLE_ONLY_KEYS = ("reinits", "reinit_granularity", "guard", "guard_steps", "min_steps_after", "reinit_init",
-                   "keep_optimizer_state", "head_lr_restart", "reinit_modules", "reinit_trigger",
-                   "reinit_converged_acc", "diagnose", "diagnosis_window")
+RIFLE_ONLY_KEYS = (
+    "reinits",
+    "reinit_granularity",
+    "guard",
+    "guard_steps",
+    "min_steps_after",
+    "reinit_init",
+    "keep_optimizer_state",
+    "head_lr_restart",
+    "reinit_modules",
+    "reinit_trigger",
+    "reinit_converged_acc",
+    "diagnose",
+    "diagnosis_window",
+)
 
 
 class ConfigError(ValueError):
@@ -41,40 +54,40 @@ def _suggest(value: Any, choices) -> str:
 @dataclass
 class TrainConfig:
     # what to train
-    data: str = "elpv"                   # builtin name (elpv, digits) or an image-folder path
-    model: str = "efficientnet_lite0"    # builtin, timm name, or torchvision:<name>
+    data: str = "elpv"  # builtin name (elpv, digits) or an image-folder path
+    model: str = "efficientnet_lite0"  # builtin, timm name, or torchvision:<name>
     pretrained: bool = True
-    pretrained_file: str | None = None   # backbone weights from this safetensors / torch file (no hub)
-    method: str = "finetune"             # finetune | rifle | lp-ft
-    reg: str = "l2"                      # regulariser: l2 (weight decay) | l2sp | delta | bss
+    pretrained_file: str | None = None  # backbone weights from this safetensors / torch file (no hub)
+    method: str = "finetune"  # finetune | rifle | lp-ft
+    reg: str = "l2"  # regulariser: l2 (weight decay) | l2sp | delta | bss
     trick: list[str] = field(default_factory=list)  # dropout, dropconnect, stochastic-depth, ...
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {method: {option: value}}
     # RIFLE (REFERENCE.md §3)
-    reinits: int = 3                     # K = number of re-initialisations
-    reinit_granularity: str = "epoch"    # epoch | step
-    guard: int | None = None             # None = max(1, ceil(E/8))
+    reinits: int = 3  # K = number of re-initialisations
+    reinit_granularity: str = "epoch"  # epoch | step
+    guard: int | None = None  # None = max(1, ceil(E/8))
     guard_steps: int | None = None
     min_steps_after: int = 100
-    reinit_init: str = "default"         # default, norm_matched, shrink_perturb[:L,S], ...: docs/rifle.md
-    keep_optimizer_state: bool = False   # True = official code (momentum kept)
-    head_lr_restart: bool = False        # True = official fc_lr_util=cyclic
-    head: str | None = None              # dotted module name(s) of the head; None = automatic
-    reinit_modules: str | None = None    # RIFLE beyond the FC layer: "last:N" blocks or a regex
-    reinit_trigger: str = "schedule"     # schedule (paper) | converged: docs/rifle.md#trigger
+    reinit_init: str = "default"  # default, norm_matched, shrink_perturb[:L,S], ...: docs/rifle.md
+    keep_optimizer_state: bool = False  # True = official code (momentum kept)
+    head_lr_restart: bool = False  # True = official fc_lr_util=cyclic
+    head: str | None = None  # dotted module name(s) of the head; None = automatic
+    reinit_modules: str | None = None  # RIFLE beyond the FC layer: "last:N" blocks or a regex
+    reinit_trigger: str = "schedule"  # schedule (paper) | converged: docs/rifle.md#trigger
     reinit_converged_acc: float | None = None  # the converged trigger's threshold; None = 0.97
-    diagnose: bool = True                # RIFLE: measure each re-init and print a verdict (docs/rifle.md#when)
-    diagnosis_window: int = 5            # RIFLE: optimizer steps measured on each side of a re-init
+    diagnose: bool = True  # RIFLE: measure each re-init and print a verdict (docs/rifle.md#when)
+    diagnosis_window: int = 5  # RIFLE: optimizer steps measured on each side of a re-init
     # the recipe (paper defaults: SGD m 0.9, lr 0.01, wd 1e-4, cosine per epoch, batch 32)
     epochs: int = 40
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    lr_schedule: str = "cosine"          # cosine (per epoch) | constant
-    opt: str = "sgd"                     # sgd (the paper's: torch SGD, classical momentum) | any timm.optim name
-    opt_eps: float | None = None         # the optimizer's epsilon; None = its default
+    lr_schedule: str = "cosine"  # cosine (per epoch) | constant
+    opt: str = "sgd"  # sgd (the paper's: torch SGD, classical momentum) | any timm.optim name
+    opt_eps: float | None = None  # the optimizer's epsilon; None = its default
     opt_betas: list[float] | None = None  # Adam-type (beta1, beta2); None = the optimizer's default
-    layer_decay: float | None = None     # layer-wise LR decay (timm group_matcher layers); None = off
+    layer_decay: float | None = None  # layer-wise LR decay (timm group_matcher layers); None = off
     image_size: int = 224
     # data
     seed: int = 0
@@ -82,19 +95,19 @@ class TrainConfig:
     train_fraction: float = 1.0
     skip_bad_images: bool = False
     # execution
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    channels_last: bool = True           # measured 1.4-1.7x faster on the 2-core CPU
-    amp: str = "none"                    # none | bf16 | fp16 (fp16 uses a GradScaler)
-    compile: bool = False                # torch.compile the model
-    grad_accum: int = 1                  # split each batch into this many micro-batches
-    workers: int = 0                     # background threads preparing batches (0 = in-process)
-    record_depth: bool = False           # record per-layer weight change / gradient norms (depth.jsonl)
-    log_to: str = "auto"                 # metric writers beside metrics.jsonl: csv, tensorboard (auto: both
-                                         # when tensorboard is installed) or jsonl alone. Not "log": torchrun
-                                         # would take --log as an ambiguous abbreviation of its --log-dir
-    log_interval: int = 50               # stderr not a terminal: a progress line every N steps (0 = off)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True  # measured 1.4-1.7x faster on the 2-core CPU
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    compile: bool = False  # torch.compile the model
+    grad_accum: int = 1  # split each batch into this many micro-batches
+    workers: int = 0  # background threads preparing batches (0 = in-process)
+    record_depth: bool = False  # record per-layer weight change / gradient norms (depth.jsonl)
+    log_to: str = "auto"  # metric writers beside metrics.jsonl: csv, tensorboard (auto: both
+    # when tensorboard is installed) or jsonl alone. Not "log": torchrun
+    # would take --log as an ambiguous abbreviation of its --log-dir
+    log_interval: int = 50  # stderr not a terminal: a progress line every N steps (0 = off)
     eval_batch_size: int = 256
-    threads: int | None = None           # torch intra-op threads; None = torch's default
+    threads: int | None = None  # torch intra-op threads; None = torch's default
     out: str = "runs/train"
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
@@ -105,6 +118,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"--{key.replace('_', '-')}={getattr(self, key)!r}: {msg}")
+
         positive = ("epochs", "batch_size", "image_size", "eval_batch_size")
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -122,24 +136,39 @@ class TrainConfig:
         if self.reinits < 0:
             raise bad("reinits", "K is the number of re-initialisations and must be >= 0")
         if self.reinits == 0 and self.method == "rifle":
-            raise bad("reinits", "RIFLE with no re-initialisation is plain fine-tuning (with an empty "
-                                 "diagnosis): use --method finetune, or K >= 1")
+            raise bad(
+                "reinits",
+                "RIFLE with no re-initialisation is plain fine-tuning (with an empty "
+                "diagnosis): use --method finetune, or K >= 1",
+            )
         if self.reinit_granularity not in ("epoch", "step"):
-            raise bad("reinit_granularity", "choose epoch or step" + _suggest(self.reinit_granularity,
-                                                                             ("epoch", "step")))
+            raise bad(
+                "reinit_granularity",
+                "choose epoch or step" + _suggest(self.reinit_granularity, ("epoch", "step")),
+            )
         if self.reinit_trigger not in ("schedule", "converged"):
-            raise bad("reinit_trigger", "choose schedule (the paper's fixed points) or converged"
-                      + _suggest(self.reinit_trigger, ("schedule", "converged")))
+            raise bad(
+                "reinit_trigger",
+                "choose schedule (the paper's fixed points) or converged"
+                + _suggest(self.reinit_trigger, ("schedule", "converged")),
+            )
         self._validate_reinit_init(bad)
         if self.reinit_converged_acc is not None:
             if self.reinit_trigger != "converged":
                 raise bad("reinit_converged_acc", "applies only with --reinit-trigger converged")
             if not 0 < self.reinit_converged_acc <= 1:
                 raise bad("reinit_converged_acc", "a training accuracy in (0, 1]")
-        if not isinstance(self.diagnosis_window, int) or isinstance(self.diagnosis_window, bool) \
-                or self.diagnosis_window < 1:
+        if (
+            not isinstance(self.diagnosis_window, int)
+            or isinstance(self.diagnosis_window, bool)
+            or self.diagnosis_window < 1
+        ):
             raise bad("diagnosis_window", "a positive number of optimizer steps")
-        if self.reinit_trigger == "converged" and self.method == "rifle" and self.reinit_granularity != "epoch":
+        if (
+            self.reinit_trigger == "converged"
+            and self.method == "rifle"
+            and self.reinit_granularity != "epoch"
+        ):
             raise bad("reinit_trigger", "converged decides once per epoch: use --reinit-granularity epoch")
         if self.amp not in ("none", "bf16", "fp16"):
             raise bad("amp", "choose none, bf16 or fp16" + _suggest(self.amp, ("none", "bf16", "fp16")))
@@ -147,17 +176,23 @@ class TrainConfig:
             raise bad("grad_accum", "must be a positive integer")
         if self.batch_size % self.grad_accum:
             raise bad("grad_accum", f"must divide --batch-size {self.batch_size}")
-        if not isinstance(self.log_interval, int) or isinstance(self.log_interval, bool) \
-                or self.log_interval < 0:
+        if (
+            not isinstance(self.log_interval, int)
+            or isinstance(self.log_interval, bool)
+            or self.log_interval < 0
+        ):
             raise bad("log_interval", "a number of optimizer steps >= 0 (0 = no step lines)")
         from .train.loggers import parse_kinds  # lazy, stdlib-only: config stays a leaf
+
         try:
             parse_kinds(self.log_to)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.lr_schedule not in ("cosine", "constant"):
-            raise bad("lr_schedule", "choose cosine or constant"
-                      + _suggest(self.lr_schedule, ("cosine", "constant")))
+            raise bad(
+                "lr_schedule",
+                "choose cosine or constant" + _suggest(self.lr_schedule, ("cosine", "constant")),
+            )
         self._validate_optimizer(bad)
         if self.pretrained_file is not None:
             if not isinstance(self.pretrained_file, str) or not self.pretrained_file.strip():
@@ -172,10 +207,12 @@ class TrainConfig:
             raise bad("trick", "lists a trick twice")
         if self.method == "rifle" and self.reinit_trigger == "converged" and "cyclic-lr" in self.trick:
             # cyclic-lr restarts on the schedule trigger's points, which the converged trigger does not follow
-            raise ConfigError("--trick cyclic-lr cannot be combined with --reinit-trigger converged: its warm "
-                              "restarts fall on RIFLE's fixed schedule points (floor(i*E/(K+1))), while the "
-                              "converged trigger re-initialises only once the head has converged, possibly "
-                              "never; drop one (--reinit-trigger schedule keeps the restarts on the re-inits)")
+            raise ConfigError(
+                "--trick cyclic-lr cannot be combined with --reinit-trigger converged: its warm "
+                "restarts fall on RIFLE's fixed schedule points (floor(i*E/(K+1))), while the "
+                "converged trigger re-initialises only once the head has converged, possibly "
+                "never; drop one (--reinit-trigger schedule keeps the restarts on the re-inits)"
+            )
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
             raise ConfigError(f"options={self.options!r}: expected a mapping {{method: {{option: value}}}}")
         return self
@@ -183,16 +220,25 @@ class TrainConfig:
     def _validate_reinit_init(self, bad) -> None:
         """--reinit-init: a name the CLI can take (a Python callable is for rifle.core.Rifle only)."""
         from .core.reinit import INITIALIZERS, canonical_init  # lazy: config stays a leaf otherwise
+
         names = [n for n in INITIALIZERS if n != "shrink_perturb"] + ["shrink_perturb[:LAMBDA,SIGMA]"]
         text = self.reinit_init
         name = text.strip().partition(":")[0].strip().replace("-", "_") if isinstance(text, str) else ""
         if name not in INITIALIZERS:
-            alias = {"he": "kaiming_normal", "kaiming": "kaiming_normal", "lecun": "lecun_normal",
-                     "xavier": "xavier_uniform", "glorot": "xavier_uniform", "glorot_uniform": "xavier_uniform",
-                     "reset_parameters": "default"}.get(name)
+            alias = {
+                "he": "kaiming_normal",
+                "kaiming": "kaiming_normal",
+                "lecun": "lecun_normal",
+                "xavier": "xavier_uniform",
+                "glorot": "xavier_uniform",
+                "glorot_uniform": "xavier_uniform",
+                "reset_parameters": "default",
+            }.get(name)
             hint = f" (did you mean {alias}?)" if alias else _suggest(name, INITIALIZERS)
-            raise bad("reinit_init", f"unknown initialiser{hint}; choose {', '.join(names)} "
-                                     f"(- or _ both work; docs/rifle.md)")
+            raise bad(
+                "reinit_init",
+                f"unknown initialiser{hint}; choose {', '.join(names)} (- or _ both work; docs/rifle.md)",
+            )
         try:
             canonical_init(text)
         except ValueError as e:
@@ -213,7 +259,9 @@ class TrainConfig:
         if self.opt_eps is not None and not self.opt_eps > 0:
             raise bad("opt_eps", "must be > 0")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise bad("layer_decay", "a factor in (0, 1]: layer i of L trains at layer_decay**(L-1-i) x the LR")
+            raise bad(
+                "layer_decay", "a factor in (0, 1]: layer i of L trains at layer_decay**(L-1-i) x the LR"
+            )
         if self.opt_betas is not None:
             b = self.opt_betas
             if isinstance(b, str):
@@ -226,8 +274,10 @@ class TrainConfig:
                 raise bad("opt_betas", "expected two numbers in [0, 1), e.g. 0.9 0.999")
             self.opt_betas = b
         from .train.optim import check_optimizer  # lazy: config stays a leaf for everything else
-        problem = check_optimizer(self.opt, self.opt_eps, tuple(self.opt_betas) if self.opt_betas else None,
-                                  device=self.device)
+
+        problem = check_optimizer(
+            self.opt, self.opt_eps, tuple(self.opt_betas) if self.opt_betas else None, device=self.device
+        )
         if problem:
             raise bad("opt", problem)
 
@@ -236,14 +286,25 @@ class TrainConfig:
         other method's come from ``options: {<method>: {...}}`` (flags ``--<method>-<option>``)."""
         if self.method not in TOP_LEVEL_OPTIONS:
             return dict(self.options.get(self.method, {}))
-        return dict(reinits=self.reinits, granularity=self.reinit_granularity, guard=self.guard,
-                    guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
-                    init=self.reinit_init, keep_optimizer_state=self.keep_optimizer_state,
-                    head_lr_restart=self.head_lr_restart, head=self.head,
-                    modules=self.reinit_modules, diagnose=self.diagnose,
-                    diagnosis_window=self.diagnosis_window,
-                    **({"trigger": self.reinit_trigger, "converged_acc": self.reinit_converged_acc}
-                       if self.reinit_trigger != "schedule" else {}))
+        return dict(
+            reinits=self.reinits,
+            granularity=self.reinit_granularity,
+            guard=self.guard,
+            guard_steps=self.guard_steps,
+            min_steps_after=self.min_steps_after,
+            init=self.reinit_init,
+            keep_optimizer_state=self.keep_optimizer_state,
+            head_lr_restart=self.head_lr_restart,
+            head=self.head,
+            modules=self.reinit_modules,
+            diagnose=self.diagnose,
+            diagnosis_window=self.diagnosis_window,
+            **(
+                {"trigger": self.reinit_trigger, "converged_acc": self.reinit_converged_acc}
+                if self.reinit_trigger != "schedule"
+                else {}
+            ),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,17 +314,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     # REFERENCE.md §2, the official PyTorch script's recipe (needs the dataset and a GPU).
     # It trains on the whole train split (val_fraction 0: no validation carved out, as the script);
     # how it still differs from the script: README.md "The CLI" and docs/guide.md.
-    "paper": dict(model="torchvision:resnet50", epochs=40, batch_size=32, lr=0.01, momentum=0.9,
-                  weight_decay=1e-4, lr_schedule="cosine", image_size=224, reinits=3,
-                  keep_optimizer_state=True, val_fraction=0.0),
+    "paper": dict(
+        model="torchvision:resnet50",
+        epochs=40,
+        batch_size=32,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        lr_schedule="cosine",
+        image_size=224,
+        reinits=3,
+        keep_optimizer_state=True,
+        val_fraction=0.0,
+    ),
     # A recipe that finishes on 2 CPU cores: offline EfficientNet-Lite0 at 112 px, 12 epochs.
-    "cpu": dict(model="efficientnet_lite0", epochs=12, batch_size=32, lr=0.01, image_size=112,
-                reinits=1),
+    "cpu": dict(model="efficientnet_lite0", epochs=12, batch_size=32, lr=0.01, image_size=112, reinits=1),
 }
 
 # Keys that may change between a run and its --resume (they do not change the numbers).
-RESUMABLE_KEYS = {"out", "device", "threads", "eval_batch_size", "workers", "record_depth", "extra",
-                  "log_to", "log_interval"}
+RESUMABLE_KEYS = {
+    "out",
+    "device",
+    "threads",
+    "eval_batch_size",
+    "workers",
+    "record_depth",
+    "extra",
+    "log_to",
+    "log_interval",
+}
 # Keys a run's config.yaml records beside the settings; `--config RUN/config.yaml` ignores them
 # (resolved_methods is recomputed from method/reg/trick/options, world_size from torchrun).
 # RunDir still compares them on --resume.
@@ -307,9 +386,14 @@ def _merge(values: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None = None,
-            preset: str | None = None, *, base: dict[str, Any] | None = None,
-            cli: bool = False) -> TrainConfig:
+def resolve(
+    flags: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    *,
+    base: dict[str, Any] | None = None,
+    cli: bool = False,
+) -> TrainConfig:
     """defaults <- preset <- config file <- flags; returns a validated :class:`TrainConfig`.
 
     ``base`` (settings of a run, e.g. its ``config.yaml``) replaces the defaults. With another method
@@ -322,8 +406,9 @@ def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None 
     preset = flags.pop("preset", None) or preset or file_values.get("preset")
     if preset:
         if preset not in PRESETS:
-            raise ConfigError(f"--preset={preset!r}: choose one of {', '.join(PRESETS)}"
-                              f"{_suggest(preset, PRESETS)}")
+            raise ConfigError(
+                f"--preset={preset!r}: choose one of {', '.join(PRESETS)}{_suggest(preset, PRESETS)}"
+            )
         values.update(PRESETS[preset])
     before_file = dict(values)
     values = _merge(values, file_values)
@@ -336,8 +421,13 @@ def resolve(flags: dict[str, Any] | None = None, config_file: str | Path | None 
     return cfg
 
 
-def _refuse_rifle_only(values: dict[str, Any], flags: dict[str, Any], file_values: dict[str, Any],
-                       before: dict[str, Any], config_file: str | Path | None) -> None:
+def _refuse_rifle_only(
+    values: dict[str, Any],
+    flags: dict[str, Any],
+    file_values: dict[str, Any],
+    before: dict[str, Any],
+    config_file: str | Path | None,
+) -> None:
     """RIFLE-only settings with another method (``values``: the merged settings) would be ignored: refuse
     each flag given, and each key of the config file that changes a value (a run's own config.yaml
     records every key, at its default or preset value, which changes nothing). With ``record_depth``,
@@ -345,12 +435,16 @@ def _refuse_rifle_only(values: dict[str, Any], flags: dict[str, Any], file_value
     method = str(values.get("method") or TrainConfig.method)
     if method.lower() == "rifle":
         return
-    keys = [k for k in RIFLE_ONLY_KEYS if not (values.get("record_depth") is True and k in ("reinits", "guard"))]
+    keys = [
+        k for k in RIFLE_ONLY_KEYS if not (values.get("record_depth") is True and k in ("reinits", "guard"))
+    ]
     given = [f"--{'no-' if flags[k] is False else ''}{k.replace('_', '-')}" for k in keys if k in flags]
     if given:
-        raise ConfigError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method rifle only "
-                          f"(the method is {method}): drop {'them' if len(given) > 1 else 'it'}, or use "
-                          f"--method rifle")
+        raise ConfigError(
+            f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method rifle only "
+            f"(the method is {method}): drop {'them' if len(given) > 1 else 'it'}, or use "
+            f"--method rifle"
+        )
     changed = []
     for key in keys:
         if key in file_values:
@@ -358,9 +452,11 @@ def _refuse_rifle_only(values: dict[str, Any], flags: dict[str, Any], file_value
             if value != before.get(key, getattr(TrainConfig, key)):
                 changed.append(f"{key}: {value!r}")
     if changed:
-        raise ConfigError(f"--config {config_file}: {', '.join(changed)} appl{'y' if len(changed) > 1 else 'ies'} "
-                          f"to --method rifle only (the method is {method}): remove "
-                          f"{'them' if len(changed) > 1 else 'it'}, or use --method rifle")
+        raise ConfigError(
+            f"--config {config_file}: {', '.join(changed)} appl{'y' if len(changed) > 1 else 'ies'} "
+            f"to --method rifle only (the method is {method}): remove "
+            f"{'them' if len(changed) > 1 else 'it'}, or use --method rifle"
+        )
 
 
 def _mark_given(cfg: TrainConfig, keys) -> None:
@@ -373,9 +469,15 @@ def _build(values: dict[str, Any]) -> TrainConfig:
     return cfg.validate()
 
 
-def resolve_resume(saved: dict[str, Any], flags: dict[str, Any] | None = None,
-                   config_file: str | Path | None = None, *, source: str = "config.yaml",
-                   strict: bool = True, cli: bool = False) -> TrainConfig:
+def resolve_resume(
+    saved: dict[str, Any],
+    flags: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    *,
+    source: str = "config.yaml",
+    strict: bool = True,
+    cli: bool = False,
+) -> TrainConfig:
     """The config of ``--resume``: the run's saved config, with the settings given now.
 
     ``saved`` (the run's ``config.yaml``) replaces defaults and preset (a preset's values are not applied
@@ -389,14 +491,17 @@ def resolve_resume(saved: dict[str, Any], flags: dict[str, Any] | None = None,
         return resolve(flags, config_file, base=base, cli=cli)
     given = load_config_file(config_file) if config_file else {}
     _check_keys(flags or {}, "flags")
-    _refuse_rifle_only(_merge(_merge(base, given), dict(flags or {})), flags if cli else {}, given, base,
-                       config_file)
+    _refuse_rifle_only(
+        _merge(_merge(base, given), dict(flags or {})), (flags or {}) if cli else {}, given, base, config_file
+    )
     merged = _build(_merge(_merge(base, given), dict(flags or {})))
     diff = diff_configs({k: v for k, v in saved.items() if k != "world_size"}, merged.to_dict())
     if diff:
-        raise ConfigError(f"--resume: the settings given differ from the run's {source}: "
-                          f"{format_diff(diff)}. Resume without them (--resume alone continues the run "
-                          f"with its own settings), or start a new run in another --out")
+        raise ConfigError(
+            f"--resume: the settings given differ from the run's {source}: "
+            f"{format_diff(diff)}. Resume without them (--resume alone continues the run "
+            f"with its own settings), or start a new run in another --out"
+        )
     cfg = _build({**base, **{k: getattr(merged, k) for k in RESUMABLE_KEYS}})
     _mark_given(cfg, [*given, *(flags or {})])
     return cfg
@@ -436,6 +541,7 @@ def normalize_path(value: Any) -> Any:
     if not isinstance(value, str) or not value.strip():
         return value
     from .data.builtin import BUILTIN  # lazy: config stays a leaf for everything else
+
     if value.strip().lower() in BUILTIN and "/" not in value and os.sep not in value:
         return value.strip().lower()
     return os.path.normpath(os.path.abspath(os.path.expanduser(value)))
@@ -452,9 +558,19 @@ def _method_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # keys added after runs were recorded: their value in an older config.yaml
-ADDED_KEYS = {"reinit_trigger": "schedule", "reinit_converged_acc": None, "diagnose": True,
-              "opt": "sgd", "opt_eps": None, "opt_betas": None, "layer_decay": None, "pretrained_file": None,
-              "diagnosis_window": 5, "log_to": "auto", "log_interval": 50}
+ADDED_KEYS = {
+    "reinit_trigger": "schedule",
+    "reinit_converged_acc": None,
+    "diagnose": True,
+    "opt": "sgd",
+    "opt_eps": None,
+    "opt_betas": None,
+    "layer_decay": None,
+    "pretrained_file": None,
+    "diagnosis_window": 5,
+    "log_to": "auto",
+    "log_interval": 50,
+}
 
 
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

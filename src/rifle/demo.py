@@ -4,6 +4,7 @@ The same few-shot split of scikit-learn's digits (offline EfficientNet-Lite0, Im
 image sizes: at 64 px fine-tuning memorises its 243 training images before the re-init, at 32 px it does
 not. RIFLE's diagnosis prints which regime each run is in. Why this recipe: docs/results/regime.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,16 @@ from .run import run_train
 from .train.checkpoint import atomic_write_text
 
 # the regime study's two digits cells (benchmarks/regime/digits64.yaml, digits32.yaml), RIFLE K=1
-DEMO = dict(data="digits", model="efficientnet_lite0", epochs=30, batch_size=32, lr=0.01,
-            train_fraction=0.2, reinits=1, eval_batch_size=256)
+DEMO = dict(
+    data="digits",
+    model="efficientnet_lite0",
+    epochs=30,
+    batch_size=32,
+    lr=0.01,
+    train_fraction=0.2,
+    reinits=1,
+    eval_batch_size=256,
+)
 CELLS = {"64px": dict(image_size=64), "32px": dict(image_size=32)}
 
 
@@ -29,62 +38,87 @@ def _pct(v: float | None) -> str:
 
 
 def _table(results: dict[str, dict[str, dict]]) -> str:
-    lines = ["| cell | train loss / acc before the re-init | error signal new/old head (same batch) | "
-             "backbone gradient after/before | fine-tuning final test | RIFLE final test | Δ (points) | "
-             "at best val: fine-tuning / RIFLE |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cell | train loss / acc before the re-init | error signal new/old head (same batch) | "
+        "backbone gradient after/before | fine-tuning final test | RIFLE final test | Δ (points) | "
+        "at best val: fine-tuning / RIFLE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for cell, r in results.items():
         ft, rf = r["finetune"], r["rifle"]
         d = (rf.get("rifle_diagnosis") or [{}])[0]
-        before = (f"{d['train_loss_before']:.2f} / {d['train_acc_before']:.2f}"
-                  if d.get("train_loss_before") is not None and d.get("train_acc_before") is not None else "-")
+        before = (
+            f"{d['train_loss_before']:.2f} / {d['train_acc_before']:.2f}"
+            if d.get("train_loss_before") is not None and d.get("train_acc_before") is not None
+            else "-"
+        )
         ratio = f"x{d['grad_ratio']:.2f}" if d.get("grad_ratio") is not None else "-"
         signal = f"x{d['head_signal_ratio']:.2f}" if d.get("head_signal_ratio") is not None else "-"
         delta = 100 * (rf["final_test_acc"] - ft["final_test_acc"])
-        lines.append(f"| {cell} | {before} | {signal} | {ratio} | {_pct(ft['final_test_acc'])} | "
-                     f"{_pct(rf['final_test_acc'])} | {delta:+.2f} | {_pct(ft['test_acc_at_best_val'])} / "
-                     f"{_pct(rf['test_acc_at_best_val'])} |")
-    lines += ["", "Verdicts:"] + [f"- {cell}: {d['verdict']}" for cell, r in results.items()
-                                   for d in r["rifle"].get("rifle_diagnosis") or []]
+        lines.append(
+            f"| {cell} | {before} | {signal} | {ratio} | {_pct(ft['final_test_acc'])} | "
+            f"{_pct(rf['final_test_acc'])} | {delta:+.2f} | {_pct(ft['test_acc_at_best_val'])} / "
+            f"{_pct(rf['test_acc_at_best_val'])} |"
+        )
+    lines += ["", "Verdicts:"] + [
+        f"- {cell}: {d['verdict']}"
+        for cell, r in results.items()
+        for d in r["rifle"].get("rifle_diagnosis") or []
+    ]
     return "\n".join(lines)
 
 
-def run_demo(out: str = "runs/demo", seed: int = 0, recipe: dict[str, Any] | None = None,
-             cells: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, dict]]:
+def run_demo(
+    out: str = "runs/demo",
+    seed: int = 0,
+    recipe: dict[str, Any] | None = None,
+    cells: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, dict]]:
     """Fine-tuning and RIFLE (K=1, same seed: same split, head and data order) in each cell."""
     t0 = time.perf_counter()
     recipe, cells = {**DEMO, **(recipe or {})}, cells or CELLS
-    print(f"rifle demo: will RIFLE help? offline {recipe['model']} on {recipe['data']} "
-          f"(train fraction {recipe['train_fraction']}), {recipe['epochs']} epochs, batch "
-          f"{recipe['batch_size']}, lr {recipe['lr']} cosine, seed {seed}; RIFLE K={recipe['reinits']}, "
-          f"in {len(cells)} regimes: {', '.join(cells)}", flush=True)
+    print(
+        f"rifle demo: will RIFLE help? offline {recipe['model']} on {recipe['data']} "
+        f"(train fraction {recipe['train_fraction']}), {recipe['epochs']} epochs, batch "
+        f"{recipe['batch_size']}, lr {recipe['lr']} cosine, seed {seed}; RIFLE K={recipe['reinits']}, "
+        f"in {len(cells)} regimes: {', '.join(cells)}",
+        flush=True,
+    )
     results: dict[str, dict[str, dict]] = {}
     for cell, over in cells.items():
         base = TrainConfig(**{**recipe, **over}, seed=seed, out=str(Path(out) / cell / "finetune")).validate()
         data = load_data(base)
-        print(f"\n== {cell}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-              f"{base.image_size}px ==", flush=True)
+        print(
+            f"\n== {cell}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+            f"{base.image_size}px ==",
+            flush=True,
+        )
         results[cell] = {}
         for method in ("finetune", "rifle"):
             cfg = dataclasses.replace(base, method=method, out=str(Path(out) / cell / method))
             print(f"-- {method}", flush=True)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                results[cell][method] = run_train(cfg, overwrite=True, data=data,
-                                                  log=lambda s: print("  " + s, flush=True))
+                results[cell][method] = run_train(
+                    cfg, overwrite=True, data=data, log=lambda s: print("  " + s, flush=True)
+                )
             for w in caught:
                 print(f"  note: {w.message}")
     table = _table(results)
     total = time.perf_counter() - t0
-    note = ("In the 5-seed study behind this recipe the re-init clearly deepened backpropagation only where "
-            "the head had converged (memorised its training set) before it; where it had not, the backbone's "
-            "gradient after the re-init was about fine-tuning's own at that epoch, or lower. "
-            "Read the verdict of your own runs (docs/rifle.md#when), and judge accuracy on validation over "
-            "paired seeds "
-            "(`rifle bench`, `rifle report`): in the study, accuracy did not follow the mechanism "
-            "(docs/results/regime.md).")
-    text = (f"# rifle demo (seed {seed})\n\n{table}\n\n{note}\n\n"
-            f"Total wall time: {total:.0f} s. Regenerate with `rifle demo --seed {seed}`.\n")
+    note = (
+        "In the 5-seed study behind this recipe the re-init clearly deepened backpropagation only where "
+        "the head had converged (memorised its training set) before it; where it had not, the backbone's "
+        "gradient after the re-init was about fine-tuning's own at that epoch, or lower. "
+        "Read the verdict of your own runs (docs/rifle.md#when), and judge accuracy on validation over "
+        "paired seeds "
+        "(`rifle bench`, `rifle report`): in the study, accuracy did not follow the mechanism "
+        "(docs/results/regime.md)."
+    )
+    text = (
+        f"# rifle demo (seed {seed})\n\n{table}\n\n{note}\n\n"
+        f"Total wall time: {total:.0f} s. Regenerate with `rifle demo --seed {seed}`.\n"
+    )
     atomic_write_text(Path(out) / "comparison.md", text)
     print("\n" + table + "\n\n" + textwrap.fill(note, 110))
     print(f"\ntotal {total:.0f} s; written to {Path(out) / 'comparison.md'}")

@@ -3,6 +3,7 @@ to read (:func:`load_eval_split`), accuracy / confusion / per-class metrics (:fu
 confusion-matrix figure (:func:`plot_confusion`). On the run's own data and split it reproduces the
 accuracy training reported (docs/inference.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,19 +46,24 @@ def _is_builtin(data: str) -> bool:
 def _scan_flat(root: Path) -> dict[str, list[Path]]:
     by_class: dict[str, list[Path]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p)):
-        imgs = sorted(f for f in d.iterdir() if f.is_file() and not _hidden(f)
-                      and f.suffix.lower() in IMAGE_EXTENSIONS)
+        imgs = sorted(
+            f for f in d.iterdir() if f.is_file() and not _hidden(f) and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if imgs:
             by_class[d.name] = imgs
     return by_class
 
 
-def _decode_flat(root: Path, res: int, skip_bad_images: bool) -> tuple[ImageTensorSet, list[str], list[str], list[str]]:
+def _decode_flat(
+    root: Path, res: int, skip_bad_images: bool
+) -> tuple[ImageTensorSet, list[str], list[str], list[str]]:
     by_class = _scan_flat(root)
     if not by_class:
-        raise DataError(f"{root} has no class folders with images; expected ROOT/<class>/<image> or "
-                        f"ROOT/{{train,val,test}}/<class>/<image> (extensions {' '.join(IMAGE_EXTENSIONS)}). "
-                        f"For unlabelled images use `rifle predict`.")
+        raise DataError(
+            f"{root} has no class folders with images; expected ROOT/<class>/<image> or "
+            f"ROOT/{{train,val,test}}/<class>/<image> (extensions {' '.join(IMAGE_EXTENSIONS)}). "
+            f"For unlabelled images use `rifle predict`."
+        )
     classes = list(by_class)
     paths = [p for c in classes for p in by_class[c]]
     labels = [i for i, c in enumerate(classes) for _ in by_class[c]]
@@ -65,8 +71,9 @@ def _decode_flat(root: Path, res: int, skip_bad_images: bool) -> tuple[ImageTens
     bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, Exception)]
     if bad and not skip_bad_images:
         shown = "\n".join(f"  {p}: {type(e).__name__}: {e}" for p, e in bad[:5])
-        raise DataError(f"cannot read {len(bad)} image file(s):\n{shown}\nFix or remove them, or pass "
-                        f"--skip-bad-images.")
+        raise DataError(
+            f"cannot read {len(bad)} image file(s):\n{shown}\nFix or remove them, or pass --skip-bad-images."
+        )
     keep = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
     kept = [cast(torch.Tensor, decoded[i]) for i in keep]
     channels = 3 if any(t.shape[0] == 3 for t in kept) else 1
@@ -77,8 +84,9 @@ def _decode_flat(root: Path, res: int, skip_bad_images: bool) -> tuple[ImageTens
     return ds, classes, [str(paths[i]) for i in keep], [str(p) for p, _ in bad]
 
 
-def load_eval_split(fm: FineTunedModel, data: str | os.PathLike, split: str = "test", *,
-                    skip_bad_images: bool = False) -> EvalSplit:
+def load_eval_split(
+    fm: FineTunedModel, data: str | os.PathLike, split: str = "test", *, skip_bad_images: bool = False
+) -> EvalSplit:
     """The labelled images of ``data``'s ``split``, labels mapped onto ``fm.classes``.
 
     * a built-in name, or a folder with ``train/``/``test/``: the run's own split rules (its seed,
@@ -105,32 +113,43 @@ def load_eval_split(fm: FineTunedModel, data: str | os.PathLike, split: str = "t
         name, split = root.resolve().name, "all"
     elif not _is_builtin(text) and (split == "test" or (split == "val" and (root / "val").is_dir())):
         if not (root / split).is_dir():
-            raise DataError(f"{root / split} does not exist; choose --split among "
-                            f"{', '.join(s for s in ('train', 'val', 'test') if (root / s).is_dir())}")
+            raise DataError(
+                f"{root / split} does not exist; choose --split among "
+                f"{', '.join(s for s in ('train', 'val', 'test') if (root / s).is_dir())}"
+            )
         ds, data_classes, paths, skipped = _decode_flat(root / split, res, skip_bad_images)
         name = root.resolve().name
     else:
-        bundle = build_data(text, fm.image_size, seed=int(cfg.get("seed", 0)),
-                            val_fraction=float(cfg.get("val_fraction", 0.1)),
-                            train_fraction=float(cfg.get("train_fraction", 1.0)),
-                            skip_bad_images=skip_bad_images)
+        bundle = build_data(
+            text,
+            fm.image_size,
+            seed=int(cfg.get("seed", 0)),
+            val_fraction=float(cfg.get("val_fraction", 0.1)),
+            train_fraction=float(cfg.get("train_fraction", 1.0)),
+            skip_bad_images=skip_bad_images,
+        )
         ds, data_classes = getattr(bundle, split), bundle.classes
         name, skipped = bundle.info.get("name", text), list(bundle.info.get("skipped", []))
         if len(ds) == 0:
-            raise DataError(f"the {split} split of {text} is empty (val_fraction "
-                            f"{cfg.get('val_fraction')!r} in the run's config)")
+            raise DataError(
+                f"the {split} split of {text} is empty (val_fraction "
+                f"{cfg.get('val_fraction')!r} in the run's config)"
+            )
     unknown = [c for c in data_classes if c not in fm.classes]
     if unknown:
-        raise DataError(f"--data {text} has classes the run was not trained on: {', '.join(unknown)} "
-                        f"(run classes: {', '.join(fm.classes)}). Evaluate on data with the run's classes "
-                        f"(a subset is fine)")
+        raise DataError(
+            f"--data {text} has classes the run was not trained on: {', '.join(unknown)} "
+            f"(run classes: {', '.join(fm.classes)}). Evaluate on data with the run's classes "
+            f"(a subset is fine)"
+        )
     remap = torch.tensor([fm.classes.index(c) for c in data_classes], dtype=torch.int64)
     ds = ImageTensorSet(ds.images, remap[ds.labels])
     return EvalSplit(ds, list(data_classes), str(name), split, paths, skipped)
 
 
-def classification_metrics(y_true: torch.Tensor, y_pred: torch.Tensor, classes: Sequence[str]
-                           ) -> dict[str, Any]:
+def classification_metrics(
+    y_true: torch.Tensor, y_pred: torch.Tensor, classes: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, confusion matrix (rows = true class, columns = predicted) and per-class precision,
     recall, F1 and support.
 
@@ -149,15 +168,28 @@ def classification_metrics(y_true: torch.Tensor, y_pred: torch.Tensor, classes: 
         f1 = None if r is None else (2 * p * r / (p + r) if p + r > 0 else 0.0)
         per_class[c] = {"precision": p, "recall": r, "f1": f1, "support": int(support[i])}
     present = [v for v in per_class.values() if v["support"]]
-    macro = {m: (sum(v[m] for v in present) / len(present) if present else None)
-             for m in ("precision", "recall", "f1")}
+    macro = {
+        m: (sum(v[m] for v in present) / len(present) if present else None)
+        for m in ("precision", "recall", "f1")
+    }
     n = int(y_true.numel())
-    return {"n": n, "accuracy": float(tp.sum()) / n if n else 0.0, "per_class": per_class, "macro": macro,
-            "confusion_matrix": cm.tolist()}
+    return {
+        "n": n,
+        "accuracy": float(tp.sum()) / n if n else 0.0,
+        "per_class": per_class,
+        "macro": macro,
+        "confusion_matrix": cm.tolist(),
+    }
 
 
-def evaluate(fm: FineTunedModel, data: str | os.PathLike | None = None, split: str = "test", *,
-             batch_size: int | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
+def evaluate(
+    fm: FineTunedModel,
+    data: str | os.PathLike | None = None,
+    split: str = "test",
+    *,
+    batch_size: int | None = None,
+    skip_bad_images: bool = False,
+) -> dict[str, Any]:
     """Metrics of ``fm`` on ``data``'s ``split`` (default: the run's own data); see
     :func:`classification_metrics`. Also ``loss`` (mean cross-entropy) and per-image ``predictions``
     (predicted index, probability). Same pipeline and batch size as the trainer's evaluation."""
@@ -167,28 +199,47 @@ def evaluate(fm: FineTunedModel, data: str | os.PathLike | None = None, split: s
     es = load_eval_split(fm, data, split, skip_bad_images=skip_bad_images)
     bs = int(batch_size or fm.config.get("eval_batch_size", 256))
     logits = []
-    for x, _ in eval_batches(es.images, bs, fm.image_size, fm.preprocessing["mean"],
-                             fm.preprocessing["std"], channels_last=fm.channels_last):
+    for x, _ in eval_batches(
+        es.images,
+        bs,
+        fm.image_size,
+        fm.preprocessing["mean"],
+        fm.preprocessing["std"],
+        channels_last=fm.channels_last,
+    ):
         logits.append(fm.logits(x))
     z = torch.cat(logits) if logits else torch.zeros(0, fm.num_classes)
     y = es.images.labels
     proba = z.softmax(1)
     conf, pred = proba.max(1) if len(z) else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-    out = {"run": str(fm.run_dir) if fm.run_dir else None, "epoch": fm.epoch, "data": os.fspath(data),
-           "data_name": es.name, "split": es.split, "classes": list(fm.classes),
-           **classification_metrics(y, pred, fm.classes),
-           "loss": float(F.cross_entropy(z, y, reduction="mean")) if len(z) else None,
-           "classes_not_in_data": [c for c in fm.classes if c not in es.data_classes],
-           "skipped": es.skipped,
-           "predictions": [{"index": i, **({"path": es.paths[i]} if es.paths else {}),
-                            "true": fm.classes[int(t)], "predicted": fm.classes[int(p)],
-                            "probability": float(c)}
-                           for i, (t, p, c) in enumerate(zip(y.tolist(), pred.tolist(), conf.tolist()))]}
+    out = {
+        "run": str(fm.run_dir) if fm.run_dir else None,
+        "epoch": fm.epoch,
+        "data": os.fspath(data),
+        "data_name": es.name,
+        "split": es.split,
+        "classes": list(fm.classes),
+        **classification_metrics(y, pred, fm.classes),
+        "loss": float(F.cross_entropy(z, y, reduction="mean")) if len(z) else None,
+        "classes_not_in_data": [c for c in fm.classes if c not in es.data_classes],
+        "skipped": es.skipped,
+        "predictions": [
+            {
+                "index": i,
+                **({"path": es.paths[i]} if es.paths else {}),
+                "true": fm.classes[int(t)],
+                "predicted": fm.classes[int(p)],
+                "probability": float(c),
+            }
+            for i, (t, p, c) in enumerate(zip(y.tolist(), pred.tolist(), conf.tolist()))
+        ],
+    }
     return out
 
 
-def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,
-                   title: str = "") -> None:
+def plot_confusion(
+    cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike, title: str = ""
+) -> None:
     """Save the confusion matrix as a PNG (matplotlib's Agg canvas; no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -211,7 +262,14 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: st
         thresh = a.max() / 2 if a.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(a[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if a[i, j] > thresh else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(a[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if a[i, j] > thresh else "black",
+                )
     fig.tight_layout()
     fig.savefig(os.fspath(path), dpi=100)

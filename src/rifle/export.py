@@ -5,6 +5,7 @@ get that input from an image and names the classes. Each export is loaded back a
 PyTorch model (:func:`compare_logits`). Uses ``torch.onnx.export`` (dynamo, legacy exporter as fallback)
 and ``torch.jit.trace``; the formats, the check and its tolerance: docs/inference.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,17 @@ from torch import nn
 from .inference import FineTunedModel, load
 from .train.checkpoint import atomic_write_text
 
-__all__ = ["export", "ExportResult", "ExportError", "FORMATS", "RTOL", "compare_logits", "sidecar_path",
-           "preprocessing_spec", "verify"]
+__all__ = [
+    "export",
+    "ExportResult",
+    "ExportError",
+    "FORMATS",
+    "RTOL",
+    "compare_logits",
+    "sidecar_path",
+    "preprocessing_spec",
+    "verify",
+]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 RTOL = 1e-2  # of max(1, max |logit|); measured and justified in docs/inference.md
@@ -60,9 +70,15 @@ def compare_logits(got: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL) -> 
     diff = float((got - ref).abs().max()) if ref.numel() else 0.0
     scale = max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
     top1 = float((got.argmax(1) == ref.argmax(1)).double().mean()) if len(ref) else 1.0
-    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "logit_scale": scale,
-            "top1_agreement": top1, "rtol": rtol, "tolerance": rtol * scale,
-            "ok": bool(diff <= rtol * scale)}
+    return {
+        "max_abs_diff": diff,
+        "max_rel_diff": diff / scale,
+        "logit_scale": scale,
+        "top1_agreement": top1,
+        "rtol": rtol,
+        "tolerance": rtol * scale,
+        "ok": bool(diff <= rtol * scale),
+    }
 
 
 def preprocessing_spec(fm: FineTunedModel) -> dict[str, Any]:
@@ -105,21 +121,39 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -
     if exporter in ("auto", "dynamo"):
         try:
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
-                              external_data=False, verbose=False, **names)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+                **names,
+            )
             return "dynamo"
         except Exception as e:  # noqa: BLE001 - any torch.export / onnxscript failure
             if exporter == "dynamo":
                 raise ExportError(f"ONNX export (dynamo) failed: {type(e).__name__}: {e}") from e
-            warnings.warn(f"the dynamo ONNX exporter failed ({type(e).__name__}: {str(e)[:200]}); "
-                          f"using the legacy exporter", stacklevel=3)
+            warnings.warn(
+                f"the dynamo ONNX exporter failed ({type(e).__name__}: {str(e)[:200]}); "
+                f"using the legacy exporter",
+                stacklevel=3,
+            )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=LEGACY_OPSET,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=LEGACY_OPSET,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                **names,
+            )
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"ONNX export (legacy) failed: {type(e).__name__}: {e}") from e
     return "legacy"
@@ -156,8 +190,9 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
             return loaded(x), f"torch.jit.load (torch {torch.__version__})"
 
 
-def verify(path: str | os.PathLike, model: nn.Module, image_size: int, format: str = "onnx",
-           rtol: float = RTOL) -> dict[str, Any] | None:
+def verify(
+    path: str | os.PathLike, model: nn.Module, image_size: int, format: str = "onnx", rtol: float = RTOL
+) -> dict[str, Any] | None:
     """Run the exported file at ``path`` on a random batch of 3 and compare its logits with ``model``'s in
     float64 (float32 if the model cannot run in float64) by :func:`compare_logits`; raise
     :class:`ExportError` when they differ by more than ``rtol``. Returns the comparison, or ``None`` for
@@ -176,21 +211,34 @@ def verify(path: str | os.PathLike, model: nn.Module, image_size: int, format: s
         return None
     y, runtime = got
     if tuple(y.shape) != tuple(ref.shape):
-        raise ExportError(f"{path}: output shape {tuple(y.shape)} for a batch of 3, expected {tuple(ref.shape)}")
-    result = {"runtime": runtime, "reference": reference, **compare_logits(y, ref, rtol),
-              "pytorch_float32_max_abs_diff": float((ref32.double() - ref).abs().max())}
+        raise ExportError(
+            f"{path}: output shape {tuple(y.shape)} for a batch of 3, expected {tuple(ref.shape)}"
+        )
+    result = {
+        "runtime": runtime,
+        "reference": reference,
+        **compare_logits(y, ref, rtol),
+        "pytorch_float32_max_abs_diff": float((ref32.double() - ref).abs().max()),
+    }
     if not result["ok"]:
         raise ExportError(
             f"{path}: {runtime} logits differ from {reference} on a random batch of 3: max abs diff "
             f"{result['max_abs_diff']:.3g}, max rel diff {result['max_rel_diff']:.3g} of the logit scale "
             f"max(1, max |logit|) = {result['logit_scale']:.3g} (tolerance {rtol:g}), top-1 agreement "
             f"{result['top1_agreement']:.0%}; PyTorch float32 itself differs by "
-            f"{result['pytorch_float32_max_abs_diff']:.3g}")
+            f"{result['pytorch_float32_max_abs_diff']:.3g}"
+        )
     return result
 
 
-def export(model: FineTunedModel | str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None,
-           *, check: bool = True, exporter: str = "auto") -> ExportResult:
+def export(
+    model: FineTunedModel | str | os.PathLike,
+    format: str = "onnx",
+    out: str | os.PathLike | None = None,
+    *,
+    check: bool = True,
+    exporter: str = "auto",
+) -> ExportResult:
     """Export a run (folder or loaded :class:`FineTunedModel`) to ``out`` (default
     ``RUN_DIR/model.onnx`` or ``RUN_DIR/model.torchscript.pt``) and write the preprocessing JSON beside it.
 
@@ -209,9 +257,13 @@ def export(model: FineTunedModel | str | os.PathLike, format: str = "onnx", out:
         out = fm.run_dir / ("model" + FORMATS[format])
     path = Path(out).expanduser()
     if path.suffix.lower() == ".json":
-        raise ValueError(f"--out {path}: the model file cannot be a .json (the preprocessing JSON goes beside it)")
+        raise ValueError(
+            f"--out {path}: the model file cannot be a .json (the preprocessing JSON goes beside it)"
+        )
     if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file name such as {path / ('model' + FORMATS[format])}")
+        raise ValueError(
+            f"--out {path} is a folder; give a file name such as {path / ('model' + FORMATS[format])}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(fm.model).to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     s = fm.image_size
@@ -231,12 +283,21 @@ def export(model: FineTunedModel | str | os.PathLike, format: str = "onnx", out:
         "epoch": fm.epoch,
         "classes": list(fm.classes),
         "input": {"name": "input", "shape": ["batch", 3, s, s], "dtype": "float32"},
-        "output": {"name": "logits", "shape": ["batch", fm.num_classes],
-                   "note": "logits; softmax over axis 1 gives probabilities in the order of classes"},
+        "output": {
+            "name": "logits",
+            "shape": ["batch", fm.num_classes],
+            "note": "logits; softmax over axis 1 gives probabilities in the order of classes",
+        },
         "preprocessing": preprocessing_spec(fm),
         "check": result,  # None: not checked (--no-check, or onnxruntime missing)
     }
     sidecar = sidecar_path(path)
     atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
-    return ExportResult(path, sidecar, used, result["max_abs_diff"] if result else None,
-                        result["runtime"] if result else None, result)
+    return ExportResult(
+        path,
+        sidecar,
+        used,
+        result["max_abs_diff"] if result else None,
+        result["runtime"] if result else None,
+        result,
+    )

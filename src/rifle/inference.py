@@ -4,6 +4,7 @@
 Weights are read only from safetensors (nothing is unpickled, nothing is downloaded) and images go
 through the run's own evaluation transform, bit for bit (docs/inference.md).
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,10 @@ def _checked_run_dir(run_dir: str | os.PathLike) -> Path:
         raise NotARunError(f"{path} is not a folder; pass the folder written by `rifle train --out`")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
-        raise NotARunError(f"{path} is not a run folder: missing {', '.join(missing)} (a run made by "
-                           f"`rifle train --out {path}` holds {', '.join(REQUIRED)}, {SUMMARY}, ...)")
+        raise NotARunError(
+            f"{path} is not a run folder: missing {', '.join(missing)} (a run made by "
+            f"`rifle train --out {path}` holds {', '.join(REQUIRED)}, {SUMMARY}, ...)"
+        )
     return path
 
 
@@ -92,8 +95,10 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Fine
         raise RunError(f"{wpath} names no classes (metadata 'classes') and {path / SUMMARY} has none")
     classes = [str(c) for c in classes]
     if summary.get("classes") is not None and [str(c) for c in summary["classes"]] != classes:
-        raise RunError(f"{path / SUMMARY} classes {summary['classes']} differ from the checkpoint's "
-                       f"{classes}; the folder mixes two runs")
+        raise RunError(
+            f"{path / SUMMARY} classes {summary['classes']} differ from the checkpoint's "
+            f"{classes}; the folder mixes two runs"
+        )
     model_name = meta_j.get("model", config["model"])
     if model_name != config["model"]:
         raise RunError(f"{wpath} holds a {model_name!r} model but {path / CONFIG} says {config['model']!r}")
@@ -106,15 +111,26 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Fine
     except CheckpointError as e:
         raise RunError(str(e)) from None
     image_size = int(config["image_size"])
-    prep = summary.get("preprocessing") or {**model_preprocessing(model), "image_size": image_size,
-                                             "resize": cache_resolution(image_size)}
+    prep = summary.get("preprocessing") or {
+        **model_preprocessing(model),
+        "image_size": image_size,
+        "resize": cache_resolution(image_size),
+    }
     prep = {**prep, "mean": [float(v) for v in prep["mean"]], "std": [float(v) for v in prep["std"]]}
     if int(prep["image_size"]) != image_size or int(prep["resize"]) != cache_resolution(image_size):
         raise RunError(f"{path / SUMMARY}: preprocessing {prep} does not match image_size {image_size}")
     epoch = int(meta["epoch"]) if str(meta.get("epoch", "")).isdigit() else None
-    return FineTunedModel(model, classes, prep, device=device,
-                          channels_last=bool(config.get("channels_last", True)), run_dir=path,
-                          config=config, summary=summary, epoch=epoch)
+    return FineTunedModel(
+        model,
+        classes,
+        prep,
+        device=device,
+        channels_last=bool(config.get("channels_last", True)),
+        run_dir=path,
+        config=config,
+        summary=summary,
+        epoch=epoch,
+    )
 
 
 # --------------------------------------------------------------------------------------- the model
@@ -139,17 +155,21 @@ def _tensor_to_u8(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2:
         t = t.unsqueeze(0)
     if t.dim() != 3 or t.shape[0] not in (1, 3):
-        raise ValueError(f"an image tensor must be [C, H, W] or [N, C, H, W] with C = 1 or 3 (or [H, W]); "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"an image tensor must be [C, H, W] or [N, C, H, W] with C = 1 or 3 (or [H, W]); "
+            f"got shape {tuple(t.shape)}"
+        )
     if t.dtype == torch.uint8:
         return t
     if not t.dtype.is_floating_point:
         raise ValueError(f"image tensors must be uint8 (0..255) or float (0..1), got {t.dtype}")
     lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"a float image tensor must hold pixel values in [0, 1] (as torchvision's "
-                         f"ToTensor gives), got [{lo:.3g}, {hi:.3g}]; for already-normalised model input "
-                         f"call FineTunedModel.logits(x)")
+        raise ValueError(
+            f"a float image tensor must hold pixel values in [0, 1] (as torchvision's "
+            f"ToTensor gives), got [{lo:.3g}, {hi:.3g}]; for already-normalised model input "
+            f"call FineTunedModel.logits(x)"
+        )
     return (t.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -222,20 +242,27 @@ class FineTunedModel:
                 return u8.contiguous()
             arr = u8.permute(1, 2, 0).numpy()
             return _decode_pil(Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr), res)
-        raise TypeError(f"cannot use a {type(image).__name__} as an image; pass a path, a PIL image, a "
-                        f"numpy array or a tensor")
+        raise TypeError(
+            f"cannot use a {type(image).__name__} as an image; pass a path, a PIL image, a "
+            f"numpy array or a tensor"
+        )
 
-    def normalized_batches(self, decoded: Sequence[torch.Tensor], batch_size: int
-                           ) -> Iterator[torch.Tensor]:
+    def normalized_batches(self, decoded: Sequence[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
         """uint8 ``[C, R, R]`` images -> model input batches (centre crop, normalise;
         :func:`eval_batches`)."""
         for start in range(0, len(decoded), batch_size):
-            chunk = list(decoded[start:start + batch_size])
+            chunk = list(decoded[start : start + batch_size])
             if any(t.shape[0] == 3 for t in chunk):  # mixed: store gray as 3 channels (as image folders do)
                 chunk = [t.expand(3, -1, -1) for t in chunk]
             ds = ImageTensorSet(torch.stack(chunk), torch.zeros(len(chunk), dtype=torch.int64))
-            for x, _ in eval_batches(ds, len(chunk), self.image_size, self.preprocessing["mean"],
-                                     self.preprocessing["std"], channels_last=self.channels_last):
+            for x, _ in eval_batches(
+                ds,
+                len(chunk),
+                self.image_size,
+                self.preprocessing["mean"],
+                self.preprocessing["std"],
+                channels_last=self.channels_last,
+            ):
                 yield x
 
     def preprocess(self, images: ImageInput | Iterable[ImageInput]) -> torch.Tensor:
@@ -263,8 +290,9 @@ class FineTunedModel:
         decoded = [self.decode(im) for im in _flatten(images)]
         return self.logits_of_decoded(decoded, batch_size).softmax(1)
 
-    def predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 64
-                ) -> list[list[tuple[str, float]]]:
+    def predict(
+        self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 64
+    ) -> list[list[tuple[str, float]]]:
         """Per image the ``top_k`` most probable ``(class_name, probability)``, most probable first.
 
         A single image (path, PIL image, ``[C, H, W]`` tensor) still gives a list of one entry;
@@ -276,8 +304,10 @@ class FineTunedModel:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"top_k must be a positive integer, got {k!r}")
         vals, idx = proba.topk(min(k, self.num_classes), dim=1)
-        return [[(self.classes[i], float(v)) for v, i in zip(vr.tolist(), ir.tolist())]
-                for vr, ir in zip(vals, idx)]
+        return [
+            [(self.classes[i], float(v)) for v, i in zip(vr.tolist(), ir.tolist())]
+            for vr, ir in zip(vals, idx)
+        ]
 
 
 # ------------------------------------------------------------------------------------ files to predict
@@ -291,10 +321,17 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(s.startswith(".") for s in f.relative_to(p).parts))
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(s.startswith(".") for s in f.relative_to(p).parts)
+            )
             if not found:
-                problems.append((str(item), f"no images in this folder (extensions: {' '.join(IMAGE_EXTENSIONS)})"))
+                problems.append(
+                    (str(item), f"no images in this folder (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+                )
             paths += found
         elif p.is_file():
             paths.append(p)

@@ -6,6 +6,7 @@ Measures the claim of Li et al., "RIFLE: Backpropagation in Depth for Deep Trans
 Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349 (§3-4): re-initialising the head
 sends a large error into the lower layers. Definitions and rationale: docs/experiments.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:
     return num / den
 
 
-def layer_profile(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                  names: Sequence[str]) -> list[float]:
+def layer_profile(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], names: Sequence[str]
+) -> list[float]:
     """Relative change of each named tensor of ``state`` against ``reference``."""
     missing = [n for n in names if n not in state or n not in reference]
     if missing:
@@ -73,7 +75,11 @@ def backbone_thirds(values: Sequence[float], head: Sequence[bool]) -> list[float
     if not body:
         raise ValueError("no backbone layers (every tracked layer is in the head)")
     third = max(1, len(body) // 3)
-    parts = [body[:third], body[third:len(body) - third] or body[third - 1:third], body[len(body) - third:]]
+    parts = [
+        body[:third],
+        body[third : len(body) - third] or body[third - 1 : third],
+        body[len(body) - third :],
+    ]
     return [sum(x) / len(x) for x in parts]
 
 
@@ -87,7 +93,11 @@ def grad_window_means(mon: dict[str, Any]) -> dict[int, dict[str, tuple[list[flo
     out: dict[int, dict[str, tuple[list[float], int]]] = {}
     for e in sorted({g["reinit_epoch"] for g in grads}):
         for side in ("before", "after"):
-            recs = [g["norms"] for g in grads if g["reinit_epoch"] == e and (g["offset"] < 0) == (side == "before")]
+            recs = [
+                g["norms"]
+                for g in grads
+                if g["reinit_epoch"] == e and (g["offset"] < 0) == (side == "before")
+            ]
             if recs:
                 out.setdefault(e, {})[side] = ([sum(col) / len(recs) for col in zip(*recs)], len(recs))
     return out
@@ -100,8 +110,11 @@ def gradient_ratios(mon: dict[str, Any]) -> list[float | None] | None:
     then averaged over the watched epochs. None without an epoch recorded on both sides; a layer whose
     ``before`` mean is 0 gets None.
     """
-    per_epoch = [[a / b if b > 0 else None for a, b in zip(w["after"][0], w["before"][0])]
-                 for w in grad_window_means(mon).values() if "before" in w and "after" in w]
+    per_epoch = [
+        [a / b if b > 0 else None for a, b in zip(w["after"][0], w["before"][0])]
+        for w in grad_window_means(mon).values()
+        if "before" in w and "after" in w
+    ]
     if not per_epoch:
         return None
     out: list[float | None] = []
@@ -122,10 +135,14 @@ def summarize_monitor(mon: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     head = mon["header"]["head"]
     rel = mon["weights"][-1]["rel_change"]
-    out: dict[str, Any] = {"rel_change": backbone_thirds(rel, head), "epoch": mon["weights"][-1]["epoch"],
-                           "head_rel_change": _mean_of([v for v, h in zip(rel, head) if h]),
-                           "grad_ratio": None, "head_grad_ratio": None,
-                           "watch_epochs": mon["header"].get("watch_epochs")}
+    out: dict[str, Any] = {
+        "rel_change": backbone_thirds(rel, head),
+        "epoch": mon["weights"][-1]["epoch"],
+        "head_rel_change": _mean_of([v for v, h in zip(rel, head) if h]),
+        "grad_ratio": None,
+        "head_grad_ratio": None,
+        "watch_epochs": mon["header"].get("watch_epochs"),
+    }
     ratios = gradient_ratios(mon)
     if ratios is not None:
         pairs = [(r, h) for r, h in zip(ratios, head) if r is not None]

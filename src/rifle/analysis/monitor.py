@@ -1,6 +1,7 @@
 """``DepthMonitor``: the trainer plug-in that records per-layer weight change every epoch and gradient
 norms around re-inits into ``depth.jsonl`` (the definitions of :mod:`.depth`; docs/experiments.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from .depth import DEPTH_JSONL, tracked_layers
 def monitor_epochs(config: dict[str, Any], epochs: int) -> list[int]:
     """The epochs at whose start RIFLE re-initialises (or would, with the config's K, for fine-tuning)."""
     from ..core.schedule import make_schedule
+
     try:
         k = int(config.get("reinits", 0) or 0)
         if k < 1:
@@ -78,7 +80,9 @@ class DepthMonitor(Method):
         self.params = [state[n] for n in self.names]
         pre = ctx.pretrained_state or {}
         # ctx.pretrained_state is the trainer's read-only copy of the weights before training: no 2nd copy
-        self.ref = [pre[n].detach() if n in pre else p.detach().clone() for n, p in zip(self.names, self.params)]
+        self.ref = [
+            pre[n].detach() if n in pre else p.detach().clone() for n, p in zip(self.names, self.params)
+        ]
         self.ref_norm = [float(torch.linalg.vector_norm(r.double())) for r in self.ref]
         self.spe = max(1, ctx.steps_per_epoch)
         self.total_steps = ctx.epochs * self.spe
@@ -88,14 +92,23 @@ class DepthMonitor(Method):
             for s in range(e * self.spe - self.window, e * self.spe + self.window):
                 if 0 <= s < self.total_steps:
                     self.windows.setdefault(s, e)
-        self.header = {"type": "layers", "names": self.names, "kinds": [k for _, k in layers],
-                       "numel": [int(p.numel()) for p in self.params],
-                       "head": [in_head(n, ctx.head_names) for n in self.names],
-                       "watch_epochs": self.watch_epochs, "window": self.window, "steps_per_epoch": self.spe,
-                       "method": ctx.config.get("method"), "reinits": ctx.config.get("reinits")}
+        self.header = {
+            "type": "layers",
+            "names": self.names,
+            "kinds": [k for _, k in layers],
+            "numel": [int(p.numel()) for p in self.params],
+            "head": [in_head(n, ctx.head_names) for n in self.names],
+            "watch_epochs": self.watch_epochs,
+            "window": self.window,
+            "steps_per_epoch": self.spe,
+            "method": ctx.config.get("method"),
+            "reinits": ctx.config.get("reinits"),
+        }
         for h in self._handles:
             h.remove()
-        self._handles = [p.register_post_accumulate_grad_hook(self._grad_hook(i)) for i, p in enumerate(self.params)]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._grad_hook(i)) for i, p in enumerate(self.params)
+        ]
         self._handles.append(model.register_forward_pre_hook(self._eval_hook))
 
     # ---- hooks
@@ -103,6 +116,7 @@ class DepthMonitor(Method):
         def hook(p: torch.Tensor) -> None:
             if self._pending is not None and p.grad is not None:
                 self._pending[i] = float(torch.linalg.vector_norm(p.grad.detach().double()))
+
         return hook
 
     def _eval_hook(self, module: nn.Module, args: tuple) -> None:
@@ -150,14 +164,23 @@ class DepthMonitor(Method):
                         kept.append(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from ..train.checkpoint import atomic_write_text
+
         atomic_write_text(self.path, "".join(x + "\n" for x in [json.dumps(self.header), *kept]))
 
     def _flush_grads(self) -> None:
         if self._pending is None:
             return
         s, e = self._pending_step, self.windows[self._pending_step]
-        self._write({"type": "grad", "epoch": s // self.spe, "step": s, "reinit_epoch": e,
-                     "offset": s - e * self.spe, "norms": self._pending})
+        self._write(
+            {
+                "type": "grad",
+                "epoch": s // self.spe,
+                "step": s,
+                "reinit_epoch": e,
+                "offset": s - e * self.spe,
+                "norms": self._pending,
+            }
+        )
         self._pending = None
 
     def _write(self, rec: dict[str, Any]) -> None:

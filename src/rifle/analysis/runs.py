@@ -2,6 +2,7 @@
 started (:func:`build_reference`) or with its final checkpoint, and the depth profile from it
 (:func:`run_depth`, ``depth.json``) or from ``depth.jsonl``.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from .depth import DEPTH_JSON, layer_profile, read_monitor, tracked_layers
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
     import yaml
+
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a run folder?)")
@@ -33,10 +35,12 @@ def run_label(run_dir: str | Path, config: dict[str, Any] | None = None) -> str:
     return f"{config.get('method', '?')} ({Path(run_dir).name})"
 
 
-def _read_checkpoint(run_dir: str | Path
-                     ) -> tuple[Path, dict[str, Any], Path, dict[str, str], dict[str, torch.Tensor]]:
+def _read_checkpoint(
+    run_dir: str | Path,
+) -> tuple[Path, dict[str, Any], Path, dict[str, str], dict[str, torch.Tensor]]:
     """``(run folder, config, checkpoint path, raw metadata, tensors)`` of a run's final checkpoint."""
     from ..train.checkpoint import WEIGHTS, read_weights
+
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
     wpath = run_dir / WEIGHTS
@@ -54,9 +58,12 @@ def build_reference(config: dict[str, Any], num_classes: int) -> nn.Module:
         return initial_model(cfg, num_classes, methods)
 
 
-def load_run_model(run_dir: str | Path, *, pretrained: bool = False) -> tuple[nn.Module, dict[str, Any], dict]:
+def load_run_model(
+    run_dir: str | Path, *, pretrained: bool = False
+) -> tuple[nn.Module, dict[str, Any], dict]:
     """``(model with the final checkpoint's weights, config, checkpoint metadata)``."""
     from ..train.checkpoint import load_weights
+
     run_dir, config, wpath, raw_meta, tensors = _read_checkpoint(run_dir)
     meta: dict[str, Any] = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in raw_meta.items()}
     n = int(meta.get("num_classes") or len(meta.get("classes") or []))
@@ -72,24 +79,40 @@ def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """Per-layer relative weight change of a run's final checkpoint; writes ``depth.json``."""
     from ..core.structure import find_head, head_names
     from ..train.checkpoint import check_finite
+
     run_dir, config, wpath, meta, tensors = _read_checkpoint(run_dir)
     n = int(json.loads(meta["num_classes"])) if "num_classes" in meta else len(json.loads(meta["classes"]))
     reference = build_reference(config, n)
-    heads = head_names(reference, find_head(reference, config["head"].split(",") if config.get("head") else None))
+    heads = head_names(
+        reference, find_head(reference, config["head"].split(",") if config.get("head") else None)
+    )
     layers = tracked_layers(reference)
     names = [n for n, _ in layers]
     ref_state = reference.state_dict()
     check_finite(tensors, str(wpath), order=ref_state)
     r = layer_profile(tensors, ref_state, names)
-    out = {"run": str(run_dir), "label": run_label(run_dir, config), "model": config.get("model"),
-           "method": config.get("method"), "epoch": int(meta.get("epoch", -1)),
-           "reference": "pretrained backbone + the run's first head init",
-           "layers": [{"index": i, "name": name, "kind": kind,
-                       "numel": int(ref_state[name].numel()), "rel_change": v,
-                       "head": in_head(name, heads)}
-                      for i, ((name, kind), v) in enumerate(zip(layers, r))]}
+    out = {
+        "run": str(run_dir),
+        "label": run_label(run_dir, config),
+        "model": config.get("model"),
+        "method": config.get("method"),
+        "epoch": int(meta.get("epoch", -1)),
+        "reference": "pretrained backbone + the run's first head init",
+        "layers": [
+            {
+                "index": i,
+                "name": name,
+                "kind": kind,
+                "numel": int(ref_state[name].numel()),
+                "rel_change": v,
+                "head": in_head(name, heads),
+            }
+            for i, ((name, kind), v) in enumerate(zip(layers, r))
+        ],
+    }
     if write:
         from ..train.checkpoint import atomic_write_text
+
         atomic_write_text(run_dir / DEPTH_JSON, json.dumps(out, indent=1) + "\n")
     return out
 
@@ -101,11 +124,19 @@ def monitor_depth(run_dir: str | Path, mon: dict[str, Any] | None = None) -> dic
     if not mon or not mon.get("header") or not mon.get("weights"):
         return None
     h, last = mon["header"], mon["weights"][-1]
-    return {"run": str(run_dir), "label": run_label(run_dir), "method": h.get("method"), "epoch": last["epoch"],
-            "reference": "pretrained backbone + the run's first head init (depth.jsonl)",
-            "layers": [{"index": i, "name": n, "kind": k, "numel": int(c), "rel_change": v, "head": hd}
-                       for i, (n, k, c, v, hd) in enumerate(zip(h["names"], h["kinds"], h["numel"],
-                                                                last["rel_change"], h["head"]))]}
+    return {
+        "run": str(run_dir),
+        "label": run_label(run_dir),
+        "method": h.get("method"),
+        "epoch": last["epoch"],
+        "reference": "pretrained backbone + the run's first head init (depth.jsonl)",
+        "layers": [
+            {"index": i, "name": n, "kind": k, "numel": int(c), "rel_change": v, "head": hd}
+            for i, (n, k, c, v, hd) in enumerate(
+                zip(h["names"], h["kinds"], h["numel"], last["rel_change"], h["head"])
+            )
+        ],
+    }
 
 
 def load_profile(run_dir: str | Path, mon: dict[str, Any] | None = None) -> list[float] | None:

@@ -3,13 +3,18 @@
 A command module defines ``NAME``, ``HELP``, ``EXAMPLE``, ``add_arguments(parser)`` and
 ``run(args) -> int``; add its module name to :data:`COMMANDS`. Commands only parse and delegate.
 """
+
 COMMANDS = ["train", "demo", "bench", "report", "analyze", "predict", "evaluate", "export"]
 
 
 def add_threads(p) -> None:
     """``--threads N`` (as ``rifle train`` / ``rifle bench`` take it): torch's CPU threads."""
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (torch.set_num_threads; default: torch's own)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (torch.set_num_threads; default: torch's own)",
+    )
 
 
 def apply_threads(args) -> None:
@@ -20,4 +25,5 @@ def apply_threads(args) -> None:
     if n < 1:
         raise ValueError(f"--threads {n}: must be >= 1")
     import torch
+
     torch.set_num_threads(n)

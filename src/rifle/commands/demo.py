@@ -1,11 +1,14 @@
 """``rifle demo``: the offline fine-tuning vs RIFLE comparison that ``make demo`` runs."""
+
 from __future__ import annotations
 
 import argparse
 
 NAME = "demo"
 HELP = "offline demo: will RIFLE help? fine-tuning vs RIFLE on digits in two regimes (~4 min on 2 cores)"
-EXAMPLE = "rifle demo            # offline: EfficientNet-Lite0 on digits at 64 px and 32 px, fine-tuning vs RIFLE"
+EXAMPLE = (
+    "rifle demo            # offline: EfficientNet-Lite0 on digits at 64 px and 32 px, fine-tuning vs RIFLE"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,5 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
+
     run_demo(out=args.out, seed=args.seed)
     return 0

@@ -1,4 +1,5 @@
 """``rifle evaluate``: accuracy, per-class metrics and confusion matrix of a run on labelled data."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,24 @@ EXAMPLE = "rifle evaluate runs/mine --data path/to/heldout --out runs/mine/eval-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `rifle train --out`")
-    p.add_argument("--data", default=None,
-                   help="builtin dataset (elpv, digits), an image folder ROOT/{train,val,test}/<class>/*, "
-                        "or a flat folder ROOT/<class>/* (one split); default: the run's own data")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test",
-                   help="split to evaluate (default test; ignored for a flat folder). With the run's own "
-                        "data the splits are the run's (same seed, val_fraction, train_fraction)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="builtin dataset (elpv, digits), an image folder ROOT/{train,val,test}/<class>/*, "
+        "or a flat folder ROOT/<class>/* (one split); default: the run's own data",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="split to evaluate (default test; ignored for a flat folder). With the run's own "
+        "data the splits are the run's (same seed, val_fraction, train_fraction)",
+    )
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval-<data>-<split>)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval_batch_size")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     add_threads(p)
 
@@ -33,16 +43,23 @@ def _fmt(v) -> str:
 
 
 def report_text(r: dict) -> str:
-    lines = [f"{r['data_name']} [{r['split']}]: {r['n']} images, accuracy {r['accuracy']:.4f}, "
-             f"loss {r['loss']:.4f}" if r["loss"] is not None else f"{r['n']} images"]
+    lines = [
+        f"{r['data_name']} [{r['split']}]: {r['n']} images, accuracy {r['accuracy']:.4f}, "
+        f"loss {r['loss']:.4f}"
+        if r["loss"] is not None
+        else f"{r['n']} images"
+    ]
     w = max([5] + [len(c) for c in r["classes"]])
     lines.append(f"{'class':<{w}}  precision  recall     f1  support")
     for c, m in r["per_class"].items():
-        lines.append(f"{c:<{w}}      {_fmt(m['precision'])}   {_fmt(m['recall'])}  {_fmt(m['f1'])}  "
-                     f"{m['support']:7d}")
+        lines.append(
+            f"{c:<{w}}      {_fmt(m['precision'])}   {_fmt(m['recall'])}  {_fmt(m['f1'])}  {m['support']:7d}"
+        )
     mac = r["macro"]
-    lines.append(f"{'macro':<{w}}      {_fmt(mac['precision'])}   {_fmt(mac['recall'])}  {_fmt(mac['f1'])}  "
-                 f"{r['n']:7d}")
+    lines.append(
+        f"{'macro':<{w}}      {_fmt(mac['precision'])}   {_fmt(mac['recall'])}  {_fmt(mac['f1'])}  "
+        f"{r['n']:7d}"
+    )
     cw = max([w] + [len(str(v)) for row in r["confusion_matrix"] for v in row])
     lines.append("confusion matrix (rows: true, columns: predicted):")
     lines.append(" " * (w + 2) + " ".join(f"{c[:cw]:>{cw}}" for c in r["classes"]))
@@ -72,20 +89,30 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "metrics.json", json.dumps(r, indent=2) + "\n")
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        cols = ["index", "path", "true", "predicted", "probability"] if preds and "path" in preds[0] else \
-            ["index", "true", "predicted", "probability"]
+        cols = (
+            ["index", "path", "true", "predicted", "probability"]
+            if preds and "path" in preds[0]
+            else ["index", "true", "predicted", "probability"]
+        )
         w.writerow(cols)
         for p in preds:
             w.writerow([p[c] if c != "probability" else f"{p[c]:.6f}" for c in cols])
     print(report_text(r))
     try:
-        plot_confusion(r["confusion_matrix"], r["classes"], out / "confusion_matrix.png",
-                       title=f"{r['data_name']} [{r['split']}]  acc {r['accuracy']:.4f}")
+        plot_confusion(
+            r["confusion_matrix"],
+            r["classes"],
+            out / "confusion_matrix.png",
+            title=f"{r['data_name']} [{r['split']}]  acc {r['accuracy']:.4f}",
+        )
         png = ", confusion_matrix.png"
     except ImportError:
         import warnings
-        warnings.warn("matplotlib is not installed: confusion_matrix.png not written "
-                      "(pip install 'rifle[report]')", stacklevel=1)
+
+        warnings.warn(
+            "matplotlib is not installed: confusion_matrix.png not written (pip install 'rifle[report]')",
+            stacklevel=1,
+        )
         png = ""
     print(f"saved metrics.json, predictions.csv{png} in {out}")
     return 0

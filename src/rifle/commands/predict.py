@@ -1,4 +1,5 @@
 """``rifle predict``: classify image files and folders with a fine-tuned run."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,23 +16,39 @@ EXAMPLE = "rifle predict runs/mine photos/ extra.jpg --top-k 3 --format csv > pr
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `rifle train --out`")
-    p.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+",
-                   help="image files and/or folders (searched recursively for image files)")
+    p.add_argument(
+        "inputs",
+        metavar="IMAGE_OR_FOLDER",
+        nargs="+",
+        help="image files and/or folders (searched recursively for image files)",
+    )
     p.add_argument("--top-k", type=int, default=1, help="most probable classes per image (default 1)")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                   help="output on stdout: aligned table (default), csv (path,rank,class,probability) or json")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output on stdout: aligned table (default), csv (path,rank,class,probability) or json",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.epilog = (f"example:\n  {EXAMPLE}\n\nexit status: 0 every image was classified; 1 some inputs could "
-                "not be read\n(each is named on stderr, the others are still printed); 2 nothing could be "
-                "classified\nor a bad argument/run folder.")
+    p.epilog = (
+        f"example:\n  {EXAMPLE}\n\nexit status: 0 every image was classified; 1 some inputs could "
+        "not be read\n(each is named on stderr, the others are still printed); 2 nothing could be "
+        "classified\nor a bad argument/run folder."
+    )
     add_threads(p)
 
 
 def _write(rows: list[tuple[str, list[tuple[str, float]]]], fmt: str, out) -> None:
     if fmt == "json":
-        json.dump([{"path": p, "predictions": [{"class": c, "probability": v} for c, v in preds]}
-                   for p, preds in rows], out, indent=2)
+        json.dump(
+            [
+                {"path": p, "predictions": [{"class": c, "probability": v} for c, v in preds]}
+                for p, preds in rows
+            ],
+            out,
+            indent=2,
+        )
         out.write("\n")
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
@@ -65,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
     for item, why in problems:
         print(f"rifle predict: {item}: {why}", file=sys.stderr)
     from ..data.folder import decode_many
+
     rows: list[tuple[str, list[tuple[str, float]]]] = []
     failed = len(problems)
     for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
+        chunk = paths[start : start + args.batch_size]
         decoded = decode_many(chunk, fm.resolution)
         ok = []
         for p, d in zip(chunk, decoded):
@@ -81,11 +99,14 @@ def run(args: argparse.Namespace) -> int:
             proba = fm.logits_of_decoded([d for _, d in ok], args.batch_size).softmax(1)
             rows += [(str(p), preds) for (p, _), preds in zip(ok, fm.top_k(proba, args.top_k))]
     if not rows:
-        raise ValueError("no image could be classified" + (f" ({failed} input(s) failed, see above)"
-                                                            if failed else ""))
+        raise ValueError(
+            "no image could be classified" + (f" ({failed} input(s) failed, see above)" if failed else "")
+        )
     _write(rows, args.format, sys.stdout)
     if failed:
-        print(f"rifle predict: classified {len(rows)} image(s); {failed} input(s) could not be read",
-              file=sys.stderr)
+        print(
+            f"rifle predict: classified {len(rows)} image(s); {failed} input(s) could not be read",
+            file=sys.stderr,
+        )
         return 1
     return 0

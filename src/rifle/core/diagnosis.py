@@ -6,12 +6,13 @@ before / after, the backbone gradient-norm ratio after / before by backbone thir
 verdict line is :mod:`rifle.core.verdict`. Knows nothing of trainers. Definitions, thresholds and their
 evidence: docs/rifle.md#when. RIFLE: Li et al., ICML 2020, arXiv 2007.03349.
 """
+
 from __future__ import annotations
 
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +26,11 @@ from .verdict import verdict
 def backbone_weights(model: nn.Module, exclude: Sequence[nn.Module] = ()) -> list[tuple[str, torch.Tensor]]:
     """``[(name, weight)]`` of the conv / linear layers in module order, leaving out ``exclude``'s."""
     skip = {id(p) for m in exclude for p in m.parameters()}
-    return [(f"{name}.weight" if name else "weight", m.weight) for name, m in weight_layers(model)
-            if id(m.weight) not in skip and m.weight.requires_grad]
+    return [
+        (f"{name}.weight" if name else "weight", m.weight)
+        for name, m in weight_layers(model)
+        if id(m.weight) not in skip and m.weight.requires_grad
+    ]
 
 
 def thirds(values: Sequence[float]) -> list[float]:
@@ -36,7 +40,11 @@ def thirds(values: Sequence[float]) -> list[float]:
     if not body:
         raise ValueError("no backbone layers")
     third = max(1, len(body) // 3)
-    parts = [body[:third], body[third:len(body) - third] or body[third - 1:third], body[len(body) - third:]]
+    parts = [
+        body[:third],
+        body[third : len(body) - third] or body[third - 1 : third],
+        body[len(body) - third :],
+    ]
     return [sum(x) / len(x) for x in parts]
 
 
@@ -56,9 +64,14 @@ def _floats(values: Sequence[Any]) -> list[float | None]:
     if not tensors:
         return [None if v is None else float(v) for v in values]
     dev = tensors[0].device
-    stacked = torch.stack([v.to(dev, torch.float64) if isinstance(v, torch.Tensor)
-                           else torch.tensor(float("nan") if v is None else float(v), dtype=torch.float64, device=dev)
-                           for v in values]).tolist()
+    stacked = torch.stack(
+        [
+            v.to(dev, torch.float64)
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(float("nan") if v is None else float(v), dtype=torch.float64, device=dev)
+            for v in values
+        ]
+    ).tolist()
     return [None if v is None else x for v, x in zip(values, stacked)]
 
 
@@ -77,8 +90,13 @@ class Diagnosis(HeadSignal):
     the AMP loss scale; ``None``: unknown, not measured).
     """
 
-    def __init__(self, backbone: Sequence[tuple[str, torch.Tensor]], window: int = 5,
-                 loss_window: int | None = None, head: Sequence[nn.Module] = ()) -> None:
+    def __init__(
+        self,
+        backbone: Sequence[tuple[str, torch.Tensor]],
+        window: int = 5,
+        loss_window: int | None = None,
+        head: Sequence[nn.Module] = (),
+    ) -> None:
         if window < 1:
             raise ValueError(f"diagnosis window must be >= 1 step, got {window}")
         self.names = [n for n, _ in backbone]
@@ -110,14 +128,17 @@ class Diagnosis(HeadSignal):
         """Group the following observations under optimizer step ``key`` (for ``loss_window``)."""
         self._step_key = key
 
-    def observe(self, loss: float | torch.Tensor, correct: float | torch.Tensor | None = None,
-                count: int = 1) -> None:
+    def observe(
+        self, loss: float | torch.Tensor, correct: float | torch.Tensor | None = None, count: int = 1
+    ) -> None:
         """One batch: its mean ``loss``, number of ``correct`` predictions (optional) and size."""
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().double()  # stays on the device: no host sync per step
         c = correct.detach() if isinstance(correct, torch.Tensor) else correct
         item = [loss * count, c, int(count)]
-        if len(self._obs) > self._n_settled and (self.loss_window is None or self._obs[-1][3] == self._step_key):
+        if len(self._obs) > self._n_settled and (
+            self.loss_window is None or self._obs[-1][3] == self._step_key
+        ):
             last = self._obs[-1]
             last[0] = last[0] + item[0]
             last[1] = None if last[1] is None or c is None else last[1] + c
@@ -133,8 +154,9 @@ class Diagnosis(HeadSignal):
         """(loss sum, correct, count, accuracy known) of the window, summed over ranks (the rows that
         settle() summed already are not summed again)."""
         has_acc = bool(self._obs) and all(o[1] is not None for o in self._obs)
-        losses = _floats([o[0] for o in self._obs])
-        hits = _floats([o[1] for o in self._obs]) if has_acc else [0.0] * len(self._obs)
+        losses = [0.0 if v is None else v for v in _floats([o[0] for o in self._obs])]
+        hits = [0.0 if v is None else v for v in _floats([o[1] for o in self._obs])] if has_acc else []
+        hits = hits or [0.0] * len(self._obs)
         k, counts = self._n_settled, [float(o[2]) for o in self._obs]
         sums = [sum(losses[k:]), sum(hits[k:]), sum(counts[k:])]
         if k < len(self._obs) or not self._obs:
@@ -149,9 +171,9 @@ class Diagnosis(HeadSignal):
         span it). Rows observed later are summed at the re-init, as before."""
         k = self._n_settled
         rows = list(self._obs)[k:]
-        values = []
+        values: list[float] = []
         for row, ls, c in zip(rows, _floats([o[0] for o in rows]), _floats([o[1] for o in rows])):
-            values += [ls, 0.0 if c is None else c, float(row[2])]
+            values += [0.0 if ls is None else ls, 0.0 if c is None else c, float(row[2])]
         if values:
             total = sum_over_ranks(values)
             for i, row in enumerate(rows):
@@ -161,8 +183,11 @@ class Diagnosis(HeadSignal):
         if self._linear is not None and self._armed:  # the captured batch of every rank, on every rank
             frozen = self._freeze()
             if frozen is None or "ranks" not in frozen:
-                local = None if frozen is None else {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                                     for k, v in frozen.items()}
+                local = (
+                    None
+                    if frozen is None
+                    else {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in frozen.items()}
+                )
                 self._frozen = {"ranks": gather_over_ranks(local)}
 
     def _loss_acc(self) -> tuple[float | None, float | None]:
@@ -206,8 +231,12 @@ class Diagnosis(HeadSignal):
 
     def _norms(self) -> torch.Tensor:
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self._device())
-        return torch.stack([torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
-                            if p.grad is not None else nan for p in self.params])
+        return torch.stack(
+            [
+                torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) if p.grad is not None else nan
+                for p in self.params
+            ]
+        )
 
     # ------------------------------------------------------------------ around a re-init
     def begin(self, index: int, unit: str, at: int, head: Sequence[nn.Module]) -> None:
@@ -215,8 +244,14 @@ class Diagnosis(HeadSignal):
         if self._open is not None:
             self._finish()
         loss, acc = self._loss_acc()
-        self._open = {"index": int(index), "unit": unit, "at": int(at), "train_loss_before": loss,
-                      "train_acc_before": acc, "head_norm_before": weight_norm(head)}
+        self._open = {
+            "index": int(index),
+            "unit": unit,
+            "at": int(at),
+            "train_loss_before": loss,
+            "train_acc_before": acc,
+            "head_norm_before": weight_norm(head),
+        }
         self._head_begin()
         self._before_norms = list(self._before)
         self._armed, self._before = False, deque(maxlen=self.window)
@@ -263,22 +298,34 @@ class Diagnosis(HeadSignal):
         """What is being measured now (windows, loss sums), so that a run resumed from a checkpoint
         written between two steps measures what the uninterrupted run measured. Plain floats, and the
         captured batch as tensors (``head_batch``, only while armed)."""
+
         def rows(ts: Sequence[torch.Tensor]) -> list[Any]:
             return [t.tolist() for t in ts]
-        return {"armed": self._armed, "skip": self._skip, "before": rows(self._before),
-                "settled": self._n_settled == len(self._obs), "settled_rows": self._n_settled,
-                "obs": [[ls, c, int(o[2]), o[3]] for o, ls, c in zip(self._obs, _floats([o[0] for o in self._obs]),
-                                                                      _floats([o[1] for o in self._obs]))],
-                "open": dict(self._open) if self._open is not None else None,
-                "before_norms": rows(self._before_norms),
-                "after": rows(self._after) if self._after is not None else None,
-                "head_batch": self._head_batch_state()}
+
+        return {
+            "armed": self._armed,
+            "skip": self._skip,
+            "before": rows(self._before),
+            "settled": self._n_settled == len(self._obs),
+            "settled_rows": self._n_settled,
+            "obs": [
+                [ls, c, int(o[2]), o[3]]
+                for o, ls, c in zip(
+                    self._obs, _floats([o[0] for o in self._obs]), _floats([o[1] for o in self._obs])
+                )
+            ],
+            "open": dict(self._open) if self._open is not None else None,
+            "before_norms": rows(self._before_norms),
+            "after": rows(self._after) if self._after is not None else None,
+            "head_batch": self._head_batch_state(),
+        }
 
     def load_pending_state(self, state: dict[str, Any]) -> None:
         dev = self._device()
 
         def tensors(rows: Sequence[Any]) -> list[torch.Tensor]:
             return [torch.tensor(r, dtype=torch.float64, device=dev) for r in rows]
+
         self._armed, self._skip = bool(state["armed"]), int(state["skip"])
         self._before = deque(tensors(state["before"]), maxlen=self.window)
         self._obs = deque([list(o) for o in state["obs"]])

@@ -6,6 +6,7 @@ backbone is ``e_i = Wᵀ(softmax(W f_i + b) − t_i)``; the targets are recovere
 head's output, ``t_i = softmax(z_i) − B·g_i``, and ``head_signal_ratio = ‖E_new‖_F / ‖E_old‖_F``.
 :class:`HeadSignal` is the part of :class:`rifle.core.diagnosis.Diagnosis` that measures it.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ from torch import nn
 
 from .replicas import sum_over_ranks
 
-TARGET_TOL = 1e-3        # recovered targets: rows sum to 1 and entries lie in [0, 1], within this
+TARGET_TOL = 1e-3  # recovered targets: rows sum to 1 and entries lie in [0, 1], within this
 
 
 def target_tol(*dtypes: torch.dtype) -> float:
@@ -39,10 +40,14 @@ def head_signal_sq(f: torch.Tensor, t: torch.Tensor, linear: nn.Linear) -> float
     return float((e * e).sum())
 
 
-NO_CE = ("not measured: the targets recovered from the gradient at the head's logits are no probability "
-         "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale")
-NO_SCALE = ("not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 "
-            "GradScaler's loss scale, or gradient accumulation scaled in a way the trainer does not expose)")
+NO_CE = (
+    "not measured: the targets recovered from the gradient at the head's logits are no probability "
+    "distribution: the loss is not mean cross-entropy on them, or head_grad_scale is not its scale"
+)
+NO_SCALE = (
+    "not measured: the scale of the head's gradient is unknown (head_grad_scale=None: an fp16 "
+    "GradScaler's loss scale, or gradient accumulation scaled in a way the trainer does not expose)"
+)
 
 
 class HeadSignal:
@@ -55,9 +60,11 @@ class HeadSignal:
     head_grad_scale: float | None
 
     def _init_head_signal(self, head: Sequence[nn.Module]) -> None:
-        self._cap: list[Any] | None = None      # [f, z, dL/dz or None] of the last armed training batch
-        self._frozen: dict[str, Any] | None = None   # {"f", "t"} (or {"why"}) recovered from _cap / a checkpoint
-        self._hs: dict[str, Any] | None = None       # the open re-init's old squared norm, rows, reasons
+        self._cap: list[Any] | None = None  # [f, z, dL/dz or None] of the last armed training batch
+        self._frozen: dict[str, Any] | None = (
+            None  # {"f", "t"} (or {"why"}) recovered from _cap / a checkpoint
+        )
+        self._hs: dict[str, Any] | None = None  # the open re-init's old squared norm, rows, reasons
         self._linear: nn.Linear | None = None
         self._head_why: str | None = None
         heads = list(head)
@@ -65,8 +72,9 @@ class HeadSignal:
             self._linear = heads[0]
             heads[0].register_forward_hook(self._on_head_forward)
         else:
-            self._head_why = ("not measured: the re-initialised modules are not exactly one nn.Linear"
-                              if heads else None)
+            self._head_why = (
+                "not measured: the re-initialised modules are not exactly one nn.Linear" if heads else None
+            )
 
     def _on_head_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """Keep references (no copies) to the last armed training batch's head input and output, and
@@ -75,8 +83,12 @@ class HeadSignal:
             return  # (_skip > 0: steps before the last `window` of an epoch whose length is known)
         self._frozen = None
         f = args[0] if args else None
-        if not (isinstance(f, torch.Tensor) and f.dim() == 2 and isinstance(output, torch.Tensor)
-                and output.requires_grad):
+        if not (
+            isinstance(f, torch.Tensor)
+            and f.dim() == 2
+            and isinstance(output, torch.Tensor)
+            and output.requires_grad
+        ):
             self._cap = ["not measured: the head's input is not a 2-D (batch x features) tensor"]
             return
         cap: list[Any] = [f.detach(), output.detach(), None]
@@ -84,6 +96,7 @@ class HeadSignal:
 
         def keep(g: torch.Tensor) -> None:
             cap[2] = g
+
         output.register_hook(keep)
 
     def _freeze(self) -> dict[str, Any] | None:
@@ -104,9 +117,13 @@ class HeadSignal:
                 # rounding of the gradient's / logits' dtype (bf16 autocast: docs/rifle.md#when)
                 t = torch.softmax(z.double(), dim=1) - (n / self.head_grad_scale) * g.double()
                 tol = target_tol(z.dtype, g.dtype)
-                ok = (t.dim() == 2 and t.shape[0] == n
-                      and bool(((t.sum(1) - 1).abs() <= tol).all())
-                      and bool((t >= -tol).all()) and bool((t <= 1 + tol).all()))
+                ok = (
+                    t.dim() == 2
+                    and t.shape[0] == n
+                    and bool(((t.sum(1) - 1).abs() <= tol).all())
+                    and bool((t >= -tol).all())
+                    and bool((t <= 1 + tol).all())
+                )
                 self._frozen = {"f": f, "t": t} if ok else {"why": NO_CE}
         return self._frozen
 
@@ -128,10 +145,16 @@ class HeadSignal:
 
     def _head_end(self) -> dict[str, Any]:
         """After the reset: the fields ``head_signal_ratio / _old / _new / _reason``."""
-        hs, self._hs = self._hs or {"why": self._head_why, "old": 0.0, "n": 0.0, "rows": [None],
-                                    "gathered": False}, None
-        out: dict[str, Any] = {"head_signal_ratio": None, "head_signal_old": None, "head_signal_new": None,
-                               "head_signal_reason": hs["why"]}
+        hs, self._hs = (
+            self._hs or {"why": self._head_why, "old": 0.0, "n": 0.0, "rows": [None], "gathered": False},
+            None,
+        )
+        out: dict[str, Any] = {
+            "head_signal_ratio": None,
+            "head_signal_old": None,
+            "head_signal_new": None,
+            "head_signal_reason": hs["why"],
+        }
         if self._linear is None:
             return out
         new = 0.0
@@ -148,11 +171,17 @@ class HeadSignal:
         if no_ce:
             out["head_signal_reason"] = NO_CE
         elif missing:
-            out["head_signal_reason"] = why or ("not measured: no training batch was captured before the "
-                                                "re-init (e.g. a run resumed right before it)")
+            out["head_signal_reason"] = why or (
+                "not measured: no training batch was captured before the "
+                "re-init (e.g. a run resumed right before it)"
+            )
         elif n > 0 and old > 0:
-            out.update(head_signal_ratio=math.sqrt(new / old), head_signal_old=math.sqrt(old / n),
-                       head_signal_new=math.sqrt(new / n), head_signal_reason=None)
+            out.update(
+                head_signal_ratio=math.sqrt(new / old),
+                head_signal_old=math.sqrt(old / n),
+                head_signal_new=math.sqrt(new / n),
+                head_signal_reason=None,
+            )
         else:
             out["head_signal_reason"] = "not measured: the old head sent no error into the backbone"
         return out
@@ -168,10 +197,12 @@ class HeadSignal:
 def _batch_state(frozen: dict[str, Any] | None) -> dict[str, Any] | None:
     """A frozen captured batch as CPU tensors (f in its captured dtype, t float64: a resume measures
     exactly what the uninterrupted run did); :func:`plain_state` makes it JSON-ready."""
+
     def one(r: dict[str, Any] | None) -> dict[str, Any] | None:
         if r is None or "why" in r:
             return r
         return {k: r[k].detach().to("cpu").clone() for k in ("f", "t")}  # clone: no larger storage saved
+
     if frozen is not None and "ranks" in frozen:
         return {"ranks": [one(r) for r in frozen["ranks"]]}
     return one(frozen)
@@ -179,11 +210,19 @@ def _batch_state(frozen: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _batch_load(state: dict[str, Any] | None, dev: torch.device) -> dict[str, Any] | None:
     """Tensors (or, from a JSON state or one written before they were tensors, nested lists)."""
+
     def one(r: dict[str, Any] | None) -> dict[str, Any] | None:
         if r is None or "why" in r:
             return r
-        return {k: (r[k].to(dev) if isinstance(r[k], torch.Tensor)
-                    else torch.tensor(r[k], dtype=torch.float64, device=dev)) for k in ("f", "t")}
+        return {
+            k: (
+                r[k].to(dev)
+                if isinstance(r[k], torch.Tensor)
+                else torch.tensor(r[k], dtype=torch.float64, device=dev)
+            )
+            for k in ("f", "t")
+        }
+
     if state is not None and "ranks" in state:
         return {"ranks": [one(r) for r in state["ranks"]]}
     return one(state)

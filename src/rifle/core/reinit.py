@@ -5,6 +5,7 @@ Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349 (REFEREN
 ``shrink_perturb`` follows Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020,
 arXiv 1910.08475. Semantics, initialisers and why: docs/rifle.md "Semantics" and "Initialisers".
 """
+
 from __future__ import annotations
 
 import math
@@ -41,16 +42,24 @@ def _on_global_rng(g: torch.Generator | None, fn: Callable[[], object]) -> None:
 
 def _plain(m: nn.Module, base: object) -> bool:
     """``m``'s ``reset_parameters`` is ``base``'s, and its own parameters are ``weight``/``bias``."""
-    return (getattr(type(m), "reset_parameters", None) is base
-            and isinstance(m._parameters.get("weight"), torch.Tensor)
-            and set(m._parameters) <= {"weight", "bias"})
+    return (
+        getattr(type(m), "reset_parameters", None) is base
+        and isinstance(m._parameters.get("weight"), torch.Tensor)
+        and set(m._parameters) <= {"weight", "bias"}
+    )
 
 
 _FAN_IN_UNIFORM = (nn.Linear.reset_parameters, _ConvNd.reset_parameters)
-_NO_RANDOMNESS = tuple(f for f in (_NormBase.reset_parameters, nn.LayerNorm.reset_parameters,
-                                   nn.GroupNorm.reset_parameters,
-                                   getattr(getattr(nn, "RMSNorm", None), "reset_parameters", None))
-                       if f is not None)
+_NO_RANDOMNESS = tuple(
+    f
+    for f in (
+        _NormBase.reset_parameters,
+        nn.LayerNorm.reset_parameters,
+        nn.GroupNorm.reset_parameters,
+        getattr(getattr(nn, "RMSNorm", None), "reset_parameters", None),
+    )
+    if f is not None
+)
 
 
 @torch.no_grad()
@@ -109,6 +118,7 @@ def _weights_then_zero_bias_g(fn: Callable[[torch.Tensor, torch.Generator | None
                     nn.init.zeros_(b)
             elif callable(getattr(sub, "reset_parameters", None)) and has_params(sub, recurse=False):
                 reset_module(sub, g)  # norms etc.
+
     init.draws_from_generator = True  # type: ignore[attr-defined]
     return init
 
@@ -124,9 +134,11 @@ _reset_default.draws_from_generator = True  # type: ignore[attr-defined]
 INITIALIZERS: dict[str, Callable[..., None]] = {
     "default": _reset_default,
     "lecun_normal": _weights_then_zero_bias_g(
-        lambda w, g: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="linear", generator=g)),
+        lambda w, g: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="linear", generator=g)
+    ),
     "kaiming_normal": _weights_then_zero_bias_g(
-        lambda w, g: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu", generator=g)),
+        lambda w, g: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu", generator=g)
+    ),
     "xavier_uniform": _weights_then_zero_bias_g(lambda w, g: nn.init.xavier_uniform_(w, generator=g)),
     "normal": _weights_then_zero_bias_g(lambda w, g: nn.init.normal_(w, std=0.01, generator=g)),
 }
@@ -175,6 +187,7 @@ def _shrink_perturb_fn(shrink: float, perturb: float) -> Callable[[nn.Module, to
             if shrink != 0:  # skipped at 0: 0 * old would turn a non-finite old value into NaN
                 value = value + shrink * old
             p.copy_(value)
+
     init.draws_from_generator = True  # type: ignore[attr-defined]
     return init
 
@@ -185,9 +198,11 @@ INITIALIZERS["shrink_perturb"] = _shrink_perturb_fn(*SHRINK_PERTURB_DEFAULTS)
 
 
 def _parse_shrink_perturb(init: str, args: str) -> tuple[float, float]:
-    usage = (f"init {init!r}: expected shrink_perturb:LAMBDA,SIGMA with 0 <= LAMBDA <= 1 and SIGMA >= 0, "
-             f"not both 0 (e.g. shrink_perturb:0.4,0.1; plain shrink_perturb means "
-             f"{SHRINK_PERTURB_DEFAULTS[0]},{SHRINK_PERTURB_DEFAULTS[1]})")
+    usage = (
+        f"init {init!r}: expected shrink_perturb:LAMBDA,SIGMA with 0 <= LAMBDA <= 1 and SIGMA >= 0, "
+        f"not both 0 (e.g. shrink_perturb:0.4,0.1; plain shrink_perturb means "
+        f"{SHRINK_PERTURB_DEFAULTS[0]},{SHRINK_PERTURB_DEFAULTS[1]})"
+    )
     parts = args.split(",")
     if len(parts) != 2:
         raise ValueError(usage)
@@ -195,8 +210,13 @@ def _parse_shrink_perturb(init: str, args: str) -> tuple[float, float]:
         shrink, perturb = (float(x) for x in parts)
     except ValueError:
         raise ValueError(usage) from None
-    if not (math.isfinite(shrink) and math.isfinite(perturb) and 0 <= shrink <= 1 and perturb >= 0
-            and (shrink, perturb) != (0, 0)):
+    if not (
+        math.isfinite(shrink)
+        and math.isfinite(perturb)
+        and 0 <= shrink <= 1
+        and perturb >= 0
+        and (shrink, perturb) != (0, 0)
+    ):
         raise ValueError(usage)
     return shrink, perturb
 
@@ -215,8 +235,10 @@ def canonical_init(init: str | Initializer) -> str | Initializer:
         shrink, perturb = _parse_shrink_perturb(init, args) if sep else SHRINK_PERTURB_DEFAULTS
         return f"shrink_perturb:{shrink!r},{perturb!r}"
     if sep or name not in INITIALIZERS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITIALIZERS)} "
-                         f"(shrink_perturb:LAMBDA,SIGMA sets its parameters) or pass a callable(module)")
+        raise ValueError(
+            f"unknown init {init!r}; choose one of {', '.join(INITIALIZERS)} "
+            f"(shrink_perturb:LAMBDA,SIGMA sets its parameters) or pass a callable(module)"
+        )
     return name
 
 
@@ -265,8 +287,9 @@ def _cpu_copy(module: nn.Module, memo: dict[int, object] | None = None) -> nn.Mo
     return c
 
 
-def draw_state(modules: Sequence[nn.Module], seed: int, index: int, init: str | Initializer = "default"
-               ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+def draw_state(
+    modules: Sequence[nn.Module], seed: int, index: int, init: str | Initializer = "default"
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """New ``(parameters, buffers)`` of each module (CPU tensors, in ``parameters()`` / ``buffers()``
     order), a pure function of ``(seed, index, init)`` and the modules' structure."""
     fn = get_initializer(init)
@@ -279,15 +302,15 @@ def draw_state(modules: Sequence[nn.Module], seed: int, index: int, init: str | 
     return out
 
 
-def draw_values(modules: Sequence[nn.Module], seed: int, index: int,
-                init: str | Initializer = "default") -> list[list[torch.Tensor]]:
+def draw_values(
+    modules: Sequence[nn.Module], seed: int, index: int, init: str | Initializer = "default"
+) -> list[list[torch.Tensor]]:
     """New parameter values for ``modules`` (CPU tensors), a pure function of ``(seed, index, init)``."""
     return [params for params, _ in draw_state(modules, seed, index, init)]
 
 
 @torch.no_grad()
-def reinit_(modules: Sequence[nn.Module], seed: int, index: int,
-            init: str | Initializer = "default") -> None:
+def reinit_(modules: Sequence[nn.Module], seed: int, index: int, init: str | Initializer = "default") -> None:
     """Re-initialise ``modules`` in place (parameters and buffers) with :func:`draw_state`'s values."""
     for module, (params, buffers) in zip(modules, draw_state(modules, seed, index, init)):
         for p, v in zip(module.parameters(), params):

@@ -5,6 +5,7 @@ DDP synchronises weights only when it wraps the model; a re-init drawn different
 the replicas diverge silently (REFERENCE.md §5). After every re-init, and at the end of a run, each
 rank computes a checksum of the relevant parameters and all ranks compare them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -24,7 +25,11 @@ def distributed_world() -> int:
 
 def _collective_device() -> torch.device:
     """Where a collective's tensors live: the current GPU under NCCL, else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def checksum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -54,7 +59,8 @@ def verify_replicas(tensors: Iterable[torch.Tensor], what: str) -> list[list[flo
     if bad:
         raise ReplicaDivergenceError(
             f"{what}: data-parallel replicas differ (ranks {bad} vs rank 0; checksums {sums}). Every "
-            f"rank must draw the same values - use the same seed on every rank")
+            f"rank must draw the same values - use the same seed on every rank"
+        )
     return sums
 
 
@@ -90,7 +96,9 @@ def open_sums_over_ranks(state: dict[str, Any]) -> dict[str, Any]:
     pending = state.get("diagnosis_pending")
     k = _settled_rows(pending)
     rows = pending["obs"][k:] if pending else []
-    values = [float(window["correct"]), float(window["count"]), 0.0 if window["has"] else 1.0] if window else []
+    values = (
+        [float(window["correct"]), float(window["count"]), 0.0 if window["has"] else 1.0] if window else []
+    )
     for loss_sum, correct, n, _ in rows:
         values += [float(loss_sum), float(correct or 0.0), float(n)]
     if not values:
@@ -99,13 +107,28 @@ def open_sums_over_ranks(state: dict[str, Any]) -> dict[str, Any]:
     state = dict(state)
     if window:
         correct, count, missing = total[:3]
-        state["trigger_window"] = {**window, "correct": correct, "count": int(round(count)),
-                                   "has": missing == 0}
+        state["trigger_window"] = {
+            **window,
+            "correct": correct,
+            "count": int(round(count)),
+            "has": missing == 0,
+        }
         total = total[3:]
     if rows:
-        state["diagnosis_pending"] = {**pending, "obs": pending["obs"][:k] + [
-            [total[3 * i], None if row[1] is None else total[3 * i + 1], int(round(total[3 * i + 2])), row[3]]
-            for i, row in enumerate(rows)]}
+        assert pending is not None  # rows come from it
+        state["diagnosis_pending"] = {
+            **pending,
+            "obs": pending["obs"][:k]
+            + [
+                [
+                    total[3 * i],
+                    None if row[1] is None else total[3 * i + 1],
+                    int(round(total[3 * i + 2])),
+                    row[3],
+                ]
+                for i, row in enumerate(rows)
+            ],
+        }
     return state
 
 
@@ -130,6 +153,9 @@ def open_sums_for_this_rank(state: dict[str, Any]) -> dict[str, Any]:
     pending = state.get("diagnosis_pending")
     k = _settled_rows(pending)
     if pending and len(pending["obs"]) > k:
-        state["diagnosis_pending"] = {**pending, "obs": pending["obs"][:k] + [
-            [0.0, None if c is None else 0.0, 0, key] for _, c, _, key in pending["obs"][k:]]}
+        state["diagnosis_pending"] = {
+            **pending,
+            "obs": pending["obs"][:k]
+            + [[0.0, None if c is None else 0.0, 0, key] for _, c, _, key in pending["obs"][k:]],
+        }
     return state

@@ -18,6 +18,7 @@ one line per re-init (docs/rifle.md#when).
 The object knows nothing of trainers; the Lightning / HF / CLI adapters are thin wrappers over it.
 Over ~400 lines for one reason: the class docstring documents every argument of the public API.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,11 +33,23 @@ from torch import nn
 from .diagnosis import Diagnosis, backbone_weights
 from .head_signal import plain_state
 from .structure import HeadSpec, find_head, head_names, select_modules
-from .reinit import (Initializer, canonical_init, clear_optimizer_state, cosine_factor, get_initializer,
-                     reinit_)
+from .reinit import (
+    Initializer,
+    canonical_init,
+    clear_optimizer_state,
+    cosine_factor,
+    get_initializer,
+    reinit_,
+)
 from .replicas import open_sums_for_this_rank, open_sums_over_ranks, verify_replicas
-from .schedule import (DEFAULT_MIN_STEPS_AFTER, Schedule, check_step_budget, default_guard,
-                       make_schedule, warn_at_caller)
+from .schedule import (
+    DEFAULT_MIN_STEPS_AFTER,
+    Schedule,
+    check_step_budget,
+    default_guard,
+    make_schedule,
+    warn_at_caller,
+)
 from .trigger import ConvergedTrigger, trigger_schedule
 from .verdict import CONVERGED_ACC
 
@@ -102,34 +115,55 @@ class Rifle:
             ``optimizer.step(closure)``, after the pre-hooks).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 epochs: int | None = None, total_steps: int | None = None, reinits: int = 3,
-                 seed: int = 0, head: HeadSpec | None = None, guard: int | None = None,
-                 steps_per_epoch: int | None = None, guard_steps: int | None = None,
-                 min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
-                 init: str | Initializer = "default", keep_optimizer_state: bool = False,
-                 head_lr_restart: bool = False,
-                 on_reinit: Callable[[int, int], None] | None = None,
-                 verify_replicas: bool = True, modules: str | None = None,
-                 diagnose: bool = True, diagnosis_window: int = 5,
-                 trigger: str = "schedule", converged_acc: float | None = None,
-                 gradient_hook: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        epochs: int | None = None,
+        total_steps: int | None = None,
+        reinits: int = 3,
+        seed: int = 0,
+        head: HeadSpec | None = None,
+        guard: int | None = None,
+        steps_per_epoch: int | None = None,
+        guard_steps: int | None = None,
+        min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
+        init: str | Initializer = "default",
+        keep_optimizer_state: bool = False,
+        head_lr_restart: bool = False,
+        on_reinit: Callable[[int, int], None] | None = None,
+        verify_replicas: bool = True,
+        modules: str | None = None,
+        diagnose: bool = True,
+        diagnosis_window: int = 5,
+        trigger: str = "schedule",
+        converged_acc: float | None = None,
+        gradient_hook: bool = True,
+    ) -> None:
         if (epochs is None) == (total_steps is None):
-            raise ValueError("give exactly one of epochs= (use on_epoch_start) or total_steps= "
-                             "(use on_step_start)")
+            raise ValueError(
+                "give exactly one of epochs= (use on_epoch_start) or total_steps= (use on_step_start)"
+            )
         if trigger not in ("schedule", "converged"):
-            raise ValueError(f"trigger={trigger!r}: choose 'schedule' (the paper's fixed re-init points) "
-                             f"or 'converged' (re-init once the head has converged; docs/rifle.md#trigger)")
+            raise ValueError(
+                f"trigger={trigger!r}: choose 'schedule' (the paper's fixed re-init points) "
+                f"or 'converged' (re-init once the head has converged; docs/rifle.md#trigger)"
+            )
         if trigger == "schedule" and converged_acc is not None:
             raise ValueError(f"converged_acc={converged_acc!r} applies only with trigger='converged'")
         if trigger == "converged":
             if epochs is None:
-                raise ValueError("trigger='converged' decides from each epoch's training accuracy and "
-                                 "needs an epoch schedule (epochs=, on_epoch_start); step granularity "
-                                 "is not supported with it")
+                raise ValueError(
+                    "trigger='converged' decides from each epoch's training accuracy and "
+                    "needs an epoch schedule (epochs=, on_epoch_start); step granularity "
+                    "is not supported with it"
+                )
             if head_lr_restart:
-                raise ValueError("head_lr_restart needs the re-init points in advance; it cannot be "
-                                 "combined with trigger='converged'")
+                raise ValueError(
+                    "head_lr_restart needs the re-init points in advance; it cannot be "
+                    "combined with trigger='converged'"
+                )
             acc = CONVERGED_ACC if converged_acc is None else converged_acc
             if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 < acc <= 1:
                 raise ValueError(f"converged_acc={converged_acc!r}: a training accuracy in (0, 1]")
@@ -160,13 +194,15 @@ class Rifle:
             self.schedule = make_schedule(total, reinits, guard, unit=self.unit)
         if self.steps_per_unit and min_steps_after and trigger == "schedule":
             check_step_budget(self.schedule, self.steps_per_unit, min_steps_after)
-        self._trigger = (ConvergedTrigger(converged_acc) if trigger == "converged" and converged_acc is not None
-                         else None)
+        self._trigger = (
+            ConvergedTrigger(converged_acc) if trigger == "converged" and converged_acc is not None else None
+        )
         inner = unwrap_model(model)
         self.head_modules: list[nn.Module] = find_head(inner, head)
         extra = select_modules(inner, modules) if modules else []
-        self.modules: list[nn.Module] = self.head_modules + [m for m in extra
-                                                             if all(m is not h for h in self.head_modules)]
+        self.modules: list[nn.Module] = self.head_modules + [
+            m for m in extra if all(m is not h for h in self.head_modules)
+        ]
         self.module_names = head_names(inner, self.modules)
         self._check_optimizer_holds_head()
         self.applied: list[int] = []  # re-init indices (1-based i of the rule) applied
@@ -178,11 +214,14 @@ class Rifle:
         self._diag: Diagnosis | None = None
         if diagnose:
             loss_window = None if self.unit == "epoch" else int(steps_per_epoch or 100)
-            self._diag = Diagnosis(backbone_weights(inner, exclude=self.head_modules),
-                                   window=diagnosis_window, loss_window=loss_window, head=self.modules)
+            self._diag = Diagnosis(
+                backbone_weights(inner, exclude=self.head_modules),
+                window=diagnosis_window,
+                loss_window=loss_window,
+                head=self.modules,
+            )
             if gradient_hook and optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
-                optimizer.register_step_pre_hook(
-                    lambda opt, args, kwargs: self.record_gradients())
+                optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.record_gradients())
             self._spe_known = steps_per_epoch if self.unit == "epoch" else None
 
     # ------------------------------------------------------------------ schedule
@@ -229,8 +268,11 @@ class Rifle:
             self._diag.new_period()  # the loss window is the epoch
             if self.reinit_may_start_at(epoch + 1):
                 # only the last `window` steps of this epoch matter: skip the others when S is known
-                recording = (self._diag._after is not None if self.trigger == "converged"  # re-armed
-                             else self._diag.recording)  # each possible epoch: still its last steps only
+                recording = (
+                    self._diag._after is not None
+                    if self.trigger == "converged"  # re-armed
+                    else self._diag.recording
+                )  # each possible epoch: still its last steps only
                 skip = 0 if recording else max(0, (self._spe_known or 0) - self._diag.window)
                 self._diag.arm(skip)
             elif self.trigger == "converged":
@@ -255,12 +297,15 @@ class Rifle:
         possible for the converged trigger)."""
         if self._trigger is not None:  # converged: a re-init at t is possible (decided at t from epoch t-1)
             return self._trigger.may_fire(t, self.schedule)
-        return any(p == t and i not in self.applied and i not in self.skipped
-                   for i, p in enumerate(self.schedule.points, start=1))
+        return any(
+            p == t and i not in self.applied and i not in self.skipped
+            for i, p in enumerate(self.schedule.points, start=1)
+        )
 
     # ------------------------------------------------------------------ diagnosis
-    def observe(self, loss: float | torch.Tensor, correct: float | torch.Tensor | None = None,
-                count: int = 1) -> None:
+    def observe(
+        self, loss: float | torch.Tensor, correct: float | torch.Tensor | None = None, count: int = 1
+    ) -> None:
         """Feed one training batch: its mean ``loss``, number of ``correct`` predictions, size."""
         if self._diag is not None:
             self._diag.observe(loss, correct, count)
@@ -338,7 +383,8 @@ class Rifle:
                     f"RIFLE: the first call is on_{self.unit}_start(1): {self.unit}s are 0-based, in "
                     f"[0, {self.schedule.total}); a loop over range(1, {self.schedule.total + 1}) shifts "
                     f"every re-init by one {self.unit} and fails at its last {self.unit}. Call "
-                    f"on_{self.unit}_start(0) first (or load_state_dict() before resuming at {self.unit} 1)")
+                    f"on_{self.unit}_start(0) first (or load_state_dict() before resuming at {self.unit} 1)"
+                )
         self._started = t
         return False
 
@@ -355,10 +401,12 @@ class Rifle:
         if missing:
             names = self._param_names()
             listed = ", ".join(names.get(id(p), f"<{tuple(p.shape)}>") for p in missing)
-            msg = (f"the optimizer does not hold {listed} (parameters of {', '.join(self.module_names)}, "
-                   f"which RIFLE re-initialises): the re-initialised head would never be trained. Build "
-                   f"the optimizer over the model's parameters after replacing its head, or pass the "
-                   f"optimizer that trains the head (or optimizer=None)")
+            msg = (
+                f"the optimizer does not hold {listed} (parameters of {', '.join(self.module_names)}, "
+                f"which RIFLE re-initialises): the re-initialised head would never be trained. Build "
+                f"the optimizer over the model's parameters after replacing its head, or pass the "
+                f"optimizer that trains the head (or optimizer=None)"
+            )
             if when is None:
                 raise ValueError(msg)
             raise RuntimeError(f"RIFLE {when}: {msg}")
@@ -373,7 +421,8 @@ class Rifle:
             raise RuntimeError(
                 f"RIFLE {when}: {', '.join(gone)} is no longer part of the model (replaced after "
                 f"Rifle(...) was built?): re-initialising it would change nothing the model uses. Build "
-                f"Rifle (and the optimizer) after the model's head is in place")
+                f"Rifle (and the optimizer) after the model's head is in place"
+            )
         self._check_optimizer_holds_head(when)
 
     def _check_t(self, t: int) -> int:
@@ -386,7 +435,8 @@ class Rifle:
             raise ValueError(
                 f"on_{self.unit}_start({t!r}): {self.unit}s are 0-based, in [0, {total}) for this "
                 f"{total}-{self.unit} run (a loop over range(1, E+1) would shift every re-init by one); "
-                f"pass the 0-based {self.unit} index")
+                f"pass the 0-based {self.unit} index"
+            )
         return t
 
     def _tick(self, t: int) -> bool:
@@ -402,7 +452,8 @@ class Rifle:
                 warn_at_caller(
                     f"RIFLE: the re-init scheduled at {self.unit} {point} was not applied (now at "
                     f"{self.unit} {t}): call on_{self.unit}_start for every {self.unit}, and restore "
-                    f"state with load_state_dict() when resuming")
+                    f"state with load_state_dict() when resuming"
+                )
                 self.skipped.append(idx)  # warn once
         if self.head_lr_restart:
             self._apply_head_lr(t)
@@ -426,7 +477,9 @@ class Rifle:
         if index not in self.applied:
             self.applied.append(index)
         if self.on_reinit is not None:
-            self.on_reinit(index, self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1)
+            self.on_reinit(
+                index, self.schedule.points[index - 1] if index <= len(self.schedule.points) else -1
+            )
 
     # ------------------------------------------------------------------ head LR restart
     def _head_groups(self) -> list[tuple[dict[str, Any], float]]:
@@ -438,8 +491,10 @@ class Rifle:
             ids = {id(p) for p in g["params"]}
             inter = ids & head_ids
             if inter and inter != ids:
-                raise ValueError("head_lr_restart needs the head's parameters in their own optimizer "
-                                 "param group(s); this group mixes head and other parameters")
+                raise ValueError(
+                    "head_lr_restart needs the head's parameters in their own optimizer "
+                    "param group(s); this group mixes head and other parameters"
+                )
             if inter:
                 # the base LR travels with optimizer.state_dict(), as LR schedulers store it
                 groups.append((g, float(g.setdefault("initial_lr", g["lr"]))))
@@ -465,16 +520,23 @@ class Rifle:
         pending = self._diag.pending_state() if self._diag is not None else None
         if pending is not None and pending["head_batch"] is not None and not self._next_may_fire():
             pending["head_batch"] = None  # the converged trigger decided no re-init at the next epoch
-        state = {"version": STATE_VERSION, "unit": self.unit, "total": self.schedule.total,
-                "reinits": self.schedule.reinits, "points": list(self.schedule.points),
-                "applied": sorted(self.applied), "skipped": sorted(self.skipped),
-                "done": self.done,  # read by version-1 code
-                "init": self.init if isinstance(self.init, str) else None, "seed": self.seed,
-                "started": self._started,
-                "diagnosis": self.diagnosis,
-                "diagnosis_pending": pending,
-                # schedule runs: the state of before the trigger existed
-                **(self._trigger.state_dict(self.schedule) if self._trigger is not None else {})}
+        state = {
+            "version": STATE_VERSION,
+            "unit": self.unit,
+            "total": self.schedule.total,
+            "reinits": self.schedule.reinits,
+            "points": list(self.schedule.points),
+            "applied": sorted(self.applied),
+            "skipped": sorted(self.skipped),
+            "done": self.done,  # read by version-1 code
+            "init": self.init if isinstance(self.init, str) else None,
+            "seed": self.seed,
+            "started": self._started,
+            "diagnosis": self.diagnosis,
+            "diagnosis_pending": pending,
+            # schedule runs: the state of before the trigger existed
+            **(self._trigger.state_dict(self.schedule) if self._trigger is not None else {}),
+        }
         state = open_sums_over_ranks(state) if sum_ranks else state
         return plain_state(state) if plain else state
 
@@ -493,8 +555,10 @@ class Rifle:
         saved = state.get("trigger", "schedule")
         if self._trigger is not None or saved != "schedule":
             if saved != self.trigger:
-                raise ValueError(f"RIFLE state was saved with trigger={saved!r}, this run has "
-                                 f"trigger={self.trigger!r}; resume with the same trigger")
+                raise ValueError(
+                    f"RIFLE state was saved with trigger={saved!r}, this run has "
+                    f"trigger={self.trigger!r}; resume with the same trigger"
+                )
             assert self._trigger is not None  # saved == self.trigger != "schedule"
             self._trigger.load_state_dict(state, self.unit, self.schedule)
             self.schedule = dataclasses.replace(self.schedule, points=tuple(self._trigger.fired))
@@ -502,10 +566,12 @@ class Rifle:
             raise ValueError(
                 f"RIFLE state is for a different schedule ({state.get('unit')}s "
                 f"{state.get('points')}) than this run ({self.unit}s {list(self.schedule.points)}); "
-                f"resume with the same epochs/steps, reinits and guard")
+                f"resume with the same epochs/steps, reinits and guard"
+            )
         if int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(f"RIFLE state was saved with seed {state.get('seed')}, this run has "
-                             f"seed {self.seed}")
+            raise ValueError(
+                f"RIFLE state was saved with seed {state.get('seed')}, this run has seed {self.seed}"
+            )
         if "applied" in state:
             applied = [int(i) for i in state["applied"]]
             skipped = [int(i) for i in state.get("skipped", [])]
@@ -515,8 +581,10 @@ class Rifle:
         may_fire = False  # converged trigger: a re-init it may still fire draws with this run's init
         if self._trigger is not None:
             w = self._trigger.epoch
-            may_fire = any(self._trigger.may_fire(t, self.schedule)
-                           for t in range(1 if w is None else w + 1, self.schedule.total))
+            may_fire = any(
+                self._trigger.may_fire(t, self.schedule)
+                for t in range(1 if w is None else w + 1, self.schedule.total)
+            )
         saved_init = state.get("init", None)
         if isinstance(self.init, str) and (pending or may_fire):
             if "init" not in state and self.init in _RENAMED_INITS:
@@ -526,10 +594,13 @@ class Rifle:
                     f"Initialisers): resume with init={_RENAMED_INITS[self.init]!r} to draw the heads "
                     f"the run would have drawn (CLI: write {_RENAMED_INITS[self.init]} for "
                     f"{self.init} in the run's config.yaml, then --resume with --reinit-init "
-                    f"{_RENAMED_INITS[self.init]})")
+                    f"{_RENAMED_INITS[self.init]})"
+                )
             if isinstance(saved_init, str) and saved_init != self.init:
-                raise ValueError(f"RIFLE state was saved with init={saved_init!r}, this run has "
-                                 f"init={self.init!r}: the remaining re-inits would draw other heads")
+                raise ValueError(
+                    f"RIFLE state was saved with init={saved_init!r}, this run has "
+                    f"init={self.init!r}: the remaining re-inits would draw other heads"
+                )
         self.applied, self.skipped = applied, skipped
         started = state.get("started")
         self._started, self._restored = (None if started is None else int(started)), True
@@ -540,9 +611,13 @@ class Rifle:
 
     def __repr__(self) -> str:
         if self.trigger == "converged":
-            return (f"Rifle(head={self.module_names}, epochs={self.schedule.total}, trigger='converged', "
-                    f"converged_acc={self.converged_acc}, reinits={self.schedule.reinits}, "
-                    f"guard={self.schedule.guard}, fired={self.fired})")
-        return (f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "
-                f"reinits={self.schedule.reinits}, points={list(self.schedule.points)}, "
-                f"applied={sorted(self.applied)}, skipped={sorted(self.skipped)})")
+            return (
+                f"Rifle(head={self.module_names}, epochs={self.schedule.total}, trigger='converged', "
+                f"converged_acc={self.converged_acc}, reinits={self.schedule.reinits}, "
+                f"guard={self.schedule.guard}, fired={self.fired})"
+            )
+        return (
+            f"Rifle(head={self.module_names}, {self.unit}s={self.schedule.total}, "
+            f"reinits={self.schedule.reinits}, points={list(self.schedule.points)}, "
+            f"applied={sorted(self.applied)}, skipped={sorted(self.skipped)})"
+        )

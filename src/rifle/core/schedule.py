@@ -8,6 +8,7 @@ periods and the head is re-initialised at the **start** of unit ``floor(i * T / 
 units after it (the unit it fires at included) is dropped with a warning (default ``max(1, ceil(T / 8))``,
 5 for T = 40). REFERENCE.md §3.1-3.3.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,9 @@ class Schedule:
         return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
-def make_schedule(total: int, reinits: int, guard: int | None = None, unit: str = "epoch",
-                  warn: bool = True) -> Schedule:
+def make_schedule(
+    total: int, reinits: int, guard: int | None = None, unit: str = "epoch", warn: bool = True
+) -> Schedule:
     """Resolve the re-init points for a run of ``total`` units.
 
     ``guard=None`` means :func:`default_guard`. Raises when the guard drops *every* requested re-init
@@ -100,9 +102,11 @@ def make_schedule(total: int, reinits: int, guard: int | None = None, unit: str 
     if dropped and warn:
         warn_at_caller(
             f"RIFLE: re-init(s) at {unit}(s) {dropped} dropped: fewer than guard={guard} {unit}s of "
-            f"training would follow them (run of {total} {unit}s)")
-    return Schedule(total=total, reinits=reinits, guard=guard, points=tuple(kept),
-                    dropped=tuple(dropped), unit=unit)
+            f"training would follow them (run of {total} {unit}s)"
+        )
+    return Schedule(
+        total=total, reinits=reinits, guard=guard, points=tuple(kept), dropped=tuple(dropped), unit=unit
+    )
 
 
 def steps_after(schedule: Schedule, steps_per_unit: int = 1) -> list[int]:
@@ -117,19 +121,20 @@ def steps_after(schedule: Schedule, steps_per_unit: int = 1) -> list[int]:
 DEFAULT_MIN_STEPS_AFTER = 100
 
 
-def check_step_budget(schedule: Schedule, steps_per_unit: int,
-                      min_steps_after: int = DEFAULT_MIN_STEPS_AFTER) -> list[int]:
+def check_step_budget(
+    schedule: Schedule, steps_per_unit: int, min_steps_after: int = DEFAULT_MIN_STEPS_AFTER
+) -> list[int]:
     """Warn about periods after a re-init with fewer than ``min_steps_after`` optimizer steps.
 
     Returns the offending re-init points (empty when all periods are long enough).
     """
-    short = [p for p, s in zip(schedule.points, steps_after(schedule, steps_per_unit))
-             if s < min_steps_after]
+    short = [p for p, s in zip(schedule.points, steps_after(schedule, steps_per_unit)) if s < min_steps_after]
     if short:
         budget = steps_after(schedule, steps_per_unit)
         warn_at_caller(
             f"RIFLE: the period(s) after re-init(s) at {schedule.unit}(s) {short} have "
             f"{min(budget)} optimizer step(s), fewer than min_steps_after={min_steps_after}: the new "
             f"head may not re-converge (a probe lost ~3 points with 40-step periods). Train longer, "
-            f"use fewer re-inits, or set min_steps_after to silence this.")
+            f"use fewer re-inits, or set min_steps_after to silence this."
+        )
     return short

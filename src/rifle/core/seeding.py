@@ -4,6 +4,7 @@ Every random stream of a run (split, data order, augmentation, dropout, re-init)
 (run seed, purpose, index), so a resumed run and every DDP rank draw exactly what an uninterrupted
 single-process run draws (REFERENCE.md §3.8, §3.12).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -7,6 +7,7 @@ analysis (conv / linear weight layers). Models are recognised by the layouts of 
 
 Callers pass the user's module (:func:`rifle.core.unwrap_model` looks through DDP / compile wrappers).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -185,11 +186,15 @@ def select_modules(model: nn.Module, spec: str) -> list[nn.Module]:
             raise ValueError(f"--reinit-modules {spec!r}: expected last:N with an integer N") from None
         found = backbone_blocks(model)
         if not found:
-            raise ValueError(f"--reinit-modules {spec!r}: no block structure known for "
-                             f"{type(model).__name__}; give a regular expression over module names")
+            raise ValueError(
+                f"--reinit-modules {spec!r}: no block structure known for "
+                f"{type(model).__name__}; give a regular expression over module names"
+            )
         if not 1 <= n <= len(found):
-            raise ValueError(f"--reinit-modules {spec!r}: N must be in 1..{len(found)} (blocks: "
-                             f"{', '.join(name for name, _ in found[-4:])} ...)")
+            raise ValueError(
+                f"--reinit-modules {spec!r}: N must be in 1..{len(found)} (blocks: "
+                f"{', '.join(name for name, _ in found[-4:])} ...)"
+            )
         return [m for _, m in found[-n:]]
     try:
         pattern = re.compile(spec)
@@ -197,24 +202,30 @@ def select_modules(model: nn.Module, spec: str) -> list[nn.Module]:
         raise ValueError(f"--reinit-modules {spec!r}: not a valid regular expression ({e})") from None
     chosen: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
-        if (name and pattern.fullmatch(name) and has_params(m)
-                and not any(name.startswith(c + ".") for c, _ in chosen)):
+        if (
+            name
+            and pattern.fullmatch(name)
+            and has_params(m)
+            and not any(name.startswith(c + ".") for c, _ in chosen)
+        ):
             chosen.append((name, m))
     if not chosen:
         names = [n for n, m in model.named_modules() if n and has_params(m, recurse=False)]
-        raise ValueError(f"--reinit-modules {spec!r} matches no module with parameters; module names "
-                         f"look like: {', '.join(names[-6:])}")
+        raise ValueError(
+            f"--reinit-modules {spec!r} matches no module with parameters; module names "
+            f"look like: {', '.join(names[-6:])}"
+        )
     return [m for _, m in chosen]
 
 
 class DropSite(NamedTuple):
     """Where a residual block's branch can be dropped (stochastic depth sets the rate there)."""
 
-    kind: str          # "slot": a timm-style drop-path attribute of the block; "branch_end": a
+    kind: str  # "slot": a timm-style drop-path attribute of the block; "branch_end": a
     #                    torchvision ResNet block's last BatchNorm; "stochastic_depth": a torchvision
     #                    StochasticDepth layer
     module: nn.Module  # the block ("slot"), the BatchNorm or the StochasticDepth layer
-    attr: str = ""     # "slot": the attribute's name (drop_path, drop_path1, drop_path2)
+    attr: str = ""  # "slot": the attribute's name (drop_path, drop_path1, drop_path2)
 
 
 DROP_PATH_SLOTS = ("drop_path", "drop_path1", "drop_path2")
@@ -235,6 +246,7 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, list[DropSite]]]:
 
     try:
         from timm.models.resnet import BasicBlock as TimmBasic, Bottleneck as TimmBottleneck
+
         timm_resnet: tuple[type, ...] = (TimmBasic, TimmBottleneck)
     except ImportError:  # pragma: no cover - timm layout change
         timm_resnet = ()
@@ -247,8 +259,9 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, list[DropSite]]]:
             continue
         for attr in DROP_PATH_SLOTS:
             slot = getattr(m, attr, "absent")
-            if (isinstance(slot, (DropPath, nn.Identity))
-                    or (slot is None and timm_resnet and isinstance(m, timm_resnet))):
+            if isinstance(slot, (DropPath, nn.Identity)) or (
+                slot is None and timm_resnet and isinstance(m, timm_resnet)
+            ):
                 found.setdefault(name, []).append(DropSite("slot", m, attr))
         for child in m.children():
             if isinstance(child, StochasticDepth):
@@ -275,19 +288,25 @@ def default_layers(model: nn.Module) -> list[str]:
     st = getattr(model, "stages", None)
     if isinstance(st, nn.Sequential) and len(st):
         return [f"stages.{i}" for i in range(len(st))][-4:]
-    raise ValueError(f"DELTA has no default layers for {type(model).__name__}: name them with --delta-layers "
-                     f"(comma-separated). Candidates: {', '.join(candidate_layers(model)) or 'none'}")
+    raise ValueError(
+        f"DELTA has no default layers for {type(model).__name__}: name them with --delta-layers "
+        f"(comma-separated). Candidates: {', '.join(candidate_layers(model)) or 'none'}"
+    )
 
 
 def candidate_layers(model: nn.Module, exclude: Sequence[str] = (), limit: int = 60) -> list[str]:
     """Names of the model's blocks/stages (modules with children and parameters), ``exclude``'s left out."""
-    names = [n for n, sub in model.named_modules()
-             if n and not in_head(n, exclude) and any(True for _ in sub.children()) and has_params(sub)]
+    names = [
+        n
+        for n, sub in model.named_modules()
+        if n and not in_head(n, exclude) and any(True for _ in sub.children()) and has_params(sub)
+    ]
     return names[:limit] + ([f"... ({len(names) - limit} more)"] if len(names) > limit else [])
 
 
-def resolve_layers(model: nn.Module, spec: str | Sequence[str] | None,
-                   head_names: Sequence[str] = ()) -> list[str]:
+def resolve_layers(
+    model: nn.Module, spec: str | Sequence[str] | None, head_names: Sequence[str] = ()
+) -> list[str]:
     """DELTA's layer names: ``spec`` (comma-separated or a list) checked against the model, or
     :func:`default_layers` when it is empty."""
     if spec is None or (isinstance(spec, str) and not spec.strip()):
@@ -299,12 +318,16 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str] | None,
         if n not in all_names:
             close = difflib.get_close_matches(n, sorted(all_names), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"DELTA layer {n!r}: no such module in {type(model).__name__}.{hint} "
-                             f"Available layers: {', '.join(candidate_layers(model, head_names))} "
-                             f"(any name from model.named_modules() works)")
+            raise ValueError(
+                f"DELTA layer {n!r}: no such module in {type(model).__name__}.{hint} "
+                f"Available layers: {', '.join(candidate_layers(model, head_names))} "
+                f"(any name from model.named_modules() works)"
+            )
         if in_head(n, head_names):
-            raise ValueError(f"DELTA layer {n!r} is (part of) the classifier head {list(head_names)}: "
-                             f"choose backbone layers")
+            raise ValueError(
+                f"DELTA layer {n!r} is (part of) the classifier head {list(head_names)}: "
+                f"choose backbone layers"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"DELTA layers list a layer twice: {names}")
     return names
@@ -314,5 +337,8 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str] | None,
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear]]:
     """``[(dotted name, module)]`` of the conv / linear layers (:data:`LAYER_TYPES`) that hold a weight
     tensor, in module order (for timm / torchvision CNNs the forward order: stem first, head last)."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LAYER_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LAYER_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]

@@ -6,6 +6,7 @@ the next one only after a full epoch after the previous re-init epoch (docs/rifl
 A variant of RIFLE's fixed schedule (Li et al., ICML 2020, arXiv 2007.03349); :class:`ConvergedTrigger`
 is the part of :class:`rifle.core.Rifle` that decides it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,13 +40,18 @@ class ConvergedTrigger:
         if correct is None:
             self.has = False
         else:
-            self.correct = self.correct + (correct.detach() if isinstance(correct, torch.Tensor)
-                                           else float(correct))
+            self.correct = self.correct + (
+                correct.detach() if isinstance(correct, torch.Tensor) else float(correct)
+            )
         self.count += int(count)
 
     def may_fire(self, t: int, s: Schedule) -> bool:
-        return (len(self.fired) < s.reinits and 1 <= t < s.total and s.total - t >= s.guard
-                and (not self.fired or t - 1 > self.fired[-1]))
+        return (
+            len(self.fired) < s.reinits
+            and 1 <= t < s.total
+            and s.total - t >= s.guard
+            and (not self.fired or t - 1 > self.fired[-1])
+        )
 
     def settle(self) -> None:
         """Close the accuracy of the epoch being observed, summed over data-parallel ranks."""
@@ -84,37 +90,64 @@ class ConvergedTrigger:
             cand = [(e, a) for e, a in accs if e > after]
             reached = [e for e, a in cand if a >= thr]
             if not accs:
-                reason = ("no training accuracy was observed (feed observe(loss, correct=..., count=...) "
-                          "every batch)")
+                reason = (
+                    "no training accuracy was observed (feed observe(loss, correct=..., count=...) "
+                    "every batch)"
+                )
             elif reached:
-                reason = (f"train accuracy reached {thr:g} at epoch {reached[0]}"
-                          + (f" (after the re-init at epoch {after})" if self.fired else "")
-                          + f"; a re-init after it would leave fewer than guard={s.guard} epochs "
-                          f"(the last allowed start is epoch {last_start})")
+                reason = (
+                    f"train accuracy reached {thr:g} at epoch {reached[0]}"
+                    + (f" (after the re-init at epoch {after})" if self.fired else "")
+                    + f"; a re-init after it would leave fewer than guard={s.guard} epochs "
+                    f"(the last allowed start is epoch {last_start})"
+                )
             else:
                 best = max(cand or accs, key=lambda x: (x[1], -x[0]))
-                reason = (f"train accuracy never reached {thr:g}"
-                          + (f" again after the re-init at epoch {after}" if self.fired else "")
-                          + (f" (best {best[1]:.2f} at epoch {best[0]})" if cand else ""))
+                reason = (
+                    f"train accuracy never reached {thr:g}"
+                    + (f" again after the re-init at epoch {after}" if self.fired else "")
+                    + (f" (best {best[1]:.2f} at epoch {best[0]})" if cand else "")
+                )
             if self.fired:
                 reason = f"{len(self.fired)} of {s.reinits} re-init(s): {reason}"
-        return {"trigger": "converged", "converged_acc": thr, "fired": list(self.fired),
-                "train_acc": [[e, a] for e, a in self.history], "reason": reason}
+        return {
+            "trigger": "converged",
+            "converged_acc": thr,
+            "fired": list(self.fired),
+            "train_acc": [[e, a] for e, a in self.history],
+            "reason": reason,
+        }
 
     def state_dict(self, s: Schedule) -> dict[str, Any]:
-        return {"trigger": "converged", "converged_acc": self.converged_acc, "guard": s.guard,
-                "fired": list(self.fired), "trigger_history": [list(h) for h in self.history],
-                "trigger_window": {"epoch": self.epoch, "correct": float(self.correct),
-                                   "count": self.count, "has": self.has}}
+        return {
+            "trigger": "converged",
+            "converged_acc": self.converged_acc,
+            "guard": s.guard,
+            "fired": list(self.fired),
+            "trigger_history": [list(h) for h in self.history],
+            "trigger_window": {
+                "epoch": self.epoch,
+                "correct": float(self.correct),
+                "count": self.count,
+                "has": self.has,
+            },
+        }
 
     def load_state_dict(self, state: dict[str, Any], unit: str, s: Schedule) -> None:
         """Restore from :meth:`state_dict`; a state of other settings is refused (``ValueError``)."""
         mine = (unit, s.total, s.reinits, s.guard, self.converged_acc)
-        theirs = (state.get("unit"), state.get("total"), state.get("reinits"), state.get("guard"),
-                  state.get("converged_acc"))
+        theirs = (
+            state.get("unit"),
+            state.get("total"),
+            state.get("reinits"),
+            state.get("guard"),
+            state.get("converged_acc"),
+        )
         if mine != theirs:
-            raise ValueError(f"RIFLE trigger state is for (unit, length, reinits, guard, converged_acc) = "
-                             f"{theirs}, this run has {mine}; resume with the same settings")
+            raise ValueError(
+                f"RIFLE trigger state is for (unit, length, reinits, guard, converged_acc) = "
+                f"{theirs}, this run has {mine}; resume with the same settings"
+            )
         self.fired = [int(e) for e in state["fired"]]
         self.history = [[int(e), a] for e, a in state["trigger_history"]]
         w = state["trigger_window"]
@@ -127,12 +160,16 @@ def trigger_schedule(total: int, reinits: int, guard: int | None) -> Schedule:
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"the run length must be an int >= 1, got {total!r}")
     if isinstance(reinits, bool) or not isinstance(reinits, int) or reinits < 0:
-        raise ValueError(f"reinits (K, the number of re-initialisations) must be an int >= 0, got {reinits!r}")
+        raise ValueError(
+            f"reinits (K, the number of re-initialisations) must be an int >= 0, got {reinits!r}"
+        )
     guard = default_guard(total) if guard is None else guard
     if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
         raise ValueError(f"guard must be an int >= 0, got {guard!r}")
     if reinits and total - max(guard, 1) < 1:
-        raise ValueError(f"trigger='converged': the guard ({guard} epochs of training after a re-init) "
-                         f"leaves no epoch >= 1 to re-initialise at in a {total}-epoch run; lower the "
-                         f"guard or train longer")
+        raise ValueError(
+            f"trigger='converged': the guard ({guard} epochs of training after a re-init) "
+            f"leaves no epoch >= 1 to re-initialise at in a {total}-epoch run; lower the "
+            f"guard or train longer"
+        )
     return Schedule(total=total, reinits=reinits, guard=guard, points=(), dropped=(), unit="epoch")

@@ -3,6 +3,7 @@
 :func:`build_data` is the single entry point; :func:`train_batches` / :func:`eval_batches` turn an
 :class:`ImageTensorSet` into normalised float batches. See ``docs/data.md``.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -14,14 +15,36 @@ from pathlib import Path
 
 from ..core.seeding import generator
 from .builtin import BUILTIN, load_digits_dataset, load_elpv
-from .cache import (ImageTensorSet, cache_resolution, eval_batches, num_batches, samples_per_rank,
-                    stratified_split, train_batches)
+from .cache import (
+    ImageTensorSet,
+    cache_resolution,
+    eval_batches,
+    num_batches,
+    samples_per_rank,
+    stratified_split,
+    train_batches,
+)
 from .folder import LAYOUT, DataError, decode_image, folder_fingerprint, load_image_folder
 
-__all__ = ["DataBundle", "build_data", "DataError", "ImageTensorSet", "train_batches", "eval_batches",
-           "cache_resolution", "num_batches", "samples_per_rank", "stratified_split", "BUILTIN",
-           "load_elpv", "load_digits_dataset", "load_image_folder", "decode_image", "data_fingerprint",
-           "compare_fingerprints"]
+__all__ = [
+    "DataBundle",
+    "build_data",
+    "DataError",
+    "ImageTensorSet",
+    "train_batches",
+    "eval_batches",
+    "cache_resolution",
+    "num_batches",
+    "samples_per_rank",
+    "stratified_split",
+    "BUILTIN",
+    "load_elpv",
+    "load_digits_dataset",
+    "load_image_folder",
+    "decode_image",
+    "data_fingerprint",
+    "compare_fingerprints",
+]
 
 MIN_VAL_IMAGES = 50  # a validation split below this warns: its accuracy moves in steps of over 2 points
 
@@ -48,10 +71,12 @@ def _is_number(x) -> bool:
 def _unknown(data: str) -> DataError:
     close = difflib.get_close_matches(data.lower(), list(BUILTIN), n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return DataError(f"unknown dataset {data!r}: not a built-in dataset and no such path.{hint}\n"
-                     f"Built-in datasets: {', '.join(sorted(BUILTIN))}. "
-                     "Or pass the path of an image folder;\n"
-                     f"{LAYOUT}")
+    return DataError(
+        f"unknown dataset {data!r}: not a built-in dataset and no such path.{hint}\n"
+        f"Built-in datasets: {', '.join(sorted(BUILTIN))}. "
+        "Or pass the path of an image folder;\n"
+        f"{LAYOUT}"
+    )
 
 
 def _builtin_name(data: str | os.PathLike) -> str | None:
@@ -71,6 +96,7 @@ def data_fingerprint(data: str | os.PathLike) -> dict:
     name = _builtin_name(data)
     if name == "elpv":
         from .builtin import _elpv_source
+
         data_dir, version = _elpv_source()
         with open(data_dir / "labels.csv", encoding="utf-8") as f:
             images = sum(1 for line in f if line.strip())
@@ -79,10 +105,16 @@ def data_fingerprint(data: str | os.PathLike) -> dict:
         from importlib.metadata import version as dist_version
 
         from sklearn.datasets import load_digits
-        return {"kind": "builtin", "name": name, "version": f"scikit-learn {dist_version('scikit-learn')}",
-                "images": len(load_digits().target)}
+
+        return {
+            "kind": "builtin",
+            "name": name,
+            "version": f"scikit-learn {dist_version('scikit-learn')}",
+            "images": len(load_digits().target),
+        }
     if name is not None:  # a built-in added later without a fingerprint of its own
         from .. import __version__
+
         return {"kind": "builtin", "name": name, "version": f"rifle {__version__}", "images": None}
     text = os.fspath(data)
     if not text or not Path(text).expanduser().exists():
@@ -93,12 +125,17 @@ def data_fingerprint(data: str | os.PathLike) -> dict:
 def compare_fingerprints(saved: dict, current: dict) -> str | None:
     """None when the data is the one recorded, else what changed, in words."""
     if saved.get("kind") != current.get("kind") or saved.get("name") != current.get("name"):
+
         def what(fp: dict) -> str:
             return str(fp.get("name")) if fp.get("kind") == "builtin" else f"the folder {fp.get('root')}"
+
         return f"the run used {what(saved)}, --data now names {what(current)}"
     if current.get("kind") == "builtin":
-        changed = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in ("version", "images")
-                   if saved.get(k) != current.get(k)]
+        changed = [
+            f"{k} {saved.get(k)} -> {current.get(k)}"
+            for k in ("version", "images")
+            if saved.get(k) != current.get(k)
+        ]
         return f"the built-in dataset {current['name']} changed ({', '.join(changed)})" if changed else None
     a, b = saved.get("files", {}), current.get("files", {})
     added = sorted(set(b) - set(a))
@@ -107,10 +144,15 @@ def compare_fingerprints(saved: dict, current: dict) -> str | None:
     if not (added or removed or changed):
         return None
     parts = [f"{len(added)} added", f"{len(removed)} removed", f"{len(changed)} changed (size or time)"]
-    examples = [f"{k} ({how})" for how, ks in (("added", added), ("removed", removed), ("changed", changed))
-                for k in ks[:3]]
-    return (f"the data in {current.get('root')} changed since the run started: {', '.join(parts)} image "
-            f"file(s), e.g. {', '.join(examples)}")
+    examples = [
+        f"{k} ({how})"
+        for how, ks in (("added", added), ("removed", removed), ("changed", changed))
+        for k in ks[:3]
+    ]
+    return (
+        f"the data in {current.get('root')} changed since the run started: {', '.join(parts)} image "
+        f"file(s), e.g. {', '.join(examples)}"
+    )
 
 
 def _named(names: list[str], limit: int = 6) -> str:
@@ -123,31 +165,47 @@ def split_warnings(val: ImageTensorSet, test: ImageTensorSet, classes: list[str]
     :data:`MIN_VAL_IMAGES` images, and a (non-empty) val or test split without some training class."""
     out = []
     where = "the val/ folder" if val_how == "folder" else f"the validation split ({val_how})"
-    more = ("a val/ folder with" if val_how == "folder"
-            else "a larger --val-fraction (val_fraction) or a val/ folder:")
+    more = (
+        "a val/ folder with"
+        if val_how == "folder"
+        else "a larger --val-fraction (val_fraction) or a val/ folder:"
+    )
     if 0 < len(val) < MIN_VAL_IMAGES:
-        out.append(f"{where} has only {len(val)} image{'s' if len(val) != 1 else ''}: validation accuracy "
-                   f"moves in steps of {100 / len(val):.3g} points, so the epoch it picks (best_val_epoch, "
-                   f"test_acc_at_best_val) is largely chance; final_test_acc does not use it. Use {more} "
-                   f"at least {MIN_VAL_IMAGES} images")
+        out.append(
+            f"{where} has only {len(val)} image{'s' if len(val) != 1 else ''}: validation accuracy "
+            f"moves in steps of {100 / len(val):.3g} points, so the epoch it picks (best_val_epoch, "
+            f"test_acc_at_best_val) is largely chance; final_test_acc does not use it. Use {more} "
+            f"at least {MIN_VAL_IMAGES} images"
+        )
     for split, name, ds in (("val", where, val), ("test", "the test split", test)):
         counts = ds.class_counts(len(classes))
         absent = [c for c, n in zip(classes, counts) if n == 0]
         if not len(ds) or not absent:
             continue
         if split == "val":
-            out.append(f"{name} has no images of {len(absent)} of the {len(classes)} classes "
-                       f"({_named(absent)}): the best epoch is picked without them. Use {more} "
-                       f"images of every class")
+            out.append(
+                f"{name} has no images of {len(absent)} of the {len(classes)} classes "
+                f"({_named(absent)}): the best epoch is picked without them. Use {more} "
+                f"images of every class"
+            )
         else:
-            out.append(f"{name} has no images of {len(absent)} of the {len(classes)} training classes "
-                       f"({_named(absent)}): test accuracy does not measure how well they are recognised "
-                       f"(a test image predicted as one of them still counts as an error)")
+            out.append(
+                f"{name} has no images of {len(absent)} of the {len(classes)} training classes "
+                f"({_named(absent)}): test accuracy does not measure how well they are recognised "
+                f"(a test image predicted as one of them still counts as an error)"
+            )
     return out
 
 
-def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_fraction: float = 0.1,
-               train_fraction: float = 1.0, skip_bad_images: bool = False) -> DataBundle:
+def build_data(
+    data: str | os.PathLike,
+    image_size: int,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    train_fraction: float = 1.0,
+    skip_bad_images: bool = False,
+) -> DataBundle:
     """Load ``data`` (a built-in name or an image-folder path) at ``cache_resolution(image_size)``.
 
     * A name without a path separator that matches :data:`BUILTIN` (case-insensitive) is the built-in
@@ -185,8 +243,9 @@ def build_data(data: str | os.PathLike, image_size: int, *, seed: int = 0, val_f
         val = splits["val"]
         val_how = "folder"
     else:
-        val_idx, train_idx = stratified_split(train.labels, val_fraction, generator(seed, "split"),
-                                              min_left=1)
+        val_idx, train_idx = stratified_split(
+            train.labels, val_fraction, generator(seed, "split"), min_left=1
+        )
         val, train = train.subset(val_idx), train.subset(train_idx)
         val_how = f"carved {val_fraction * 100:g}% stratified seed {seed}"
     if train_fraction < 1:

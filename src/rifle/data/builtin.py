@@ -6,6 +6,7 @@ photovoltaic module cells in electroluminescence images", Solar Energy 2019 (arX
 solar-cell images, 4 defect-probability classes; data licence CC BY-NC-SA 4.0. Both datasets have a
 fixed train/test split; decoded ELPV tensors are cached on disk (docs/data.md).
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,16 @@ from ..core.seeding import generator
 from .cache import ImageTensorSet, stratified_split
 from .folder import DataError, decode_many
 
-__all__ = ["BUILTIN", "ELPV_CLASSES", "ELPV_SPLIT_SEED", "DIGITS_SPLIT_SEED", "load_elpv",
-           "load_digits_dataset", "cache_dir", "clear_memory_cache"]
+__all__ = [
+    "BUILTIN",
+    "ELPV_CLASSES",
+    "ELPV_SPLIT_SEED",
+    "DIGITS_SPLIT_SEED",
+    "load_elpv",
+    "load_digits_dataset",
+    "cache_dir",
+    "clear_memory_cache",
+]
 
 ELPV_CLASSES = ["functional", "possibly_defective", "likely_defective", "defective"]
 ELPV_TYPES = ["mono", "poly"]
@@ -58,8 +67,9 @@ def _from_memory(key: tuple[str, int]):
     return dict(splits), list(classes), copy.deepcopy(info)
 
 
-def _split_fixed(images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor, seed: int, name: str
-                 ) -> tuple[dict[str, ImageTensorSet], dict[str, torch.Tensor]]:
+def _split_fixed(
+    images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor, seed: int, name: str
+) -> tuple[dict[str, ImageTensorSet], dict[str, torch.Tensor]]:
     """The fixed split: 25% of every stratum to test, from ``generator(seed, name + "-test-split")``."""
     test, train = stratified_split(strata, TEST_FRACTION, generator(seed, f"{name}-test-split"), min_left=1)
     full = ImageTensorSet(images, labels)
@@ -68,13 +78,17 @@ def _split_fixed(images: torch.Tensor, labels: torch.Tensor, strata: torch.Tenso
 
 # ---------------------------------------------------------------------------------------------- ELPV
 
+
 def _elpv_source() -> tuple[Path, str]:
     try:
         import elpv_dataset
     except ImportError as e:
-        raise DataError("the built-in dataset 'elpv' needs the PyPI package elpv-dataset "
-                        "(pip install elpv-dataset, or pip install 'rifle[offline]')") from e
+        raise DataError(
+            "the built-in dataset 'elpv' needs the PyPI package elpv-dataset "
+            "(pip install elpv-dataset, or pip install 'rifle[offline]')"
+        ) from e
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         ver = version("elpv-dataset")
     except PackageNotFoundError:
@@ -106,8 +120,10 @@ def _cache_file(name: str, ver: str, res: int) -> Path:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     """Per-tensor byte sums: cheap (tens of ms for ELPV) and catches any single corrupted byte."""
-    return ",".join(f"{k}:{int(tensors[k].contiguous().view(torch.uint8).sum(dtype=torch.int64))}"
-                    for k in sorted(tensors))
+    return ",".join(
+        f"{k}:{int(tensors[k].contiguous().view(torch.uint8).sum(dtype=torch.int64))}"
+        for k in sorted(tensors)
+    )
 
 
 def _load_disk(path: Path, meta_expected: dict[str, str], n: int, res: int):
@@ -116,25 +132,33 @@ def _load_disk(path: Path, meta_expected: dict[str, str], n: int, res: int):
         return None
     try:
         from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             t = {k: f.get_tensor(k) for k in ("images", "labels", "types")}
-        ok = (all(meta.get(k) == v for k, v in meta_expected.items())
-              and t["images"].dtype == torch.uint8 and tuple(t["images"].shape) == (n, 1, res, res)
-              and t["labels"].dtype == torch.int64 and tuple(t["labels"].shape) == (n,)
-              and t["types"].dtype == torch.uint8 and tuple(t["types"].shape) == (n,)
-              and meta.get("checksum") == _checksum(t))
+        ok = (
+            all(meta.get(k) == v for k, v in meta_expected.items())
+            and t["images"].dtype == torch.uint8
+            and tuple(t["images"].shape) == (n, 1, res, res)
+            and t["labels"].dtype == torch.int64
+            and tuple(t["labels"].shape) == (n,)
+            and t["types"].dtype == torch.uint8
+            and tuple(t["types"].shape) == (n,)
+            and meta.get("checksum") == _checksum(t)
+        )
         if not ok:
             raise ValueError("metadata, shapes or checksum do not match")
         return t
     except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
-        warnings.warn(f"ignoring unusable dataset cache {path} ({type(e).__name__}: {e}); rebuilding it",
-                      stacklevel=3)
+        warnings.warn(
+            f"ignoring unusable dataset cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=3
+        )
         return None
 
 
 def _save_disk(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
+
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,18 +201,23 @@ def load_elpv(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
         source = "decoded"
     strata = cached["labels"] * len(ELPV_TYPES) + cached["types"].long()
     splits, index = _split_fixed(cached["images"], cached["labels"], strata, ELPV_SPLIT_SEED, "elpv")
-    type_counts = {s: {t: int((cached["types"][idx] == i).sum()) for i, t in enumerate(ELPV_TYPES)}
-                   for s, idx in index.items()}
+    type_counts = {
+        s: {t: int((cached["types"][idx] == i).sum()) for i, t in enumerate(ELPV_TYPES)}
+        for s, idx in index.items()
+    }
     info = {
         "name": "elpv",
         "package": f"elpv-dataset {ver}",
         "license": "CC BY-NC-SA 4.0",
-        "split": (f"fixed: stratified by (class, cell type), {TEST_FRACTION:.0%} test, "
-                  f"seed {ELPV_SPLIT_SEED}; "
-                  "per cell image (labels.csv has no module id, so cells of one module may be in both)"),
+        "split": (
+            f"fixed: stratified by (class, cell type), {TEST_FRACTION:.0%} test, "
+            f"seed {ELPV_SPLIT_SEED}; "
+            "per cell image (labels.csv has no module id, so cells of one module may be in both)"
+        ),
         "cell_types": type_counts,
-        "counts": {s: dict(zip(ELPV_CLASSES, ds.class_counts(len(ELPV_CLASSES))))
-                   for s, ds in splits.items()},
+        "counts": {
+            s: dict(zip(ELPV_CLASSES, ds.class_counts(len(ELPV_CLASSES)))) for s, ds in splits.items()
+        },
         "skipped": [],
         "channels": 1,
         "resolution": res,
@@ -200,6 +229,7 @@ def load_elpv(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
 
 
 # -------------------------------------------------------------------------------------------- digits
+
 
 def load_digits_dataset(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) upscaled to ``res`` (bilinear), 1 channel.
@@ -218,8 +248,9 @@ def load_digits_dataset(res: int) -> tuple[dict[str, ImageTensorSet], list[str],
     d = load_digits()
     x = torch.from_numpy(np.asarray(d.images, dtype=np.float32)).unsqueeze(1) * (255.0 / 16.0)  # [N,1,8,8]
     if res != 8:
-        x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", align_corners=False,
-                                            antialias=res < 8)
+        x = torch.nn.functional.interpolate(
+            x, size=(res, res), mode="bilinear", align_corners=False, antialias=res < 8
+        )
     images = x.round_().clamp_(0, 255).to(torch.uint8)
     labels = torch.from_numpy(np.asarray(d.target, dtype=np.int64))
     splits, _ = _split_fixed(images, labels, labels, DIGITS_SPLIT_SEED, "digits")

@@ -6,6 +6,7 @@ Images are decoded once, resized and centre-cropped to ``R = cache_resolution(S)
 function of (run seed, purpose, epoch) and the dataset index. :func:`stratified_split` is the one
 splitting rule. Details and why: docs/data.md.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,16 @@ import torch
 
 from ..core.seeding import generator
 
-__all__ = ["ImageTensorSet", "cache_resolution", "train_batches", "eval_batches", "num_batches",
-           "samples_per_rank", "last_batch_dropped", "stratified_split"]
+__all__ = [
+    "ImageTensorSet",
+    "cache_resolution",
+    "train_batches",
+    "eval_batches",
+    "num_batches",
+    "samples_per_rank",
+    "last_batch_dropped",
+    "stratified_split",
+]
 
 
 @dataclass
@@ -35,8 +44,10 @@ class ImageTensorSet:
     def __post_init__(self) -> None:
         imgs, labels = self.images, self.labels
         if not isinstance(imgs, torch.Tensor) or imgs.dtype != torch.uint8 or imgs.dim() != 4:
-            raise ValueError("images must be a uint8 tensor [N, C, R, R]; got "
-                             f"{getattr(imgs, 'dtype', type(imgs))} {tuple(getattr(imgs, 'shape', ()))}")
+            raise ValueError(
+                "images must be a uint8 tensor [N, C, R, R]; got "
+                f"{getattr(imgs, 'dtype', type(imgs))} {tuple(getattr(imgs, 'shape', ()))}"
+            )
         if imgs.shape[1] not in (1, 3) or imgs.shape[2] != imgs.shape[3]:
             raise ValueError(f"images must be [N, C, R, R] with C in {{1, 3}}; got {tuple(imgs.shape)}")
         labels = torch.as_tensor(labels)
@@ -118,9 +129,11 @@ def _check_common(ds: ImageTensorSet, batch_size: int, image_size: int, rank: in
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     if image_size > ds.resolution:
-        raise ValueError(f"image_size {image_size} is larger than the cached resolution {ds.resolution}; "
-                         f"decode the data at cache_resolution({image_size}) = "
-                         f"{cache_resolution(image_size)}")
+        raise ValueError(
+            f"image_size {image_size} is larger than the cached resolution {ds.resolution}; "
+            f"decode the data at cache_resolution({image_size}) = "
+            f"{cache_resolution(image_size)}"
+        )
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
@@ -151,9 +164,17 @@ def _offsets(c: int, r: int, size: int) -> torch.Tensor:
     return torch.stack([rows + ar[None, None, :], rows + (size - 1 - ar)[None, None, :]])
 
 
-def _crop_batch(images: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
-                flip: torch.Tensor | None, size: int, scale: torch.Tensor, shift: torch.Tensor,
-                channels_last: bool) -> torch.Tensor:
+def _crop_batch(
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    top: torch.Tensor,
+    left: torch.Tensor,
+    flip: torch.Tensor | None,
+    size: int,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    channels_last: bool,
+) -> torch.Tensor:
     """Crop ``size x size`` at (top, left) of ``images[idx]`` (optionally mirrored), normalise, to 3 channels.
 
     One ``take`` over flat indices (image base + a cached per-shape offset grid): no per-image Python work,
@@ -172,9 +193,20 @@ def _crop_batch(images: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, left
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_batches(ds: ImageTensorSet, batch_size: int, image_size: int, mean, std, *, seed: int, epoch: int,
-                  drop_last: bool = False, channels_last: bool = True, rank: int = 0, world_size: int = 1
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(
+    ds: ImageTensorSet,
+    batch_size: int,
+    image_size: int,
+    mean,
+    std,
+    *,
+    seed: int,
+    epoch: int,
+    drop_last: bool = False,
+    channels_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled, augmented training batches ``(x float32 [B, 3, S, S], y int64 [B])`` for one epoch.
 
     * order: ``torch.randperm(N, generator=generator(seed, "order", epoch))``;
@@ -203,17 +235,26 @@ def train_batches(ds: ImageTensorSet, batch_size: int, image_size: int, mean, st
 
     def _gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in range(nb):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            x = _crop_batch(ds.images, idx, top[idx], left[idx], flip[idx], image_size, scale, shift,
-                            channels_last)
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            x = _crop_batch(
+                ds.images, idx, top[idx], left[idx], flip[idx], image_size, scale, shift, channels_last
+            )
             yield x, ds.labels[idx]
 
     return _gen()
 
 
-def eval_batches(ds: ImageTensorSet, batch_size: int, image_size: int, mean, std, *,
-                 channels_last: bool = True, rank: int = 0, world_size: int = 1
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    ds: ImageTensorSet,
+    batch_size: int,
+    image_size: int,
+    mean,
+    std,
+    *,
+    channels_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """CenterCrop(S) batches in dataset order, no randomness, never padded or dropped.
 
     Centre offset ``round((R - S) / 2)`` as torchvision's ``CenterCrop``. With ``world_size > 1`` rank ``r``
@@ -237,8 +278,14 @@ def eval_batches(ds: ImageTensorSet, batch_size: int, image_size: int, mean, std
     return _gen()
 
 
-def stratified_split(strata: torch.Tensor | Sequence[int], fraction: float, gen: torch.Generator, *,
-                     min_taken: int = 0, min_left: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(
+    strata: torch.Tensor | Sequence[int],
+    fraction: float,
+    gen: torch.Generator,
+    *,
+    min_taken: int = 0,
+    min_left: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split indices ``0..N-1`` into ``(taken, left)`` with about ``fraction`` of every stratum taken.
 
     The total taken is ``round(fraction * N)``, shared out over strata by largest remainder of
@@ -278,6 +325,8 @@ def stratified_split(strata: torch.Tensor | Sequence[int], fraction: float, gen:
         p = m[torch.randperm(m.numel(), generator=gen)]
         taken.append(p[:k])
         left.append(p[k:])
+
     def cat(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.sort(torch.cat(xs)).values if xs else torch.zeros(0, dtype=torch.int64)
+
     return cat(taken), cat(left)

@@ -3,6 +3,7 @@
 The layout rules are checked, with errors that name the offending path (docs/data.md); like
 torchvision's ``ImageFolder``, classes are the sorted sub-folder names and EXIF orientation is not applied.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,16 +20,25 @@ from PIL import Image
 
 from .cache import ImageTensorSet
 
-__all__ = ["DataError", "IMAGE_EXTENSIONS", "LAYOUT", "decode_image", "decode_many", "folder_fingerprint",
-           "load_image_folder"]
+__all__ = [
+    "DataError",
+    "IMAGE_EXTENSIONS",
+    "LAYOUT",
+    "decode_image",
+    "decode_many",
+    "folder_fingerprint",
+    "load_image_folder",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val", "test")
-LAYOUT = ("expected layout:\n"
-          "  ROOT/train/<class>/<image>   (required)\n"
-          "  ROOT/test/<class>/<image>    (required)\n"
-          "  ROOT/val/<class>/<image>     (optional; otherwise carved from train)\n"
-          f"  images: {' '.join(IMAGE_EXTENSIONS)} (any case), directly inside the class folder")
+LAYOUT = (
+    "expected layout:\n"
+    "  ROOT/train/<class>/<image>   (required)\n"
+    "  ROOT/test/<class>/<image>    (required)\n"
+    "  ROOT/val/<class>/<image>     (optional; otherwise carved from train)\n"
+    f"  images: {' '.join(IMAGE_EXTENSIONS)} (any case), directly inside the class folder"
+)
 PROGRESS_MIN_FILES = 500
 
 
@@ -84,18 +94,23 @@ def decode_image(path: str | os.PathLike | IO[bytes], res: int) -> torch.Tensor:
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.Resampling.BILINEAR)
         top, left = int(round((nh - res) / 2.0)), int(round((nw - res) / 2.0))
-        a = np.asarray(img)[top:top + res, left:left + res]
+        a = np.asarray(img)[top : top + res, left : left + res]
     t = torch.from_numpy(np.array(a, copy=True))  # writable, contiguous, detached from PIL
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def decode_many(paths: Sequence[str | os.PathLike], res: int, *, desc: str = "decoding",
-                decoder: Callable[[str | os.PathLike, int], torch.Tensor] = decode_image
-                ) -> list[torch.Tensor | Exception]:
+def decode_many(
+    paths: Sequence[str | os.PathLike],
+    res: int,
+    *,
+    desc: str = "decoding",
+    decoder: Callable[[str | os.PathLike, int], torch.Tensor] = decode_image,
+) -> list[torch.Tensor | Exception]:
     """Decode ``paths`` with a small thread pool (PIL releases the GIL); a failure is returned, not raised.
 
     A tqdm bar is shown for more than 500 files when stderr is a terminal.
     """
+
     def one(p):
         try:
             return decoder(p, res)
@@ -106,6 +121,7 @@ def decode_many(paths: Sequence[str | os.PathLike], res: int, *, desc: str = "de
     bar = None
     if show:
         from tqdm import tqdm
+
         bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr)
     out: list[torch.Tensor | Exception] = []
     try:
@@ -133,8 +149,10 @@ def _scan_split(split_dir: Path) -> tuple[dict[str, list[Path]], list[Path]]:
         imgs = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
         ignored += [f for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
         if not imgs:
-            raise DataError(f"class folder {d} contains no images (recognised extensions: "
-                            f"{' '.join(IMAGE_EXTENSIONS)}, files directly inside the folder).\n{LAYOUT}")
+            raise DataError(
+                f"class folder {d} contains no images (recognised extensions: "
+                f"{' '.join(IMAGE_EXTENSIONS)}, files directly inside the folder).\n{LAYOUT}"
+            )
         classes[d.name] = imgs
     return classes, ignored
 
@@ -151,19 +169,24 @@ def folder_fingerprint(root: str | os.PathLike) -> dict:
         if not (root / split).is_dir():
             continue
         with os.scandir(root / split) as classes:
-            for c in sorted((e for e in classes if not e.name.startswith(".") and e.is_dir()),
-                            key=lambda e: e.name):
+            for c in sorted(
+                (e for e in classes if not e.name.startswith(".") and e.is_dir()), key=lambda e: e.name
+            ):
                 with os.scandir(c.path) as entries:
                     for e in entries:
-                        if (not e.name.startswith(".") and e.is_file()
-                                and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS):
+                        if (
+                            not e.name.startswith(".")
+                            and e.is_file()
+                            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                        ):
                             st = e.stat()
                             files[f"{split}/{c.name}/{e.name}"] = [st.st_size, st.st_mtime_ns]
     return {"root": str(root), "files": dict(sorted(files.items()))}
 
 
-def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: bool = False
-                      ) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
+def load_image_folder(
+    root: str | os.PathLike, res: int, *, skip_bad_images: bool = False
+) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
     """Decode ``ROOT/{train,test[,val]}/<class>/*`` at ``res x res``.
 
     Returns ``(splits, classes, info)``: ``splits`` maps "train", "test" and (if present) "val" to an
@@ -182,8 +205,10 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
             parent = root.resolve().parent
             hint = ""
             if root.resolve().name in SPLITS and (parent / "train").is_dir():
-                hint = (f" {root} looks like the {root.resolve().name}/ split of the dataset {parent}: pass "
-                        f"that folder instead (--data {parent}).")
+                hint = (
+                    f" {root} looks like the {root.resolve().name}/ split of the dataset {parent}: pass "
+                    f"that folder instead (--data {parent})."
+                )
             raise DataError(f"missing {split}/ folder: {root / split} does not exist.{hint}\n{LAYOUT}")
     scanned: dict[str, dict[str, list[Path]]] = {}
     ignored: list[Path] = []
@@ -199,13 +224,17 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
             raise DataError(f"{root / split} has no class folders.\n{LAYOUT}")
         extra = [c for c in by_class if c not in scanned["train"]]
         if extra:
-            raise DataError(f"class folder {root / split / extra[0]} has no counterpart in {root / 'train'} "
-                            f"(classes only in {split}/: {', '.join(extra)}); every {split} class must also "
-                            f"be a train class.")
+            raise DataError(
+                f"class folder {root / split / extra[0]} has no counterpart in {root / 'train'} "
+                f"(classes only in {split}/: {', '.join(extra)}); every {split} class must also "
+                f"be a train class."
+            )
     if len(classes) == 1:
-        raise DataError(f"{root / 'train'} has one class folder ({classes[0]}): nothing to classify (every "
-                        f"prediction would be {classes[0]!r}, at loss 0 and accuracy 1). A classifier needs "
-                        f"at least two classes, one folder each.\n{LAYOUT}")
+        raise DataError(
+            f"{root / 'train'} has one class folder ({classes[0]}): nothing to classify (every "
+            f"prediction would be {classes[0]!r}, at loss 0 and accuracy 1). A classifier needs "
+            f"at least two classes, one folder each.\n{LAYOUT}"
+        )
     label_of = {c: i for i, c in enumerate(classes)}
 
     paths: list[Path] = []
@@ -219,12 +248,15 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
     if bad and not skip_bad_images:
         shown = "\n".join(f"  {p}: {type(e).__name__}: {e}" for p, e in bad[:5])
         more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"cannot read {len(bad)} image file(s) (not an image, truncated or corrupt):\n"
-                        f"{shown}{more}\nFix or remove them, or pass --skip-bad-images "
-                        f"(skip_bad_images=True) to skip unreadable images.")
+        raise DataError(
+            f"cannot read {len(bad)} image file(s) (not an image, truncated or corrupt):\n"
+            f"{shown}{more}\nFix or remove them, or pass --skip-bad-images "
+            f"(skip_bad_images=True) to skip unreadable images."
+        )
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {root} (first: {bad[0][0]})",
-                      stacklevel=2)
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image file(s) under {root} (first: {bad[0][0]})", stacklevel=2
+        )
     channels = 3 if any(isinstance(t, torch.Tensor) and t.shape[0] == 3 for t in decoded) else 1
 
     splits: dict[str, ImageTensorSet] = {}
@@ -234,14 +266,18 @@ def load_image_folder(root: str | os.PathLike, res: int, *, skip_bad_images: boo
         labels = torch.tensor([owners[i][1] for i in sel], dtype=torch.int64)
         imgs = torch.empty((len(sel), channels, res, res), dtype=torch.uint8)
         for j, i in enumerate(sel):
-            imgs[j] = cast(torch.Tensor, decoded[i])  # broadcasts a 1-channel image to 3 channels when the data is mixed
+            imgs[j] = cast(
+                torch.Tensor, decoded[i]
+            )  # broadcasts a 1-channel image to 3 channels when the data is mixed
             decoded[i] = None  # type: ignore[call-overload]  # free as we go
         per_class = torch.bincount(labels, minlength=len(classes)).tolist()
         counts[split] = {c: per_class[label_of[c]] for c in scanned[split]}
         for c in scanned[split]:
             if counts[split][c] == 0:
-                raise DataError(f"every image in class folder {root / split / c} is unreadable "
-                                f"({len(scanned[split][c])} skipped); remove the folder or fix its images.")
+                raise DataError(
+                    f"every image in class folder {root / split / c} is unreadable "
+                    f"({len(scanned[split][c])} skipped); remove the folder or fix its images."
+                )
         splits[split] = ImageTensorSet(imgs, labels)
     info = {
         "root": str(root),

@@ -2,6 +2,7 @@
 
 The default is in-process (``workers=0``); why, and when threads help: docs/performance.md.
 """
+
 from __future__ import annotations
 
 import queue
@@ -13,8 +14,9 @@ import torch
 _END = object()
 
 
-def prefetch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], workers: int,
-             pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def prefetch(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], workers: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the same batches in the same order, produced ``workers * 2`` ahead by a thread."""
     if workers <= 0:
         yield from batches

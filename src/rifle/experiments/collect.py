@@ -1,6 +1,7 @@
 """The runs of a grid folder, for ``rifle report``: every run folder below it, its identity (dataset,
 model, train fraction, label, seed) and whether it completed; and the grid it was run with.
 See docs/experiments.md, "The report"."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,13 @@ def _identity(path: Path, root: Path, config: dict[str, Any]) -> tuple[str, str,
         except ValueError:
             pass
     if config:
-        return (str(config.get("data")), str(config.get("model")), float(config.get("train_fraction", 1.0)),
-                label, int(config.get("seed", 0)))
+        return (
+            str(config.get("data")),
+            str(config.get("model")),
+            float(config.get("train_fraction", 1.0)),
+            label,
+            int(config.get("seed", 0)),
+        )
     return None
 
 
@@ -64,8 +70,9 @@ def collect(root: str | Path) -> Collected:
     """Every run folder under ``root`` (complete ones in ``runs``, the rest listed)."""
     root = Path(root)
     out = Collected()
-    folders = sorted({p.parent for name in ("summary.json", "config.yaml", "error.txt")
-                      for p in root.rglob(name)})
+    folders = sorted(
+        {p.parent for name in ("summary.json", "config.yaml", "error.txt") for p in root.rglob(name)}
+    )
     for folder in folders:
         rel = str(folder.relative_to(root))
         summary = None
@@ -100,8 +107,14 @@ def grid_info(root: Path) -> dict[str, Any]:
     try:
         spec = yaml.safe_load(p.read_text()) or {}
         grid = parse_grid(spec, source=str(p))
-        return {"spec": spec, "labels": [e.label for e in grid.methods], "baseline": grid.baseline,
-                "seeds": grid.seeds, "train": grid.train, "source": _source_line(p)}
+        return {
+            "spec": spec,
+            "labels": [e.label for e in grid.methods],
+            "baseline": grid.baseline,
+            "seeds": grid.seeds,
+            "train": grid.train,
+            "source": _source_line(p),
+        }
     except Exception as e:  # noqa: BLE001 - a report must still come out of a folder with an odd grid
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -110,4 +123,3 @@ def _source_line(p: Path) -> str | None:
     first = p.read_text().splitlines()[:1]
     m = re.match(r"# copied by `rifle bench` from (.*)", first[0]) if first else None
     return m.group(1) if m else None
-

@@ -2,6 +2,7 @@
 and expanded into fully resolved runs (seed-major, so a partial grid already holds complete paired
 comparisons). The file format and the run folders: docs/experiments.md, "The grid file".
 """
+
 from __future__ import annotations
 
 import difflib
@@ -15,8 +16,17 @@ import yaml
 from ..config import RIFLE_ONLY_KEYS, ConfigError, TrainConfig, resolve
 
 GRID_FILE = "grid.yaml"
-GRID_KEYS = ("datasets", "models", "methods", "seeds", "train_fractions", "train", "baseline",
-             "name", "description")
+GRID_KEYS = (
+    "datasets",
+    "models",
+    "methods",
+    "seeds",
+    "train_fractions",
+    "train",
+    "baseline",
+    "name",
+    "description",
+)
 AXIS_KEYS = ("data", "model", "seed", "train_fraction", "out")  # set by the grid, per run
 _CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 # Settings only --method rifle reads (its options): in a grid they apply to RIFLE rows only; other rows
@@ -52,7 +62,7 @@ class Grid:
     baseline: str | None = None
     name: str | None = None
     source: str | None = None  # the file it came from
-    text: str | None = None    # its text (copied to OUT/grid.yaml)
+    text: str | None = None  # its text (copied to OUT/grid.yaml)
     spec: dict[str, Any] = field(default_factory=dict)  # the mapping it was parsed from
 
     def entry(self, label: str) -> MethodEntry:
@@ -134,7 +144,7 @@ def default_label(values: dict[str, Any], cfg: TrainConfig) -> str:
 
 
 def rifle_only_keys(method: str, record_depth: bool = False) -> tuple[str, ...]:
-    """The keys a row of ``method`` must not carry (see :data:`rifle.config.RIFLE_ONLY_KEYS`); none for RIFLE."""
+    """The keys a row of ``method`` must not carry (:data:`rifle.config.RIFLE_ONLY_KEYS`); none for RIFLE."""
     if method == "rifle":
         return ()
     return tuple(k for k in RIFLE_ONLY_KEYS if not (k in ("reinits", "guard") and record_depth))
@@ -148,12 +158,14 @@ def resolve_row(train: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
     cfg = resolve({k: v for k, v in merged.items() if k not in drop})
     if drop:  # a preset's RIFLE settings too: the row records the defaults
         from dataclasses import replace
+
         cfg = replace(cfg, **{k: getattr(_DEFAULTS, k) for k in rifle_only_keys(method, cfg.record_depth)})
     return cfg
 
 
-def _method_values(i: int, raw: Any, grid_fractions: list[float]
-                   ) -> tuple[dict[str, Any], str | None, tuple[float, ...] | None]:
+def _method_values(
+    i: int, raw: Any, grid_fractions: list[float]
+) -> tuple[dict[str, Any], str | None, tuple[float, ...] | None]:
     where = f"methods[{i}]"
     d = _norm_keys(raw if not isinstance(raw, str) else {"name": raw}, where)
     label = d.pop("label", None)
@@ -164,8 +176,10 @@ def _method_values(i: int, raw: Any, grid_fractions: list[float]
         except (TypeError, ValueError):
             raise GridError(f"{where} ({label or d.get('name')}): train_fractions must be numbers") from None
         if not fracs or not set(fracs) <= set(grid_fractions):
-            raise GridError(f"{where} ({label or d.get('name')}): train_fractions {list(fracs)} must be a "
-                            f"non-empty subset of the grid's train_fractions {grid_fractions}")
+            raise GridError(
+                f"{where} ({label or d.get('name')}): train_fractions {list(fracs)} must be a "
+                f"non-empty subset of the grid's train_fractions {grid_fractions}"
+            )
     if "name" in d and "method" in d:
         raise GridError(f"{where}: give the method once (name: or method:), not both")
     name = d.pop("name", d.pop("method", None))
@@ -174,17 +188,21 @@ def _method_values(i: int, raw: Any, grid_fractions: list[float]
     where = f"methods[{i}] ({label or name})"
     for k in d:
         if k in AXIS_KEYS:
-            raise GridError(f"{where}: {k!r} is set by the grid (datasets/models/seeds/train_fractions/"
-                            f"--out), not by a method entry")
+            raise GridError(
+                f"{where}: {k!r} is set by the grid (datasets/models/seeds/train_fractions/"
+                f"--out), not by a method entry"
+            )
         if k not in _CONFIG_KEYS:
             raise GridError(f"{where}: unknown key {k!r}{_hint(k, _CONFIG_KEYS | {'name', 'label'})}")
     if isinstance(d.get("trick"), str):
         d["trick"] = [t for t in d["trick"].split(",") if t]
     rifle_only = [k for k in d if k in rifle_only_keys(str(name), bool(d.get("record_depth")))]
     if rifle_only:
-        raise GridError(f"{where}: {', '.join(rifle_only)} appl{'ies' if len(rifle_only) == 1 else 'y'} to "
-                        f"name: rifle only; a {name} entry would ignore {'it' if len(rifle_only) == 1 else 'them'}"
-                        f" (set RIFLE's settings in train: for every RIFLE row, or in a rifle entry)")
+        raise GridError(
+            f"{where}: {', '.join(rifle_only)} appl{'ies' if len(rifle_only) == 1 else 'y'} to "
+            f"name: rifle only; a {name} entry would ignore {'it' if len(rifle_only) == 1 else 'them'}"
+            f" (set RIFLE's settings in train: for every RIFLE row, or in a rifle entry)"
+        )
     return {"method": str(name), **d}, (None if label is None else str(label)), fracs
 
 
@@ -215,7 +233,9 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
         raise GridError(f"{where}: train_fractions must be in (0, 1], got {fracs}")
     raw_methods = spec.get("methods")
     if not isinstance(raw_methods, list) or not raw_methods:
-        raise GridError(f"{where}: methods: expected a non-empty list of entries like {{name: rifle, reinits: 2}}")
+        raise GridError(
+            f"{where}: methods: expected a non-empty list of entries like {{name: rifle, reinits: 2}}"
+        )
     entries = []
     for i, raw in enumerate(raw_methods):
         values, label, entry_fracs = _method_values(i, raw, fracs)
@@ -225,15 +245,22 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
             raise GridError(f"methods[{i}] ({label or values['method']}): {err}") from None
         explicit = label is not None
         if label is not None and safe_name(label) != label:
-            raise GridError(f"methods[{i}]: label {label!r} must use only letters, digits and ._+=- "
-                            f"(it names a folder); e.g. {safe_name(label)!r}")
-        entries.append(MethodEntry(i, values, label if label is not None else default_label(values, cfg), explicit,
-                                   entry_fracs))
+            raise GridError(
+                f"methods[{i}]: label {label!r} must use only letters, digits and ._+=- "
+                f"(it names a folder); e.g. {safe_name(label)!r}"
+            )
+        entries.append(
+            MethodEntry(
+                i, values, label if label is not None else default_label(values, cfg), explicit, entry_fracs
+            )
+        )
     seen: dict[str, int] = {}
     for e in entries:
         if e.label in seen:
-            raise GridError(f"methods[{seen[e.label]}] and methods[{e.index}] both have the label "
-                            f"{e.label!r}; give one an explicit label:")
+            raise GridError(
+                f"methods[{seen[e.label]}] and methods[{e.index}] both have the label "
+                f"{e.label!r}; give one an explicit label:"
+            )
         seen[e.label] = e.index
     for kind, names in (("datasets", datasets), ("models", models)):
         folders = [safe_name(Path(n).name if kind == "datasets" else n) for n in names]
@@ -244,9 +271,19 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
         baseline = next((e.label for e in entries if e.label == "finetune"), None)
     elif str(baseline) not in seen:
         raise GridError(f"{where}: baseline {baseline!r} is not a method label; labels: {', '.join(seen)}")
-    return Grid(datasets=datasets, models=models, methods=entries, seeds=[int(s) for s in seeds],
-                train_fractions=fracs, train=train, baseline=None if baseline is None else str(baseline),
-                name=spec.get("name"), source=source, text=text, spec=spec)
+    return Grid(
+        datasets=datasets,
+        models=models,
+        methods=entries,
+        seeds=[int(s) for s in seeds],
+        train_fractions=fracs,
+        train=train,
+        baseline=None if baseline is None else str(baseline),
+        name=spec.get("name"),
+        source=source,
+        text=text,
+        spec=spec,
+    )
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -262,14 +299,21 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def run_path(out: str | Path, dataset: str, model: str, fraction: float, label: str, seed: int) -> Path:
-    return (Path(out) / safe_name(Path(dataset).name) / safe_name(model) / f"frac{fraction:g}"
-            / label / f"seed{seed}")
+    return (
+        Path(out)
+        / safe_name(Path(dataset).name)
+        / safe_name(model)
+        / f"frac{fraction:g}"
+        / label
+        / f"seed{seed}"
+    )
 
 
 def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
     """Every run of the grid, resolved and validated, seed-major (see module docstring)."""
     from ..core.schedule import make_schedule
     from ..build import build_methods
+
     check_names(grid)
     runs = []
     for seed in grid.seeds:
@@ -281,11 +325,25 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
                             continue
                         path = run_path(out, dataset, model, frac, e.label, seed)
                         where = f"methods[{e.index}] ({e.label}) on {dataset}/{model}/frac{frac:g}/seed{seed}"
-                        extra = {**dict(grid.train.get("extra") or {}),
-                                 "grid": {"label": e.label, "dataset": dataset, "model": model,
-                                          "train_fraction": frac, "seed": seed}}
-                        values = {**e.values, "data": dataset, "model": model, "seed": seed,
-                                  "train_fraction": frac, "out": str(path), "extra": extra}
+                        extra = {
+                            **dict(grid.train.get("extra") or {}),
+                            "grid": {
+                                "label": e.label,
+                                "dataset": dataset,
+                                "model": model,
+                                "train_fraction": frac,
+                                "seed": seed,
+                            },
+                        }
+                        values = {
+                            **e.values,
+                            "data": dataset,
+                            "model": model,
+                            "seed": seed,
+                            "train_fraction": frac,
+                            "out": str(path),
+                            "extra": extra,
+                        }
                         try:
                             cfg = resolve_row(grid.train, values)
                             build_methods(cfg)  # unknown method / reg / trick / option names
@@ -303,14 +361,18 @@ def check_names(grid: Grid) -> None:
     from ..data import _builtin_name, _unknown as unknown_data
     from ..models import BUILTIN_MODELS, TORCHVISION_PREFIX, _unknown as unknown_model
     from ..models.hub import _is_timm_name, _torchvision_names
+
     for i, d in enumerate(grid.datasets):
         if not _builtin_name(d) and not (d and Path(d).expanduser().exists()):
             raise GridError(f"grid: datasets[{i}]: {unknown_data(d)}")
     for i, m in enumerate(grid.models):
         if m in BUILTIN_MODELS:
             continue
-        known = (m[len(TORCHVISION_PREFIX):] in _torchvision_names() if m.startswith(TORCHVISION_PREFIX)
-                 else _is_timm_name(m))
+        known = (
+            m[len(TORCHVISION_PREFIX) :] in _torchvision_names()
+            if m.startswith(TORCHVISION_PREFIX)
+            else _is_timm_name(m)
+        )
         if not known:
             raise GridError(f"grid: models[{i}]: {unknown_model(m)}")
 
@@ -323,6 +385,7 @@ def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     from ..build import build_methods
     from ..config import diff_configs
     from ..train.outputs import CONFIG
+
     p = spec.path / CONFIG
     if not p.is_file():
         return {}
@@ -332,7 +395,10 @@ def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
         saved = None
     if not isinstance(saved, dict):
         return {"config.yaml": ("unreadable", "the grid's config")}
-    current = {**spec.cfg.to_dict(), "resolved_methods": {m.name: m.config() for m in build_methods(spec.cfg)}}
+    current = {
+        **spec.cfg.to_dict(),
+        "resolved_methods": {m.name: m.config() for m in build_methods(spec.cfg)},
+    }
     diff = diff_configs(saved, current)
     if saved.get("method") != "rifle" and spec.cfg.method != "rifle":
         diff = {k: v for k, v in diff.items() if k not in RIFLE_ONLY_KEYS}
@@ -347,6 +413,7 @@ def changed_runs(runs: list[RunSpec]) -> list[tuple[RunSpec, dict[str, tuple[Any
 def changed_error(changed: list[tuple[RunSpec, dict[str, tuple[Any, Any]]]], out: str | Path) -> GridError:
     """The refusal of a grid that no longer matches runs in ``out``, naming the differing keys."""
     from ..config import format_diff
+
     keys: dict[str, list[str]] = {}
     for _, diff in changed:
         for k, (a, b) in diff.items():
@@ -361,7 +428,8 @@ def changed_error(changed: list[tuple[RunSpec, dict[str, tuple[Any, Any]]]], out
         f"keys: {listed}\n{examples}{more}\n"
         f"Their results would be kept and reported beside the new recipe. Restore the grid, use another "
         f"--out, or pass --rerun-changed to train those runs again from scratch (their old results are "
-        f"deleted).")
+        f"deleted)."
+    )
 
 
 def write_grid_copy(grid: Grid, out: str | Path, log: Any = None) -> Path | None:
@@ -370,6 +438,7 @@ def write_grid_copy(grid: Grid, out: str | Path, log: Any = None) -> Path | None
     A previous copy with different contents is never silently replaced: it is kept as
     ``OUT/grid.previous-<N>.yaml`` (returned, and said through ``log``)."""
     from ..train.checkpoint import atomic_write_text
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = grid.text if grid.text is not None else yaml.safe_dump(grid.spec, sort_keys=False)
@@ -378,7 +447,9 @@ def write_grid_copy(grid: Grid, out: str | Path, log: Any = None) -> Path | None
     old = out / GRID_FILE
     if old.is_file():
         try:
-            same = _norm_keys(yaml.safe_load(old.read_text()) or {}, str(old)) == _norm_keys(grid.spec, "grid")
+            same = _norm_keys(yaml.safe_load(old.read_text()) or {}, str(old)) == _norm_keys(
+                grid.spec, "grid"
+            )
         except (yaml.YAMLError, GridError):
             same = False
         if not same:
@@ -388,7 +459,9 @@ def write_grid_copy(grid: Grid, out: str | Path, log: Any = None) -> Path | None
             kept = out / f"grid.previous-{n}.yaml"
             old.replace(kept)
             if log is not None:
-                log(f"{old}: the grid changed since this folder was last run; the previous copy is kept as {kept}")
+                log(
+                    f"{old}: the grid changed since this folder was last run; "
+                    f"the previous copy is kept as {kept}"
+                )
     atomic_write_text(out / GRID_FILE, header + text)
     return kept
-

@@ -3,6 +3,7 @@ it: created with ``O_CREAT | O_EXCL``, kept alive by a heartbeat, broken when st
 several ``rifle bench`` processes, on one or several machines, share a grid folder; the rules are in
 docs/experiments.md, "Several workers, several machines".
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,14 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def lock_is_stale(info: dict[str, Any] | None, mtime: float, stale_after: float,
-                  now: float | None = None, host: str | None = None, owner: str | None = None) -> bool:
+def lock_is_stale(
+    info: dict[str, Any] | None,
+    mtime: float,
+    stale_after: float,
+    now: float | None = None,
+    host: str | None = None,
+    owner: str | None = None,
+) -> bool:
     """Stale when its pid is dead on this host, or its heartbeat (mtime) is older than ``stale_after``,
     or it carries ``owner`` (not None): the caller's own earlier attempt, known dead (see
     :func:`try_claim`)."""
@@ -90,6 +97,7 @@ class Claim:
                     os.utime(self.path)
                 except OSError:
                     pass
+
         self._thread = threading.Thread(target=beat, name=f"heartbeat {self.path}", daemon=True)
         self._thread.start()
 
@@ -108,8 +116,9 @@ class Claim:
 BREAK_STALE_AFTER = 60.0
 
 
-def _break_stale(path: Path, seen: dict[str, Any] | None, seen_mtime: float, stale_after: float,
-                 owner: str | None = None) -> None:
+def _break_stale(
+    path: Path, seen: dict[str, Any] | None, seen_mtime: float, stale_after: float, owner: str | None = None
+) -> None:
     """Remove a stale lock, under ``<lock>.break`` so that only one worker breaks a given lock."""
     brk = Path(str(path) + ".break")
     try:
@@ -128,7 +137,9 @@ def _break_stale(path: Path, seen: dict[str, Any] | None, seen_mtime: float, sta
         except FileNotFoundError:
             return
         info = read_lock(path)
-        same = (info or {}).get("token") == (seen or {}).get("token") and (seen is not None or mtime == seen_mtime)
+        same = (info or {}).get("token") == (seen or {}).get("token") and (
+            seen is not None or mtime == seen_mtime
+        )
         if same and lock_is_stale(info, mtime, stale_after, owner=owner):
             os.unlink(path)
     finally:
@@ -164,8 +175,15 @@ def try_claim(folder: Path, stale_after: float = 600.0, owner: str | None = None
             _break_stale(path, info, mtime, stale_after, owner=owner)
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                       "token": token, **({"owner": owner} if owner is not None else {})}, f)
+            json.dump(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "time": time.time(),
+                    "token": token,
+                    **({"owner": owner} if owner is not None else {}),
+                },
+                f,
+            )
         return Claim(path, token)
     return None
-

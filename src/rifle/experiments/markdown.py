@@ -1,6 +1,7 @@
 """The text of ``rifle report``: ``results.md``, the per-cell sections (tables, K selection, depth table,
 plot links) and the generated block of a hand-written page (``--page``). See docs/experiments.md,
 "The report"."""
+
 from __future__ import annotations
 
 import json
@@ -33,31 +34,42 @@ def _ratio(v: float) -> str:
     return f"{v:.2f}" if math.isfinite(v) else "-"
 
 
-def depth_markdown(rows: list[dict[str, Any]], cell: tuple, baseline: str | None, confidence: float,
-                   level: int = 3) -> list[str]:
+def depth_markdown(
+    rows: list[dict[str, Any]], cell: tuple, baseline: str | None, confidence: float, level: int = 3
+) -> list[str]:
     """The "backpropagation in depth" table of one cell (empty when no run recorded depth)."""
     rows = [r for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell]
     if not rows:
         return []
     c = int(round(confidence * 100))
-    out = [f"{'#' * level} Backpropagation in depth", "",
-           "Relative weight change ‖W(T) − W(0)‖ / ‖W(0)‖ from the pretrained weights after the last epoch, "
-           "mean over the conv/linear weights of the first / middle / last third of the backbone, in % "
-           "(mean ± std over seeds); Δ first third: paired over seeds vs "
-           f"{baseline} [{c}% CI], p. Gradient ratio: per layer, mean gradient norm in the recorded steps "
-           "just after / just before each re-init epoch boundary (for runs without re-init: the same "
-           "epoch boundary, the control), averaged over the layers of each third and over seeds; > 1 "
-           "means a larger error signal reaches those layers after the re-init.", "",
-           "| method | n | first third | middle third | last third | head | Δ first third [CI], p | "
-           "epochs watched | grad ratio first / middle / last third | head grad ratio |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"{'#' * level} Backpropagation in depth",
+        "",
+        "Relative weight change ‖W(T) − W(0)‖ / ‖W(0)‖ from the pretrained weights after the last epoch, "
+        "mean over the conv/linear weights of the first / middle / last third of the backbone, in % "
+        "(mean ± std over seeds); Δ first third: paired over seeds vs "
+        f"{baseline} [{c}% CI], p. Gradient ratio: per layer, mean gradient norm in the recorded steps "
+        "just after / just before each re-init epoch boundary (for runs without re-init: the same "
+        "epoch boundary, the control), averaged over the layers of each third and over seeds; > 1 "
+        "means a larger error signal reaches those layers after the re-init.",
+        "",
+        "| method | n | first third | middle third | last third | head | Δ first third [CI], p | "
+        "epochs watched | grad ratio first / middle / last third | head grad ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        grad = " / ".join(_ratio(r[f"grad_{k}_mean"]) for k in ("first", "middle", "last")) if r["grad_n"] else "-"
-        out.append(f"| {r['method']} | {r['n']} | {_pct(r['rel_first_mean'], r['rel_first_std'])} | "
-                   f"{_pct(r['rel_middle_mean'], r['rel_middle_std'])} | "
-                   f"{_pct(r['rel_last_mean'], r['rel_last_std'])} | "
-                   f"{_pct(r['head_rel_mean'])} | {_diff(r, 'rel_first', digits=3)} | {r['watch_epochs'] or '-'} | "
-                   f"{grad} | {_ratio(r['grad_head_mean']) if r['grad_n'] else '-'} |")
+        grad = (
+            " / ".join(_ratio(r[f"grad_{k}_mean"]) for k in ("first", "middle", "last"))
+            if r["grad_n"]
+            else "-"
+        )
+        out.append(
+            f"| {r['method']} | {r['n']} | {_pct(r['rel_first_mean'], r['rel_first_std'])} | "
+            f"{_pct(r['rel_middle_mean'], r['rel_middle_std'])} | "
+            f"{_pct(r['rel_last_mean'], r['rel_last_std'])} | "
+            f"{_pct(r['head_rel_mean'])} | {_diff(r, 'rel_first', digits=3)} | {r['watch_epochs'] or '-'} | "
+            f"{grad} | {_ratio(r['grad_head_mean']) if r['grad_n'] else '-'} |"
+        )
     return out + [""]
 
 
@@ -68,16 +80,35 @@ def _recipe(col: Collected, info: dict[str, Any], baseline: str | None) -> list[
     ref = next((r for r in col.runs if r.label == baseline), col.runs[0] if col.runs else None)
     if ref is not None:
         c = ref.config
-        keys = ("model", "pretrained", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule",
-                "image_size", "val_fraction", "channels_last", "amp", "grad_accum")
-        lines.append("- resolved recipe (" + ref.label + "): " + ", ".join(f"{k}={c[k]}" for k in keys if k in c))
+        keys = (
+            "model",
+            "pretrained",
+            "epochs",
+            "batch_size",
+            "lr",
+            "momentum",
+            "weight_decay",
+            "lr_schedule",
+            "image_size",
+            "val_fraction",
+            "channels_last",
+            "amp",
+            "grad_accum",
+        )
+        lines.append(
+            "- resolved recipe (" + ref.label + "): " + ", ".join(f"{k}={c[k]}" for k in keys if k in c)
+        )
         pre = ref.summary.get("preprocessing") or {}
         if pre:
-            lines.append(f"- preprocessing: resize {pre.get('resize')} -> crop {pre.get('image_size')} "
-                         f"(train: random crop + flip; eval: centre crop), mean {pre.get('mean')}, "
-                         f"std {pre.get('std')}")
+            lines.append(
+                f"- preprocessing: resize {pre.get('resize')} -> crop {pre.get('image_size')} "
+                f"(train: random crop + flip; eval: centre crop), mean {pre.get('mean')}, "
+                f"std {pre.get('std')}"
+            )
         versions = ref.summary.get("versions") or {}
-        lines.append(f"- software: {', '.join(f'{k} {v}' for k, v in versions.items())}; git {ref.summary.get('git')}")
+        lines.append(
+            f"- software: {', '.join(f'{k} {v}' for k, v in versions.items())}; git {ref.summary.get('git')}"
+        )
     seeds = sorted({r.seed for r in col.runs})
     lines.append(f"- seeds: {info.get('seeds', seeds)} (complete runs exist for seeds {seeds})")
     return lines
@@ -93,38 +124,59 @@ def _split_lines(col: Collected) -> list[str]:
         seen.add(key)
         if r.seed == min(x.seed for x in col.runs if (x.dataset, x.fraction) == (r.dataset, r.fraction)):
             s = di.get("sizes", {})
-            lines.append(f"- {r.dataset}, train fraction {r.fraction:g}, seed {r.seed}: {s.get('train')} train / "
-                         f"{s.get('val')} val / {s.get('test')} test images; validation {di.get('val')}; "
-                         f"train fraction {di.get('train_fraction')} (stratified, seeded); the test split "
-                         "does not depend on the seed")
+            lines.append(
+                f"- {r.dataset}, train fraction {r.fraction:g}, seed {r.seed}: {s.get('train')} train / "
+                f"{s.get('val')} val / {s.get('test')} test images; validation {di.get('val')}; "
+                f"train fraction {di.get('train_fraction')} (stratified, seeded); the test split "
+                "does not depend on the seed"
+            )
     return lines
 
 
-def cell_sections(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], baseline: str | None,
-                  plots: dict[tuple, list[str]], confidence: float, depth: list[dict[str, Any]] | None = None,
-                  level: int = 2, link_prefix: str = "") -> list[str]:
+def cell_sections(
+    rows: list[dict[str, Any]],
+    sweeps: list[dict[str, Any]],
+    baseline: str | None,
+    plots: dict[tuple, list[str]],
+    confidence: float,
+    depth: list[dict[str, Any]] | None = None,
+    level: int = 2,
+    link_prefix: str = "",
+) -> list[str]:
     """One section per cell: the accuracy table, the K selection, the depth table and the plots
     (linked as ``link_prefix + name``; ``level``: the heading level of the cell title)."""
     c = int(round(confidence * 100))
     out: list[str] = []
     cells = sorted({(r["dataset"], r["model"], r["train_fraction"]) for r in rows})
     for cell in cells:
-        out += [f"{'#' * level} {cell[0]} / {cell[1]} / train fraction {cell[2]:g}", "",
-                f"| method | n | final test | Δ final vs {baseline} [{c}% CI], p | test @ best val | "
-                f"Δ @ best val [{c}% CI], p | best val |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            f"{'#' * level} {cell[0]} / {cell[1]} / train fraction {cell[2]:g}",
+            "",
+            f"| method | n | final test | Δ final vs {baseline} [{c}% CI], p | test @ best val | "
+            f"Δ @ best val [{c}% CI], p | best val |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if (r["dataset"], r["model"], r["train_fraction"]) != cell:
                 continue
-            name = f"**{r['method']}** (K={r['selected_k']} on val)" if r["kind"] == "selected-on-val" else r["method"]
-            out.append(f"| {name} | {r['n']} | {_pct(r['final_test_mean'], r['final_test_std'])} | "
-                       f"{_diff(r, 'final')} | {_pct(r['bestval_test_mean'], r['bestval_test_std'])} | "
-                       f"{_diff(r, 'bestval')} | {_pct(r['best_val_mean'], r['best_val_std'])} |")
+            name = (
+                f"**{r['method']}** (K={r['selected_k']} on val)"
+                if r["kind"] == "selected-on-val"
+                else r["method"]
+            )
+            out.append(
+                f"| {name} | {r['n']} | {_pct(r['final_test_mean'], r['final_test_std'])} | "
+                f"{_diff(r, 'final')} | {_pct(r['bestval_test_mean'], r['bestval_test_std'])} | "
+                f"{_diff(r, 'bestval')} | {_pct(r['best_val_mean'], r['best_val_std'])} |"
+            )
         for s in sweeps:
             if (s["dataset"], s["model"], s["train_fraction"]) == cell:
                 vals = ", ".join(f"K={k}: {100 * v:.2f}" for k, v in s["mean_best_val"].items())
-                out += ["", f"K selection for `{s['name']}` (mean best val acc over seeds {s['seeds']}): "
-                        f"{vals} -> **K={s['selected_k']}**."]
+                out += [
+                    "",
+                    f"K selection for `{s['name']}` (mean best val acc over seeds {s['seeds']}): "
+                    f"{vals} -> **K={s['selected_k']}**.",
+                ]
         out.append("")
         out += depth_markdown(depth or [], cell, baseline, confidence, level + 1)
         for png in plots.get(cell, []):
@@ -139,34 +191,59 @@ def has_events(root: Path) -> bool:
 
 def tensorboard_command(root: Path) -> str:
     import shlex
+
     return f"tensorboard --logdir {shlex.quote(str(root))}"
 
 
-def render_markdown(root: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
-                    baseline: str | None, info: dict[str, Any], plots: dict[tuple, list[str]],
-                    confidence: float, depth: list[dict[str, Any]] | None = None) -> str:
+def render_markdown(
+    root: Path,
+    col: Collected,
+    rows: list[dict[str, Any]],
+    sweeps: list[dict[str, Any]],
+    baseline: str | None,
+    info: dict[str, Any],
+    plots: dict[tuple, list[str]],
+    confidence: float,
+    depth: list[dict[str, Any]] | None = None,
+) -> str:
     c = int(round(confidence * 100))
-    out = [f"# Results: `{root}`", "",
-           f"Regenerate: `rifle report {root}`"
-           + (f" (the runs: `rifle bench {info['source']} --out {root}`)" if info.get("source") else ""),
-           *(["", f"Curves of every run in TensorBoard: `{tensorboard_command(root)}`"] if has_events(root) else []),
-           "", f"{len(col.runs)} complete runs"
-           + (f", {len(col.unfinished)} unfinished" if col.unfinished else "")
-           + (f", {len(col.failed)} failed" if col.failed else "") + ".", "", "## Recipe", ""]
+    out = [
+        f"# Results: `{root}`",
+        "",
+        f"Regenerate: `rifle report {root}`"
+        + (f" (the runs: `rifle bench {info['source']} --out {root}`)" if info.get("source") else ""),
+        *(
+            ["", f"Curves of every run in TensorBoard: `{tensorboard_command(root)}`"]
+            if has_events(root)
+            else []
+        ),
+        "",
+        f"{len(col.runs)} complete runs"
+        + (f", {len(col.unfinished)} unfinished" if col.unfinished else "")
+        + (f", {len(col.failed)} failed" if col.failed else "")
+        + ".",
+        "",
+        "## Recipe",
+        "",
+    ]
     out += _recipe(col, info, baseline)
     out += ["", "## Split", ""] + (_split_lines(col) or ["- (no data_info in the summaries)"])
-    out += ["", "## Protocol and selection rule", "",
-            "- **final test**: test accuracy after the last epoch (the paper's protocol).",
-            "- **test @ best val**: test accuracy at the epoch with the highest validation accuracy "
-            "(ties: the later epoch); the epoch is selected on validation only.",
-            "- accuracies in %, mean ± sample std (ddof=1) over seeds; n = number of seeds.",
-            f"- **Δ vs {baseline}**: paired over seeds (same split, same initial head, same data order "
-            f"per seed): mean of per-seed differences in points, [{c}% Student-t interval], two-sided paired "
-            "t-test p; pW = Wilcoxon signed-rank p when n ≥ 6.",
-            "- **K of RIFLE**: when several RIFLE entries differ only in K, K is selected on VALIDATION: "
-            "the highest mean best-validation accuracy over the seeds every K completed (ties: the "
-            "smaller K); the row `…K*…` reports that K's test accuracy. Nothing is selected on test.",
-            ""]
+    out += [
+        "",
+        "## Protocol and selection rule",
+        "",
+        "- **final test**: test accuracy after the last epoch (the paper's protocol).",
+        "- **test @ best val**: test accuracy at the epoch with the highest validation accuracy "
+        "(ties: the later epoch); the epoch is selected on validation only.",
+        "- accuracies in %, mean ± sample std (ddof=1) over seeds; n = number of seeds.",
+        f"- **Δ vs {baseline}**: paired over seeds (same split, same initial head, same data order "
+        f"per seed): mean of per-seed differences in points, [{c}% Student-t interval], two-sided paired "
+        "t-test p; pW = Wilcoxon signed-rank p when n ≥ 6.",
+        "- **K of RIFLE**: when several RIFLE entries differ only in K, K is selected on VALIDATION: "
+        "the highest mean best-validation accuracy over the seeds every K completed (ties: the "
+        "smaller K); the row `…K*…` reports that K's test accuracy. Nothing is selected on test.",
+        "",
+    ]
     out += cell_sections(rows, sweeps, baseline, plots, confidence, depth)
     if col.failed:
         out += ["## Failed runs", ""] + [f"- `{k}`: {v}" for k, v in sorted(col.failed.items())] + [""]
@@ -179,23 +256,36 @@ PAGE_BEGIN = "<!-- BEGIN rifle report: generated, do not edit by hand -->"
 PAGE_END = "<!-- END rifle report -->"
 
 
-def page_block(root: Path, page: Path, col: Collected, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]],
-               baseline: str | None, plots: dict[tuple, list[str]], confidence: float,
-               depth: list[dict[str, Any]] | None) -> str:
+def page_block(
+    root: Path,
+    page: Path,
+    col: Collected,
+    rows: list[dict[str, Any]],
+    sweeps: list[dict[str, Any]],
+    baseline: str | None,
+    plots: dict[tuple, list[str]],
+    confidence: float,
+    depth: list[dict[str, Any]] | None,
+) -> str:
     """The generated part of a hand-written page: counts, then :func:`cell_sections` (links relative to
     it)."""
     import os
+
     rel = Path(os.path.relpath(root.resolve(), page.resolve().parent)).as_posix()
     seeds = sorted({r.seed for r in col.runs})
-    lines = [PAGE_BEGIN, "",
-             f"{len(col.runs)} complete runs (seeds {seeds})"
-             + (f", {len(col.unfinished)} unfinished" if col.unfinished else "")
-             + (f", {len(col.failed)} failed" if col.failed else "")
-             + f". Written by `rifle report {root} --page {page}`; the protocol, the recipe, the split and "
-             f"every run are in [{rel}/results.md]({rel}/results.md), the numbers in "
-             f"[{rel}/results.csv]({rel}/results.csv). Accuracies in %, mean ± std over seeds; Δ = paired "
-             f"difference in points vs {baseline} with its {int(round(confidence * 100))}% t interval and "
-             "p; K of RIFLE selected on validation, never on test.", ""]
+    lines = [
+        PAGE_BEGIN,
+        "",
+        f"{len(col.runs)} complete runs (seeds {seeds})"
+        + (f", {len(col.unfinished)} unfinished" if col.unfinished else "")
+        + (f", {len(col.failed)} failed" if col.failed else "")
+        + f". Written by `rifle report {root} --page {page}`; the protocol, the recipe, the split and "
+        f"every run are in [{rel}/results.md]({rel}/results.md), the numbers in "
+        f"[{rel}/results.csv]({rel}/results.csv). Accuracies in %, mean ± std over seeds; Δ = paired "
+        f"difference in points vs {baseline} with its {int(round(confidence * 100))}% t interval and "
+        "p; K of RIFLE selected on validation, never on test.",
+        "",
+    ]
     lines += cell_sections(rows, sweeps, baseline, plots, confidence, depth, level=3, link_prefix=f"{rel}/")
     return "\n".join(lines + [PAGE_END])
 
@@ -208,6 +298,7 @@ def update_page(page: str | Path, block: str, begin: str = PAGE_BEGIN, end: str 
     is overwritten).
     """
     from ..train.checkpoint import atomic_write_text
+
     page = Path(page)
     if not page.exists():
         page.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +306,8 @@ def update_page(page: str | Path, block: str, begin: str = PAGE_BEGIN, end: str 
         return
     text = page.read_text()
     if text.count(begin) != 1 or text.count(end) != 1 or text.index(end) < text.index(begin):
-        raise ValueError(f"{page}: --page needs exactly one pair of markers to write between, in this order:\n"
-                         f"  {begin}\n  {end}\n(the page is left unchanged)")
-    atomic_write_text(page, text[:text.index(begin)] + block + text[text.index(end) + len(end):])
-
+        raise ValueError(
+            f"{page}: --page needs exactly one pair of markers to write between, in this order:\n"
+            f"  {begin}\n  {end}\n(the page is left unchanged)"
+        )
+    atomic_write_text(page, text[: text.index(begin)] + block + text[text.index(end) + len(end) :])

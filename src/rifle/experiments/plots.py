@@ -1,5 +1,6 @@
 """The PNGs of ``rifle report`` (matplotlib, Agg backend): per cell, the mean curves over seeds, the test
 accuracies with their t intervals, and the relative weight change by layer depth."""
+
 from __future__ import annotations
 
 import math
@@ -15,11 +16,13 @@ PLOT_DPI = 90
 
 def cell_slug(cell: tuple) -> str:
     from .grid import safe_name
+
     return safe_name(f"{cell[0]}_{cell[1]}_frac{cell[2]:g}")
 
 
 def _colors(n: int):
     import matplotlib
+
     cmap = matplotlib.colormaps["tab20" if n > 10 else "tab10"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -36,8 +39,10 @@ def _mean_curves(runs: list[RunRecord], key: str) -> tuple[list[int], list[float
 
 def plot_curves(cell_runs: dict[str, list[RunRecord]], labels: list[str], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=PLOT_DPI)
     colors = _colors(len(labels))
     for label, color in zip(labels, colors):
@@ -64,19 +69,30 @@ def plot_curves(cell_runs: dict[str, list[RunRecord]], labels: list[str], path: 
     plt.close(fig)
 
 
-def plot_accuracy(cell_rows: list[dict[str, Any]], path: Path, title: str, baseline: str | None,
-                  confidence: float) -> None:
+def plot_accuracy(
+    cell_rows: list[dict[str, Any]], path: Path, title: str, baseline: str | None, confidence: float
+) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = list(reversed(cell_rows))
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)), dpi=PLOT_DPI)
     ys = list(range(len(rows)))
-    for off, key, marker, name in ((0.12, "final_test", "o", "final test"),
-                                   (-0.12, "bestval_test", "s", "test @ best val")):
+    for off, key, marker, name in (
+        (0.12, "final_test", "o", "final test"),
+        (-0.12, "bestval_test", "s", "test @ best val"),
+    ):
         m = [100 * r[f"{key}_mean"] for r in rows]
-        lo = [100 * (r[f"{key}_mean"] - r[f"{key}_ci_low"]) if math.isfinite(r[f"{key}_ci_low"]) else 0 for r in rows]
-        hi = [100 * (r[f"{key}_ci_high"] - r[f"{key}_mean"]) if math.isfinite(r[f"{key}_ci_high"]) else 0 for r in rows]
+        lo = [
+            100 * (r[f"{key}_mean"] - r[f"{key}_ci_low"]) if math.isfinite(r[f"{key}_ci_low"]) else 0
+            for r in rows
+        ]
+        hi = [
+            100 * (r[f"{key}_ci_high"] - r[f"{key}_mean"]) if math.isfinite(r[f"{key}_ci_high"]) else 0
+            for r in rows
+        ]
         ax.errorbar(m, [y + off for y in ys], xerr=[lo, hi], fmt=marker, ms=4, capsize=2, lw=1, label=name)
     base = next((r for r in rows if r["method"] == baseline), None)
     if base is not None and math.isfinite(base["final_test_mean"]):
@@ -98,30 +114,41 @@ def plot_accuracy(cell_rows: list[dict[str, Any]], path: Path, title: str, basel
 def plot_depth(profiles: dict[str, list[list[float]]], path: Path, title: str) -> None:
     """``{label: [per-layer rel. change, one list per seed]}`` -> mean over seeds by layer depth."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 3.4 if len(profiles) <= 8 else 4.6), dpi=PLOT_DPI)
     for (label, seeds), color in zip(profiles.items(), _colors(len(profiles))):
         n = min(len(s) for s in seeds)
         mean = [sum(s[i] for s in seeds) / len(seeds) for i in range(n)]
         ax.plot(range(n), mean, color=color, lw=1.2, label=f"{label} (n={len(seeds)})")
     from ..analysis.depth_plots import finish_depth_axes
-    finish_depth_axes(fig, ax, path, title,
-                      "layer (conv / linear weights in forward order; the head is last)")
+
+    finish_depth_axes(
+        fig, ax, path, title, "layer (conv / linear weights in forward order; the head is last)"
+    )
     plt.close(fig)
 
 
 def _depth_profile(run: RunRecord, compute: bool, mon: dict[str, Any] | None) -> list[float] | None:
     from ..analysis.runs import load_profile, run_depth
+
     prof = load_profile(run.path, mon)
     if prof is None and compute:
         prof = [layer["rel_change"] for layer in run_depth(run.path)["layers"]]
     return prof
 
 
-
-def write_plots(root: Path, col: Collected, rows: list[dict[str, Any]], baseline: str | None,
-                confidence: float, depth: bool, monitors: dict[Path, Any]) -> dict[tuple, list[str]]:
+def write_plots(
+    root: Path,
+    col: Collected,
+    rows: list[dict[str, Any]],
+    baseline: str | None,
+    confidence: float,
+    depth: bool,
+    monitors: dict[Path, Any],
+) -> dict[tuple, list[str]]:
     """Per cell: ``curves_<cell>.png``, ``accuracy_<cell>.png`` and, when runs hold a depth profile (or
     ``depth``: compute it), ``depth_<cell>.png`` into ``root``; returns ``{cell: [file names]}``."""
     pngs: dict[tuple, list[str]] = defaultdict(list)
@@ -130,14 +157,22 @@ def write_plots(root: Path, col: Collected, rows: list[dict[str, Any]], baseline
         cells[r.cell][r.label].append(r)
     for cell, by_label in cells.items():
         title = f"{cell[0]} / {cell[1]} / train fraction {cell[2]:g}"
-        labels = [r["method"] for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell
-                  and r["kind"] == "run"]
+        labels = [
+            r["method"]
+            for r in rows
+            if (r["dataset"], r["model"], r["train_fraction"]) == cell and r["kind"] == "run"
+        ]
         name = f"curves_{cell_slug(cell)}.png"
         plot_curves(by_label, labels, root / name, title)
         pngs[cell].append(name)
         name = f"accuracy_{cell_slug(cell)}.png"
-        plot_accuracy([r for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell],
-                      root / name, title, baseline, confidence)
+        plot_accuracy(
+            [r for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell],
+            root / name,
+            title,
+            baseline,
+            confidence,
+        )
         pngs[cell].append(name)
         profiles = {}
         for label in labels:

@@ -5,6 +5,7 @@ arXiv:1712.05889; https://docs.ray.io/en/latest/ray-core/tasks.html), not Ray Tu
 :func:`rifle.experiments.runner.run_one` on the worker, which writes the run folder on shared storage.
 Ray is imported only here. Design, faults and progress: docs/experiments.md, "On a cluster".
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ class EngineError(ValueError):
 def _dist_name() -> str:
     try:
         from importlib.metadata import packages_distributions
+
         return (packages_distributions().get("rifle") or ["rifle"])[0]
     except Exception:  # noqa: BLE001 - only used in a hint
         return "rifle"
@@ -39,9 +41,11 @@ def require_ray():
     try:
         import ray
     except ImportError as e:
-        raise EngineError(f"--engine ray needs Ray, which is not installed here ({e}). Install it on the "
-                          f"driver and on every node: pip install '{_dist_name()}[ray]' "
-                          f"(or pip install 'ray>=2.9'); or use the default --engine local") from None
+        raise EngineError(
+            f"--engine ray needs Ray, which is not installed here ({e}). Install it on the "
+            f"driver and on every node: pip install '{_dist_name()}[ray]' "
+            f"(or pip install 'ray>=2.9'); or use the default --engine local"
+        ) from None
     return ray
 
 
@@ -68,17 +72,28 @@ def execute(spec: RunSpec, opts: TaskOptions) -> Outcome:
         try:
             os.chdir(opts.cwd)
         except OSError as e:
-            raise EngineError(f"the driver's working directory {opts.cwd} is not reachable on this node "
-                              f"({e}): start rifle bench from a directory on shared storage") from None
+            raise EngineError(
+                f"the driver's working directory {opts.cwd} is not reachable on this node "
+                f"({e}): start rifle bench from a directory on shared storage"
+            ) from None
     import torch
+
     if opts.threads and spec.cfg.threads is None:
         torch.set_num_threads(opts.threads)
     if opts.cpu_only and spec.cfg.device == "auto":
         spec = replace(spec, cfg=replace(spec.cfg, device="cpu"))
     if _CACHE is None:
         _CACHE = DataCache()
-    return run_one(spec, _CACHE, stale_after=opts.stale_after, heartbeat=opts.heartbeat, since=opts.since,
-                   owner=opts.owner, rerun_changed=opts.rerun_changed, log=lambda line: None)
+    return run_one(
+        spec,
+        _CACHE,
+        stale_after=opts.stale_after,
+        heartbeat=opts.heartbeat,
+        since=opts.since,
+        owner=opts.owner,
+        rerun_changed=opts.rerun_changed,
+        log=lambda line: None,
+    )
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -111,8 +126,10 @@ class Progress:
 
     def state(self) -> str:
         c = self.counts
-        return (f"{c['done'] + c['skipped']}/{self.total} done, {len(self.started)} running, "
-                f"{self.queued} queued, {c['failed']} failed, ETA {seconds_text(self.eta())}")
+        return (
+            f"{c['done'] + c['skipped']}/{self.total} done, {len(self.started)} running, "
+            f"{self.queued} queued, {c['failed']} failed, ETA {seconds_text(self.eta())}"
+        )
 
     def event(self, i: int, status: str, rel: str, note: str = "") -> None:
         width = len(str(self.total))
@@ -141,16 +158,21 @@ def check_address(address: str | None, timeout: float = 3.0) -> None:
     """A ``HOST:PORT`` address must answer a TCP connection within ``timeout`` seconds: ``ray.init``
     would otherwise retry for minutes before giving up. Other forms (``auto``, ``ray://``) go to Ray."""
     from ..models.offline import reachable  # the models' hub check: DNS bounded by the timeout too
+
     if not address or address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise EngineError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
-                          f"default), 'auto', or ray://HOST:PORT")
+        raise EngineError(
+            f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
+            f"default), 'auto', or ray://HOST:PORT"
+        )
     if not reachable(f"tcp://{address}", timeout)[0]:
-        raise EngineError(f"--address {address}: no Ray cluster answers there within {timeout:g} s; "
-                          f"start one with `ray start --head --port {port}` on {host}, or leave "
-                          f"--address out to start a local one")
+        raise EngineError(
+            f"--address {address}: no Ray cluster answers there within {timeout:g} s; "
+            f"start one with `ray start --head --port {port}` on {host}, or leave "
+            f"--address out to start a local one"
+        )
 
 
 def connect(address: str | None):
@@ -158,6 +180,7 @@ def connect(address: str | None):
     else a new one-machine cluster; ``auto`` = an existing cluster; ``HOST:PORT`` = that cluster."""
     import signal
     import threading
+
     ray = require_ray()
     if not ray.is_initialized():
         check_address(address)
@@ -166,8 +189,10 @@ def connect(address: str | None):
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         except ConnectionError as e:
-            raise EngineError(f"--address {address}: no Ray cluster to join ({e}); start one with "
-                              f"`ray start --head`, or leave --address out to start a local one") from None
+            raise EngineError(
+                f"--address {address}: no Ray cluster to join ({e}); start one with "
+                f"`ray start --head`, or leave --address out to start a local one"
+            ) from None
         finally:
             if sigterm is not None:  # ray.init installs sys.exit on SIGTERM; rifle's handler (like Ctrl-C:
                 signal.signal(signal.SIGTERM, sigterm)  # cancel the tasks, keep checkpoints) stays
@@ -178,11 +203,14 @@ def _capacity(ray, cpus: float, gpus: float) -> float:
     res = ray.cluster_resources()
     have_cpu, have_gpu = res.get("CPU", 0.0), res.get("GPU", 0.0)
     if cpus > have_cpu:
-        raise EngineError(f"--cpus-per-run {cpus:g}: the Ray cluster has {have_cpu:g} CPUs in all; "
-                          f"no run could start")
+        raise EngineError(
+            f"--cpus-per-run {cpus:g}: the Ray cluster has {have_cpu:g} CPUs in all; no run could start"
+        )
     if gpus > have_gpu:
-        raise EngineError(f"--gpus-per-run {gpus:g}: the Ray cluster has {have_gpu:g} GPUs in all "
-                          f"(start each node with `ray start ... --num-gpus N`, or use --gpus-per-run 0)")
+        raise EngineError(
+            f"--gpus-per-run {gpus:g}: the Ray cluster has {have_gpu:g} GPUs in all "
+            f"(start each node with `ray start ... --num-gpus N`, or use --gpus-per-run 0)"
+        )
     slots = have_cpu / cpus if cpus > 0 else math.inf
     if gpus > 0:
         slots = min(slots, have_gpu / gpus)
@@ -197,10 +225,21 @@ def _record_failure(spec: RunSpec, text: str) -> None:
         pass
 
 
-def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_per_run: float = 1.0,
-                 gpus_per_run: float = 0.0, max_retries: int = 3, threads: int | None = None,
-                 stale_after: float = 600.0, since: float | None = None, poll: float = 1.0,
-                 stream: TextIO | None = None, tty: bool | None = None, rerun_changed: bool = False) -> GridResult:
+def run_grid_ray(
+    runs: Sequence[RunSpec],
+    *,
+    address: str | None = None,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
+    max_retries: int = 3,
+    threads: int | None = None,
+    stale_after: float = 600.0,
+    since: float | None = None,
+    poll: float = 1.0,
+    stream: TextIO | None = None,
+    tty: bool | None = None,
+    rerun_changed: bool = False,
+) -> GridResult:
     """Run every unfinished run of ``runs`` as a Ray task; see docs/experiments.md, "On a cluster".
 
     Returns the counts of this pass (done / skipped / failed). ``KeyboardInterrupt`` cancels the
@@ -215,17 +254,24 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
     ray = connect(address)
     slots = _capacity(ray, cpus_per_run, gpus_per_run)
     heartbeat = default_heartbeat(stale_after)
-    opts = TaskOptions(cwd=os.getcwd(), owner=f"ray:{uuid.uuid4().hex}", stale_after=stale_after,
-                       heartbeat=heartbeat, since=time.time() if since is None else since,
-                       threads=threads or max(1, math.floor(cpus_per_run)), cpu_only=gpus_per_run == 0,
-                       rerun_changed=rerun_changed)
+    opts = TaskOptions(
+        cwd=os.getcwd(),
+        owner=f"ray:{uuid.uuid4().hex}",
+        stale_after=stale_after,
+        heartbeat=heartbeat,
+        since=time.time() if since is None else since,
+        threads=threads or max(1, math.floor(cpus_per_run)),
+        cpu_only=gpus_per_run == 0,
+        rerun_changed=rerun_changed,
+    )
     task = ray.remote(execute)
-    resources = dict(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
-                     retry_exceptions=False)
+    resources = dict(
+        num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries, retry_exceptions=False
+    )
     prog = Progress(len(runs), slots, stream or sys.stdout, tty)
     res = GridResult()
-    pending: dict[Any, int] = {}          # object ref -> run index
-    deferred: dict[int, float] = {}       # run index -> when to ask again (held by someone else)
+    pending: dict[Any, int] = {}  # object ref -> run index
+    deferred: dict[int, float] = {}  # run index -> when to ask again (held by someone else)
     said_busy: set[int] = set()
 
     def submit(i: int) -> None:
@@ -248,8 +294,11 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
     terms: list[int] = []  # SIGTERMs seen: Ray turns an exception raised in its waits into KeyboardInterrupt
     previous = _note_sigterm(terms)
     try:
-        todo = [i for i, spec in enumerate(runs)
-                if not is_complete(spec.path) or (rerun_changed and config_changes(spec))]
+        todo = [
+            i
+            for i, spec in enumerate(runs)
+            if not is_complete(spec.path) or (rerun_changed and config_changes(spec))
+        ]
         for i in todo:
             submit(i)
         for i in sorted(set(range(len(runs))) - set(todo)):
@@ -277,8 +326,11 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
                     finish(i, "failed", f"  {type(cause).__name__}: {cause}")
                     continue
                 except ray.exceptions.RayError as e:  # the worker or node died max_retries + 1 times
-                    _record_failure(spec, f"{type(e).__name__} after {max_retries} retries (the worker process "
-                                          f"or node running this run died each time; out of memory?)\n\n{e}")
+                    _record_failure(
+                        spec,
+                        f"{type(e).__name__} after {max_retries} retries (the worker process "
+                        f"or node running this run died each time; out of memory?)\n\n{e}",
+                    )
                     finish(i, "failed", f"  {type(e).__name__} (worker died {max_retries + 1} times)")
                     continue
                 if out.status == "busy":
@@ -311,12 +363,14 @@ def run_grid_ray(runs: Sequence[RunSpec], *, address: str | None = None, cpus_pe
             ray.cancel(ref, force=True)
         _wait_for(ray, pending, 10.0)
         from ..train.checkpoint import Terminated
+
         if terms and not isinstance(e, Terminated):
             raise Terminated from None  # what the caller's handler raised (exit status 143)
         raise
     finally:
         if previous is not None:
             import signal
+
             signal.signal(signal.SIGTERM, previous)
         prog.close()
     return res
@@ -338,6 +392,7 @@ def _note_sigterm(terms: list[int]):
     restore (None: nothing was wrapped)."""
     import signal
     import threading
+
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = signal.getsignal(signal.SIGTERM)
@@ -350,4 +405,3 @@ def _note_sigterm(terms: list[int]):
 
     signal.signal(signal.SIGTERM, on_sigterm)
     return previous
-

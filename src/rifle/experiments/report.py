@@ -4,6 +4,7 @@
 RIFLE selected on validation; nothing is ever selected on test), :mod:`.markdown` (the text) and
 :mod:`.plots`. What it writes and the selection rule: docs/experiments.md, "The report".
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,14 +16,22 @@ from .markdown import has_events, page_block, render_markdown, tensorboard_comma
 from .plots import write_plots
 
 
-def write_report(root: str | Path, *, baseline: str | None = None, confidence: float = 0.95,
-                 plots: bool = True, depth: bool = False, page: str | Path | None = None) -> dict[str, Any]:
+def write_report(
+    root: str | Path,
+    *,
+    baseline: str | None = None,
+    confidence: float = 0.95,
+    plots: bool = True,
+    depth: bool = False,
+    page: str | Path | None = None,
+) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv`` and the PNGs into ``root``; returns rows and paths.
 
     ``page``: also write the tables and plots between the markers of this hand-written Markdown page
     (:func:`update_page`).
     """
     from ..train.checkpoint import atomic_write_text
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
@@ -36,6 +45,7 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
             baseline = "finetune"
     rows, sweeps = aggregate(col, baseline, info.get("labels"), confidence)
     from ..analysis.depth import read_monitor
+
     monitors = {r.path: read_monitor(r.path) for r in col.runs}  # each depth.jsonl parsed once
     pngs = write_plots(root, col, rows, baseline, confidence, depth, monitors) if plots and col.runs else {}
     drows = depth_rows(col, baseline, info.get("labels"), confidence, monitors)
@@ -46,7 +56,16 @@ def write_report(root: str | Path, *, baseline: str | None = None, confidence: f
         atomic_write_text(root / "depth.csv", to_csv(drows, DEPTH_COLUMNS))
     if page is not None:
         update_page(page, page_block(root, Path(page), col, rows, sweeps, baseline, pngs, confidence, drows))
-    return {"rows": rows, "sweeps": sweeps, "baseline": baseline, "markdown": root / "results.md",
-            "tensorboard": tensorboard_command(root) if has_events(root) else None,
-            "csv": root / "results.csv", "depth_rows": drows, "plots": [root / p for ps in pngs.values() for p in ps],
-            "unfinished": col.unfinished, "failed": col.failed, "complete": len(col.runs)}
+    return {
+        "rows": rows,
+        "sweeps": sweeps,
+        "baseline": baseline,
+        "markdown": root / "results.md",
+        "tensorboard": tensorboard_command(root) if has_events(root) else None,
+        "csv": root / "results.csv",
+        "depth_rows": drows,
+        "plots": [root / p for ps in pngs.values() for p in ps],
+        "unfinished": col.unfinished,
+        "failed": col.failed,
+        "complete": len(col.runs),
+    }

@@ -3,6 +3,7 @@ the per-run step of both engines; :func:`run_grid` is the local engine (one proc
 data loaded once per (dataset, seed, fraction)); :func:`launch_workers` starts several such processes.
 See docs/experiments.md, "Resume, Ctrl-C, failures".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ class DataCache:
 
     def get(self, spec: RunSpec):
         from ..build import load_data
+
         key = spec.data_key()
         if key in self.items:
             self.items.move_to_end(key)
@@ -50,6 +52,7 @@ def _file_log(path: Path) -> Callable[[str], None]:
     def log(line: str) -> None:
         with open(path / TRAIN_LOG, "a") as f:
             f.write(line.rstrip("\n") + "\n")
+
     return log
 
 
@@ -73,9 +76,18 @@ class Outcome:
     pid: int = 0
 
 
-def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, heartbeat: float = 30.0,
-            since: float | None = None, owner: str | None = None, rerun_changed: bool = False,
-            log: Callable[[str], None] = print, prefix: str = "") -> Outcome:
+def run_one(
+    spec: RunSpec,
+    cache: DataCache,
+    *,
+    stale_after: float = 600.0,
+    heartbeat: float = 30.0,
+    since: float | None = None,
+    owner: str | None = None,
+    rerun_changed: bool = False,
+    log: Callable[[str], None] = print,
+    prefix: str = "",
+) -> Outcome:
     """Skip, claim and train (or resume) one run; the per-run step of both engines.
 
     A run that raises is written to ``error.txt`` and returned as ``failed``; ``KeyboardInterrupt``
@@ -84,6 +96,7 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
     folder holds a config that differs from ``spec``'s is started again from scratch (its files deleted).
     """
     from ..run import run_train
+
     me: dict[str, Any] = dict(host=socket.gethostname(), pid=os.getpid())
     if is_complete(spec.path) and not (rerun_changed and config_changes(spec)):
         return Outcome("skipped", "  (complete)", **me)
@@ -100,8 +113,10 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
             return Outcome("skipped", "  (complete)", **me)
         if changed:
             _clear_run(spec.path)
-            log(f"{prefix}{spec.rel}: its config differed from the grid's ({format_diff(changed)}); "
-                f"its old results are deleted, training it again")
+            log(
+                f"{prefix}{spec.rel}: its config differed from the grid's ({format_diff(changed)}); "
+                f"its old results are deleted, training it again"
+            )
         claim.start_heartbeat(heartbeat)
         t0 = time.perf_counter()
         resuming = (spec.path / "state.pt").is_file()
@@ -111,8 +126,10 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
             if not summary.get("complete"):
                 raise RuntimeError(f"run ended after {summary.get('epochs_run')} of {spec.cfg.epochs} epochs")
         except KeyboardInterrupt:
-            log(f"{prefix}interrupted during {spec.rel}; its last epoch checkpoint is kept, "
-                f"re-run the same command to resume")
+            log(
+                f"{prefix}interrupted during {spec.rel}; its last epoch checkpoint is kept, "
+                f"re-run the same command to resume"
+            )
             raise
         except Exception as e:  # noqa: BLE001 - record any failure and go on with the grid
             err.write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
@@ -121,8 +138,14 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
         err.unlink(missing_ok=True)
         dt = time.perf_counter() - t0
         acc = summary.get("final_test_acc")
-        return Outcome("done", f"  {dt:.0f}s  final test acc {acc:.4f}" + ("  (resumed)" if resuming else ""),
-                       dt, summary, resuming, **me)
+        return Outcome(
+            "done",
+            f"  {dt:.0f}s  final test acc {acc:.4f}" + ("  (resumed)" if resuming else ""),
+            dt,
+            summary,
+            resuming,
+            **me,
+        )
     finally:
         claim.release()
 
@@ -130,6 +153,7 @@ def run_one(spec: RunSpec, cache: DataCache, *, stale_after: float = 600.0, hear
 def _clear_run(path: Path) -> None:
     """Delete everything in a run folder but its lock (held by the caller): the run starts again."""
     import shutil
+
     for p in path.iterdir():
         if p.name == LOCK:
             continue
@@ -139,9 +163,16 @@ def _clear_run(path: Path) -> None:
             p.unlink()
 
 
-def run_grid(runs: Sequence[RunSpec], *, stale_after: float = 600.0, heartbeat: float | None = None,
-             since: float | None = None, worker: str = "", rerun_changed: bool = False,
-             log: Callable[[str], None] = print) -> GridResult:
+def run_grid(
+    runs: Sequence[RunSpec],
+    *,
+    stale_after: float = 600.0,
+    heartbeat: float | None = None,
+    since: float | None = None,
+    worker: str = "",
+    rerun_changed: bool = False,
+    log: Callable[[str], None] = print,
+) -> GridResult:
     """Run (or skip, or resume) every run once in this process; see docs/experiments.md, "Resume,
     Ctrl-C, failures".
 
@@ -156,8 +187,16 @@ def run_grid(runs: Sequence[RunSpec], *, stale_after: float = 600.0, heartbeat: 
     prefix = f"[{worker}] " if worker else ""
     width = len(str(len(runs)))
     for i, spec in enumerate(runs):
-        out = run_one(spec, cache, stale_after=stale_after, heartbeat=heartbeat, since=since,
-                      rerun_changed=rerun_changed, log=log, prefix=prefix)
+        out = run_one(
+            spec,
+            cache,
+            stale_after=stale_after,
+            heartbeat=heartbeat,
+            since=since,
+            rerun_changed=rerun_changed,
+            log=log,
+            prefix=prefix,
+        )
         res.counts[out.status] += 1
         if out.status == "failed":
             res.failed.append(spec.rel)
@@ -170,8 +209,15 @@ def default_heartbeat(stale_after: float) -> float:
     return max(1.0, min(30.0, stale_after / 4))
 
 
-def launch_workers(grid_file: str, out: str, workers: int, *, stale_after: float,
-                   extra_args: Sequence[str] = (), log: Callable[[str], None] = print) -> int:
+def launch_workers(
+    grid_file: str,
+    out: str,
+    workers: int,
+    *,
+    stale_after: float,
+    extra_args: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> int:
     """Run ``workers`` ``rifle bench`` subprocesses on one grid; torch threads = max(1, cores // N).
 
     The workers run in their own process group: a SIGTERM or Ctrl-C (SIGINT) reaches this process, which
@@ -185,13 +231,33 @@ def launch_workers(grid_file: str, out: str, workers: int, *, stale_after: float
     import sys
 
     from ..train.checkpoint import Terminated
+
     threads = max(1, (os.cpu_count() or 1) // workers)
     since = time.time()
-    cmd = [sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out), "--workers", "1",
-           "--stale-after", str(stale_after), "--since", repr(since), "--threads", str(threads),
-           "--no-grid-copy", *extra_args]
-    group = ({"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}) \
-        if os.name == "posix" else {}
+    cmd = [
+        sys.executable,
+        "-m",
+        "rifle",
+        "bench",
+        str(grid_file),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--stale-after",
+        str(stale_after),
+        "--since",
+        repr(since),
+        "--threads",
+        str(threads),
+        "--no-grid-copy",
+        *extra_args,
+    ]
+    group = (
+        ({"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True})
+        if os.name == "posix"
+        else {}
+    )
     procs = [subprocess.Popen([*cmd, "--worker-name", f"w{i}"], **group) for i in range(workers)]
     got: int | None = None  # the signal this process received (and passed on)
     while True:
@@ -204,8 +270,10 @@ def launch_workers(grid_file: str, out: str, workers: int, *, stale_after: float
             live = [p for p in procs if p.poll() is None]
             if got is None:
                 got = signum
-                log(f"{name}: stopping the {len(live)} running worker(s); each keeps its run's last epoch "
-                    f"checkpoint (a second signal kills them at once)")
+                log(
+                    f"{name}: stopping the {len(live)} running worker(s); each keeps its run's last epoch "
+                    f"checkpoint (a second signal kills them at once)"
+                )
                 for p in live:
                     _signal(p, signum)
             else:
@@ -230,6 +298,7 @@ def first_signal_only() -> Iterator[None]:
     import threading
 
     from ..train.checkpoint import Terminated
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return

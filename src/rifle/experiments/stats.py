@@ -4,6 +4,7 @@ mean", Biometrika 1908) and the Wilcoxon signed-rank test (Wilcoxon, "Individual
 methods", Biometrics Bulletin 1945), both from scipy.stats. Degenerate cases (n < 2, zero spread) are
 decided here; the rules: docs/experiments.md, "Statistics".
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ def t_interval(xs: Sequence[float], confidence: float = 0.95) -> tuple[float, fl
     if sd == 0:
         return m, m
     from scipy import stats
+
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
     return m - half, m + half
 
@@ -56,8 +58,8 @@ class PairedDiff:
     std: float
     ci_low: float
     ci_high: float
-    p_t: float                # paired t-test, two-sided
-    p_wilcoxon: float         # Wilcoxon signed-rank, two-sided; nan when n < WILCOXON_MIN_N
+    p_t: float  # paired t-test, two-sided
+    p_wilcoxon: float  # Wilcoxon signed-rank, two-sided; nan when n < WILCOXON_MIN_N
     confidence: float = 0.95
 
     def to_dict(self) -> dict[str, float]:
@@ -78,6 +80,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         p_t = 1.0 if m == 0 else 0.0
     else:
         from scipy import stats
+
         p_t = float(stats.ttest_rel(a, b).pvalue)
     p_w = NAN
     if n >= WILCOXON_MIN_N:
@@ -85,9 +88,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
             p_w = 1.0
         else:
             from scipy import stats
+
             p_w = float(stats.wilcoxon(a, b).pvalue)
-    return PairedDiff(n=n, mean=m, std=sd, ci_low=lo, ci_high=hi, p_t=p_t, p_wilcoxon=p_w,
-                      confidence=confidence)
+    return PairedDiff(
+        n=n, mean=m, std=sd, ci_low=lo, ci_high=hi, p_t=p_t, p_wilcoxon=p_w, confidence=confidence
+    )
 
 
 def pair_by_key(a: dict, b: dict) -> tuple[list, list[float], list[float]]:

@@ -12,14 +12,14 @@ from the core; the adapters only translate the trainers' hooks and find the mode
 package imports neither Lightning nor Transformers: ``import rifle`` / ``import rifle.integrations``
 stay light, and the classes load on first attribute access.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-__all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger",
-           "diagnosis_metrics"]
+__all__ = ["RifleCallback", "RifleTrainerCallback", "unwrap_optimizer", "check_trigger", "diagnosis_metrics"]
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -49,15 +49,19 @@ def check_trigger(trigger: str, granularity: str | None, default: str) -> str:
     """Validate ``trigger`` and return the granularity: ``None`` means ``default``, or ``"epoch"`` for
     ``trigger="converged"`` (it decides once per epoch from the epoch's training accuracy)."""
     if trigger not in ("schedule", "converged"):
-        raise ValueError(f"trigger={trigger!r}: choose 'schedule' (the paper's fixed re-init points) or "
-                         f"'converged' (re-init once the head has converged; docs/rifle.md#trigger)")
+        raise ValueError(
+            f"trigger={trigger!r}: choose 'schedule' (the paper's fixed re-init points) or "
+            f"'converged' (re-init once the head has converged; docs/rifle.md#trigger)"
+        )
     if granularity is None:
         granularity = "epoch" if trigger == "converged" else default
     if granularity not in ("epoch", "step"):
         raise ValueError(f"granularity must be 'epoch' or 'step', got {granularity!r}")
     if trigger == "converged" and granularity == "step":
-        raise ValueError("trigger='converged' decides once per epoch from the epoch's training accuracy: "
-                         "use granularity='epoch' (step granularity is not supported with it)")
+        raise ValueError(
+            "trigger='converged' decides once per epoch from the epoch's training accuracy: "
+            "use granularity='epoch' (step granularity is not supported with it)"
+        )
     return granularity
 
 
@@ -78,8 +82,10 @@ def diagnosis_metrics(entry: dict[str, Any]) -> dict[str, float | int]:
 def __getattr__(name: str) -> Any:  # lazy: importing this package must not import the frameworks
     if name == "RifleCallback":
         from .lightning import RifleCallback
+
         return RifleCallback
     if name == "RifleTrainerCallback":
         from .transformers import RifleTrainerCallback
+
         return RifleTrainerCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

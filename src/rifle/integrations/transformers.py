@@ -7,6 +7,7 @@ state) is the core's; see docs/rifle.md. How it maps onto the HF Trainer (step /
 the head, the optimizer, resume through ``ExportableState``, logging through ``Trainer.log``, the
 diagnosis, the converged trigger's forward hook): docs/integrations/transformers.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,20 +66,30 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
     re-inits this process applied.
     """
 
-    def __init__(self, reinits: int = 3, head: HeadSpec | None = None, seed: int = 0,
-                 granularity: str | None = None, guard: int | None = None,
-                 guard_steps: int | None = None,
-                 min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
-                 init: str | Initializer = "default", keep_optimizer_state: bool = False,
-                 head_lr_restart: bool = False, modules: str | None = None,
-                 verify_replicas: bool = True, trigger: str = "schedule",
-                 converged_acc: float | None = None) -> None:
+    def __init__(
+        self,
+        reinits: int = 3,
+        head: HeadSpec | None = None,
+        seed: int = 0,
+        granularity: str | None = None,
+        guard: int | None = None,
+        guard_steps: int | None = None,
+        min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER,
+        init: str | Initializer = "default",
+        keep_optimizer_state: bool = False,
+        head_lr_restart: bool = False,
+        modules: str | None = None,
+        verify_replicas: bool = True,
+        trigger: str = "schedule",
+        converged_acc: float | None = None,
+    ) -> None:
         granularity = check_trigger(trigger, granularity, "step")
         if isinstance(init, str) and init.startswith("callable:"):
             raise ValueError(
                 f"RIFLE: this checkpoint's callback used a callable init ({init[9:]}), which cannot be "
                 f"rebuilt from trainer_state.json; leave restore_callback_states_from_checkpoint=False "
-                f"(RifleTrainerCallback restores its own progress) and pass the callable again")
+                f"(RifleTrainerCallback restores its own progress) and pass the callable again"
+            )
         self.reinits, self.head, self.seed, self.granularity = reinits, head, seed, granularity
         self.guard, self.guard_steps, self.min_steps_after = guard, guard_steps, min_steps_after
         self.init, self.keep_optimizer_state = init, keep_optimizer_state
@@ -94,29 +105,50 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         self._reported, self._last_log_step = 0, 0
 
     # ------------------------------------------------------------------ hooks
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if model is None:
             raise ValueError("RifleTrainerCallback needs the Trainer's model (kwargs['model'])")
         self.fired = []
         self._trainer = self._find_trainer()
         init = self.init
         if init == "hf":
-            init = hf_init(float(getattr(getattr(unwrap_model(model), "config", None),
-                                         "initializer_range", 0.02)))
+            init = hf_init(
+                float(getattr(getattr(unwrap_model(model), "config", None), "initializer_range", 0.02))
+            )
         if self.granularity == "step":  # steps_per_epoch: the diagnosis's loss window
             epochs = max(1, math.ceil(float(state.num_train_epochs or 1)))
-            length: dict[str, Any] = dict(total_steps=int(state.max_steps),
-                                          steps_per_epoch=max(1, int(state.max_steps) // epochs))
+            length: dict[str, Any] = dict(
+                total_steps=int(state.max_steps), steps_per_epoch=max(1, int(state.max_steps) // epochs)
+            )
         else:
             length = self._epoch_length(args, state, kwargs.get("train_dataloader"))
-        self.rifle = Rifle(model, unwrap_optimizer(optimizer), **length, reinits=self.reinits,
-                           seed=self.seed, head=find_hf_head(model, self.head), guard=self.guard,
-                           guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
-                           init=init, keep_optimizer_state=self.keep_optimizer_state,
-                           head_lr_restart=self.head_lr_restart, modules=self.modules,
-                           verify_replicas=self.verify_replicas, on_reinit=self._on_reinit,
-                           trigger=self.trigger, converged_acc=self.converged_acc)
+        self.rifle = Rifle(
+            model,
+            unwrap_optimizer(optimizer),
+            **length,
+            reinits=self.reinits,
+            seed=self.seed,
+            head=find_hf_head(model, self.head),
+            guard=self.guard,
+            guard_steps=self.guard_steps,
+            min_steps_after=self.min_steps_after,
+            init=init,
+            keep_optimizer_state=self.keep_optimizer_state,
+            head_lr_restart=self.head_lr_restart,
+            modules=self.modules,
+            verify_replicas=self.verify_replicas,
+            on_reinit=self._on_reinit,
+            trigger=self.trigger,
+            converged_acc=self.converged_acc,
+        )
         if state.global_step > 0:  # resumed: restore which re-inits happened
             saved = self.progress or self._saved_progress(state)
             if saved:
@@ -133,10 +165,19 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             self._hook = unwrap_model(model).register_forward_hook(self._count_correct, with_kwargs=True)
         self.progress = None
         self._reported, self._last_log_step = len(self.rifle.diagnosis), int(state.global_step)
-        self._check_logging(args, state, int(length["steps_per_epoch"]),
-                            self._steps_per_epoch(args, kwargs.get("train_dataloader")))
-        log.info("RIFLE: re-init %s at the start of %s(s) %s of %d", self.rifle.module_names,
-                 self.rifle.unit, self.rifle.points, self.rifle.schedule.total)
+        self._check_logging(
+            args,
+            state,
+            int(length["steps_per_epoch"]),
+            self._steps_per_epoch(args, kwargs.get("train_dataloader")),
+        )
+        log.info(
+            "RIFLE: re-init %s at the start of %s(s) %s of %d",
+            self.rifle.module_names,
+            self.rifle.unit,
+            self.rifle.points,
+            self.rifle.schedule.total,
+        )
 
     def _check_logging(self, args: Any, state: Any, window: int, epoch_steps: int | None) -> None:
         """Warn when no training-loss log of the Trainer falls in the loss window before a re-init: with
@@ -167,15 +208,24 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         missed = [p for p in self.rifle.points if p * per > int(state.global_step) and not logged(p * per)]
         if not missed:
             return
-        setting = f"logging_steps={args.logging_steps:g}" if strategy == "steps" else "logging_strategy='epoch'"
-        how = (f"logs the training loss every {int(every)} optimizer steps ({setting})"
-               if strategy in ("steps", "epoch") else "never logs the training loss (logging_strategy='no')")
+        setting = (
+            f"logging_steps={args.logging_steps:g}" if strategy == "steps" else "logging_strategy='epoch'"
+        )
+        how = (
+            f"logs the training loss every {int(every)} optimizer steps ({setting})"
+            if strategy in ("steps", "epoch")
+            else "never logs the training loss (logging_strategy='no')"
+        )
         limit = min([window] + ([p * per for p in self.rifle.points]))
-        warnings.warn(f"RifleTrainerCallback: the Trainer {how}, so no loss is logged in the {window} steps "
-                      f"before the re-init(s) at {self.rifle.unit}(s) {missed}: RIFLE's diagnosis reads the "
-                      f"training loss from those logs and cannot measure whether the head had converged "
-                      f"('head convergence not measured'). Set TrainingArguments(logging_steps=...) to at "
-                      f"most {limit}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"RifleTrainerCallback: the Trainer {how}, so no loss is logged in the {window} steps "
+            f"before the re-init(s) at {self.rifle.unit}(s) {missed}: RIFLE's diagnosis reads the "
+            f"training loss from those logs and cannot measure whether the head had converged "
+            f"('head convergence not measured'). Set TrainingArguments(logging_steps=...) to at "
+            f"most {limit}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     @staticmethod
     def _steps_per_epoch(args: Any, dataloader: Any) -> int | None:
@@ -194,16 +244,19 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                 f"TrainingArguments(num_train_epochs={args.num_train_epochs}) trains "
                 f"{state.max_steps} optimizer steps: RIFLE never rounds the run length (the re-inits "
                 f"would land at the wrong epochs). Use a whole num_train_epochs, or "
-                f"granularity='step' to schedule over the {state.max_steps} steps")
+                f"granularity='step' to schedule over the {state.max_steps} steps"
+            )
         epochs = int(state.num_train_epochs)
         try:
             batches = len(dataloader)
         except TypeError:
             batches = None
         if epochs >= sys.maxsize or (dataloader is not None and batches is None):
-            raise ValueError("RifleTrainerCallback(granularity='epoch') needs a train dataset with a "
-                             "length (the Trainer cannot count epochs of an IterableDataset); use "
-                             "granularity='step' with max_steps")
+            raise ValueError(
+                "RifleTrainerCallback(granularity='epoch') needs a train dataset with a "
+                "length (the Trainer cannot count epochs of an IterableDataset); use "
+                "granularity='step' with max_steps"
+            )
         if batches is None:  # no dataloader given: the Trainer's own estimate
             return dict(epochs=epochs, steps_per_epoch=max(1, int(state.max_steps) // max(1, epochs)))
         per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
@@ -212,7 +265,9 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                 f"RIFLE: the epoch schedule spans {epochs} epochs of {per_epoch} optimizer steps, but "
                 f"max_steps={args.max_steps} ends training inside epoch {state.max_steps // per_epoch} "
                 f"(0-based); use granularity='step' to schedule over the steps that run",
-                RifleScheduleWarning, stacklevel=3)
+                RifleScheduleWarning,
+                stacklevel=3,
+            )
         return dict(epochs=epochs, steps_per_epoch=per_epoch)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -257,12 +312,19 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
                 "removes them from the call when label_smoothing_factor > 0 or compute_loss_func is set) "
                 f"and return an output with .logits; got labels={'absent' if labels is None else 'given'}, "
                 f"output {type(output).__name__}"
-                f"{'' if isinstance(logits, torch.Tensor) else ' without logits'}")
-        if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0] \
-                or labels.is_floating_point():
-            raise ValueError(f"RifleTrainerCallback(trigger='converged') needs a single-label classifier "
-                             f"(logits of shape (batch, classes), integer labels of shape (batch,)); got "
-                             f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)} {labels.dtype}")
+                f"{'' if isinstance(logits, torch.Tensor) else ' without logits'}"
+            )
+        if (
+            logits.dim() != 2
+            or labels.dim() != 1
+            or labels.shape[0] != logits.shape[0]
+            or labels.is_floating_point()
+        ):
+            raise ValueError(
+                f"RifleTrainerCallback(trigger='converged') needs a single-label classifier "
+                f"(logits of shape (batch, classes), integer labels of shape (batch,)); got "
+                f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)} {labels.dtype}"
+            )
         logits = logits.detach().float()
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct = (logits.argmax(-1) == labels).sum()
@@ -270,7 +332,11 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if self._step_sums is None:
             self._step_sums = [loss, correct, n]
         else:
-            self._step_sums = [self._step_sums[0] + loss, self._step_sums[1] + correct, self._step_sums[2] + n]
+            self._step_sums = [
+                self._step_sums[0] + loss,
+                self._step_sums[1] + correct,
+                self._step_sums[2] + n,
+            ]
 
     def _flush_step(self) -> None:
         """Feed the optimizer step's micro-batches (summed) to the core: one observation per step."""
@@ -293,8 +359,11 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         if self.rifle is not None:
             # a checkpoint follows (DefaultFlowCallback, called first, decided): under DDP, the open
             # sums of all ranks go into it (collective; every rank sees the same control)
-            self._saved_window = (self.rifle.state_dict(sum_ranks=True, plain=True)  # JSON
-                                  if control.should_save else None)
+            self._saved_window = (
+                self.rifle.state_dict(sum_ranks=True, plain=True)  # JSON
+                if control.should_save
+                else None
+            )
         self._report_diagnoses(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -308,8 +377,10 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             self._report_diagnoses(state)
             report = self.rifle.trigger_report
             if report is not None and report["reason"] and state.is_world_process_zero:
-                print(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
-                      f"{report['reason']} (docs/rifle.md#trigger)")
+                print(
+                    f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
+                    f"{report['reason']} (docs/rifle.md#trigger)"
+                )
         self._trainer = None
 
     @property
@@ -321,12 +392,20 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
     def _report_diagnoses(self, state: Any) -> None:
         if self.rifle is None or len(self.rifle.diagnosis) == self._reported:
             return
-        for d in self.rifle.diagnosis[self._reported:]:
+        for d in self.rifle.diagnosis[self._reported :]:
             # unmeasured numbers (None) and the verdict line go to log_history only: loggers take numbers
-            self._emit(state, diagnosis_metrics(d), {
-                **{f"rifle/{k}": d[k] for k in ("grad_ratio", "train_loss_before", "head_norm_before",
-                                                "head_norm_after") if d.get(k) is None},
-                "rifle/verdict": d["verdict"]})
+            self._emit(
+                state,
+                diagnosis_metrics(d),
+                {
+                    **{
+                        f"rifle/{k}": d[k]
+                        for k in ("grad_ratio", "train_loss_before", "head_norm_before", "head_norm_after")
+                        if d.get(k) is None
+                    },
+                    "rifle/verdict": d["verdict"],
+                },
+            )
             if state.is_world_process_zero:
                 print(d["verdict"])
         self._reported = len(self.rifle.diagnosis)
@@ -341,15 +420,21 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
             while frame is not None:
                 obj = frame.f_locals.get("self")
                 handler = getattr(obj, "callback_handler", None)
-                if handler is not None and callable(getattr(obj, "log", None)) \
-                        and any(c is self for c in getattr(handler, "callbacks", ())):
+                if (
+                    handler is not None
+                    and callable(getattr(obj, "log", None))
+                    and any(c is self for c in getattr(handler, "callbacks", ()))
+                ):
                     return obj
                 frame = frame.f_back
         finally:
             del frame
-        warnings.warn("RifleTrainerCallback: the Trainer calling this callback was not found; RIFLE's "
-                      "entries go to state.log_history only, not to the report_to integrations",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "RifleTrainerCallback: the Trainer calling this callback was not found; RIFLE's "
+            "entries go to state.log_history only, not to the report_to integrations",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
 
     def _emit(self, state: Any, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
@@ -376,8 +461,13 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
 
     def _on_reinit(self, index: int, point: int) -> None:
         self.fired.append((index, point))
-        log.info("RIFLE: re-initialised %s (re-init %d, %s %d)", self.rifle.module_names if self.rifle
-                 else "head", index, self.granularity, point)
+        log.info(
+            "RIFLE: re-initialised %s (re-init %d, %s %d)",
+            self.rifle.module_names if self.rifle else "head",
+            index,
+            self.granularity,
+            point,
+        )
 
     # ------------------------------------------------------------------ state
     def _saved_progress(self, state: Any) -> dict[str, Any] | None:
@@ -394,19 +484,34 @@ class RifleTrainerCallback(TrainerCallback, ExportableState):
         head = self.head
         if self.rifle is not None:
             head = head_names(unwrap_model(self.rifle.model), self.rifle.head_modules)
-        elif not (head is None or isinstance(head, str)
-                  or (isinstance(head, (list, tuple)) and all(isinstance(h, str) for h in head))):
+        elif not (
+            head is None
+            or isinstance(head, str)
+            or (isinstance(head, (list, tuple)) and all(isinstance(h, str) for h in head))
+        ):
             head = None  # a module: named once the core is built
-        init = self.init if isinstance(self.init, str) else \
-            f"callable:{getattr(self.init, '__qualname__', type(self.init).__name__)}"
+        init = (
+            self.init
+            if isinstance(self.init, str)
+            else f"callable:{getattr(self.init, '__qualname__', type(self.init).__name__)}"
+        )
         return {
-            "args": {"reinits": self.reinits, "head": head, "seed": self.seed,
-                     "granularity": self.granularity, "guard": self.guard,
-                     "guard_steps": self.guard_steps, "min_steps_after": self.min_steps_after,
-                     "init": init, "keep_optimizer_state": self.keep_optimizer_state,
-                     "head_lr_restart": self.head_lr_restart, "modules": self.modules,
-                     "verify_replicas": self.verify_replicas, "trigger": self.trigger,
-                     "converged_acc": self.converged_acc},
+            "args": {
+                "reinits": self.reinits,
+                "head": head,
+                "seed": self.seed,
+                "granularity": self.granularity,
+                "guard": self.guard,
+                "guard_steps": self.guard_steps,
+                "min_steps_after": self.min_steps_after,
+                "init": init,
+                "keep_optimizer_state": self.keep_optimizer_state,
+                "head_lr_restart": self.head_lr_restart,
+                "modules": self.modules,
+                "verify_replicas": self.verify_replicas,
+                "trigger": self.trigger,
+                "converged_acc": self.converged_acc,
+            },
             "attributes": {"progress": self._progress()},
         }
 

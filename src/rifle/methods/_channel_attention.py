@@ -8,6 +8,7 @@ a channel is zeroed (:func:`first_order_scores`, as in Taylor channel pruning, M
 :func:`attention_from_scores` turns them into a softmax over z-scores. Choices and measurements:
 docs/methods.md "delta", "Attention".
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -36,9 +37,13 @@ def attention_from_scores(scores: torch.Tensor, temperature: float = 5.0) -> tor
     return torch.softmax(z / temperature, dim=0).float()
 
 
-
-def fit_probe(model: nn.Module, head: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              l2: float = PROBE_L2, max_iter: int = PROBE_ITERS) -> float | None:
+def fit_probe(
+    model: nn.Module,
+    head: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    l2: float = PROBE_L2,
+    max_iter: int = PROBE_ITERS,
+) -> float | None:
     """Fit ``head`` (a module of the frozen ``model`` whose output is the logits) on frozen features.
 
     Returns the probe's training accuracy, or ``None`` (head untouched) when the head's output is not
@@ -54,8 +59,11 @@ def fit_probe(model: nn.Module, head: nn.Module, batches: Sequence[tuple[torch.T
                 f = cache.pop("f")
                 if i == 0:
                     again = head(f)
-                    if not (isinstance(logits, torch.Tensor) and logits.shape == again.shape
-                            and torch.allclose(again, logits, rtol=1e-4, atol=1e-5)):
+                    if not (
+                        isinstance(logits, torch.Tensor)
+                        and logits.shape == again.shape
+                        and torch.allclose(again, logits, rtol=1e-4, atol=1e-5)
+                    ):
                         return None
                 feats.append(f.float())
                 ys.append(y)
@@ -82,9 +90,12 @@ def fit_probe(model: nn.Module, head: nn.Module, batches: Sequence[tuple[torch.T
         return float((head(fx).argmax(1) == fy).float().mean())
 
 
-def first_order_scores(model: nn.Module, layers: Sequence[str],
-                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       signed: bool = False) -> dict[str, torch.Tensor]:
+def first_order_scores(
+    model: nn.Module,
+    layers: Sequence[str],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    signed: bool = False,
+) -> dict[str, torch.Tensor]:
     """Per channel: ``|sum_{b,h,w} F * dL/dF|`` (first-order estimate of the loss change when the
     channel is zeroed; L = mean cross-entropy of ``model``), averaged over batches.
 
@@ -122,8 +133,9 @@ def first_order_scores(model: nn.Module, layers: Sequence[str],
     return {name: sums[name] / n for name in layers}
 
 
-def exact_scores(model: nn.Module, layers: Sequence[str],
-                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def exact_scores(
+    model: nn.Module, layers: Sequence[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Per channel: ``L(channel zeroed) - L`` (mean cross-entropy), averaged over batches (TLlib)."""
     target: dict[str, Any] = {"layer": None, "channel": -1}
 
@@ -134,6 +146,7 @@ def exact_scores(model: nn.Module, layers: Sequence[str],
             out = out.clone()
             out[:, target["channel"]] = 0
             return out
+
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in layers]
@@ -167,6 +180,7 @@ def exact_scores(model: nn.Module, layers: Sequence[str],
 def all_reduce_mean(scores: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Average the scores over DDP ranks (identical attention on every replica)."""
     import torch.distributed as dist
+
     world = distributed_world()
     if world == 1:
         return scores

@@ -5,6 +5,7 @@ with Attention for Convolutional Networks", ICLR 2019, arXiv 1901.09229): :class
 forward hooks on the chosen layers of the fine-tuned and the frozen model; :func:`frozen_copy` makes the
 frozen pretrained model (why it is built this way: docs/methods.md "delta", "Frozen model").
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,9 @@ class FeatureTap:
     ``transform(name, out) -> out``: optionally replace the output (attention computation).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], *, grad_only: bool = False,
-                 stop: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Sequence[str], *, grad_only: bool = False, stop: bool = False
+    ) -> None:
         self.layers = list(layers)
         self.outputs: dict[str, torch.Tensor] = {}
         self.versions: dict[str, int] = {}
@@ -50,6 +52,7 @@ class FeatureTap:
             if self.stop and len(self.outputs) == len(self.layers):
                 raise StopForward
             return out if self.transform is not None else None
+
         return hook
 
     def take(self) -> dict[str, torch.Tensor]:
@@ -60,8 +63,10 @@ class FeatureTap:
             raise RuntimeError(f"DELTA: no output recorded for layer(s) {missing} in this forward")
         changed = [n for n in self.layers if out[n]._version != self.versions[n]]
         if changed:
-            raise RuntimeError(f"DELTA: the output of {changed} was modified in place after the layer ran; "
-                               f"choose another layer (e.g. the enclosing block)")
+            raise RuntimeError(
+                f"DELTA: the output of {changed} was modified in place after the layer ran; "
+                f"choose another layer (e.g. the enclosing block)"
+            )
         return out
 
     def remove(self) -> None:
@@ -74,8 +79,9 @@ def _is_hook_dict(name: str, value: Any) -> bool:
     return "hook" in name and isinstance(value, dict)
 
 
-def frozen_copy(model: nn.Module, state: dict[str, torch.Tensor] | None = None,
-                batch_stats: bool = False) -> nn.Module:
+def frozen_copy(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None, batch_stats: bool = False
+) -> nn.Module:
     """A deep copy of ``model`` without its hooks, with ``state`` loaded, no grads, locked in eval.
 
     ``batch_stats``: its BatchNorm layers normalise with the current batch's statistics (their running
@@ -90,7 +96,7 @@ def frozen_copy(model: nn.Module, state: dict[str, torch.Tensor] | None = None,
     frozen = copy.deepcopy(model, memo)
     if state is not None:
         if state and all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
+            state = {k[len("module.") :]: v for k, v in state.items()}
         frozen.load_state_dict(state, strict=True)
     for p in frozen.parameters():
         p.requires_grad_(False)

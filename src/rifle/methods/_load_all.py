@@ -1,4 +1,5 @@
 """Import every method module of this package once, so that its ``@register`` line runs."""
+
 import importlib
 import pkgutil
 

@@ -5,6 +5,7 @@ The squared distance to the pretrained weights as one fused ``torch._foreach_*``
 the head, the backbone parameters paired with their pretrained values, and switching weight decay off.
 Not a method: support code (the ``_`` keeps it out of the registry's import of method modules).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ class _SquaredDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         saved = ctx.saved_tensors
-        params, refs = saved[:ctx.n], saved[ctx.n:]
+        params, refs = saved[: ctx.n], saved[ctx.n :]
         diffs = torch._foreach_sub(params, refs)  # recomputed: saves a copy of the model in memory
         torch._foreach_mul_(diffs, 2.0 * grad)
         return (None, *diffs, *([None] * len(refs)))
@@ -54,8 +55,9 @@ def squared_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def backbone_and_refs(model: nn.Module, head: Sequence[nn.Module],
-                      state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def backbone_and_refs(
+    model: nn.Module, head: Sequence[nn.Module], state: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(trainable backbone params, their pretrained values taken from ``state``)."""
     head_ids = {id(p) for m in head for p in m.parameters()}
     params: list[torch.Tensor] = []
@@ -67,8 +69,9 @@ def backbone_and_refs(model: nn.Module, head: Sequence[nn.Module],
             raise KeyError(f"L2-SP: parameter {name!r} has no pretrained value in the reference state")
         ref = state[name].detach().to(device=p.device, dtype=p.dtype)
         if ref.shape != p.shape:
-            raise ValueError(f"L2-SP: {name} has shape {tuple(p.shape)} but its pretrained value "
-                             f"{tuple(ref.shape)}")
+            raise ValueError(
+                f"L2-SP: {name} has shape {tuple(p.shape)} but its pretrained value {tuple(ref.shape)}"
+            )
         params.append(p)
         refs.append(ref)
     return params, refs
@@ -80,8 +83,10 @@ def disable_weight_decay(groups: list[dict], ctx: RunContext, who: str) -> list[
     wd = ctx.config.get("weight_decay", 0.0)
     given = ctx.config.get("_given")
     if (wd or any(g.get("weight_decay", 0.0) for g in groups)) and (given is None or "weight_decay" in given):
-        ctx.log(f"{who}: --weight-decay {wd} is ignored ({who} replaces weight decay; set to 0 in every "
-                f"parameter group)")
+        ctx.log(
+            f"{who}: --weight-decay {wd} is ignored ({who} replaces weight decay; set to 0 in every "
+            f"parameter group)"
+        )
     for g in groups:
         g["weight_decay"] = 0.0
     return groups

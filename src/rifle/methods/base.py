@@ -20,6 +20,7 @@ The trainer calls these hooks at fixed moments and never asks for a method by na
 ``features`` is the input of the classifier head (the pooled feature), captured by a hook.
 A new method is one file with a subclass and a ``@register("name")`` line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,9 @@ class Method:
     def transform_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
-    def loss_terms(self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor,
-                   y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         return {}
 
     needs_features: bool = False
@@ -111,11 +113,13 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return deco
 
 
 def registry() -> dict[str, type[Method]]:
     from . import _load_all  # noqa: F401  (import every method module once)
+
     return dict(_REGISTRY)
 
 
@@ -123,6 +127,7 @@ def create(name: str, **options: Any) -> Method:
     reg = registry()
     if name not in reg:
         import difflib
+
         close = difflib.get_close_matches(name, reg, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(reg))}")
@@ -131,10 +136,12 @@ def create(name: str, **options: Any) -> Method:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"method {name!r} has no option(s) {sorted(unknown)}; its options: "
-                             f"{sorted(known) or 'none'}")
-        options = {k: _number(name, f, options[k]) for f in dataclasses.fields(cls) for k in [f.name]
-                   if k in options}
+            raise ValueError(
+                f"method {name!r} has no option(s) {sorted(unknown)}; its options: {sorted(known) or 'none'}"
+            )
+        options = {
+            k: _number(name, f, options[k]) for f in dataclasses.fields(cls) for k in [f.name] if k in options
+        }
     return cls(**options)
 
 
@@ -146,11 +153,15 @@ def _number(method: str, f: dataclasses.Field, value: Any) -> Any:
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"--{method}-{f.name.replace('_', '-')}={value!r} (options.{method}.{f.name}): "
-                         f"expected {'an integer' if kind == 'int' else 'a number'}") from None
+        raise ValueError(
+            f"--{method}-{f.name.replace('_', '-')}={value!r} (options.{method}.{f.name}): "
+            f"expected {'an integer' if kind == 'int' else 'a number'}"
+        ) from None
     if kind == "float":
         return number
     if not number.is_integer():
-        raise ValueError(f"--{method}-{f.name.replace('_', '-')}={value!r} (options.{method}.{f.name}): "
-                         f"expected an integer")
+        raise ValueError(
+            f"--{method}-{f.name.replace('_', '-')}={value!r} (options.{method}.{f.name}): "
+            f"expected an integer"
+        )
     return int(number)

@@ -5,6 +5,7 @@ Shrinkage for Safe Transfer Learning", NeurIPS 2019. Regulariser ``eta * sum_{i=
 over the head's input ``F`` (B x D), ``sigma_{-i}`` its i-th smallest singular value; defaults ``k = 1``,
 ``eta = 0.001`` (the paper; TLlib's example). Decisions where the paper is vague: docs/methods.md "bss".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ def bss_penalty(features: torch.Tensor, k: int = 1) -> torch.Tensor:
     if k_eff <= 0:
         return f.sum() * 0.0  # keeps the graph and the device
     s = torch.linalg.svdvals(f)  # descending
-    return s[n - k_eff:].square().sum()
+    return s[n - k_eff :].square().sum()
 
 
 @register("bss")
@@ -35,13 +36,15 @@ def bss_penalty(features: torch.Tensor, k: int = 1) -> torch.Tensor:
 class BSS(Method):
     """Batch Spectral Shrinkage: eta * sum of the k smallest squared singular values of the features."""
 
-    k: int = 1          # number of smallest singular values penalised (paper, TLlib)
+    k: int = 1  # number of smallest singular values penalised (paper, TLlib)
     eta: float = 0.001  # trade-off (paper, TLlib)
 
     kind = "reg"
     needs_features = True
-    option_help = {"k": "number of smallest singular values of the batch features penalised (paper: 1)",
-                   "eta": "trade-off weight of the penalty (paper, TLlib: 0.001)"}
+    option_help = {
+        "k": "number of smallest singular values of the batch features penalised (paper: 1)",
+        "eta": "trade-off weight of the penalty (paper, TLlib: 0.001)",
+    }
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -49,9 +52,12 @@ class BSS(Method):
         if self.eta < 0:
             raise ValueError(f"bss eta must be >= 0, got {self.eta}")
 
-    def loss_terms(self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor,
-                   y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         if features is None:
-            raise RuntimeError("bss needs the head's input features, but none were captured "
-                               "(the trainer registers the capture hook when needs_features is True)")
+            raise RuntimeError(
+                "bss needs the head's input features, but none were captured "
+                "(the trainer registers the capture hook when needs_features is True)"
+            )
         return {"bss": self.eta * bss_penalty(features, self.k)}

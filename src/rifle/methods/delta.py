@@ -12,6 +12,7 @@ Follows the authors' code (github.com/lixingjian/DELTA) and TLlib for the scale 
 (:mod:`._feature_taps`), the channel attention (:mod:`._channel_attention`), the method (this file).
 Every decision, and the measurements behind it: docs/methods.md "delta".
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,8 +27,13 @@ from torch import nn
 
 from ..core.rifle import unwrap_model
 from ..core.structure import head_params, resolve_layers
-from ._channel_attention import (all_reduce_mean, attention_from_scores, exact_scores, first_order_scores,
-                                 fit_probe)
+from ._channel_attention import (
+    all_reduce_mean,
+    attention_from_scores,
+    exact_scores,
+    first_order_scores,
+    fit_probe,
+)
 from ._feature_taps import FeatureTap, StopForward, frozen_copy
 from ._penalties import backbone_and_refs, disable_weight_decay, squared_distance, squared_norm
 from .base import Method, RunContext, register
@@ -39,8 +45,12 @@ FROZEN_BN = ("eval", "batch")
 DRIFT_WARN = 0.5  # relative distance of the backbone from the pretrained weights after the first epoch
 
 
-def feature_map_distance(features: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                         attention: dict[str, torch.Tensor], scale: float | None = None) -> torch.Tensor:
+def feature_map_distance(
+    features: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    attention: dict[str, torch.Tensor],
+    scale: float | None = None,
+) -> torch.Tensor:
     """``sum_l C_l/(H_l W_l) sum_c a_{l,c} * s * mean_b ||F_{l,b,c} - F0_{l,b,c}||^2``.
 
     ``s = scale`` (default ``B/2`` with B the batch here: the authors' ``1/2 sum over the batch``).
@@ -73,15 +83,15 @@ def backbone_drift(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
 class DELTA(Method):
     """DELTA: attention-weighted distance to the pretrained model's feature maps + beta/2 ||w_head||^2."""
 
-    alpha: float = 0.01            # feature-map term (authors' code, TLlib)
-    beta: float = 0.01             # L2 on the head (authors' code, TLlib)
-    layers: str | None = None      # comma-separated dotted module names; None = automatic
+    alpha: float = 0.01  # feature-map term (authors' code, TLlib)
+    beta: float = 0.01  # L2 on the head (authors' code, TLlib)
+    layers: str | None = None  # comma-separated dotted module names; None = automatic
     attention: str = "first_order"  # "first_order" | "exact" | "uniform"
-    attention_batches: int = 10    # training batches used for the attention (TLlib: up to 10)
+    attention_batches: int = 10  # training batches used for the attention (TLlib: up to 10)
     attention_head: str = "probe"  # "probe" (fit a linear probe first) | "pretrained"
-    temperature: float = 5.0       # softmax temperature over z-scores (authors, TLlib)
-    reduction: str = "sum"         # "sum" (1/2 sum over a --batch-size batch, authors) | "mean"
-    frozen_bn: str = "eval"        # "eval" (pretrained running stats, authors) | "batch" (batch stats)
+    temperature: float = 5.0  # softmax temperature over z-scores (authors, TLlib)
+    reduction: str = "sum"  # "sum" (1/2 sum over a --batch-size batch, authors) | "mean"
+    frozen_bn: str = "eval"  # "eval" (pretrained running stats, authors) | "batch" (batch stats)
 
     kind = "reg"
     needs_pretrained = True
@@ -95,7 +105,7 @@ class DELTA(Method):
         "temperature": "softmax temperature over per-layer z-scored channel scores (5)",
         "reduction": "sum: 1/2 sum over a --batch-size batch (authors' scale); mean: 1/2 mean",
         "frozen_bn": "eval: the frozen model's BatchNorm uses its running stats (authors); batch: the "
-                     "batch's statistics, like the fine-tuned model in training",
+        "batch's statistics, like the fine-tuned model in training",
     }
 
     def __post_init__(self) -> None:
@@ -143,16 +153,24 @@ class DELTA(Method):
             ctx.log(f"DELTA: channel attention restored from the checkpoint for {self.layer_names}")
         else:
             if pending:
-                ctx.log(f"DELTA: checkpoint attention is for {pending.get('layers')}, not "
-                        f"{self.layer_names}: recomputing")
+                ctx.log(
+                    f"DELTA: checkpoint attention is for {pending.get('layers')}, not "
+                    f"{self.layer_names}: recomputing"
+                )
             self.channel_attention = self._compute_attention(ctx)
         self._tap = FeatureTap(inner, self.layer_names, grad_only=True)
         self._ref_tap = FeatureTap(self.frozen, self.layer_names, stop=True)
         # conv / linear weights only (as in the depth analysis): BatchNorm's affine parameters would
         # dominate the norm and hide the drift
-        self._drift_pairs = ([(p, r) for p, r in zip(*backbone_and_refs(inner, self._head_modules,
-                                                                         ctx.pretrained_state)) if p.dim() > 1]
-                             if ctx.pretrained_state is not None else [])
+        self._drift_pairs = (
+            [
+                (p, r)
+                for p, r in zip(*backbone_and_refs(inner, self._head_modules, ctx.pretrained_state))
+                if p.dim() > 1
+            ]
+            if ctx.pretrained_state is not None
+            else []
+        )
         self._drift_checked = False
 
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
@@ -172,7 +190,9 @@ class DELTA(Method):
                 f"Use a smaller --delta-alpha (EfficientNet-Lite0 / ELPV at 112 px, relative change of the "
                 f"first third of the backbone after 10 epochs: alpha 0.01 -> 2.2, 0.001 -> 0.23, "
                 f"0.0001 -> 0.066, plain fine-tuning 0.05; "
-                f"docs/results/elpv.md).", stacklevel=2)
+                f"docs/results/elpv.md).",
+                stacklevel=2,
+            )
         return {}
 
     def _batches(self, ctx: RunContext, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -193,13 +213,17 @@ class DELTA(Method):
         tap = FeatureTap(self.frozen, self.layer_names)
         with torch.no_grad():
             self.frozen(batches[0][0])
-        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                  for k, v in tap.outputs.items()}
+        shapes = {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            for k, v in tap.outputs.items()
+        }
         tap.remove()
         for name, shape in shapes.items():
             if not isinstance(shape, tuple) or len(shape) != 4:
-                raise ValueError(f"DELTA needs convolutional feature maps (B, C, H, W); layer {name!r} "
-                                 f"outputs {shape}: choose other --delta-layers")
+                raise ValueError(
+                    f"DELTA needs convolutional feature maps (B, C, H, W); layer {name!r} "
+                    f"outputs {shape}: choose other --delta-layers"
+                )
         if self.attention == "uniform":
             att = {k: torch.full((s[1],), 1.0 / s[1], device=ctx.device) for k, s in shapes.items()}
             ctx.log(f"DELTA: uniform channel attention on {self.layer_names}")
@@ -208,20 +232,29 @@ class DELTA(Method):
         if self.attention_head == "probe":
             heads = [self.frozen.get_submodule(h) for h in ctx.head_names] if len(ctx.head_names) == 1 else []
             acc = fit_probe(self.frozen, heads[0], batches) if heads else None
-            probe = (f", linear probe fitted on {sum(len(y) for _, y in batches)} images (train acc "
-                     f"{acc:.3f})" if acc is not None else ", no probe (head output is not the logits): "
-                     "pretrained head used")
+            probe = (
+                f", linear probe fitted on {sum(len(y) for _, y in batches)} images (train acc {acc:.3f})"
+                if acc is not None
+                else ", no probe (head output is not the logits): pretrained head used"
+            )
         scorer = first_order_scores if self.attention == "first_order" else exact_scores
         scores = all_reduce_mean(scorer(self.frozen, self.layer_names, batches), ctx.device)
         att = {k: attention_from_scores(v, self.temperature).to(ctx.device) for k, v in scores.items()}
-        spread = ", ".join(f"{k}: {len(a)} ch, max/min {float(a.max() / a.min()):.2f}" for k, a in att.items())
-        ctx.log(f"DELTA: {self.attention} channel attention from {len(batches)} batch(es){probe} in "
-                f"{time.perf_counter() - t0:.1f} s [{spread}]")
+        spread = ", ".join(
+            f"{k}: {len(a)} ch, max/min {float(a.max() / a.min()):.2f}" for k, a in att.items()
+        )
+        ctx.log(
+            f"DELTA: {self.attention} channel attention from {len(batches)} batch(es){probe} in "
+            f"{time.perf_counter() - t0:.1f} s [{spread}]"
+        )
         return att
 
-    def loss_terms(self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor,
-                   y: torch.Tensor) -> dict[str, torch.Tensor]:
-        assert self.frozen is not None and self._tap is not None and self._ref_tap is not None, "setup() first"
+    def loss_terms(
+        self, logits: torch.Tensor, features: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        assert self.frozen is not None and self._tap is not None and self._ref_tap is not None, (
+            "setup() first"
+        )
         feats = self._tap.take()
         self._ref_tap.outputs.clear()
         with torch.no_grad():
@@ -235,14 +268,18 @@ class DELTA(Method):
         else:
             scale = 0.5
         dist = feature_map_distance(feats, ref, self.channel_attention, scale=scale)
-        return {"delta": self.alpha * dist,
-                "delta_head": 0.5 * self.beta * squared_norm(head_params(self._head_modules))}
+        return {
+            "delta": self.alpha * dist,
+            "delta_head": 0.5 * self.beta * squared_norm(head_params(self._head_modules)),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         if not self.channel_attention:
             return {}
-        return {"layers": list(self.layer_names),
-                "attention": {k: v.detach().cpu() for k, v in self.channel_attention.items()}}
+        return {
+            "layers": list(self.layer_names),
+            "attention": {k: v.detach().cpu() for k, v in self.channel_attention.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -251,5 +288,7 @@ class DELTA(Method):
             self._pending = state
             return
         if list(state.get("layers", [])) != self.layer_names:
-            raise ValueError(f"DELTA state is for layers {state.get('layers')}, this run uses {self.layer_names}")
+            raise ValueError(
+                f"DELTA state is for layers {state.get('layers')}, this run uses {self.layer_names}"
+            )
         self.channel_attention = {k: v.to(self._device) for k, v in state["attention"].items()}

@@ -5,6 +5,7 @@ arXiv 1605.00055. In every training mini-batch each label is, with probability `
 label drawn uniformly over **all** ``C`` classes (so it may be redrawn as itself). Default
 ``alpha = 0.1``. Decisions: docs/methods.md "disturblabel".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"disturblabel alpha must be in [0, 1], got {alpha}")
 
 
-def disturb_labels(y: torch.Tensor, num_classes: int, alpha: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def disturb_labels(
+    y: torch.Tensor, num_classes: int, alpha: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """With probability ``alpha`` replace each label by one drawn uniformly over ``num_classes``."""
     _check_alpha(alpha)
     if alpha == 0.0 or y.numel() == 0:
@@ -50,8 +52,10 @@ class DisturbLabel(Method):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
         self.num_classes = ctx.num_classes
         c = ctx.num_classes
-        ctx.log(f"disturblabel: alpha={self.alpha} over {c} classes "
-                f"(expected change rate {self.alpha * (c - 1) / c:.3f})")
+        ctx.log(
+            f"disturblabel: alpha={self.alpha} over {c} classes "
+            f"(expected change rate {self.alpha * (c - 1) / c:.3f})"
+        )
 
     def transform_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.num_classes is None:

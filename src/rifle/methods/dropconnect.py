@@ -7,6 +7,7 @@ Not drop-path (timm's ``--drop-connect`` is stochastic depth). Default ``p = 0.5
 experiments). Decisions (inference, bias, per-example masks, the hook) and costs: docs/methods.md
 "dropconnect".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,17 +26,26 @@ def _check_p(p: float) -> None:
         raise ValueError(f"dropconnect p must be in [0, 1), got {p}")
 
 
-def _keep_mask(shape: tuple[int, ...], keep: float, like: torch.Tensor,
-               generator: torch.Generator | None) -> torch.Tensor:
+def _keep_mask(
+    shape: tuple[int, ...], keep: float, like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """A 0 / ``1/keep`` mask of ``shape`` (each entry kept with probability ``keep``)."""
     device = generator.device if generator is not None else like.device
     u = torch.rand(shape, generator=generator, device=device)
     return ((u < keep).to(like.dtype) / keep).to(like.device)
 
 
-def dropconnect_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float,
-                       training: bool, generator: torch.Generator | None = None, *,
-                       per_sample: bool = True, mask_bias: bool = False) -> torch.Tensor:
+def dropconnect_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: float,
+    training: bool,
+    generator: torch.Generator | None = None,
+    *,
+    per_sample: bool = True,
+    mask_bias: bool = False,
+) -> torch.Tensor:
     """``F.linear`` with DropConnect: each weight dropped with probability ``p``, kept ones scaled by
     ``1/(1-p)``; the plain ``F.linear(x, weight, bias)`` when not training or ``p == 0``.
 
@@ -46,11 +56,17 @@ def dropconnect_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return F.linear(x, weight, bias)
     keep = 1.0 - p
     if not per_sample:
-        b = bias * _keep_mask(tuple(bias.shape), keep, bias, generator) if bias is not None and mask_bias else bias
+        b = (
+            bias * _keep_mask(tuple(bias.shape), keep, bias, generator)
+            if bias is not None and mask_bias
+            else bias
+        )
         return F.linear(x, weight * _keep_mask(tuple(weight.shape), keep, weight, generator), b)
     if x.dim() != 2:
-        raise ValueError(f"dropconnect per_sample=True needs a [batch, features] input, got shape "
-                         f"{tuple(x.shape)}; use per_sample=False")
+        raise ValueError(
+            f"dropconnect per_sample=True needs a [batch, features] input, got shape "
+            f"{tuple(x.shape)}; use per_sample=False"
+        )
     n = x.shape[0]
     w = weight.unsqueeze(0) * _keep_mask((n, *weight.shape), keep, weight, generator)  # [B, C, D]
     out = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
@@ -64,8 +80,8 @@ def _forward_hook(p: float, per_sample: bool, mask_bias: bool):
         if not module.training:
             return None  # evaluation: the plain head
         weight, bias = cast(torch.Tensor, module.weight), cast("torch.Tensor | None", module.bias)
-        return dropconnect_linear(args[0], weight, bias, p, True,
-                                  per_sample=per_sample, mask_bias=mask_bias)
+        return dropconnect_linear(args[0], weight, bias, p, True, per_sample=per_sample, mask_bias=mask_bias)
+
     return hook
 
 
@@ -75,13 +91,15 @@ class DropConnect(Method):
     """DropConnect: a Bernoulli mask on the head's weights at training time (not drop-path)."""
 
     p: float = 0.5
-    per_sample: bool = True   # a mask per example (the paper); False: one mask per mini-batch
-    mask_bias: bool = False   # the paper masks the bias too
+    per_sample: bool = True  # a mask per example (the paper); False: one mask per mini-batch
+    mask_bias: bool = False  # the paper masks the bias too
 
     kind = "trick"
-    option_help = {"p": "drop probability of each head weight (Wan et al.: 0.5)",
-                   "per_sample": "a mask per example (the paper) instead of one per mini-batch",
-                   "mask_bias": "mask the head's bias too (the paper does)"}
+    option_help = {
+        "p": "drop probability of each head weight (Wan et al.: 0.5)",
+        "per_sample": "a mask per example (the paper) instead of one per mini-batch",
+        "mask_bias": "mask the head's bias too (the paper does)",
+    }
 
     def __post_init__(self) -> None:
         _check_p(self.p)
@@ -93,7 +111,10 @@ class DropConnect(Method):
                 raise ValueError(f"dropconnect needs nn.Linear head(s); {name} is a {type(m).__name__}")
         for h in self._handles:
             h.remove()
-        self._handles = [m.register_forward_hook(_forward_hook(self.p, self.per_sample, self.mask_bias))
-                         for m in ctx.head]
-        ctx.log(f"dropconnect: p={self.p} on the weights of {', '.join(ctx.head_names)} "
-                f"({'a mask per example' if self.per_sample else 'one mask per batch'})")
+        self._handles = [
+            m.register_forward_hook(_forward_hook(self.p, self.per_sample, self.mask_bias)) for m in ctx.head
+        ]
+        ctx.log(
+            f"dropconnect: p={self.p} on the weights of {', '.join(ctx.head_names)} "
+            f"({'a mask per example' if self.per_sample else 'one mask per batch'})"
+        )

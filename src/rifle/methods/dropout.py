@@ -6,6 +6,7 @@ input is zeroed with probability ``p`` and the kept ones are scaled by ``1/(1-p)
 identity in evaluation. Default ``p = 0.5`` (the paper, §1). A forward pre-hook on the head: no module is
 replaced. Decisions: docs/methods.md "dropout".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ def feature_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def _pre_hook(p: float):
     def hook(module: nn.Module, args: tuple) -> tuple:
         return (feature_dropout(args[0], p, module.training), *args[1:])
+
     return hook
 
 

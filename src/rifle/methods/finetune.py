@@ -5,6 +5,7 @@ momentum 0.9, lr 0.01, weight decay 1e-4, one cosine over the run; REFERENCE.md 
 the trainer: the plug-in only makes the choice explicit and recorded. docs/methods.md "Standard
 fine-tuning".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

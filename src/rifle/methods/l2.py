@@ -3,6 +3,7 @@
 The optimizer's ``weight_decay`` (``--weight-decay``, default 1e-4 as in the official RIFLE recipe)
 does the work; this plug-in only makes ``--reg l2`` an explicit, recorded choice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ uses and keeps its pretrained statistics) and, in a single process with a one-mo
 input is detached so no gradient reaches the backbone. Epochs ``[P, E)`` fine-tune every layer from a
 clean optimizer state. Everything is a function of the epoch: no state to checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,25 +45,29 @@ def phase_factor(epoch: int, epochs: int, probe: int, lr_schedule: str) -> float
 class LPFT(Method):
     """Linear probe (frozen backbone) for probe_epochs, then fine-tune every layer (Kumar et al. 2022)."""
 
-    probe_epochs: int | None = None   # None: ceil(E/4), at most E - 1
-    schedule: str = "restart"         # restart: the run's LR schedule restarts at the FT phase; global
+    probe_epochs: int | None = None  # None: ceil(E/4), at most E - 1
+    schedule: str = "restart"  # restart: the run's LR schedule restarts at the FT phase; global
 
     kind = "method"
     option_help = {
         "probe_epochs": "epochs of linear probing (backbone frozen, BatchNorm in eval mode) before "
-                        "fine-tuning everything (default ceil(E/4), at most E-1)",
+        "fine-tuning everything (default ceil(E/4), at most E-1)",
         "schedule": "restart: the run's LR schedule (cosine) runs once over the probe and again over the "
-                    "fine-tuning phase (Kumar et al.); global: one schedule over the whole run "
-                    "(default restart)",
+        "fine-tuning phase (Kumar et al.); global: one schedule over the whole run "
+        "(default restart)",
     }
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"lp-ft schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r} "
-                             f"(--lp-ft-schedule)")
-        if self.probe_epochs is not None and (isinstance(self.probe_epochs, bool)
-                                              or not isinstance(self.probe_epochs, int)
-                                              or self.probe_epochs < 1):
+            raise ValueError(
+                f"lp-ft schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r} "
+                f"(--lp-ft-schedule)"
+            )
+        if self.probe_epochs is not None and (
+            isinstance(self.probe_epochs, bool)
+            or not isinstance(self.probe_epochs, int)
+            or self.probe_epochs < 1
+        ):
             raise ValueError(f"--lp-ft-probe-epochs={self.probe_epochs!r}: must be an integer >= 1")
         self._probe: int | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -75,10 +80,15 @@ class LPFT(Method):
     def resolve_probe(self, epochs: int) -> int:
         probe = default_probe_epochs(epochs) if self.probe_epochs is None else self.probe_epochs
         if not 1 <= probe < epochs:
-            given = (f"--lp-ft-probe-epochs={self.probe_epochs}" if self.probe_epochs is not None
-                     else f"the default probe of ceil(E/4) = {probe} epoch(s)")
-            raise ValueError(f"lp-ft: {given} leaves no fine-tuning epoch in --epochs={epochs}; "
-                             f"use 1 <= probe epochs < epochs (LP-FT needs --epochs >= 2)")
+            given = (
+                f"--lp-ft-probe-epochs={self.probe_epochs}"
+                if self.probe_epochs is not None
+                else f"the default probe of ceil(E/4) = {probe} epoch(s)"
+            )
+            raise ValueError(
+                f"lp-ft: {given} leaves no fine-tuning epoch in --epochs={epochs}; "
+                f"use 1 <= probe epochs < epochs (LP-FT needs --epochs >= 2)"
+            )
         return probe
 
     def lr_lambda(self, ctx: RunContext) -> Callable[[int], float] | None:
@@ -93,23 +103,32 @@ class LPFT(Method):
         self._probe = self.resolve_probe(ctx.epochs)
         self._optimizer = optimizer
         head_modules = {id(m) for h in ctx.head for m in h.modules()}
-        ancestors = {id(m) for name, m in model.named_modules()
-                     if any(h is sub for h in ctx.head for sub in m.modules())}
+        ancestors = {
+            id(m)
+            for name, m in model.named_modules()
+            if any(h is sub for h in ctx.head for sub in m.modules())
+        }
         # every module outside the head; the head's ancestors (containers, the root) keep their mode:
         # their flag only drives head-side code such as functional dropout before the classifier
-        self._frozen_modules = [m for m in model.modules()
-                                if id(m) not in head_modules and id(m) not in ancestors]
+        self._frozen_modules = [
+            m for m in model.modules() if id(m) not in head_modules and id(m) not in ancestors
+        ]
         head_ids = {id(p) for h in ctx.head for p in h.parameters()}
         self._backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
         # no gradient to the backbone at all (saves its backward pass) where that is safe: DDP expects a
         # gradient for every parameter, torch.compile would retrace, and a multi-module head would be cut
-        self._detach = (len(ctx.head) == 1 and int(ctx.config.get("world_size") or 1) == 1
-                        and not ctx.config.get("compile"))
+        self._detach = (
+            len(ctx.head) == 1
+            and int(ctx.config.get("world_size") or 1) == 1
+            and not ctx.config.get("compile")
+        )
         if self._detach:
             ctx.head[0].register_forward_pre_hook(self._detach_input)
-        ctx.log(f"LP-FT: linear probe of {ctx.head_names} for epoch(s) 0-{self._probe - 1} (backbone frozen, "
-                f"in eval mode), then fine-tuning of every layer for epoch(s) {self._probe}-{ctx.epochs - 1} "
-                f"(LR schedule: {self.schedule})")
+        ctx.log(
+            f"LP-FT: linear probe of {ctx.head_names} for epoch(s) 0-{self._probe - 1} (backbone frozen, "
+            f"in eval mode), then fine-tuning of every layer for epoch(s) {self._probe}-{ctx.epochs - 1} "
+            f"(LR schedule: {self.schedule})"
+        )
 
     def _detach_input(self, module: nn.Module, args: tuple) -> tuple | None:
         if not self._probing:
@@ -125,15 +144,19 @@ class LPFT(Method):
             for g in self._optimizer.param_groups:  # lr 0: neither gradients nor weight decay move it
                 if any(id(p) in backbone_ids for p in g["params"]):
                     if not all(id(p) in backbone_ids for p in g["params"]):
-                        raise ValueError("lp-ft: a parameter group mixes backbone and head parameters; "
-                                         "the probe cannot freeze the backbone alone")
+                        raise ValueError(
+                            "lp-ft: a parameter group mixes backbone and head parameters; "
+                            "the probe cannot freeze the backbone alone"
+                        )
                     g["lr"] = 0.0
         elif epoch == self._probe:
             # the fine-tuning phase starts from a clean optimizer (Kumar et al.: a new optimizer),
             # for the backbone and the probed head alike: per-parameter state and the per-group step
             # counts (timm's Adan/Lamb bias corrections), as the re-init resets them
             self._optimizer.state.clear()
-            clear_optimizer_state(self._optimizer, [p for g in self._optimizer.param_groups for p in g["params"]])
+            clear_optimizer_state(
+                self._optimizer, [p for g in self._optimizer.param_groups for p in g["params"]]
+            )
         return {"lp_ft_phase": "probe" if self._probing else "finetune"}
 
     def on_step_start(self, step: int) -> None:
@@ -143,5 +166,7 @@ class LPFT(Method):
 
     def config(self) -> dict[str, Any]:
         """The options; after setup, ``probe_epochs`` is the resolved probe length."""
-        return {"probe_epochs": self._probe if self._probe is not None else self.probe_epochs,
-                "schedule": self.schedule}
+        return {
+            "probe_epochs": self._probe if self._probe is not None else self.probe_epochs,
+            "schedule": self.schedule,
+        }

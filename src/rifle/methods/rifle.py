@@ -5,6 +5,7 @@ Re-Initializing the Fully-connected LayEr", ICML 2020, arXiv 2007.03349. Rule an
 REFERENCE.md §3 (K = number of re-inits, at the start of epoch floor(i*E/(K+1)), guard ceil(E/8),
 in-place re-init with reset_parameters(), head optimizer state cleared, global LR schedule).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,19 +27,19 @@ class RifleMethod(Method):
     """Re-initialise the classifier head K times during fine-tuning (``--method rifle``)."""
 
     reinits: int = 3
-    granularity: str = "epoch"          # "epoch" or "step" (same rule over total optimizer steps)
-    guard: int | None = None            # in units of `granularity`; None = max(1, ceil(T/8))
-    guard_steps: int | None = None      # a guard in optimizer steps (stricter one wins)
+    granularity: str = "epoch"  # "epoch" or "step" (same rule over total optimizer steps)
+    guard: int | None = None  # in units of `granularity`; None = max(1, ceil(T/8))
+    guard_steps: int | None = None  # a guard in optimizer steps (stricter one wins)
     min_steps_after: int | None = DEFAULT_MIN_STEPS_AFTER
-    init: str = "default"               # reset_parameters(); lecun_normal, kaiming_normal (He), ...
+    init: str = "default"  # reset_parameters(); lecun_normal, kaiming_normal (He), ...
     keep_optimizer_state: bool = False  # True = official code (stale momentum kept)
-    head_lr_restart: bool = False       # True = official fc_lr_util=cyclic (head cosine per period)
-    head: str | None = None             # dotted name(s), comma-separated; None = automatic
-    modules: str | None = None          # also re-init: "last:N" blocks or a regex over module names
-    trigger: str = "schedule"           # "schedule" (paper) or "converged" (docs/rifle.md#trigger)
+    head_lr_restart: bool = False  # True = official fc_lr_util=cyclic (head cosine per period)
+    head: str | None = None  # dotted name(s), comma-separated; None = automatic
+    modules: str | None = None  # also re-init: "last:N" blocks or a regex over module names
+    trigger: str = "schedule"  # "schedule" (paper) or "converged" (docs/rifle.md#trigger)
     converged_acc: float | None = None  # the trigger's train-accuracy threshold; None = 0.97
-    diagnose: bool = True               # measure each re-init (rifle.core.diagnosis) and print a verdict
-    diagnosis_window: int = 5           # optimizer steps measured on each side of a re-init
+    diagnose: bool = True  # measure each re-init (rifle.core.diagnosis) and print a verdict
+    diagnosis_window: int = 5  # optimizer steps measured on each side of a re-init
 
     kind = "method"
 
@@ -46,32 +47,50 @@ class RifleMethod(Method):
         if self.granularity not in ("epoch", "step"):
             raise ValueError(f"rifle granularity must be 'epoch' or 'step', got {self.granularity!r}")
         if self.trigger == "converged" and self.granularity == "step":
-            raise ValueError("--reinit-trigger converged decides once per epoch from the epoch's training "
-                             "accuracy: use --reinit-granularity epoch (step granularity is not supported)")
+            raise ValueError(
+                "--reinit-trigger converged decides once per epoch from the epoch's training "
+                "accuracy: use --reinit-granularity epoch (step granularity is not supported)"
+            )
         self.core: Rifle | None = None
         self._pending_state: dict[str, Any] | None = None
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
         head = self.head.split(",") if self.head else ctx.head
-        common: dict[str, Any] = dict(reinits=self.reinits, seed=ctx.seed, head=head, guard=self.guard,
-                      guard_steps=self.guard_steps, min_steps_after=self.min_steps_after,
-                      init=self.init, keep_optimizer_state=self.keep_optimizer_state,
-                      head_lr_restart=self.head_lr_restart, modules=self.modules,
-                      diagnose=self.diagnose, diagnosis_window=self.diagnosis_window)
+        common: dict[str, Any] = dict(
+            reinits=self.reinits,
+            seed=ctx.seed,
+            head=head,
+            guard=self.guard,
+            guard_steps=self.guard_steps,
+            min_steps_after=self.min_steps_after,
+            init=self.init,
+            keep_optimizer_state=self.keep_optimizer_state,
+            head_lr_restart=self.head_lr_restart,
+            modules=self.modules,
+            diagnose=self.diagnose,
+            diagnosis_window=self.diagnosis_window,
+        )
         if self.trigger != "schedule":
             common.update(trigger=self.trigger, converged_acc=self.converged_acc)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if self.granularity == "epoch":
-                self.core = Rifle(model, optimizer, epochs=ctx.epochs,
-                                  steps_per_epoch=ctx.steps_per_epoch, **common)
+                self.core = Rifle(
+                    model, optimizer, epochs=ctx.epochs, steps_per_epoch=ctx.steps_per_epoch, **common
+                )
             else:  # steps_per_epoch: the diagnosis's loss window (the last epoch's worth of steps)
-                self.core = Rifle(model, optimizer, total_steps=ctx.epochs * ctx.steps_per_epoch,
-                                  steps_per_epoch=ctx.steps_per_epoch, **common)
+                self.core = Rifle(
+                    model,
+                    optimizer,
+                    total_steps=ctx.epochs * ctx.steps_per_epoch,
+                    steps_per_epoch=ctx.steps_per_epoch,
+                    **common,
+                )
         for w in caught:  # the core names its keyword; a run of rifle train / a config file has the flag
             text = re.sub(r"\bmin_steps_after=(\d+)", r"--min-steps-after \1", str(w.message))
-            warnings.warn(text.replace("set min_steps_after to", "set --min-steps-after 0 to"), w.category,
-                          stacklevel=2)
+            warnings.warn(
+                text.replace("set min_steps_after to", "set --min-steps-after 0 to"), w.category, stacklevel=2
+            )
         self._spe = max(1, ctx.steps_per_epoch)
         self._fp16 = ctx.config.get("amp") == "fp16"
         self._epochs, self._log = ctx.epochs, ctx.log
@@ -82,12 +101,16 @@ class RifleMethod(Method):
         unit = self.core.unit
         if self.core.trigger == "converged":
             s = self.core.schedule
-            ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of an epoch once the previous "
-                    f"epoch's train accuracy reaches {self.core.converged_acc:g} (at most {s.reinits}, "
-                    f"at epochs 1..{s.total - s.guard}; fired so far: {self.core.fired})")
+            ctx.log(
+                f"RIFLE: re-init {self.core.module_names} at the start of an epoch once the previous "
+                f"epoch's train accuracy reaches {self.core.converged_acc:g} (at most {s.reinits}, "
+                f"at epochs 1..{s.total - s.guard}; fired so far: {self.core.fired})"
+            )
         else:
-            ctx.log(f"RIFLE: re-init {self.core.module_names} at the start of {unit}(s) "
-                    f"{self.core.points} of {self.core.schedule.total}")
+            ctx.log(
+                f"RIFLE: re-init {self.core.module_names} at the start of {unit}(s) "
+                f"{self.core.points} of {self.core.schedule.total}"
+            )
 
     @property
     def reinit_epochs(self) -> list[int]:
@@ -127,14 +150,16 @@ class RifleMethod(Method):
             report = self.core.trigger_report
             assert report is not None  # trigger="converged"
             if epoch == self._epochs - 1 and report["reason"]:
-                self._log(f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
-                          f"{report['reason']} (docs/rifle.md#trigger)")
+                self._log(
+                    f"RIFLE trigger: {'no re-init' if not report['fired'] else 'fewer re-inits'}: "
+                    f"{report['reason']} (docs/rifle.md#trigger)"
+                )
         next_start = epoch + 1 if self.core.unit == "epoch" else (epoch + 1) * self._spe
         # every rank: the checkpoint (rank 0's) after this epoch precedes a re-init, or, with step
         # re-inits, may lie inside the loss window (the last steps_per_epoch steps) of one
         if self.core.unit == "step" or self.core.reinit_may_start_at(next_start):
             self.core.settle_diagnosis()
-        new = self.core.diagnosis[self._reported:]
+        new = self.core.diagnosis[self._reported :]
         self._reported += len(new)
         for d in new:
             self._log(d["verdict"])

@@ -7,6 +7,7 @@ by ``1 / p_l`` as timm's ``scale_by_keep``. The blocks are found by
 :func:`rifle.core.structure.residual_blocks`; this file sets their rates. Decisions and supported
 models: docs/methods.md "stochastic-depth".
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,12 +34,14 @@ def drop_rates(num_blocks: int, p_l: float) -> list[float]:
 def _drop_branch_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook on a residual branch's last layer (reads its rate from the module: copy-safe)."""
     from timm.layers import drop_path
+
     return drop_path(output, cast(float, module.stochastic_depth_drop), module.training)
 
 
 def _setter_slot(block: nn.Module, attr: str) -> Callable[[float], float]:
     def apply(rate: float) -> float:
         from timm.layers import DropPath
+
         slot = getattr(block, attr)
         before = float(getattr(slot, "drop_prob", 0.0) or 0.0)
         if hasattr(slot, "drop_prob"):
@@ -46,6 +49,7 @@ def _setter_slot(block: nn.Module, attr: str) -> Callable[[float], float]:
         else:  # nn.Identity / None: a parameter-free DropPath takes its place
             setattr(block, attr, DropPath(rate).train(block.training))
         return before
+
     return apply
 
 
@@ -56,6 +60,7 @@ def _setter_torchvision_block(bn: Any) -> Callable[[float], float]:  # an nn.Mod
             bn.register_forward_hook(_drop_branch_output)
         bn.stochastic_depth_drop = rate
         return float(before or 0.0)
+
     return apply
 
 
@@ -63,6 +68,7 @@ def _setter_tv_sd(sd: Any) -> Callable[[float], float]:  # torchvision's Stochas
     def apply(rate: float) -> float:
         before, sd.p = float(sd.p), rate
         return before
+
     return apply
 
 
@@ -75,8 +81,10 @@ _SETTERS: dict[str, Callable[[DropSite], Callable[[float], float]]] = {
 
 def block_setters(model: nn.Module) -> list[tuple[str, list[Callable[[float], float]]]]:
     """``[(block name, [setters])]`` in depth order; a setter applies a drop rate, returns the old one."""
-    return [(name, [_SETTERS[site.kind](site) for site in sites])
-            for name, sites in residual_blocks(unwrap_model(model))]
+    return [
+        (name, [_SETTERS[site.kind](site) for site in sites])
+        for name, sites in residual_blocks(unwrap_model(model))
+    ]
 
 
 @register("stochastic-depth")
@@ -101,7 +109,8 @@ class StochasticDepthTrick(Method):
                 f"stochastic-depth: {type(unwrap_model(model)).__name__} has no residual block this trick "
                 f"can drop. Supported: tiny_cnn, efficientnet_lite0 and timm models with drop-path slots "
                 f"(EfficientNet, ResNet, ConvNeXt, ViT, ...), torchvision ResNets, and torchvision models "
-                f"with StochasticDepth layers")
+                f"with StochasticDepth layers"
+            )
         rates = drop_rates(len(blocks), self.p_l)
         replaced = []
         for (name, setters), rate in zip(blocks, rates):
@@ -116,5 +125,7 @@ class StochasticDepthTrick(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: RunContext) -> None:
         rates = self.apply(model, ctx.log)
-        ctx.log(f"stochastic-depth: {len(rates)} residual blocks, survival 1 -> {self.p_l} "
-                f"(first block drop {rates[next(iter(rates))]:.3f}, last {1 - self.p_l:.3f})")
+        ctx.log(
+            f"stochastic-depth: {len(rates)} residual blocks, survival 1 -> {self.p_l} "
+            f"(first block drop {rates[next(iter(rates))]:.3f}, last {1 - self.p_l:.3f})"
+        )

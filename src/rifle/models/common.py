@@ -1,4 +1,5 @@
 """What every part of :mod:`rifle.models` shares: the error type and the preprocessing record."""
+
 from __future__ import annotations
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -11,5 +12,8 @@ class ModelError(ValueError):
 
 
 def _prep(mean, std) -> dict:
-    return {"mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std),
-            "interpolation": "bilinear"}
+    return {
+        "mean": tuple(float(v) for v in mean),
+        "std": tuple(float(v) for v in std),
+        "interpolation": "bilinear",
+    }

@@ -4,6 +4,7 @@ classifiers (``torchvision:<name>``), each with a fresh ``num_classes``-way head
 Follows ``timm.create_model`` and ``torchvision.models.get_model``; unreachable weights hosts fail at
 once (:mod:`rifle.models.offline`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,24 +26,32 @@ def _is_timm_name(name: str) -> bool:
     return timm.is_model(name)
 
 
-def _create_timm(name: str, num_classes: int, pretrained: bool, drop_rate: float,
-                 drop_path_rate: float) -> nn.Module:
+def _create_timm(
+    name: str, num_classes: int, pretrained: bool, drop_rate: float, drop_path_rate: float
+) -> nn.Module:
     import timm
     from timm.models import is_model_pretrained, split_model_name_tag
 
     local = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
     if pretrained and not local and not is_model_pretrained(name):
-        raise ModelError(f"timm has no pretrained weights for {name}: use pretrained=False (--no-pretrained) "
-                         f"or a model from timm.list_models(pretrained=True)")
-    kw: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # not every timm model has it
+        raise ModelError(
+            f"timm has no pretrained weights for {name}: use pretrained=False (--no-pretrained) "
+            f"or a model from timm.list_models(pretrained=True)"
+        )
+    kw: dict[str, Any] = (
+        {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    )  # not every timm model has it
     offline = _timm_offline(name) if pretrained and not name.startswith("local-dir:") else None
     try:
         with _hf_offline() if offline else contextlib.nullcontext():
-            model: Any = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
-                                      drop_rate=drop_rate, **kw)
+            model: Any = timm.create_model(
+                name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **kw
+            )
     except TypeError as e:
-        raise ModelError(f"timm model {name} rejected the options drop_rate={drop_rate}, "
-                         f"drop_path_rate={drop_path_rate}: {e}") from e
+        raise ModelError(
+            f"timm model {name} rejected the options drop_rate={drop_rate}, "
+            f"drop_path_rate={drop_path_rate}: {e}"
+        ) from e
     except Exception as e:  # noqa: BLE001 - download / hub / cache errors come in many types
         if offline:
             raise _no_network(name, *offline) from None
@@ -101,8 +110,9 @@ def _torchvision_head_name(model: nn.Module) -> str:
         raise ModelError(f"cannot find the classification head of {type(model).__name__}: {e}") from e
 
 
-def _create_torchvision(name: str, num_classes: int, pretrained: bool, drop_rate: float,
-                        drop_path_rate: float) -> nn.Module:
+def _create_torchvision(
+    name: str, num_classes: int, pretrained: bool, drop_rate: float, drop_path_rate: float
+) -> nn.Module:
     import torchvision
 
     kw = {"stochastic_depth_prob": drop_path_rate} if drop_path_rate else {}
@@ -112,8 +122,10 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, drop_rate
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
     except TypeError as e:
         if kw:
-            raise ModelError(f"torchvision:{name} has no stochastic depth (drop_path_rate): use "
-                             f"drop_path_rate=0 or a timm model [{e}]") from e
+            raise ModelError(
+                f"torchvision:{name} has no stochastic depth (drop_path_rate): use "
+                f"drop_path_rate=0 or a timm model [{e}]"
+            ) from e
         raise
     except Exception as e:  # noqa: BLE001 - urllib / hash / cache errors
         if pretrained:
@@ -139,7 +151,10 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, drop_rate
         for m in drops:
             m.p = float(drop_rate)
         if not drops:
-            warnings.warn(f"torchvision:{name} has no dropout before its classifier: drop_rate={drop_rate} "
-                          f"is ignored (use a timm model for head dropout)", stacklevel=3)
+            warnings.warn(
+                f"torchvision:{name} has no dropout before its classifier: drop_rate={drop_rate} "
+                f"is ignored (use a timm model for head dropout)",
+                stacklevel=3,
+            )
     model.rifle_preprocessing = _prep(IMAGENET_MEAN, IMAGENET_STD)
     return model

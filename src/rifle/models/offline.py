@@ -3,6 +3,7 @@
 A TCP connection of at most ``HUB_TIMEOUT_S`` seconds (through the proxy, if any) or ``HF_HUB_OFFLINE=1``
 decides; cached weights (Hugging Face hub cache, torch hub checkpoints) still load (docs/models.md#offline).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,10 @@ import torch
 
 from .common import ModelError
 
-_OFFLINE_HINT = ("use weights you have (--pretrained-file PATH: a safetensors or torch state dict of this "
-                 "architecture), pretrained=False (--no-pretrained) or the offline built-in efficientnet_lite0")
+_OFFLINE_HINT = (
+    "use weights you have (--pretrained-file PATH: a safetensors or torch state dict of this "
+    "architecture), pretrained=False (--no-pretrained) or the offline built-in efficientnet_lite0"
+)
 HUB_TIMEOUT_S = 3.0  # the reachability check of a weights host, DNS included
 
 
@@ -77,13 +80,17 @@ def _torch_hub_cached(url: str) -> bool:
 
 
 def _no_network(name: str, why: str, source: str) -> ModelError:
-    return ModelError(f"{name} needs pretrained weights from {source}, but {why}, and they are not in the "
-                      f"local cache: {_OFFLINE_HINT} (docs/models.md#offline)")
+    return ModelError(
+        f"{name} needs pretrained weights from {source}, but {why}, and they are not in the "
+        f"local cache: {_OFFLINE_HINT} (docs/models.md#offline)"
+    )
 
 
 def _offline_error(name: str, e: BaseException) -> ModelError:
-    return ModelError(f"could not fetch pretrained weights for {name} (no network?): {_OFFLINE_HINT} "
-                      f"[{type(e).__name__}: {e}]")
+    return ModelError(
+        f"could not fetch pretrained weights for {name} (no network?): {_OFFLINE_HINT} "
+        f"[{type(e).__name__}: {e}]"
+    )
 
 
 def _timm_offline(name: str) -> tuple[str, str] | None:
@@ -120,6 +127,9 @@ def _torchvision_offline(name: str, url: str) -> None:
     if not _torch_hub_cached(url):
         up, target = (False, "HF_HUB_OFFLINE=1") if _env_offline() else reachable(url)
         if not up:
-            why = ("HF_HUB_OFFLINE=1 is set" if target == "HF_HUB_OFFLINE=1"
-                   else f"{target} cannot be reached (no network?)")
+            why = (
+                "HF_HUB_OFFLINE=1 is set"
+                if target == "HF_HUB_OFFLINE=1"
+                else f"{target} cannot be reached (no network?)"
+            )
             raise _no_network(f"torchvision:{name}", why, url)

@@ -5,6 +5,7 @@ head). A missing, mismatched or unexpected tensor is an error naming the file an
 Unwrapping and timm's ``checkpoint_filter_fn`` follow timm's own ``load_checkpoint``
 (timm/models/_helpers.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,25 +47,31 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     if not torch_format:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+
         try:
             obj: object = load_file(str(p), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelError(f"{flag}: neither a safetensors file nor a torch file, or corrupt "
-                             f"(safetensors: {e})") from None
+            raise ModelError(
+                f"{flag}: neither a safetensors file nor a torch file, or corrupt (safetensors: {e})"
+            ) from None
         where = "safetensors"
     else:
         import pickle
+
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"{flag}: torch.load(weights_only=True) refused it (it holds Python objects "
-                             f"other than tensors, which are never unpickled here); save the weights alone: "
-                             f"torch.save(model.state_dict(), PATH) or safetensors.torch.save_file "
-                             f"[{first}]") from None
+            raise ModelError(
+                f"{flag}: torch.load(weights_only=True) refused it (it holds Python objects "
+                f"other than tensors, which are never unpickled here); save the weights alone: "
+                f"torch.save(model.state_dict(), PATH) or safetensors.torch.save_file "
+                f"[{first}]"
+            ) from None
         except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, ...
-            raise ModelError(f"{flag}: not a readable torch file (truncated or corrupt?) "
-                             f"[{type(e).__name__}: {e}]") from None
+            raise ModelError(
+                f"{flag}: not a readable torch file (truncated or corrupt?) [{type(e).__name__}: {e}]"
+            ) from None
         where = "torch file"
     if isinstance(obj, dict):
         for key in _WRAPPERS:
@@ -72,17 +79,21 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                 obj, where = obj[key], f"{where}, ['{key}']"
                 break
     if not isinstance(obj, dict) or not obj:
-        raise ModelError(f"{flag}: expected a state dict (tensors by parameter name), found "
-                         f"{'an empty dict' if isinstance(obj, dict) else type(obj).__name__}")
+        raise ModelError(
+            f"{flag}: expected a state dict (tensors by parameter name), found "
+            f"{'an empty dict' if isinstance(obj, dict) else type(obj).__name__}"
+        )
     state = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
-            raise ModelError(f"{flag}: expected a state dict (tensors by parameter name), but entry {k!r} is a "
-                             f"{type(v).__name__} (top-level keys: {_listed([str(x) for x in obj])})")
+            raise ModelError(
+                f"{flag}: expected a state dict (tensors by parameter name), but entry {k!r} is a "
+                f"{type(v).__name__} (top-level keys: {_listed([str(x) for x in obj])})"
+            )
         k = str(k)
         for prefix in _PREFIXES:
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         state[k] = v
     return state, where
 
@@ -122,8 +133,12 @@ def _timm_filter(model: nn.Module) -> Callable | None:
     return fn if callable(fn) else None
 
 
-def load_pretrained_file(model: nn.Module, path: str | os.PathLike, name: str,
-                         read: tuple[dict[str, torch.Tensor], str] | None = None) -> str:
+def load_pretrained_file(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str,
+    read: tuple[dict[str, torch.Tensor], str] | None = None,
+) -> str:
     """Load the file's tensors into every tensor of ``model`` except its classifier head; returns a report.
 
     timm models get timm's own ``checkpoint_filter_fn`` first (as ``timm.create_model`` would for its
@@ -140,8 +155,10 @@ def load_pretrained_file(model: nn.Module, path: str | os.PathLike, name: str,
         try:
             state = fn(state, model)
         except Exception as e:  # noqa: BLE001 - the filter indexes keys it expects
-            raise ModelError(f"{flag}: timm's checkpoint filter for {name} failed on it (is it a state "
-                             f"dict of {name}?) [{type(e).__name__}: {e}]") from None
+            raise ModelError(
+                f"{flag}: timm's checkpoint filter for {name} failed on it (is it a state "
+                f"dict of {name}?) [{type(e).__name__}: {e}]"
+            ) from None
     heads = _head_prefixes(model)
     dropped = sorted(k for k in state if in_head(k, heads))
     state = {k: v for k, v in state.items() if not in_head(k, heads)}
@@ -150,27 +167,41 @@ def load_pretrained_file(model: nn.Module, path: str | os.PathLike, name: str,
     expected = [k for k in own if not in_head(k, heads)]
     missing = [k for k in expected if k not in state and not counter(k)]
     unexpected = [k for k in state if k not in own and not counter(k)]
-    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-              for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         if not any(k in own for k in state):
-            detail = (f"none of the file's {len(state)} tensor names is one of {name}'s (file: "
-                      f"{_listed([k for k in state if not counter(k)])}; model: "
-                      f"{_listed([k for k in expected if not counter(k)])})")
+            detail = (
+                f"none of the file's {len(state)} tensor names is one of {name}'s (file: "
+                f"{_listed([k for k in state if not counter(k)])}; model: "
+                f"{_listed([k for k in expected if not counter(k)])})"
+            )
         else:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} of the model's {len(expected)} backbone tensors are not in the "
-                             f"file: {_listed(missing)}")
+                parts.append(
+                    f"{len(missing)} of the model's {len(expected)} backbone tensors are not in the "
+                    f"file: {_listed(missing)}"
+                )
             if unexpected:
-                parts.append(f"{len(unexpected)} tensors of the file are not in the model: {_listed(unexpected)}")
+                parts.append(
+                    f"{len(unexpected)} tensors of the file are not in the model: {_listed(unexpected)}"
+                )
             if shapes:
                 parts.append(f"{len(shapes)} have other shapes: {_listed(shapes)}")
             detail = "; ".join(parts)
-        raise ModelError(f"{flag} does not match {name}: {detail}. Is it a state dict of {name} (a file "
-                         f"of another architecture or variant does not load)?")
+        raise ModelError(
+            f"{flag} does not match {name}: {detail}. Is it a state dict of {name} (a file "
+            f"of another architecture or variant does not load)?"
+        )
     loaded = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(loaded, strict=False)
-    head_text = (f"its classifier ({_listed(dropped)}) is not loaded: the run trains a new head" if dropped
-                 else "it has no classifier tensors")
+    head_text = (
+        f"its classifier ({_listed(dropped)}) is not loaded: the run trains a new head"
+        if dropped
+        else "it has no classifier tensors"
+    )
     return f"{len(loaded)} tensors from {p} ({where}) into the backbone; {head_text}"

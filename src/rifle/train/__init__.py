@@ -1,4 +1,5 @@
 """Training loop, checkpoints and run outputs."""
+
 from .checkpoint import CheckpointError
 from .outputs import RunDir, RunDirError
 from .trainer import Trainer, TrainingError, summarize

@@ -5,6 +5,7 @@ resumable state, read back with ``torch.load(..., weights_only=True)``; both are
 name and renamed into place, and an interrupt waits for both. See docs/guide.md ("Interruptions and
 checkpoints").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,10 +117,12 @@ def non_finite_error(out_dir: Path, epoch: int | str, bad: str) -> CheckpointErr
     """The refusal to save weights whose tensor ``bad`` holds a NaN or an inf."""
     out_dir = Path(out_dir)
     kept = read_metadata(out_dir / WEIGHTS).get("epoch") if (out_dir / WEIGHTS).is_file() else None
-    return CheckpointError(f"the weights after epoch {epoch} are non-finite (tensor {bad!r} holds NaN or "
-                           f"inf): training diverged, so they are not saved. The last good checkpoint in "
-                           f"{out_dir} is kept ({f'epoch {kept}' if kept else 'none yet'}); try a "
-                           f"lower --lr")
+    return CheckpointError(
+        f"the weights after epoch {epoch} are non-finite (tensor {bad!r} holds NaN or "
+        f"inf): training diverged, so they are not saved. The last good checkpoint in "
+        f"{out_dir} is kept ({f'epoch {kept}' if kept else 'none yet'}); try a "
+        f"lower --lr"
+    )
 
 
 def save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -130,8 +133,11 @@ def save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any], meta
     bad = first_non_finite(tensors)
     if bad is not None:
         raise non_finite_error(out_dir, epoch, bad)
-    metadata = {"epoch": epoch, **{k: json.dumps(v) for k, v in meta.items()},
-                CHECKSUM_KEY: json.dumps(weights_checksum(tensors))}
+    metadata = {
+        "epoch": epoch,
+        **{k: json.dumps(v) for k, v in meta.items()},
+        CHECKSUM_KEY: json.dumps(weights_checksum(tensors)),
+    }
     with defer_signals():
         atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         atomic_write(out_dir / STATE, lambda tmp: torch.save(state, tmp))
@@ -139,6 +145,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, state: dict[str, Any], meta
 
 def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
@@ -161,9 +168,11 @@ def read_weights(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             expected = meta[CHECKSUM_KEY]
         actual = weights_checksum(tensors)
         if actual != expected:
-            raise CheckpointError(f"{path} is corrupted: the checksum of its tensors (sha256 {actual[:16]}...) "
-                                  f"differs from the one stored when it was saved ({str(expected)[:16]}...). "
-                                  f"Restore the file from a backup or train the run again")
+            raise CheckpointError(
+                f"{path} is corrupted: the checksum of its tensors (sha256 {actual[:16]}...) "
+                f"differs from the one stored when it was saved ({str(expected)[:16]}...). "
+                f"Restore the file from a backup or train the run again"
+            )
     return meta, tensors
 
 
@@ -181,27 +190,35 @@ def _state_problem(e: BaseException) -> str:
 
 def read_state(spath: Path, wpath: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load ``state.pt`` weights-only; anything else is refused with what to do about it."""
-    todo = (f"It was not written by `rifle train` or is damaged. rifle reads state files weights-only and "
-            f"never unpickles other objects. Restore it from a backup, or delete {spath} and {wpath} to "
-            f"train the run from the start")
+    todo = (
+        f"It was not written by `rifle train` or is damaged. rifle reads state files weights-only and "
+        f"never unpickles other objects. Restore it from a backup, or delete {spath} and {wpath} to "
+        f"train the run from the start"
+    )
     try:
         with warnings.catch_warnings():  # torch's warnings about the file's pickle protocol: ours says it
             warnings.simplefilter("ignore")
             state = torch.load(spath, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal or corruption
-        raise CheckpointError(f"{spath} is not a valid rifle state file: {_state_problem(e)}. {todo}") from None
+        raise CheckpointError(
+            f"{spath} is not a valid rifle state file: {_state_problem(e)}. {todo}"
+        ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{spath} is not a valid rifle state file: it holds a "
-                              f"{type(state).__name__}, not the dict of a state file. {todo}")
+        raise CheckpointError(
+            f"{spath} is not a valid rifle state file: it holds a "
+            f"{type(state).__name__}, not the dict of a state file. {todo}"
+        )
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
-        raise CheckpointError(f"{spath} is not a valid rifle state file: it lacks {', '.join(missing)}. "
-                              f"{todo}")
+        raise CheckpointError(
+            f"{spath} is not a valid rifle state file: it lacks {', '.join(missing)}. {todo}"
+        )
     return state
 
 
-def load_checkpoint(out_dir: Path, model: nn.Module, meta: dict[str, Any],
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    out_dir: Path, model: nn.Module, meta: dict[str, Any], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Load weights into ``model`` and return the resumable state; raise ``CheckpointError`` clearly."""
     out_dir = Path(out_dir)
     wpath, spath = out_dir / WEIGHTS, out_dir / STATE
@@ -211,13 +228,16 @@ def load_checkpoint(out_dir: Path, model: nn.Module, meta: dict[str, Any],
     saved_meta, tensors = read_weights(wpath)
     for key, value in meta.items():
         if key in saved_meta and json.loads(saved_meta[key]) != value:
-            raise CheckpointError(f"{wpath} was saved for {key}={json.loads(saved_meta[key])!r}, this run "
-                                  f"has {key}={value!r}")
+            raise CheckpointError(
+                f"{wpath} was saved for {key}={json.loads(saved_meta[key])!r}, this run has {key}={value!r}"
+            )
     state = read_state(spath, wpath, map_location)
     if str(state.get("epoch")) != saved_meta.get("epoch"):
-        raise CheckpointError(f"{wpath} (epoch {saved_meta.get('epoch')}) and {spath} (epoch "
-                              f"{state.get('epoch')}) do not belong together; the run was interrupted "
-                              f"while saving - delete both to restart")
+        raise CheckpointError(
+            f"{wpath} (epoch {saved_meta.get('epoch')}) and {spath} (epoch "
+            f"{state.get('epoch')}) do not belong together; the run was interrupted "
+            f"while saving - delete both to restart"
+        )
     load_weights(model, tensors, str(wpath))
     return state
 
@@ -227,8 +247,11 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in tensors and tensors[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tensors[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
@@ -237,17 +260,22 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
             parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        raise CheckpointError(f"{source} does not fit this model (another model or class count?): "
-                              + "; ".join(parts))
+        raise CheckpointError(
+            f"{source} does not fit this model (another model or class count?): " + "; ".join(parts)
+        )
     check_finite(tensors, source, order=own)
     model.load_state_dict(tensors)
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], source: str, order: Iterable[str] | None = None) -> None:
+def check_finite(
+    tensors: Mapping[str, torch.Tensor], source: str, order: Iterable[str] | None = None
+) -> None:
     """Raise ``CheckpointError`` naming ``source`` and the first tensor (in ``order``) holding NaN or inf."""
     keys = [k for k in order if k in tensors] if order is not None else list(tensors)
     bad = first_non_finite({k: tensors[k] for k in keys})
     if bad is not None:
-        raise CheckpointError(f"{source} holds non-finite weights (NaN or inf), first in tensor {bad!r}: the "
-                              f"run diverged before this checkpoint was saved, so it cannot predict anything. "
-                              f"Train it again (e.g. with a lower --lr)")
+        raise CheckpointError(
+            f"{source} holds non-finite weights (NaN or inf), first in tensor {bad!r}: the "
+            f"run diverged before this checkpoint was saved, so it cannot predict anything. "
+            f"Train it again (e.g. with a lower --lr)"
+        )

@@ -4,6 +4,7 @@
 ``rifle train`` then trains data-parallel (DDP): each rank sees a disjoint shard of every epoch's
 permutation, evaluation counts are summed across ranks (exact), and only rank 0 writes files.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,14 +44,18 @@ def init_from_env(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def all_sum(values: list[float], info: DistInfo) -> list[float]:
     """Sum a few numbers over ranks (float64; exact for counts):
     :func:`rifle.core.replicas.sum_over_ranks`."""
     from ..core.replicas import sum_over_ranks
+
     return sum_over_ranks(values) if info.enabled else values
 
 

@@ -4,6 +4,7 @@ and the step lines printed when stderr is not a terminal.
 ``--log-to`` chooses the writers; after a resume TensorBoard shows each epoch once (docs/guide.md). The
 step lines follow timm's ``--log-interval`` (github.com/huggingface/pytorch-image-models, train.py).
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,12 +42,16 @@ def parse_kinds(spec: str | Iterable[str] | None) -> tuple[str, ...]:
                 out.add("tensorboard")
         elif s in KINDS:
             if s == "tensorboard" and not tensorboard_available():
-                raise ValueError(f"--log-to {spec}: tensorboard is not installed (pip install tensorboard, "
-                                 f"or the report extra); choose --log-to csv or jsonl")
+                raise ValueError(
+                    f"--log-to {spec}: tensorboard is not installed (pip install tensorboard, "
+                    f"or the report extra); choose --log-to csv or jsonl"
+                )
             out.add(s)
         else:
-            raise ValueError(f"--log-to {spec}: unknown writer {s!r}; choose from {', '.join(KINDS)} or "
-                             f"{AUTO} (comma-separated)")
+            raise ValueError(
+                f"--log-to {spec}: unknown writer {s!r}; choose from {', '.join(KINDS)} or "
+                f"{AUTO} (comma-separated)"
+            )
     return tuple(k for k in KINDS if k in out)
 
 
@@ -87,9 +92,18 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ tensorboard
-_TAGS = {"train_acc": "accuracy/train", "val_acc": "accuracy/val", "test_acc": "accuracy/test",
-         "train_loss": "loss/train", "val_loss": "loss/val", "test_loss": "loss/test", "lr": "lr",
-         "reinit": "rifle/reinit", "seconds": "time/epoch_seconds", "images_per_s": "time/images_per_s"}
+_TAGS = {
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/val",
+    "test_acc": "accuracy/test",
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "test_loss": "loss/test",
+    "lr": "lr",
+    "reinit": "rifle/reinit",
+    "seconds": "time/epoch_seconds",
+    "images_per_s": "time/images_per_s",
+}
 _SKIP = {"epoch", "rifle_diagnosis"}
 
 
@@ -113,9 +127,9 @@ def epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
         if k in _TAGS:
             out[_TAGS[k]] = x
         elif k.startswith("loss_"):
-            out["loss/" + k[len("loss_"):]] = x
+            out["loss/" + k[len("loss_") :]] = x
         elif k.startswith("lr_groups."):
-            out["lr/" + k[len("lr_groups."):]] = x
+            out["lr/" + k[len("lr_groups.") :]] = x
         else:
             out["other/" + k.replace(".", "/")] = x
     return out
@@ -130,8 +144,11 @@ def diagnosis_scalars(entry: dict[str, Any]) -> dict[str, float]:
     """One re-init's diagnosis (step = its re-init index 1..K): rifle_diagnosis/<numeric field>, and the
     backbone gradient ratio per third of the depth as
     rifle_diagnosis/grad_ratio_thirds/{first,middle,last}."""
-    out = {f"rifle_diagnosis/{k}": x for k, v in entry.items()
-           if k not in ("index", "at") and (x := _number(v)) is not None}
+    out = {
+        f"rifle_diagnosis/{k}": x
+        for k, v in entry.items()
+        if k not in ("index", "at") and (x := _number(v)) is not None
+    }
     thirds = entry.get("grad_ratio_thirds")
     if isinstance(thirds, (list, tuple)) and len(thirds) == 3:
         for name, v in zip(("first", "middle", "last"), thirds):
@@ -154,6 +171,7 @@ class TensorBoardLog:
 
     def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
+
         # purge_step=0: TensorBoard drops what earlier processes wrote for this run; the history is replayed
         self.writer = SummaryWriter(str(self.path), purge_step=0)
 
@@ -163,7 +181,7 @@ class TensorBoardLog:
                 self.writer.close()
             self._open()
             self.logged = 0
-        for row in rows[self.logged:]:
+        for row in rows[self.logged :]:
             epoch = int(row["epoch"])
             for tag, x in epoch_scalars(row).items():
                 self.writer.add_scalar(tag, x, epoch)
@@ -205,8 +223,15 @@ class StepLines:
     ``interval`` optimizer steps or at least every :data:`LOG_SECONDS`, with the epoch, step/total, mean
     training loss so far, img/s and the ETA of the epoch and of the training (evaluation excluded)."""
 
-    def __init__(self, interval: int, epochs: int, steps_per_epoch: int,
-                 write: Callable[[str], None], seconds: float = LOG_SECONDS, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        interval: int,
+        epochs: int,
+        steps_per_epoch: int,
+        write: Callable[[str], None],
+        seconds: float = LOG_SECONDS,
+        world_size: int = 1,
+    ) -> None:
         self.interval, self.epochs, self.total = interval, epochs, steps_per_epoch
         self.write, self.seconds, self.world_size = write, seconds, world_size
 
@@ -221,8 +246,9 @@ class StepLines:
         printed). img/s counts every DDP rank (this rank's rate x world size)."""
         done = step + 1
         now = time.perf_counter()
-        if done >= self.total or not ((self.interval and done % self.interval == 0)
-                                      or now - self.last >= self.seconds):
+        if done >= self.total or not (
+            (self.interval and done % self.interval == 0) or now - self.last >= self.seconds
+        ):
             return
         self.last = now
         elapsed = now - self.t0
@@ -230,6 +256,8 @@ class StepLines:
         eta_epoch = per_step * (self.total - done)
         eta_run = eta_epoch + per_step * self.total * (self.epochs - 1 - self.epoch)
         loss = float(loss_sum) / max(images, 1)
-        self.write(f"epoch {self.epoch} of {self.epochs}  step {done}/{self.total}  loss {loss:.4f}  "
-                   f"lr {lr:.5g}  {images * self.world_size / elapsed if elapsed > 0 else 0:.1f} img/s  "
-                   f"ETA {_clock(eta_epoch)} epoch, {_clock(eta_run)} training")
+        self.write(
+            f"epoch {self.epoch} of {self.epochs}  step {done}/{self.total}  loss {loss:.4f}  "
+            f"lr {lr:.5g}  {images * self.world_size / elapsed if elapsed > 0 else 0:.1f} img/s  "
+            f"ETA {_clock(eta_epoch)} epoch, {_clock(eta_run)} training"
+        )

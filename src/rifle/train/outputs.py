@@ -4,6 +4,7 @@
 ``metrics.jsonl`` (and ``metrics.csv``) are rewritten atomically after every epoch from the in-memory
 history, so they never hold an epoch twice, also after a resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,16 @@ class RunDir:
             raise RunDirError(f"{p}: not a run's config (expected a mapping of settings)")
         return values
 
-    def prepare(self, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                fingerprint: dict[str, Any] | None = None, pretrained: dict[str, Any] | None = None,
-                pretrained_needed_by: tuple[str, ...] = ()) -> bool:
+    def prepare(
+        self,
+        config: dict[str, Any],
+        *,
+        resume: bool,
+        overwrite: bool,
+        fingerprint: dict[str, Any] | None = None,
+        pretrained: dict[str, Any] | None = None,
+        pretrained_needed_by: tuple[str, ...] = (),
+    ) -> bool:
         """Create or check the folder. Returns True when there is a checkpoint to resume from.
 
         A folder whose run never finished an epoch (it failed while loading data or building the model)
@@ -73,6 +81,7 @@ class RunDir:
         file only when nothing in ``pretrained_needed_by`` (what reads the pretrained weights) is used.
         """
         from ..config import diff_configs, format_diff
+
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path}: exists and is not a folder")
         if resume and overwrite:
@@ -86,11 +95,15 @@ class RunDir:
             diff = diff_configs(saved, config) if saved is not None else {}
             new = f"another --out (e.g. --out {self._free_path()})"
             if diff:  # --resume would be refused: it is another run's folder
-                raise RunDirError(f"--out {self.path} already holds another run (its {CONFIG} differs: "
-                                  f"{format_diff(diff)}); give this run {new}, or pass --overwrite to "
-                                  f"replace that one")
-            raise RunDirError(f"--out {self.path} already holds a run; pass --resume to continue it, "
-                              f"--overwrite to replace it, or {new} to start a new one")
+                raise RunDirError(
+                    f"--out {self.path} already holds another run (its {CONFIG} differs: "
+                    f"{format_diff(diff)}); give this run {new}, or pass --overwrite to "
+                    f"replace that one"
+                )
+            raise RunDirError(
+                f"--out {self.path} already holds a run; pass --resume to continue it, "
+                f"--overwrite to replace it, or {new} to start a new one"
+            )
         else:
             saved = self.read_config()
             record = self._read_json(PRETRAINED)
@@ -102,16 +115,21 @@ class RunDir:
             if saved is not None:
                 diff = diff_configs(saved, config)
                 if diff:
-                    raise RunDirError(f"--resume with a changed config in {self.path / CONFIG}: "
-                                      f"{format_diff(diff)}. Resume with the original settings or start "
-                                      f"a new --out")
+                    raise RunDirError(
+                        f"--resume with a changed config in {self.path / CONFIG}: "
+                        f"{format_diff(diff)}. Resume with the original settings or start "
+                        f"a new --out"
+                    )
             if fingerprint is not None and (self.path / FINGERPRINT).is_file():
                 from ..data import compare_fingerprints
+
                 change = compare_fingerprints(json.loads((self.path / FINGERPRINT).read_text()), fingerprint)
                 if change:
-                    raise RunDirError(f"--resume refused: {change}. Resuming would re-carve the validation "
-                                      f"split, which could then hold images the run trained on. Restore "
-                                      f"the data, or start a new run (another --out, or --overwrite)")
+                    raise RunDirError(
+                        f"--resume refused: {change}. Resuming would re-carve the validation "
+                        f"split, which could then hold images the run trained on. Restore "
+                        f"the data, or start a new run (another --out, or --overwrite)"
+                    )
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
         if fingerprint is not None and not (self.path / FINGERPRINT).is_file():
@@ -123,9 +141,12 @@ class RunDir:
     def moved_pretrained_file(self, path: str | Path) -> bool:
         """True when ``path`` holds the bytes of the run's recorded ``--pretrained-file`` (its SHA-256)."""
         from ..models import file_sha256
+
         record = self._read_json(PRETRAINED)
         p = Path(path).expanduser()
-        return bool(record) and p.is_file() and file_sha256(p) == record.get("sha256")
+        if not record:
+            return False
+        return p.is_file() and file_sha256(p) == record.get("sha256")
 
     def _free_path(self) -> Path:
         """``PATH-2``, ``PATH-3``, ...: the first that does not exist (a suggestion for a new run)."""
@@ -158,8 +179,9 @@ class RunDir:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.path / SUMMARY, json.dumps({k: _clean(v) for k, v in summary.items()},
-                                                         indent=2) + "\n")
+        atomic_write_text(
+            self.path / SUMMARY, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n"
+        )
         if self._tb is not None:
             self._tb.write_summary(summary)
 
@@ -183,20 +205,23 @@ def _check_pretrained(record: dict[str, Any], now: dict[str, Any], needed_by: tu
                 f"--resume refused: {' and '.join(needed_by)} use{'s' if len(needed_by) == 1 else ''} the "
                 f"pretrained weights as a reference, but there is no file at {path} (where --pretrained-file "
                 f"points{started}). Put the file (sha256 {old}) back, or pass its new place with "
-                f"--pretrained-file")
+                f"--pretrained-file"
+            )
         return  # nothing reads it: the weights come from the checkpoint
     if new != old:
-        why = (f"; {' and '.join(needed_by)} would silently take it as the reference" if needed_by else "")
+        why = f"; {' and '.join(needed_by)} would silently take it as the reference" if needed_by else ""
         raise RunDirError(
             f"--resume refused: --pretrained-file {path} is not the file the run started from (sha256 "
             f"{new}, the run recorded {old}{started}){why}. Restore the original file, or start a new run "
-            f"(another --out, or --overwrite)")
+            f"(another --out, or --overwrite)"
+        )
 
 
 def versions() -> dict[str, str]:
     import platform
 
     import torch
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "timm", "numpy", "safetensors"):
         try:
@@ -204,6 +229,7 @@ def versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - optional
             pass
     from .. import __version__
+
     out["rifle"] = __version__
     return out
 
@@ -211,12 +237,18 @@ def versions() -> dict[str, str]:
 def git_revision() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - no git, no repo
         return None

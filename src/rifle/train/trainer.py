@@ -5,6 +5,7 @@ It knows no method by name: every method is called through the hooks of
 dropout) is derived from (seed, epoch), so a run resumed at an epoch boundary reproduces the
 uninterrupted run exactly on CPU (REFERENCE.md §3.12).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,29 +41,55 @@ def _progress(iterable, total: int, desc: str, enabled: bool, leave: bool = Fals
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
+
     return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, data: DataBundle, methods: Sequence[Method], *,
-                 epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float,
-                 lr_schedule: str, image_size: int, seed: int, preprocessing: dict[str, Any],
-                 opt: str = "sgd", opt_eps: float | None = None,
-                 opt_betas: Sequence[float] | None = None, layer_decay: float | None = None,
-                 run_dir: RunDir, device: torch.device, channels_last: bool = True,
-                 eval_batch_size: int = 256, head: str | None = None,
-                 checkpoint_meta: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                 amp: str = "none", compile: bool = False, grad_accum: int = 1, workers: int = 0,
-                 dist: DistInfo | None = None,
-                 log: Callable[[str], None] = print, progress: bool | None = None,
-                 log_interval: int = 50) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataBundle,
+        methods: Sequence[Method],
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        lr_schedule: str,
+        image_size: int,
+        seed: int,
+        preprocessing: dict[str, Any],
+        opt: str = "sgd",
+        opt_eps: float | None = None,
+        opt_betas: Sequence[float] | None = None,
+        layer_decay: float | None = None,
+        run_dir: RunDir,
+        device: torch.device,
+        channels_last: bool = True,
+        eval_batch_size: int = 256,
+        head: str | None = None,
+        checkpoint_meta: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        amp: str = "none",
+        compile: bool = False,
+        grad_accum: int = 1,
+        workers: int = 0,
+        dist: DistInfo | None = None,
+        log: Callable[[str], None] = print,
+        progress: bool | None = None,
+        log_interval: int = 50,
+    ) -> None:
         self.dist = dist or DistInfo()
         self.model = model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if batch_size % (self.dist.world_size * grad_accum):
-            raise ValueError(f"--batch-size {batch_size} must be divisible by world size "
-                             f"{self.dist.world_size} x --grad-accum {grad_accum}")
+            raise ValueError(
+                f"--batch-size {batch_size} must be divisible by world size "
+                f"{self.dist.world_size} x --grad-accum {grad_accum}"
+            )
         self.local_batch = batch_size // self.dist.world_size  # --batch-size is the global batch
         self.grad_accum = grad_accum
         self.workers = workers
@@ -77,9 +104,17 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda s: None)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         # no bars because stderr is no terminal (batch jobs): step lines instead (timm's --log-interval)
-        self.step_lines = StepLines(log_interval, epochs, 0, lambda s: print(s, file=sys.stderr, flush=True),
-                                    world_size=self.dist.world_size) \
-            if progress is None and not self.progress and self.dist.is_main and log_interval else None
+        self.step_lines = (
+            StepLines(
+                log_interval,
+                epochs,
+                0,
+                lambda s: print(s, file=sys.stderr, flush=True),
+                world_size=self.dist.world_size,
+            )
+            if progress is None and not self.progress and self.dist.is_main and log_interval
+            else None
+        )
         if len(data.train) == 0:
             raise ValueError("the training split is empty")
         n_rank = samples_per_rank(len(data.train), self.dist.world_size)
@@ -88,33 +123,47 @@ class Trainer:
         self.steps_per_epoch = num_batches(n_rank, self.local_batch, drop_last=self.drop_last)
         per_rank = f", {n_rank} per rank" if self.dist.enabled else ""
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training split is too small: {len(data.train)} training image"
-                             f"{'s' if len(data.train) != 1 else ''}{per_rank} make only micro-batches of "
-                             f"one image (--batch-size {batch_size}, --grad-accum {grad_accum}), which "
-                             f"BatchNorm cannot train on; use more training images")
+            raise ValueError(
+                f"the training split is too small: {len(data.train)} training image"
+                f"{'s' if len(data.train) != 1 else ''}{per_rank} make only micro-batches of "
+                f"one image (--batch-size {batch_size}, --grad-accum {grad_accum}), which "
+                f"BatchNorm cannot train on; use more training images"
+            )
         if self.drop_last:
             left = n_rank % self.local_batch
-            self.log(f"note: {len(data.train)} training images{per_rank} in batches of {self.local_batch}"
-                     + (f" (--grad-accum {grad_accum})" if grad_accum > 1 else "")
-                     + f" leave a last batch that would train on a single image, which BatchNorm cannot; "
-                     f"it is dropped every epoch ({left} image{'s' if left != 1 else ''}"
-                     f"{' per rank' if self.dist.enabled else ''}, a different one each epoch)")
+            self.log(
+                f"note: {len(data.train)} training images{per_rank} in batches of {self.local_batch}"
+                + (f" (--grad-accum {grad_accum})" if grad_accum > 1 else "")
+                + f" leave a last batch that would train on a single image, which BatchNorm cannot; "
+                f"it is dropped every epoch ({left} image{'s' if left != 1 else ''}"
+                f"{' per rank' if self.dist.enabled else ''}, a different one each epoch)"
+            )
 
         self.head = find_head(self.model, head.split(",") if head else None)
         self.head_names = head_names(self.model, self.head)
         # the model's weights before any training (L2-SP / DELTA reference, analysis)
         self.pretrained_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-        self.ctx = RunContext(epochs=epochs, steps_per_epoch=self.steps_per_epoch, seed=seed,
-                              num_classes=data.num_classes, head=self.head, head_names=self.head_names,
-                              device=device, train_loader=lambda: self._train_iter(0),
-                              pretrained_state=self.pretrained_state, config=dict(config or {}),
-                              log=self.log)
+        self.ctx = RunContext(
+            epochs=epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=seed,
+            num_classes=data.num_classes,
+            head=self.head,
+            head_names=self.head_names,
+            device=device,
+            train_loader=lambda: self._train_iter(0),
+            pretrained_state=self.pretrained_state,
+            config=dict(config or {}),
+            log=self.log,
+        )
 
         head_ids = {id(p) for m in self.head for p in m.parameters()}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"name": "backbone", "params": [p for p in params if id(p) not in head_ids]},
-                  {"name": "head", "params": [p for p in params if id(p) in head_ids]}]
+        groups: list[dict[str, Any]] = [
+            {"name": "backbone", "params": [p for p in params if id(p) not in head_ids]},
+            {"name": "head", "params": [p for p in params if id(p) in head_ids]},
+        ]
         for g in groups:
             g.setdefault("weight_decay", weight_decay)
         for m in self.methods:
@@ -123,14 +172,23 @@ class Trainer:
         if layer_decay is not None:  # per-layer LR scales, before the scheduler records initial_lr
             groups = split_by_layer(groups, self.model, layer_decay, lr, log=self.log)
         # sgd (default): torch.optim.SGD, the paper's; any other name: timm's (train/optim.py)
-        self.optimizer = build_optimizer(groups, opt=opt, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                         eps=opt_eps, betas=tuple(opt_betas) if opt_betas else None)
+        self.optimizer = build_optimizer(
+            groups,
+            opt=opt,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eps=opt_eps,
+            betas=tuple(opt_betas) if opt_betas else None,
+        )
 
         owners = [(m, m.lr_lambda(self.ctx)) for m in self.methods]
         setters = [(m, f) for m, f in owners if f is not None]
         if len(setters) > 1:
-            raise ValueError("more than one method sets the learning-rate schedule: "
-                             + ", ".join(m.name for m, _ in setters))
+            raise ValueError(
+                "more than one method sets the learning-rate schedule: "
+                + ", ".join(m.name for m, _ in setters)
+            )
         lam: Callable[[int], float]
         if setters:
             lam = setters[0][1]
@@ -144,8 +202,10 @@ class Trainer:
         self.forward_model: Any = self.model  # the module, or DDP / torch.compile's wrapper of it
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
+
             self.forward_model = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         if compile:
             self.forward_model = torch.compile(self.forward_model)
         self._features: torch.Tensor | None = None
@@ -159,11 +219,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
     def _train_iter(self, epoch: int):
-        return prefetch(train_batches(self.data.train, self.local_batch, self.image_size, self.mean,
-                                      self.std, seed=self.seed, epoch=epoch, drop_last=self.drop_last,
-                                      channels_last=self.channels_last, rank=self.dist.rank,
-                                      world_size=self.dist.world_size),
-                        self.workers, pin_memory=self.device.type == "cuda")
+        return prefetch(
+            train_batches(
+                self.data.train,
+                self.local_batch,
+                self.image_size,
+                self.mean,
+                self.std,
+                seed=self.seed,
+                epoch=epoch,
+                drop_last=self.drop_last,
+                channels_last=self.channels_last,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            ),
+            self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -172,10 +244,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self, epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "methods": {m.name: m.state_dict() for m in self.methods},
-                "history": self.history}
+        return {
+            "epoch": epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "methods": {m.name: m.state_dict() for m in self.methods},
+            "history": self.history,
+        }
 
     def restore(self) -> None:
         state = load_checkpoint(self.run_dir.path, self.model, self.meta, map_location=self.device)
@@ -218,8 +293,9 @@ class Trainer:
     def _refuse_non_finite(self, epoch: int) -> None:
         """Every rank raises together when rank 0's weights (the ones it would save) hold a NaN or an inf:
         otherwise rank 0 alone stops and the others fail, or wait, in their next collective."""
-        bad = broadcast_object(first_non_finite(self.model.state_dict()) if self.dist.is_main else None,
-                               self.dist)
+        bad = broadcast_object(
+            first_non_finite(self.model.state_dict()) if self.dist.is_main else None, self.dist
+        )
         if bad is not None:
             raise non_finite_error(self.run_dir.path, epoch, bad)
 
@@ -228,8 +304,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, terms_sum: dict[str, torch.Tensor], epoch: int,
-              step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, x: torch.Tensor, y: torch.Tensor, terms_sum: dict[str, torch.Tensor], epoch: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self._autocast():
             logits = self.forward_model(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -241,9 +318,11 @@ class Trainer:
         self._features = None
         if not torch.isfinite(total.detach()):
             last = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
-            raise TrainingError(f"non-finite loss ({float(total.detach())}) at epoch {epoch}, step {step}; "
-                                f"stopping. Last good checkpoint in {self.run_dir.path}: {last}. "
-                                f"Try a lower --lr")
+            raise TrainingError(
+                f"non-finite loss ({float(total.detach())}) at epoch {epoch}, step {step}; "
+                f"stopping. Last good checkpoint in {self.run_dir.path}: {last}. "
+                f"Try a lower --lr"
+            )
         return logits, loss, total
 
     def _group_lrs(self) -> dict[str, float]:
@@ -303,8 +382,9 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.scheduler.step()
         names = sorted(terms_sum)
-        totals = all_sum([float(loss_sum), float(correct), float(seen), *(float(terms_sum[n]) for n in names)],
-                         self.dist)
+        totals = all_sum(
+            [float(loss_sum), float(correct), float(seen), *(float(terms_sum[n]) for n in names)], self.dist
+        )
         loss_total, correct_total, seen_total = totals[:3]
         row: dict[str, Any] = {"epoch": epoch, "lr": self._row_lr(lrs)}
         if len(set(lrs.values())) > 1:
@@ -330,9 +410,16 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         correct, n, loss = 0.0, 0.0, 0.0
-        for x, y in eval_batches(ds, self.eval_batch_size, self.image_size, self.mean, self.std,
-                                 channels_last=self.channels_last, rank=self.dist.rank,
-                                 world_size=self.dist.world_size):
+        for x, y in eval_batches(
+            ds,
+            self.eval_batch_size,
+            self.image_size,
+            self.mean,
+            self.std,
+            channels_last=self.channels_last,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        ):
             x, y = self._to_device(x, y)
             with self._autocast():
                 logits = self.model(x).float()
@@ -347,9 +434,11 @@ class Trainer:
     def format_row(r: dict[str, Any]) -> str:
         val = "  -  " if r.get("val_acc") is None else f"{r['val_acc']:.4f}"
         mark = "  <- re-init" if r.get("reinit") else ""
-        return (f"epoch {r['epoch']:3d}  lr {r['lr']:.5f}  loss {r['train_loss']:.4f}  "
-                f"train {r['train_acc']:.4f}  val {val}  test {r['test_acc']:.4f}  "
-                f"{r['images_per_s'] or 0:.0f} img/s{mark}")
+        return (
+            f"epoch {r['epoch']:3d}  lr {r['lr']:.5f}  loss {r['train_loss']:.4f}  "
+            f"train {r['train_acc']:.4f}  val {val}  test {r['test_acc']:.4f}  "
+            f"{r['images_per_s'] or 0:.0f} img/s{mark}"
+        )
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -359,13 +448,16 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     final = history[-1]
     with_val = [h for h in history if h.get("val_acc") is not None]
     best = max(with_val, key=lambda h: (h["val_acc"], h["epoch"])) if with_val else None
-    return {"final_test_acc": final["test_acc"], "final_val_acc": final.get("val_acc"),
-            "best_val_acc": best["val_acc"] if best else None,
-            "test_acc_at_best_val": best["test_acc"] if best else None,
-            "best_val_epoch": best["epoch"] if best else None,
-            "epochs_run": len(history),
-            "train_seconds": sum(h["seconds"] for h in history),
-            "reinit_epochs_seen": [h["epoch"] for h in history if h.get("reinit")]}
+    return {
+        "final_test_acc": final["test_acc"],
+        "final_val_acc": final.get("val_acc"),
+        "best_val_acc": best["val_acc"] if best else None,
+        "test_acc_at_best_val": best["test_acc"] if best else None,
+        "best_val_epoch": best["epoch"] if best else None,
+        "epochs_run": len(history),
+        "train_seconds": sum(h["seconds"] for h in history),
+        "reinit_epochs_seen": [h["epoch"] for h in history if h.get("reinit")],
+    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -375,4 +467,3 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
-
