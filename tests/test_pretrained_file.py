@@ -347,3 +347,25 @@ def test_a_moved_file_blocks_only_a_resume_that_reads_it(tmp_path, capsys):
         if needed:  # the record holds the new place, now empty; a complete run has nothing left to read it
             code, stdout, err = run_cli(["train", "--out", out, "--resume"], capsys)
             assert code == 0 and "run already complete; nothing to do" in stdout, err
+
+
+def test_analysis_refuses_a_reference_from_a_changed_pretrained_file(tmp_path, capsys):
+    """`rifle analyze` rebuilds the run's starting model from --pretrained-file: other bytes under that name
+    would silently make it another model (it did before the check), so it is refused, naming both hashes."""
+    from rifle.analysis.runs import ReferenceError, load_run_model, run_depth
+
+    weights, out = tiny_file(tmp_path / "w.safetensors", 1), tmp_path / "run"
+    code, _, err = run_cli(tiny_run(out, weights), capsys)
+    assert code == 0, err
+    load_run_model(out, pretrained=True)  # the recorded file: accepted
+    assert run_depth(out, write=False)
+    original = hashlib.sha256(weights.read_bytes()).hexdigest()
+    tiny_file(weights, 2)
+    changed = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for call in (lambda: load_run_model(out, pretrained=True), lambda: run_depth(out, write=False)):
+        with pytest.raises(ReferenceError, match="is not the file the run started from") as e:
+            call()
+        assert original in str(e.value) and changed in str(e.value)
+    weights.unlink()
+    with pytest.raises(ReferenceError, match="there is no file there"):
+        run_depth(out, write=False)

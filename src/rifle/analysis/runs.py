@@ -50,6 +50,34 @@ def _read_checkpoint(
     return run_dir, config, wpath, meta, tensors
 
 
+class ReferenceError(ValueError):
+    """The run's pretrained reference cannot be rebuilt as it was (its --pretrained-file changed)."""
+
+
+def check_reference_file(run_dir: str | Path, config: dict[str, Any]) -> None:
+    """Refuse to rebuild a run's starting model from a ``--pretrained-file`` whose bytes are not the ones
+    the run recorded (``pretrained_file.json``): the reference would silently be another model."""
+    from ..models import file_sha256
+    from ..train.outputs import PRETRAINED
+
+    record_path = Path(run_dir) / PRETRAINED
+    if not config.get("pretrained_file") or not record_path.is_file():
+        return
+    record = json.loads(record_path.read_text())
+    path = Path(record.get("path") or config["pretrained_file"]).expanduser()  # where a resume moved it
+    if not path.is_file():
+        raise ReferenceError(
+            f"{run_dir}: the run's reference model is built from --pretrained-file {path}, and there is no "
+            f"file there (the run recorded sha256 {record.get('sha256')}); put it back to analyse this run"
+        )
+    now = file_sha256(path)
+    if record.get("sha256") and now != record["sha256"]:
+        raise ReferenceError(
+            f"{run_dir}: --pretrained-file {path} is not the file the run started from (sha256 {now}, the "
+            f"run recorded {record['sha256']}): its reference model would be another one; restore the file"
+        )
+
+
 def build_reference(config: dict[str, Any], num_classes: int) -> nn.Module:
     """The model exactly as ``run_train`` built it before training (pretrained backbone, first head)."""
     cfg = from_dict(config)
@@ -68,6 +96,7 @@ def load_run_model(
     meta: dict[str, Any] = {k: (json.loads(v) if k != "epoch" else int(v)) for k, v in raw_meta.items()}
     n = int(meta.get("num_classes") or len(meta.get("classes") or []))
     if pretrained:
+        check_reference_file(run_dir, config)
         model = build_reference(config, n)
     else:
         model = blank_model(from_dict(config), n)
@@ -82,6 +111,7 @@ def run_depth(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
 
     run_dir, config, wpath, meta, tensors = _read_checkpoint(run_dir)
     n = int(json.loads(meta["num_classes"])) if "num_classes" in meta else len(json.loads(meta["classes"]))
+    check_reference_file(run_dir, config)
     reference = build_reference(config, n)
     heads = head_names(
         reference, find_head(reference, config["head"].split(",") if config.get("head") else None)
