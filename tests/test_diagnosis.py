@@ -946,7 +946,8 @@ def _step_ddp_worker(rank, port, out, crash_at, resume):
         pass
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized():  # leave the group together (a rank exiting with it alive aborted once)
+        dist.barrier()
         dist.destroy_process_group()
 
 
