@@ -356,12 +356,15 @@ def run_grid_ray(
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
         _wait_for(ray, pending, 3.0)  # an interrupted task ends at once (its checkpoint is already on disk)
-        # Seen: now and then a task is not interrupted (Ray's interrupt can land where it is lost) and
-        # would train on to the end of its run: kill its worker; the last epoch checkpoint is whole, the
-        # lock names a dead pid (stale at once on that host, after --stale-after elsewhere)
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        _wait_for(ray, pending, 10.0)
+        # A task still running (its interrupt was lost, or came late) would train on to the end of its run:
+        # kill its worker; the last epoch checkpoint is whole, the lock names a dead pid (stale at once on
+        # that host, after --stale-after elsewhere). Asked again each second: Ray drops a cancel of a task
+        # while its previous cancel request is still unanswered (normal_task_submitter.cc, CancelTask)
+        deadline = time.time() + 10.0
+        while pending and time.time() < deadline:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            _wait_for(ray, pending, 1.0)
         from ..train.checkpoint import Terminated
 
         if terms and not isinstance(e, Terminated):

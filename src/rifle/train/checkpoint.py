@@ -46,8 +46,8 @@ def defer_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) ->
     """Hold SIGINT/SIGTERM while the body runs and deliver them (once each) when it is done.
 
     Only on the main thread (the only one Python delivers signals to); ignored signals stay ignored. A
-    signal's previous disposition is restored before it is re-raised, so the default SIGTERM action
-    still ends the process with status 143 - after the body, not in the middle of it.
+    signal's previous disposition is restored before it is re-raised (a Python handler is called, SIG_DFL
+    re-raised), so the default SIGTERM action still ends the process with status 143 - after the body.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -65,8 +65,13 @@ def defer_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) ->
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        # A Python handler is called here, as the signal would call it: a signal raised again would stay
+        # pending in a thread that blocks it (Ray's workers block SIGINT: a ray.cancel held here was lost)
         for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
+            if callable(previous[s]):
+                previous[s](s, None)
+            else:
+                signal.raise_signal(s)
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
