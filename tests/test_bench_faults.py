@@ -16,7 +16,7 @@ from conftest import SRC, metrics
 from rifle.experiments import grid as G
 from rifle.experiments import locks as L
 
-EPOCHS = 8
+EPOCHS = 30  # 8 let one worker finish a run before the other had checkpointed on a quiet machine
 GRID = {
     "datasets": ["digits"],
     "models": ["tiny_cnn"],
