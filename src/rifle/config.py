@@ -421,6 +421,15 @@ def resolve(
     return cfg
 
 
+def rifle_only_keys(method: str, record_depth: bool = False) -> tuple[str, ...]:
+    """The RIFLE-only keys (:data:`RIFLE_ONLY_KEYS`) a run of ``method`` must not set; none for RIFLE. With
+    ``record_depth``, ``reinits`` and ``guard`` stay: the depth monitor marks the epochs where RIFLE-K
+    would re-init."""
+    if method.lower() == "rifle":
+        return ()
+    return tuple(k for k in RIFLE_ONLY_KEYS if not (record_depth and k in ("reinits", "guard")))
+
+
 def _refuse_rifle_only(
     values: dict[str, Any],
     flags: dict[str, Any],
@@ -430,14 +439,9 @@ def _refuse_rifle_only(
 ) -> None:
     """RIFLE-only settings with another method (``values``: the merged settings) would be ignored: refuse
     each flag given, and each key of the config file that changes a value (a run's own config.yaml
-    records every key, at its default or preset value, which changes nothing). With ``record_depth``,
-    ``reinits`` and ``guard`` stay: the depth monitor marks the epochs where RIFLE-K would re-init."""
+    records every key, at its default or preset value, which changes nothing); see :func:`rifle_only_keys`."""
     method = str(values.get("method") or TrainConfig.method)
-    if method.lower() == "rifle":
-        return
-    keys = [
-        k for k in RIFLE_ONLY_KEYS if not (values.get("record_depth") is True and k in ("reinits", "guard"))
-    ]
+    keys = rifle_only_keys(method, values.get("record_depth") is True)
     given = [f"--{'no-' if flags[k] is False else ''}{k.replace('_', '-')}" for k in keys if k in flags]
     if given:
         raise ConfigError(

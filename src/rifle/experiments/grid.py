@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RIFLE_ONLY_KEYS, ConfigError, TrainConfig, resolve
+from ..config import RIFLE_ONLY_KEYS, ConfigError, TrainConfig, resolve, rifle_only_keys
 
 GRID_FILE = "grid.yaml"
 GRID_KEYS = (
@@ -141,13 +141,6 @@ def default_label(values: dict[str, Any], cfg: TrainConfig) -> str:
         for k, v in sorted(opts.items()):
             parts.append(f"{m}.{k}={_fmt(v)}")
     return safe_name("+".join(parts))
-
-
-def rifle_only_keys(method: str, record_depth: bool = False) -> tuple[str, ...]:
-    """The keys a row of ``method`` must not carry (:data:`rifle.config.RIFLE_ONLY_KEYS`); none for RIFLE."""
-    if method == "rifle":
-        return ()
-    return tuple(k for k in RIFLE_ONLY_KEYS if not (k in ("reinits", "guard") and record_depth))
 
 
 def resolve_row(train: dict[str, Any], values: dict[str, Any]) -> TrainConfig:

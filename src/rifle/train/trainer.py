@@ -292,7 +292,10 @@ class Trainer:
 
     def _refuse_non_finite(self, epoch: int) -> None:
         """Every rank raises together when rank 0's weights (the ones it would save) hold a NaN or an inf:
-        otherwise rank 0 alone stops and the others fail, or wait, in their next collective."""
+        otherwise rank 0 alone stops and the others fail, or wait, in their next collective. One process:
+        nothing to do here, save_checkpoint refuses them (one pass over the weights, not two)."""
+        if not self.dist.enabled:
+            return
         bad = broadcast_object(
             first_non_finite(self.model.state_dict()) if self.dist.is_main else None, self.dist
         )
