@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import leave_group
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -48,7 +50,7 @@ def _divergence_worker(rank: int, port: int, seeds: list[int], out: str) -> None
         result = f"diverged: {e}"
     with open(f"{out}.{rank}", "w") as f:
         f.write(result)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("seeds,diverged", [([0, 0], False), ([0, 1], True)])
@@ -85,10 +87,7 @@ def _train_worker(rank: int, port: int, out: str, crash_at: int, resume: bool) -
             run_train(cfg, resume=resume, log=lambda s: None)
     except KeyboardInterrupt:
         pass
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group()
 
 
 def _metrics(path):
@@ -204,7 +203,7 @@ def _non_finite_worker(rank: int, port: int, out: str) -> None:
         result = f"{type(e).__name__}: {e}"
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"result": result}, f)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_non_finite_weights_on_rank_0_stop_every_rank_with_the_same_error(tmp_path):

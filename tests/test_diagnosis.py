@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import interrupted_at_epoch, rifle_cfg as cfg
+from conftest import interrupted_at_epoch, leave_group, rifle_cfg as cfg
 from rifle.analysis.depth import backbone_thirds, tracked_layers
 from rifle.core import Rifle
 from rifle.core.diagnosis import backbone_weights, thirds
@@ -423,7 +423,7 @@ def _head_signal_ddp_worker(rank, port, out, settle):
             rifle.settle_diagnosis()
     rifle.close_diagnosis()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(rifle.diagnosis[0]))
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.slow  # two spawned processes each (~1 min on a loaded 2-core machine)
@@ -944,11 +944,7 @@ def _step_ddp_worker(rank, port, out, crash_at, resume):
             run_train(config, resume=resume, log=lambda s: None)
     except KeyboardInterrupt:
         pass
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # leave the group together (a rank exiting with it alive aborted once)
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.slow  # three 2-rank runs

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import leave_group
+
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
@@ -625,9 +627,7 @@ def _ddp_worker(rank, port, tmp, resume):
             },
             f,
         )
-    if torch.distributed.is_initialized():  # leave the gloo group before exiting (an exit with it alive
-        torch.distributed.barrier()  # could abort the rank, as seen in the HF twin of this test)
-        torch.distributed.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import leave_group
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers import (
@@ -664,10 +666,7 @@ def _ddp_worker(rank, port, tmp, resume):
             },
             f,
         )
-    # leave the gloo group before exiting: a rank exiting with it alive could abort
-    # ("terminate called without an active exception", SIGABRT, 2 of 6 runs)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import killed_at_epoch, metrics, run_cli
+from conftest import killed_at_epoch, leave_group, metrics, run_cli
 from rifle import Rifle
 from rifle.config import ConfigError, TrainConfig
 from rifle.core.reinit import reinit_
@@ -229,7 +229,7 @@ def _ddp_worker(rank, port, out):
         rifle.settle_trigger()
     with open(f"{out}/{rank}.json", "w") as f:
         json.dump({"fired": fired, "report": rifle.trigger_report, "head": model[2].weight.tolist()}, f)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_ddp_ranks_decide_identically_from_the_summed_accuracy(tmp_path):
@@ -298,7 +298,7 @@ def _ddp_mid_epoch_worker(rank, port, out, mode):
             },
             f,
         )
-    dist.destroy_process_group()
+    leave_group()
 
 
 def loss(rank, e, half):
@@ -533,10 +533,7 @@ def _ddp_train_worker(rank, port, out, crash_at, resume):
         pass
     with open(f"{out}/rank{rank}-{crash_at}-{int(resume)}.json", "w") as f:
         json.dump({"local": {e: c / n for e, (c, n) in local.items()}, "fired": fired}, f)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group()
 
 
 def test_ddp_training_run_decides_from_the_reduced_accuracy_and_resumes(tmp_path):
