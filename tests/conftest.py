@@ -36,14 +36,25 @@ def _python_sigint_handler():
 
 
 def leave_group():
-    """A spawned DDP test worker leaves its gloo group together with the other ranks before exiting: a
-    rank that exits with the group alive can abort ("terminate called without an active exception",
-    SIGABRT; seen 1 in 3 runs in several 2-rank tests)."""
+    """A spawned DDP test worker leaves its gloo group together with the other ranks, then exits at once.
+
+    A rank that exits with the group alive can abort ("terminate called without an active exception",
+    SIGABRT; seen 1 in 3 runs in several 2-rank tests). The barrier fixed that locally, yet CI (a clean
+    clone on 2 busy cores) still saw it twice in one run, both times after ``run_train`` raised: the DDP
+    wrapper lived on in the exception's reference cycle and freed the group's C++ object during
+    interpreter finalisation. So: ``shutdown`` (the CLI's own path) frees it first, and the worker, whose
+    results are written by now, ends with ``os._exit(0)`` rather than through finalisation, which is not
+    what these tests are about."""
     import torch.distributed as dist
+
+    from rifle.train.distributed import DistInfo, shutdown
 
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        shutdown(DistInfo(world_size=dist.get_world_size()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def make_image_folder(

@@ -217,3 +217,29 @@ def test_non_finite_weights_on_rank_0_stop_every_rank_with_the_same_error(tmp_pa
     )
     assert [r["result"] for r in results] == [expected, expected], results
     assert not os.path.exists(os.path.join(out, "checkpoint.safetensors"))
+
+
+def test_shutdown_frees_what_a_failed_runs_traceback_holds():
+    """The CLI's shutdown after an error frees the objects the traceback's frames hold (under DDP: the
+    wrapper that keeps the gloo group's C++ object alive), while the error itself is still being raised."""
+    import weakref
+
+    from rifle.train.distributed import DistInfo, shutdown
+
+    class Held:
+        pass
+
+    def failing_run(box):
+        held = Held()
+        held.cycle = held  # a reference cycle, as the trainer's objects have
+        box.append(weakref.ref(held))
+        raise RuntimeError("training failed")
+
+    box: list = []
+    try:
+        failing_run(box)
+    except RuntimeError as e:
+        assert box[0]() is not None  # the traceback's frame keeps it
+        shutdown(DistInfo(), e)
+        assert box[0]() is None
+        assert "failing_run" in "".join(__import__("traceback").format_tb(e.__traceback__))

@@ -318,13 +318,17 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     from ..train.distributed import DistInfo, shutdown
 
+    import torch.distributed as dist
+
+    failure: BaseException | None = None
     try:
         summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite, log=log)
+    except BaseException as e:
+        failure = e
+        raise
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
-            shutdown(DistInfo(world_size=dist.get_world_size()))
+            shutdown(DistInfo(world_size=dist.get_world_size()), failure)
     if summary.get("ddp") and int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
     if args.quiet:  # the per-re-init verdicts are not per-epoch lines: still shown (docs/rifle.md#when)

@@ -7,7 +7,9 @@ permutation, evaluation counts are summed across ranks (exact), and only rank 0 
 
 from __future__ import annotations
 
+import gc
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +84,13 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, failure: BaseException | None = None) -> None:
+    """Leave the process group. The DDP wrapper holds the group's C++ object: it is freed first (with
+    the frames of ``failure``'s traceback, which keep it alive after an error), so the group is destroyed
+    while the interpreter is whole; a gloo group freed during interpreter finalisation can abort the
+    process (SIGABRT, "terminate called without an active exception")."""
+    if failure is not None:
+        traceback.clear_frames(failure.__traceback__)
+    gc.collect()
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
