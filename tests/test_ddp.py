@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -98,6 +99,14 @@ def _metrics(path):
     ]
 
 
+KINDS = ("final", "best_val", "labels")
+
+
+def _predictions(path):
+    with np.load(path / "predictions.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def test_ddp_training_identical_replicas_and_exact_resume(tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     mp.spawn(_train_worker, args=(free_port(), str(full), -1, False), nprocs=2, join=True)
@@ -112,6 +121,19 @@ def test_ddp_training_identical_replicas_and_exact_resume(tmp_path):
     mp.spawn(_train_worker, args=(free_port(), str(split), -1, True), nprocs=2, join=True)
     assert _metrics(split) == _metrics(full)
     assert json.loads((split / "summary.json").read_text())["final_test_acc"] == summary["final_test_acc"]
+    # predictions.npz: the ranks' evaluation blocks gathered into dataset order (uneven blocks: 449 test
+    # images), accuracies equal the summary's, and the resumed run's file equals the uninterrupted one's
+    pf, ps = _predictions(full), _predictions(split)
+    sizes = summary["data_info"]["sizes"]
+    assert sizes["test"] % 2 == 1
+    assert {k: len(v) for k, v in pf.items()} == {
+        f"{s}_{k}": sizes[s] for s in ("test", "val") for k in KINDS
+    }
+    for s, key in (("test", "final_test_acc"), ("test", "test_acc_at_best_val"), ("val", "best_val_acc")):
+        pred = pf[f"{s}_final" if key.startswith("final") else f"{s}_best_val"]
+        assert (pred == pf[f"{s}_labels"]).sum() / sizes[s] == summary[key]
+    assert (pf["val_final"] == pf["val_labels"]).sum() / sizes["val"] == summary["final_val_acc"]
+    assert set(ps) == set(pf) and all(np.array_equal(pf[k], ps[k]) for k in pf)
 
 
 def test_torchrun_cli(tmp_path):

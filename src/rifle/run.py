@@ -179,6 +179,7 @@ def run_train(
             "replica_checksums": trainer.replica_checksums,
         }
     if dist.is_main:
+        run_dir.write_predictions(trainer.predictions())  # before summary.json marks the run complete
         run_dir.write_summary(summary)
     run_dir.close()
     return summary

@@ -1,5 +1,6 @@
-"""A run's folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, the checkpoint files and, as
-``--log-to`` chooses, ``metrics.csv`` and TensorBoard events in ``tb/`` (:mod:`rifle.train.loggers`).
+"""A run's folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``predictions.npz``, the checkpoint
+files and, as ``--log-to`` chooses, ``metrics.csv`` and TensorBoard events in ``tb/``
+(:mod:`rifle.train.loggers`).
 
 ``metrics.jsonl`` (and ``metrics.csv``) are rewritten atomically after every epoch from the in-memory
 history, so they never hold an epoch twice, also after a resume.
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import STATE, WEIGHTS, atomic_write_text
+from .checkpoint import STATE, WEIGHTS, atomic_write, atomic_write_text
 from .loggers import CSV, TB_DIR, TensorBoardLog, csv_text, parse_kinds
 
 CONFIG = "config.yaml"
@@ -24,8 +25,9 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 FINGERPRINT = "data_fingerprint.json"
 PRETRAINED = "pretrained_file.json"  # --pretrained-file's path and SHA-256, checked on --resume
+PREDICTIONS = "predictions.npz"  # per-image predicted classes (Trainer.predictions), written at the end
 PROGRESS_FILES = (METRICS, SUMMARY, WEIGHTS, STATE)  # written once an epoch has been trained
-RUN_FILES = (CONFIG, FINGERPRINT, PRETRAINED, CSV, *PROGRESS_FILES)
+RUN_FILES = (CONFIG, FINGERPRINT, PRETRAINED, CSV, PREDICTIONS, *PROGRESS_FILES)
 
 
 class RunDirError(RuntimeError):
@@ -184,6 +186,26 @@ class RunDir:
         )
         if self._tb is not None:
             self._tb.write_summary(summary)
+
+    def write_predictions(self, arrays: dict[str, Any]) -> None:
+        """``predictions.npz`` (``np.savez_compressed``), written atomically."""
+        import numpy as np
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a path
+                np.savez_compressed(f, **arrays)
+
+        atomic_write(self.path / PREDICTIONS, write)
+
+    def read_predictions(self) -> dict[str, Any] | None:
+        """``predictions.npz``'s arrays by key, or None when the run has none."""
+        import numpy as np
+
+        p = self.path / PREDICTIONS
+        if not p.is_file():
+            return None
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer (each epoch is flushed as it is written)."""

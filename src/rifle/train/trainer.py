@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.structure import find_head, head_names
 from ..core.seeding import derive_seed
-from ..core.replicas import verify_replicas
+from ..core.replicas import gather_over_ranks, verify_replicas
 from ..data import DataBundle, eval_batches, num_batches, samples_per_rank, train_batches
 from ..methods.base import Method, RunContext
 from ..data.cache import last_batch_dropped
@@ -213,6 +213,11 @@ class Trainer:
             self.head[0].register_forward_pre_hook(self._capture_features)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        # per-image predicted classes (dataset order): the last epoch's and the best-validation epoch's
+        # ({test,val}_{final,best_val}); saved with the checkpoint, so a resume keeps them
+        self.preds: dict[str, torch.Tensor] = {}
+        self._epoch_preds: dict[str, torch.Tensor] = {}
+        self.pred_dtype = torch.int16 if data.num_classes <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
     def _capture_features(self, module: nn.Module, args: tuple) -> None:
         self._features = args[0]
@@ -250,6 +255,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "methods": {m.name: m.state_dict() for m in self.methods},
             "history": self.history,
+            "predictions": self.preds,
         }
 
     def restore(self) -> None:
@@ -259,6 +265,8 @@ class Trainer:
         for m in self.methods:
             m.load_state_dict(state["methods"].get(m.name, {}))
         self.history = [h for h in state["history"] if h["epoch"] <= int(state["epoch"])]
+        # a state saved before predictions were kept has none: predictions.npz then lacks those keys
+        self.preds = {k: v.cpu() for k, v in state.get("predictions", {}).items()}
         self.start_epoch = int(state["epoch"]) + 1
         if self.dist.is_main:
             self.run_dir.write_metrics(self.history)
@@ -277,6 +285,7 @@ class Trainer:
                 self._refuse_non_finite(epoch)
                 with defer_signals():  # history, checkpoint and metrics end at the same epoch
                     self.history.append(row)
+                    self._keep_predictions(epoch)
                     if self.dist.is_main:
                         save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
                         self.run_dir.write_metrics(self.history)
@@ -289,6 +298,31 @@ class Trainer:
         # (buffers such as BN running stats are rank-local; DDP broadcasts rank 0's at each forward)
         self.replica_checksums = verify_replicas(list(self.model.parameters()), "end of training")
         return self.history
+
+    def _keep_predictions(self, epoch: int) -> None:
+        """This epoch's predictions become the final ones, and the best-validation ones when it is
+        :func:`best_val_row`'s epoch (the rule of ``summary.json``'s ``best_val_epoch``)."""
+        epoch_preds, self._epoch_preds = self._epoch_preds, {}
+        for split, pred in epoch_preds.items():
+            self.preds[f"{split}_final"] = pred
+        best = best_val_row(self.history)
+        if best is not None and best["epoch"] == epoch:
+            for split, pred in epoch_preds.items():
+                self.preds[f"{split}_best_val"] = pred
+
+    def predictions(self) -> dict[str, Any]:
+        """``predictions.npz``'s arrays (numpy, int16): per image of the split, in dataset order, the class
+        predicted at the last epoch (``*_final``) and at the best-validation epoch (``*_best_val``), and the
+        labels evaluated against (``*_labels``); ``val_*`` and ``test_best_val`` only with a validation
+        split. A key whose predictions a resumed old checkpoint did not hold is left out."""
+        has_val = len(self.data.val) > 0
+        out: dict[str, Any] = {}
+        for split in ("test", "val") if has_val else ("test",):
+            for kind in ("final", "best_val") if has_val else ("final",):
+                if f"{split}_{kind}" in self.preds:
+                    out[f"{split}_{kind}"] = self.preds[f"{split}_{kind}"].numpy()
+            out[f"{split}_labels"] = getattr(self.data, split).labels.to(self.pred_dtype).numpy()
+        return out
 
     def _refuse_non_finite(self, epoch: int) -> None:
         """Every rank raises together when rank 0's weights (the ones it would save) hold a NaN or an inf:
@@ -398,6 +432,7 @@ class Trainer:
         val = self.evaluate(self.data.val) if len(self.data.val) else None
         row["val_acc"] = val["acc"] if val else None
         test = self.evaluate(self.data.test)
+        self._epoch_preds = {"test": test["pred"], **({"val": val["pred"]} if val else {})}
         row["test_acc"] = test["acc"]
         row["val_loss"], row["test_loss"] = (val["loss"] if val else None), test["loss"]
         row["reinit"] = bool(events.pop("reinit", False))
@@ -409,10 +444,13 @@ class Trainer:
         return row
 
     @torch.inference_mode()
-    def evaluate(self, ds) -> dict[str, float]:
+    def evaluate(self, ds) -> dict[str, Any]:
+        """``acc``, ``loss``, ``n`` over the split, and ``pred``: the predicted class of every image, in
+        dataset order (each DDP rank evaluates a contiguous block; the blocks are gathered in rank order)."""
         was_training = self.model.training
         self.model.eval()
         correct, n, loss = 0.0, 0.0, 0.0
+        preds: list[torch.Tensor] = []
         for x, y in eval_batches(
             ds,
             self.eval_batch_size,
@@ -427,11 +465,15 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x).float()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            pred = logits.argmax(1)
+            correct += int((pred == y).sum())
             n += len(y)
+            preds.append(pred.to(self.pred_dtype))
         self.model.train(was_training)
         correct, n, loss = all_sum([correct, n, loss], self.dist)
-        return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
+        local = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=self.pred_dtype)
+        pred_all = torch.cat(gather_over_ranks(local)) if self.dist.enabled else local
+        return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": int(n), "pred": pred_all}
 
     @staticmethod
     def format_row(r: dict[str, Any]) -> str:
@@ -444,13 +486,18 @@ class Trainer:
         )
 
 
+def best_val_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The epoch of highest validation accuracy, the latest on a tie; None without validation."""
+    with_val = [h for h in history if h.get("val_acc") is not None]
+    return max(with_val, key=lambda h: (h["val_acc"], h["epoch"])) if with_val else None
+
+
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     """final_test_acc (last epoch, the paper's protocol) and test_acc_at_best_val (selection on val)."""
     if not history:
         return {}
     final = history[-1]
-    with_val = [h for h in history if h.get("val_acc") is not None]
-    best = max(with_val, key=lambda h: (h["val_acc"], h["epoch"])) if with_val else None
+    best = best_val_row(history)
     return {
         "final_test_acc": final["test_acc"],
         "final_val_acc": final.get("val_acc"),
