@@ -134,6 +134,13 @@ def test_ddp_training_identical_replicas_and_exact_resume(tmp_path):
         assert (pred == pf[f"{s}_labels"]).sum() / sizes[s] == summary[key]
     assert (pf["val_final"] == pf["val_labels"]).sum() / sizes["val"] == summary["final_val_acc"]
     assert set(ps) == set(pf) and all(np.array_equal(pf[k], ps[k]) for k in pf)
+    from rifle.evaluation import evaluate
+    from rifle.inference import load
+
+    one = evaluate(load(full), None, "test")  # one process, the saved weights, dataset order
+    # every rank evaluates with rank 0's BatchNorm statistics (the saved ones): the gathered predictions
+    # are those of the saved weights in one process, image by image
+    assert [summary["classes"].index(r["predicted"]) for r in one["predictions"]] == pf["test_final"].tolist()
 
 
 def test_torchrun_cli(tmp_path):

@@ -429,6 +429,7 @@ class Trainer:
         row.update(train_loss=loss_total / max(seen_total, 1), train_acc=correct_total / max(seen_total, 1))
         for name, s in zip(names, totals[3:]):
             row[f"loss_{name}"] = s / max(seen_total, 1)
+        self._buffers_from_rank_0()
         val = self.evaluate(self.data.val) if len(self.data.val) else None
         row["val_acc"] = val["acc"] if val else None
         test = self.evaluate(self.data.test)
@@ -442,6 +443,14 @@ class Trainer:
         row["seconds"] = seconds
         row["images_per_s"] = seen_total / seconds if seconds > 0 else None
         return row
+
+    def _buffers_from_rank_0(self) -> None:
+        """Under DDP every rank evaluates with rank 0's buffers (BatchNorm's running statistics), the ones
+        the checkpoint saves: the last training step left each rank its own. DDP broadcasts them at every
+        training forward anyway, so training is unchanged."""
+        if self.dist.enabled:
+            for b in self.model.buffers():
+                torch.distributed.broadcast(b, src=0)
 
     @torch.inference_mode()
     def evaluate(self, ds) -> dict[str, Any]:
