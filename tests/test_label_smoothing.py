@@ -59,6 +59,14 @@ def test_cli_errors_and_help(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "use one" in err, err
+    code, _, err = run(
+        ["train", "--label-smoothing", "0.1", "--label-smoothing-eps", "0.2", "--out", str(tmp_path / "r")],
+        capsys,
+    )
+    assert code == 2 and "use one" in err, err
+    # the trick's own spelling is the same trick
+    cfg = resolve({"trick": ["label-smoothing"], "options": {"label-smoothing": {"eps": 0.2}}})
+    assert [m.config() for m in build_methods(cfg)][-1] == {"eps": 0.2}
     with pytest.raises(SystemExit):
         run(["train", "--help"], capsys)
     assert "--label-smoothing" in capsys.readouterr().out

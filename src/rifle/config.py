@@ -139,10 +139,13 @@ class TrainConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise bad(key, "must be a number in [0, 1)")
-        if self.label_smoothing and "label-smoothing" in self.trick:
+        if self.label_smoothing and (
+            "label-smoothing" in self.trick
+            or (isinstance(self.options, dict) and "label-smoothing" in self.options)
+        ):
             raise bad(
                 "label_smoothing",
-                "also --trick label-smoothing was given: use one "
+                "also --trick label-smoothing or --label-smoothing-eps was given: use one "
                 "(--label-smoothing EPS alone adds the trick)",
             )
         if self.reinits < 0:
