@@ -192,3 +192,24 @@ def test_a_bundle_built_for_another_rate_is_not_used(tmp_path):
     summary = run_train(noisy_cfg, data=clean, log=lambda s: None)
     assert summary["label_noise"] == load_data(noisy_cfg).info["label_noise"]
     assert summary["label_noise"]["flipped"] > 0
+
+
+def test_a_grid_never_shares_decoded_data_between_noise_rates(tmp_path):
+    """The grid's data cache keys on the noise rate: two rows that differ only in label_noise load twice."""
+    from rifle.experiments.grid import expand, parse_grid
+    from rifle.experiments.runner import DataCache
+
+    grid = parse_grid(
+        {
+            "datasets": ["digits"],
+            "models": ["tiny_cnn"],
+            "seeds": [0],
+            "train": {"epochs": 1, "image_size": 16},
+            "methods": [{"name": "finetune"}, {"name": "finetune", "label_noise": 0.3}],
+        }
+    )
+    specs = expand(grid, tmp_path)
+    cache = DataCache()
+    first, second = (cache.get(s) for s in specs)
+    assert cache.loads == 2
+    assert first.info["label_noise"]["rate"] == 0.0 and second.info["label_noise"]["rate"] == 0.3
