@@ -146,6 +146,7 @@ def fake_run(
     data_warnings=(),
     diagnoses=(),
     offset=0,
+    extra=None,
 ):
     """A complete run folder: the test split right on ``test_k`` images (final and at best val), the
     validation split on ``val_k``."""
@@ -182,6 +183,7 @@ def fake_run(
     }
     if rifle:
         summary["rifle_diagnosis"] = [{**d, "verdict": verdict(d)} for d in diagnoses]
+    summary.update(extra or {})
     (p / "summary.json").write_text(json.dumps(summary))
     if predictions:
         np.savez_compressed(
@@ -223,6 +225,16 @@ def grid(tmp_path_factory):
         kw = dict(n_val=5, n_train=40, data_warnings=[TINY_VAL.format(s=s)])
         fake_run(root, "weak", "finetune", s, test_k=100, val_k=3, **kw)
         fake_run(root, "weak", "rifle-K1", s, test_k=70, val_k=2, rifle=True, diagnoses=[NOT_CONVERGED], **kw)
+        # same: a converged-trigger run that never fired gives the baseline's accuracies
+        never = {
+            "rifle_trigger": {
+                "trigger": "converged",
+                "fired": [],
+                "reason": "train accuracy never reached 0.97 (best 0.79 at epoch 17)",
+            }
+        }
+        fake_run(root, "same", "finetune", s, test_k=120 + s, val_k=110)
+        fake_run(root, "same", "rifle-K1", s, test_k=120 + s, val_k=110, rifle=True, extra=never)
         # old: runs from before predictions.npz
         fake_run(root, "old", "finetune", s, test_k=100 + s, val_k=100, predictions=False)
         fake_run(root, "old", "rifle-K1", s, test_k=104, val_k=101 + s, rifle=True, predictions=False)
@@ -350,6 +362,12 @@ def test_decision_section_plain_words(grid):
         "the re-init": 3
     }
     assert "- **warnings** (each weakens this comparison):" in md
+    same = dec["same", "rifle-K1"]
+    assert (
+        same["conclusion"] == "rifle-K1 gave exactly finetune's accuracies in every seed: nothing to choose."
+    )
+    assert same["unfired"] == {"train accuracy never reached 0.97": 3}
+    assert "3 run(s) fired no re-init: train accuracy never reached 0.97" in md
     assert dec["gain", "rifle-K1"]["mde_final"] == 0.0  # no spread: any difference is detected
     # the detectable difference, from the observed SD of the paired differences
     sd = grid["rows"]["null", "rifle-K1"]["diff_final_std"]

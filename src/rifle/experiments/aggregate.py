@@ -602,11 +602,16 @@ def decisions(
         if n < 2:
             warn.append(f"{n} paired seed{'s' if n != 1 else ''}: no interval, no test")
         kinds: Counter = Counter()
-        no_verdict = 0
+        no_verdict, unfired = 0, Counter()
         for r in runs:
             ds = _diagnoses(r)
             no_verdict += not ds
             kinds.update(verdict_kind(str(d.get("verdict", ""))) for d in ds)
+            trig = r.summary.get("rifle_trigger")
+            if isinstance(trig, dict) and not trig.get("fired"):
+                unfired[
+                    re.sub(r"\s*\(best [^)]*\)", "", str(trig.get("reason") or "no reason recorded"))
+                ] += 1
         d: dict[str, Any] = {
             "dataset": cell[0],
             "model": cell[1],
@@ -614,9 +619,11 @@ def decisions(
             "method": row["method"],
             "selected_k": row["selected_k"],
             "n": n,
+            "baseline": baseline,
             "is_rifle": any(r.config.get("method") == "rifle" for r in runs),
             "verdicts": dict(kinds.most_common()),
             "runs_without_verdict": no_verdict,
+            "unfired": dict(unfired),
             "warnings": warn,
             "bootstrap_notes": list(
                 dict.fromkeys(row[f"diff_{q}_boot_note"] for q in PAIRED if row.get(f"diff_{q}_boot_note"))
@@ -646,6 +653,12 @@ def conclusion(row: dict[str, Any], d: dict[str, Any]) -> str:
     who = row["method"]
     if not math.isfinite(tm):
         return "no paired seeds: nothing to compare."
+    same = all(
+        row.get(f"diff_{q}_n") and row.get(f"diff_{q}_mean") == 0 and row.get(f"diff_{q}_std") in (0, None)
+        for q in ("final", vq)
+    ) and all(row.get(f"diff_{q}_sign_ties") == row.get(f"diff_{q}_n") for q in ("final", vq))
+    if same:
+        return f"{weak}{who} gave exactly {d.get('baseline')}'s accuracies in every seed: nothing to choose."
     t_clear = math.isfinite(tlo) and (tlo > 0 or thi < 0)
     test_alone = f"test alone shows {100 * tm:+.2f} points" + (
         ", its interval excluding 0" if t_clear else ""

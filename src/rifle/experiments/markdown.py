@@ -358,9 +358,13 @@ def decision_markdown(
         if d["is_rifle"]:
             v = "; ".join(f"{k} × {kind}" for kind, k in d["verdicts"].items()) or "none recorded"
             nv = d["runs_without_verdict"]
+            fired = "".join(
+                f"; {k} run(s) fired no re-init: {why}" for why, k in d.get("unfired", {}).items()
+            )
             out.append(
                 f"- the runs' verdicts ({sum(d['verdicts'].values())} re-inits measured): {v}"
                 + (f"; {nv} run(s) without a verdict" if nv else "")
+                + fired
             )
         if d["warnings"]:
             out.append("- **warnings** (each weakens this comparison):")
