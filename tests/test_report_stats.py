@@ -348,7 +348,10 @@ def test_decision_section_plain_words(grid):
         "validation (-3.00) and test (+3.00) disagree in sign: do not select on this."
     )
     weak = dec["weak", "rifle-K1"]
-    assert weak["conclusion"].startswith("weak comparison (see the warnings): ")
+    assert weak["conclusion"] == (  # validation: t [-20, -20] but bootstrap [-40, 0]: both must exclude 0
+        "weak comparison (see the warnings): no evidence either way on validation; test alone shows -15.00 "
+        "points, its interval excluding 0, which is not a basis for selection."
+    )
     text = "\n".join(weak["warnings"])
     assert (
         "re-convergence period below --min-steps-after: 3 of 3 rifle-K1 runs (seeds 0 1 2) have as few as 4 "

@@ -504,12 +504,19 @@ def _diagnoses(run: RunRecord) -> list[dict[str, Any]]:
     return [d] if isinstance(d, dict) else [e for e in d or [] if isinstance(e, dict)]
 
 
-def _interval(row: dict[str, Any], name: str) -> tuple[float, float, str]:
-    """The interval the decision reads: the bootstrap's, else the t interval."""
-    lo, hi = row.get(f"diff_{name}_boot_low", math.nan), row.get(f"diff_{name}_boot_high", math.nan)
-    if math.isfinite(lo):
-        return lo, hi, "bootstrap"
-    return row.get(f"diff_{name}_ci_low", math.nan), row.get(f"diff_{name}_ci_high", math.nan), "t"
+def _interval(row: dict[str, Any], name: str) -> tuple[float, float]:
+    """The interval the decision reads: the union of the bootstrap's and the t interval (an effect counts
+    only where both exclude 0: with few seeds the bootstrap's seed level has few distinct resamples and
+    is the narrower one; without predictions only the t interval exists)."""
+    pairs = [
+        (row.get(f"diff_{name}_{k}_low" if k else f"diff_{name}_ci_low", math.nan),
+         row.get(f"diff_{name}_{k}_high" if k else f"diff_{name}_ci_high", math.nan))
+        for k in ("boot", "")
+    ]  # fmt: skip
+    pairs = [(lo, hi) for lo, hi in pairs if isinstance(lo, float) and math.isfinite(lo)]
+    if not pairs:
+        return math.nan, math.nan
+    return min(lo for lo, _ in pairs), max(hi for _, hi in pairs)
 
 
 def _short_period_warning(runs: list[RunRecord]) -> str | None:
@@ -602,7 +609,7 @@ def decisions(
         if n < 2:
             warn.append(f"{n} paired seed{'s' if n != 1 else ''}: no interval, no test")
         kinds: Counter = Counter()
-        no_verdict, unfired = 0, Counter()
+        no_verdict, unfired = 0, Counter[str]()
         for r in runs:
             ds = _diagnoses(r)
             no_verdict += not ds
@@ -646,9 +653,9 @@ def conclusion(row: dict[str, Any], d: dict[str, Any]) -> str:
     against final test; never a selection on test."""
     vq = d.get("val_quantity", "val_final")
     vm, tm = row.get(f"diff_{vq}_mean", math.nan), row.get("diff_final_mean", math.nan)
-    vlo, vhi, _ = _interval(row, vq)
+    vlo, vhi = _interval(row, vq)
     on_val = "validation" if vq == "val_final" else "best validation (no final-epoch validation recorded)"
-    tlo, thi, _ = _interval(row, "final")
+    tlo, thi = _interval(row, "final")
     weak = "weak comparison (see the warnings): " if d["warnings"] else ""
     who = row["method"]
     if not math.isfinite(tm):

@@ -316,10 +316,11 @@ def decision_markdown(
         "",
         "Select on validation, never on test: the **final-epoch validation accuracy** is the number to "
         "choose on (best validation, the maximum over epochs, is shown too but is itself selected and "
-        "biased upward); test is reported to check it. Differences in points, paired over seeds; intervals "
-        "95% two-level bootstrap (t where no predictions). *Detectable*: the smallest true difference a "
-        "two-sided paired t-test at α = 0.05 detects with power 0.8 over this many seeds, given the "
-        "observed SD of the paired differences (exact noncentral t).",
+        "biased upward); test is reported to check it. Differences in points, paired over seeds; an "
+        "interval excludes 0 here only where both the two-level bootstrap's (where there are predictions) "
+        "and the t interval do (with few seeds the bootstrap is the narrower). *Detectable*: the smallest "
+        "true difference a two-sided paired t-test at α = 0.05 detects with power 0.8 over this many "
+        "seeds, given the observed SD of the paired differences (exact noncentral t).",
         "",
     ]
     by_key = {(r["dataset"], r["model"], r["train_fraction"], r["method"]): r for r in rows}
