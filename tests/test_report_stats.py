@@ -320,8 +320,8 @@ def test_report_per_class_table(grid):
     # elsewhere so the shares stay 1/2
     assert row["classes"] == ["functional", "defective"] and row["n"] == 5
     assert row["recall"] == pytest.approx([0.75, 0.75]) and row["predicted"] == pytest.approx([0.5, 0.5])
-    assert "| *test labels* | - | - / 50.0 | - / 50.0 |" in grid["md"]
-    assert "| rifle-K1 | 5 | 75.0 / 50.0 | 75.0 / 50.0 |" in grid["md"]
+    assert "| class | test labels | finetune (n=5) | rifle-K1 (n=5) |" in grid["md"]
+    assert "| defective | 50.0 | 70.0 / 50.0 | 75.0 / 50.0 |" in grid["md"]  # finetune: 140 of 200
     assert not [r for r in grid["res"]["class_rows"] if r["dataset"] == "old"]  # no predictions
 
 
@@ -338,6 +338,9 @@ def test_decision_section_plain_words(grid):
     )
     assert gain["warnings"] == [] and gain["verdicts"] == {"head converged, backprop in depth delivered": 5}
     assert "5 × head converged, backprop in depth delivered" in md
+    assert gain["majority"] == {"class": "functional", "labels": 0.5, "method": 0.5, "baseline": 0.5}
+    assert dec["old", "rifle-K1"]["majority"] is None  # no predictions
+    assert "- majority class `functional` (50.0% of the test labels): predicted for 50.0%" in md
     null = dec["null", "rifle-K1"]
     need = seeds_needed(0.01, grid["rows"]["null", "rifle-K1"]["diff_val_final_std"])
     assert null["conclusion"].startswith("no evidence either way on validation; about ")

@@ -568,6 +568,7 @@ def decisions(
     rows: list[dict[str, Any]],
     baseline: str | None,
     grid_seeds: list[int] | None = None,
+    classes: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One decision per row compared against the baseline: the numbers it rests on, the runs' verdicts
     by kind, every warning that weakens it and a plain-words conclusion (:func:`conclusion`). Validation
@@ -643,9 +644,28 @@ def decisions(
             mde = min_detectable_difference(sd, m) if m >= 2 and math.isfinite(sd) else math.nan
             need = seeds_needed(0.01, sd) if m >= 2 and math.isfinite(sd) and sd > 0 else None
             d[f"mde_{'val' if q == val_q else q}"], d[f"seeds_1pt_{'val' if q == val_q else q}"] = mde, need
+        d["majority"] = _majority_shift(classes or [], cell, label, baseline)
         d["conclusion"] = conclusion(row, d)
         out.append(d)
     return out
+
+
+def _majority_shift(
+    classes: list[dict[str, Any]], cell: tuple, label: str, baseline: str | None
+) -> dict[str, Any] | None:
+    """The test labels' majority class and the share of test images each method predicts as it (mean
+    over seeds, :func:`class_rows`); None without predictions."""
+    rows = {r["method"]: r for r in classes if (r["dataset"], r["model"], r["train_fraction"]) == cell}
+    if None not in rows or label not in rows or baseline not in rows:
+        return None
+    shares = rows[None]["predicted"]
+    c = max(range(len(shares)), key=lambda i: shares[i])
+    return {
+        "class": rows[None]["classes"][c],
+        "labels": shares[c],
+        "method": rows[label]["predicted"][c],
+        "baseline": rows[baseline]["predicted"][c],
+    }
 
 
 def conclusion(row: dict[str, Any], d: dict[str, Any]) -> str:

@@ -103,30 +103,30 @@ def paired_markdown(
     return out + [""]
 
 
+def _share(v: float) -> str:
+    return f"{100 * v:.1f}" if math.isfinite(v) else "-"
+
+
 def classes_markdown(classes: list[dict[str, Any]], cell: tuple) -> list[str]:
     """Per-class recall and predicted-class shares of one cell (final-epoch test predictions)."""
     rows = [r for r in classes if (r["dataset"], r["model"], r["train_fraction"]) == cell]
     if not rows:
         return []
     names = rows[0]["classes"]
+    labels = next(r for r in rows if r["method"] is None)
+    methods = [r for r in rows if r["method"] is not None]
     out = [
         "Per class, final-epoch test predictions, mean over the seeds with `predictions.npz` (n): recall "
         "(% of the class's test images predicted correctly) / share of all test images predicted as the "
-        "class (%). A shift toward one class shows as a larger share there and lower recall elsewhere.",
+        "class (%), beside the class's share of the test labels. A shift toward one class shows as a "
+        "larger predicted share there and lower recall elsewhere.",
         "",
-        "| method | n | " + " | ".join(f"{c}: recall / predicted" for c in names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "| class | test labels | " + " | ".join(f"{r['method']} (n={r['n']})" for r in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
     ]
-    for r in rows:
-        if r["method"] is None:
-            cells = [f"- / {100 * sh:.1f}" for sh in r["predicted"]]
-            out.append("| *test labels* | - | " + " | ".join(cells) + " |")
-            continue
-        cells = [
-            f"{f'{100 * rc:.1f}' if math.isfinite(rc) else '-'} / {100 * sh:.1f}"
-            for rc, sh in zip(r["recall"], r["predicted"])
-        ]
-        out.append(f"| {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
+    for c, name in enumerate(names):
+        cells = [f"{_share(r['recall'][c])} / {_share(r['predicted'][c])}" for r in methods]
+        out.append(f"| {name} | {_share(labels['predicted'][c])} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -366,6 +366,14 @@ def decision_markdown(
                 f"- the runs' verdicts ({sum(d['verdicts'].values())} re-inits measured): {v}"
                 + (f"; {nv} run(s) without a verdict" if nv else "")
                 + fired
+            )
+        mj = d.get("majority")
+        if mj:
+            shift = 100 * (mj["method"] - mj["baseline"])
+            out.append(
+                f"- majority class `{mj['class']}` ({100 * mj['labels']:.1f}% of the test labels): predicted "
+                f"for {100 * mj['method']:.1f}% of the test images by {d['method']}, "
+                f"{100 * mj['baseline']:.1f}% by {baseline} (Δ {shift:+.1f} points; per-class table above)"
             )
         if d["warnings"]:
             out.append("- **warnings** (each weakens this comparison):")

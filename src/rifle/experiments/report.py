@@ -47,7 +47,7 @@ def write_report(
             baseline = "finetune"
     rows, sweeps = aggregate(col, baseline, info.get("labels"), confidence, bootstrap)
     classes = class_rows(col, baseline, info.get("labels"))
-    decided = decisions(col, rows, baseline, info.get("seeds"))
+    decided = decisions(col, rows, baseline, info.get("seeds"), classes)
     from ..analysis.depth import read_monitor
 
     monitors = {r.path: read_monitor(r.path) for r in col.runs}  # each depth.jsonl parsed once
