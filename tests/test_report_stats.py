@@ -407,3 +407,26 @@ def test_steps_after_reinit_matches_the_runs_own_warning(tmp_path):
     want = int(re.search(r"have (\d+) optimizer step", msg).group(1))
     run2 = next(r for r in collect(tmp_path).runs if r.path.name == "steps")
     assert min(steps_after_reinits(summary2, run2.config)) == want
+
+
+def test_predictions_that_do_not_match_summary_or_each_other_are_not_bootstrapped(tmp_path):
+    for s in range(2):
+        fake_run(tmp_path, "c", "finetune", s, test_k=100, val_k=100)
+        fake_run(tmp_path, "c", "rifle-K1", s, test_k=110, val_k=100, rifle=True)
+    p = tmp_path / "c/m/frac1/rifle-K1/seed1/summary.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "final_test_acc": 0.56}))  # 112 of 200, not 110
+    z = dict(np.load(tmp_path / "c/m/frac1/finetune/seed0/predictions.npz"))
+    z["val_labels"] = 1 - z["val_labels"]  # another validation split than rifle-K1 seed 0's
+    z["val_final"] = 1 - z["val_final"]  # (its accuracy unchanged)
+    np.savez(tmp_path / "c/m/frac1/finetune/seed0/predictions.npz", **z)
+    (row,) = [
+        r for r in write_report(tmp_path, plots=False, bootstrap=100)["rows"] if r["method"] == "rifle-K1"
+    ]
+    assert math.isnan(row["diff_final_boot_low"])
+    assert row["diff_final_boot_note"] == (
+        "predictions.npz's test_final does not give summary.json's final_test_acc: rifle-K1/seed1"
+    )
+    assert math.isfinite(row["diff_bestval_boot_low"])  # test_best_val still matches its accuracy
+    assert (
+        row["diff_val_final_boot_note"] == "the two runs' labels differ (not paired image by image): seed 0"
+    )
