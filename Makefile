@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Every distribution pinned (==) for these machines (x86-64, Python 3.11); regenerate with `make lock`.
 LOCK := requirements-lock.txt
 
-.PHONY: demo test test-all lint venv lock clean bench-speed gpu-check results-elpv results-regime results-regime-head-signal
+.PHONY: demo test test-all lint venv lock clean bench-speed gpu-check results-elpv results-regime results-regime-head-signal results-replication
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -74,6 +74,12 @@ results-regime: $(STAMP)
 results-regime-head-signal: $(STAMP)
 	for c in $(REGIME_CELLS); do $(BIN)/rifle bench benchmarks/regime/head_signal/$$c.yaml --out docs/results/regime_head_signal/$$c --workers 2 || exit 1; done
 	$(BIN)/python benchmarks/regime_head_signal.py docs/results/regime_head_signal --study docs/results/regime --page docs/results/regime.md
+
+# issue 21's pre-registered replication study (benchmarks/replication/plan.md); resumable, cell by cell
+REPLICATION_CELLS := elpv64 digits64_noise40 digits64_noise20 elpv64_lite2
+results-replication: $(STAMP)
+	for c in $(REPLICATION_CELLS); do $(BIN)/rifle bench benchmarks/replication/$$c.yaml --out docs/results/replication/$$c --workers 2 --threads 1 || exit 1; done
+	$(BIN)/python benchmarks/replication_report.py docs/results/replication --regime docs/results/regime --page docs/results/replication.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -215,7 +215,7 @@ def markdown(
         "÷ control = that ratio over fine-tuning's at the same boundary, same seed (K=1's epoch "
         "only). "
         "Δ = paired difference vs fine-tuning in points, mean [95% t interval]; ✓ = K selected on "
-        "validation.",
+        "validation (highest mean best-validation accuracy; ties: the smaller K).",
         "",
     ]
     for cell in cells:

@@ -108,6 +108,8 @@ def test_every_float_field_is_listed():
         "layer_decay",
         "val_fraction",
         "train_fraction",
+        "label_noise",
+        "label_smoothing",
     }
 
 

@@ -483,8 +483,8 @@ def test_verdict_uses_the_head_signal_when_measured():
     assert unconv == (
         "re-init 1 (epoch 15): head had not converged (train loss 0.39, acc 0.90); error signal "
         "into the backbone x1.42 on the same batch (new head vs old), backbone gradient x0.62 "
-        "after/before — backprop in depth delivered; but the head had not converged, and most such "
-        "re-inits in the regime study did not deepen the backbone's gradient over the next steps: "
+        "after/before — backprop in depth delivered; but the head had not converged, and 3 of the 5 "
+        "such re-inits in the regime study did not deepen the backbone's gradient over the next steps: "
         "judge RIFLE on validation (docs/rifle.md#when)"
     )
 

@@ -30,6 +30,7 @@ def load_data(cfg: TrainConfig) -> DataBundle:
         val_fraction=cfg.val_fraction,
         train_fraction=cfg.train_fraction,
         skip_bad_images=cfg.skip_bad_images,
+        label_noise=cfg.label_noise,
     )
 
 
@@ -40,6 +41,7 @@ def build_methods(cfg: TrainConfig) -> list[Method]:
         (cfg.method, "method", cfg.method_options()),
         (cfg.reg, "reg", None),
         *((t, "trick", None) for t in cfg.trick),
+        *([("label-smoothing", "trick", {"eps": cfg.label_smoothing})] if cfg.label_smoothing else []),
     ]
     names = [n for n, _, _ in wanted]
     for name in cfg.options:

@@ -88,11 +88,13 @@ class TrainConfig:
     opt_eps: float | None = None  # the optimizer's epsilon; None = its default
     opt_betas: list[float] | None = None  # Adam-type (beta1, beta2); None = the optimizer's default
     layer_decay: float | None = None  # layer-wise LR decay (timm group_matcher layers); None = off
+    label_smoothing: float = 0.0  # > 0 adds the label-smoothing trick with this epsilon (docs/methods.md)
     image_size: int = 224
     # data
     seed: int = 0
     val_fraction: float = 0.1
     train_fraction: float = 1.0
+    label_noise: float = 0.0  # share of train/val labels replaced by another class (docs/data.md)
     skip_bad_images: bool = False
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -133,6 +135,19 @@ class TrainConfig:
             raise bad("train_fraction", "must be in (0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise bad("val_fraction", "must be in [0, 1)")
+        for key in ("label_noise", "label_smoothing"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise bad(key, "must be a number in [0, 1)")
+        if self.label_smoothing and (
+            "label-smoothing" in self.trick
+            or (isinstance(self.options, dict) and "label-smoothing" in self.options)
+        ):
+            raise bad(
+                "label_smoothing",
+                "also --trick label-smoothing or --label-smoothing-eps was given: use one "
+                "(--label-smoothing EPS alone adds the trick)",
+            )
         if self.reinits < 0:
             raise bad("reinits", "K is the number of re-initialisations and must be >= 0")
         if self.reinits == 0 and self.method == "rifle":
@@ -574,6 +589,8 @@ ADDED_KEYS = {
     "diagnosis_window": 5,
     "log_to": "auto",
     "log_interval": 50,
+    "label_noise": 0.0,
+    "label_smoothing": 0.0,
 }
 
 

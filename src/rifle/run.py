@@ -66,7 +66,7 @@ def run_train(
             config,
             resume=resume,
             overwrite=overwrite,
-            fingerprint=data_fingerprint(cfg.data),
+            fingerprint=data_fingerprint(cfg.data, cfg.label_noise),
             pretrained=pretrained_record(cfg.pretrained_file),
             pretrained_needed_by=reference_users,
         )
@@ -78,6 +78,8 @@ def run_train(
             return done
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if data is not None and data.info.get("label_noise", {}).get("rate", 0.0) != cfg.label_noise:
+        data = None  # a bundle cached for another --label-noise (the grid's cache key predates it)
     data = data if data is not None else load_data(cfg)
     # the new head's random init is a pure function of the seed: paired runs start identically
     # a resume takes every weight from the checkpoint: a moved --pretrained-file nothing reads is not read
@@ -153,6 +155,7 @@ def run_train(
         "model": cfg.model,
         "data": cfg.data,
         "seed": cfg.seed,
+        "label_noise": data.info.get("label_noise"),
         **summarize(history),
         "reinit_epochs": next((m.reinit_epochs for m in methods if hasattr(m, "reinit_epochs")), []),
         "methods": {m.name: m.config() for m in methods},

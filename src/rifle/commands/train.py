@@ -24,7 +24,7 @@ _HELP = {
     "method": "finetune (standard fine-tuning), rifle, or lp-ft (linear probe, then fine-tuning)",
     "reg": "regulariser: l2 (weight decay, default), l2sp, delta, bss",
     "trick": "add a trick (repeatable or comma-separated): dropout, dropconnect, stochastic-depth, "
-    "disturblabel, cyclic-lr",
+    "disturblabel, cyclic-lr (label smoothing: --label-smoothing EPS)",
     "reinits": "K, the number of head re-initialisations (K+1 equal periods; K >= 1)",
     "reinit_granularity": "schedule the re-inits over epochs or optimizer steps",
     "guard": "drop re-inits leaving fewer epochs after them",
@@ -64,6 +64,10 @@ _HELP = {
     "seed": "run seed: split, data order, augmentation and re-inits derive from it",
     "val_fraction": "validation fraction carved from train (stratified) when the data has no val/",
     "train_fraction": "use this stratified fraction of the training split",
+    "label_noise": "replace each train/val label (not test), with this probability, by another class drawn "
+    "uniformly; drawn from the seed, the same for every method (docs/data.md#label-noise)",
+    "label_smoothing": "label smoothing EPS in [0, 1): adds the label-smoothing trick, training loss = "
+    "F.cross_entropy(..., label_smoothing=EPS); evaluation unchanged (docs/methods.md)",
     "skip_bad_images": "skip unreadable images (and report how many) instead of stopping",
     "device": "auto, cpu, cuda or cuda:N",
     "channels_last": "channels_last memory format",

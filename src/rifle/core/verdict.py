@@ -13,7 +13,7 @@ from typing import Any
 # docs/rifle.md#when: the cut-offs and why (REFERENCE §7 measurements)
 CONVERGED_LOSS = 0.2  # memorising runs had 0.03-0.17 before the re-init, the others 0.14-0.95
 CONVERGED_ACC = 0.97  # ... 0.98-1.00 vs 0.71-0.95 (both must hold when both are known)
-DELIVERED_RATIO = 1.0  # after/before: above the §7 controls (0.61-0.88); regime study: 0.31-2.05 (noisy)
+DELIVERED_RATIO = 1.0  # after/before: above the §7 controls (0.61-0.88); regime study: 0.32-2.06 (noisy)
 WEAKENED_RATIO = 0.6  # below every fine-tuning control measured
 # the same cut-offs judge head_signal_ratio when it is measured: the regime study's addendum kept 1.0 by its
 # pre-registered rule (12 of 15 runs agree with the paired-control reference; docs/results/regime.md)
@@ -72,9 +72,9 @@ def verdict(entry: dict[str, Any]) -> str:
     if conv is False and (r is None or r < DELIVERED_RATIO):
         tail += f"; not the paper's mechanism here: judge RIFLE on validation ({DOC})"
     elif conv is False and hs is not None and hs >= DELIVERED_RATIO:
-        # added after the regime study's addendum: most such re-inits did not deepen the gradient
+        # added after the regime study's addendum (its 5 not-converged runs with head signal >= 1)
         tail += (
-            f"; but the head had not converged, and most such re-inits in the regime study did not "
+            f"; but the head had not converged, and 3 of the 5 such re-inits in the regime study did not "
             f"deepen the backbone's gradient over the next steps: judge RIFLE on validation ({DOC})"
         )
     elif conv and r is not None and r < DELIVERED_RATIO:

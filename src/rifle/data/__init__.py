@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..core.seeding import generator
 from .builtin import BUILTIN, load_digits_dataset, load_elpv
@@ -44,6 +47,7 @@ __all__ = [
     "decode_image",
     "data_fingerprint",
     "compare_fingerprints",
+    "label_noise_draws",
 ]
 
 MIN_VAL_IMAGES = 50  # a validation split below this warns: its accuracy moves in steps of over 2 points
@@ -86,13 +90,19 @@ def _builtin_name(data: str | os.PathLike) -> str | None:
     return name if name in BUILTIN and "/" not in text and os.sep not in text else None
 
 
-def data_fingerprint(data: str | os.PathLike) -> dict:
+def data_fingerprint(data: str | os.PathLike, label_noise: float = 0.0) -> dict:
     """What a run records of its data so that ``--resume`` can tell whether it changed (cheap).
 
     An image folder: every image file's size and modification time, by ``split/class/name``
     (``os.stat`` only, no image is read). A built-in dataset: its name, the version of the package
-    holding it and its number of images.
+    holding it and its number of images. With ``label_noise > 0`` also ``"label_noise": rate`` (the labels
+    differ from the data's); at 0 the fingerprint is the one recorded before the option existed.
     """
+    fp = _data_fingerprint(data)
+    return {**fp, "label_noise": float(label_noise)} if label_noise else fp
+
+
+def _data_fingerprint(data: str | os.PathLike) -> dict:
     name = _builtin_name(data)
     if name == "elpv":
         from .builtin import _elpv_source
@@ -130,6 +140,11 @@ def compare_fingerprints(saved: dict, current: dict) -> str | None:
             return str(fp.get("name")) if fp.get("kind") == "builtin" else f"the folder {fp.get('root')}"
 
         return f"the run used {what(saved)}, --data now names {what(current)}"
+    if saved.get("label_noise", 0.0) != current.get("label_noise", 0.0):
+        return (
+            f"the run's training labels had --label-noise (label_noise) {saved.get('label_noise', 0.0)}, "
+            f"now {current.get('label_noise', 0.0)}"
+        )
     if current.get("kind") == "builtin":
         changed = [
             f"{k} {saved.get(k)} -> {current.get(k)}"
@@ -205,6 +220,7 @@ def build_data(
     val_fraction: float = 0.1,
     train_fraction: float = 1.0,
     skip_bad_images: bool = False,
+    label_noise: float = 0.0,
 ) -> DataBundle:
     """Load ``data`` (a built-in name or an image-folder path) at ``cache_resolution(image_size)``.
 
@@ -217,6 +233,9 @@ def build_data(
       (>= 1 image per class; per class a smaller fraction keeps a prefix of the same random order).
     * The test split is never touched. Same seed -> identical splits; the test split of the built-in
       datasets is fixed for every seed.
+    * ``label_noise`` (after the splits, which it does not change): each train and val label replaced,
+      with that probability, by a class drawn uniformly among the other classes (:func:`label_noise_draws`;
+      docs/data.md "Label noise"). ``info["label_noise"]`` records it, also at rate 0.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
@@ -226,6 +245,8 @@ def build_data(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if not _is_number(train_fraction) or not 0 < train_fraction <= 1:
         raise DataError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    if not _is_number(label_noise) or not 0 <= label_noise < 1:
+        raise DataError(f"label_noise (--label-noise) must be in [0, 1), got {label_noise!r}")
     res = cache_resolution(image_size)
     text = os.fspath(data)
     name = text.strip().lower()
@@ -239,20 +260,37 @@ def build_data(
         raise _unknown(text)
 
     train, test = splits["train"], splits["test"]
+    k = len(classes)
+    if label_noise and k < 2:
+        raise DataError(f"--label-noise {label_noise:g} needs at least 2 classes; {text} has {k}")
+    # noise per image of the source's train split (its position there), drawn before any split
+    flip, offset = label_noise_draws(len(train), k, label_noise, seed)
+    pool = torch.arange(len(train))  # each train image's position in the source's train split
     if "val" in splits:
         val = splits["val"]
         val_how = "folder"
+        val_flip, val_offset = label_noise_draws(len(val), k, label_noise, seed, 1)
     else:
         val_idx, train_idx = stratified_split(
             train.labels, val_fraction, generator(seed, "split"), min_left=1
         )
         val, train = train.subset(val_idx), train.subset(train_idx)
+        val_flip, val_offset = flip[val_idx], offset[val_idx]
+        pool = pool[train_idx]
         val_how = f"carved {val_fraction * 100:g}% stratified seed {seed}"
     if train_fraction < 1:
         keep, _ = stratified_split(train.labels, train_fraction, generator(seed, "fraction"), min_taken=1)
         train = train.subset(keep)
+        pool = pool[keep]
+    train = _relabel(train, flip[pool], offset[pool], k)
+    val = _relabel(val, val_flip, val_offset, k)
+    noise = {
+        "rate": float(label_noise),
+        "flipped": int(flip[pool].sum()) + int(val_flip.sum()),
+        "of": len(train) + len(val),
+        "labels_sha256": labels_sha256(train.labels),
+    }
 
-    k = len(classes)
     notes = split_warnings(val, test, list(classes), val_how)
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -264,6 +302,7 @@ def build_data(
         "val": val_how,
         "val_fraction": val_fraction if val_how != "folder" else None,
         "train_fraction": train_fraction,
+        "label_noise": noise,
         "seed": seed,
         "skipped": list(src_info.get("skipped", [])),
         "image_size": image_size,
@@ -273,3 +312,31 @@ def build_data(
         "warnings": notes,
     }
     return DataBundle(train=train, val=val, test=test, classes=list(classes), info=info)
+
+
+def label_noise_draws(
+    n: int, num_classes: int, rate: float, seed: int, *index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flip, offset)`` for ``n`` labels from ``generator(seed, "label-noise", *index)``: ``flip[i]`` with
+    probability ``rate`` (``rand(n) < rate``), then ``offset[i]`` uniform in ``1..C-1`` (``randint``); a
+    flipped label ``y`` becomes ``(y + offset) % C``, uniform among the other classes. Both are drawn for
+    every label whatever the rate, so label ``i``'s draw depends on ``(seed, i)`` only."""
+    if not rate or num_classes < 2:
+        return torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int64)
+    g = generator(seed, "label-noise", *index)
+    flip = torch.rand(n, generator=g) < rate
+    offset = torch.randint(1, num_classes, (n,), generator=g)
+    return flip, offset
+
+
+def _relabel(ds: ImageTensorSet, flip: torch.Tensor, offset: torch.Tensor, k: int) -> ImageTensorSet:
+    """``ds`` with the flipped labels moved by ``offset`` (mod ``k``); a new set, the images shared."""
+    if not bool(flip.any()):
+        return ds
+    labels = torch.where(flip, (ds.labels + offset) % k, ds.labels)
+    return ImageTensorSet(images=ds.images, labels=labels)
+
+
+def labels_sha256(labels: torch.Tensor) -> str:
+    """SHA-256 of ``labels`` as int64 little-endian bytes, in the split's order."""
+    return hashlib.sha256(labels.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()

@@ -87,7 +87,15 @@ class RunSpec:
 
     def data_key(self) -> tuple:
         c = self.cfg
-        return (c.data, c.image_size, c.seed, c.val_fraction, c.train_fraction, c.skip_bad_images)
+        return (
+            c.data,
+            c.image_size,
+            c.seed,
+            c.val_fraction,
+            c.train_fraction,
+            c.skip_bad_images,
+            c.label_noise,
+        )
 
 
 def safe_name(text: str) -> str:

@@ -30,6 +30,106 @@ def _diff(row: dict[str, Any], name: str, digits: int = 2) -> str:
     return f"{100 * m:+.{digits}f}{ci}{pt}{pw}"
 
 
+QUANTITY = {
+    "final": "final test",
+    "bestval": "test @ best val",
+    "val_final": "final val",
+    "val_best": "best val",
+}
+
+
+def _ci(lo: Any, hi: Any, digits: int = 2) -> str:
+    if not isinstance(lo, (int, float)) or not math.isfinite(lo):
+        return "n/a"
+    return f"[{100 * lo:+.{digits}f}, {100 * hi:+.{digits}f}]"
+
+
+def _p(p: Any) -> str:
+    return f"{p:.3g}" if isinstance(p, (int, float)) and math.isfinite(p) else "-"
+
+
+def paired_markdown(
+    rows: list[dict[str, Any]], cell: tuple, baseline: str | None, confidence: float
+) -> list[str]:
+    """The "paired differences" table of one cell: per method and quantity, the t interval, the two-level
+    bootstrap interval, the sign test and, on the test rows, whether validation agrees in sign."""
+    rows = [
+        r for r in rows if (r["dataset"], r["model"], r["train_fraction"]) == cell and "diff_final_n" in r
+    ]
+    if not rows:
+        return []
+    c = int(round(confidence * 100))
+    out = [
+        f"Paired differences vs {baseline}, in points (method − {baseline}, per seed): "
+        f"{c}% t interval and paired t p; {c}% two-level bootstrap interval (seeds, then images within "
+        "each seed, from `predictions.npz`; n/a without it); exact sign test over seeds "
+        "(n+/n−/ties, p). Validation rows: the same difference on the validation split.",
+        "",
+        f"| method | quantity | n | Δ | {c}% t CI, p | {c}% bootstrap CI | sign test | test vs val sign |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes: dict[str, None] = {}
+    for r in rows:
+        for q, title in QUANTITY.items():
+            m = r.get(f"diff_{q}_mean", math.nan)
+            flag = ""
+            if q in ("final", "bestval"):
+                val = {"final": "val_final", "bestval": "val_best"}[q]
+                vm = r.get(f"diff_{val}_mean", math.nan)
+                flag = (
+                    "**disagree**"
+                    if r.get(f"sign_flag_{q}")
+                    else "agree"
+                    if math.isfinite(m) and math.isfinite(vm)
+                    else "n/a"
+                )
+            if r.get(f"diff_{q}_boot_note"):
+                notes[r[f"diff_{q}_boot_note"]] = None
+            sign = (
+                f"{r[f'diff_{q}_sign_pos']}/{r[f'diff_{q}_sign_neg']}/{r[f'diff_{q}_sign_ties']}, "
+                f"p={_p(r[f'diff_{q}_p_sign'])}"
+                if f"diff_{q}_sign_pos" in r and r.get(f"diff_{q}_n")
+                else "-"
+            )
+            out.append(
+                f"| {r['method']} | {title} | {r.get(f'diff_{q}_n', 0)} | "
+                f"{f'{100 * m:+.2f}' if math.isfinite(m) else '-'} | "
+                f"{_ci(r.get(f'diff_{q}_ci_low'), r.get(f'diff_{q}_ci_high'))}, "
+                f"p={_p(r.get(f'diff_{q}_p'))} | "
+                f"{_ci(r.get(f'diff_{q}_boot_low'), r.get(f'diff_{q}_boot_high'))} | {sign} | {flag} |"
+            )
+    if notes:
+        out += ["", "Bootstrap n/a where: " + "; ".join(notes) + "."]
+    return out + [""]
+
+
+def _share(v: float) -> str:
+    return f"{100 * v:.1f}" if math.isfinite(v) else "-"
+
+
+def classes_markdown(classes: list[dict[str, Any]], cell: tuple) -> list[str]:
+    """Per-class recall and predicted-class shares of one cell (final-epoch test predictions)."""
+    rows = [r for r in classes if (r["dataset"], r["model"], r["train_fraction"]) == cell]
+    if not rows:
+        return []
+    names = rows[0]["classes"]
+    labels = next(r for r in rows if r["method"] is None)
+    methods = [r for r in rows if r["method"] is not None]
+    out = [
+        "Per class, final-epoch test predictions, mean over the seeds with `predictions.npz` (n): recall "
+        "(% of the class's test images predicted correctly) / share of all test images predicted as the "
+        "class (%), beside the class's share of the test labels. A shift toward one class shows as a "
+        "larger predicted share there and lower recall elsewhere.",
+        "",
+        "| class | test labels | " + " | ".join(f"{r['method']} (n={r['n']})" for r in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for c, name in enumerate(names):
+        cells = [f"{_share(r['recall'][c])} / {_share(r['predicted'][c])}" for r in methods]
+        out.append(f"| {name} | {_share(labels['predicted'][c])} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _ratio(v: float) -> str:
     return f"{v:.2f}" if math.isfinite(v) else "-"
 
@@ -142,6 +242,7 @@ def cell_sections(
     depth: list[dict[str, Any]] | None = None,
     level: int = 2,
     link_prefix: str = "",
+    classes: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """One section per cell: the accuracy table, the K selection, the depth table and the plots
     (linked as ``link_prefix + name``; ``level``: the heading level of the cell title)."""
@@ -178,9 +279,110 @@ def cell_sections(
                     f"{vals} -> **K={s['selected_k']}**.",
                 ]
         out.append("")
+        out += paired_markdown(rows, cell, baseline, confidence)
+        out += classes_markdown(classes or [], cell)
         out += depth_markdown(depth or [], cell, baseline, confidence, level + 1)
         for png in plots.get(cell, []):
             out += [f"![{png}]({link_prefix}{png})", ""]
+    return out
+
+
+def _pts(v: Any) -> str:
+    return f"{100 * v:+.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def _quantity_line(row: dict[str, Any], q: str) -> str:
+    """``Δ +1.07 [bootstrap -0.20, +2.10]; t [..], p=..; sign 5/0/0, p=0.0625`` of quantity ``q``."""
+    if not row.get(f"diff_{q}_n"):
+        return "n/a"
+    boot = _ci(row.get(f"diff_{q}_boot_low"), row.get(f"diff_{q}_boot_high"))
+    return (
+        f"Δ {_pts(row.get(f'diff_{q}_mean'))} (bootstrap {boot}; t "
+        f"{_ci(row.get(f'diff_{q}_ci_low'), row.get(f'diff_{q}_ci_high'))}, p={_p(row.get(f'diff_{q}_p'))}; "
+        f"sign test {row[f'diff_{q}_sign_pos']}/{row[f'diff_{q}_sign_neg']}/{row[f'diff_{q}_sign_ties']}, "
+        f"p={_p(row.get(f'diff_{q}_p_sign'))})"
+    )
+
+
+def decision_markdown(
+    decisions: list[dict[str, Any]], rows: list[dict[str, Any]], baseline: str | None, level: int = 2
+) -> list[str]:
+    """The decision section: per comparison against the baseline, what validation and test say, the
+    smallest difference the seeds could detect, the runs' verdicts, the warnings and the plain words."""
+    if not decisions:
+        return []
+    out = [
+        f"{'#' * level} Decision: does a method beat {baseline}?",
+        "",
+        "Select on validation, never on test: the **final-epoch validation accuracy** is the number to "
+        "choose on (best validation, the maximum over epochs, is shown too but is itself selected and "
+        "biased upward); test is reported to check it. Differences in points, paired over seeds; an "
+        "interval excludes 0 here only where both the two-level bootstrap's (where there are predictions) "
+        "and the t interval do (with few seeds the bootstrap is the narrower). *Detectable*: the smallest "
+        "true difference a two-sided paired t-test at α = 0.05 detects with power 0.8 over this many "
+        "seeds, given the observed SD of the paired differences (exact noncentral t).",
+        "",
+    ]
+    by_key = {(r["dataset"], r["model"], r["train_fraction"], r["method"]): r for r in rows}
+    for d in decisions:
+        r = by_key[(d["dataset"], d["model"], d["train_fraction"], d["method"])]
+        name = d["method"] + (
+            f" (K={d['selected_k']} selected on val)" if d["selected_k"] is not None else ""
+        )
+        out += [
+            f"{'#' * (level + 1)} {d['dataset']} / {d['model']} / train fraction {d['train_fraction']:g}: "
+            f"{name} vs {baseline} ({d['n']} paired seeds)",
+            "",
+            f"- **In plain words**: {d['conclusion']}",
+            f"- validation, final epoch: {_quantity_line(r, 'val_final')}; best validation: "
+            f"{_quantity_line(r, 'val_best')}",
+            f"- test, final epoch: {_quantity_line(r, 'final')}; test @ best val: "
+            f"{_quantity_line(r, 'bestval')}",
+        ]
+        det = []
+        vq = d.get("val_quantity", "val_final")
+        for q, key, where in ((vq, "val", QUANTITY[vq]), ("final", "final", "final test")):
+            mde, sd = d.get(f"mde_{key}", math.nan), r.get(f"diff_{q}_std", math.nan)
+            if sd == 0:
+                det.append(f"{where}: no spread between seeds (the t-test is degenerate)")
+            elif isinstance(mde, float) and math.isfinite(mde):
+                need = d.get(f"seeds_1pt_{key}")
+                det.append(
+                    f"{100 * mde:.2f} points on {where} (SD of the paired differences {100 * sd:.2f} points"
+                    + (f"; a 1-point difference needs about {need} seeds" if need else "")
+                    + ")"
+                )
+        out.append(
+            f"- detectable with {d['n']} seeds: "
+            + ("; ".join(det) if det else "n/a (fewer than 2 paired seeds)")
+        )
+        if d["is_rifle"]:
+            v = "; ".join(f"{k} × {kind}" for kind, k in d["verdicts"].items()) or "none recorded"
+            nv = d["runs_without_verdict"]
+            fired = "".join(
+                f"; {k} run(s) fired no re-init: {why}" for why, k in d.get("unfired", {}).items()
+            )
+            out.append(
+                f"- the runs' verdicts ({sum(d['verdicts'].values())} re-inits measured): {v}"
+                + (f"; {nv} run(s) without a verdict" if nv else "")
+                + fired
+            )
+        mj = d.get("majority")
+        if mj:
+            shift = 100 * (mj["method"] - mj["baseline"])
+            out.append(
+                f"- majority class `{mj['class']}` ({100 * mj['labels']:.1f}% of the test labels): predicted "
+                f"for {100 * mj['method']:.1f}% of the test images by {d['method']}, "
+                f"{100 * mj['baseline']:.1f}% by {baseline} (Δ {shift:+.1f} points; per-class table above)"
+            )
+        if d["warnings"]:
+            out.append("- **warnings** (each weakens this comparison):")
+            out += [f"  - {w}" for w in d["warnings"]]
+        else:
+            out.append("- warnings: none")
+        if d["bootstrap_notes"]:
+            out.append("- bootstrap n/a: " + "; ".join(d["bootstrap_notes"]) + " (the t interval decides)")
+        out.append("")
     return out
 
 
@@ -205,6 +407,8 @@ def render_markdown(
     plots: dict[tuple, list[str]],
     confidence: float,
     depth: list[dict[str, Any]] | None = None,
+    classes: list[dict[str, Any]] | None = None,
+    decisions: list[dict[str, Any]] | None = None,
 ) -> str:
     c = int(round(confidence * 100))
     out = [
@@ -239,16 +443,23 @@ def render_markdown(
         f"- **Δ vs {baseline}**: paired over seeds (same split, same initial head, same data order "
         f"per seed): mean of per-seed differences in points, [{c}% Student-t interval], two-sided paired "
         "t-test p; pW = Wilcoxon signed-rank p when n ≥ 6.",
+        f"- **bootstrap**: two-level {c}% interval of the same mean difference from the runs' "
+        "`predictions.npz`: 10,000 resamples (generator `np.random.default_rng(0)`, reproducible), each "
+        "drawing the seeds with replacement, then within each drawn seed its images with replacement "
+        "(the same images for both methods); it covers test-set sampling as well as seed spread. "
+        "**sign test**: exact two-sided binomial test over seeds (ties dropped). The same differences on "
+        "validation are shown, and a test row is flagged where validation disagrees in sign.",
         "- **K of RIFLE**: when several RIFLE entries differ only in K, K is selected on VALIDATION: "
         "the highest mean best-validation accuracy over the seeds every K completed (ties: the "
         "smaller K); the row `…K*…` reports that K's test accuracy. Nothing is selected on test.",
         "",
     ]
-    out += cell_sections(rows, sweeps, baseline, plots, confidence, depth)
+    out += cell_sections(rows, sweeps, baseline, plots, confidence, depth, classes=classes)
     if col.failed:
         out += ["## Failed runs", ""] + [f"- `{k}`: {v}" for k, v in sorted(col.failed.items())] + [""]
     if col.unfinished:
         out += ["## Unfinished runs (not counted)", ""] + [f"- `{k}`" for k in sorted(col.unfinished)] + [""]
+    out += decision_markdown(decisions or [], rows, baseline)
     return "\n".join(out)
 
 
@@ -266,6 +477,8 @@ def page_block(
     plots: dict[tuple, list[str]],
     confidence: float,
     depth: list[dict[str, Any]] | None,
+    classes: list[dict[str, Any]] | None = None,
+    decisions: list[dict[str, Any]] | None = None,
 ) -> str:
     """The generated part of a hand-written page: counts, then :func:`cell_sections` (links relative to
     it)."""
@@ -286,7 +499,10 @@ def page_block(
         "p; K of RIFLE selected on validation, never on test.",
         "",
     ]
-    lines += cell_sections(rows, sweeps, baseline, plots, confidence, depth, level=3, link_prefix=f"{rel}/")
+    lines += cell_sections(
+        rows, sweeps, baseline, plots, confidence, depth, level=3, link_prefix=f"{rel}/", classes=classes
+    )
+    lines += decision_markdown(decisions or [], rows, baseline, level=3)
     return "\n".join(lines + [PAGE_END])
 
 

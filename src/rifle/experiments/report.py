@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .aggregate import DEPTH_COLUMNS, aggregate, depth_rows, to_csv
+from .aggregate import DEPTH_COLUMNS, aggregate, class_rows, decisions, depth_rows, to_csv
 from .collect import collect, grid_info
 from .markdown import has_events, page_block, render_markdown, tensorboard_command, update_page
 from .plots import write_plots
+from .stats import BOOTSTRAP_B
 
 
 def write_report(
@@ -24,11 +25,12 @@ def write_report(
     plots: bool = True,
     depth: bool = False,
     page: str | Path | None = None,
+    bootstrap: int = BOOTSTRAP_B,
 ) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv`` and the PNGs into ``root``; returns rows and paths.
 
     ``page``: also write the tables and plots between the markers of this hand-written Markdown page
-    (:func:`update_page`).
+    (:func:`update_page`). ``bootstrap``: resamples of the two-level bootstrap (0: none).
     """
     from ..train.checkpoint import atomic_write_text
 
@@ -43,19 +45,24 @@ def write_report(
         baseline = info.get("baseline")
         if baseline is None and any(r.label == "finetune" for r in col.runs):
             baseline = "finetune"
-    rows, sweeps = aggregate(col, baseline, info.get("labels"), confidence)
+    rows, sweeps = aggregate(col, baseline, info.get("labels"), confidence, bootstrap)
+    classes = class_rows(col, baseline, info.get("labels"))
+    decided = decisions(col, rows, baseline, info.get("seeds"), classes)
     from ..analysis.depth import read_monitor
 
     monitors = {r.path: read_monitor(r.path) for r in col.runs}  # each depth.jsonl parsed once
     pngs = write_plots(root, col, rows, baseline, confidence, depth, monitors) if plots and col.runs else {}
     drows = depth_rows(col, baseline, info.get("labels"), confidence, monitors)
-    md = render_markdown(root, col, rows, sweeps, baseline, info, pngs, confidence, drows)
+    md = render_markdown(root, col, rows, sweeps, baseline, info, pngs, confidence, drows, classes, decided)
     atomic_write_text(root / "results.md", md + "\n")
     atomic_write_text(root / "results.csv", to_csv(rows))
     if drows:
         atomic_write_text(root / "depth.csv", to_csv(drows, DEPTH_COLUMNS))
     if page is not None:
-        update_page(page, page_block(root, Path(page), col, rows, sweeps, baseline, pngs, confidence, drows))
+        block = page_block(
+            root, Path(page), col, rows, sweeps, baseline, pngs, confidence, drows, classes, decided
+        )
+        update_page(page, block)
     return {
         "rows": rows,
         "sweeps": sweeps,
@@ -64,6 +71,8 @@ def write_report(
         "tensorboard": tensorboard_command(root) if has_events(root) else None,
         "csv": root / "results.csv",
         "depth_rows": drows,
+        "class_rows": classes,
+        "decisions": decided,
         "plots": [root / p for ps in pngs.values() for p in ps],
         "unfinished": col.unfinished,
         "failed": col.failed,

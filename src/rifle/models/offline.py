@@ -18,7 +18,7 @@ from .common import ModelError
 
 _OFFLINE_HINT = (
     "use weights you have (--pretrained-file PATH: a safetensors or torch state dict of this "
-    "architecture), pretrained=False (--no-pretrained) or the offline built-in efficientnet_lite0"
+    "architecture), pretrained=False (--no-pretrained) or an offline built-in (efficientnet_lite0/1/2)"
 )
 HUB_TIMEOUT_S = 3.0  # the reachability check of a weights host, DNS included
 
