@@ -79,3 +79,17 @@ def test_no_validation_split_writes_only_test_keys(tmp_path):
     assert set(p) == {"test_final", "test_labels"}  # no best-validation epoch, as test_acc_at_best_val
     assert acc(p["test_final"], p["test_labels"]) == s["final_test_acc"]
     assert len(p["test_final"]) == s["data_info"]["sizes"]["test"]
+
+
+def test_label_noise_val_labels_are_the_noisy_ones(tmp_path):
+    """val_labels are the labels validation accuracy is computed against: noisy under --label-noise (the
+    validation split is carved from the noisy training split); the test labels stay clean."""
+    s = run_train(cfg(tmp_path, "noisy", epochs=2, label_noise=0.4), log=lambda s: None)
+    p = predictions(tmp_path / "noisy")
+    assert acc(p["val_final"], p["val_labels"]) == s["final_val_acc"]
+    assert acc(p["test_final"], p["test_labels"]) == s["final_test_acc"]
+    clean = run_train(cfg(tmp_path, "clean", epochs=2), log=lambda s: None)
+    q = predictions(tmp_path / "clean")
+    assert acc(q["val_final"], q["val_labels"]) == clean["final_val_acc"]
+    assert np.array_equal(p["test_labels"], q["test_labels"])
+    assert not np.array_equal(p["val_labels"], q["val_labels"])
