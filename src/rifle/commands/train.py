@@ -15,7 +15,8 @@ EXAMPLE = "rifle train --data path/to/folder --method rifle --reinits 3 --preset
 
 _HELP = {
     "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
-    "model": "efficientnet_lite0 (offline builtin), tiny_cnn, any timm name, or torchvision:<name>",
+    "model": "efficientnet_lite0 / lite1 / lite2 (offline builtins, ImageNet weights), tiny_cnn, any timm "
+    "name, or torchvision:<name>",
     "pretrained": "load pretrained weights",
     "pretrained_file": "load the backbone's pretrained weights from this file instead of the hub (no "
     "network needed): a safetensors file or a torch state dict (read with "
