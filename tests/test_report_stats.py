@@ -66,14 +66,10 @@ def test_bootstrap_degenerate_cases():
     assert (lo, hi) == (0.0, 1.0)
 
 
-def test_bootstrap_is_fast_enough():
-    import time
-
+def test_bootstrap_at_the_studies_size():
     rng = np.random.default_rng(5)
     diffs = [rng.choice([-1, 0, 0, 0, 0, 1], size=656) for _ in range(10)]
-    t0 = time.perf_counter()
-    lo, hi = bootstrap_paired(diffs)  # 10,000 x 10 seeds x 656 images
-    assert time.perf_counter() - t0 < 5
+    lo, hi = bootstrap_paired(diffs)  # 10,000 x 10 seeds x 656 images (ELPV's test split)
     assert lo < np.mean([d.mean() for d in diffs]) < hi
 
 
