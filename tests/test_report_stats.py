@@ -426,3 +426,17 @@ def test_predictions_that_do_not_match_summary_or_each_other_are_not_bootstrappe
     assert (
         row["diff_val_final_boot_note"] == "the two runs' labels differ (not paired image by image): seed 0"
     )
+
+
+def test_the_cli_prints_each_decision_and_its_warnings(grid, capsys):
+    from rifle.cli import main
+
+    assert main(["report", str(grid["root"]), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "gain / m / train fraction 1: rifle-K1 vs finetune: evidence of a gain: rifle-K1 is +5.00 points on "
+        "validation and +5.00 on test, both intervals exclude 0." in out
+    )
+    weak = next(line for line in out.splitlines() if line.startswith("weak / m"))
+    assert "rifle-K1 vs finetune" in weak
+    assert any(line.startswith("  weak: ") and "5 images" in line for line in out.splitlines()), out

@@ -66,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
         )
         + (f"; updated {args.page}" if args.page else "")
     )
+    for d in res.get("decisions") or []:  # the decision section's plain words, also on the terminal
+        print(
+            f"{d['dataset']} / {d['model']} / train fraction {d['train_fraction']:g}: {d['method']} vs "
+            f"{res['baseline']}: {d['conclusion']}"
+        )
+        for w in d.get("warnings") or []:
+            print(f"  weak: {w}")
     if res.get("tensorboard"):
         print(f"curves of every run in TensorBoard: {res['tensorboard']}")
     if not res["complete"]:
