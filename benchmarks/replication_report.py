@@ -275,9 +275,10 @@ def markdown(results: dict[str, Any], root: Path, page: Path) -> str:
     for cell, r in results["cells"].items():
         first = True
         for c in r["comparisons"]:
+            runs_done = f"{r['complete']}/{r['planned']}" if first else ""
             t, v, b = c["test"], c["val"], c["test_best_val"]
             lines.append(
-                f"| {CELLS[cell]['id']} `{cell}` | {r['complete']}/{r['planned'] if first else ''} "
+                f"| {CELLS[cell]['id']} `{cell}` | {runs_done} "
                 f"| {c['method']} − {c['baseline']} | {c['n']} | {_f(t['delta'])} | {_ci(t['bootstrap'])} "
                 f"| {_ci(t['t_ci'])} | {t['sign']['positive']}/{t['sign']['negative']}, {_p(t['sign']['p'])} "
                 f"| {_f(v['delta'])} | {_ci(v['bootstrap'])} | {_f(b['delta'])} {_ci(b['bootstrap'])} |"
@@ -295,9 +296,9 @@ def markdown(results: dict[str, Any], root: Path, page: Path) -> str:
         lines += ["", "**Majority-class shift** (secondary; RIFLE K1 vs fine-tuning, final test):", ""]
         lines.append(
             "| cell | majority class (share of test labels) | predicted as it: K1 / FT | Δ [boot] "
-            "| recall per class, K1 | recall per class, FT |"
+            "| recall per class, K1 | recall per class, FT | mean recall K1 / FT * |"
         )
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|")
         for cell, m in shifts:
             k1, ft = m["share"]["rifle-K1"], m["share"][BASELINE]
             rec = m["recall"]
@@ -305,9 +306,14 @@ def markdown(results: dict[str, Any], root: Path, page: Path) -> str:
                 f"| `{cell}` | {m['majority_class']} ({100 * m['majority_share_of_labels']:.1f} %) "
                 f"| {k1:.1f} / {ft:.1f} % | {_f(m['delta'])} {_ci(m['bootstrap'])} "
                 f"| {' / '.join(f'{x:.1f}' for x in rec['rifle-K1'])} "
-                f"| {' / '.join(f'{x:.1f}' for x in rec[BASELINE])} |"
+                f"| {' / '.join(f'{x:.1f}' for x in rec[BASELINE])} "
+                f"| {np.mean(rec['rifle-K1']):.2f} / {np.mean(rec[BASELINE]):.2f} |"
             )
         lines.append("")
+        lines.append(
+            "\\* Added after the runs (not in the plan): the mean of the per-class recalls (balanced "
+            "accuracy), in %, mean over seeds."
+        )
         lines.append(
             "Recall columns in class order: "
             + "; ".join(f"`{cell}`: {', '.join(m['classes'])}" for cell, m in shifts[:1])
