@@ -36,15 +36,19 @@ def test_demo_runs_each_cell_paired_and_writes_the_verdicts(tmp_path, capsys):
     )
 
 
-def test_demo_recipe_is_the_regime_studys_digits_cells():
+def test_demo_recipe_is_the_studies_digits64_cells():
     import yaml
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "benchmarks" / "regime"
-    for cell, file in (("64px", "digits64.yaml"), ("32px", "digits32.yaml")):
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    for cell, file in (
+        ("64px-clean", "regime/digits64.yaml"),
+        ("64px-noise0.4", "replication/digits64_noise40.yaml"),
+    ):
         grid = yaml.safe_load((root / file).read_text())
         assert grid["datasets"] == [DEMO["data"]] and grid["models"] == [DEMO["model"]]
         assert grid["train_fractions"] == [DEMO["train_fraction"]]
         for k in ("epochs", "batch_size", "lr"):
             assert grid["train"][k] == DEMO[k], k
         assert grid["train"]["image_size"] == CELLS[cell]["image_size"]
+        assert grid["train"].get("label_noise", 0.0) == CELLS[cell].get("label_noise", 0.0)

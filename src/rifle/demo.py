@@ -1,8 +1,9 @@
 """``rifle demo``: will RIFLE help this run? Fine-tuning vs RIFLE in two regimes, offline.
 
-The same few-shot split of scikit-learn's digits (offline EfficientNet-Lite0, ImageNet weights), at two
-image sizes: at 64 px fine-tuning memorises its 243 training images before the re-init, at 32 px it does
-not. RIFLE's diagnosis prints which regime each run is in. Why this recipe: docs/results/regime.md.
+The same few-shot split of scikit-learn's digits at 64 px (offline EfficientNet-Lite0, ImageNet weights),
+once with its labels as they are and once with 40 % of the training and validation labels flipped
+(``--label-noise 0.4``; the test labels stay clean). RIFLE's diagnosis prints what each re-init did.
+Why this recipe: docs/results/regime.md and docs/results/replication.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .build import load_data
 from .run import run_train
 from .train.checkpoint import atomic_write_text
 
-# the regime study's two digits cells (benchmarks/regime/digits64.yaml, digits32.yaml), RIFLE K=1
+# the regime study's digits64 cell (benchmarks/regime/digits64.yaml) and the replication study's
+# digits64_noise40 cell (benchmarks/replication/digits64_noise40.yaml), RIFLE K=1
 DEMO = dict(
     data="digits",
     model="efficientnet_lite0",
@@ -30,7 +32,7 @@ DEMO = dict(
     reinits=1,
     eval_batch_size=256,
 )
-CELLS = {"64px": dict(image_size=64), "32px": dict(image_size=32)}
+CELLS = {"64px-clean": dict(image_size=64), "64px-noise0.4": dict(image_size=64, label_noise=0.4)}
 
 
 def _pct(v: float | None) -> str:
@@ -107,13 +109,14 @@ def run_demo(
     table = _table(results)
     total = time.perf_counter() - t0
     note = (
-        "In the 5-seed study behind this recipe the re-init clearly deepened backpropagation only where "
-        "the head had converged (memorised its training set) before it; where it had not, the backbone's "
-        "gradient after the re-init was about fine-tuning's own at that epoch, or lower. "
-        "Read the verdict of your own runs (docs/rifle.md#when), and judge accuracy on validation over "
-        "paired seeds "
-        "(`rifle bench`, `rifle report`): in the study, accuracy did not follow the mechanism "
-        "(docs/results/regime.md)."
+        "In the 5-seed studies behind this recipe, with clean labels the head had memorised its training "
+        "set before the re-init and the re-init deepened backpropagation, yet RIFLE K1 ended within noise "
+        "of fine-tuning (+0.13 points final test); with 40 % of the labels flipped the head had not "
+        "converged, the re-init did not deepen backpropagation, and RIFLE K1 beat fine-tuning in 5 of 5 "
+        "seeds (+8.6 points final test, +4.3 on the noisy validation; label smoothing 0.1 gained +1.3). "
+        "The verdict of your own runs says what the re-init did to the error signal, not whether accuracy "
+        "will follow: judge accuracy on validation over paired seeds (`rifle bench`, `rifle report`; "
+        "docs/rifle.md#when, docs/results/replication.md)."
     )
     text = (
         f"# rifle demo (seed {seed})\n\n{table}\n\n{note}\n\n"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 NAME = "demo"
-HELP = "offline demo: will RIFLE help? fine-tuning vs RIFLE on digits in two regimes (~4 min on 2 cores)"
-EXAMPLE = (
-    "rifle demo            # offline: EfficientNet-Lite0 on digits at 64 px and 32 px, fine-tuning vs RIFLE"
+HELP = (
+    "offline demo: will RIFLE help? fine-tuning vs RIFLE on digits, clean and with 40% label noise "
+    "(~5 min on 2 cores)"
 )
+EXAMPLE = "rifle demo            # offline: EfficientNet-Lite0 on digits, clean and 40% noisy labels"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
