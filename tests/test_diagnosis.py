@@ -168,8 +168,8 @@ def test_verdict_thresholds():
     )
     assert verdict(entry(0.67, 0.74, 0.46)) == (
         "re-init 1 (epoch 15): head had not converged (train loss 0.67, acc 0.74); backbone gradient x0.46 "
-        "after/before — this re-init weakened the error signal; not the paper's mechanism here: judge RIFLE "
-        "on validation (docs/rifle.md#when)"
+        "after/before — this re-init weakened the error signal; not the paper's mechanism here, though with "
+        "noisy labels RIFLE gained in such runs: judge RIFLE on validation (docs/rifle.md#when)"
     )
     # not converged but the signal grew (digits32 seed 2 of docs/results/regime.md): no extra advice
     assert verdict(entry(0.19, 0.95, 1.08)).endswith("after/before — backprop in depth delivered")
