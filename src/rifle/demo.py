@@ -32,7 +32,10 @@ DEMO = dict(
     reinits=1,
     eval_batch_size=256,
 )
-CELLS = {"64px-clean": dict(image_size=64), "64px-noise0.4": dict(image_size=64, label_noise=0.4)}
+CELLS: dict[str, dict[str, Any]] = {
+    "64px-clean": dict(image_size=64),
+    "64px-noise0.4": dict(image_size=64, label_noise=0.4),
+}
 
 
 def _pct(v: float | None) -> str:
