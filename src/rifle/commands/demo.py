@@ -7,7 +7,7 @@ import argparse
 NAME = "demo"
 HELP = (
     "offline demo: will RIFLE help? fine-tuning vs RIFLE on digits, clean and with 40% label noise "
-    "(~5 min on 2 cores)"
+    "(~4 min on 2 cores)"
 )
 EXAMPLE = "rifle demo            # offline: EfficientNet-Lite0 on digits, clean and 40% noisy labels"
 
