@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from rifle.experiments.aggregate import PAIRED, bootstrap_fields
 from rifle.experiments.collect import collect
 from rifle.experiments.grid import expand, load_grid
 from rifle.experiments.markdown import update_page
 from rifle.experiments.report import write_report
-from rifle.experiments.stats import bootstrap_paired, paired_difference, per_class, sign_test
+from rifle.experiments.stats import BOOTSTRAP_B, bootstrap_paired, paired_difference, per_class, sign_test
 
 BEGIN, END = "<!-- replication study: begin -->", "<!-- replication study: end -->"
 BASELINE = "finetune"
@@ -102,17 +103,18 @@ def compare(runs: dict[str, dict[int, Any]], method: str, base: str) -> dict[str
     if not seeds:
         return None
     out: dict[str, Any] = {"method": method, "baseline": base, "seeds": seeds, "n": len(seeds)}
-    for key, summary_key, arrays in (
-        ("test", "final_test_acc", "test_final"),
-        ("val", "final_val_acc", "val_final"),
-        ("test_best_val", "test_acc_at_best_val", "test_best_val"),
-    ):
-        a = [_pts(runs[method][s].summary[summary_key]) for s in seeds]
-        b = [_pts(runs[base][s].summary[summary_key]) for s in seeds]
+    mine, theirs = [runs[method][s] for s in seeds], [runs[base][s] for s in seeds]
+    for key, quantity in (("test", "final"), ("val", "val_final"), ("test_best_val", "bestval")):
+        summary_key = PAIRED[quantity][0]
+        a = [_pts(r.summary[summary_key]) for r in mine]
+        b = [_pts(r.summary[summary_key]) for r in theirs]
         pd = paired_difference(a, b)
         d = [x - y for x, y in zip(a, b)]
         st = sign_test(d)
-        entry: dict[str, Any] = {
+        # rifle report's bootstrap: nan (with a note) unless every pair's predictions check out
+        boot = bootstrap_fields(quantity, mine, theirs, seeds, 0.95, BOOTSTRAP_B)
+        lo, hi = boot[f"diff_{quantity}_boot_low"], boot[f"diff_{quantity}_boot_high"]
+        out[key] = {
             "mean_method": float(np.mean(a)),
             "mean_base": float(np.mean(b)),
             "delta": pd.mean,
@@ -120,18 +122,8 @@ def compare(runs: dict[str, dict[int, Any]], method: str, base: str) -> dict[str
             "t_p": pd.p_t,
             "per_seed": d,
             "sign": {"positive": st.positive, "negative": st.negative, "ties": st.ties, "p": st.p},
-            "bootstrap": None,
+            "bootstrap": None if math.isnan(lo) else [_pts(lo), _pts(hi)],
         }
-        preds = [(runs[method][s].predictions(), runs[base][s].predictions()) for s in seeds]
-        label_key = arrays.split("_")[0] + "_labels"
-        if all(p is not None and q is not None and arrays in p and arrays in q for p, q in preds):
-            diffs = [
-                (p[arrays] == p[label_key]).astype(float) - (q[arrays] == q[label_key]).astype(float)
-                for p, q in preds
-            ]
-            lo, hi = bootstrap_paired(diffs)
-            entry["bootstrap"] = [_pts(lo), _pts(hi)]
-        out[key] = entry
     return out
 
 

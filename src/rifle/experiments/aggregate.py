@@ -120,7 +120,7 @@ def checked_predictions(run: RunRecord, name: str) -> tuple[Any, Any, str | None
     return p, y, None
 
 
-def _bootstrap_fields(
+def bootstrap_fields(
     name: str, runs: list[RunRecord], base: list[RunRecord], seeds: list[int], confidence: float, b: int
 ) -> dict[str, Any]:
     """``diff_<name>_boot_{low,high}`` (:func:`.stats.bootstrap_paired` over the paired ``seeds``) or
@@ -250,7 +250,7 @@ def _row(
             mine, theirs = _by_seed(runs, key), _by_seed(base, key)
             row.update(_paired_fields(name, mine, theirs, confidence))
             seeds = pair_by_key(mine, theirs)[0]
-            row.update(_bootstrap_fields(name, runs, base, seeds, confidence, bootstrap))
+            row.update(bootstrap_fields(name, runs, base, seeds, confidence, bootstrap))
         for test, val in VAL_OF.items():
             t, v = row[f"diff_{test}_mean"], row[f"diff_{val}_mean"]
             row[f"sign_flag_{test}"] = bool(math.isfinite(t) and math.isfinite(v) and t * v < 0)
