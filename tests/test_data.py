@@ -455,8 +455,8 @@ def test_elpv_loader_fixed_split_and_disk_cache(cache_dir):
         "likely_defective": 26,
         "defective": 179,
     }
-    files = list(cache_dir.iterdir())
-    assert [f.name for f in files] == [Path(info["cache_file"]).name]  # no temp files left
+    files = [f.name for f in cache_dir.iterdir() if f.name != ".locks"]
+    assert files == [Path(info["cache_file"]).name]  # one decode cache entry, no temp files left
     again = builtin.load_elpv(32)  # in-process cache: same tensors
     assert again[0]["train"].images is tr.images
     builtin.clear_memory_cache()
@@ -467,30 +467,6 @@ def test_elpv_loader_fixed_split_and_disk_cache(cache_dir):
     b1, b2 = build_data("elpv", 28, seed=0), build_data("elpv", 28, seed=1)
     assert torch.equal(b1.test.images, b2.test.images) and len(b1.test) == 656
     assert not torch.equal(b1.val.images, b2.val.images)
-
-
-def test_disk_cache_ignores_corrupt_file(cache_dir):
-    path = cache_dir / "x.safetensors"
-    t = {
-        "images": torch.randint(0, 256, (4, 1, 3, 3), dtype=torch.uint8),
-        "labels": torch.arange(4),
-        "types": torch.zeros(4, dtype=torch.uint8),
-    }
-    meta = {"dataset": "x", "res": "3"}
-    builtin._save_disk(path, t, meta)
-    got = builtin._load_disk(path, meta, 4, 3)
-    assert got is not None and torch.equal(got["images"], t["images"])
-    with pytest.warns(UserWarning, match="ignoring unusable dataset cache"):  # metadata mismatch
-        assert builtin._load_disk(path, {**meta, "res": "4"}, 4, 3) is None
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # flip pixel bits: the checksum catches it
-    path.write_bytes(bytes(data))
-    with pytest.warns(UserWarning):
-        assert builtin._load_disk(path, meta, 4, 3) is None
-    path.write_bytes(b"garbage")
-    with pytest.warns(UserWarning):
-        assert builtin._load_disk(path, meta, 4, 3) is None
-    assert os.listdir(cache_dir) == ["x.safetensors"]
 
 
 # --------------------------------------------------------------- inputs that cannot mean what is meant

@@ -31,6 +31,7 @@ def load_data(cfg: TrainConfig) -> DataBundle:
         train_fraction=cfg.train_fraction,
         skip_bad_images=cfg.skip_bad_images,
         label_noise=cfg.label_noise,
+        cache_dir=cfg.cache_dir,
     )
 
 

@@ -96,6 +96,7 @@ class TrainConfig:
     train_fraction: float = 1.0
     label_noise: float = 0.0  # share of train/val labels replaced by another class (docs/data.md)
     skip_bad_images: bool = False
+    cache_dir: str | None = None  # decode cache; None = $RIFLE_CACHE_DIR or ~/.cache/rifle, "off" = none
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True  # measured 1.4-1.7x faster on the 2-core CPU
@@ -357,6 +358,7 @@ RESUMABLE_KEYS = {
     "extra",
     "log_to",
     "log_interval",
+    "cache_dir",
 }
 # Keys a run's config.yaml records beside the settings; `--config RUN/config.yaml` ignores them
 # (resolved_methods is recomputed from method/reg/trick/options, world_size from torchrun).

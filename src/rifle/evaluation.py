@@ -143,7 +143,7 @@ def load_eval_split(
             f"(a subset is fine)"
         )
     remap = torch.tensor([fm.classes.index(c) for c in data_classes], dtype=torch.int64)
-    ds = ImageTensorSet(ds.images, remap[ds.labels])
+    ds = ds.with_labels(remap[ds.labels])
     return EvalSplit(ds, list(data_classes), str(name), split, paths, skipped)
 
 

@@ -35,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="torch CPU threads in this process (--engine ray: in each run; default --cpus-per-run)",
     )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
+        help="folder of the decode cache for every run of the grid (sets RIFLE_CACHE_DIR for this process "
+        "and its workers; with --engine ray, set RIFLE_CACHE_DIR on the nodes instead); 'off' decodes "
+        "into memory in every run (default $RIFLE_CACHE_DIR, else ~/.cache/rifle; docs/data.md#decode-cache)",
+    )
     p.add_argument("--list", action="store_true", help="list the runs and their status, run nothing")
     p.add_argument(
         "--rerun-changed",
@@ -111,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
             f"--workers {args.workers}: only with --engine local; with --engine ray the "
             f"cluster's CPUs / --cpus-per-run runs train at once"
         )
+    if args.cache_dir is not None:
+        import os
+
+        os.environ["RIFLE_CACHE_DIR"] = args.cache_dir  # read where the data is loaded, workers inherit it
     grid = load_grid(args.grid)
     runs = expand(grid, args.out)  # validates every run before anything starts
     changed = changed_runs(runs)  # a changed grid must not silently keep the old results

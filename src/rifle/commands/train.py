@@ -70,6 +70,8 @@ _HELP = {
     "label_smoothing": "label smoothing EPS in [0, 1): adds the label-smoothing trick, training loss = "
     "F.cross_entropy(..., label_smoothing=EPS); evaluation unchanged (docs/methods.md)",
     "skip_bad_images": "skip unreadable images (and report how many) instead of stopping",
+    "cache_dir": "folder of the decode cache: images decoded once, memory-mapped, shared by the runs of "
+    "this machine; 'off' decodes into memory every run (docs/data.md#decode-cache)",
     "device": "auto, cpu, cuda or cuda:N",
     "channels_last": "channels_last memory format",
     "eval_batch_size": "evaluation batch size",
@@ -101,6 +103,7 @@ _SHOWN = {
     "layer_decay": "none: off",
     "pretrained_file": "none: timm's / torchvision's hub weights",
     "log_to": "auto: csv,tensorboard when installed",
+    "cache_dir": "$RIFLE_CACHE_DIR, else ~/.cache/rifle",
 }
 
 

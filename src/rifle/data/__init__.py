@@ -27,6 +27,7 @@ from .cache import (
     stratified_split,
     train_batches,
 )
+from .disk_cache import Decoded, decode_files, resolve_cache_dir
 from .folder import LAYOUT, DataError, decode_image, folder_fingerprint, load_image_folder
 
 __all__ = [
@@ -45,6 +46,9 @@ __all__ = [
     "load_digits_dataset",
     "load_image_folder",
     "decode_image",
+    "decode_files",
+    "Decoded",
+    "resolve_cache_dir",
     "data_fingerprint",
     "compare_fingerprints",
     "label_noise_draws",
@@ -221,6 +225,7 @@ def build_data(
     train_fraction: float = 1.0,
     skip_bad_images: bool = False,
     label_noise: float = 0.0,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DataBundle:
     """Load ``data`` (a built-in name or an image-folder path) at ``cache_resolution(image_size)``.
 
@@ -236,6 +241,8 @@ def build_data(
     * ``label_noise`` (after the splits, which it does not change): each train and val label replaced,
       with that probability, by a class drawn uniformly among the other classes (:func:`label_noise_draws`;
       docs/data.md "Label noise"). ``info["label_noise"]`` records it, also at rate 0.
+    * ``cache_dir``: where decoded images are kept (:func:`resolve_cache_dir`: None = ``$RIFLE_CACHE_DIR``
+      or ``~/.cache/rifle``, ``"off"`` = in memory); it never changes the data (docs/data.md "Decode cache").
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
@@ -251,10 +258,12 @@ def build_data(
     text = os.fspath(data)
     name = text.strip().lower()
     if _builtin_name(data):
-        splits, classes, src_info = BUILTIN[name](res)
+        splits, classes, src_info = BUILTIN[name](res, cache_dir=cache_dir)
         source = "builtin"
     elif text and Path(text).expanduser().exists():
-        splits, classes, src_info = load_image_folder(text, res, skip_bad_images=skip_bad_images)
+        splits, classes, src_info = load_image_folder(
+            text, res, skip_bad_images=skip_bad_images, cache_dir=cache_dir
+        )
         name, source = Path(text).expanduser().resolve().name, f"folder {Path(text).expanduser().resolve()}"
     else:
         raise _unknown(text)
@@ -334,7 +343,7 @@ def _relabel(ds: ImageTensorSet, flip: torch.Tensor, offset: torch.Tensor, k: in
     if not bool(flip.any()):
         return ds
     labels = torch.where(flip, (ds.labels + offset) % k, ds.labels)
-    return ImageTensorSet(images=ds.images, labels=labels)
+    return ds.with_labels(labels)
 
 
 def labels_sha256(labels: torch.Tensor) -> str:

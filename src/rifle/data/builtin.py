@@ -4,15 +4,13 @@ ELPV: Buerhop-Lutz et al., "A Benchmark for Visual Identification of Defective S
 Electroluminescence Imagery", EU PVSEC 2018; Deitsch et al., "Automatic classification of defective
 photovoltaic module cells in electroluminescence images", Solar Energy 2019 (arXiv 1807.02894). 2,624
 solar-cell images, 4 defect-probability classes; data licence CC BY-NC-SA 4.0. Both datasets have a
-fixed train/test split; decoded ELPV tensors are cached on disk (docs/data.md).
+fixed train/test split; ELPV is decoded through the decode cache (docs/data.md).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +19,8 @@ import torch
 
 from ..core.seeding import generator
 from .cache import ImageTensorSet, stratified_split
-from .folder import DataError, decode_many
+from .disk_cache import decode_files
+from .folder import DataError
 
 __all__ = [
     "BUILTIN",
@@ -30,7 +29,6 @@ __all__ = [
     "DIGITS_SPLIT_SEED",
     "load_elpv",
     "load_digits_dataset",
-    "cache_dir",
     "clear_memory_cache",
 ]
 
@@ -39,17 +37,10 @@ ELPV_TYPES = ["mono", "poly"]
 ELPV_SPLIT_SEED = 20200712  # constant: the ELPV test split never changes with the run seed
 DIGITS_SPLIT_SEED = 1797
 TEST_FRACTION = 0.25
-CACHE_FORMAT = 1  # bump when decoding / resizing changes, to invalidate old disk caches
 
 _MEMORY: dict[tuple[str, int], tuple[dict[str, ImageTensorSet], list[str], dict]] = {}
 
-Loader = Callable[[int], "tuple[dict[str, ImageTensorSet], list[str], dict]"]
-
-
-def cache_dir() -> Path:
-    """``$RIFLE_CACHE_DIR`` or ``~/.cache/rifle``."""
-    env = os.environ.get("RIFLE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rifle"
+Loader = Callable[..., "tuple[dict[str, ImageTensorSet], list[str], dict]"]  # (res, *, cache_dir)
 
 
 def clear_memory_cache() -> None:
@@ -114,91 +105,27 @@ def _read_elpv_labels(data_dir: Path) -> tuple[list[Path], torch.Tensor, torch.T
     return paths, torch.tensor(labels, dtype=torch.int64), torch.tensor(types, dtype=torch.uint8)
 
 
-def _cache_file(name: str, ver: str, res: int) -> Path:
-    return cache_dir() / f"{name}-{ver}-r{res}-f{CACHE_FORMAT}.safetensors"
+def load_elpv(
+    res: int, *, cache_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
+    """ELPV at ``res x res`` (1 channel): ``({"train", "test"}, ELPV_CLASSES, info)``; fixed 75/25 split.
 
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """Per-tensor byte sums: cheap (tens of ms for ELPV) and catches any single corrupted byte."""
-    return ",".join(
-        f"{k}:{int(tensors[k].contiguous().view(torch.uint8).sum(dtype=torch.int64))}"
-        for k in sorted(tensors)
-    )
-
-
-def _load_disk(path: Path, meta_expected: dict[str, str], n: int, res: int):
-    """The cached tensors, or ``None`` when the file is absent or unusable (then it is rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in ("images", "labels", "types")}
-        ok = (
-            all(meta.get(k) == v for k, v in meta_expected.items())
-            and t["images"].dtype == torch.uint8
-            and tuple(t["images"].shape) == (n, 1, res, res)
-            and t["labels"].dtype == torch.int64
-            and tuple(t["labels"].shape) == (n,)
-            and t["types"].dtype == torch.uint8
-            and tuple(t["types"].shape) == (n,)
-            and meta.get("checksum") == _checksum(t)
-        )
-        if not ok:
-            raise ValueError("metadata, shapes or checksum do not match")
-        return t
-    except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
-        warnings.warn(
-            f"ignoring unusable dataset cache {path} ({type(e).__name__}: {e}); rebuilding it", stacklevel=3
-        )
-        return None
-
-
-def _save_disk(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        os.close(fd)
-        meta = {**meta, "checksum": _checksum(tensors)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"could not write dataset cache {path} ({e}); continuing without it", stacklevel=3)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def load_elpv(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
-    """ELPV at ``res x res`` (1 channel): ``({"train", "test"}, ELPV_CLASSES, info)``; fixed 75/25 split."""
+    Decoded through the decode cache (:func:`rifle.data.disk_cache.decode_files`, ``cache_dir``), and
+    kept in-process by ``res``."""
     _check_res(res)
     key = ("elpv", res)
     if key in _MEMORY:
         return _from_memory(key)
     data_dir, ver = _elpv_source()
     paths, labels, types = _read_elpv_labels(data_dir)
-    n = len(paths)
-    file = _cache_file("elpv", ver, res)
-    meta = {"dataset": "elpv", "version": ver, "res": str(res), "format": str(CACHE_FORMAT), "n": str(n)}
-    cached = _load_disk(file, meta, n, res)
-    source = "disk cache"
-    if cached is None or not (torch.equal(cached["labels"], labels) and torch.equal(cached["types"], types)):
-        decoded = decode_many(paths, res, desc="decoding ELPV")
-        bad = [(p, e) for p, e in zip(paths, decoded) if isinstance(e, Exception)]
-        if bad:
-            raise DataError(f"cannot read ELPV image {bad[0][0]}: {bad[0][1]} (reinstall elpv-dataset)")
-        images = torch.stack(decoded)  # type: ignore[arg-type]
-        if images.shape[1] != 1:
-            raise DataError(f"expected grayscale ELPV images, got {images.shape[1]} channels")
-        cached = {"images": images, "labels": labels, "types": types}
-        _save_disk(file, cached, meta)
-        source = "decoded"
+    dec = decode_files(paths, res, desc="decoding ELPV", cache_dir=cache_dir)
+    if dec.errors:
+        p, msg = dec.errors[0]
+        raise DataError(f"cannot read ELPV image {p}: {msg} (reinstall elpv-dataset)")
+    if dec.images.shape[1] != 1:
+        raise DataError(f"expected grayscale ELPV images, got {dec.images.shape[1]} channels")
+    cached = {"images": dec.images, "labels": labels, "types": types}
+    source = "disk cache" if dec.source == "disk cache" else "decoded"
     strata = cached["labels"] * len(ELPV_TYPES) + cached["types"].long()
     splits, index = _split_fixed(cached["images"], cached["labels"], strata, ELPV_SPLIT_SEED, "elpv")
     type_counts = {
@@ -222,7 +149,7 @@ def load_elpv(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
         "channels": 1,
         "resolution": res,
         "loaded_from": source,
-        "cache_file": str(file),
+        "cache_file": str(dec.entry) if dec.entry is not None else None,
     }
     _MEMORY[key] = (splits, list(ELPV_CLASSES), info)
     return _from_memory(key)
@@ -231,8 +158,12 @@ def load_elpv(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
 # -------------------------------------------------------------------------------------------- digits
 
 
-def load_digits_dataset(res: int) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
+def load_digits_dataset(
+    res: int, *, cache_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) upscaled to ``res`` (bilinear), 1 channel.
+
+    Made in memory in milliseconds: the decode cache is not used (``cache_dir`` is ignored).
 
     Values 0..16 map to 0..255 (``round(v * 255 / 16)``); fixed stratified 25% test split (seed
     :data:`DIGITS_SPLIT_SEED`).

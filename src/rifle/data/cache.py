@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
 import torch
 
 from ..core.seeding import generator
@@ -30,19 +28,21 @@ __all__ = [
 ]
 
 
-@dataclass
 class ImageTensorSet:
     """Decoded images of one split: ``images`` uint8 ``[N, C, R, R]`` (C = 1 or 3), ``labels`` int64 ``[N]``.
 
     Grayscale data keeps one channel here (a third of the memory); batches expand it to 3 channels.
-    Treat the tensors as read-only: built-in datasets share them with an in-process cache.
+    With ``index`` (int64 ``[N]``) the set is a view: image ``i`` is row ``index[i]`` of ``base`` (the
+    tensor passed as ``images``, e.g. memory-mapped from the decode cache); :meth:`subset` makes such
+    views instead of copies, and batches gather straight from ``base``. ``.images`` of a view is
+    materialised on first use (a copy, kept); training and evaluation never ask for it.
+    Treat the tensors as read-only: they are shared (the in-process and the disk caches).
     """
 
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        imgs, labels = self.images, self.labels
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor | Sequence[int], index: torch.Tensor | None = None
+    ) -> None:
+        imgs = images
         if not isinstance(imgs, torch.Tensor) or imgs.dtype != torch.uint8 or imgs.dim() != 4:
             raise ValueError(
                 "images must be a uint8 tensor [N, C, R, R]; got "
@@ -53,29 +53,59 @@ class ImageTensorSet:
         labels = torch.as_tensor(labels)
         if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
             raise ValueError(f"labels must be a 1-d integer tensor; got {labels.dtype} {tuple(labels.shape)}")
-        if labels.shape[0] != imgs.shape[0]:
+        if index is not None:
+            index = torch.as_tensor(index).to(torch.int64).flatten()
+            if index.shape[0] != labels.shape[0]:
+                raise ValueError(f"{index.shape[0]} indices but {labels.shape[0]} labels")
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= imgs.shape[0]):
+                raise ValueError(f"index out of range for {imgs.shape[0]} images")
+        elif labels.shape[0] != imgs.shape[0]:
             raise ValueError(f"{imgs.shape[0]} images but {labels.shape[0]} labels")
-        self.images = imgs.contiguous()
+        self.base = imgs.contiguous()
+        self.index = index
         self.labels = labels.to(torch.int64).contiguous()
+        self._images: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        view = f", a view of {self.base.shape[0]} images" if self.index is not None else ""
+        return f"ImageTensorSet({len(self)} images {tuple(self.base.shape[1:])}{view})"
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 ``[N, C, R, R]``: ``base`` itself, or for a view its rows, copied once and kept."""
+        if self.index is None:
+            return self.base
+        if self._images is None:
+            self._images = self.base[self.index]
+        return self._images
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows of ``base`` holding images ``idx`` of this set."""
+        return idx if self.index is None else self.index[idx]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
     def channels(self) -> int:
-        return int(self.images.shape[1])
+        return int(self.base.shape[1])
 
     @property
     def resolution(self) -> int:
-        return int(self.images.shape[-1])
+        return int(self.base.shape[-1])
 
     def subset(self, idx: torch.Tensor | Sequence[int]) -> ImageTensorSet:
-        """The images at ``idx`` (a copy, in the given order). A boolean mask is accepted too."""
+        """The images at ``idx`` (in the given order): a view of the same ``base``, nothing copied. A
+        boolean mask is accepted too."""
         idx = torch.as_tensor(idx)
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
         idx = idx.to(torch.int64).flatten()
-        return ImageTensorSet(self.images[idx], self.labels[idx])
+        return ImageTensorSet(self.base, self.labels[idx], index=self.rows(idx))
+
+    def with_labels(self, labels: torch.Tensor) -> ImageTensorSet:
+        """The same images (shared, not copied) with other labels."""
+        return ImageTensorSet(self.base, labels, index=self.index)
 
     def class_counts(self, num_classes: int | None = None) -> list[int]:
         n = num_classes if num_classes is not None else (int(self.labels.max()) + 1 if len(self) else 0)
@@ -237,7 +267,7 @@ def train_batches(
         for b in range(nb):
             idx = order[b * batch_size : (b + 1) * batch_size]
             x = _crop_batch(
-                ds.images, idx, top[idx], left[idx], flip[idx], image_size, scale, shift, channels_last
+                ds.base, ds.rows(idx), top[idx], left[idx], flip[idx], image_size, scale, shift, channels_last
             )
             yield x, ds.labels[idx]
 
@@ -272,7 +302,7 @@ def eval_batches(
         for start in range(lo, hi, batch_size):
             idx = torch.arange(start, min(start + batch_size, hi))
             pos = torch.full_like(idx, off)
-            x = _crop_batch(ds.images, idx, pos, pos, None, image_size, scale, shift, channels_last)
+            x = _crop_batch(ds.base, ds.rows(idx), pos, pos, None, image_size, scale, shift, channels_last)
             yield x, ds.labels[idx]
 
     return _gen()

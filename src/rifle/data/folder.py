@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import IO, cast
+from typing import IO
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -185,15 +185,20 @@ def folder_fingerprint(root: str | os.PathLike) -> dict:
 
 
 def load_image_folder(
-    root: str | os.PathLike, res: int, *, skip_bad_images: bool = False
+    root: str | os.PathLike,
+    res: int,
+    *,
+    skip_bad_images: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
-    """Decode ``ROOT/{train,test[,val]}/<class>/*`` at ``res x res``.
+    """Decode ``ROOT/{train,test[,val]}/<class>/*`` at ``res x res``, through the decode cache
+    (``cache_dir``: :func:`rifle.data.disk_cache.resolve_cache_dir`; ``"off"`` = in memory).
 
     Returns ``(splits, classes, info)``: ``splits`` maps "train", "test" and (if present) "val" to an
     :class:`ImageTensorSet`; ``classes`` are the sorted train class folder names (label = position);
     ``info`` holds ``root``, ``counts`` (split -> class -> images), ``skipped`` (unreadable files skipped),
     ``ignored_files`` (non-image files seen), ``missing`` (split -> train classes it lacks), ``channels``
-    and ``resolution``.
+    and ``resolution``. The images are memory-mapped from the cache entry when the cache is on.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -243,10 +248,12 @@ def load_image_folder(
         for c, files in by_class.items():
             paths += files
             owners += [(split, label_of[c])] * len(files)
-    decoded = decode_many(paths, res, desc=f"decoding {root.name}")
-    bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, Exception)]
+    from .disk_cache import decode_files
+
+    dec = decode_files(paths, res, desc=f"decoding {root.name}", cache_dir=cache_dir)
+    bad = [(p, msg) for p, msg in dec.errors]
     if bad and not skip_bad_images:
-        shown = "\n".join(f"  {p}: {type(e).__name__}: {e}" for p, e in bad[:5])
+        shown = "\n".join(f"  {p}: {msg}" for p, msg in bad[:5])
         more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DataError(
             f"cannot read {len(bad)} image file(s) (not an image, truncated or corrupt):\n"
@@ -257,19 +264,16 @@ def load_image_folder(
         warnings.warn(
             f"skipped {len(bad)} unreadable image file(s) under {root} (first: {bad[0][0]})", stacklevel=2
         )
-    channels = 3 if any(isinstance(t, torch.Tensor) and t.shape[0] == 3 for t in decoded) else 1
+    channels = int(dec.images.shape[1])
 
     splits: dict[str, ImageTensorSet] = {}
     counts: dict[str, dict[str, int]] = {}
-    for split in scanned:
-        sel = [i for i, (s, _) in enumerate(owners) if s == split and isinstance(decoded[i], torch.Tensor)]
-        labels = torch.tensor([owners[i][1] for i in sel], dtype=torch.int64)
-        imgs = torch.empty((len(sel), channels, res, res), dtype=torch.uint8)
-        for j, i in enumerate(sel):
-            imgs[j] = cast(
-                torch.Tensor, decoded[i]
-            )  # broadcasts a 1-channel image to 3 channels when the data is mixed
-            decoded[i] = None  # type: ignore[call-overload]  # free as we go
+    start = 0
+    for split in scanned:  # the paths are in split order: each split is a contiguous block of rows
+        stop = start + sum(len(files) for files in scanned[split].values())
+        imgs, pos = dec.rows(start, stop)  # a view (of the memory-mapped cache entry), no copy
+        start = stop
+        labels = torch.tensor([owners[i][1] for i in pos], dtype=torch.int64)
         per_class = torch.bincount(labels, minlength=len(classes)).tolist()
         counts[split] = {c: per_class[label_of[c]] for c in scanned[split]}
         for c in scanned[split]:
