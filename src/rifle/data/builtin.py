@@ -20,7 +20,7 @@ import torch
 from ..core.seeding import generator
 from .cache import ImageTensorSet, stratified_split
 from .disk_cache import decode_files
-from .folder import DataError
+from .decode import DataError
 
 __all__ = [
     "BUILTIN",

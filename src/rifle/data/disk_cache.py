@@ -36,7 +36,7 @@ import PIL
 import torch
 from PIL import Image
 
-from .folder import PROGRESS_MIN_FILES, DataError, _num_threads, decode_image
+from .decode import PROGRESS_MIN_FILES, DataError, _num_threads, decode_image
 
 try:
     import fcntl
@@ -455,7 +455,7 @@ def decode_files(
     desc: str = "decoding",
     cache_dir: str | os.PathLike | None = None,
 ) -> Decoded:
-    """Decode ``paths`` (in order) with :func:`~rifle.data.folder.decode_image` at ``res x res``, through
+    """Decode ``paths`` (in order) with :func:`~rifle.data.decode.decode_image` at ``res x res``, through
     the decode cache (``cache_dir``: see :func:`resolve_cache_dir`; ``"off"`` decodes into memory).
 
     The set is 3-channel if any decoded image is RGB (1-channel images are broadcast), else 1-channel.
