@@ -18,7 +18,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # builtin datasets may cache decoded tensors on disk; keep one shared cache for the session
+    # the decode cache (rifle.data.disk_cache: image folders, ELPV) of the whole session, never ~/.cache;
+    # subprocesses inherit it. Tests that need their own pass cache_dir= / --cache-dir
     monkeypatch.setenv("RIFLE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rifle-cache"))
 
 

@@ -359,7 +359,19 @@ def test_build_data_from_the_cache_gives_the_batches_of_an_in_memory_build(tmp_p
 def test_cli_cache_dir_flag_and_a_resume_with_another_cache_dir(tmp_path, capsys):
     root, cache = folder(tmp_path), tmp_path / "cache"
     out = tmp_path / "run"
-    argv = "train --model tiny_cnn --epochs 1 --image-size 16 --batch-size 8 --no-pretrained --quiet".split()
+    argv = [
+        "train",
+        "--model",
+        "tiny_cnn",
+        "--epochs",
+        "1",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--no-pretrained",
+        "--quiet",
+    ]
     argv += ["--data", root, "--out", out]
     code, _, err = run_cli([*argv, "--cache-dir", cache], capsys)
     assert code == 0, err
@@ -369,3 +381,49 @@ def test_cli_cache_dir_flag_and_a_resume_with_another_cache_dir(tmp_path, capsys
     with pytest.raises(SystemExit):
         run_cli(["train", "--help"], capsys)
     assert "--cache-dir" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_a_wrong_channel_prediction_from_the_headers_still_gives_the_rule(tmp_path, monkeypatch, cache):
+    """The channel count is guessed from the headers before decoding; a wrong guess decodes again."""
+    mixed = folder(tmp_path, "mixed")
+    gray = make_image_folder(tmp_path / "gray", per_class=(2, 1), size=(9, 9))
+    for p in gray.rglob("*.png"):
+        Image.open(p).convert("L").save(p)
+    truncated = gray / "train" / "cat" / "rgb.jpg"  # an RGB header, content cut off: skipped
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(truncated, quality=95)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    age(gray)
+    where = {"on": str(tmp_path / "c"), "off": "off"}[cache]
+    for guess in (1, 3):  # 1 for the mixed folder, 3 for the gray one are wrong
+        for root, channels in ((mixed, 3), (gray, 1)):
+            paths = image_paths(root)
+            ref = decode_files(paths, 7 + guess, cache_dir="off")  # the headers' true guess
+            assert ref.images.shape[1] == channels
+            with monkeypatch.context() as m:
+                m.setattr(disk_cache, "_header_channels", lambda p, g=guess: g)
+                got = decode_files(paths, 7 + guess, cache_dir=where)
+            assert got.source != "disk cache" and got.ok == ref.ok and got.errors == ref.errors
+            assert torch.equal(got.images, ref.images), (root.name, guess)
+    assert ref.errors[0][0] == truncated
+
+
+def test_an_entry_larger_than_ram_and_swap_is_mapped(tmp_path):
+    """A copy-on-write mapping of such a file is refused (ENOMEM, the kernel's overcommit check); the
+    read-only shared one works and a batch reads only its own pages (the file is sparse: no disk used)."""
+    with open("/proc/meminfo") as f:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    need = (kib["MemTotal"] + kib["SwapTotal"]) * 1024 * 3 // 2
+    res = 1024
+    m = -(-need // (3 * res * res))
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    with open(entry / "images.u8", "wb") as f:
+        f.truncate(m * 3 * res * res)
+    meta = {"format": disk_cache.FORMAT, "key": "k", "shape": [m, 3, res, res], "files": m, "errors": []}
+    (entry / "meta.json").write_text(json.dumps({**meta, "error_paths": []}))
+    dec = disk_cache._open_entry(entry, "k")
+    assert dec is not None and dec.images.shape == (m, 3, res, res)
+    ds = ImageTensorSet(dec.images, torch.zeros(m, dtype=torch.int64)).subset(torch.tensor([m - 1, 0, 7]))
+    x, y = next(train_batches(ds, 3, 896, 0.5, 0.5, seed=0, epoch=0))
+    assert x.shape == (3, 3, 896, 896) and bool((x == -1).all())  # zeros normalised: (0 - 0.5) / 0.5

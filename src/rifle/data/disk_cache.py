@@ -59,8 +59,8 @@ _USE_LOCK = True  # tests turn it off to race two writers
 class Decoded:
     """What :func:`decode_files` returns.
 
-    ``images`` uint8 ``[M, C, R, R]`` (memory-mapped copy-on-write from the cache entry when the cache is
-    on: treat it as read-only), ``ok`` the ascending positions in ``paths`` of those M images,
+    ``images`` uint8 ``[M, C, R, R]`` (memory-mapped read-only from the cache entry when the cache is
+    on: never write to it), ``ok`` the ascending positions in ``paths`` of those M images,
     ``errors`` ``(path, "Type: message")`` of the files that could not be decoded, ``source`` one of
     "disk cache", "decoded" (and written to the cache), "decoded (not cached)", and ``entry`` the
     cache entry's folder (None when nothing was kept on disk).
@@ -191,8 +191,12 @@ def _decode_stream(
 
 
 def _predict_channels(paths: Sequence[Path]) -> int:
+    """3 as soon as a header says RGB (colour data: the first file), else 1 after reading them all."""
     with ThreadPoolExecutor(max_workers=_num_threads()) as pool:
-        return 3 if 3 in pool.map(_header_channels, paths, chunksize=32) else 1
+        for i in range(0, len(paths), 64):
+            if 3 in pool.map(_header_channels, paths[i : i + 64]):
+                return 3
+    return 1
 
 
 def _decode_with_channels(
@@ -283,8 +287,12 @@ def _open_entry(entry: Path, key: str) -> Decoded | None:
                 f"{IMAGES} holds {(entry / IMAGES).stat().st_size} bytes, the shape needs {size}"
             )
         if size:
-            arr = np.memmap(entry / IMAGES, dtype=np.uint8, mode="c", shape=shape)
-            images = torch.from_numpy(arr)
+            # read-only and shared: a private (copy-on-write) mapping would be charged in full against
+            # the kernel's overcommit limit, refused for a file larger than RAM + swap
+            arr = np.memmap(entry / IMAGES, dtype=np.uint8, mode="r", shape=shape)
+            with warnings.catch_warnings():  # "not writable": never written (a write would fault)
+                warnings.simplefilter("ignore", UserWarning)
+                images = torch.from_numpy(arr)
         else:
             images = torch.zeros(shape, dtype=torch.uint8)
         failed = {int(i) for i, _ in meta["errors"]}
