@@ -427,3 +427,18 @@ def test_an_entry_larger_than_ram_and_swap_is_mapped(tmp_path):
     ds = ImageTensorSet(dec.images, torch.zeros(m, dtype=torch.int64)).subset(torch.tensor([m - 1, 0, 7]))
     x, y = next(train_batches(ds, 3, 896, 0.5, 0.5, seed=0, epoch=0))
     assert x.shape == (3, 3, 896, 896) and bool((x == -1).all())  # zeros normalised: (0 - 0.5) / 0.5
+
+
+def test_an_unusable_cache_folder_and_the_bench_flag(tmp_path, monkeypatch, capsys):
+    root = folder(tmp_path)
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    with pytest.raises(
+        DataError, match=f"cannot write the decode cache in {blocker / 'sub'}: .*--cache-dir off"
+    ):
+        build_data(str(root), 8, cache_dir=blocker / "sub")
+    monkeypatch.setenv("RIFLE_CACHE_DIR", "unchanged")  # restored after the test
+    grid = Path(__file__).resolve().parents[1] / "benchmarks" / "elpv_grid.yaml"
+    code, _, err = run_cli(["bench", grid, "--out", tmp_path / "g", "--list", "--cache-dir", "off"], capsys)
+    assert code == 0, err
+    assert os.environ["RIFLE_CACHE_DIR"] == "off"  # what its runs and workers read
