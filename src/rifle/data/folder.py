@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
     "LAYOUT",
+    "check_unreadable",
     "decode_image",
     "decode_many",
     "folder_fingerprint",
@@ -35,6 +36,27 @@ LAYOUT = (
     "  ROOT/val/<class>/<image>     (optional; otherwise carved from train)\n"
     f"  images: {' '.join(IMAGE_EXTENSIONS)} (any case), directly inside the class folder"
 )
+
+
+def check_unreadable(
+    errors: list[tuple[Path, str]], where: str | os.PathLike, *, skip_bad_images: bool
+) -> list[tuple[Path, str]]:
+    """``errors`` of :func:`~rifle.data.disk_cache.decode_files`: a :class:`DataError` listing them
+    unless ``skip_bad_images``, else a warning with their count (under ``where``). Returns ``errors``."""
+    if errors and not skip_bad_images:
+        shown = "\n".join(f"  {p}: {msg}" for p, msg in errors[:5])
+        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise DataError(
+            f"cannot read {len(errors)} image file(s) (not an image, truncated or corrupt):\n"
+            f"{shown}{more}\nFix or remove them, or pass --skip-bad-images "
+            f"(skip_bad_images=True) to skip unreadable images."
+        )
+    if errors:
+        warnings.warn(
+            f"skipped {len(errors)} unreadable image file(s) under {where} (first: {errors[0][0]})",
+            stacklevel=3,
+        )
+    return errors
 
 
 def _visible(p: Path) -> bool:
@@ -150,19 +172,7 @@ def load_image_folder(
             paths += files
             owners += [(split, label_of[c])] * len(files)
     dec = decode_files(paths, res, desc=f"decoding {root.name}", cache_dir=cache_dir)
-    bad = [(p, msg) for p, msg in dec.errors]
-    if bad and not skip_bad_images:
-        shown = "\n".join(f"  {p}: {msg}" for p, msg in bad[:5])
-        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(
-            f"cannot read {len(bad)} image file(s) (not an image, truncated or corrupt):\n"
-            f"{shown}{more}\nFix or remove them, or pass --skip-bad-images "
-            f"(skip_bad_images=True) to skip unreadable images."
-        )
-    if bad:
-        warnings.warn(
-            f"skipped {len(bad)} unreadable image file(s) under {root} (first: {bad[0][0]})", stacklevel=2
-        )
+    bad = check_unreadable(dec.errors, root, skip_bad_images=skip_bad_images)
     channels = int(dec.images.shape[1])
 
     splits: dict[str, ImageTensorSet] = {}
