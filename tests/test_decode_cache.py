@@ -178,14 +178,23 @@ root, cache, lock = Path(sys.argv[1]), sys.argv[2], sys.argv[5]
 mine, other = Path(sys.argv[3]), Path(sys.argv[4])
 dc._USE_LOCK = lock == "lock"
 def slow(p, res):  # long enough for the two processes to overlap
-    time.sleep(0.02)
+    time.sleep(0.05)
     return decode_image(p, res)
 dc.decode_image = slow
+def wait_for(path):
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.001)
+rename = dc.os.rename
+def both_rename(a, b):  # no lock: both have decoded a complete copy and rename it at the same moment
+    Path(str(mine) + ".renaming").touch()
+    wait_for(Path(str(other) + ".renaming"))
+    rename(a, b)
+if lock != "lock":
+    dc.os.rename = both_rename
 paths = sorted(p for p in root.rglob("*.png"))
 mine.touch()
-deadline = time.time() + 60
-while not other.exists() and time.time() < deadline:
-    time.sleep(0.001)
+wait_for(other)
 d = dc.decode_files(paths, 9, cache_dir=cache)
 print(d.source, hashlib.sha256(d.images.numpy().tobytes()).hexdigest(), d.ok == list(range(len(paths))))
 """
@@ -214,6 +223,8 @@ def test_two_processes_deciding_at_once_get_the_same_bytes_and_one_entry(tmp_pat
     sources = sorted(r[0] for r in results)
     if lock == "lock":  # one decoded, the other waited for its entry
         assert sources == ["decoded", "disk"] and "waiting for another process" in "".join(e for _, e in outs)
+    else:  # both decoded and renamed: one rename won, the other copy was discarded
+        assert sources == ["decoded", "decoded"]
     assert len(entries(cache)) == 1 and temps(cache) == []
     dec = decode_files(sorted(root.rglob("*.png")), 9, cache_dir=cache)
     assert dec.source == "disk cache" and hashlib.sha256(dec.images.numpy().tobytes()).hexdigest() == expect
