@@ -16,11 +16,19 @@ VOLATILE = {"seconds", "images_per_s"}  # metrics.jsonl fields that vary from ru
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # the decode cache (rifle.data.disk_cache: image folders, ELPV) of the whole session, never ~/.cache;
-    # subprocesses inherit it. Tests that need their own pass cache_dir= / --cache-dir
-    monkeypatch.setenv("RIFLE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rifle-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The decode cache (rifle.data.disk_cache: image folders, ELPV) of the whole session, never ~/.cache;
+    subprocesses inherit it. Session-scoped, so set before module fixtures that train (a function-scoped
+    monkeypatch came after them, and their runs wrote to ~/.cache/rifle). Tests that need their own cache
+    pass cache_dir= / --cache-dir, or monkeypatch RIFLE_CACHE_DIR."""
+    saved = os.environ.get("RIFLE_CACHE_DIR")
+    os.environ["RIFLE_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "rifle-cache")
+    yield
+    if saved is None:
+        os.environ.pop("RIFLE_CACHE_DIR", None)
+    else:
+        os.environ["RIFLE_CACHE_DIR"] = saved
 
 
 @pytest.fixture(autouse=True)
