@@ -65,6 +65,8 @@ _HELP = {
     "seed": "run seed: split, data order, augmentation and re-inits derive from it",
     "val_fraction": "validation fraction carved from train (stratified) when the data has no val/",
     "train_fraction": "use this stratified fraction of the training split",
+    "train_per_class": "keep N training images per class, drawn with a fixed split seed (the same for every "
+    "--seed): Food-101-30, Caltech-256-30/60 (docs/data.md#train-per-class)",
     "label_noise": "replace each train/val label (not test), with this probability, by another class drawn "
     "uniformly; drawn from the seed, the same for every method (docs/data.md#label-noise)",
     "label_smoothing": "label smoothing EPS in [0, 1): adds the label-smoothing trick, training loss = "
