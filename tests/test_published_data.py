@@ -131,3 +131,24 @@ def test_every_reader_is_registered():
              "caltech256", "flowers102", "oxford_pets"}
     parse_spec("cub200:/x")  # loads the readers
     assert names <= set(READERS)
+
+
+def test_paper_preset_trains_resnet50_on_a_miniature_cub_from_the_cli(tmp_path, capsys):
+    """Issue 22 §4: the paper's recipe (torchvision ResNet-50, SGD, cosine) on the CUB layout, on the CPU,
+    without downloaded weights (--no-pretrained); 112 px instead of 224 to keep CI fast."""
+    import json
+
+    from conftest import run_cli
+
+    root = mini_cub(tmp_path, classes=3, per_class=4)
+    out = tmp_path / "run"
+    argv = ["train", "--data", f"cub200:{tmp_path}", "--preset", "paper", "--no-pretrained"]
+    argv += ["--method", "rifle", "--reinits", "1", "--epochs", "2", "--image-size", "112", "--out", out]
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code == 0, stderr
+    assert "torchvision:resnet50 on cub200:" in stdout and "6 train / 0 val / 6 test images, 3 classes" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data_info"]["source_info"]["dataset"] == "CUB-200-2011"
+    assert summary["data_info"]["source_info"]["root"] == str(root.resolve())
+    assert summary["reinit_epochs"] == [1]
+    assert json.loads((out / "data_fingerprint.json").read_text())["kind"] == "published"
