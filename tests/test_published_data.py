@@ -74,7 +74,9 @@ def test_the_parent_of_root_is_accepted_and_a_partial_copy_is_named(tmp_path):
     root = mini_cub(tmp_path)
     assert build_data(f"cub200:{tmp_path}", 8, val_fraction=0.0).info["sizes"]["test"] == 6
     (root / "train_test_split.txt").unlink()
-    with pytest.raises(DataError, match=r"missing .*train_test_split.txt(.|\n)*expected layout of CUB-200-2011"):
+    with pytest.raises(
+        DataError, match=r"missing .*train_test_split.txt(.|\n)*expected layout of CUB-200-2011"
+    ):
         build_data(f"cub200:{root}", 8)
     write(root / "train_test_split.txt", [f"{i} 1" for i in range(1, 13)])
     next((root / "images").rglob("*.jpg")).unlink()
@@ -110,7 +112,11 @@ def test_train_per_class_is_fixed_across_run_seeds_and_val_comes_from_the_rest(t
     assert a.val.class_counts() == [1, 1, 1]  # half of the 2 left over per class
     assert torch.equal(a.test.images, b.test.images) and len(a.test) == 12
     assert a.info["train_per_class"] == {
-        "n": 2, "split_seed": 0, "kept": 6, "left_over": 6, "short_classes": []
+        "n": 2,
+        "split_seed": 0,
+        "kept": 6,
+        "left_over": 6,
+        "short_classes": [],
     }
     # no val image is a train image
     trains = {tuple(x.flatten().tolist()) for x in a.train.images}
@@ -127,8 +133,18 @@ def test_fingerprint_notices_a_changed_index_file(tmp_path):
 
 
 def test_every_reader_is_registered():
-    names = {"cub200", "stanford_dogs", "stanford_cars", "fgvc_aircraft", "dtd", "food101", "indoor67",
-             "caltech256", "flowers102", "oxford_pets"}
+    names = {
+        "cub200",
+        "stanford_dogs",
+        "stanford_cars",
+        "fgvc_aircraft",
+        "dtd",
+        "food101",
+        "indoor67",
+        "caltech256",
+        "flowers102",
+        "oxford_pets",
+    }
     parse_spec("cub200:/x")  # loads the readers
     assert names <= set(READERS)
 
@@ -146,9 +162,41 @@ def test_paper_preset_trains_resnet50_on_a_miniature_cub_from_the_cli(tmp_path, 
     argv += ["--method", "rifle", "--reinits", "1", "--epochs", "2", "--image-size", "112", "--out", out]
     code, stdout, stderr = run_cli(argv, capsys)
     assert code == 0, stderr
-    assert "torchvision:resnet50 on cub200:" in stdout and "6 train / 0 val / 6 test images, 3 classes" in stdout
+    assert (
+        "torchvision:resnet50 on cub200:" in stdout and "6 train / 0 val / 6 test images, 3 classes" in stdout
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_info"]["source_info"]["dataset"] == "CUB-200-2011"
     assert summary["data_info"]["source_info"]["root"] == str(root.resolve())
     assert summary["reinit_epochs"] == [1]
     assert json.loads((out / "data_fingerprint.json").read_text())["kind"] == "published"
+
+
+def test_evaluate_reads_a_published_test_split_by_the_runs_rules(tmp_path, capsys):
+    from conftest import run_cli
+
+    mini_cub(tmp_path, classes=2, per_class=4)
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            f"cub200:{tmp_path}",
+            "--model",
+            "tiny_cnn",
+            "--no-pretrained",
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--val-fraction",
+            "0",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    code, stdout, err = run_cli(["evaluate", out, "--data", f"cub200:{tmp_path}"], capsys)
+    assert code == 0, err
+    assert (out / "eval-cub200-test" / "metrics.json").is_file()  # a folder-safe name, not the ROOT

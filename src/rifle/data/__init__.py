@@ -304,7 +304,7 @@ def build_data(
         source = "builtin"
     elif spec is not None:
         sources, classes, src_info = published_sources(spec, res, skip_bad_images=skip_bad_images)
-        name, source = spec.canonical(), f"published {spec.reader.title} {src_info['root']}"
+        name, source = spec.label, f"published {spec.reader.title} {src_info['root']}"
         test_per_class = spec.reader.test_per_class
         if test_per_class and not train_per_class:
             raise DataError(

@@ -106,6 +106,12 @@ class DataSpec:
     def name(self) -> str:
         return self.reader.name
 
+    @property
+    def label(self) -> str:
+        """``NAME[,KEY=VALUE...]`` (options that differ from the defaults): a folder-safe dataset name."""
+        opts = "".join(f",{k}={v}" for k, v in sorted(self.options.items()) if self.reader.options[k] != v)
+        return f"{self.reader.name}{opts}"
+
     def canonical(self, root: str | None = None) -> str:
         opts = "".join(f",{k}={v}" for k, v in sorted(self.options.items()))
         return f"{self.reader.name}{opts}:{self.root if root is None else root}"
