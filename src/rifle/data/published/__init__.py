@@ -65,7 +65,7 @@ class Reader:
 
     name: str  # --data NAME:ROOT
     title: str  # "CUB-200-2011"
-    marker: str  # a path relative to ROOT that only this dataset's root holds, e.g. "images.txt"
+    marker: str  # a path under ROOT that only this dataset's root holds, e.g. "images.txt"; "a|b": either
     layout: str  # the expected layout, shown in errors (indented lines)
     read: Callable[[Path, dict[str, Any]], SourceIndex]
     options: dict[str, Any] = field(default_factory=dict)  # NAME,KEY=VALUE options and their defaults
@@ -174,11 +174,13 @@ def find_root(reader: Reader, root: str | os.PathLike) -> Path:
     if not base.is_dir():
         what = "does not exist" if not base.exists() else "is not a folder"
         raise DataError(f"{reader.title}: {base} {what}.\n{reader.expected()}")
-    if (base / reader.marker).exists():
+    markers = reader.marker.split("|")  # "a|b": either (a dataset published in two layouts)
+    if any((base / m).exists() for m in markers):
         return base
-    found = sorted({p.parent for p in base.glob(f"*/{reader.marker}")})
+    # a marker "data/x.txt" found at base/sub/data/x.txt means ROOT base/sub (not base/sub/data)
+    found = sorted({p.parents[len(Path(m).parts) - 1] for m in markers for p in base.glob(f"*/{m}")})
     if not found:
-        found = sorted({p.parent for p in base.glob(f"*/*/{reader.marker}")})
+        found = sorted({p.parents[len(Path(m).parts) - 1] for m in markers for p in base.glob(f"*/*/{m}")})
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -186,8 +188,8 @@ def find_root(reader: Reader, root: str | os.PathLike) -> Path:
             f"{reader.title}: {base} holds several copies ({', '.join(map(str, found))}): pass one of them"
         )
     raise DataError(
-        f"{reader.title}: {base / reader.marker} not found (nor in a sub-folder of {base}): ROOT is the "
-        f"folder the official archive extracts to.\n{reader.expected()}"
+        f"{reader.title}: {' or '.join(str(base / m) for m in markers)} not found (nor in a sub-folder of "
+        f"{base}): ROOT is the folder the official archive extracts to.\n{reader.expected()}"
     )
 
 
