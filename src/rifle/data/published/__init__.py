@@ -170,9 +170,10 @@ def find_root(reader: Reader, root: str | os.PathLike) -> Path:
         raise DataError(f"{reader.title}: {base} {what}.\n{reader.expected()}")
     if (base / reader.marker).exists():
         return base
-    found = sorted({p.parent for p in base.glob(f"*/{reader.marker}")})
+    up = len(Path(reader.marker).parts) - 1  # a marker "meta/train.json" lies two levels below its root
+    found = sorted({p.parents[up] for p in base.glob(f"*/{reader.marker}")})
     if not found:
-        found = sorted({p.parent for p in base.glob(f"*/*/{reader.marker}")})
+        found = sorted({p.parents[up] for p in base.glob(f"*/*/{reader.marker}")})
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
