@@ -14,7 +14,10 @@ HELP = "fine-tune a backbone on a dataset"
 EXAMPLE = "rifle train --data path/to/folder --method rifle --reinits 3 --preset cpu --out runs/mine"
 
 _HELP = {
-    "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
+    "data": "builtin dataset (elpv, digits), a published dataset where its archive extracted, NAME:ROOT "
+    "(cub200, stanford_dogs, stanford_cars, fgvc_aircraft, dtd, food101, indoor67, caltech256, flowers102, "
+    "oxford_pets; docs/data.md#published-datasets), or image folder ROOT with train/<class>/*, "
+    "test/<class>/*",
     "model": "efficientnet_lite0 / lite1 / lite2 (offline builtins, ImageNet weights), tiny_cnn, any timm "
     "name, or torchvision:<name>",
     "pretrained": "load pretrained weights",
