@@ -107,8 +107,8 @@ def _interruptible() -> Iterator[None]:
 
     Ray cancels a running task with ``_thread.interrupt_main()``, which does nothing (and Ray still
     reports the cancel as done) when SIGINT is ignored in the worker - as it is whenever the cluster was
-    started from a process that ignores SIGINT (a background job of a script, ``nohup``, many CI and
-    batch launchers): the workers inherit that disposition. (Ray's workers block the real SIGINT
+    started by a process that ignores SIGINT (a background job ``ray start ... &`` of a script, many CI
+    and batch launchers): the workers inherit that disposition. (Ray's workers block the real SIGINT
     signal in this thread, so only a cancel raises here.)
     """
     if threading.current_thread() is not threading.main_thread():
