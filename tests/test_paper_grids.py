@@ -156,7 +156,14 @@ def _spec(**over):
         "methods": [{"name": "finetune"}, {"name": "rifle", "reinits": 1}],
         "seeds": [0],
         "train_fractions": [0.3],
-        "train": {"epochs": 2, "image_size": 16, "batch_size": 32, "lr": 0.05, "min_steps_after": 0},
+        "train": {
+            "epochs": 2,
+            "image_size": 16,
+            "batch_size": 32,
+            "lr": 0.05,
+            "min_steps_after": 0,
+            "log_to": "jsonl",
+        },
         "reference": {
             "sources": {
                 "paper-x": {

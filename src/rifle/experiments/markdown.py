@@ -552,7 +552,8 @@ def reference_markdown(
         "single runs), by more than the gains compared. **ours − published**: our mean final test "
         "accuracy minus the published number, in points.",
         "",
-        f"| dataset | source | method (as published) | published | ours | ours: final test (n) [{c}% CI] | "
+        f"| dataset | source | method (as published) | published | ours | ours: final test, mean ± std (n) "
+        f"[{c}% t interval] | "
         "ours − published |",
         "|---|---|---|---|---|---|---|",
     ]
