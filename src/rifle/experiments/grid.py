@@ -347,8 +347,7 @@ def parse_reference(
         frac = _number(raw_frac)
         if frac is None or frac not in fractions:
             raise GridError(
-                f"{rat}: train_fraction {raw_frac!r} is not one of the grid's "
-                f"train_fractions {fractions}"
+                f"{rat}: train_fraction {raw_frac!r} is not one of the grid's train_fractions {fractions}"
             )
         runs = r.get("runs")
         if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
