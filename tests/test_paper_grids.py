@@ -303,8 +303,13 @@ def test_bench_and_report_show_reference_rows_beside_ours_never_in_the_statistic
     code, _, err = run_cli(["bench", grid_file, "--out", out], capsys)
     assert code == 0, err
     assert yaml.safe_load((out / "grid.yaml").read_text())["reference"] == _spec()["reference"]
-    code, _, err = run_cli(["report", out, "--no-plots"], capsys)
+    code, _, err = run_cli(["report", out, "--no-plots", "--page", tmp_path / "page.md"], capsys)
     assert code == 0, err
+    page = (tmp_path / "page.md").read_text()  # a --page block shows them too
+    assert (
+        "### Published numbers (reference rows, not in the statistics)" in page
+        and "| dig | paper-x |" in page
+    )
     ours = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert set(ours) == {"finetune", "rifle-K1"}  # our runs only: no published row, no paired test with one
     refs = list(csv.DictReader((out / "references.csv").open()))
