@@ -341,6 +341,35 @@ def test_bench_and_report_show_reference_rows_beside_ours_never_in_the_statistic
     assert not math.isnan(float(ours["rifle-K1"]["diff_final_mean"]))  # the paired test is ours vs ours
 
 
+@pytest.mark.extended
+def test_every_method_of_a_paper_grid_runs_on_torchvision_resnet50_and_reports_beside_the_references(
+    tmp_path, capsys
+):
+    """benchmarks/paper/cub200.yaml as written (13 methods, --preset paper, its reference block) on a
+    miniature stand-in: digits named cub200, ResNet-50 without weights at 32 px, 3 epochs, 1 seed."""
+    from conftest import run_cli
+
+    spec = yaml.safe_load((PAPER / "cub200.yaml").read_text())
+    spec.update(datasets=[{"data": "digits", "name": "cub200"}], seeds=[0], train_fractions=[0.03])
+    spec["train"] = {**spec["train"], "pretrained": False, "epochs": 3, "image_size": 32, "log_to": "jsonl"}
+    spec["train"]["min_steps_after"] = 0  # RIFLE rows only
+    grid_file = tmp_path / "mini_cub.yaml"
+    grid_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["bench", grid_file, "--out", out, "--threads", "2"], capsys)
+    assert code == 0 and "13 done" in stdout and "0 failed" in stdout, stdout + err
+    code, _, err = run_cli(["report", out, "--no-plots"], capsys)
+    assert code == 0, err
+    ours = {r["method"] for r in csv.DictReader((out / "results.csv").open())}
+    assert ours == set(_labels(2))
+    refs = list(csv.DictReader((out / "references.csv").open()))
+    assert len(refs) == 7 and all(r["ours_n"] == "1" and r["model"] == "torchvision:resnet50" for r in refs)
+    assert (
+        "| cub200 (CUB-200-2011) | paddle-readme | standard fine-tuning | 74.87 (1 run) |"
+        in (out / "results.md").read_text()
+    )
+
+
 # ---------------------------------------------------------------- for the lead: the published readers
 @pytest.mark.skipif(
     importlib.util.find_spec("rifle.data.published") is None, reason="rifle.data.published not there yet"
