@@ -29,6 +29,7 @@ def load_data(cfg: TrainConfig) -> DataBundle:
         seed=cfg.seed,
         val_fraction=cfg.val_fraction,
         train_fraction=cfg.train_fraction,
+        train_per_class=cfg.train_per_class,
         skip_bad_images=cfg.skip_bad_images,
         label_noise=cfg.label_noise,
         cache_dir=cfg.cache_dir,

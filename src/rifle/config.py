@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     train_fraction: float = 1.0
+    train_per_class: int | None = None  # keep N train images per class (fixed split seed; docs/data.md)
     label_noise: float = 0.0  # share of train/val labels replaced by another class (docs/data.md)
     skip_bad_images: bool = False
     cache_dir: str | None = None  # decode cache; None = $RIFLE_CACHE_DIR or ~/.cache/rifle, "off" = none
@@ -136,6 +137,12 @@ class TrainConfig:
             raise bad("train_fraction", "must be in (0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise bad("val_fraction", "must be in [0, 1)")
+        if self.train_per_class is not None and (
+            isinstance(self.train_per_class, bool)
+            or not isinstance(self.train_per_class, int)
+            or self.train_per_class < 1
+        ):
+            raise bad("train_per_class", "must be a positive integer (training images kept per class)")
         for key in ("label_noise", "label_smoothing"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -558,13 +565,21 @@ def _coerce_types(cfg: TrainConfig) -> None:
 
 
 def normalize_path(value: Any) -> Any:
-    """A data / out value for comparison: a built-in dataset name as is, a path made absolute."""
+    """A data / out value for comparison: a built-in dataset name as is, a path made absolute (the ROOT
+    of a published dataset's ``NAME:ROOT`` too, its options in a fixed order)."""
     if not isinstance(value, str) or not value.strip():
         return value
     from .data.builtin import BUILTIN  # lazy: config stays a leaf for everything else
+    from .data.published import parse_spec
 
     if value.strip().lower() in BUILTIN and "/" not in value and os.sep not in value:
         return value.strip().lower()
+    try:
+        spec = parse_spec(value)
+    except ValueError:  # a misspelt published name: compared as written
+        spec = None
+    if spec is not None:
+        return spec.canonical(os.path.normpath(os.path.abspath(os.path.expanduser(spec.root))))
     return os.path.normpath(os.path.abspath(os.path.expanduser(value)))
 
 
@@ -593,6 +608,7 @@ ADDED_KEYS = {
     "log_interval": 50,
     "label_noise": 0.0,
     "label_smoothing": 0.0,
+    "train_per_class": None,
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import BUILTIN, ImageTensorSet, build_data, eval_batches
+from .data import BUILTIN, ImageTensorSet, build_data, eval_batches, parse_spec
 from .data.folder import IMAGE_EXTENSIONS, DataError, decode_many
 from .inference import FineTunedModel
 
@@ -40,7 +40,10 @@ def _hidden(p: Path) -> bool:
 
 
 def _is_builtin(data: str) -> bool:
-    return data.strip().lower() in BUILTIN and "/" not in data and os.sep not in data
+    """A built-in name or a published dataset's ``NAME:ROOT``: split by the run's own rules."""
+    return (data.strip().lower() in BUILTIN and "/" not in data and os.sep not in data) or parse_spec(
+        data
+    ) is not None
 
 
 def _scan_flat(root: Path) -> dict[str, list[Path]]:
@@ -89,9 +92,10 @@ def load_eval_split(
 ) -> EvalSplit:
     """The labelled images of ``data``'s ``split``, labels mapped onto ``fm.classes``.
 
-    * a built-in name, or a folder with ``train/``/``test/``: the run's own split rules (its seed,
-      val_fraction, train_fraction) via :func:`rifle.data.build_data`, so the run's data gives the run's
-      splits; ``test`` (and ``val`` when the folder has ``val/``) is read from ``ROOT/<split>/`` alone;
+    * a built-in name, a published ``NAME:ROOT``, or a folder with ``train/``/``test/``: the run's own
+      split rules (its seed, val_fraction, train_fraction, train_per_class) via
+      :func:`rifle.data.build_data`, so the run's data gives the run's splits; ``test`` (and ``val``
+      when the folder has ``val/``) of a folder is read from ``ROOT/<split>/`` alone;
     * a flat folder ``ROOT/<class>/<image>``: every image, one split (``split`` is ignored).
 
     A class of ``data`` that the run does not know is an error naming it.
@@ -126,6 +130,7 @@ def load_eval_split(
             seed=int(cfg.get("seed", 0)),
             val_fraction=float(cfg.get("val_fraction", 0.1)),
             train_fraction=float(cfg.get("train_fraction", 1.0)),
+            train_per_class=cfg.get("train_per_class"),
             skip_bad_images=skip_bad_images,
         )
         ds, data_classes = getattr(bundle, split), bundle.classes

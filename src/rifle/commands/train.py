@@ -14,7 +14,10 @@ HELP = "fine-tune a backbone on a dataset"
 EXAMPLE = "rifle train --data path/to/folder --method rifle --reinits 3 --preset cpu --out runs/mine"
 
 _HELP = {
-    "data": "builtin dataset (elpv, digits) or image folder ROOT with train/<class>/*, test/<class>/*",
+    "data": "builtin dataset (elpv, digits), a published dataset where its archive extracted, NAME:ROOT "
+    "(cub200, stanford_dogs, stanford_cars, fgvc_aircraft, dtd, food101, indoor67, caltech256, flowers102, "
+    "oxford_pets; docs/data.md#published-datasets), or image folder ROOT with train/<class>/*, "
+    "test/<class>/*",
     "model": "efficientnet_lite0 / lite1 / lite2 (offline builtins, ImageNet weights), tiny_cnn, any timm "
     "name, or torchvision:<name>",
     "pretrained": "load pretrained weights",
@@ -65,6 +68,8 @@ _HELP = {
     "seed": "run seed: split, data order, augmentation and re-inits derive from it",
     "val_fraction": "validation fraction carved from train (stratified) when the data has no val/",
     "train_fraction": "use this stratified fraction of the training split",
+    "train_per_class": "keep N training images per class, drawn with a fixed split seed (the same for every "
+    "--seed): Food-101-30, Caltech-256-30/60 (docs/data.md#train-per-class)",
     "label_noise": "replace each train/val label (not test), with this probability, by another class drawn "
     "uniformly; drawn from the seed, the same for every method (docs/data.md#label-noise)",
     "label_smoothing": "label smoothing EPS in [0, 1): adds the label-smoothing trick, training loss = "

@@ -29,6 +29,8 @@ from .cache import (
 )
 from .disk_cache import Decoded, decode_files, resolve_cache_dir
 from .folder import LAYOUT, DataError, decode_image, folder_fingerprint, load_image_folder
+from .published import READERS, parse_spec, published_fingerprint
+from .sources import SPLIT_SEED, SplitSource, per_class_split, published_sources
 
 __all__ = [
     "DataBundle",
@@ -52,6 +54,10 @@ __all__ = [
     "data_fingerprint",
     "compare_fingerprints",
     "label_noise_draws",
+    "READERS",
+    "parse_spec",
+    "per_class_split",
+    "SPLIT_SEED",
 ]
 
 MIN_VAL_IMAGES = 50  # a validation split below this warns: its accuracy moves in steps of over 2 points
@@ -81,7 +87,8 @@ def _unknown(data: str) -> DataError:
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return DataError(
         f"unknown dataset {data!r}: not a built-in dataset and no such path.{hint}\n"
-        f"Built-in datasets: {', '.join(sorted(BUILTIN))}. "
+        f"Built-in datasets: {', '.join(sorted(BUILTIN))}. Published datasets, read where their archive "
+        f"extracted: NAME:ROOT with NAME one of {', '.join(sorted(READERS))} (docs/data.md). "
         "Or pass the path of an image folder;\n"
         f"{LAYOUT}"
     )
@@ -108,6 +115,9 @@ def data_fingerprint(data: str | os.PathLike, label_noise: float = 0.0) -> dict:
 
 def _data_fingerprint(data: str | os.PathLike) -> dict:
     name = _builtin_name(data)
+    spec = parse_spec(data) if name is None else None
+    if spec is not None:
+        return published_fingerprint(spec)
     if name == "elpv":
         from .builtin import _elpv_source
 
@@ -141,13 +151,33 @@ def compare_fingerprints(saved: dict, current: dict) -> str | None:
     if saved.get("kind") != current.get("kind") or saved.get("name") != current.get("name"):
 
         def what(fp: dict) -> str:
-            return str(fp.get("name")) if fp.get("kind") == "builtin" else f"the folder {fp.get('root')}"
+            return str(fp.get("name")) if fp.get("kind") != "folder" else f"the folder {fp.get('root')}"
 
         return f"the run used {what(saved)}, --data now names {what(current)}"
     if saved.get("label_noise", 0.0) != current.get("label_noise", 0.0):
         return (
             f"the run's training labels had --label-noise (label_noise) {saved.get('label_noise', 0.0)}, "
             f"now {current.get('label_noise', 0.0)}"
+        )
+    if current.get("kind") == "published":
+        changed = [
+            f"{k} {saved.get(k)} -> {current.get(k)}"
+            for k in ("options", "root", "images")
+            if saved.get(k) != current.get(k)
+        ]
+        index = [
+            f
+            for f in sorted(set(saved.get("index_files", {})) | set(current.get("index_files", {})))
+            if saved.get("index_files", {}).get(f) != current.get("index_files", {}).get(f)
+        ]
+        if index:
+            changed.append(f"index file(s) {', '.join(index)} changed")
+        if not changed and saved.get("images_sha256") != current.get("images_sha256"):
+            changed.append("some image files changed (size or time)")
+        return (
+            f"the dataset {current['name']} changed since the run started: {'; '.join(changed)}"
+            if changed
+            else None
         )
     if current.get("kind") == "builtin":
         changed = [
@@ -225,15 +255,24 @@ def build_data(
     train_fraction: float = 1.0,
     skip_bad_images: bool = False,
     label_noise: float = 0.0,
+    train_per_class: int | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> DataBundle:
-    """Load ``data`` (a built-in name or an image-folder path) at ``cache_resolution(image_size)``.
+    """Load ``data`` (a built-in name, a published dataset's ``NAME:ROOT`` or an image-folder path) at
+    ``cache_resolution(image_size)``.
 
     * A name without a path separator that matches :data:`BUILTIN` (case-insensitive) is the built-in
       dataset, even if a folder of that name exists (write ``./digits`` for the folder).
-    * Validation: the folder's ``val/`` when it has one, else ``val_fraction`` of train carved off,
-      stratified by class, from ``generator(seed, "split")`` (every class keeps >= 1 train image;
-      ``val_fraction = 0`` gives an empty val set).
+    * ``NAME[,KEY=VALUE...]:ROOT`` with NAME in :data:`rifle.data.published.READERS` reads a published
+      dataset where its archive extracted (docs/data.md "Published datasets").
+    * ``train_per_class`` (``--train-per-class N``): N training images per class are kept, the first N of
+      a per-class permutation from ``generator(SPLIT_SEED, "train-per-class")`` (a fixed seed: the same
+      images for every run seed); a dataset without an official split (caltech256) takes its test images
+      from the next ones of the same permutation. The other training images are "left over".
+    * Validation: the data's own validation split when it has one (a ``val/`` folder, an official split),
+      else ``val_fraction`` carved, stratified by class, from ``generator(seed, "split")``: from the
+      left-over training images when ``train_per_class`` left some (the N stay whole), else from train
+      (every class keeps >= 1 train image; ``val_fraction = 0`` gives an empty val set).
     * Then ``train_fraction`` of the remaining train is kept, stratified, from ``generator(seed, "fraction")``
       (>= 1 image per class; per class a smaller fraction keeps a prefix of the same random order).
     * The test split is never touched. Same seed -> identical splits; the test split of the built-in
@@ -254,43 +293,93 @@ def build_data(
         raise DataError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
     if not _is_number(label_noise) or not 0 <= label_noise < 1:
         raise DataError(f"label_noise (--label-noise) must be in [0, 1), got {label_noise!r}")
+    if train_per_class is not None and (
+        isinstance(train_per_class, bool) or not isinstance(train_per_class, int) or train_per_class < 1
+    ):
+        raise DataError(
+            f"train_per_class (--train-per-class) must be a positive integer, got {train_per_class!r}"
+        )
     res = cache_resolution(image_size)
     text = os.fspath(data)
     name = text.strip().lower()
+    spec = parse_spec(text) if not _builtin_name(data) else None
+    sources: dict[str, SplitSource]
+    test_per_class = None
     if _builtin_name(data):
         splits, classes, src_info = BUILTIN[name](res, cache_dir=cache_dir)
+        sources = {s: SplitSource.of(ds) for s, ds in splits.items()}
         source = "builtin"
+    elif spec is not None:
+        sources, classes, src_info = published_sources(spec, res, skip_bad_images=skip_bad_images)
+        name, source = spec.label, f"published {spec.reader.title} {src_info['root']}"
+        test_per_class = spec.reader.test_per_class
+        if test_per_class and not train_per_class:
+            raise DataError(
+                f"{spec.reader.title} has no official train/test split: pass --train-per-class N "
+                f"(train_per_class; the L2-SP/DELTA protocol uses 30 or 60), and {test_per_class} further "
+                f"images per class become the test split"
+            )
     elif text and Path(text).expanduser().exists():
         splits, classes, src_info = load_image_folder(
             text, res, skip_bad_images=skip_bad_images, cache_dir=cache_dir
         )
+        sources = {s: SplitSource.of(ds) for s, ds in splits.items()}
         name, source = Path(text).expanduser().resolve().name, f"folder {Path(text).expanduser().resolve()}"
     else:
         raise _unknown(text)
 
-    train, test = splits["train"], splits["test"]
+    src = sources["train"]
     k = len(classes)
     if label_noise and k < 2:
         raise DataError(f"--label-noise {label_noise:g} needs at least 2 classes; {text} has {k}")
     # noise per image of the source's train split (its position there), drawn before any split
-    flip, offset = label_noise_draws(len(train), k, label_noise, seed)
-    pool = torch.arange(len(train))  # each train image's position in the source's train split
-    if "val" in splits:
-        val = splits["val"]
-        val_how = "folder"
+    flip, offset = label_noise_draws(len(src.labels), k, label_noise, seed)
+    notes: list[str] = []
+    per_class_info = None
+    pool = torch.arange(len(src.labels))  # the training images, by position in the source's train split
+    spare = torch.zeros(0, dtype=torch.int64)  # left over by train_per_class
+    if train_per_class:
+        pool, test_pos, spare, short = per_class_split(src.labels, train_per_class, test_per_class or 0)
+        per_class_info = {
+            "n": train_per_class,
+            "split_seed": SPLIT_SEED,
+            "kept": len(pool),
+            "left_over": len(spare),
+            "short_classes": [classes[c] for c in short],
+        }
+        if short:
+            notes.append(
+                f"--train-per-class {train_per_class}: {len(short)} of the {k} classes have fewer training "
+                f"images ({_named([classes[c] for c in short])}); all of theirs are kept"
+                + (f", and fewer than {test_per_class} test images" if test_per_class else "")
+            )
+    test = src.take(test_pos) if test_per_class else sources["test"].take(None)
+    if "val" in sources:
+        val = sources["val"].take(None)
+        val_how = "folder" if source.startswith("folder") else "official"
         val_flip, val_offset = label_noise_draws(len(val), k, label_noise, seed, 1)
     else:
-        val_idx, train_idx = stratified_split(
-            train.labels, val_fraction, generator(seed, "split"), min_left=1
-        )
-        val, train = train.subset(val_idx), train.subset(train_idx)
-        val_flip, val_offset = flip[val_idx], offset[val_idx]
-        pool = pool[train_idx]
-        val_how = f"carved {val_fraction * 100:g}% stratified seed {seed}"
+        if len(spare):
+            taken, _ = stratified_split(src.labels[spare], val_fraction, generator(seed, "split"))
+            val_pos = spare[taken]
+            val_how = (
+                f"carved {val_fraction * 100:g}% stratified seed {seed} from the {len(spare)} training "
+                f"images --train-per-class left over"
+            )
+        else:
+            val_idx, train_idx = stratified_split(
+                src.labels[pool], val_fraction, generator(seed, "split"), min_left=1
+            )
+            val_pos, pool = pool[val_idx], pool[train_idx]
+            val_how = f"carved {val_fraction * 100:g}% stratified seed {seed}"
+        val = src.take(val_pos)
+        val_pos = src.kept(val_pos)
+        val_flip, val_offset = flip[val_pos], offset[val_pos]
     if train_fraction < 1:
-        keep, _ = stratified_split(train.labels, train_fraction, generator(seed, "fraction"), min_taken=1)
-        train = train.subset(keep)
+        keep, _ = stratified_split(src.labels[pool], train_fraction, generator(seed, "fraction"), min_taken=1)
         pool = pool[keep]
+    train = src.take(pool)
+    pool = src.kept(pool)
     train = _relabel(train, flip[pool], offset[pool], k)
     val = _relabel(val, val_flip, val_offset, k)
     noise = {
@@ -300,7 +389,7 @@ def build_data(
         "labels_sha256": labels_sha256(train.labels),
     }
 
-    notes = split_warnings(val, test, list(classes), val_how)
+    notes += split_warnings(val, test, list(classes), val_how)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     info = {
@@ -309,7 +398,7 @@ def build_data(
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
         "class_counts": {s: ds.class_counts(k) for s, ds in (("train", train), ("val", val), ("test", test))},
         "val": val_how,
-        "val_fraction": val_fraction if val_how != "folder" else None,
+        "val_fraction": val_fraction if val_how not in ("folder", "official") else None,
         "train_fraction": train_fraction,
         "label_noise": noise,
         "seed": seed,
@@ -320,6 +409,8 @@ def build_data(
         "source_info": src_info,
         "warnings": notes,
     }
+    if per_class_info is not None:
+        info["train_per_class"] = per_class_info
     return DataBundle(train=train, val=val, test=test, classes=list(classes), info=info)
 
 

@@ -724,3 +724,87 @@ def conclusion(row: dict[str, Any], d: dict[str, Any]) -> str:
             more += f" ({t_need - d['n']} on test)"
     clear_test = f"; {test_alone}, which is not a basis for selection" if t_clear else ""
     return f"{weak}no evidence either way on {on_val}{clear_test}{more}."
+
+
+REFERENCE_COLUMNS = [
+    "dataset",
+    "as_published",
+    "source",
+    "citation",
+    "url",
+    "method",
+    "published",
+    "published_pm",
+    "published_runs",
+    "train_fraction",
+    "compare_with",
+    "model",
+    "ours_n",
+    "ours_final_test_mean",
+    "ours_final_test_std",
+    "ours_final_test_ci_low",
+    "ours_final_test_ci_high",
+    "ours_minus_published",
+    "note",
+]
+
+
+def reference_rows(
+    reference: Any, rows: list[dict[str, Any]], dataset_keys: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The grid's published numbers (``reference:``, a :class:`rifle.experiments.grid.Reference`) beside
+    our mean final test accuracy of the method each names (``compare_with``), one row per published
+    number and model of the grid; accuracies in %, ``ours_minus_published`` in points. These rows are
+    never part of our statistics (``rows`` is only read)."""
+    from .grid import DatasetEntry
+
+    if reference is None:
+        return []
+    keys = dict(dataset_keys or {})
+
+    def key(name: str) -> str:
+        return keys.get(name) or DatasetEntry(0, name, name).key
+
+    out: list[dict[str, Any]] = []
+    for ref in reference.rows:
+        src = reference.sources[ref.source]
+        base = {
+            "dataset": ref.dataset,
+            "as_published": ref.as_published or "",
+            "source": ref.source,
+            "citation": src.citation,
+            "url": src.url or "",
+            "method": ref.method,
+            "published": ref.accuracy,
+            "published_pm": ref.pm,
+            "published_runs": ref.runs,
+            "train_fraction": ref.train_fraction,
+            "compare_with": ref.compare_with or "",
+            "note": ref.note or "",
+        }
+        ours = [
+            r
+            for r in rows
+            if ref.compare_with is not None
+            and r.get("kind") == "run"
+            and r["method"] == ref.compare_with
+            and key(r["dataset"]) == ref.dataset
+            and math.isclose(float(r["train_fraction"]), ref.train_fraction)
+        ]
+        if not ours:
+            out.append({**base, "model": "", "ours_n": 0})
+        for r in ours:
+            m = 100 * r["final_test_mean"]
+            out.append(
+                {
+                    **base,
+                    "model": r["model"],
+                    "ours_n": r["n"],
+                    "ours_final_test_mean": m,
+                    "ours_final_test_std": 100 * r["final_test_std"],
+                    "ours_final_test_ci_low": 100 * r["final_test_ci_low"],
+                    "ours_final_test_ci_high": 100 * r["final_test_ci_high"],
+                    "ours_minus_published": m - ref.accuracy,
+                }
+            )
+    return out

@@ -183,6 +183,8 @@ def grid_info(root: Path) -> dict[str, Any]:
             "seeds": grid.seeds,
             "train": grid.train,
             "source": _source_line(p),
+            "reference": grid.reference,
+            "dataset_keys": {e.name: e.key for e in grid.entries()},
         }
     except Exception as e:  # noqa: BLE001 - a report must still come out of a folder with an odd grid
         return {"error": f"{type(e).__name__}: {e}"}

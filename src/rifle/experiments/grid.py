@@ -1,6 +1,8 @@
 """Grid files for ``rifle bench``: datasets x models x train fractions x methods x seeds, parsed, checked
 and expanded into fully resolved runs (seed-major, so a partial grid already holds complete paired
-comparisons). The file format and the run folders: docs/experiments.md, "The grid file".
+comparisons). The file format and the run folders: docs/experiments.md, "The grid file"; ``${VAR}`` in
+dataset entries and ``train:`` values, per-dataset settings and published numbers (``reference:``):
+the same page, "Dataset entries, environment variables" and "Reference rows".
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ GRID_KEYS = (
     "baseline",
     "name",
     "description",
+    "reference",
 )
 AXIS_KEYS = ("data", "model", "seed", "train_fraction", "out")  # set by the grid, per run
 _CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
@@ -34,6 +37,8 @@ _CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 # depth monitor of a non-RIFLE run records the epochs where RIFLE with that K would re-initialise.
 _DEFAULTS = TrainConfig()
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+_SPEC = re.compile(r"^([a-z][a-z0-9_]*):(?!//)(.+)$")  # NAME:ROOT (a published dataset, rifle.data)
+_VAR = re.compile(r"\$\{([^}]*)\}")
 
 
 class GridError(ConfigError):
@@ -49,6 +54,61 @@ class MethodEntry:
     label: str
     explicit_label: bool = False
     train_fractions: tuple[float, ...] | None = None  # None: every fraction of the grid
+    datasets: tuple[str, ...] | None = None  # None: every dataset of the grid (by dataset name)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One ``datasets:`` entry: ``data`` (a ``--data`` value, ``${VAR}`` not yet expanded), ``name`` (the
+    run folder and the report's cell; default: ``data``) and TrainConfig ``values`` for its runs only."""
+
+    index: int
+    name: str
+    data: str
+    values: dict[str, Any] = field(default_factory=dict)
+    explicit_name: bool = False
+
+    @property
+    def key(self) -> str:
+        """What ``reference:`` rows and a method's ``datasets:`` call it: the explicit ``name``, else the
+        ``NAME`` of a ``NAME:ROOT`` value, else the value itself."""
+        if self.explicit_name:
+            return self.name
+        m = _SPEC.match(self.data)
+        return m.group(1) if m else self.data
+
+
+@dataclass(frozen=True)
+class RefSource:
+    """A publication or repository whose numbers a grid shows beside its own (``reference: sources:``)."""
+
+    id: str
+    citation: str
+    recipe: dict[str, Any]
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class RefRow:
+    """One published number (``reference: rows:``): top-1 test accuracy in %, never in our statistics."""
+
+    index: int
+    source: str
+    dataset: str  # a dataset key of the grid
+    method: str  # as the source names it
+    accuracy: float
+    pm: float | None = None  # the published +-, when there is one
+    compare_with: str | None = None  # a method label of the grid
+    train_fraction: float = 1.0  # default: the grid's only fraction, else 1.0
+    as_published: str | None = None  # the dataset's name in the source
+    runs: int | None = None
+    note: str | None = None
+
+
+@dataclass
+class Reference:
+    sources: dict[str, RefSource]
+    rows: list[RefRow]
 
 
 @dataclass
@@ -64,9 +124,15 @@ class Grid:
     source: str | None = None  # the file it came from
     text: str | None = None  # its text (copied to OUT/grid.yaml)
     spec: dict[str, Any] = field(default_factory=dict)  # the mapping it was parsed from
+    dataset_entries: list[DatasetEntry] = field(default_factory=list)  # datasets[i]: the entry's name
+    reference: Reference | None = None
 
     def entry(self, label: str) -> MethodEntry:
         return next(e for e in self.methods if e.label == label)
+
+    def entries(self) -> list[DatasetEntry]:
+        """The dataset entries (plain strings too, for a Grid built by hand)."""
+        return self.dataset_entries or [DatasetEntry(i, d, d) for i, d in enumerate(self.datasets)]
 
 
 @dataclass
@@ -130,6 +196,185 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def expand_vars(text: str, where: str) -> str:
+    """``text`` with every ``${VAR}`` replaced by the environment variable's value; an unset (or empty)
+    variable is an error naming it and ``where``. ``$VAR`` without braces is left as it is."""
+    import os
+
+    def sub(m: re.Match) -> str:
+        var = m.group(1)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            raise GridError(f"{where}: {m.group(0)!r} is not a valid environment variable reference")
+        value = os.environ.get(var)
+        if not value:
+            raise GridError(
+                f"{where}: environment variable {var} is not set (the grid file reads it as "
+                f"${{{var}}}); e.g. export {var}=/path/to/the/folder (docs/reproduce.md)"
+            )
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+def _expand_values(values: dict[str, Any], where: str) -> dict[str, Any]:
+    return {
+        k: expand_vars(v, f"{where}: {k}") if isinstance(v, str) and "${" in v else v
+        for k, v in values.items()
+    }
+
+
+def _check_values(d: dict[str, Any], where: str) -> None:
+    for k in d:
+        if k in AXIS_KEYS:
+            raise GridError(f"{where}: {k!r} is set by the grid, not here")
+        if k not in _CONFIG_KEYS:
+            raise GridError(f"{where}: unknown key {k!r}{_hint(k, _CONFIG_KEYS)}")
+
+
+def _dataset_entries(raw: list, where: str) -> list[DatasetEntry]:
+    """``datasets:``: each a ``--data`` value, or ``{data: ..., name: ..., <TrainConfig key>: ...}``."""
+    out = []
+    for i, item in enumerate(raw):
+        at = f"{where}: datasets[{i}]"
+        if not isinstance(item, dict):
+            out.append(DatasetEntry(i, str(item), str(item)))
+            continue
+        d = _norm_keys(item, at)
+        data, name = d.pop("data", None), d.pop("name", None)
+        if not isinstance(data, str) or not data.strip():
+            raise GridError(f"{at}: needs data: (a --data value, e.g. cub200:${{RIFLE_DATA}}/CUB_200_2011)")
+        if name is not None and (not isinstance(name, str) or safe_name(name) != name):
+            raise GridError(
+                f"{at}: name {name!r} must use only letters, digits and ._+=- (it names a folder)"
+                + (f"; e.g. {safe_name(name)!r}" if isinstance(name, str) else "")
+            )
+        _check_values(d, f"{at} ({name or data})")
+        if isinstance(d.get("trick"), str):
+            d["trick"] = [t for t in d["trick"].split(",") if t]
+        out.append(DatasetEntry(i, name or data, data, d, name is not None))
+    return out
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+REF_SOURCE_KEYS = ("citation", "url", "recipe")
+REF_ROW_KEYS = (
+    "source",
+    "dataset",
+    "method",
+    "accuracy",
+    "pm",
+    "compare_with",
+    "train_fraction",
+    "as_published",
+    "runs",
+    "note",
+)
+
+
+def parse_reference(
+    raw: Any, datasets: list[str], labels: list[str], fractions: list[float], where: str = "grid"
+) -> Reference:
+    """Check a ``reference:`` block: published numbers shown beside ours by ``rifle report``, never mixed
+    into our statistics. ``datasets``: the grid's dataset keys; ``labels``: its method labels."""
+    at = f"{where}: reference"
+    if not isinstance(raw, dict) or set(raw) - {"sources", "rows"}:
+        raise GridError(
+            f"{at}: expected a mapping with sources: and rows: (docs/experiments.md, Reference rows)"
+        )
+    raw_sources = raw.get("sources")
+    if not isinstance(raw_sources, dict) or not raw_sources:
+        raise GridError(f"{at}: sources: expected a non-empty mapping of id -> {{citation, url, recipe}}")
+    sources: dict[str, RefSource] = {}
+    for sid, spec in raw_sources.items():
+        sat = f"{at}: sources: {sid}"
+        if not isinstance(spec, dict):
+            raise GridError(f"{sat}: expected a mapping with citation:, recipe: and url:")
+        unknown = [k for k in spec if k not in REF_SOURCE_KEYS]
+        if unknown:
+            raise GridError(f"{sat}: unknown key {unknown[0]!r}{_hint(str(unknown[0]), REF_SOURCE_KEYS)}")
+        citation, url, recipe = spec.get("citation"), spec.get("url"), spec.get("recipe")
+        if not isinstance(citation, str) or not citation.strip():
+            raise GridError(f"{sat}: citation: is required (authors, title, year or repository)")
+        if url is not None and not isinstance(url, str):
+            raise GridError(f"{sat}: url: must be text")
+        if not isinstance(recipe, dict) or not recipe:
+            raise GridError(
+                f"{sat}: recipe: is required, a mapping such as {{backbone: ResNet-50, resolution: 224, "
+                f"epochs: 40, selection: last epoch}}: recipes differ by more than the gains compared"
+            )
+        bad = [k for k, v in recipe.items() if isinstance(v, (dict, list))]
+        if bad:
+            raise GridError(f"{sat}: recipe: {bad[0]!r} must be a single value (text or number)")
+        sources[str(sid)] = RefSource(str(sid), citation.strip(), {str(k): v for k, v in recipe.items()}, url)
+    raw_rows = raw.get("rows")
+    if not isinstance(raw_rows, list) or not raw_rows:
+        raise GridError(f"{at}: rows: expected a non-empty list of published numbers")
+    rows: list[RefRow] = []
+    for i, r in enumerate(raw_rows):
+        if not isinstance(r, dict):
+            raise GridError(f"{at}: rows[{i}]: expected a mapping, got {r!r}")
+        r = {str(k).replace("-", "_"): v for k, v in r.items()}
+        rat = f"{at}: rows[{i}] ({r.get('source')}, {r.get('dataset')}, {r.get('method')})"
+        unknown = [k for k in r if k not in REF_ROW_KEYS]
+        if unknown:
+            raise GridError(f"{rat}: unknown key {unknown[0]!r}{_hint(unknown[0], REF_ROW_KEYS)}")
+        for k in ("source", "dataset", "method", "accuracy"):
+            if r.get(k) is None:
+                raise GridError(f"{rat}: {k}: is required")
+        if str(r["source"]) not in sources:
+            raise GridError(f"{rat}: source {r['source']!r} is not in sources: ({', '.join(sources)})")
+        if str(r["dataset"]) not in datasets:
+            raise GridError(
+                f"{rat}: dataset {r['dataset']!r} is not a dataset of this grid"
+                f"{_hint(str(r['dataset']), datasets)}; datasets: {', '.join(datasets)}"
+            )
+        acc = _number(r["accuracy"])
+        if acc is None or not 0 <= acc <= 100:
+            raise GridError(f"{rat}: accuracy {r['accuracy']!r} must be a top-1 accuracy in % (0-100)")
+        pm = None if r.get("pm") is None else _number(r["pm"])
+        if r.get("pm") is not None and (pm is None or pm < 0):
+            raise GridError(f"{rat}: pm {r['pm']!r} must be a number >= 0 (the published +-, in points)")
+        cw = r.get("compare_with")
+        if cw is not None and str(cw) not in labels:
+            raise GridError(
+                f"{rat}: compare_with {cw!r} is not a method label of this grid{_hint(str(cw), labels)}; "
+                f"labels: {', '.join(labels)}"
+            )
+        raw_frac = r.get("train_fraction", fractions[0] if len(fractions) == 1 else 1.0)
+        frac = _number(raw_frac)
+        if frac is None or frac not in fractions:
+            raise GridError(
+                f"{rat}: train_fraction {raw_frac!r} is not one of the grid's train_fractions {fractions}"
+            )
+        runs = r.get("runs")
+        if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
+            raise GridError(
+                f"{rat}: runs {runs!r} must be an integer >= 1 (how many runs the number is over)"
+            )
+        for k in ("method", "as_published", "note"):
+            if r.get(k) is not None and not isinstance(r[k], (str, int, float)):
+                raise GridError(f"{rat}: {k}: must be text")
+        rows.append(
+            RefRow(
+                index=i,
+                source=str(r["source"]),
+                dataset=str(r["dataset"]),
+                method=str(r["method"]),
+                accuracy=acc,
+                pm=pm,
+                compare_with=None if cw is None else str(cw),
+                train_fraction=frac,
+                as_published=None if r.get("as_published") is None else str(r["as_published"]),
+                runs=runs,
+                note=None if r.get("note") is None else str(r["note"]),
+            )
+        )
+    return Reference(sources, rows)
+
+
 def default_label(values: dict[str, Any], cfg: TrainConfig) -> str:
     """``rifle-K2``, ``finetune+delta+dropout``, ``rifle-K1+keep-optimizer-state``, ``l2sp.alpha=0.1``.
 
@@ -165,12 +410,21 @@ def resolve_row(train: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
 
 
 def _method_values(
-    i: int, raw: Any, grid_fractions: list[float]
-) -> tuple[dict[str, Any], str | None, tuple[float, ...] | None]:
+    i: int, raw: Any, grid_fractions: list[float], grid_datasets: list[str] | None = None
+) -> tuple[dict[str, Any], str | None, tuple[float, ...] | None, tuple[str, ...] | None]:
     where = f"methods[{i}]"
     d = _norm_keys(raw if not isinstance(raw, str) else {"name": raw}, where)
     label = d.pop("label", None)
     fracs = d.pop("train_fractions", None)
+    sets = d.pop("datasets", None)
+    if sets is not None:
+        sets = tuple(str(x) for x in (sets if isinstance(sets, (list, tuple)) else [sets]))
+        known = grid_datasets or []
+        if not sets or not set(sets) <= set(known):
+            raise GridError(
+                f"{where} ({label or d.get('name')}): datasets {list(sets)} must be a non-empty subset of "
+                f"the grid's dataset names {known}"
+            )
     if fracs is not None:
         try:
             fracs = tuple(float(f) for f in (fracs if isinstance(fracs, (list, tuple)) else [fracs]))
@@ -204,7 +458,7 @@ def _method_values(
             f"name: rifle only; a {name} entry would ignore {'it' if len(rifle_only) == 1 else 'them'}"
             f" (set RIFLE's settings in train: for every RIFLE row, or in a rifle entry)"
         )
-    return {"method": str(name), **d}, (None if label is None else str(label)), fracs
+    return {"method": str(name), **d}, (None if label is None else str(label)), fracs, sets
 
 
 def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None = None) -> Grid:
@@ -220,7 +474,11 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
             raise GridError(f"{where}: train: {k!r} is set by the grid, not in train:")
         if k not in _CONFIG_KEYS:
             raise GridError(f"{where}: train: unknown key {k!r}{_hint(k, _CONFIG_KEYS)}")
-    datasets = [str(d) for d in _as_list(spec.get("datasets"), "datasets")]
+    dataset_entries = _dataset_entries(_as_list(spec.get("datasets"), "datasets"), where)
+    datasets = [e.name for e in dataset_entries]
+    keys = [e.key for e in dataset_entries]
+    if len(set(keys)) != len(keys):
+        raise GridError(f"{where}: datasets {datasets} have the same name twice ({keys}); give each a name:")
     models = [str(m) for m in _as_list(spec.get("models"), "models")]
     seeds = _as_list(spec.get("seeds"), "seeds")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -239,7 +497,7 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
         )
     entries = []
     for i, raw in enumerate(raw_methods):
-        values, label, entry_fracs = _method_values(i, raw, fracs)
+        values, label, entry_fracs, entry_sets = _method_values(i, raw, fracs, keys)
         try:
             cfg = resolve_row(train, values)
         except (ConfigError, TypeError) as err:
@@ -252,7 +510,12 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
             )
         entries.append(
             MethodEntry(
-                i, values, label if label is not None else default_label(values, cfg), explicit, entry_fracs
+                i,
+                values,
+                label if label is not None else default_label(values, cfg),
+                explicit,
+                entry_fracs,
+                entry_sets,
             )
         )
     seen: dict[str, int] = {}
@@ -272,6 +535,9 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
         baseline = next((e.label for e in entries if e.label == "finetune"), None)
     elif str(baseline) not in seen:
         raise GridError(f"{where}: baseline {baseline!r} is not a method label; labels: {', '.join(seen)}")
+    reference = None
+    if spec.get("reference") is not None:
+        reference = parse_reference(spec["reference"], keys, list(seen), fracs, where)
     return Grid(
         datasets=datasets,
         models=models,
@@ -284,6 +550,8 @@ def parse_grid(spec: dict[str, Any], source: str | None = None, text: str | None
         source=source,
         text=text,
         spec=spec,
+        dataset_entries=dataset_entries,
+        reference=reference,
     )
 
 
@@ -310,24 +578,42 @@ def run_path(out: str | Path, dataset: str, model: str, fraction: float, label: 
     )
 
 
-def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
-    """Every run of the grid, resolved and validated, seed-major (see module docstring)."""
+def expand(grid: Grid, out: str | Path, check_data: bool = True) -> list[RunSpec]:
+    """Every run of the grid, resolved and validated, seed-major (see module docstring). ``${VAR}`` in
+    dataset entries and ``train:`` values is expanded here (an unset variable is an error naming it).
+    ``check_data=False`` skips :func:`check_names`' existence checks (for listing a grid whose data is
+    elsewhere)."""
     from ..core.schedule import make_schedule
     from ..build import build_methods
 
-    check_names(grid)
+    if check_data:
+        check_names(grid)
+    where_grid = f"grid {grid.source}" if grid.source else "grid"
+    train = _expand_values(grid.train, f"{where_grid}: train")
+    entries = grid.entries()
+    resolved = [
+        (
+            e,
+            expand_vars(e.data, f"{where_grid}: datasets[{e.index}]"),
+            _expand_values(e.values, f"{where_grid}: datasets[{e.index}]"),
+        )
+        for e in entries
+    ]
     runs = []
     for seed in grid.seeds:
-        for dataset in grid.datasets:
+        for d, data, dvalues in resolved:
+            dataset = d.name
             for frac in grid.train_fractions:
                 for model in grid.models:
                     for e in grid.methods:
                         if e.train_fractions is not None and frac not in e.train_fractions:
                             continue
+                        if e.datasets is not None and d.key not in e.datasets:
+                            continue
                         path = run_path(out, dataset, model, frac, e.label, seed)
                         where = f"methods[{e.index}] ({e.label}) on {dataset}/{model}/frac{frac:g}/seed{seed}"
                         extra = {
-                            **dict(grid.train.get("extra") or {}),
+                            **dict(train.get("extra") or {}),
                             "grid": {
                                 "label": e.label,
                                 "dataset": dataset,
@@ -337,8 +623,9 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
                             },
                         }
                         values = {
-                            **e.values,
-                            "data": dataset,
+                            **dvalues,
+                            **_expand_values(e.values, where),
+                            "data": data,
                             "model": model,
                             "seed": seed,
                             "train_fraction": frac,
@@ -346,7 +633,7 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
                             "extra": extra,
                         }
                         try:
-                            cfg = resolve_row(grid.train, values)
+                            cfg = resolve_row(train, values)
                             build_methods(cfg)  # unknown method / reg / trick / option names
                             if cfg.method == "rifle" and cfg.reinit_granularity == "epoch":
                                 make_schedule(cfg.epochs, cfg.reinits, cfg.guard, warn=False)
@@ -357,15 +644,29 @@ def expand(grid: Grid, out: str | Path) -> list[RunSpec]:
 
 
 def check_names(grid: Grid) -> None:
-    """Every dataset (built-in name or existing folder) and model name of the grid exists: a typo is
-    reported before any run starts, naming the grid entry."""
+    """Every dataset (built-in name, ``NAME:ROOT`` of a published dataset, or existing folder) and model
+    name of the grid exists: a typo is reported before any run starts, naming the grid entry."""
     from ..data import _builtin_name, _unknown as unknown_data
     from ..models import BUILTIN_MODELS, TORCHVISION_PREFIX, _unknown as unknown_model
     from ..models.hub import _is_timm_name, _torchvision_names
 
-    for i, d in enumerate(grid.datasets):
-        if not _builtin_name(d) and not (d and Path(d).expanduser().exists()):
-            raise GridError(f"grid: datasets[{i}]: {unknown_data(d)}")
+    import importlib
+
+    try:  # the published datasets' readers (NAME:ROOT), where this version has them
+        parse_spec = importlib.import_module("rifle.data.published").parse_spec
+    except (ImportError, AttributeError):
+        parse_spec = None
+    where = f"grid {grid.source}" if grid.source else "grid"
+    for e in grid.entries():
+        d = expand_vars(e.data, f"{where}: datasets[{e.index}]")
+        if _builtin_name(d) or (d and Path(d).expanduser().exists()):
+            continue
+        spec = parse_spec(d) if parse_spec is not None else None
+        if spec is not None:
+            if not Path(str(spec[1])).expanduser().exists():
+                raise GridError(f"grid: datasets[{e.index}]: {d!r}: no such folder {spec[1]!r}")
+            continue
+        raise GridError(f"grid: datasets[{e.index}]: {unknown_data(d)}")
     for i, m in enumerate(grid.models):
         if m in BUILTIN_MODELS:
             continue

@@ -409,6 +409,7 @@ def render_markdown(
     depth: list[dict[str, Any]] | None = None,
     classes: list[dict[str, Any]] | None = None,
     decisions: list[dict[str, Any]] | None = None,
+    references: list[dict[str, Any]] | None = None,
 ) -> str:
     c = int(round(confidence * 100))
     out = [
@@ -455,6 +456,7 @@ def render_markdown(
         "",
     ]
     out += cell_sections(rows, sweeps, baseline, plots, confidence, depth, classes=classes)
+    out += reference_markdown(references or [], info.get("reference"), confidence)
     if col.failed:
         out += ["## Failed runs", ""] + [f"- `{k}`: {v}" for k, v in sorted(col.failed.items())] + [""]
     if col.unfinished:
@@ -479,6 +481,8 @@ def page_block(
     depth: list[dict[str, Any]] | None,
     classes: list[dict[str, Any]] | None = None,
     decisions: list[dict[str, Any]] | None = None,
+    references: list[dict[str, Any]] | None = None,
+    reference: Any = None,
 ) -> str:
     """The generated part of a hand-written page: counts, then :func:`cell_sections` (links relative to
     it)."""
@@ -502,6 +506,7 @@ def page_block(
     lines += cell_sections(
         rows, sweeps, baseline, plots, confidence, depth, level=3, link_prefix=f"{rel}/", classes=classes
     )
+    lines += reference_markdown(references or [], reference, confidence, level=3)
     lines += decision_markdown(decisions or [], rows, baseline, level=3)
     return "\n".join(lines + [PAGE_END])
 
@@ -527,3 +532,55 @@ def update_page(page: str | Path, block: str, begin: str = PAGE_BEGIN, end: str 
             f"  {begin}\n  {end}\n(the page is left unchanged)"
         )
     atomic_write_text(page, text[: text.index(begin)] + block + text[text.index(end) + len(end) :])
+
+
+def reference_markdown(
+    refs: list[dict[str, Any]], reference: Any, confidence: float, level: int = 2
+) -> list[str]:
+    """ "Published numbers": the grid's reference rows beside our mean final test accuracy, then every
+    source's citation and recipe. Kept apart from our tables: no paired difference, interval or test."""
+    if not refs or reference is None:
+        return []
+    c = int(round(confidence * 100))
+    out = [
+        f"{'#' * level} Published numbers (reference rows, not in the statistics)",
+        "",
+        "Numbers published by others, from their code and their recipes (listed below the table), shown "
+        "beside ours for orientation. They are not runs of this grid: no paired difference, interval, "
+        "bootstrap or test involves them, and `results.csv` does not hold them (`references.csv` does). "
+        "Recipes and selection rules differ between sources (e.g. an epoch or K chosen on the test set, "
+        "single runs), by more than the gains compared. **ours − published**: our mean final test "
+        "accuracy minus the published number, in points.",
+        "",
+        f"| dataset | source | method (as published) | published | ours | ours: final test, mean ± std (n) "
+        f"[{c}% t interval] | "
+        "ours − published |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in refs:
+        pub = f"{r['published']:.2f}" + (
+            f" ± {r['published_pm']:.2f}" if r.get("published_pm") is not None else ""
+        )
+        if r.get("published_runs"):
+            pub += f" ({r['published_runs']} run{'s' if r['published_runs'] > 1 else ''})"
+        ds = r["dataset"] + (f" ({r['as_published']})" if r.get("as_published") else "")
+        method = r["method"] + (f" — {r['note']}" if r.get("note") else "")
+        if r.get("ours_n"):
+            lo, hi = r["ours_final_test_ci_low"], r["ours_final_test_ci_high"]
+            ci = f" [{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+            sd = r["ours_final_test_std"]
+            ours = f"{r['ours_final_test_mean']:.2f}" + (f" ± {sd:.2f}" if math.isfinite(sd) else "")
+            ours += f" (n={r['ours_n']}){ci}"
+            diff = f"{r['ours_minus_published']:+.2f}"
+            mine = f"`{r['compare_with']}`" + (f" ({r['model']})" if r.get("model") else "")
+        else:
+            ours, diff = "no complete runs yet" if r.get("compare_with") else "—", "—"
+            mine = f"`{r['compare_with']}`" if r.get("compare_with") else "(none of ours)"
+        out.append(f"| {ds} | {r['source']} | {method} | {pub} | {mine} | {ours} | {diff} |")
+    out += ["", "Sources and their recipes:", ""]
+    for sid, src in reference.sources.items():
+        recipe = "; ".join(f"{k}: {v}" for k, v in src.recipe.items())
+        url = f" <{src.url}>" if src.url else ""
+        out.append(f"- **{sid}**: {src.citation}.{url} Recipe: {recipe}.")
+    out.append("")
+    return out

@@ -8,18 +8,22 @@ Ray is imported only here. Design, faults and progress: docs/experiments.md, "On
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from .grid import RunSpec, config_changes
-from .locks import ERROR, LOCK, is_complete, read_lock
+from .locks import ERROR, LOCK, _pid_alive, is_complete, read_lock
 from .runner import DataCache, GridResult, Outcome, default_heartbeat, run_one, seconds_text
 
 
@@ -84,16 +88,41 @@ def execute(spec: RunSpec, opts: TaskOptions) -> Outcome:
         spec = replace(spec, cfg=replace(spec.cfg, device="cpu"))
     if _CACHE is None:
         _CACHE = DataCache()
-    return run_one(
-        spec,
-        _CACHE,
-        stale_after=opts.stale_after,
-        heartbeat=opts.heartbeat,
-        since=opts.since,
-        owner=opts.owner,
-        rerun_changed=opts.rerun_changed,
-        log=lambda line: None,
-    )
+    with _interruptible():
+        return run_one(
+            spec,
+            _CACHE,
+            stale_after=opts.stale_after,
+            heartbeat=opts.heartbeat,
+            since=opts.since,
+            owner=opts.owner,
+            rerun_changed=opts.rerun_changed,
+            log=lambda line: None,
+        )
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Python's own SIGINT handler while the task runs, so that ``ray.cancel`` can interrupt it.
+
+    Ray cancels a running task with ``_thread.interrupt_main()``, which does nothing (and Ray still
+    reports the cancel as done) when SIGINT is ignored in the worker - as it is whenever the cluster was
+    started by a process that ignores SIGINT (a background job ``ray start ... &`` of a script, many CI
+    and batch launchers): the workers inherit that disposition. (Ray's workers block the real SIGINT
+    signal in this thread, so only a cancel raises here.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous not in (signal.SIG_IGN, signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -242,8 +271,8 @@ def run_grid_ray(
 ) -> GridResult:
     """Run every unfinished run of ``runs`` as a Ray task; see docs/experiments.md, "On a cluster".
 
-    Returns the counts of this pass (done / skipped / failed). ``KeyboardInterrupt`` cancels the
-    submitted tasks (each releases its lock and keeps its last epoch checkpoint) and goes through.
+    Returns the counts of this pass (done / skipped / failed). ``KeyboardInterrupt`` stops the
+    submitted tasks (:func:`_stop_tasks`: each keeps its last epoch checkpoint) and goes through.
     """
     if cpus_per_run <= 0 and gpus_per_run <= 0:
         raise EngineError("--cpus-per-run and --gpus-per-run are both 0: each run must reserve something")
@@ -251,6 +280,7 @@ def run_grid_ray(
         raise EngineError("--cpus-per-run / --gpus-per-run must be >= 0")
     if max_retries < 0:
         raise EngineError(f"--max-retries {max_retries}: must be >= 0")
+    connected = not _ray_initialized()
     ray = connect(address)
     slots = _capacity(ray, cpus_per_run, gpus_per_run)
     heartbeat = default_heartbeat(stale_after)
@@ -353,18 +383,7 @@ def run_grid_ray(
                 count_queued()
                 prog.refresh()
     except KeyboardInterrupt as e:
-        for ref in pending:
-            ray.cancel(ref)  # KeyboardInterrupt inside the task: lock released, checkpoint kept
-        _wait_for(ray, pending, 3.0)  # an interrupted task ends at once (its checkpoint is already on disk)
-        # A task still running (its interrupt was lost, or came late) would train on to the end of its run:
-        # kill its worker; the last epoch checkpoint is whole, the lock names a dead pid (stale at once on
-        # that host, after --stale-after elsewhere). Asked again each second: Ray drops a cancel of a task
-        # while its previous cancel request is still unanswered (normal_task_submitter.cc, CancelTask)
-        deadline = time.time() + 10.0
-        while pending and time.time() < deadline:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            _wait_for(ray, pending, 1.0)
+        _stop_tasks(ray, pending, runs, opts.owner, prog, shutdown=connected)
         from ..train.checkpoint import Terminated
 
         if terms and not isinstance(e, Terminated):
@@ -377,6 +396,110 @@ def run_grid_ray(
             signal.signal(signal.SIGTERM, previous)
         prog.close()
     return res
+
+
+def _ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return bool(ray.is_initialized())
+
+
+COOPERATIVE_S = 5.0  # how long an interrupted task may take to stop by itself (its checkpoint is on disk)
+FORCE_S = 5.0  # then Ray's force-cancel, re-sent each second
+KILL_S = 5.0  # then the worker's pid from run.lock, on this host
+
+
+def _stop_tasks(
+    ray, pending: dict, runs: Sequence[RunSpec], owner: str, prog: Progress, shutdown: bool
+) -> None:
+    """Stop every task of this pass; on this host, return only when none of them runs any more.
+
+    1. ``ray.cancel``: the task's ``KeyboardInterrupt`` releases its lock and keeps its last epoch
+       checkpoint (checkpoints are written atomically, so any later stop keeps a whole one too);
+    2. a task still running after ``COOPERATIVE_S`` is force-cancelled (its worker killed), re-sent
+       each second for ``FORCE_S`` (Ray drops a cancel while the previous one is unanswered);
+    3. whatever Ray reports, the run folders decide: a ``run.lock`` of this invocation that names a
+       live process on this host is a task still training; that process is killed (SIGKILL) and waited
+       for, up to ``KILL_S``;
+    4. a driver that connected itself disconnects: Ray then ends its remaining workers on every node.
+    A run whose task is still alive on this host after all that is named on stderr.
+    """
+    for ref in pending:
+        ray.cancel(ref)
+    _wait_for(ray, pending, COOPERATIVE_S)
+    deadline = time.time() + FORCE_S
+    while pending and time.time() < deadline:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        _wait_for(ray, pending, 1.0)
+    killed: dict[int, int] = {}  # run index -> pid
+    deadline = time.time() + KILL_S
+    while True:
+        live = {i: pid for i, spec in enumerate(runs) if (pid := _live_task_pid(spec, owner)) is not None}
+        if not live or time.time() > deadline:
+            break
+        for i, pid in live.items():
+            if killed.get(i) != pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed[i] = pid
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    for i, pid in sorted(killed.items()):
+        prog.event(
+            i, "killed", runs[i].rel, f"  (pid {pid}: its cancel went unanswered; last checkpoint kept)"
+        )
+    if shutdown:
+        ray.shutdown()  # Ray ends the workers of a disconnected driver, on every node
+    for i, pid in sorted(live.items()):
+        print(
+            f"rifle bench: could not stop the task of {runs[i].path} (pid {pid} on this host, "
+            f"still alive {KILL_S:g} s after SIGKILL); stop it before re-running",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _live_task_pid(spec: RunSpec, owner: str) -> int | None:
+    """The pid of a live process on this host that holds ``spec``'s lock for this invocation."""
+    info = read_lock(spec.path / LOCK)
+    if not info or info.get("owner") != owner or info.get("host") != socket.gethostname():
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or not _running(pid):
+        return None
+    started = _process_start(pid)
+    if started is not None and started > float(info.get("time", 0.0)) + 1.0:
+        return None  # a newer process that reuses the pid of the lock's dead holder
+    return pid
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (a killed worker its parent has not reaped yet)."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False  # ended meanwhile
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): alive by kill(pid, 0)
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), on Linux; None elsewhere or when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _wait_for(ray, pending: dict, seconds: float) -> None:

@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .aggregate import DEPTH_COLUMNS, aggregate, class_rows, decisions, depth_rows, to_csv
+from .aggregate import (
+    DEPTH_COLUMNS,
+    REFERENCE_COLUMNS,
+    aggregate,
+    class_rows,
+    decisions,
+    depth_rows,
+    reference_rows,
+    to_csv,
+)
 from .collect import collect, grid_info
 from .markdown import has_events, page_block, render_markdown, tensorboard_command, update_page
 from .plots import write_plots
@@ -29,6 +38,7 @@ def write_report(
 ) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv`` and the PNGs into ``root``; returns rows and paths.
 
+    ``references.csv`` (and a "Published numbers" section) when the grid has a ``reference:`` block.
     ``page``: also write the tables and plots between the markers of this hand-written Markdown page
     (:func:`update_page`). ``bootstrap``: resamples of the two-level bootstrap (0: none).
     """
@@ -53,14 +63,31 @@ def write_report(
     monitors = {r.path: read_monitor(r.path) for r in col.runs}  # each depth.jsonl parsed once
     pngs = write_plots(root, col, rows, baseline, confidence, depth, monitors) if plots and col.runs else {}
     drows = depth_rows(col, baseline, info.get("labels"), confidence, monitors)
-    md = render_markdown(root, col, rows, sweeps, baseline, info, pngs, confidence, drows, classes, decided)
+    refs = reference_rows(info.get("reference"), rows, info.get("dataset_keys"))  # beside ours, never in rows
+    md = render_markdown(
+        root, col, rows, sweeps, baseline, info, pngs, confidence, drows, classes, decided, references=refs
+    )
     atomic_write_text(root / "results.md", md + "\n")
     atomic_write_text(root / "results.csv", to_csv(rows))
+    if refs:
+        atomic_write_text(root / "references.csv", to_csv(refs, REFERENCE_COLUMNS))
     if drows:
         atomic_write_text(root / "depth.csv", to_csv(drows, DEPTH_COLUMNS))
     if page is not None:
         block = page_block(
-            root, Path(page), col, rows, sweeps, baseline, pngs, confidence, drows, classes, decided
+            root,
+            Path(page),
+            col,
+            rows,
+            sweeps,
+            baseline,
+            pngs,
+            confidence,
+            drows,
+            classes,
+            decided,
+            references=refs,
+            reference=info.get("reference"),
         )
         update_page(page, block)
     return {
@@ -70,6 +97,7 @@ def write_report(
         "markdown": root / "results.md",
         "tensorboard": tensorboard_command(root) if has_events(root) else None,
         "csv": root / "results.csv",
+        "references": refs,
         "depth_rows": drows,
         "class_rows": classes,
         "decisions": decided,
