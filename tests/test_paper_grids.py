@@ -3,7 +3,7 @@
 statistics (docs/experiments.md "Reference rows", docs/reproduce.md)."""
 
 import csv
-import importlib.util
+import json
 import math
 import re
 from dataclasses import fields
@@ -370,23 +370,56 @@ def test_every_method_of_a_paper_grid_runs_on_torchvision_resnet50_and_reports_b
     )
 
 
-# ---------------------------------------------------------------- for the lead: the published readers
-@pytest.mark.skipif(
-    importlib.util.find_spec("rifle.data.published") is None, reason="rifle.data.published not there yet"
-)
+# ------------------------------------------------------------- with the published readers (issue 22 §4)
 def test_paper_grid_data_specs_are_known_to_the_published_readers(monkeypatch, tmp_path):
-    """LEAD: every benchmarks/paper data spec parses with rifle.data.published.parse_spec and names a
-    reader; check_names accepts an existing ROOT and names a missing one (wire the miniature-CUB
-    `--preset paper` proof next to this)."""
+    """Every benchmarks/paper data spec names a published reader; check_names finds the dataset's folder
+    under $RIFLE_DATA before any run, and names the missing one with the expected layout."""
+    from test_published_data import mini_cub
+
     from rifle.data.published import READERS, parse_spec
 
     monkeypatch.setenv("RIFLE_DATA", str(tmp_path))
-    grid = G.load_grid(PAPER / "cub200.yaml")
-    (tmp_path / "CUB_200_2011").mkdir()
-    G.check_names(grid)
     for data in DATA.values():
         spec = parse_spec(data)
-        assert spec is not None and spec[0] in READERS, data
-    (tmp_path / "CUB_200_2011").rmdir()
-    with pytest.raises(G.GridError, match="CUB_200_2011"):
+        assert spec is not None and spec.name in READERS, data
+    grid = G.load_grid(PAPER / "cub200.yaml")
+    with pytest.raises(G.GridError, match=r"datasets\[0\]: CUB-200-2011: .*CUB_200_2011 does not exist"):
         G.check_names(grid)
+    mini_cub(tmp_path)
+    G.check_names(grid)
+
+
+def test_the_cub_paper_grid_runs_on_a_miniature_cub_and_reports_beside_the_published_rows(
+    tmp_path, capsys, monkeypatch
+):
+    """benchmarks/paper/cub200.yaml on a miniature CUB_200_2011 (the layout the reader reads) with two of
+    its methods, 1 seed, --preset paper's ResNet-50 without downloaded weights at 32 px, 3 epochs."""
+    from conftest import run_cli
+    from test_published_data import mini_cub
+
+    mini_cub(tmp_path / "data", classes=3, per_class=4)
+    monkeypatch.setenv("RIFLE_DATA", str(tmp_path / "data"))
+    spec = yaml.safe_load((PAPER / "cub200.yaml").read_text())
+    spec["methods"] = [
+        m for m in spec["methods"] if m in ({"name": "finetune"}, {"name": "rifle", "reinits": 2})
+    ]
+    spec.update(seeds=[0])
+    labels = ("finetune", "rifle-K2")
+    spec["reference"]["rows"] = [r for r in spec["reference"]["rows"] if r.get("compare_with") in labels]
+    spec["train"] = {**spec["train"], "pretrained": False, "epochs": 3, "image_size": 32, "log_to": "jsonl"}
+    spec["train"]["min_steps_after"] = 0  # RIFLE rows only
+    grid_file = tmp_path / "mini_cub.yaml"
+    grid_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["bench", grid_file, "--out", out], capsys)
+    assert code == 0 and "0 failed" in stdout, stdout + err
+    code, _, err = run_cli(["report", out, "--no-plots"], capsys)
+    assert code == 0, err
+    ours = {r["method"] for r in csv.DictReader((out / "results.csv").open())}
+    assert len(ours) == 2
+    refs = list(csv.DictReader((out / "references.csv").open()))
+    assert {r["source"] for r in refs} >= {"paddle-readme"} and sum(r["ours_n"] == "1" for r in refs) >= 2
+    md = (out / "results.md").read_text()
+    assert "## Published numbers (reference rows, not in the statistics)" in md and "74.87" in md
+    summary = json.loads(next(out.rglob("summary.json")).read_text())
+    assert summary["data_info"]["source_info"]["dataset"] == "CUB-200-2011"

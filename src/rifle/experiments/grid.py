@@ -159,6 +159,7 @@ class RunSpec:
             c.seed,
             c.val_fraction,
             c.train_fraction,
+            c.train_per_class,
             c.skip_bad_images,
             c.label_noise,
         )
@@ -646,25 +647,22 @@ def expand(grid: Grid, out: str | Path, check_data: bool = True) -> list[RunSpec
 def check_names(grid: Grid) -> None:
     """Every dataset (built-in name, ``NAME:ROOT`` of a published dataset, or existing folder) and model
     name of the grid exists: a typo is reported before any run starts, naming the grid entry."""
-    from ..data import _builtin_name, _unknown as unknown_data
+    from ..data import DataError, _builtin_name, _unknown as unknown_data
+    from ..data.published import find_root, parse_spec
     from ..models import BUILTIN_MODELS, TORCHVISION_PREFIX, _unknown as unknown_model
     from ..models.hub import _is_timm_name, _torchvision_names
 
-    import importlib
-
-    try:  # the published datasets' readers (NAME:ROOT), where this version has them
-        parse_spec = importlib.import_module("rifle.data.published").parse_spec
-    except (ImportError, AttributeError):
-        parse_spec = None
     where = f"grid {grid.source}" if grid.source else "grid"
     for e in grid.entries():
         d = expand_vars(e.data, f"{where}: datasets[{e.index}]")
+        try:
+            spec = parse_spec(d) if not _builtin_name(d) else None
+            if spec is not None:
+                find_root(spec.reader, spec.root)  # the dataset's folder, found now, not after the runs start
+                continue
+        except DataError as err:
+            raise GridError(f"grid: datasets[{e.index}]: {err}") from None
         if _builtin_name(d) or (d and Path(d).expanduser().exists()):
-            continue
-        spec = parse_spec(d) if parse_spec is not None else None
-        if spec is not None:
-            if not Path(str(spec[1])).expanduser().exists():
-                raise GridError(f"grid: datasets[{e.index}]: {d!r}: no such folder {spec[1]!r}")
             continue
         raise GridError(f"grid: datasets[{e.index}]: {unknown_data(d)}")
     for i, m in enumerate(grid.models):
