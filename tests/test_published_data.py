@@ -200,3 +200,33 @@ def test_evaluate_reads_a_published_test_split_by_the_runs_rules(tmp_path, capsy
     code, stdout, err = run_cli(["evaluate", out, "--data", f"cub200:{tmp_path}"], capsys)
     assert code == 0, err
     assert (out / "eval-cub200-test" / "metrics.json").is_file()  # a folder-safe name, not the ROOT
+
+
+def test_a_second_build_reads_the_published_dataset_from_the_decode_cache(tmp_path, monkeypatch):
+    """One cache entry per official split, shared by every run seed; --train-per-class decodes only the
+    images it keeps (and the validation images carved from the rest)."""
+    from test_decode_cache import age, entries
+
+    from rifle.data import decode_image, disk_cache
+
+    n = [0]
+
+    def counting(p, res):
+        n[0] += 1
+        return decode_image(p, res)
+
+    monkeypatch.setattr(disk_cache, "decode_image", counting)
+    cache = tmp_path / "cache"
+    root = mini_cub(tmp_path / "data", classes=3, per_class=8)  # 12 train / 12 test
+    age(root)
+    a = build_data(f"cub200:{root}", 8, seed=0, val_fraction=0.25, cache_dir=cache)
+    assert n[0] == 24 and len(entries(cache)) == 2  # train and test, each decoded once
+    b = build_data(f"cub200:{root}", 8, seed=1, val_fraction=0.25, cache_dir=cache)
+    assert n[0] == 24 and len(entries(cache)) == 2  # another seed: nothing decoded
+    assert torch.equal(a.test.images, b.test.images)  # the official test split, the same entry
+    assert sorted(a.train.images.flatten().tolist() + a.val.images.flatten().tolist()) == sorted(
+        b.train.images.flatten().tolist() + b.val.images.flatten().tolist()
+    )
+    n[0] = 0
+    c = build_data(f"cub200:{root}", 8, seed=0, val_fraction=0.5, train_per_class=2, cache_dir=cache / "pc")
+    assert len(c.train) == 6 and len(c.val) == 3 and n[0] == 6 + 3 + 12  # kept + val + the whole test

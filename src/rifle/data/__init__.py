@@ -310,7 +310,9 @@ def build_data(
         sources = {s: SplitSource.of(ds) for s, ds in splits.items()}
         source = "builtin"
     elif spec is not None:
-        sources, classes, src_info = published_sources(spec, res, skip_bad_images=skip_bad_images)
+        sources, classes, src_info = published_sources(
+            spec, res, skip_bad_images=skip_bad_images, cache_dir=cache_dir, whole=not train_per_class
+        )
         name, source = spec.label, f"published {spec.reader.title} {src_info['root']}"
         test_per_class = spec.reader.test_per_class
         if test_per_class and not train_per_class:

@@ -8,6 +8,7 @@ class).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 
 from ..core.seeding import generator
 from .cache import ImageTensorSet
-from .folder import DataError, decode_many
+from .disk_cache import decode_files
+from .folder import check_unreadable
 from .published import DataSpec, SourceIndex, find_root
 
 __all__ = ["SPLIT_SEED", "SplitSource", "per_class_split", "published_sources", "decode_index_split"]
@@ -75,33 +77,37 @@ def per_class_split(
 
 
 def decode_index_split(
-    paths: list[Path], labels: list[int], res: int, *, title: str, split: str, skip_bad_images: bool
+    paths: list[Path],
+    labels: list[int],
+    res: int,
+    *,
+    title: str,
+    split: str,
+    skip_bad_images: bool,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[ImageTensorSet, list[str]]:
-    """Decode ``paths`` (as RGB: published datasets are colour; a grayscale image is repeated) into a
+    """Decode ``paths`` through the decode cache (:func:`~rifle.data.disk_cache.decode_files`) into a
     set; unreadable files raise a :class:`DataError` naming them, or are skipped and returned."""
-    decoded = decode_many(paths, res, desc=f"decoding {title} {split}")
-    bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, Exception)]
-    if bad and not skip_bad_images:
-        shown = "\n".join(f"  {p}: {type(e).__name__}: {e}" for p, e in bad[:5])
-        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(
-            f"{title}: cannot read {len(bad)} image file(s) of the {split} split:\n{shown}{more}\n"
-            "Fix or remove them, or pass --skip-bad-images (skip_bad_images=True) to skip them."
-        )
-    good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
-    images = torch.empty((len(good), 3, res, res), dtype=torch.uint8)
-    for j, i in enumerate(good):
-        images[j] = decoded[i]  # type: ignore[assignment]  # a 1-channel image broadcasts to 3
-        decoded[i] = None  # type: ignore[call-overload]  # free as we go
-    ys = torch.tensor([labels[i] for i in good], dtype=torch.int64)
-    return ImageTensorSet(images, ys), [str(p) for p, _ in bad]
+    dec = decode_files(paths, res, desc=f"decoding {title} {split}", cache_dir=cache_dir)
+    check_unreadable(dec.errors, f"{title} ({split} split)", skip_bad_images=skip_bad_images)
+    ys = torch.tensor([labels[i] for i in dec.ok], dtype=torch.int64)
+    return ImageTensorSet(dec.images, ys), [str(p) for p, _ in dec.errors]
 
 
 def published_sources(
-    spec: DataSpec, res: int, *, skip_bad_images: bool = False
+    spec: DataSpec,
+    res: int,
+    *,
+    skip_bad_images: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    whole: bool = True,
 ) -> tuple[dict[str, SplitSource], list[str], dict]:
-    """The :class:`SplitSource` of each split of a published dataset (decoded when taken), its classes
-    and ``source_info`` (root, protocol, official split sizes, options, skipped files)."""
+    """The :class:`SplitSource` of each split of a published dataset, its classes and ``source_info``
+    (root, protocol, official split sizes, options, skipped files).
+
+    ``whole``: a split is decoded whole on its first take (one decode-cache entry per split, shared by
+    every seed; a take is a view of it); otherwise each take decodes only the images it selects (with
+    ``--train-per-class``: Food-101-30 decodes 30 of 750 training images per class)."""
     reader = spec.reader
     root = find_root(reader, spec.root)
     index: SourceIndex = reader.read(root, dict(spec.options))
@@ -120,8 +126,9 @@ def published_sources(
         paths, labels = index.splits[split]
         ys = torch.tensor(labels, dtype=torch.int64)
 
-        def take(pos: torch.Tensor | None) -> ImageTensorSet:
-            sel = list(range(len(paths))) if pos is None else pos.tolist()
+        decoded: list[tuple[ImageTensorSet, list[int]]] = []  # the whole split, once
+
+        def decode(sel: list[int]) -> tuple[ImageTensorSet, list[int]]:
             ds, bad = decode_index_split(
                 [paths[i] for i in sel],
                 [labels[i] for i in sel],
@@ -129,11 +136,23 @@ def published_sources(
                 title=reader.title,
                 split=split,
                 skip_bad_images=skip_bad_images,
+                cache_dir=cache_dir,
             )
-            skipped.extend(bad)
+            skipped.extend(b for b in bad if b not in skipped)
             unread = set(bad)
             out.skipped.update(i for i in sel if str(paths[i]) in unread)
-            return ds
+            return ds, [i for i in sel if str(paths[i]) not in unread]
+
+        def take(pos: torch.Tensor | None) -> ImageTensorSet:
+            if not whole:
+                return decode(list(range(len(paths))) if pos is None else pos.tolist())[0]
+            if not decoded:
+                decoded.append(decode(list(range(len(paths)))))
+            ds, kept = decoded[0]
+            if pos is None:
+                return ds
+            row = {i: r for r, i in enumerate(kept)}
+            return ds.subset([row[i] for i in pos.tolist() if i in row])
 
         out = SplitSource(ys, take)
         return out
