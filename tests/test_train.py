@@ -216,3 +216,42 @@ def test_prefetch_propagates_errors():
     next(it)
     with pytest.raises(RuntimeError, match="bad batch"):
         next(it)
+
+
+def test_test_split_evaluated_only_where_a_reported_number_needs_it(tmp_path, monkeypatch):
+    """--eval-test needed (default): the test split at the last epoch and where validation accuracy is a
+    new best or ties it; every reported number, the predictions and the training are those of
+    --eval-test every, which evaluates it at every epoch."""
+    import numpy as np
+
+    from rifle.train import Trainer
+
+    calls = []
+    original = Trainer.evaluate
+
+    def evaluate(self, ds):
+        calls.append("test" if ds is self.data.test else "val")
+        return original(self, ds)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    every = run_train(cfg(tmp_path, "every", epochs=6, eval_test="every"), log=lambda s: None)
+    assert calls.count("test") == 6
+    calls.clear()
+    needed = run_train(cfg(tmp_path, "needed", epochs=6), log=lambda s: None)
+    m_every, m_needed = metrics(tmp_path / "every"), metrics(tmp_path / "needed")
+    best = float("-inf")
+    expected = []
+    for e, row in enumerate(m_every):  # hand rule on the full run's curve
+        expected.append(e == 5 or row["val_acc"] >= best)
+        best = max(best, row["val_acc"])
+    assert [r["test_acc"] is not None for r in m_needed] == expected and not all(expected)
+    assert calls.count("test") == sum(expected) and calls.count("val") == 6
+    for a, b in zip(m_every, m_needed):  # training and validation identical; test where measured
+        assert {k: v for k, v in a.items() if not k.startswith("test_")} == {
+            k: v for k, v in b.items() if not k.startswith("test_")
+        }
+        assert b["test_acc"] in (None, a["test_acc"])
+    for key in ("final_test_acc", "test_acc_at_best_val", "best_val_epoch", "best_val_acc"):
+        assert needed[key] == every[key], key
+    pa, pb = np.load(tmp_path / "every" / "predictions.npz"), np.load(tmp_path / "needed" / "predictions.npz")
+    assert sorted(pa.files) == sorted(pb.files) and all(np.array_equal(pa[k], pb[k]) for k in pa.files)

@@ -111,6 +111,7 @@ class TrainConfig:
     # would take --log as an ambiguous abbreviation of its --log-dir
     log_interval: int = 50  # stderr not a terminal: a progress line every N steps (0 = off)
     eval_batch_size: int = 256
+    eval_test: str = "needed"  # needed: test only where a reported number needs it | every epoch
     threads: int | None = None  # torch intra-op threads; None = torch's default
     out: str = "runs/train"
     preset: str | None = None
@@ -211,6 +212,8 @@ class TrainConfig:
             parse_kinds(self.log_to)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.eval_test not in ("needed", "every"):
+            raise bad("eval_test", "choose needed or every" + _suggest(self.eval_test, ("needed", "every")))
         if self.lr_schedule not in ("cosine", "constant"):
             raise bad(
                 "lr_schedule",
@@ -360,6 +363,7 @@ RESUMABLE_KEYS = {
     "device",
     "threads",
     "eval_batch_size",
+    "eval_test",
     "workers",
     "record_depth",
     "extra",

@@ -122,6 +122,7 @@ def run_train(
         device=device,
         channels_last=cfg.channels_last,
         eval_batch_size=cfg.eval_batch_size,
+        eval_test=cfg.eval_test,
         head=cfg.head,
         checkpoint_meta=meta,
         amp=cfg.amp,

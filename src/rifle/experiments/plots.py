@@ -33,7 +33,9 @@ def _mean_curves(runs: list[RunRecord], key: str) -> tuple[list[int], list[float
         for m in r.metrics():
             if finite_number(m.get(key)) is not None:
                 per_epoch[int(m["epoch"])].append(float(m[key]))
-    epochs = sorted(per_epoch)
+    # only the epochs every run measured (a test split evaluated where needed, --eval-test needed, is
+    # missing at some epochs: a mean over fewer seeds would not be the same curve)
+    epochs = sorted(e for e, ys in per_epoch.items() if len(ys) == len(runs))
     return epochs, [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
 
 

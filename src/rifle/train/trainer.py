@@ -69,6 +69,7 @@ class Trainer:
         device: torch.device,
         channels_last: bool = True,
         eval_batch_size: int = 256,
+        eval_test: str = "needed",
         head: str | None = None,
         checkpoint_meta: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
@@ -100,6 +101,9 @@ class Trainer:
         self.mean, self.std = preprocessing["mean"], preprocessing["std"]
         self.run_dir, self.device, self.channels_last = run_dir, device, channels_last
         self.eval_batch_size = eval_batch_size
+        if eval_test not in ("needed", "every"):
+            raise ValueError(f"eval_test must be 'needed' or 'every', got {eval_test!r}")
+        self.eval_test = eval_test
         self.meta = checkpoint_meta or {}
         self.log = log if self.dist.is_main else (lambda s: None)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
@@ -432,10 +436,13 @@ class Trainer:
         self._buffers_from_rank_0()
         val = self.evaluate(self.data.val) if len(self.data.val) else None
         row["val_acc"] = val["acc"] if val else None
-        test = self.evaluate(self.data.test)
-        self._epoch_preds = {"test": test["pred"], **({"val": val["pred"]} if val else {})}
-        row["test_acc"] = test["acc"]
-        row["val_loss"], row["test_loss"] = (val["loss"] if val else None), test["loss"]
+        test = self.evaluate(self.data.test) if self._test_needed(epoch, row["val_acc"]) else None
+        self._epoch_preds = {
+            **({"test": test["pred"]} if test else {}),
+            **({"val": val["pred"]} if val else {}),
+        }
+        row["test_acc"] = test["acc"] if test else None
+        row["val_loss"], row["test_loss"] = (val["loss"] if val else None), (test["loss"] if test else None)
         row["reinit"] = bool(events.pop("reinit", False))
         row.update(events)
         for m in self.methods:
@@ -443,6 +450,17 @@ class Trainer:
         row["seconds"] = seconds
         row["images_per_s"] = seen_total / seconds if seconds > 0 else None
         return row
+
+    def _test_needed(self, epoch: int, val_acc: float | None) -> bool:
+        """Whether this epoch's test accuracy can be reported: ``eval_test="every"``, the last epoch
+        (``final_test_acc``), or a validation accuracy at least the best so far (a new best or a tie:
+        :func:`best_val_row` takes the latest, so it may become ``test_acc_at_best_val``). The same on
+        every DDP rank (the validation accuracy is summed over ranks)."""
+        if self.eval_test == "every" or epoch == self.epochs - 1:
+            return True
+        if val_acc is None:
+            return False
+        return all(val_acc >= h["val_acc"] for h in self.history if h.get("val_acc") is not None)
 
     def _buffers_from_rank_0(self) -> None:
         """Under DDP every rank evaluates with rank 0's buffers (BatchNorm's running statistics), the ones
@@ -487,10 +505,11 @@ class Trainer:
     @staticmethod
     def format_row(r: dict[str, Any]) -> str:
         val = "  -  " if r.get("val_acc") is None else f"{r['val_acc']:.4f}"
+        test = "  -  " if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
         mark = "  <- re-init" if r.get("reinit") else ""
         return (
             f"epoch {r['epoch']:3d}  lr {r['lr']:.5f}  loss {r['train_loss']:.4f}  "
-            f"train {r['train_acc']:.4f}  val {val}  test {r['test_acc']:.4f}  "
+            f"train {r['train_acc']:.4f}  val {val}  test {test}  "
             f"{r['images_per_s'] or 0:.0f} img/s{mark}"
         )
 
