@@ -164,3 +164,18 @@ def rifle_cfg(tmp_path, name="run", **kw):
     )
     base.update(kw)
     return TrainConfig(**base).validate()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The number of images decode_files decoded (decode_image calls)."""
+    from rifle.data import decode_image, disk_cache
+
+    n = [0]
+
+    def counting(p, res):
+        n[0] += 1
+        return decode_image(p, res)
+
+    monkeypatch.setattr(disk_cache, "decode_image", counting)
+    return n

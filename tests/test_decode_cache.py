@@ -59,19 +59,6 @@ def temps(cache: Path) -> list[str]:
     return [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")] if cache.exists() else []
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """The number of images decode_files decoded (decode_image calls)."""
-    n = [0]
-
-    def counting(p, res):
-        n[0] += 1
-        return decode_image(p, res)
-
-    monkeypatch.setattr(disk_cache, "decode_image", counting)
-    return n
-
-
 def image_paths(root: Path) -> list[Path]:
     return [
         f

@@ -202,20 +202,12 @@ def test_evaluate_reads_a_published_test_split_by_the_runs_rules(tmp_path, capsy
     assert (out / "eval-cub200-test" / "metrics.json").is_file()  # a folder-safe name, not the ROOT
 
 
-def test_a_second_build_reads_the_published_dataset_from_the_decode_cache(tmp_path, monkeypatch):
+def test_a_second_build_reads_the_published_dataset_from_the_decode_cache(tmp_path, calls):
     """One cache entry per official split, shared by every run seed; --train-per-class decodes only the
     images it keeps (and the validation images carved from the rest)."""
     from test_decode_cache import age, entries
 
-    from rifle.data import decode_image, disk_cache
-
-    n = [0]
-
-    def counting(p, res):
-        n[0] += 1
-        return decode_image(p, res)
-
-    monkeypatch.setattr(disk_cache, "decode_image", counting)
+    n = calls
     cache = tmp_path / "cache"
     root = mini_cub(tmp_path / "data", classes=3, per_class=8)  # 12 train / 12 test
     age(root)

@@ -85,13 +85,14 @@ def decode_index_split(
     split: str,
     skip_bad_images: bool,
     cache_dir: str | os.PathLike | None = None,
-) -> tuple[ImageTensorSet, list[str]]:
+) -> tuple[ImageTensorSet, list[int], list[str]]:
     """Decode ``paths`` through the decode cache (:func:`~rifle.data.disk_cache.decode_files`) into a
-    set; unreadable files raise a :class:`DataError` naming them, or are skipped and returned."""
+    set; unreadable files raise a :class:`DataError` naming them, or are skipped. Returns the set, the
+    positions in ``paths`` it holds, and the skipped files."""
     dec = decode_files(paths, res, desc=f"decoding {title} {split}", cache_dir=cache_dir)
     check_unreadable(dec.errors, f"{title} ({split} split)", skip_bad_images=skip_bad_images)
     ys = torch.tensor([labels[i] for i in dec.ok], dtype=torch.int64)
-    return ImageTensorSet(dec.images, ys), [str(p) for p, _ in dec.errors]
+    return ImageTensorSet(dec.images, ys), dec.ok, [str(p) for p, _ in dec.errors]
 
 
 def published_sources(
@@ -129,7 +130,8 @@ def published_sources(
         decoded: list[tuple[ImageTensorSet, list[int]]] = []  # the whole split, once
 
         def decode(sel: list[int]) -> tuple[ImageTensorSet, list[int]]:
-            ds, bad = decode_index_split(
+            """The images at ``sel`` and the positions (in the split) of those that decoded."""
+            ds, ok, bad = decode_index_split(
                 [paths[i] for i in sel],
                 [labels[i] for i in sel],
                 res,
@@ -138,10 +140,10 @@ def published_sources(
                 skip_bad_images=skip_bad_images,
                 cache_dir=cache_dir,
             )
+            kept = [sel[j] for j in ok]
+            out.skipped.update(set(sel) - set(kept))
             skipped.extend(b for b in bad if b not in skipped)
-            unread = set(bad)
-            out.skipped.update(i for i in sel if str(paths[i]) in unread)
-            return ds, [i for i in sel if str(paths[i]) not in unread]
+            return ds, kept
 
         def take(pos: torch.Tensor | None) -> ImageTensorSet:
             if not whole:
