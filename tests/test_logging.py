@@ -160,7 +160,7 @@ def test_default_log_writes_both_and_resume_shows_each_epoch_once(tmp_path):
     with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         run_train(cfg, log=lambda s: None)
     run = tmp_path / "run"
-    assert [e for e, _ in events(run)[0]["accuracy/test"]] == [0, 1]
+    assert [e for e, _ in events(run)[0]["accuracy/val"]] == [0, 1]
     run_train(cfg, resume=True, log=lambda s: None)
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2  # one file per process
     check_events_equal_jsonl(run)

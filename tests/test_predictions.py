@@ -54,10 +54,10 @@ def test_predictions_match_summary_and_best_epoch_survives_resume(tmp_path):
     with interrupted_at_epoch(3), pytest.raises(KeyboardInterrupt):
         run_train(cfg(tmp_path, "split", **kw), log=lambda s: None)
     assert not (tmp_path / "split" / "predictions.npz").exists()
-    stripped = tmp_path / "old_state"  # a checkpoint from before predictions were kept
+    stripped = tmp_path / "old_state"  # a checkpoint from before predictions (and model copies) were kept
     shutil.copytree(tmp_path / "split", stripped)
     state = torch.load(stripped / STATE, weights_only=True)
-    del state["predictions"]
+    del state["predictions"], state["best_copy"]  # the copy of best epoch 1's model (--eval-test needed)
     torch.save(state, stripped / STATE)
 
     run_train(cfg(tmp_path, "split", **kw), resume=True, log=lambda s: None)

@@ -219,9 +219,10 @@ def test_prefetch_propagates_errors():
 
 
 def test_test_split_evaluated_only_where_a_reported_number_needs_it(tmp_path, monkeypatch):
-    """--eval-test needed (default): the test split at the last epoch and where validation accuracy is a
-    new best or ties it; every reported number, the predictions and the training are those of
-    --eval-test every, which evaluates it at every epoch."""
+    """--eval-test needed (default): the test split on the last epoch's model and, after it, on the copy
+    kept from the best-validation epoch (the latest new best or tie); every reported number, the
+    predictions and the training are those of --eval-test every, which evaluates it at every epoch. A
+    run interrupted after the best epoch keeps the copy in its checkpoint and resumes to the same."""
     import numpy as np
 
     from rifle.train import Trainer
@@ -234,24 +235,38 @@ def test_test_split_evaluated_only_where_a_reported_number_needs_it(tmp_path, mo
         return original(self, ds)
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    every = run_train(cfg(tmp_path, "every", epochs=6, eval_test="every"), log=lambda s: None)
+    run = dict(epochs=6, train_fraction=0.3)  # validation peaks at epoch 2, before the re-init at 3
+    every = run_train(cfg(tmp_path, "every", eval_test="every", **run), log=lambda s: None)
     assert calls.count("test") == 6
     calls.clear()
-    needed = run_train(cfg(tmp_path, "needed", epochs=6), log=lambda s: None)
+    needed = run_train(cfg(tmp_path, "needed", **run), log=lambda s: None)
     m_every, m_needed = metrics(tmp_path / "every"), metrics(tmp_path / "needed")
-    best = float("-inf")
-    expected = []
-    for e, row in enumerate(m_every):  # hand rule on the full run's curve
-        expected.append(e == 5 or row["val_acc"] >= best)
-        best = max(best, row["val_acc"])
-    assert [r["test_acc"] is not None for r in m_needed] == expected and not all(expected)
-    assert calls.count("test") == sum(expected) and calls.count("val") == 6
+    vals = [r["val_acc"] for r in m_every]  # hand rule on the full run's curve: the latest maximum
+    best = max(e for e, v in enumerate(vals) if v == max(vals))
+    assert best < 5, "the copy is only used when the best-validation epoch is not the last: change the run"
+    assert [r["test_acc"] is not None for r in m_needed] == [e in (best, 5) for e in range(6)]
+    assert calls.count("test") == 2 and calls.count("val") == 6
     for a, b in zip(m_every, m_needed):  # training and validation identical; test where measured
         assert {k: v for k, v in a.items() if not k.startswith("test_")} == {
             k: v for k, v in b.items() if not k.startswith("test_")
         }
-        assert b["test_acc"] in (None, a["test_acc"])
+        assert (b["test_acc"], b["test_loss"]) in ((None, None), (a["test_acc"], a["test_loss"]))
     for key in ("final_test_acc", "test_acc_at_best_val", "best_val_epoch", "best_val_acc"):
         assert needed[key] == every[key], key
     pa, pb = np.load(tmp_path / "every" / "predictions.npz"), np.load(tmp_path / "needed" / "predictions.npz")
     assert sorted(pa.files) == sorted(pb.files) and all(np.array_equal(pa[k], pb[k]) for k in pa.files)
+    wa, wb = weights(tmp_path / "every"), weights(tmp_path / "needed")  # the final model put back
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    with interrupted_at_epoch(best + 1), pytest.raises(KeyboardInterrupt):
+        run_train(cfg(tmp_path, "split", **run), log=lambda s: None)
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["best_copy"]["epoch"] == best
+    resumed = run_train(cfg(tmp_path, "split", **run), resume=True, log=lambda s: None)
+    assert metrics(tmp_path / "split") == m_needed
+    assert {k: resumed[k] for k in ("final_test_acc", "test_acc_at_best_val")} == {
+        k: needed[k] for k in ("final_test_acc", "test_acc_at_best_val")
+    }
+    pc = np.load(tmp_path / "split" / "predictions.npz")
+    assert all(np.array_equal(pc[k], pb[k]) for k in pb.files)
+    assert "best_copy" not in torch.load(tmp_path / "split" / "state.pt", weights_only=True)

@@ -111,7 +111,7 @@ class TrainConfig:
     # would take --log as an ambiguous abbreviation of its --log-dir
     log_interval: int = 50  # stderr not a terminal: a progress line every N steps (0 = off)
     eval_batch_size: int = 256
-    eval_test: str = "needed"  # needed: test only where a reported number needs it | every epoch
+    eval_test: str = "needed"  # needed: test only the last and the best-validation epoch's model | every
     threads: int | None = None  # torch intra-op threads; None = torch's default
     out: str = "runs/train"
     preset: str | None = None

@@ -80,9 +80,9 @@ _HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "channels_last": "channels_last memory format",
     "eval_batch_size": "evaluation batch size",
-    "eval_test": "needed: evaluate the test split only at the last epoch and where validation accuracy is a "
-    "new best or ties it (the epochs final_test_acc and test_acc_at_best_val can come from; the numbers "
-    "are the same), every: at every epoch (test curves)",
+    "eval_test": "needed: evaluate the test split only where a reported number comes from: the last "
+    "epoch and, after it, a copy of the model kept from the best-validation epoch (the numbers are the "
+    "same), every: at every epoch (test curves)",
     "threads": "torch CPU threads",
     "amp": "mixed precision: none, bf16 or fp16",
     "compile": "torch.compile the model",

@@ -221,6 +221,10 @@ class Trainer:
         # ({test,val}_{final,best_val}); saved with the checkpoint, so a resume keeps them
         self.preds: dict[str, torch.Tensor] = {}
         self._epoch_preds: dict[str, torch.Tensor] = {}
+        # eval_test="needed": a copy of the model's state at the latest epoch whose validation accuracy is
+        # the best so far ({"epoch", "state"}); its test split is evaluated after the last epoch, only if
+        # that epoch is still the best-validation one then. Saved with the checkpoint.
+        self._best_copy: dict[str, Any] | None = None
         self.pred_dtype = torch.int16 if data.num_classes <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
     def _capture_features(self, module: nn.Module, args: tuple) -> None:
@@ -260,6 +264,7 @@ class Trainer:
             "methods": {m.name: m.state_dict() for m in self.methods},
             "history": self.history,
             "predictions": self.preds,
+            **({"best_copy": self._best_copy} if self._best_copy is not None else {}),
         }
 
     def restore(self) -> None:
@@ -271,6 +276,7 @@ class Trainer:
         self.history = [h for h in state["history"] if h["epoch"] <= int(state["epoch"])]
         # a state saved before predictions were kept has none: predictions.npz then lacks those keys
         self.preds = {k: v.cpu() for k, v in state.get("predictions", {}).items()}
+        self._best_copy = state.get("best_copy")
         self.start_epoch = int(state["epoch"]) + 1
         if self.dist.is_main:
             self.run_dir.write_metrics(self.history)
@@ -289,6 +295,8 @@ class Trainer:
                 self._refuse_non_finite(epoch)
                 with defer_signals():  # history, checkpoint and metrics end at the same epoch
                     self.history.append(row)
+                    if epoch == self.epochs - 1:
+                        self._test_best_copy()
                     self._keep_predictions(epoch)
                     if self.dist.is_main:
                         save_checkpoint(self.run_dir.path, self.model, self.state(epoch), self.meta)
@@ -436,12 +444,16 @@ class Trainer:
         self._buffers_from_rank_0()
         val = self.evaluate(self.data.val) if len(self.data.val) else None
         row["val_acc"] = val["acc"] if val else None
-        test = self.evaluate(self.data.test) if self._test_needed(epoch, row["val_acc"]) else None
+        test = None
+        if self.eval_test == "every" or epoch == self.epochs - 1:
+            test = self.evaluate(self.data.test)
+        elif self._new_best(row["val_acc"]):  # its test accuracy may become test_acc_at_best_val
+            self._best_copy = {"epoch": epoch, "state": _copy_state(self.model)}
         self._epoch_preds = {
             **({"test": test["pred"]} if test else {}),
             **({"val": val["pred"]} if val else {}),
         }
-        row["test_acc"] = test["acc"] if test else None
+        row["test_acc"] = test["acc"] if test else None  # best epochs' filled in by _test_best_copy
         row["val_loss"], row["test_loss"] = (val["loss"] if val else None), (test["loss"] if test else None)
         row["reinit"] = bool(events.pop("reinit", False))
         row.update(events)
@@ -451,16 +463,27 @@ class Trainer:
         row["images_per_s"] = seen_total / seconds if seconds > 0 else None
         return row
 
-    def _test_needed(self, epoch: int, val_acc: float | None) -> bool:
-        """Whether this epoch's test accuracy can be reported: ``eval_test="every"``, the last epoch
-        (``final_test_acc``), or a validation accuracy at least the best so far (a new best or a tie:
-        :func:`best_val_row` takes the latest, so it may become ``test_acc_at_best_val``). The same on
-        every DDP rank (the validation accuracy is summed over ranks)."""
-        if self.eval_test == "every" or epoch == self.epochs - 1:
-            return True
+    def _new_best(self, val_acc: float | None) -> bool:
+        """A validation accuracy at least the best so far (a new best or a tie: :func:`best_val_row` takes
+        the latest). The same on every DDP rank (the validation accuracy is summed over ranks)."""
         if val_acc is None:
             return False
         return all(val_acc >= h["val_acc"] for h in self.history if h.get("val_acc") is not None)
+
+    def _test_best_copy(self) -> None:
+        """After the last epoch: when the best-validation epoch is an earlier one, evaluate the test split
+        with the copy of the model kept at that epoch; its row and ``test_best_val`` get the results (the
+        values evaluating it at that epoch would have given: the same weights, data and kernels)."""
+        copy, self._best_copy = self._best_copy, None
+        best = best_val_row(self.history)
+        if copy is None or best is None or best["epoch"] != copy["epoch"]:
+            return
+        final = _copy_state(self.model)
+        self.model.load_state_dict(copy["state"])
+        test = self.evaluate(self.data.test)
+        self.model.load_state_dict(final)
+        best.update(test_acc=test["acc"], test_loss=test["loss"])
+        self.preds["test_best_val"] = test["pred"]
 
     def _buffers_from_rank_0(self) -> None:
         """Under DDP every rank evaluates with rank 0's buffers (BatchNorm's running statistics), the ones
@@ -512,6 +535,10 @@ class Trainer:
             f"train {r['train_acc']:.4f}  val {val}  test {test}  "
             f"{r['images_per_s'] or 0:.0f} img/s{mark}"
         )
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def best_val_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
