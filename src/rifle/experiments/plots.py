@@ -54,7 +54,10 @@ def plot_curves(cell_runs: dict[str, list[RunRecord]], labels: list[str], path: 
             ep, ys = _mean_curves(runs, key)
             if not ep:
                 continue
-            ax.plot(ep, ys, color=color, lw=1.3, label=label)
+            # epochs with gaps between them (the test split under --eval-test needed): points, not a line
+            gaps = ep != list(range(ep[0], ep[-1] + 1))
+            style = {"ls": "none", "marker": "o", "ms": 4} if gaps else {}
+            ax.plot(ep, ys, color=color, lw=1.3, label=label, **style)
             marks = [(e, y) for e, y in zip(ep, ys) if e in reinits]
             if marks:
                 ax.plot(*zip(*marks), "v", color=color, markersize=6)
