@@ -38,22 +38,10 @@ TIMM_EPOCH = re.compile(r"Train: (\d+) \[\s*\d+/\d+ \(100%\)\].*?\(([\d.]+)s,\s*
 def image_folder(out: Path, limit: int | None = None) -> tuple[Path, int]:
     """ELPV's images outside rifle's test quarter as ``train/<class>/`` links (and 64 test images as
     ``validation/``, which timm's train.py evaluates after every epoch; not timed)."""
-    from rifle.data.builtin import (
-        ELPV_CLASSES,
-        ELPV_SPLIT_SEED,
-        ELPV_TYPES,
-        TEST_FRACTION,
-        _elpv_source,
-        _read_elpv_labels,
-    )
-    from rifle.data.cache import stratified_split
-    from rifle.core.seeding import generator
+    from rifle.data.builtin import ELPV_CLASSES, elpv_files
 
-    paths, labels, types = _read_elpv_labels(_elpv_source()[0])
-    strata = labels * len(ELPV_TYPES) + types.long()  # rifle's _split_fixed: the same test quarter
-    test, train = stratified_split(
-        strata, TEST_FRACTION, generator(ELPV_SPLIT_SEED, "elpv-test-split"), min_left=1
-    )
+    paths, labels, index = elpv_files()  # rifle's fixed split: the same test quarter
+    train, test = index["train"], index["test"]
     train = train[:limit]
     folder = out / ("elpv_folder" if limit is None else f"elpv_folder_{limit}")
     for split, idx in (("train", train.tolist()), ("validation", test.tolist()[:64])):

@@ -27,6 +27,7 @@ __all__ = [
     "ELPV_CLASSES",
     "ELPV_SPLIT_SEED",
     "DIGITS_SPLIT_SEED",
+    "elpv_files",
     "load_elpv",
     "load_digits_dataset",
     "clear_memory_cache",
@@ -62,9 +63,14 @@ def _split_fixed(
     images: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor, seed: int, name: str
 ) -> tuple[dict[str, ImageTensorSet], dict[str, torch.Tensor]]:
     """The fixed split: 25% of every stratum to test, from ``generator(seed, name + "-test-split")``."""
-    test, train = stratified_split(strata, TEST_FRACTION, generator(seed, f"{name}-test-split"), min_left=1)
+    index = _fixed_index(strata, seed, name)
     full = ImageTensorSet(images, labels)
-    return {"train": full.subset(train), "test": full.subset(test)}, {"train": train, "test": test}
+    return {s: full.subset(i) for s, i in index.items()}, index
+
+
+def _fixed_index(strata: torch.Tensor, seed: int, name: str) -> dict[str, torch.Tensor]:
+    test, train = stratified_split(strata, TEST_FRACTION, generator(seed, f"{name}-test-split"), min_left=1)
+    return {"train": train, "test": test}
 
 
 # ---------------------------------------------------------------------------------------------- ELPV
@@ -105,6 +111,17 @@ def _read_elpv_labels(data_dir: Path) -> tuple[list[Path], torch.Tensor, torch.T
     return paths, torch.tensor(labels, dtype=torch.int64), torch.tensor(types, dtype=torch.uint8)
 
 
+def elpv_files() -> tuple[list[Path], torch.Tensor, dict[str, torch.Tensor]]:
+    """ELPV's image files, their labels and the fixed split's indices (``train``, ``test``): the files
+    :func:`load_elpv` decodes, for tools that read them another way (``benchmarks/vs_timm.py``)."""
+    paths, labels, types = _read_elpv_labels(_elpv_source()[0])
+    return paths, labels, _fixed_index(_elpv_strata(labels, types), ELPV_SPLIT_SEED, "elpv")
+
+
+def _elpv_strata(labels: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+    return labels * len(ELPV_TYPES) + types.long()
+
+
 def load_elpv(
     res: int, *, cache_dir: str | os.PathLike | None = None
 ) -> tuple[dict[str, ImageTensorSet], list[str], dict]:
@@ -126,7 +143,7 @@ def load_elpv(
         raise DataError(f"expected grayscale ELPV images, got {dec.images.shape[1]} channels")
     cached = {"images": dec.images, "labels": labels, "types": types}
     source = "disk cache" if dec.source == "disk cache" else "decoded"
-    strata = cached["labels"] * len(ELPV_TYPES) + cached["types"].long()
+    strata = _elpv_strata(cached["labels"], cached["types"])
     splits, index = _split_fixed(cached["images"], cached["labels"], strata, ELPV_SPLIT_SEED, "elpv")
     type_counts = {
         s: {t: int((cached["types"][idx] == i).sum()) for i, t in enumerate(ELPV_TYPES)}
