@@ -676,6 +676,46 @@ def test_a_changed_grid_is_refused_naming_the_keys_or_rerun_with_rerun_changed(t
     assert code == 0 and "skipped" in stdout and not (out / "grid.previous-2.yaml").exists()
 
 
+def test_seeds_runs_only_those_seeds_in_every_worker_and_refuses_unknown_ones(tmp_path, capsys):
+    from conftest import run_cli
+
+    spec = {**TINY, "methods": [{"name": "finetune"}], "train": {**TINY["train"], "epochs": 1}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    for bad, needle in (
+        ("3", r"seed\(s\) \[3\] are not in grid .*its seeds: \[0, 1\]"),
+        ("a", "comma-separated"),
+    ):
+        code, _, err = run_cli(["bench", grid_file, "--out", out, "--seeds", bad], capsys)
+        assert code == 2 and re.search(needle, err), err
+    assert not out.exists()
+    proc = subprocess.run(  # the filter must reach the worker processes of --workers 2
+        [
+            sys.executable,
+            "-m",
+            "rifle",
+            "bench",
+            str(grid_file),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--seeds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seed0, seed1 = G.expand(G.parse_grid(spec), out)
+    assert L.is_complete(seed1.path) and not seed0.path.exists()
+    assert "1/1 runs complete" in proc.stdout
+    code, stdout, _ = run_cli(["bench", grid_file, "--out", out, "--list"], capsys)  # no --seeds: all
+    assert code == 0 and stdout.splitlines()[:2] == [f"todo     {seed0.rel}", f"done     {seed1.rel}"]
+
+
 def test_report_on_one_run_and_on_only_failed_runs(tmp_path, capsys):
     from conftest import run_cli
 

@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and its workers; with --engine ray, set RIFLE_CACHE_DIR on the nodes instead); 'off' decodes "
         "into memory in every run (default $RIFLE_CACHE_DIR, else ~/.cache/rifle; docs/data.md#decode-cache)",
     )
+    p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        default=None,
+        help="run only these of the grid's seeds (comma-separated, e.g. 0 or 0,1); the other seeds' runs "
+        "are left as they are, and a later command without --seeds runs them (default: every seed)",
+    )
     p.add_argument("--list", action="store_true", help="list the runs and their status, run nothing")
     p.add_argument(
         "--rerun-changed",
@@ -98,7 +105,14 @@ def _say_line(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.grid import changed_error, changed_runs, expand, load_grid, write_grid_copy
+    from ..experiments.grid import (
+        changed_error,
+        changed_runs,
+        expand,
+        load_grid,
+        only_seeds,
+        write_grid_copy,
+    )
     from ..experiments.locks import run_status
     from ..experiments.runner import launch_workers, run_grid, seconds_text
 
@@ -124,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
 
         os.environ["RIFLE_CACHE_DIR"] = args.cache_dir  # read where the data is loaded, workers inherit it
     grid = load_grid(args.grid)
+    extra_args = ["--rerun-changed"] if args.rerun_changed else []
+    if args.seeds is not None:
+        grid = only_seeds(grid, args.seeds)
+        extra_args += ["--seeds", args.seeds]
     runs = expand(grid, args.out)  # validates every run before anything starts
     changed = changed_runs(runs)  # a changed grid must not silently keep the old results
     if args.list:
@@ -161,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             args.workers,
             stale_after=args.stale_after,
-            extra_args=["--rerun-changed"] if args.rerun_changed else [],
+            extra_args=extra_args,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         if code in (130, 143):

@@ -568,6 +568,25 @@ def load_grid(path: str | Path) -> Grid:
     return parse_grid(spec, source=str(p), text=text)
 
 
+def only_seeds(grid: Grid, seeds: str) -> Grid:
+    """The grid restricted to ``seeds`` (``rifle bench --seeds 0,1``), each one of the grid's own."""
+    import dataclasses
+
+    try:
+        want = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise GridError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0 or 0,1") from None
+    if not want:
+        raise GridError(f"--seeds {seeds!r}: names no seed")
+    unknown = [s for s in want if s not in grid.seeds]
+    if unknown:
+        raise GridError(
+            f"--seeds {seeds}: seed(s) {unknown} are not in grid {grid.source or ''} "
+            f"(its seeds: {grid.seeds})"
+        )
+    return dataclasses.replace(grid, seeds=[s for s in grid.seeds if s in want])
+
+
 def run_path(out: str | Path, dataset: str, model: str, fraction: float, label: str, seed: int) -> Path:
     return (
         Path(out)
