@@ -6,6 +6,11 @@ For each run present in both (same dataset/model/fraction/method/seed folder), t
 ``final_test_acc`` and ``test_acc_at_best_val``; per method, the mean difference over seeds beside the
 seed-to-seed standard deviation of A over all its seeds (the run-to-run noise a reported mean carries),
 and whether the method's mean moved by more than that. Bit-identical grids print 0 everywhere.
+
+Then, for grids run with different numerics (another thread count or CPU): is there a shift? Over all
+runs, the mean per-run difference with a paired t-test (``scipy.stats.ttest_1samp``); per method, its mean
+difference against twice its standard error, taken from the sd of all per-run differences / sqrt(n):
+with no shift, about 1 method in 20 exceeds it by chance.
 """
 
 from __future__ import annotations
@@ -68,6 +73,24 @@ def main(argv: list[str] | None = None) -> int:
             f"range [{min(d):+.4f}, {max(d):+.4f}] over {len(d)} runs"
         )
     print(f"method means that moved by more than their seed sd: {moved} of {cells}")
+    if any(len(d) > 2 and statistics.stdev(d) > 0 for d in diffs.values()):
+        from scipy import stats
+
+        print("\nshift test (B - A; no shift expected when only the numerics differ):")
+        for m in KEYS:
+            d = diffs[m]
+            t = stats.ttest_1samp(d, 0.0)
+            sd = statistics.stdev(d)
+            over = [
+                "/".join(g[-2:])
+                for g, ks in sorted(groups.items())
+                if abs(statistics.mean(rb[k][m] - ra[k][m] for k in ks)) > 2 * sd / len(ks) ** 0.5
+            ]
+            print(
+                f"  {m}: mean {statistics.mean(d):+.4f} over {len(d)} runs, paired t p={t.pvalue:.3g}; "
+                f"method means beyond 2 SE ({2 * sd:.4f} / sqrt(n)): {len(over)} of {len(groups)}"
+                + (f" ({', '.join(over)})" if over else "")
+            )
     return 0
 
 
