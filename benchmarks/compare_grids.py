@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in KEYS:
         d = diffs[m]
         print(
-            f"{m}: per-run B - A mean {statistics.mean(d):+.4f}, sd {statistics.stdev(d):.4f}, "
+            f"{m}: per-run B - A mean {statistics.mean(d):+.4f}, "
+            f"sd {statistics.stdev(d) if len(d) > 1 else float('nan'):.4f}, "
             f"range [{min(d):+.4f}, {max(d):+.4f}] over {len(d)} runs"
         )
     print(f"method means that moved by more than their seed sd: {moved} of {cells}")
