@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| runs (seed folders) | n | metric | mean A | mean B | B - A | seed sd of A | |B - A| > sd |")
     print("|---|---|---|---|---|---|---|---|")
     moved, cells, diffs = 0, 0, {m: [] for m in KEYS}
+    shift: dict[tuple[tuple[str, ...], str], tuple[float, int]] = {}  # (group, metric): (B - A, n)
     for g, ks in sorted(groups.items()):
         for m in KEYS:
             xa, xb = [ra[k][m] for k in ks], [rb[k][m] for k in ks]
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             all_a = [s[m] for k, s in ra.items() if k[:-1] == g]  # every seed of A, not only the shared
             sd = statistics.stdev(all_a) if len(all_a) > 1 else float("nan")
             d = statistics.mean(xb) - statistics.mean(xa)
+            shift[g, m] = d, len(ks)
             big = abs(d) > sd
             moved, cells = moved + big, cells + 1
             print(
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             sd = statistics.stdev(d)
             over = [
                 "/".join(g[-2:])
-                for g, ks in sorted(groups.items())
-                if abs(statistics.mean(rb[k][m] - ra[k][m] for k in ks)) > 2 * sd / len(ks) ** 0.5
+                for g in sorted(groups)
+                if abs(shift[g, m][0]) > 2 * sd / shift[g, m][1] ** 0.5
             ]
             print(
                 f"  {m}: mean {statistics.mean(d):+.4f} over {len(d)} runs, paired t p={t.pvalue:.3g}; "

@@ -690,20 +690,9 @@ def test_seeds_runs_only_those_seeds_in_every_worker_and_refuses_unknown_ones(tm
         code, _, err = run_cli(["bench", grid_file, "--out", out, "--seeds", bad], capsys)
         assert code == 2 and re.search(needle, err), err
     assert not out.exists()
+    argv = [sys.executable, "-m", "rifle", "bench", str(grid_file), "--out", str(out)]
     proc = subprocess.run(  # the filter must reach the worker processes of --workers 2
-        [
-            sys.executable,
-            "-m",
-            "rifle",
-            "bench",
-            str(grid_file),
-            "--out",
-            str(out),
-            "--workers",
-            "2",
-            "--seeds",
-            "1",
-        ],
+        [*argv, "--workers", "2", "--seeds", "1"],
         capture_output=True,
         text=True,
         timeout=240,
