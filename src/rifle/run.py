@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .data import DataBundle, data_fingerprint
 from .models import file_sha256, model_preprocessing
 from .train import RunDir, Trainer, summarize
+from .train.allocator import malloc_setting
 from .train.outputs import git_revision, versions
 from .train.distributed import broadcast_flag, init_from_env
 from .train.trainer import resolve_device
@@ -173,6 +174,7 @@ def run_train(
         },
         "wall_seconds": time.perf_counter() - t0,
         "versions": versions(),
+        "malloc": malloc_setting(),
         "git": git_revision(),
         "complete": len(history) == cfg.epochs,
     }

@@ -82,6 +82,9 @@ def execute(spec: RunSpec, opts: TaskOptions) -> Outcome:
             ) from None
     import torch
 
+    from ..train.allocator import tune_malloc
+
+    tune_malloc()  # as the rifle command does at start-up
     if opts.threads and spec.cfg.threads is None:
         torch.set_num_threads(opts.threads)
     if opts.cpu_only and spec.cfg.device == "auto":
