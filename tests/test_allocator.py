@@ -56,7 +56,7 @@ def _faults(**env):
 @pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
 def test_tuned_thresholds_keep_freed_buffers_so_the_next_step_faults_no_pages_in():
     setting, default = _faults(RIFLE_MALLOC="default")
-    assert setting == "glibc defaults (RIFLE_MALLOC=default)"
+    assert setting == "not changed: RIFLE_MALLOC=default"
     # 20 steps x 32 MiB of 4 KiB pages = 163840 faults if every step's buffers went back to the kernel
     assert default > 0.9 * 163840, default
     setting, tuned = _faults()
@@ -64,6 +64,12 @@ def test_tuned_thresholds_keep_freed_buffers_so_the_next_step_faults_no_pages_in
     assert "refused" not in setting, setting
     # tuned: the heap keeps the buffers; what faults is a one-off (0.5-2 steps' worth seen), not per step
     assert tuned < default / 10, (tuned, default)
+
+
+def test_another_allocator_preloaded_is_left_alone():
+    # ld.so warns and goes on when the library is not installed: what is checked is rifle's decision
+    setting, _ = _faults(LD_PRELOAD="libtcmalloc_minimal.so.4")
+    assert setting == "not changed: another allocator (LD_PRELOAD=libtcmalloc_minimal.so.4)"
 
 
 def test_a_run_records_the_setting_and_gives_the_same_numbers_with_and_without_it(tmp_path):
@@ -82,7 +88,7 @@ def test_a_run_records_the_setting_and_gives_the_same_numbers_with_and_without_i
         )
         assert proc.returncode == 0, proc.stderr
         runs[choice] = (json.loads((out / "summary.json").read_text()), metrics(out))
-    assert runs["default"][0]["malloc"] == "glibc defaults (RIFLE_MALLOC=default)"
+    assert runs["default"][0]["malloc"] == "not changed: RIFLE_MALLOC=default"
     if GLIBC:
         assert runs["tuned"][0]["malloc"].startswith("glibc tuned: "), runs["tuned"][0]["malloc"]
     assert runs["default"][1] == runs["tuned"][1]  # every epoch's every number, bit for bit

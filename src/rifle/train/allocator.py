@@ -15,7 +15,6 @@ jemalloc) or a non-glibc C library is left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -37,17 +36,17 @@ SETTINGS = {
 _applied: str | None = None
 
 
-def _glibc() -> ctypes.CDLL | None:
+def _glibc() -> tuple[ctypes.CDLL | None, str]:
+    """glibc, or None and why not."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
+        return None, "not changed: not glibc"
     preload = os.environ.get("LD_PRELOAD", "")
-    if "malloc" in preload or "jemalloc" in preload:  # tcmalloc / jemalloc: their own policies
-        return None
+    if "malloc" in preload:  # tcmalloc, jemalloc, mimalloc...: their own policies
+        return None, f"not changed: another allocator (LD_PRELOAD={preload})"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
+        return ctypes.CDLL("libc.so.6"), ""
+    except OSError as e:
+        return None, f"not changed: {e}"
 
 
 def tune_malloc() -> str:
@@ -63,11 +62,11 @@ def tune_malloc() -> str:
     if choice not in ("tuned", "default"):
         raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected 'tuned' (rifle's default) or 'default'")
     if choice == "default":
-        _applied = f"glibc defaults ({ENV}=default)"
+        _applied = f"not changed: {ENV}=default"
         return _applied
-    libc = _glibc()
+    libc, why = _glibc()
     if libc is None:
-        _applied = "not changed (not glibc malloc)"
+        _applied = why
         return _applied
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
