@@ -60,7 +60,7 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py
 
 # docs/results/elpv.md: the ELPV grid (resumable: finished runs are skipped; ~2.5 h from scratch on 2 cores
-# with 1 worker, as published; `--workers 2` took 104 min but changes the numerics, docs/performance.md)
+# with 1 worker, as published; `--workers 2` took 77 min but changes the numerics, docs/performance.md)
 # and the report written into the page's generated section.
 results-elpv: $(STAMP)
 	$(BIN)/rifle bench benchmarks/elpv_grid.yaml --out docs/results/elpv
