@@ -85,6 +85,11 @@ def make_image_folder(
     return root
 
 
+def child_env(**overrides):
+    """The environment of a child ``python`` importing this checkout's ``rifle`` (src/ first on the path)."""
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **overrides}
+
+
 def killed_at_epoch(argv, epoch, cwd):
     """Run ``rifle <argv>`` in a child process that SIGKILLs itself when ``epoch`` starts (no clean-up)."""
     code = (
@@ -101,9 +106,13 @@ def killed_at_epoch(argv, epoch, cwd):
         "from rifle.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=cwd,
+        timeout=300,
     )
     assert proc.returncode == -9, proc.stderr  # really killed, no clean-up ran
 

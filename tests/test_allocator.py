@@ -6,14 +6,13 @@ is process-wide and once per process.
 """
 
 import json
-import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from conftest import SRC, make_image_folder, metrics
+from conftest import child_env, make_image_folder, metrics
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # glibc's own defaults are the baseline: no malloc setting is inherited from the machine running the tests
@@ -42,7 +41,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _env(**kw):
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env()
     for name in INHERITED:
         env.pop(name, None)
     env.update(kw)

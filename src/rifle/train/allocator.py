@@ -24,10 +24,11 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-# the largest mmap threshold glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); mallopt's value is an int
 SETTINGS = {
+    # the largest glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); setting it also stops glibc's
+    # dynamic threshold adjustment
     "mmap_threshold": (_M_MMAP_THRESHOLD, 32 * 2**20),
-    "trim_threshold": (_M_TRIM_THRESHOLD, 2**31 - 1),
+    "trim_threshold": (_M_TRIM_THRESHOLD, 2**31 - 1),  # mallopt's value is a C int
     "top_pad": (_M_TOP_PAD, 256 * 2**20),
     # no mmap at all in the main arena: the eval batch's 100 MB activations are reused from the heap too
     "mmap_max": (_M_MMAP_MAX, 0),
